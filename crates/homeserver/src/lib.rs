@@ -1,0 +1,154 @@
+//! What the `master` and `worker` binaries run: parse the command line and config,
+//! connect to the database (applying migrations), serve HTTP until SIGINT or
+//! SIGTERM, then shut down cleanly.
+//!
+//! Both binaries are one call to [`main`] with their [`Role`]; the role changes
+//! only a few config rules (a worker needs PostgreSQL and a replication transport)
+//! and the defaults. Which streams a process writes comes from the config, not
+//! from the binary.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use server_config::{DEFAULT_SQLITE_URL, Overrides, Role, ServerConfig};
+use store_core::{Database, DatabaseOptions};
+
+mod http;
+
+/// The command line both binaries accept.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "A homeserver process sharing one database with the others of its deployment.",
+    long_about = "A homeserver process sharing one database with the others of its deployment.\n\n\
+        The master runs alone on an embedded SQLite database under ./data/ when started without \
+        --config; workers always need a config file naming a PostgreSQL database.\n\n\
+        Logs go to stderr; set their level with RUST_LOG (e.g. RUST_LOG=debug, or \
+        RUST_LOG=store_core=debug,info). The default is info."
+)]
+pub struct Cli {
+    /// The TOML config file (see docs/config.md). Values given by the flags below
+    /// replace the file's.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The database: postgres://USER@HOST:PORT/DB, sqlite://PATH or sqlite::memory:.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// This process's name in the deployment; the master is always `master`.
+    #[arg(long, value_name = "NAME")]
+    pub instance_name: Option<String>,
+    /// The HTTP listener's address, IP:PORT (port 0 picks a free one).
+    #[arg(long, value_name = "IP:PORT")]
+    pub http_listen: Option<String>,
+}
+
+/// Runs a process to completion and turns the outcome into an exit code: 0 after
+/// a clean shutdown, 1 with one `error: …` line on stderr otherwise.
+pub fn main(role: Role) -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(role, cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` joins the context chain on one line: one clear line per failure.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // stderr, so stdout carries only the start-up line scripts may read.
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Loads the config for `role` from the command line.
+pub fn load_config(role: Role, cli: &Cli) -> anyhow::Result<ServerConfig> {
+    let overrides = Overrides {
+        database_url: cli.database_url.clone(),
+        instance_name: cli.instance_name.clone(),
+        http_listen: cli.http_listen.clone(),
+    };
+    let config = match &cli.config {
+        Some(path) => ServerConfig::load(path, role, &overrides)?,
+        None => ServerConfig::defaults(role, &overrides)?,
+    };
+    Ok(config)
+}
+
+async fn run(role: Role, cli: Cli) -> anyhow::Result<()> {
+    let config = load_config(role, &cli)?;
+    if config.database.url == DEFAULT_SQLITE_URL {
+        // The embedded default must work on a clean checkout.
+        std::fs::create_dir_all("data").context("create the data directory ./data")?;
+    }
+    tracing::debug!(url = %config.database.url, "connecting to the database");
+    let options = DatabaseOptions { pool_size: config.database.pool_size, ..DatabaseOptions::default() };
+    let db = Database::connect_with(&config.database.url, &options).await.context("open the database")?;
+    let migrations = db.migrations();
+    if !migrations.applied_now.is_empty() {
+        tracing::info!(applied = ?migrations.applied_now, "applied database migrations");
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("listen for HTTP on {}", config.http.listen))?;
+    let address = listener.local_addr().context("read the HTTP listener's address")?;
+    announce(role, &config, &db, address);
+
+    let app = http::router(http::AppState { instance_name: config.instance_name.clone() });
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("serve HTTP")?;
+
+    tracing::info!("shutting down");
+    db.close().await;
+    Ok(())
+}
+
+/// Prints the one line a person or script reads to find the process.
+#[expect(clippy::print_stdout, reason = "the start-up line is the binary's output, not a log")]
+fn announce(role: Role, config: &ServerConfig, db: &Database, address: std::net::SocketAddr) {
+    let data = match db.engine() {
+        store_core::Engine::Sqlite => {
+            let path = db.display_url().trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+            format!("SQLite {}", Path::new(path).display())
+        }
+        store_core::Engine::Postgres => db.display_url().to_owned(),
+    };
+    println!("{role} `{}` listening on http://{address}, data in {data}", config.instance_name);
+    tracing::info!(%address, instance = %config.instance_name, "started");
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!("failed to listen for SIGTERM: {err}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => {
+            if let Err(err) = result {
+                tracing::error!("failed to listen for SIGINT: {err}");
+                std::future::pending::<()>().await;
+            }
+        }
+        () = terminate => {}
+    }
+    tracing::info!("received a shutdown signal");
+}

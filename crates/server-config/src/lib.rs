@@ -1,0 +1,453 @@
+//! The server configuration: one TOML file per process, plus command-line overrides.
+//!
+//! Every process of a deployment (the `master` and each `worker`) reads the same
+//! shape of file. Parsing is strict: an unknown key, a missing required key or an
+//! inconsistent topology is refused with a [`ConfigError`] whose `Display` is one
+//! line naming the file and the problem, so an operator can fix it without reading
+//! a backtrace.
+//!
+//! ```
+//! use server_config::{Role, ServerConfig};
+//!
+//! let config = ServerConfig::from_toml_str(
+//!     r#"
+//!     server_name = "example.com"
+//!     instance_name = "persister1"
+//!     [database]
+//!     url = "postgres://synapse@127.0.0.1/synapse"
+//!     [replication]
+//!     redis = "redis://127.0.0.1:6379"
+//!     [stream_writers]
+//!     events = ["persister1"]
+//!     [instance_map]
+//!     master = "127.0.0.1:8008"
+//!     persister1 = "127.0.0.1:8101"
+//!     "#,
+//!     Role::Worker,
+//! )?;
+//! assert!(config.is_writer_for("events"));
+//! assert_eq!(config.writers_for("receipts"), ["master"]);
+//! # Ok::<(), server_config::ConfigError>(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The instance name of the main process; it writes every stream not listed in
+/// `[stream_writers]`.
+pub const MASTER_INSTANCE: &str = "master";
+
+/// Where the master keeps its data when no database is configured.
+pub const DEFAULT_SQLITE_URL: &str = "sqlite://data/homeserver.db";
+
+/// The HTTP address the master listens on when none is configured.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8008";
+
+/// Which binary is reading the configuration; a few rules differ between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The main process: it may run alone on SQLite and writes every stream not
+    /// assigned elsewhere.
+    Master,
+    /// A worker process: it needs PostgreSQL and a way to reach the others.
+    Worker,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Master => "master",
+            Role::Worker => "worker",
+        })
+    }
+}
+
+/// A validated configuration for one process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    /// The public name of the homeserver, e.g. `example.com`.
+    pub server_name: String,
+    /// This process's name; `master` for the main process.
+    pub instance_name: String,
+    /// The shared secret guarding the internal HTTP endpoints between processes.
+    pub worker_replication_secret: Option<String>,
+    /// How to reach the database.
+    pub database: DatabaseConfig,
+    /// The HTTP listener (client API, internal endpoints, `/health`).
+    pub http: HttpConfig,
+    /// How this process exchanges replication commands with the others.
+    pub replication: ReplicationConfig,
+    /// Stream name → the instances allowed to write it. A stream not listed is
+    /// written by `master` alone.
+    pub stream_writers: BTreeMap<String, Vec<String>>,
+    /// Instance name → the `HOST:PORT` of its HTTP listener.
+    pub instance_map: BTreeMap<String, String>,
+    /// Cache sizes.
+    pub caches: CacheConfig,
+}
+
+/// The `[database]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://…`, `sqlite://PATH` or `sqlite::memory:`.
+    pub url: String,
+    /// The most connections this process opens to PostgreSQL.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+}
+
+/// The `[http]` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// The address the HTTP listener binds.
+    pub listen: SocketAddr,
+}
+
+/// The `[replication]` section. At most one of `master` and `redis` is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// On the master: the TCP address its replication listener binds.
+    pub listen: Option<String>,
+    /// On a worker using TCP: the master's replication listener.
+    pub master: Option<String>,
+    /// On every process using Redis pub/sub: the Redis URL.
+    pub redis: Option<String>,
+}
+
+/// The `[caches]` section: sizes in entries.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// The size of every cache not named in `sizes`.
+    #[serde(default = "default_cache_size")]
+    pub default_size: usize,
+    /// Cache name → size, overriding `default_size`.
+    #[serde(default)]
+    pub sizes: BTreeMap<String, usize>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { default_size: default_cache_size(), sizes: BTreeMap::new() }
+    }
+}
+
+impl CacheConfig {
+    /// The configured size of the cache called `name`.
+    pub fn size_of(&self, name: &str) -> usize {
+        self.sizes.get(name).copied().unwrap_or(self.default_size)
+    }
+}
+
+fn default_pool_size() -> usize {
+    10
+}
+
+fn default_cache_size() -> usize {
+    10_000
+}
+
+/// Values given on the command line; each one replaces the file's.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--database-url`.
+    pub database_url: Option<String>,
+    /// `--instance-name`.
+    pub instance_name: Option<String>,
+    /// `--http-listen`.
+    pub http_listen: Option<String>,
+}
+
+/// Why a configuration was refused. `Display` is a single line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, lacks a required key or has a
+    /// value of the wrong type.
+    #[error("{location}: {message}")]
+    Parse {
+        /// `config file PATH`, with line and column where known.
+        location: String,
+        /// What is wrong there.
+        message: String,
+    },
+    /// The values parse but do not make a working deployment.
+    #[error("{origin}: {problem}")]
+    Invalid {
+        /// `config file PATH`, or `command line` when no file was given.
+        origin: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// The file as written, before defaults and validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server_name: String,
+    instance_name: Option<String>,
+    worker_replication_secret: Option<String>,
+    database: Option<DatabaseConfig>,
+    #[serde(default)]
+    http: RawHttpConfig,
+    #[serde(default)]
+    replication: ReplicationConfig,
+    #[serde(default)]
+    stream_writers: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    instance_map: BTreeMap<String, String>,
+    #[serde(default)]
+    caches: CacheConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttpConfig {
+    listen: Option<String>,
+}
+
+impl ServerConfig {
+    /// Reads, parses and validates the file at `path`, with `overrides` applied
+    /// before validation.
+    pub fn load(path: &Path, role: Role, overrides: &Overrides) -> Result<ServerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let origin = format!("config file {}", path.display());
+        let raw = parse_raw(&text, &origin)?;
+        ServerConfig::build(raw, role, overrides, &origin)
+    }
+
+    /// Parses and validates TOML text; errors name the origin `config`.
+    pub fn from_toml_str(text: &str, role: Role) -> Result<ServerConfig, ConfigError> {
+        let origin = "config".to_owned();
+        let raw = parse_raw(text, &origin)?;
+        ServerConfig::build(raw, role, &Overrides::default(), &origin)
+    }
+
+    /// The configuration used when no file is given: a master on embedded SQLite
+    /// under `./data/`, listening on loopback. Workers always need a file.
+    pub fn defaults(role: Role, overrides: &Overrides) -> Result<ServerConfig, ConfigError> {
+        let origin = "command line".to_owned();
+        if role == Role::Worker {
+            return Err(ConfigError::Invalid {
+                origin,
+                problem: "a worker needs a config file (--config FILE) naming its database and how to reach the other processes".to_owned(),
+            });
+        }
+        let raw = RawConfig {
+            server_name: "localhost".to_owned(),
+            instance_name: None,
+            worker_replication_secret: None,
+            database: None,
+            http: RawHttpConfig::default(),
+            replication: ReplicationConfig::default(),
+            stream_writers: BTreeMap::new(),
+            instance_map: BTreeMap::new(),
+            caches: CacheConfig::default(),
+        };
+        ServerConfig::build(raw, role, overrides, &origin)
+    }
+
+    fn build(
+        raw: RawConfig,
+        role: Role,
+        overrides: &Overrides,
+        origin: &str,
+    ) -> Result<ServerConfig, ConfigError> {
+        let invalid = |problem: String| ConfigError::Invalid { origin: origin.to_owned(), problem };
+
+        let instance_name = match (&overrides.instance_name, raw.instance_name, role) {
+            (Some(name), _, _) => name.clone(),
+            (None, Some(name), _) => name,
+            (None, None, Role::Master) => MASTER_INSTANCE.to_owned(),
+            (None, None, Role::Worker) => {
+                return Err(invalid(
+                    "missing `instance_name`: every worker needs a name unique in the deployment".to_owned(),
+                ));
+            }
+        };
+        let mut database = raw
+            .database
+            .unwrap_or_else(|| DatabaseConfig { url: String::new(), pool_size: default_pool_size() });
+        if let Some(url) = &overrides.database_url {
+            database.url = url.clone();
+        }
+        if database.url.is_empty() {
+            match role {
+                Role::Master => database.url = DEFAULT_SQLITE_URL.to_owned(),
+                Role::Worker => {
+                    return Err(invalid(
+                        "missing `[database] url`: a worker shares the master's PostgreSQL database"
+                            .to_owned(),
+                    ));
+                }
+            }
+        }
+        let listen_text = overrides
+            .http_listen
+            .clone()
+            .or(raw.http.listen)
+            .unwrap_or_else(|| DEFAULT_HTTP_LISTEN.to_owned());
+        let listen = listen_text.parse::<SocketAddr>().map_err(|_| {
+            invalid(format!(
+                "`[http] listen` = {listen_text:?} is not an IP address and port such as 127.0.0.1:8008"
+            ))
+        })?;
+
+        let config = ServerConfig {
+            server_name: raw.server_name,
+            instance_name,
+            worker_replication_secret: raw.worker_replication_secret,
+            database,
+            http: HttpConfig { listen },
+            replication: raw.replication,
+            stream_writers: raw.stream_writers,
+            instance_map: raw.instance_map,
+            caches: raw.caches,
+        };
+        config.validate(role).map_err(invalid)?;
+        Ok(config)
+    }
+
+    fn validate(&self, role: Role) -> Result<(), String> {
+        if self.server_name.trim().is_empty() {
+            return Err("`server_name` is empty".to_owned());
+        }
+        if self.instance_name.trim().is_empty() {
+            return Err("`instance_name` is empty".to_owned());
+        }
+        match role {
+            Role::Master if self.instance_name != MASTER_INSTANCE => {
+                return Err(format!(
+                    "the master process must be named `{MASTER_INSTANCE}`, not `{}`",
+                    self.instance_name
+                ));
+            }
+            Role::Worker if self.instance_name == MASTER_INSTANCE => {
+                return Err(format!(
+                    "a worker cannot be named `{MASTER_INSTANCE}`; that name belongs to the main process"
+                ));
+            }
+            _ => {}
+        }
+        if self.database.pool_size == 0 {
+            return Err("`[database] pool_size` must be at least 1".to_owned());
+        }
+        let is_sqlite = self.database.url.starts_with("sqlite:");
+        if role == Role::Worker && is_sqlite {
+            return Err("workers need PostgreSQL: SQLite serves a single process only".to_owned());
+        }
+
+        let replication = &self.replication;
+        if replication.master.is_some() && replication.redis.is_some() {
+            return Err("`[replication]` sets both `master` and `redis`; choose one transport".to_owned());
+        }
+        if role == Role::Master && replication.master.is_some() {
+            return Err(
+                "`[replication] master` is for workers; the master uses `listen` (TCP) or `redis`".to_owned()
+            );
+        }
+        if role == Role::Worker && replication.master.is_none() && replication.redis.is_none() {
+            return Err(
+                "a worker needs `[replication] master = \"HOST:PORT\"` or `redis = \"redis://…\"`".to_owned()
+            );
+        }
+        for (key, value) in [("listen", &replication.listen), ("master", &replication.master)] {
+            if let Some(address) = value {
+                check_host_port(address)
+                    .map_err(|why| format!("`[replication] {key}` = {address:?} {why}"))?;
+            }
+        }
+        if let Some(url) = &replication.redis {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(format!("`[replication] redis` = {url:?} is not a redis:// URL"));
+            }
+        }
+
+        for (instance, address) in &self.instance_map {
+            check_host_port(address)
+                .map_err(|why| format!("`[instance_map] {instance}` = {address:?} {why}"))?;
+        }
+        for (stream, writers) in &self.stream_writers {
+            if writers.is_empty() {
+                return Err(format!(
+                    "`[stream_writers] {stream}` is empty; remove it to let `master` write the stream"
+                ));
+            }
+            let mut seen = Vec::with_capacity(writers.len());
+            for writer in writers {
+                if seen.contains(&writer) {
+                    return Err(format!("`[stream_writers] {stream}` lists `{writer}` twice"));
+                }
+                seen.push(writer);
+                if !self.instance_map.contains_key(writer) {
+                    return Err(format!(
+                        "`[stream_writers] {stream}` names `{writer}`, which is not in `[instance_map]`; other processes could not reach it"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The instances that write `stream`; `["master"]` when the stream is not listed.
+    pub fn writers_for(&self, stream: &str) -> Vec<String> {
+        self.stream_writers.get(stream).cloned().unwrap_or_else(|| vec![MASTER_INSTANCE.to_owned()])
+    }
+
+    /// Whether this process is one of `stream`'s writers.
+    pub fn is_writer_for(&self, stream: &str) -> bool {
+        match self.stream_writers.get(stream) {
+            Some(writers) => writers.contains(&self.instance_name),
+            None => self.instance_name == MASTER_INSTANCE,
+        }
+    }
+}
+
+fn check_host_port(address: &str) -> Result<(), &'static str> {
+    let (host, port) = address.rsplit_once(':').ok_or("is not HOST:PORT")?;
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    port.parse::<u16>().map(|_| ()).map_err(|_| "has no valid port number")
+}
+
+fn parse_raw(text: &str, origin: &str) -> Result<RawConfig, ConfigError> {
+    toml::from_str::<RawConfig>(text).map_err(|err| {
+        // toml's own Display spans several lines with a source excerpt; an operator
+        // reading a log wants one line with the position.
+        let location = match err.span() {
+            Some(span) => {
+                let (line, column) = line_and_column(text, span.start);
+                format!("{origin}, line {line} column {column}")
+            }
+            None => origin.to_owned(),
+        };
+        ConfigError::Parse { location, message: err.message().trim().replace('\n', "; ") }
+    })
+}
+
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,159 @@
+//! Table-driven tests: each case is a config text and the one line it must produce.
+
+use super::*;
+
+const WORKER_BASE: &str = r#"
+server_name = "example.com"
+instance_name = "worker1"
+[database]
+url = "postgres://postgres@127.0.0.1/test"
+[replication]
+master = "127.0.0.1:9093"
+"#;
+
+fn check_err(role: Role, text: &str, expected: &str) {
+    match ServerConfig::from_toml_str(text, role) {
+        Ok(config) => panic!("expected an error containing {expected:?}, got {config:?}"),
+        Err(err) => {
+            let line = err.to_string();
+            assert!(!line.contains('\n'), "error spans several lines: {line:?}");
+            assert!(line.contains(expected), "{line:?} does not contain {expected:?}");
+        }
+    }
+}
+
+#[test]
+fn minimal_master_file_gets_defaults() {
+    let config = ServerConfig::from_toml_str("server_name = \"example.com\"", Role::Master).unwrap();
+    assert_eq!(config.instance_name, "master");
+    assert_eq!(config.database.url, DEFAULT_SQLITE_URL);
+    assert_eq!(config.database.pool_size, 10);
+    assert_eq!(config.http.listen.to_string(), DEFAULT_HTTP_LISTEN);
+    assert!(config.is_writer_for("events"));
+    assert_eq!(config.caches.size_of("anything"), 10_000);
+}
+
+#[test]
+fn worker_with_writers_parses() {
+    let text = format!(
+        "{WORKER_BASE}\n[stream_writers]\nevents = [\"worker1\", \"worker2\"]\n[instance_map]\nworker1 = \"127.0.0.1:8101\"\nworker2 = \"127.0.0.1:8102\"\n[caches]\ndefault_size = 5\nsizes = {{ get_event = 50 }}\n"
+    );
+    let config = ServerConfig::from_toml_str(&text, Role::Worker).unwrap();
+    assert!(config.is_writer_for("events"));
+    assert!(!config.is_writer_for("receipts"));
+    assert_eq!(config.writers_for("events"), ["worker1", "worker2"]);
+    assert_eq!(config.caches.size_of("get_event"), 50);
+    assert_eq!(config.caches.size_of("other"), 5);
+}
+
+#[test]
+fn bad_files_give_one_clear_line() {
+    let cases: &[(Role, &str, &str)] = &[
+        (Role::Master, "server_name = \"a\"\nbogus = 1\n", "line 2 column 1: unknown field `bogus`"),
+        (Role::Master, "instance_name = \"master\"\n", "missing field `server_name`"),
+        (Role::Master, "server_name = \"a\"\n[database]\npool = 3\n", "unknown field `pool`"),
+        (Role::Master, "server_name = 3\n", "invalid type"),
+        (Role::Master, "server_name = \n", "line 1"),
+        (Role::Master, "server_name = \"a\"\ninstance_name = \"w\"\n", "must be named `master`"),
+        (
+            Role::Master,
+            "server_name = \"a\"\n[http]\nlisten = \"localhost\"\n",
+            "is not an IP address and port",
+        ),
+        (
+            Role::Master,
+            "server_name = \"a\"\n[database]\nurl = \"sqlite::memory:\"\npool_size = 0\n",
+            "pool_size` must be at least 1",
+        ),
+        (
+            Role::Master,
+            "server_name = \"a\"\n[stream_writers]\nevents = [\"persister1\"]\n",
+            "names `persister1`, which is not in `[instance_map]`",
+        ),
+        (
+            Role::Master,
+            "server_name = \"a\"\n[stream_writers]\nevents = []\n",
+            "`[stream_writers] events` is empty",
+        ),
+        (Role::Master, "server_name = \"a\"\n[instance_map]\nw = \"nohost\"\n", "is not HOST:PORT"),
+        (Role::Master, "server_name = \"a\"\n[replication]\nmaster = \"127.0.0.1:1\"\n", "is for workers"),
+        (
+            Role::Worker,
+            "server_name = \"a\"\n[database]\nurl = \"postgres://x\"\n",
+            "missing `instance_name`",
+        ),
+        (Role::Worker, "server_name = \"a\"\ninstance_name = \"w\"\n", "missing `[database] url`"),
+        (Role::Worker, "server_name = \"a\"\ninstance_name = \"master\"\n", "cannot be named `master`"),
+        (
+            Role::Worker,
+            "server_name = \"a\"\ninstance_name = \"w\"\n[database]\nurl = \"sqlite://x.db\"\n",
+            "workers need PostgreSQL",
+        ),
+        (
+            Role::Worker,
+            "server_name = \"a\"\ninstance_name = \"w\"\n[database]\nurl = \"postgres://x\"\n",
+            "a worker needs `[replication] master",
+        ),
+        (
+            Role::Worker,
+            "server_name = \"a\"\ninstance_name = \"w\"\n[database]\nurl = \"postgres://x\"\n[replication]\nmaster = \"h:1\"\nredis = \"redis://h\"\n",
+            "choose one transport",
+        ),
+        (
+            Role::Worker,
+            "server_name = \"a\"\ninstance_name = \"w\"\n[database]\nurl = \"postgres://x\"\n[replication]\nredis = \"http://h\"\n",
+            "is not a redis:// URL",
+        ),
+    ];
+    for (role, text, expected) in cases {
+        check_err(*role, text, expected);
+    }
+}
+
+#[test]
+fn duplicate_writer_is_refused() {
+    let text = format!(
+        "{WORKER_BASE}\n[stream_writers]\nevents = [\"worker1\", \"worker1\"]\n[instance_map]\nworker1 = \"h:1\"\n"
+    );
+    check_err(Role::Worker, &text, "lists `worker1` twice");
+}
+
+#[test]
+fn overrides_replace_file_values_before_validation() {
+    let dir = std::env::temp_dir().join(format!("server-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("worker.toml");
+    std::fs::write(&path, WORKER_BASE).unwrap();
+    let overrides = Overrides {
+        database_url: Some("postgres://other@127.0.0.1/db".to_owned()),
+        instance_name: Some("worker9".to_owned()),
+        http_listen: Some("127.0.0.1:9999".to_owned()),
+    };
+    let config = ServerConfig::load(&path, Role::Worker, &overrides).unwrap();
+    assert_eq!(config.database.url, "postgres://other@127.0.0.1/db");
+    assert_eq!(config.instance_name, "worker9");
+    assert_eq!(config.http.listen.port(), 9999);
+
+    // An override is validated like the file's own value.
+    let bad = Overrides { instance_name: Some("master".to_owned()), ..Overrides::default() };
+    let err = ServerConfig::load(&path, Role::Worker, &bad).unwrap_err().to_string();
+    assert!(err.starts_with(&format!("config file {}", path.display())), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn missing_file_names_the_path() {
+    let err =
+        ServerConfig::load(Path::new("/nonexistent/homeserver.toml"), Role::Master, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+    assert!(err.starts_with("cannot read config file /nonexistent/homeserver.toml:"), "{err}");
+}
+
+#[test]
+fn workers_cannot_run_without_a_file() {
+    let err = ServerConfig::defaults(Role::Worker, &Overrides::default()).unwrap_err().to_string();
+    assert!(err.contains("a worker needs a config file"), "{err}");
+    let master = ServerConfig::defaults(Role::Master, &Overrides::default()).unwrap();
+    assert_eq!(master.database.url, DEFAULT_SQLITE_URL);
+}

@@ -1,0 +1,448 @@
+//! [`Database`]: a pool on one of two engines, and the named interactions every
+//! store query runs in.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool as PgPool, RecyclingMethod, Runtime};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::error::{DbError, StoreError};
+use crate::migrate::{self, MigrationReport};
+use crate::transaction::{Conn, Transaction};
+
+/// A boxed, `Send` future borrowing from `'a`: what interaction closures return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How many times an interaction runs at most when it keeps hitting serialization
+/// failures or deadlocks.
+const MAX_ATTEMPTS: u32 = 5;
+/// The first retry waits this long; each further retry waits twice as long.
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+/// How long a new PostgreSQL connection may take before the attempt fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long SQLite waits for another connection's write lock.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The database engine behind a [`Database`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Engine {
+    /// PostgreSQL: the engine for deployments of several processes.
+    Postgres,
+    /// SQLite: the embedded default for a single process.
+    Sqlite,
+}
+
+impl fmt::Display for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Engine::Postgres => "PostgreSQL",
+            Engine::Sqlite => "SQLite",
+        })
+    }
+}
+
+/// Settings for [`Database::connect_with`].
+#[derive(Debug, Clone)]
+pub struct DatabaseOptions {
+    /// The most connections to open (PostgreSQL, and SQLite files; an in-memory
+    /// SQLite database always has exactly one, or each connection would see its
+    /// own empty database).
+    pub pool_size: usize,
+    /// Whether to apply pending migrations while connecting.
+    pub run_migrations: bool,
+}
+
+impl Default for DatabaseOptions {
+    fn default() -> Self {
+        DatabaseOptions { pool_size: 10, run_migrations: true }
+    }
+}
+
+/// Counters for one interaction name, for logs and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InteractionStats {
+    /// Interactions that finished, successfully or not.
+    pub count: u64,
+    /// Interactions that ended in an error.
+    pub failures: u64,
+    /// Attempts that were retried after a serialization failure or deadlock.
+    pub retries: u64,
+    /// Time spent, summed over all calls (including retries and waiting for a
+    /// connection).
+    pub total_time: Duration,
+}
+
+/// A handle to the database: cheap to clone, shared by every store of a process.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), store_core::StoreError> {
+/// use store_core::Database;
+///
+/// let db = Database::connect("sqlite::memory:").await?;
+/// let n_positions: i64 = db
+///     .run_interaction("count_stream_positions", |txn| {
+///         Box::pin(async move {
+///             let row = txn.query_one("SELECT COUNT(*) FROM stream_positions", &[]).await?;
+///             row.get(0)
+///         })
+///     })
+///     .await?;
+/// assert_eq!(n_positions, 0);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Database {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: EnginePool,
+    /// The URL with the password hidden, for messages.
+    display_url: String,
+    migrations: MigrationReport,
+    stats: Mutex<BTreeMap<&'static str, InteractionStats>>,
+}
+
+enum EnginePool {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Database")
+            .field("engine", &self.engine())
+            .field("url", &self.inner.display_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Database {
+    /// Connects with default options and applies pending migrations.
+    ///
+    /// Accepts `postgres://…` (or `postgresql://…`), `sqlite://PATH` and
+    /// `sqlite::memory:`. Fails with one clear error for a malformed URL, an
+    /// unreachable server, a missing directory, or a schema newer than this binary.
+    pub async fn connect(url: &str) -> Result<Database, StoreError> {
+        Database::connect_with(url, &DatabaseOptions::default()).await
+    }
+
+    /// Connects with explicit options.
+    pub async fn connect_with(url: &str, options: &DatabaseOptions) -> Result<Database, StoreError> {
+        let display_url = redact_url(url);
+        let invalid = |reason: String| StoreError::InvalidUrl { url: display_url.clone(), reason };
+        if options.pool_size == 0 {
+            return Err(invalid("the pool size must be at least 1".to_owned()));
+        }
+        let pool = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            connect_postgres(url, &display_url, options).await?
+        } else if url.starts_with("sqlite:") {
+            connect_sqlite(url, &display_url, options).await?
+        } else {
+            return Err(invalid("expected postgres://…, sqlite://PATH or sqlite::memory:".to_owned()));
+        };
+        let migrations = if options.run_migrations {
+            match &pool {
+                EnginePool::Postgres(_) => migrate::run_postgres(url).await?,
+                EnginePool::Sqlite(pool) => migrate::run_sqlite(pool).await?,
+            }
+        } else {
+            MigrationReport::default()
+        };
+        Ok(Database {
+            inner: Arc::new(Inner { pool, display_url, migrations, stats: Mutex::new(BTreeMap::new()) }),
+        })
+    }
+
+    /// The engine this database runs on.
+    pub fn engine(&self) -> Engine {
+        match self.inner.pool {
+            EnginePool::Postgres(_) => Engine::Postgres,
+            EnginePool::Sqlite(_) => Engine::Sqlite,
+        }
+    }
+
+    /// The URL this database was opened with, password hidden.
+    pub fn display_url(&self) -> &str {
+        &self.inner.display_url
+    }
+
+    /// What the migration step did while connecting.
+    pub fn migrations(&self) -> &MigrationReport {
+        &self.inner.migrations
+    }
+
+    /// Runs `f` in one transaction named `interaction`, and commits.
+    ///
+    /// On PostgreSQL a serialization failure or deadlock rolls back and runs `f`
+    /// again, up to a few times with growing pauses; on SQLite, so does a busy
+    /// database. Any other error rolls back and is returned at once. The name is
+    /// logged with the duration and counted in [`Database::interaction_stats`].
+    ///
+    /// `f` returns a boxed future so it can borrow the transaction: write
+    /// `|txn| Box::pin(async move { … })`.
+    pub async fn run_interaction<T, F>(&self, interaction: &'static str, f: F) -> Result<T, StoreError>
+    where
+        F: for<'t> FnMut(&'t mut Transaction) -> BoxFuture<'t, Result<T, StoreError>> + Send,
+        T: Send,
+    {
+        self.run(interaction, true, f).await
+    }
+
+    /// Like [`Database::run_interaction`], but without a transaction: each
+    /// statement commits on its own. For single reads, where `BEGIN`/`COMMIT`
+    /// would only add round trips.
+    pub async fn run_autocommit<T, F>(&self, interaction: &'static str, f: F) -> Result<T, StoreError>
+    where
+        F: for<'t> FnMut(&'t mut Transaction) -> BoxFuture<'t, Result<T, StoreError>> + Send,
+        T: Send,
+    {
+        self.run(interaction, false, f).await
+    }
+
+    async fn run<T, F>(
+        &self,
+        interaction: &'static str,
+        in_transaction: bool,
+        mut f: F,
+    ) -> Result<T, StoreError>
+    where
+        F: for<'t> FnMut(&'t mut Transaction) -> BoxFuture<'t, Result<T, StoreError>> + Send,
+        T: Send,
+    {
+        let started = Instant::now();
+        let mut attempt = 1;
+        loop {
+            let result = self.attempt(interaction, in_transaction, &mut f).await;
+            match result {
+                Err(err) if err.is_retryable() && attempt < MAX_ATTEMPTS => {
+                    let pause = FIRST_BACKOFF * 2u32.pow(attempt - 1);
+                    tracing::debug!(interaction, attempt, ?pause, error = %err, "retrying database interaction");
+                    self.record(interaction, |stats| stats.retries += 1);
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+                result => {
+                    let elapsed = started.elapsed();
+                    self.record(interaction, |stats| {
+                        stats.count += 1;
+                        stats.failures += u64::from(result.is_err());
+                        stats.total_time += elapsed;
+                    });
+                    tracing::debug!(
+                        interaction,
+                        attempts = attempt,
+                        elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                        ok = result.is_ok(),
+                        "database interaction finished"
+                    );
+                    return result;
+                }
+            }
+        }
+    }
+
+    async fn attempt<T, F>(
+        &self,
+        interaction: &'static str,
+        in_transaction: bool,
+        f: &mut F,
+    ) -> Result<T, StoreError>
+    where
+        F: for<'t> FnMut(&'t mut Transaction) -> BoxFuture<'t, Result<T, StoreError>> + Send,
+        T: Send,
+    {
+        let conn = self.acquire(interaction).await?;
+        let mut txn = Transaction::start(interaction, conn, in_transaction).await?;
+        match f(&mut txn).await {
+            Ok(value) => txn.commit().await.map(|()| value),
+            Err(err) => {
+                txn.rollback().await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Opens a transaction outside any interaction.
+    ///
+    /// This exists for one job: the start-up connection handed to every store
+    /// constructor (`Store::new(db, conn, config)`), committed once all stores are
+    /// built so they read one consistent snapshot. Everything else goes through
+    /// [`Database::run_interaction`], which retries and records metrics.
+    pub async fn begin(&self, interaction: &'static str) -> Result<Transaction, StoreError> {
+        let conn = self.acquire(interaction).await?;
+        Transaction::start(interaction, conn, true).await
+    }
+
+    async fn acquire(&self, interaction: &'static str) -> Result<Conn, StoreError> {
+        match &self.inner.pool {
+            EnginePool::Postgres(pool) => pool
+                .get()
+                .await
+                .map(Conn::Postgres)
+                .map_err(|err| StoreError::Database { interaction, source: DbError::pool(err) }),
+            EnginePool::Sqlite(pool) => pool
+                .acquire()
+                .await
+                .map(Conn::Sqlite)
+                .map_err(|err| StoreError::Database { interaction, source: DbError::sqlx(err) }),
+        }
+    }
+
+    fn record(&self, interaction: &'static str, update: impl FnOnce(&mut InteractionStats)) {
+        // A poisoned lock only means a panic elsewhere mid-update of counters;
+        // the counters are still usable.
+        let mut stats = self.inner.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        update(stats.entry(interaction).or_default());
+    }
+
+    /// Counters per interaction name since start-up.
+    pub fn interaction_stats(&self) -> BTreeMap<&'static str, InteractionStats> {
+        self.inner.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Closes the pool: waits for connections in use to come back, then closes
+    /// them. Later interactions fail.
+    pub async fn close(&self) {
+        match &self.inner.pool {
+            EnginePool::Postgres(pool) => pool.close(),
+            EnginePool::Sqlite(pool) => pool.close().await,
+        }
+    }
+}
+
+async fn connect_postgres(
+    url: &str,
+    display_url: &str,
+    options: &DatabaseOptions,
+) -> Result<EnginePool, StoreError> {
+    let mut config = tokio_postgres::Config::from_str(url)
+        .map_err(|err| StoreError::InvalidUrl { url: display_url.to_owned(), reason: err.to_string() })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("homeserver");
+    }
+    let target = postgres_target(&config);
+    let manager = Manager::from_config(
+        config,
+        tokio_postgres::NoTls,
+        ManagerConfig { recycling_method: RecyclingMethod::Fast },
+    );
+    let pool = PgPool::builder(manager)
+        .max_size(options.pool_size)
+        .runtime(Runtime::Tokio1)
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .build()
+        .map_err(|err| StoreError::InvalidUrl { url: display_url.to_owned(), reason: err.to_string() })?;
+    // Connect once now, so that a wrong address or password fails start-up with a
+    // clear message instead of the first request.
+    let conn = pool.get().await.map_err(|err| StoreError::Connect { target, source: DbError::pool(err) })?;
+    drop(conn);
+    Ok(EnginePool::Postgres(pool))
+}
+
+fn postgres_target(config: &tokio_postgres::Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .zip(config.get_ports().iter().chain(std::iter::repeat(&5432)))
+        .map(|(host, port)| match host {
+            tokio_postgres::config::Host::Tcp(host) => format!("{host}:{port}"),
+            tokio_postgres::config::Host::Unix(path) => format!("{}", path.display()),
+        })
+        .collect();
+    let hosts = if hosts.is_empty() { "localhost:5432".to_owned() } else { hosts.join(",") };
+    format!("PostgreSQL at {hosts}/{}", config.get_dbname().unwrap_or("(default database)"))
+}
+
+async fn connect_sqlite(
+    url: &str,
+    display_url: &str,
+    options: &DatabaseOptions,
+) -> Result<EnginePool, StoreError> {
+    let invalid = |reason: String| StoreError::InvalidUrl { url: display_url.to_owned(), reason };
+    let connect_options = SqliteConnectOptions::from_str(url).map_err(|err| invalid(err.to_string()))?;
+    let in_memory = is_in_memory(url);
+    if !in_memory {
+        let path = connect_options.get_filename();
+        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            if !parent.is_dir() {
+                return Err(invalid(format!("the directory {} does not exist", parent.display())));
+            }
+        }
+    }
+    let connect_options = connect_options
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .foreign_keys(true)
+        .busy_timeout(SQLITE_BUSY_TIMEOUT);
+    let pool_options = if in_memory {
+        // Every connection to `:memory:` is a separate database: keep exactly one,
+        // forever.
+        SqlitePoolOptions::new().min_connections(1).max_connections(1).idle_timeout(None).max_lifetime(None)
+    } else {
+        SqlitePoolOptions::new().max_connections(u32::try_from(options.pool_size).unwrap_or(u32::MAX))
+    };
+    let pool = pool_options.connect_with(connect_options).await.map_err(|err| StoreError::Connect {
+        target: format!("SQLite database {}", sqlite_target(url)),
+        source: DbError::sqlx(err),
+    })?;
+    Ok(EnginePool::Sqlite(pool))
+}
+
+fn is_in_memory(url: &str) -> bool {
+    url == "sqlite::memory:" || url.contains(":memory:") || url.contains("mode=memory")
+}
+
+fn sqlite_target(url: &str) -> String {
+    let path = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+    let path = path.split('?').next().unwrap_or(path);
+    Path::new(path).display().to_string()
+}
+
+/// Hides the password of a URL: `postgres://user:secret@host` → `postgres://user:***@host`.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        let cases = [
+            ("postgres://alice:s3cret@db:5432/synapse", "postgres://alice:***@db:5432/synapse"),
+            ("postgres://alice@db/synapse", "postgres://alice@db/synapse"),
+            ("postgres://db/synapse?user=a", "postgres://db/synapse?user=a"),
+            ("sqlite://data/homeserver.db", "sqlite://data/homeserver.db"),
+            ("sqlite::memory:", "sqlite::memory:"),
+            ("postgres://a:b@c@host/db", "postgres://a:***@host/db"),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(redact_url(url), expected);
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The one error type of the database layer, and the driver errors it wraps.
+
+use std::fmt;
+
+/// Everything that can go wrong below a store.
+///
+/// Database failures inside an interaction carry the interaction's name, so a log
+/// line says which store method failed, not only what PostgreSQL or SQLite said.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database URL is malformed or names an engine we do not support.
+    #[error("invalid database URL {url}: {reason}")]
+    InvalidUrl {
+        /// The URL with any password replaced by `***`.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The database server or file could not be reached at start-up.
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        /// The engine and address, e.g. `PostgreSQL at 127.0.0.1:5432/synapse`.
+        target: String,
+        /// The driver's explanation.
+        #[source]
+        source: DbError,
+    },
+    /// The database was migrated by a newer version of this software.
+    #[error(
+        "the database schema is newer than this binary: the database has migration {database_version}, \
+         this binary knows migrations up to {binary_version}; run the newer release or restore a backup"
+    )]
+    SchemaTooNew {
+        /// The newest migration applied to the database.
+        database_version: i64,
+        /// The newest migration this binary carries.
+        binary_version: i64,
+    },
+    /// Applying the migrations failed.
+    #[error("cannot migrate the database schema: {0}")]
+    Migration(#[source] sqlx::migrate::MigrateError),
+    /// The database rejected a statement or the connection broke.
+    #[error("database error in interaction `{interaction}`: {source}")]
+    Database {
+        /// The name given to `run_interaction`.
+        interaction: &'static str,
+        /// The driver's error.
+        #[source]
+        source: DbError,
+    },
+    /// A query expecting one row found none or several.
+    #[error("interaction `{interaction}` expected exactly one row, got {found}")]
+    RowCount {
+        /// The name given to `run_interaction`.
+        interaction: &'static str,
+        /// How many rows came back.
+        found: usize,
+    },
+    /// A column's value could not be read as the requested Rust type.
+    #[error("cannot decode column `{column}`: {message}")]
+    Decode {
+        /// The column's name or index.
+        column: String,
+        /// What was found instead.
+        message: String,
+    },
+    /// The SQL text breaks the placeholder convention (`$1`, `$2`, …).
+    #[error("malformed SQL in interaction `{interaction}`: {message}")]
+    Sql {
+        /// The name given to `run_interaction`.
+        interaction: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl StoreError {
+    /// Whether running the same interaction again may succeed: a serialization
+    /// failure or deadlock on PostgreSQL, a busy database on SQLite.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Database { source, .. } => source.is_retryable(),
+            _ => false,
+        }
+    }
+
+    /// The driver error underneath, if this is a database failure.
+    pub fn db_error(&self) -> Option<&DbError> {
+        match self {
+            StoreError::Database { source, .. } | StoreError::Connect { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// An error from one of the two drivers, with the SQLSTATE-style code exposed so
+/// callers can branch on it without knowing which engine ran.
+#[derive(Debug)]
+pub struct DbError {
+    kind: DbErrorKind,
+}
+
+#[derive(Debug)]
+enum DbErrorKind {
+    Postgres(tokio_postgres::Error),
+    Pool(deadpool_postgres::PoolError),
+    Sqlx(sqlx::Error),
+}
+
+/// SQLSTATE of a PostgreSQL serialization failure.
+const SERIALIZATION_FAILURE: &str = "40001";
+/// SQLSTATE of a PostgreSQL deadlock.
+const DEADLOCK_DETECTED: &str = "40P01";
+/// SQLSTATE of a unique violation.
+const UNIQUE_VIOLATION: &str = "23505";
+/// SQLite primary result codes (as sqlx reports them) meaning "try again".
+const SQLITE_BUSY_CODES: &[&str] = &["5", "6", "261", "517"];
+/// SQLite extended codes for unique and primary-key violations.
+const SQLITE_UNIQUE_CODES: &[&str] = &["2067", "1555"];
+
+impl DbError {
+    pub(crate) fn postgres(err: tokio_postgres::Error) -> DbError {
+        DbError { kind: DbErrorKind::Postgres(err) }
+    }
+
+    pub(crate) fn pool(err: deadpool_postgres::PoolError) -> DbError {
+        match err {
+            deadpool_postgres::PoolError::Backend(err) => DbError::postgres(err),
+            err => DbError { kind: DbErrorKind::Pool(err) },
+        }
+    }
+
+    pub(crate) fn sqlx(err: sqlx::Error) -> DbError {
+        DbError { kind: DbErrorKind::Sqlx(err) }
+    }
+
+    /// The error code the database reported: a SQLSTATE on PostgreSQL, the
+    /// (extended) result code on SQLite. `None` for connection-level failures.
+    pub fn code(&self) -> Option<&str> {
+        match &self.kind {
+            DbErrorKind::Postgres(err) => err.code().map(|state| state.code()),
+            DbErrorKind::Pool(_) => None,
+            DbErrorKind::Sqlx(sqlx::Error::Database(err)) => {
+                err.code().map(|code| match code {
+                    std::borrow::Cow::Borrowed(code) => code,
+                    // sqlx builds SQLite codes as owned strings; only the known
+                    // codes matter to callers, so map them to static ones.
+                    std::borrow::Cow::Owned(code) => known_sqlite_code(&code).unwrap_or("unknown"),
+                })
+            }
+            DbErrorKind::Sqlx(_) => None,
+        }
+    }
+
+    /// Whether the same transaction may succeed if run again.
+    pub fn is_retryable(&self) -> bool {
+        match &self.kind {
+            DbErrorKind::Postgres(_) => {
+                matches!(self.code(), Some(SERIALIZATION_FAILURE | DEADLOCK_DETECTED))
+            }
+            DbErrorKind::Sqlx(_) => self.code().is_some_and(|code| SQLITE_BUSY_CODES.contains(&code)),
+            DbErrorKind::Pool(_) => false,
+        }
+    }
+
+    /// Whether a unique constraint rejected the statement.
+    pub fn is_unique_violation(&self) -> bool {
+        match &self.kind {
+            DbErrorKind::Postgres(_) => self.code() == Some(UNIQUE_VIOLATION),
+            DbErrorKind::Sqlx(_) => self.code().is_some_and(|code| SQLITE_UNIQUE_CODES.contains(&code)),
+            DbErrorKind::Pool(_) => false,
+        }
+    }
+}
+
+fn known_sqlite_code(code: &str) -> Option<&'static str> {
+    SQLITE_BUSY_CODES.iter().chain(SQLITE_UNIQUE_CODES).copied().find(|known| *known == code)
+}
+
+impl fmt::Display for DbError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            // tokio-postgres prints only "db error" for server errors; the server's
+            // message (and detail) is what an operator needs.
+            DbErrorKind::Postgres(err) => match err.as_db_error() {
+                Some(db) => {
+                    write!(f, "{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code())?;
+                    if let Some(detail) = db.detail() {
+                        write!(f, "; {detail}")?;
+                    }
+                    Ok(())
+                }
+                None => {
+                    write!(f, "{err}")?;
+                    let mut source = std::error::Error::source(err);
+                    while let Some(cause) = source {
+                        write!(f, ": {cause}")?;
+                        source = cause.source();
+                    }
+                    Ok(())
+                }
+            },
+            DbErrorKind::Pool(err) => write!(f, "{err}"),
+            DbErrorKind::Sqlx(err) => write!(f, "{err}"),
+        }
+    }
+}
+
+impl std::error::Error for DbError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            // The Display above already folds the causes in; repeating them as a
+            // source would print them twice in `{:#}` chains.
+            DbErrorKind::Postgres(_) | DbErrorKind::Pool(_) => None,
+            DbErrorKind::Sqlx(err) => err.source(),
+        }
+    }
+}

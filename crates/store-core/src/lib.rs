@@ -1,0 +1,34 @@
+//! The database layer every store is built on.
+//!
+//! - [`Database`]: one API over two engines, PostgreSQL (deadpool-postgres, for
+//!   deployments of several processes) and SQLite (sqlx, the embedded default).
+//! - Named interactions: [`Database::run_interaction`] runs a closure in one
+//!   [`Transaction`], retries serialization failures and deadlocks, logs and counts
+//!   each run by name, and runs `call_after` / `call_on_exception` callbacks.
+//! - One SQL dialect: stores write PostgreSQL's `$1` placeholders; SQLite gets them
+//!   translated here.
+//! - Migrations from `migrations/<engine>/`, applied once at connect.
+//! - [`Store`]: the uniform constructor `new(db, conn, config)` every store shares.
+//!
+//! This crate knows nothing about events, receipts or any other domain.
+
+#![warn(missing_docs)]
+
+mod database;
+mod error;
+mod migrate;
+mod sql;
+mod store;
+mod transaction;
+mod value;
+
+pub use database::{BoxFuture, Database, DatabaseOptions, Engine, InteractionStats};
+pub use error::{DbError, StoreError};
+pub use migrate::{MigrationReport, latest_version};
+pub use store::{HasDatabase, Store, build_store};
+pub use transaction::Transaction;
+pub use value::{ColumnIndex, FromSqlValue, Row, SqlValue, ToSqlValue, Value};
+
+/// The server configuration stores are built with, re-exported so store crates
+/// need not depend on `server-config` themselves.
+pub use server_config::ServerConfig;

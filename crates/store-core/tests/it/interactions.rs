@@ -1,0 +1,348 @@
+//! Transactions commit and roll back, callbacks run on the right outcome, values
+//! survive the round trip, and failures name their interaction.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use store_core::{StoreError, Value};
+use store_test_support::{TestDb, TestResult, engine_tests};
+
+use crate::{create_kv_table, get_kv};
+
+engine_tests!(
+    committed_writes_are_visible,
+    an_error_rolls_back_everything,
+    call_after_runs_only_after_commit,
+    call_on_exception_runs_only_on_failure,
+    a_cancelled_interaction_counts_as_failed,
+    values_round_trip,
+    placeholders_can_repeat,
+    row_count_and_decode_errors_are_errors,
+    failures_name_their_interaction,
+    interactions_are_counted,
+    autocommit_runs_callbacks_too,
+);
+
+async fn committed_writes_are_visible(test_db: TestDb) -> TestResult {
+    let db = &test_db.db;
+    create_kv_table(db).await?;
+    let changed = db
+        .run_interaction("insert_two", |txn| {
+            Box::pin(async move {
+                let first = txn.execute("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"a", &1i64]).await?;
+                let second = txn.execute("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"b", &2i64]).await?;
+                Ok(first + second)
+            })
+        })
+        .await?;
+    assert_eq!(changed, 2);
+    // A separate pool sees it: the data is committed, not only in our connection.
+    let other = test_db.reconnect().await?;
+    assert_eq!(get_kv(&other, "a").await?, Some(1));
+    assert_eq!(get_kv(&other, "b").await?, Some(2));
+    Ok(())
+}
+
+async fn an_error_rolls_back_everything(test_db: TestDb) -> TestResult {
+    let db = &test_db.db;
+    create_kv_table(db).await?;
+    let result: Result<(), StoreError> = db
+        .run_interaction("insert_then_fail", |txn| {
+            Box::pin(async move {
+                txn.execute("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"a", &1i64]).await?;
+                // The primary key rejects the second insert.
+                txn.execute("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"a", &2i64]).await?;
+                Ok(())
+            })
+        })
+        .await;
+    let err = result.expect_err("the duplicate key must fail");
+    assert!(err.db_error().is_some_and(|db_err| db_err.is_unique_violation()), "{err}");
+    assert_eq!(get_kv(db, "a").await?, None);
+
+    // An application error returned by the closure rolls back the same way.
+    let result: Result<(), StoreError> = db
+        .run_interaction("insert_then_decide_not_to", |txn| {
+            Box::pin(async move {
+                txn.execute("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"b", &1i64]).await?;
+                Err(StoreError::RowCount { interaction: "insert_then_decide_not_to", found: 0 })
+            })
+        })
+        .await;
+    assert!(result.is_err());
+    assert_eq!(get_kv(db, "b").await?, None);
+    Ok(())
+}
+
+/// Counts callback runs, shareable with `'static` callbacks.
+#[derive(Clone, Default)]
+struct Counter(Arc<AtomicUsize>);
+
+impl Counter {
+    fn bump(&self) -> impl FnOnce() + Send + 'static {
+        let count = Arc::clone(&self.0);
+        move || {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+async fn call_after_runs_only_after_commit(test_db: TestDb) -> TestResult {
+    let db = &test_db.db;
+    create_kv_table(db).await?;
+    let after = Counter::default();
+    let seen_inside = db
+        .run_interaction("insert_with_callback", |txn| {
+            let after = after.clone();
+            Box::pin(async move {
+                txn.call_after(after.bump());
+                txn.execute("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"a", &1i64]).await?;
+                // Not yet: the transaction has not committed.
+                Ok(after.get())
+            })
+        })
+        .await?;
+    assert_eq!(seen_inside, 0);
+    assert_eq!(after.get(), 1);
+
+    let failed_after = Counter::default();
+    let result: Result<(), StoreError> = db
+        .run_interaction("insert_duplicate_with_callback", |txn| {
+            let failed_after = failed_after.clone();
+            Box::pin(async move {
+                txn.call_after(failed_after.bump());
+                txn.execute("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"a", &2i64]).await?;
+                Ok(())
+            })
+        })
+        .await;
+    assert!(result.is_err());
+    assert_eq!(failed_after.get(), 0, "call_after must not run when the transaction fails");
+    Ok(())
+}
+
+async fn call_on_exception_runs_only_on_failure(test_db: TestDb) -> TestResult {
+    let db = &test_db.db;
+    create_kv_table(db).await?;
+    let on_exception = Counter::default();
+    db.run_interaction("insert_ok", |txn| {
+        let on_exception = on_exception.clone();
+        Box::pin(async move {
+            txn.call_on_exception(on_exception.bump());
+            txn.execute("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"a", &1i64]).await?;
+            Ok(())
+        })
+    })
+    .await?;
+    assert_eq!(on_exception.get(), 0, "call_on_exception must not run after a commit");
+
+    let result: Result<(), StoreError> = db
+        .run_interaction("insert_duplicate", |txn| {
+            let on_exception = on_exception.clone();
+            Box::pin(async move {
+                txn.call_on_exception(on_exception.bump());
+                txn.execute("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"a", &2i64]).await?;
+                Ok(())
+            })
+        })
+        .await;
+    assert!(result.is_err());
+    assert_eq!(on_exception.get(), 1);
+    Ok(())
+}
+
+async fn a_cancelled_interaction_counts_as_failed(test_db: TestDb) -> TestResult {
+    let db = &test_db.db;
+    create_kv_table(db).await?;
+    let on_exception = Counter::default();
+    let after = Counter::default();
+    let (inserted_tx, inserted_rx) = tokio::sync::oneshot::channel::<()>();
+    let inserted_tx = std::sync::Mutex::new(Some(inserted_tx));
+    let interaction = db.run_interaction("insert_then_hang", |txn| {
+        let (on_exception, after) = (on_exception.clone(), after.clone());
+        let inserted_tx = inserted_tx.lock().unwrap().take();
+        Box::pin(async move {
+            txn.call_on_exception(on_exception.bump());
+            txn.call_after(after.bump());
+            txn.execute("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"a", &1i64]).await?;
+            if let Some(inserted_tx) = inserted_tx {
+                let _ = inserted_tx.send(());
+            }
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+    });
+    // Drive the interaction until the insert is done, then drop it mid-transaction.
+    tokio::select! {
+        _ = interaction => panic!("the interaction never finishes"),
+        _ = inserted_rx => {}
+    }
+    assert_eq!(on_exception.get(), 1);
+    assert_eq!(after.get(), 0);
+    // The insert was rolled back and the pool still works.
+    assert_eq!(get_kv(db, "a").await?, None);
+    db.run_interaction("insert_after_cancel", |txn| {
+        Box::pin(async move {
+            txn.execute("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"a", &2i64]).await?;
+            Ok(())
+        })
+    })
+    .await?;
+    assert_eq!(get_kv(db, "a").await?, Some(2));
+    Ok(())
+}
+
+async fn values_round_trip(test_db: TestDb) -> TestResult {
+    let db = &test_db.db;
+    // SQLite accepts any type name, so one statement serves both engines.
+    db.run_interaction("create_vals", |txn| {
+        Box::pin(async move {
+            txn.execute_batch(
+                "CREATE TABLE vals (i BIGINT, small INTEGER, r DOUBLE PRECISION, t TEXT, b BYTEA, flag BOOLEAN, absent BIGINT)",
+            )
+            .await
+        })
+    })
+    .await?;
+    let row = db
+        .run_interaction("round_trip_insert", |txn| {
+            Box::pin(async move {
+                let blob: &[u8] = &[0, 1, 254, 255];
+                txn.execute(
+                    "INSERT INTO vals (i, small, r, t, b, flag, absent) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[&i64::MIN, &-7i32, &1.5f64, &"héllo ☃", &blob, &true, &None::<i64>],
+                )
+                .await?;
+                txn.query_one("SELECT i, small, r, t, b, flag, absent FROM vals", &[]).await
+            })
+        })
+        .await?;
+    assert_eq!(row.get::<i64>("i")?, i64::MIN);
+    assert_eq!(row.get::<i32>("small")?, -7);
+    assert_eq!(row.get::<f64>("r")?, 1.5);
+    assert_eq!(row.get::<String>("t")?, "héllo ☃");
+    assert_eq!(row.get::<Vec<u8>>("b")?, vec![0, 1, 254, 255]);
+    assert!(row.get::<bool>("flag")?);
+    assert_eq!(row.get::<Option<i64>>("absent")?, None);
+    assert_eq!(row.get::<Value>(6)?, Value::Null);
+    assert_eq!(row.columns().len(), 7);
+    Ok(())
+}
+
+async fn placeholders_can_repeat(test_db: TestDb) -> TestResult {
+    let db = &test_db.db;
+    create_kv_table(db).await?;
+    let rows = db
+        .run_interaction("repeat_placeholder", |txn| {
+            Box::pin(async move {
+                txn.execute("INSERT INTO kv (k, v) VALUES ($1, $2), ($3, $2)", &[&"a", &5i64, &"b"]).await?;
+                txn.query("SELECT k FROM kv WHERE v = $1 AND (k = $2 OR k <> $2) ORDER BY k", &[&5i64, &"a"])
+                    .await
+            })
+        })
+        .await?;
+    let keys: Vec<String> = rows.iter().map(|row| row.get(0)).collect::<Result<_, _>>()?;
+    assert_eq!(keys, ["a", "b"]);
+    Ok(())
+}
+
+async fn row_count_and_decode_errors_are_errors(test_db: TestDb) -> TestResult {
+    let db = &test_db.db;
+    create_kv_table(db).await?;
+    let err = db
+        .run_autocommit("expect_one", |txn| {
+            Box::pin(async move { txn.query_one("SELECT v FROM kv WHERE k = $1", &[&"missing"]).await })
+        })
+        .await
+        .expect_err("no row");
+    assert!(matches!(err, StoreError::RowCount { interaction: "expect_one", found: 0 }), "{err}");
+
+    let row = db
+        .run_autocommit("text_row", |txn| {
+            Box::pin(async move { txn.query_one("SELECT 'x' AS word", &[]).await })
+        })
+        .await?;
+    let err = row.get::<i64>("word").expect_err("text is not an integer");
+    assert!(err.to_string().contains("cannot decode column `word`"), "{err}");
+    let err = row.get::<i64>("nope").expect_err("no such column");
+    assert!(err.to_string().contains("no such column"), "{err}");
+    let err = row.get::<i64>(3).expect_err("no such index");
+    assert!(err.to_string().contains("no such column"), "{err}");
+    Ok(())
+}
+
+async fn failures_name_their_interaction(test_db: TestDb) -> TestResult {
+    let db = &test_db.db;
+    let err = db
+        .run_interaction("select_from_nowhere", |txn| {
+            Box::pin(async move { txn.query("SELECT * FROM no_such_table", &[]).await })
+        })
+        .await
+        .expect_err("the table does not exist");
+    let message = err.to_string();
+    assert!(message.starts_with("database error in interaction `select_from_nowhere`:"), "{message}");
+    assert!(message.contains("no_such_table"), "the driver's message is kept: {message}");
+    assert!(!err.is_retryable());
+
+    let err = db
+        .run_interaction("bad_placeholder", |txn| {
+            Box::pin(async move { txn.query("SELECT 1 WHERE 1 = ?", &[&1i64]).await })
+        })
+        .await
+        .expect_err("`?` is not our placeholder style");
+    assert!(err.to_string().contains("bad_placeholder"), "{err}");
+    Ok(())
+}
+
+async fn interactions_are_counted(test_db: TestDb) -> TestResult {
+    let db = &test_db.db;
+    create_kv_table(db).await?;
+    for _ in 0..3 {
+        get_kv(db, "a").await?;
+    }
+    let _ = db
+        .run_interaction("always_fails", |txn| {
+            Box::pin(async move { txn.execute("SELECT * FROM nowhere", &[]).await })
+        })
+        .await;
+    let stats = db.interaction_stats();
+    assert_eq!(stats["get_kv"].count, 3);
+    assert_eq!(stats["get_kv"].failures, 0);
+    assert_eq!(stats["always_fails"].count, 1);
+    assert_eq!(stats["always_fails"].failures, 1);
+    assert_eq!(stats["always_fails"].retries, 0);
+    Ok(())
+}
+
+async fn autocommit_runs_callbacks_too(test_db: TestDb) -> TestResult {
+    let db = &test_db.db;
+    create_kv_table(db).await?;
+    let (after, on_exception) = (Counter::default(), Counter::default());
+    db.run_autocommit("autocommit_insert", |txn| {
+        let (after, on_exception) = (after.clone(), on_exception.clone());
+        Box::pin(async move {
+            txn.call_after(after.bump());
+            txn.call_on_exception(on_exception.bump());
+            txn.execute("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"a", &1i64]).await?;
+            Ok(())
+        })
+    })
+    .await?;
+    assert_eq!((after.get(), on_exception.get()), (1, 0));
+    let _ = db
+        .run_autocommit("autocommit_duplicate", |txn| {
+            let (after, on_exception) = (after.clone(), on_exception.clone());
+            Box::pin(async move {
+                txn.call_after(after.bump());
+                txn.call_on_exception(on_exception.bump());
+                txn.execute("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"a", &1i64]).await?;
+                Ok(())
+            })
+        })
+        .await;
+    assert_eq!((after.get(), on_exception.get()), (1, 1));
+    Ok(())
+}
