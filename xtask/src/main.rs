@@ -1,1 +1,256 @@
-fn main() {}
+//! Project automation, so that local runs and CI run the same steps.
+//!
+//! - `cargo xtask ci [STEP]`: every check CI runs, in order, or one of them:
+//!   `services`, `fmt`, `clippy`, `test`, `docs`, `tidy`, `deps`.
+//! - `cargo xtask services`: start PostgreSQL and Redis when they are not running.
+//! - `cargo xtask new-migration NAME`: create the next numbered migration for both
+//!   engines.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, format_err};
+use xshell::{Shell, cmd};
+
+const STEPS: &[&str] = &["services", "fmt", "clippy", "test", "docs", "tidy", "deps"];
+const POSTGRES_ADDRESS: &str = "127.0.0.1:5432";
+const REDIS_ADDRESS: &str = "127.0.0.1:6379";
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let sh = Shell::new()?;
+    sh.change_dir(project_root());
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["ci"] => {
+            for step in STEPS {
+                run_step(&sh, step)?;
+            }
+            eprintln!("xtask: all CI steps passed");
+            Ok(())
+        }
+        ["ci", step] => run_step(&sh, step),
+        ["services"] => services(&sh),
+        ["new-migration", name] => new_migration(name),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask ci [{}]\n       cargo xtask services\n       cargo xtask new-migration NAME",
+                STEPS.join("|")
+            );
+            bail!("unknown command: {}", args.join(" "))
+        }
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives one level below the root").to_owned()
+}
+
+fn run_step(sh: &Shell, step: &str) -> anyhow::Result<()> {
+    eprintln!("xtask: == {step} ==");
+    let started = Instant::now();
+    match step {
+        "services" => services(sh)?,
+        "fmt" => cmd!(sh, "cargo fmt --all -- --check")
+            .run()
+            .context("code is not formatted: run `cargo fmt --all`")?,
+        "clippy" => cmd!(sh, "cargo clippy --workspace --all-targets --locked -- -D warnings").run()?,
+        "test" => test(sh)?,
+        "docs" => {
+            let _env = sh.push_env("RUSTDOCFLAGS", "-D warnings");
+            cmd!(sh, "cargo doc --workspace --no-deps --locked").run()?;
+        }
+        "tidy" => tidy()?,
+        "deps" => deps(sh)?,
+        other => bail!("unknown CI step `{other}`; the steps are {}", STEPS.join(", ")),
+    }
+    eprintln!("xtask: {step} passed in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Runs every test of the workspace, on both engines (each engine-specific test is
+/// stamped out for PostgreSQL and SQLite), plus the end-to-end package.
+fn test(sh: &Shell) -> anyhow::Result<()> {
+    let have_nextest =
+        cmd!(sh, "cargo nextest --version").quiet().ignore_stdout().ignore_stderr().run().is_ok();
+    if have_nextest {
+        cmd!(sh, "cargo nextest run --workspace --locked --no-fail-fast").run()?;
+        // nextest does not run doctests.
+        cmd!(sh, "cargo test --workspace --locked --doc").run()?;
+    } else {
+        cmd!(sh, "cargo test --workspace --locked --no-fail-fast").run()?;
+    }
+    Ok(())
+}
+
+/// Checks the layering rules of docs/ARCHITECTURE.md that a dependency graph can
+/// show: `cargo tree -i X` fails when X is not reachable.
+fn deps(sh: &Shell) -> anyhow::Result<()> {
+    let forbidden: &[(&str, &str, &str)] = &[
+        ("store-core", "store-events", "store-core must know nothing about events"),
+        ("store-core", "store-receipts", "store-core must know nothing about receipts"),
+        ("store-events", "store-receipts", "domain crates never depend on each other"),
+        ("store-receipts", "store-events", "domain crates never depend on each other"),
+        ("server-config", "store-core", "the config crate sits below the database layer"),
+        ("slaved-stores", "homeserver", "libraries never depend on the binaries"),
+        ("replication", "homeserver", "libraries never depend on the binaries"),
+    ];
+    for (package, dependency, rule) in forbidden {
+        let reachable = cmd!(sh, "cargo tree --quiet --locked -p {package} -i {dependency} -e normal")
+            .quiet()
+            .ignore_stdout()
+            .ignore_stderr()
+            .run()
+            .is_ok();
+        if reachable {
+            bail!("{package} depends on {dependency}: {rule} (see docs/ARCHITECTURE.md)");
+        }
+    }
+    Ok(())
+}
+
+/// Checks what neither rustc nor clippy do: every Rust file opens with a `//!`
+/// module doc, and migrations are numbered without gaps, the same for both engines.
+fn tidy() -> anyhow::Result<()> {
+    let root = project_root();
+    let mut missing_docs = Vec::new();
+    for dir in ["crates", "xtask", "tests"] {
+        visit_rust_files(&root.join(dir), &mut |path| {
+            let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+            if !text.trim_start().starts_with("//!") {
+                missing_docs.push(path.strip_prefix(&root).unwrap_or(path).display().to_string());
+            }
+            Ok(())
+        })?;
+    }
+    if !missing_docs.is_empty() {
+        bail!(
+            "these files do not start with a `//!` doc saying what they are for: {}",
+            missing_docs.join(", ")
+        );
+    }
+
+    let postgres = migration_files(&root.join("migrations/postgres"))?;
+    let sqlite = migration_files(&root.join("migrations/sqlite"))?;
+    for (engine, files) in [("postgres", &postgres), ("sqlite", &sqlite)] {
+        for (idx, (number, name)) in files.iter().enumerate() {
+            let expected = u32::try_from(idx + 1)?;
+            if *number != expected {
+                bail!(
+                    "migrations/{engine}/{name}: expected number {expected:04}; migrations are numbered without gaps"
+                );
+            }
+        }
+    }
+    if postgres != sqlite {
+        bail!("migrations/postgres and migrations/sqlite must hold the same file names");
+    }
+    Ok(())
+}
+
+fn visit_rust_files(dir: &Path, visit: &mut dyn FnMut(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            if path.file_name().is_some_and(|name| name == "target") {
+                continue;
+            }
+            visit_rust_files(&path, visit)?;
+        } else if path.extension().is_some_and(|ext| ext == "rs") {
+            visit(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// `(number, file name)` of each `NNNN_name.sql`, sorted.
+fn migration_files(dir: &Path) -> anyhow::Result<Vec<(u32, String)>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(".sql") else {
+            bail!("{}/{name}: only .sql files belong here", dir.display());
+        };
+        let (number, description) = stem
+            .split_once('_')
+            .ok_or_else(|| format_err!("{}/{name}: expected NNNN_description.sql", dir.display()))?;
+        if number.len() != 4 || description.is_empty() {
+            bail!("{}/{name}: expected NNNN_description.sql", dir.display());
+        }
+        let number =
+            number.parse::<u32>().with_context(|| format!("{}/{name}: bad number", dir.display()))?;
+        files.push((number, name));
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn new_migration(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+        bail!("a migration name is snake_case, e.g. add_receipts");
+    }
+    let root = project_root();
+    let next = migration_files(&root.join("migrations/postgres"))?.len() + 1;
+    for engine in ["postgres", "sqlite"] {
+        let path = root.join(format!("migrations/{engine}/{next:04}_{name}.sql"));
+        std::fs::write(&path, format!("-- {name} ({engine}). Explain here why the change is needed.\n"))
+            .with_context(|| format!("write {}", path.display()))?;
+        eprintln!("created {}", path.display());
+    }
+    Ok(())
+}
+
+/// Starts PostgreSQL and Redis if nothing answers on their ports, and fails with
+/// the reason when they cannot be started.
+fn services(sh: &Shell) -> anyhow::Result<()> {
+    ensure_service(sh, "PostgreSQL", POSTGRES_ADDRESS, start_postgres)?;
+    ensure_service(sh, "Redis", REDIS_ADDRESS, start_redis)?;
+    Ok(())
+}
+
+fn ensure_service(
+    sh: &Shell,
+    name: &str,
+    address: &str,
+    start: fn(&Shell) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if answers(address) {
+        eprintln!("xtask: {name} is running on {address}");
+        return Ok(());
+    }
+    eprintln!("xtask: {name} is not running on {address}; starting it");
+    start(sh).with_context(|| format!("start {name}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if answers(address) {
+            eprintln!("xtask: {name} is up on {address}");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("{name} was started but nothing answers on {address} after 30s")
+}
+
+fn answers(address: &str) -> bool {
+    let address: SocketAddr = address.parse().expect("service addresses are IP:PORT constants");
+    TcpStream::connect_timeout(&address, Duration::from_secs(1)).is_ok()
+}
+
+fn start_postgres(sh: &Shell) -> anyhow::Result<()> {
+    let versions: Vec<String> = std::fs::read_dir("/etc/postgresql")
+        .context("PostgreSQL is not installed here (no /etc/postgresql); install it with `apt-get install postgresql`")?
+        .filter_map(|entry| entry.ok().map(|entry| entry.file_name().to_string_lossy().into_owned()))
+        .collect();
+    let version = versions.iter().max().ok_or_else(|| format_err!("/etc/postgresql holds no cluster"))?;
+    cmd!(sh, "pg_ctlcluster --skip-systemctl-redirect {version} main start")
+        .run()
+        .context("pg_ctlcluster could not start the cluster")?;
+    Ok(())
+}
+
+fn start_redis(sh: &Shell) -> anyhow::Result<()> {
+    cmd!(sh, "redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no")
+        .run()
+        .context("redis-server could not start (is it installed? `apt-get install redis-server`)")?;
+    Ok(())
+}

@@ -7,6 +7,7 @@
 //! and the defaults. Which streams a process writes comes from the config, not
 //! from the binary.
 
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -70,7 +71,11 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // stderr, so stdout carries only the start-up line scripts may read.
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 /// Loads the config for `role` from the command line.
@@ -89,6 +94,11 @@ pub fn load_config(role: Role, cli: &Cli) -> anyhow::Result<ServerConfig> {
 
 async fn run(role: Role, cli: Cli) -> anyhow::Result<()> {
     let config = load_config(role, &cli)?;
+    // Claim the port first: a port in use is the cheapest failure to report, and
+    // must not leave a half-migrated database behind it.
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("listen for HTTP on {}", config.http.listen))?;
     if config.database.url == DEFAULT_SQLITE_URL {
         // The embedded default must work on a clean checkout.
         std::fs::create_dir_all("data").context("create the data directory ./data")?;
@@ -101,9 +111,6 @@ async fn run(role: Role, cli: Cli) -> anyhow::Result<()> {
         tracing::info!(applied = ?migrations.applied_now, "applied database migrations");
     }
 
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
-        .with_context(|| format!("listen for HTTP on {}", config.http.listen))?;
     let address = listener.local_addr().context("read the HTTP listener's address")?;
     announce(role, &config, &db, address);
 

@@ -373,10 +373,10 @@ impl ServerConfig {
                     .map_err(|why| format!("`[replication] {key}` = {address:?} {why}"))?;
             }
         }
-        if let Some(url) = &replication.redis {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(format!("`[replication] redis` = {url:?} is not a redis:// URL"));
-            }
+        if let Some(url) = &replication.redis
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(format!("`[replication] redis` = {url:?} is not a redis:// URL"));
         }
 
         for (instance, address) in &self.instance_map {

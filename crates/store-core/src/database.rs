@@ -377,10 +377,10 @@ async fn connect_sqlite(
     let in_memory = is_in_memory(url);
     if !in_memory {
         let path = connect_options.get_filename();
-        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-            if !parent.is_dir() {
-                return Err(invalid(format!("the directory {} does not exist", parent.display())));
-            }
+        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty())
+            && !parent.is_dir()
+        {
+            return Err(invalid(format!("the directory {} does not exist", parent.display())));
         }
     }
     let connect_options = connect_options

@@ -204,11 +204,11 @@ impl Transaction {
     /// Commits, then runs the `call_after` callbacks. If the commit fails, the
     /// `call_on_exception` callbacks run instead.
     pub async fn commit(mut self) -> Result<(), StoreError> {
-        if self.state == State::Open {
-            if let Err(err) = self.execute_batch("COMMIT").await {
-                self.fail_and_close();
-                return Err(err);
-            }
+        if self.state == State::Open
+            && let Err(err) = self.execute_batch("COMMIT").await
+        {
+            self.fail_and_close();
+            return Err(err);
         }
         self.state = State::Finished;
         self.exception_callbacks.clear();

@@ -163,7 +163,7 @@ async fn a_cancelled_interaction_counts_as_failed(test_db: TestDb) -> TestResult
     let inserted_tx = std::sync::Mutex::new(Some(inserted_tx));
     let interaction = db.run_interaction("insert_then_hang", |txn| {
         let (on_exception, after) = (on_exception.clone(), after.clone());
-        let inserted_tx = inserted_tx.lock().unwrap().take();
+        let inserted_tx = inserted_tx.lock().expect("no test thread panicked holding it").take();
         Box::pin(async move {
             txn.call_on_exception(on_exception.bump());
             txn.call_after(after.bump());

@@ -74,7 +74,7 @@ async fn a_real_concurrent_update_conflict_is_retried() -> TestResult {
         let (db, signals, attempts) = (db.clone(), Arc::clone(&signals), Arc::clone(&attempts));
         tokio::spawn(async move {
             db.run_interaction("increment_slowly", |txn| {
-                let signals = signals.lock().unwrap().take();
+                let signals = signals.lock().expect("no test thread panicked holding it").take();
                 attempts.fetch_add(1, Ordering::SeqCst);
                 Box::pin(async move {
                     txn.query_one("SELECT v FROM kv WHERE k = 'counter'", &[]).await?;

@@ -1,0 +1,6 @@
+//! End-to-end tests: the real `master` and `worker` binaries as child processes,
+//! talking HTTP over loopback, on real SQLite files and a real PostgreSQL.
+
+mod config_errors;
+mod process;
+mod startup;
