@@ -83,7 +83,11 @@ fn bad_files_give_one_clear_line() {
             "missing `instance_name`",
         ),
         (Role::Worker, "server_name = \"a\"\ninstance_name = \"w\"\n", "missing `[database] url`"),
-        (Role::Worker, "server_name = \"a\"\ninstance_name = \"master\"\n", "cannot be named `master`"),
+        (
+            Role::Worker,
+            "server_name = \"a\"\ninstance_name = \"master\"\n[database]\nurl = \"postgres://x\"\n",
+            "cannot be named `master`",
+        ),
         (
             Role::Worker,
             "server_name = \"a\"\ninstance_name = \"w\"\n[database]\nurl = \"sqlite://x.db\"\n",
