@@ -65,6 +65,17 @@ pub enum StoreError {
         /// What was found instead.
         message: String,
     },
+    /// A process asked for stream IDs on a stream it is not configured to write.
+    #[error("instance `{instance}` tried to allocate a stream ID on `{stream}`, which it does not write")]
+    NotAWriter {
+        /// The stream.
+        stream: String,
+        /// The instance that asked.
+        instance: String,
+    },
+    /// A component was set up with values that cannot work.
+    #[error("misconfigured: {0}")]
+    Misconfigured(String),
     /// The SQL text breaks the placeholder convention (`$1`, `$2`, …).
     #[error("malformed SQL in interaction `{interaction}`: {message}")]
     Sql {

@@ -8,6 +8,9 @@
 //! - One SQL dialect: stores write PostgreSQL's `$1` placeholders; SQLite gets them
 //!   translated here.
 //! - Migrations from `migrations/<engine>/`, applied once at connect.
+//! - Stream ID generators: [`MultiWriterIdGenerator`] and [`SingleWriterIdGenerator`],
+//!   behind [`StreamIdGenerator`], with per-writer positions persisted in
+//!   `stream_positions`.
 //! - [`Store`]: the uniform constructor `new(db, conn, config)` every store shares.
 //!
 //! This crate knows nothing about events, receipts or any other domain.
@@ -16,6 +19,7 @@
 
 mod database;
 mod error;
+mod id_generator;
 mod migrate;
 mod sql;
 mod store;
@@ -24,6 +28,10 @@ mod value;
 
 pub use database::{BoxFuture, Database, DatabaseOptions, Engine, InteractionStats};
 pub use error::{DbError, StoreError};
+pub use id_generator::{
+    FetchToken, MultiWriterConfig, MultiWriterIdGenerator, PositionTracker, SingleWriterIdGenerator,
+    StreamIdGenerator, StreamIdGuard, StreamIdsGuard, StreamTable,
+};
 pub use migrate::{MigrationReport, latest_version};
 pub use store::{HasDatabase, Store, build_store};
 pub use transaction::Transaction;

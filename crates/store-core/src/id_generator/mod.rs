@@ -1,0 +1,643 @@
+//! Stream ID generators: allocation of stream IDs by several writers, and the
+//! positions every process tracks for each writer.
+//!
+//! [`MultiWriterIdGenerator`] takes IDs from a PostgreSQL sequence (on SQLite, an
+//! in-process counter: SQLite serves one process). Writers finish IDs out of
+//! order; a stream's current token is the largest ID such that every ID at or
+//! below it is finished, and positions never move backwards. After each
+//! successful write a writer records its position in `stream_positions`, so a
+//! restart reads that table instead of scanning the stream's tables; bursts of
+//! writes share upserts (one in flight, the latest queued).
+//!
+//! [`SingleWriterIdGenerator`] is the in-process counter alone, for streams one
+//! process writes and nobody needs to resume exactly.
+//!
+//! Both implement [`StreamIdGenerator`], the view replication and stores use.
+//!
+//! ```no_run
+//! # async fn example(db: store_core::Database) -> Result<(), store_core::StoreError> {
+//! use store_core::{MultiWriterConfig, MultiWriterIdGenerator, StreamTable};
+//!
+//! let events = MultiWriterIdGenerator::new(&db, MultiWriterConfig {
+//!     stream_name: "events".to_owned(),
+//!     instance_name: "persister1".to_owned(),
+//!     tables: vec![StreamTable::new("events", "instance_name", "stream_ordering")],
+//!     sequence_name: "events_stream_seq".to_owned(),
+//!     writers: vec!["persister1".to_owned(), "persister2".to_owned()],
+//!     ..Default::default()
+//! })
+//! .await?;
+//! let guard = events.get_next().await?;
+//! // … insert the row with stream ID `guard.id()` …
+//! guard.finish().await?; // the position moves on, and is recorded
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::{BoxFuture, Database, Engine, StoreError, Transaction};
+
+mod startup;
+mod tracker;
+
+pub use tracker::{FetchToken, PositionTracker};
+
+/// A table holding rows of a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamTable {
+    /// The table's name.
+    pub table: String,
+    /// The column naming the instance that wrote each row.
+    pub instance_column: String,
+    /// The column holding each row's stream ID.
+    pub id_column: String,
+}
+
+impl StreamTable {
+    /// Describes `table`, whose rows carry the writer in `instance_column` and the
+    /// stream ID in `id_column`.
+    pub fn new(table: &str, instance_column: &str, id_column: &str) -> StreamTable {
+        StreamTable {
+            table: table.to_owned(),
+            instance_column: instance_column.to_owned(),
+            id_column: id_column.to_owned(),
+        }
+    }
+}
+
+/// What a [`MultiWriterIdGenerator`] generates IDs for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MultiWriterConfig {
+    /// The key of this stream in `stream_positions`.
+    pub stream_name: String,
+    /// This process.
+    pub instance_name: String,
+    /// The tables rows of the stream may live in.
+    pub tables: Vec<StreamTable>,
+    /// The PostgreSQL sequence IDs come from (unused on SQLite).
+    pub sequence_name: String,
+    /// The instances allowed to allocate. Empty means any instance may, and
+    /// `stream_positions` is never read or written (the `caches` stream: after a
+    /// restart there are no caches to invalidate).
+    pub writers: Vec<String>,
+    /// `true` for IDs 1, 2, 3, …; `false` for −1, −2, −3, … (backfill).
+    pub positive: bool,
+}
+
+impl Default for MultiWriterConfig {
+    fn default() -> Self {
+        MultiWriterConfig {
+            stream_name: String::new(),
+            instance_name: String::new(),
+            tables: Vec::new(),
+            sequence_name: String::new(),
+            writers: Vec::new(),
+            positive: true,
+        }
+    }
+}
+
+/// The view of a stream's IDs that stores and replication use, whichever
+/// generator is behind it. Dyn-compatible: `Arc<dyn StreamIdGenerator>`.
+pub trait StreamIdGenerator: Send + Sync + fmt::Debug {
+    /// The stream's name.
+    fn stream_name(&self) -> &str;
+    /// The stream's current token: every ID at or below it is finished.
+    fn get_current_token(&self) -> i64;
+    /// The position of `writer`; for this process, the best it can claim.
+    fn get_current_token_for_writer(&self, writer: &str) -> i64;
+    /// The position of this process's last finished write.
+    fn get_minimal_local_current_token(&self) -> i64;
+    /// Every writer's position as known here.
+    fn get_positions(&self) -> BTreeMap<String, i64>;
+    /// Records another writer's position, learned from replication.
+    fn advance(&self, writer: &str, position: i64);
+    /// Allocates one ID.
+    fn get_next(&self) -> BoxFuture<'_, Result<StreamIdGuard, StoreError>>;
+    /// Allocates `n` IDs.
+    fn get_next_mult(&self, n: usize) -> BoxFuture<'_, Result<StreamIdsGuard, StoreError>>;
+}
+
+/// Allocates stream IDs for several writers and tracks every writer's position.
+///
+/// `Send + Sync`; share it behind an `Arc`. See the module docs.
+#[derive(Clone)]
+pub struct MultiWriterIdGenerator {
+    inner: Arc<Inner>,
+}
+
+/// A stream whose IDs come from an in-process counter, loaded at start-up from
+/// the largest ID in its tables. Only one process may write such a stream, and
+/// IDs allocated but never written may be handed out again after a restart.
+#[derive(Clone)]
+pub struct SingleWriterIdGenerator {
+    inner: Arc<Inner>,
+}
+
+/// Where new IDs come from.
+enum IdSource {
+    Sequence {
+        name: String,
+    },
+    /// The last ID handed out; `None` until the first allocation.
+    Counter(Mutex<Option<i64>>),
+}
+
+struct Inner {
+    db: Database,
+    stream_name: String,
+    instance_name: String,
+    /// 1 for positive streams, −1 for backwards ones.
+    factor: i64,
+    /// Whether this process may allocate.
+    may_allocate: bool,
+    /// `Some` when positions are recorded in `stream_positions`.
+    positions_table: Option<PositionsTable>,
+    source: IdSource,
+    tracker: Mutex<PositionTracker>,
+}
+
+/// Recording this writer's position, coalesced.
+struct PositionsTable {
+    /// The upsert, for this stream's direction.
+    upsert_sql: &'static str,
+    /// Held while an upsert runs: one in flight; whoever waits next writes the
+    /// latest position for everyone queued behind.
+    in_flight: tokio::sync::Mutex<()>,
+    /// The highest (internal) position stored so far by this process.
+    stored: AtomicI64,
+    /// Upserts run, for tests and benchmarks.
+    writes: AtomicU64,
+}
+
+const UPSERT_POSITIVE: &str = "INSERT INTO stream_positions (stream_name, instance_name, stream_id) VALUES ($1, $2, $3) \
+     ON CONFLICT (stream_name, instance_name) DO UPDATE SET stream_id = EXCLUDED.stream_id \
+     WHERE stream_positions.stream_id < EXCLUDED.stream_id";
+const UPSERT_NEGATIVE: &str = "INSERT INTO stream_positions (stream_name, instance_name, stream_id) VALUES ($1, $2, $3) \
+     ON CONFLICT (stream_name, instance_name) DO UPDATE SET stream_id = EXCLUDED.stream_id \
+     WHERE stream_positions.stream_id > EXCLUDED.stream_id";
+
+impl fmt::Debug for MultiWriterIdGenerator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt_debug("MultiWriterIdGenerator", f)
+    }
+}
+
+impl fmt::Debug for SingleWriterIdGenerator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt_debug("SingleWriterIdGenerator", f)
+    }
+}
+
+impl MultiWriterIdGenerator {
+    /// Loads the stream's positions and repairs the sequence if needed (see
+    /// `docs/stream-ids.md`), in a start-up transaction of its own.
+    pub async fn new(db: &Database, config: MultiWriterConfig) -> Result<MultiWriterIdGenerator, StoreError> {
+        let mut conn = db.begin("load_stream_positions").await?;
+        let generator = MultiWriterIdGenerator::new_in(db, &mut conn, config).await?;
+        conn.commit().await?;
+        Ok(generator)
+    }
+
+    /// Like [`MultiWriterIdGenerator::new`], on a store constructor's start-up
+    /// connection (`Store::new(db, conn, config)`); the caller commits.
+    pub async fn new_in(
+        db: &Database,
+        conn: &mut Transaction,
+        config: MultiWriterConfig,
+    ) -> Result<MultiWriterIdGenerator, StoreError> {
+        startup::validate(&config)?;
+        let source = match db.engine() {
+            Engine::Postgres => IdSource::Sequence { name: config.sequence_name.clone() },
+            Engine::Sqlite => IdSource::Counter(Mutex::new(None)),
+        };
+        let inner = Inner::load(db, conn, &config, source).await?;
+        Ok(MultiWriterIdGenerator { inner: Arc::new(inner) })
+    }
+
+    /// The stream's current token: every ID at or below it is finished.
+    pub fn get_current_token(&self) -> i64 {
+        self.inner.get_current_token()
+    }
+
+    /// Same as [`MultiWriterIdGenerator::get_current_token`].
+    pub fn get_persisted_upto_position(&self) -> i64 {
+        self.inner.get_current_token()
+    }
+
+    /// The position of `writer` as known here (never below the current token);
+    /// for this process, the best it can claim.
+    pub fn get_current_token_for_writer(&self, writer: &str) -> i64 {
+        self.inner.get_current_token_for_writer(writer)
+    }
+
+    /// The position of this process's last finished write: what another process
+    /// should wait for after asking this one to write.
+    pub fn get_minimal_local_current_token(&self) -> i64 {
+        self.inner.get_minimal_local_current_token()
+    }
+
+    /// Every writer's position as known here.
+    pub fn get_positions(&self) -> BTreeMap<String, i64> {
+        self.inner.get_positions()
+    }
+
+    /// Records another writer's position, learned from replication. Positions
+    /// never move backwards.
+    pub fn advance(&self, writer: &str, position: i64) {
+        self.inner.advance(writer, position);
+    }
+
+    /// Allocates one ID. Finish the guard after the row is committed; drop it if
+    /// the write failed.
+    pub async fn get_next(&self) -> Result<StreamIdGuard, StoreError> {
+        Inner::allocate(&self.inner, 1, None).await.map(StreamIdGuard::from_single)
+    }
+
+    /// Allocates `n` IDs at once.
+    pub async fn get_next_mult(&self, n: usize) -> Result<StreamIdsGuard, StoreError> {
+        Inner::allocate(&self.inner, n, None).await
+    }
+
+    /// Allocates one ID inside `txn`, whose rows must carry it. The ID is finished
+    /// when the transaction ends: on commit the position moves and is recorded in
+    /// the background; on rollback it moves without being recorded.
+    pub async fn get_next_txn(&self, txn: &mut Transaction) -> Result<i64, StoreError> {
+        let ids = self.get_next_mult_txn(txn, 1).await?;
+        Ok(ids[0])
+    }
+
+    /// Like [`MultiWriterIdGenerator::get_next_txn`], for `n` IDs.
+    pub async fn get_next_mult_txn(&self, txn: &mut Transaction, n: usize) -> Result<Vec<i64>, StoreError> {
+        let guard = Inner::allocate(&self.inner, n, Some(txn)).await?;
+        let ids = guard.ids().to_vec();
+        guard.finish_with_transaction(txn);
+        Ok(ids)
+    }
+
+    /// How many upserts of `stream_positions` this generator has run: a burst of
+    /// writes shares them.
+    pub fn stream_positions_writes(&self) -> u64 {
+        self.inner.positions_table.as_ref().map_or(0, |table| table.writes.load(Ordering::Relaxed))
+    }
+}
+
+impl SingleWriterIdGenerator {
+    /// Loads the largest ID in `tables` (the stream's only writer is this
+    /// process); IDs come from an in-process counter.
+    pub async fn new(
+        db: &Database,
+        stream_name: &str,
+        instance_name: &str,
+        tables: Vec<StreamTable>,
+        positive: bool,
+    ) -> Result<SingleWriterIdGenerator, StoreError> {
+        let config = MultiWriterConfig {
+            stream_name: stream_name.to_owned(),
+            instance_name: instance_name.to_owned(),
+            tables,
+            positive,
+            ..MultiWriterConfig::default()
+        };
+        startup::validate(&config)?;
+        let mut conn = db.begin("load_stream_ids").await?;
+        let inner = Inner::load(db, &mut conn, &config, IdSource::Counter(Mutex::new(None))).await?;
+        conn.commit().await?;
+        Ok(SingleWriterIdGenerator { inner: Arc::new(inner) })
+    }
+
+    /// The stream's current token.
+    pub fn get_current_token(&self) -> i64 {
+        self.inner.get_current_token()
+    }
+
+    /// Allocates one ID.
+    pub async fn get_next(&self) -> Result<StreamIdGuard, StoreError> {
+        Inner::allocate(&self.inner, 1, None).await.map(StreamIdGuard::from_single)
+    }
+
+    /// Allocates `n` IDs at once.
+    pub async fn get_next_mult(&self, n: usize) -> Result<StreamIdsGuard, StoreError> {
+        Inner::allocate(&self.inner, n, None).await
+    }
+}
+
+macro_rules! impl_stream_id_generator {
+    ($ty:ty) => {
+        impl StreamIdGenerator for $ty {
+            fn stream_name(&self) -> &str {
+                &self.inner.stream_name
+            }
+            fn get_current_token(&self) -> i64 {
+                self.inner.get_current_token()
+            }
+            fn get_current_token_for_writer(&self, writer: &str) -> i64 {
+                self.inner.get_current_token_for_writer(writer)
+            }
+            fn get_minimal_local_current_token(&self) -> i64 {
+                self.inner.get_minimal_local_current_token()
+            }
+            fn get_positions(&self) -> BTreeMap<String, i64> {
+                self.inner.get_positions()
+            }
+            fn advance(&self, writer: &str, position: i64) {
+                self.inner.advance(writer, position);
+            }
+            fn get_next(&self) -> BoxFuture<'_, Result<StreamIdGuard, StoreError>> {
+                Box::pin(async move {
+                    Inner::allocate(&self.inner, 1, None).await.map(StreamIdGuard::from_single)
+                })
+            }
+            fn get_next_mult(&self, n: usize) -> BoxFuture<'_, Result<StreamIdsGuard, StoreError>> {
+                Box::pin(Inner::allocate(&self.inner, n, None))
+            }
+        }
+    };
+}
+impl_stream_id_generator!(MultiWriterIdGenerator);
+impl_stream_id_generator!(SingleWriterIdGenerator);
+
+impl Inner {
+    fn fmt_debug(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tracker = self.tracker();
+        f.debug_struct(name)
+            .field("stream_name", &self.stream_name)
+            .field("instance_name", &self.instance_name)
+            .field("current_token", &(tracker.persisted_upto() * self.factor))
+            .field("positions", tracker.positions())
+            .finish_non_exhaustive()
+    }
+
+    fn tracker(&self) -> MutexGuard<'_, PositionTracker> {
+        // Every critical section leaves the tracker consistent before anything that
+        // could panic; a poisoned lock still holds valid state.
+        self.tracker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get_current_token(&self) -> i64 {
+        self.tracker().persisted_upto() * self.factor
+    }
+
+    fn get_current_token_for_writer(&self, writer: &str) -> i64 {
+        self.tracker().position_for_writer(writer) * self.factor
+    }
+
+    fn get_minimal_local_current_token(&self) -> i64 {
+        self.tracker().minimal_local() * self.factor
+    }
+
+    fn get_positions(&self) -> BTreeMap<String, i64> {
+        self.tracker()
+            .positions()
+            .iter()
+            .map(|(writer, position)| (writer.clone(), position * self.factor))
+            .collect()
+    }
+
+    fn advance(&self, writer: &str, position: i64) {
+        let internal = position * self.factor;
+        if internal < 1 {
+            // A position from the other direction, or zero: no real writer sends
+            // one, and taking it would corrupt the bookkeeping.
+            tracing::warn!(stream = %self.stream_name, writer, position, "ignoring an impossible stream position");
+            return;
+        }
+        self.tracker().advance(writer, internal);
+    }
+
+    async fn allocate(
+        inner: &Arc<Inner>,
+        n: usize,
+        txn: Option<&mut Transaction>,
+    ) -> Result<StreamIdsGuard, StoreError> {
+        if !inner.may_allocate {
+            return Err(StoreError::NotAWriter {
+                stream: inner.stream_name.clone(),
+                instance: inner.instance_name.clone(),
+            });
+        }
+        if n == 0 {
+            return Ok(StreamIdsGuard {
+                inner: Arc::clone(inner),
+                internal_ids: Vec::new(),
+                ids: Vec::new(),
+                done: true,
+            });
+        }
+        let fetch = FetchGuard::begin(inner);
+        let internal_ids = inner.next_ids(n, txn).await?;
+        fetch.end(&internal_ids);
+        let ids = internal_ids.iter().map(|id| id * inner.factor).collect();
+        Ok(StreamIdsGuard { inner: Arc::clone(inner), internal_ids, ids, done: false })
+    }
+
+    /// Takes `n` fresh IDs (internal, ascending) from the sequence or counter.
+    async fn next_ids(&self, n: usize, txn: Option<&mut Transaction>) -> Result<Vec<i64>, StoreError> {
+        match &self.source {
+            IdSource::Counter(counter) => {
+                let mut last = counter.lock().unwrap_or_else(PoisonError::into_inner);
+                // Start above everything seen, so no ID is ever handed out twice in
+                // this process's life.
+                let start = last.unwrap_or_else(|| self.tracker().max_seen_allocated());
+                let n = i64::try_from(n)
+                    .map_err(|_| StoreError::Misconfigured("too many IDs asked for".to_owned()))?;
+                *last = Some(start + n);
+                Ok((start + 1..=start + n).collect())
+            }
+            IdSource::Sequence { name } => {
+                let n = i64::try_from(n)
+                    .map_err(|_| StoreError::Misconfigured("too many IDs asked for".to_owned()))?;
+                // The sequence name was checked at construction to be a plain identifier.
+                let sql = format!("SELECT nextval('{name}') FROM generate_series(1, $1)");
+                match txn {
+                    // nextval ignores transactions; the caller's connection saves a
+                    // trip to the pool.
+                    Some(txn) => fetch_sequence_ids(txn, &sql, n).await,
+                    None => {
+                        self.db
+                            .run_autocommit("allocate_stream_ids", move |txn| {
+                                let sql = sql.clone();
+                                Box::pin(async move { fetch_sequence_ids(txn, &sql, n).await })
+                            })
+                            .await
+                    }
+                }
+            }
+        }
+    }
+
+    /// Marks IDs finished; returns the position to record, if recording applies.
+    fn mark_finished(&self, internal_ids: &[i64]) -> Option<i64> {
+        let mut tracker = self.tracker();
+        tracker.mark_finished(internal_ids);
+        self.positions_table.as_ref().map(|_| tracker.position_for_writer(&self.instance_name))
+    }
+
+    /// Records this writer's position (at least `wanted`, internal) in
+    /// `stream_positions`. Concurrent callers share upserts: one runs at a time,
+    /// and it writes the latest position, covering everyone queued behind it.
+    async fn record_position(&self, wanted: i64) -> Result<(), StoreError> {
+        let Some(table) = &self.positions_table else { return Ok(()) };
+        if table.stored.load(Ordering::Acquire) >= wanted {
+            return Ok(());
+        }
+        let _in_flight = table.in_flight.lock().await;
+        if table.stored.load(Ordering::Acquire) >= wanted {
+            return Ok(());
+        }
+        let position = self.tracker().position_for_writer(&self.instance_name);
+        let (stream_name, instance_name) = (self.stream_name.clone(), self.instance_name.clone());
+        let signed = position * self.factor;
+        let sql = table.upsert_sql;
+        self.db
+            .run_autocommit("update_stream_positions", move |txn| {
+                let (stream_name, instance_name) = (stream_name.clone(), instance_name.clone());
+                Box::pin(async move {
+                    txn.execute(sql, &[&stream_name, &instance_name, &signed]).await?;
+                    Ok(())
+                })
+            })
+            .await?;
+        table.writes.fetch_add(1, Ordering::Relaxed);
+        table.stored.fetch_max(position, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+async fn fetch_sequence_ids(txn: &mut Transaction, sql: &str, n: i64) -> Result<Vec<i64>, StoreError> {
+    let rows = txn.query(sql, &[&n]).await?;
+    let mut ids = rows.iter().map(|row| row.get::<i64>(0)).collect::<Result<Vec<_>, _>>()?;
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Holds an allocation's place between asking for IDs and recording them, and
+/// releases it even if the allocating future is dropped half-way.
+struct FetchGuard<'a> {
+    inner: &'a Inner,
+    token: Option<FetchToken>,
+}
+
+impl<'a> FetchGuard<'a> {
+    fn begin(inner: &'a Inner) -> FetchGuard<'a> {
+        let token = inner.tracker().begin_fetch();
+        FetchGuard { inner, token: Some(token) }
+    }
+
+    fn end(mut self, internal_ids: &[i64]) {
+        if let Some(token) = self.token.take() {
+            self.inner.tracker().end_fetch(token, internal_ids);
+        }
+    }
+}
+
+impl Drop for FetchGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(token) = self.token.take() {
+            self.inner.tracker().end_fetch(token, &[]);
+        }
+    }
+}
+
+/// Allocated stream IDs, not yet finished.
+///
+/// [`StreamIdsGuard::finish`] after the rows are committed: the IDs count as
+/// finished and this writer's position is recorded. Dropping the guard instead
+/// (the write failed) marks them finished without recording anything: a
+/// rolled-back ID is finished too, so it cannot hold the stream back.
+#[must_use = "finish the guard after committing, or drop it when the write failed"]
+pub struct StreamIdsGuard {
+    inner: Arc<Inner>,
+    internal_ids: Vec<i64>,
+    ids: Vec<i64>,
+    done: bool,
+}
+
+impl fmt::Debug for StreamIdsGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamIdsGuard")
+            .field("stream", &self.inner.stream_name)
+            .field("ids", &self.ids)
+            .finish()
+    }
+}
+
+impl StreamIdsGuard {
+    /// The allocated IDs, ascending in magnitude (−1, −2, … on backwards streams).
+    pub fn ids(&self) -> &[i64] {
+        &self.ids
+    }
+
+    /// Marks the IDs finished after a successful write and records this writer's
+    /// position in `stream_positions` (shared with concurrent finishes).
+    pub async fn finish(mut self) -> Result<(), StoreError> {
+        self.done = true;
+        let wanted = self.inner.mark_finished(&self.internal_ids);
+        match wanted {
+            Some(wanted) => self.inner.record_position(wanted).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Hands the finishing to `txn`: on commit, finish and record in the
+    /// background; on rollback, finish only.
+    fn finish_with_transaction(mut self, txn: &mut Transaction) {
+        self.done = true;
+        let (inner, internal_ids) = (Arc::clone(&self.inner), std::mem::take(&mut self.internal_ids));
+        let (on_failure, failed_ids) = (Arc::clone(&inner), internal_ids.clone());
+        txn.call_after(move || {
+            let Some(wanted) = inner.mark_finished(&internal_ids) else { return };
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(async move {
+                        if let Err(err) = inner.record_position(wanted).await {
+                            tracing::warn!(stream = %inner.stream_name, "failed to record the stream position: {err}");
+                        }
+                    });
+                }
+                // Only reachable from a transaction finished outside any runtime; the
+                // next recorded write covers this position.
+                Err(_) => tracing::debug!(stream = %inner.stream_name, "no runtime to record the position on"),
+            }
+        });
+        txn.call_on_exception(move || {
+            on_failure.mark_finished(&failed_ids);
+        });
+    }
+}
+
+impl Drop for StreamIdsGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.inner.mark_finished(&self.internal_ids);
+        }
+    }
+}
+
+/// One allocated stream ID, not yet finished; see [`StreamIdsGuard`].
+#[must_use = "finish the guard after committing, or drop it when the write failed"]
+#[derive(Debug)]
+pub struct StreamIdGuard {
+    guard: StreamIdsGuard,
+}
+
+impl StreamIdGuard {
+    fn from_single(guard: StreamIdsGuard) -> StreamIdGuard {
+        debug_assert_eq!(guard.ids.len(), 1);
+        StreamIdGuard { guard }
+    }
+
+    /// The allocated ID.
+    pub fn id(&self) -> i64 {
+        self.guard.ids[0]
+    }
+
+    /// Marks the ID finished after a successful write and records the position.
+    pub async fn finish(self) -> Result<(), StoreError> {
+        self.guard.finish().await
+    }
+}

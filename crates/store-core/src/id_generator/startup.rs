@@ -1,0 +1,261 @@
+//! Building a generator: checking its configuration, repairing the sequence, and
+//! loading every writer's position without scanning the stream's tables.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64};
+
+use super::{
+    IdSource, Inner, MultiWriterConfig, PositionTracker, PositionsTable, UPSERT_NEGATIVE, UPSERT_POSITIVE,
+};
+use crate::{Database, StoreError, Transaction};
+
+/// Refuses configurations that would produce wrong SQL or wrong positions.
+pub(super) fn validate(config: &MultiWriterConfig) -> Result<(), StoreError> {
+    let misconfigured =
+        |what: String| Err(StoreError::Misconfigured(format!("stream `{}`: {what}", config.stream_name)));
+    if config.stream_name.is_empty() {
+        return Err(StoreError::Misconfigured("a stream ID generator needs a stream name".to_owned()));
+    }
+    if config.instance_name.is_empty() {
+        return misconfigured("no instance name".to_owned());
+    }
+    if config.tables.is_empty() {
+        return misconfigured("no tables: positions are checked against the stream's rows".to_owned());
+    }
+    // These names are spliced into SQL; only plain identifiers are accepted.
+    let identifiers = config
+        .tables
+        .iter()
+        .flat_map(|table| [&table.table, &table.instance_column, &table.id_column])
+        .chain((!config.sequence_name.is_empty()).then_some(&config.sequence_name));
+    for name in identifiers {
+        if !is_identifier(name) {
+            return misconfigured(format!("`{name}` is not a plain SQL identifier"));
+        }
+    }
+    Ok(())
+}
+
+fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 63
+}
+
+impl Inner {
+    pub(super) async fn load(
+        db: &Database,
+        conn: &mut Transaction,
+        config: &MultiWriterConfig,
+        source: IdSource,
+    ) -> Result<Inner, StoreError> {
+        let factor = if config.positive { 1 } else { -1 };
+        let is_writer = config.writers.contains(&config.instance_name);
+        let own_from_sequence = match &source {
+            IdSource::Sequence { name } => {
+                if name.is_empty() {
+                    return Err(StoreError::Misconfigured(format!(
+                        "stream `{}`: PostgreSQL needs a sequence name",
+                        config.stream_name
+                    )));
+                }
+                let last_allocated = repair_sequence(conn, config, name, factor).await?;
+                is_writer.then_some(last_allocated)
+            }
+            IdSource::Counter(_) => None,
+        };
+
+        let mut tracker = PositionTracker::new(&config.instance_name);
+        let mut stored_own = 0;
+        if !config.writers.is_empty() {
+            let stored = load_stored_positions(conn, config, factor).await?;
+            stored_own =
+                stored.iter().find(|(writer, _)| *writer == config.instance_name).map_or(0, |(_, p)| *p);
+            for (writer, position) in stored {
+                tracker.load_position(&writer, position);
+            }
+        }
+        if let Some(own) = own_from_sequence {
+            // A writer is by definition at the end of its own stream; this copes with
+            // a `stream_positions` row left stale by a rollback of the software.
+            tracker.load_position(&config.instance_name, own);
+        }
+
+        let mut highest_row = 0;
+        match tracker.positions().values().copied().min() {
+            None => {
+                let table_max = tables_max(conn, config, factor).await?;
+                tracker.load_persisted_upto(table_max.max(1));
+            }
+            Some(min_position) => {
+                tracker.load_persisted_upto(min_position);
+                // Rows at or above the lowest known position may have been persisted
+                // out of order before the restart: read those, and only those.
+                let rows = rows_from(conn, config, factor, min_position).await?;
+                for (writer, id) in rows {
+                    tracker.add_persisted_position(id);
+                    if writer == config.instance_name {
+                        let own = tracker.positions().get(&writer).copied().unwrap_or(0);
+                        tracker.load_position(&writer, own.max(id));
+                    }
+                    highest_row = highest_row.max(id);
+                }
+            }
+        }
+        let persisted_upto = tracker.persisted_upto();
+        for writer in &config.writers {
+            // A writer with no row yet starts at the linear position, so followers
+            // never fetch its history from the beginning.
+            if !tracker.positions().contains_key(writer) {
+                tracker.load_position(writer, persisted_upto);
+            }
+        }
+        tracker.finish_loading(highest_row);
+        if config.writers.is_empty() {
+            tracker.load_position(&config.instance_name, persisted_upto);
+        }
+
+        let positions_table = (!config.writers.is_empty()).then(|| PositionsTable {
+            upsert_sql: if config.positive { UPSERT_POSITIVE } else { UPSERT_NEGATIVE },
+            in_flight: tokio::sync::Mutex::new(()),
+            stored: AtomicI64::new(stored_own),
+            writes: AtomicU64::new(0),
+        });
+        Ok(Inner {
+            db: db.clone(),
+            stream_name: config.stream_name.clone(),
+            instance_name: config.instance_name.clone(),
+            factor,
+            may_allocate: config.writers.is_empty() || is_writer,
+            positions_table,
+            source,
+            tracker: Mutex::new(tracker),
+        })
+    }
+}
+
+/// Deletes the rows of writers no longer configured (a writer removed and later
+/// re-added starts afresh instead of resuming from an ancient row), and returns
+/// the others' positions as internal magnitudes.
+async fn load_stored_positions(
+    conn: &mut Transaction,
+    config: &MultiWriterConfig,
+    factor: i64,
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let rows = conn
+        .query(
+            "SELECT instance_name, stream_id FROM stream_positions WHERE stream_name = $1",
+            &[&config.stream_name],
+        )
+        .await?;
+    let mut positions = Vec::with_capacity(rows.len());
+    for row in rows {
+        let (writer, stream_id): (String, i64) = (row.get(0)?, row.get(1)?);
+        if !config.writers.contains(&writer) {
+            conn.execute(
+                "DELETE FROM stream_positions WHERE stream_name = $1 AND instance_name = $2",
+                &[&config.stream_name, &writer],
+            )
+            .await?;
+            tracing::info!(stream = %config.stream_name, writer, "forgot the position of a writer no longer configured");
+            continue;
+        }
+        let internal = stream_id * factor;
+        if internal < 1 {
+            tracing::warn!(stream = %config.stream_name, writer, stream_id, "ignoring a stored position of the wrong sign");
+            continue;
+        }
+        positions.push((writer, internal));
+    }
+    Ok(positions)
+}
+
+/// The largest ID (as a magnitude) in any of the stream's tables, 0 when empty.
+async fn tables_max(
+    conn: &mut Transaction,
+    config: &MultiWriterConfig,
+    factor: i64,
+) -> Result<i64, StoreError> {
+    let mut highest = 0;
+    for table in &config.tables {
+        let sql = if factor > 0 {
+            format!("SELECT MAX({}) FROM {}", table.id_column, table.table)
+        } else {
+            format!("SELECT -MIN({}) FROM {}", table.id_column, table.table)
+        };
+        let max: Option<i64> = conn.query_one(&sql, &[]).await?.get(0)?;
+        highest = highest.max(max.unwrap_or(0));
+    }
+    Ok(highest)
+}
+
+/// Every `(writer, internal ID)` at or above `min_position`, ascending by ID.
+async fn rows_from(
+    conn: &mut Transaction,
+    config: &MultiWriterConfig,
+    factor: i64,
+    min_position: i64,
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let mut rows = Vec::new();
+    for table in &config.tables {
+        let (instance, id, name) = (&table.instance_column, &table.id_column, &table.table);
+        let sql = if factor > 0 {
+            format!("SELECT {instance}, {id} FROM {name} WHERE {id} >= $1")
+        } else {
+            format!("SELECT {instance}, {id} FROM {name} WHERE {id} <= $1")
+        };
+        for row in conn.query(&sql, &[&(min_position * factor)]).await? {
+            let writer: Option<String> = row.get(0)?;
+            let stream_id: i64 = row.get(1)?;
+            rows.push((writer.unwrap_or_default(), stream_id * factor));
+        }
+    }
+    // By ID, not by writer: the writer column may be NULL in old rows.
+    rows.sort_by_key(|(_, id)| *id);
+    Ok(rows)
+}
+
+/// Moves the sequence forward past the stream's tables and `stream_positions`
+/// when it is behind either, and returns its last allocated value.
+///
+/// A sequence behind a table follows a rollback of the software; one behind a
+/// recorded position follows a PostgreSQL failover (sequence values are
+/// WAL-logged ahead, so a promoted replica's sequence can sit behind what the old
+/// primary handed out). Skipping IDs is always safe; reusing one never is.
+async fn repair_sequence(
+    conn: &mut Transaction,
+    config: &MultiWriterConfig,
+    sequence: &str,
+    factor: i64,
+) -> Result<i64, StoreError> {
+    let row = conn.query_one(&format!("SELECT last_value, is_called FROM {sequence}"), &[]).await?;
+    let (last_value, is_called): (i64, bool) = (row.get(0)?, row.get(1)?);
+    // Not yet called means `last_value` is the *next* value. A fresh sequence thus
+    // counts as having handed out nothing, and every reader takes 1 as persisted.
+    let last_allocated = if is_called { last_value } else { (last_value - 1).max(1) };
+
+    let table_max = tables_max(conn, config, factor).await?;
+    let row = conn
+        .query_one(
+            "SELECT MAX(ABS(stream_id)) FROM stream_positions WHERE stream_name = $1",
+            &[&config.stream_name],
+        )
+        .await?;
+    let positions_max: i64 = row.get::<Option<i64>>(0)?.unwrap_or(0);
+    let needed = table_max.max(positions_max);
+    if needed <= last_allocated {
+        return Ok(last_allocated);
+    }
+    conn.execute(&format!("SELECT setval('{sequence}', $1)"), &[&needed]).await?;
+    tracing::warn!(
+        stream = %config.stream_name,
+        sequence,
+        sequence_last_value = last_allocated,
+        table_max,
+        stream_positions_max = positions_max,
+        repaired_to = needed,
+        "the sequence was behind the stream's rows or recorded positions; moved it forward so no ID is reused"
+    );
+    Ok(needed)
+}

@@ -1,0 +1,144 @@
+//! The bookkeeping alone, driven step by step through the spec's traces.
+
+use super::PositionTracker;
+
+/// A tracker for `instance` loaded with `positions` and `persisted_upto`, as the
+/// start-up code leaves it.
+fn loaded(instance: &str, positions: &[(&str, i64)], persisted_upto: i64) -> PositionTracker {
+    let mut tracker = PositionTracker::new(instance);
+    for (writer, position) in positions {
+        tracker.load_position(writer, *position);
+    }
+    tracker.load_persisted_upto(persisted_upto);
+    tracker.finish_loading(0);
+    tracker
+}
+
+/// Allocates `ids` as one sequence fetch would return them.
+fn allocate(tracker: &mut PositionTracker, ids: &[i64]) {
+    let token = tracker.begin_fetch();
+    tracker.end_fetch(token, ids);
+}
+
+fn check(tracker: &PositionTracker, persisted_upto: i64, positions: &[(&str, i64)]) {
+    let expected: Vec<(String, i64)> = positions.iter().map(|(w, p)| ((*w).to_owned(), *p)).collect();
+    let actual: Vec<(String, i64)> = tracker.positions().iter().map(|(w, p)| (w.clone(), *p)).collect();
+    assert_eq!((tracker.persisted_upto(), actual), (persisted_upto, expected));
+}
+
+#[test]
+fn out_of_order_finishes_move_the_position_only_over_gapless_runs() {
+    // The spec's worked trace (single writer at 7).
+    let mut tracker = loaded("master", &[("master", 7)], 7);
+    allocate(&mut tracker, &[8, 9, 10, 11]);
+    check(&tracker, 7, &[("master", 7)]);
+    tracker.mark_finished(&[9]);
+    check(&tracker, 7, &[("master", 7)]);
+    tracker.mark_finished(&[8]);
+    check(&tracker, 9, &[("master", 9)]);
+    tracker.mark_finished(&[11]);
+    check(&tracker, 9, &[("master", 9)]);
+    tracker.mark_finished(&[10]);
+    check(&tracker, 11, &[("master", 11)]);
+    assert_eq!(tracker.position_for_writer("master"), 11);
+}
+
+#[test]
+fn advances_fill_gaps_only_when_the_ids_between_are_known() {
+    // Scenario 7: a reader of writers `first` (at 3) and `second` (at 5).
+    let mut tracker = loaded("worker", &[("first", 3), ("second", 5)], 3);
+    tracker.add_persisted_position(3);
+    tracker.add_persisted_position(5);
+    assert_eq!(tracker.persisted_upto(), 3);
+    let steps =
+        [(("first", 6), 6), (("second", 7), 7), (("second", 9), 7), (("first", 8), 9), (("first", 11), 9)];
+    for ((writer, position), expected) in steps {
+        tracker.advance(writer, position);
+        assert_eq!(tracker.persisted_upto(), expected, "after advance({writer}, {position})");
+    }
+    tracker.advance("second", 15);
+    assert_eq!(tracker.persisted_upto(), 11, "10 was never seen, but both writers are past it");
+}
+
+#[test]
+fn an_allocation_in_flight_holds_our_position() {
+    // Scenario 16: a remote advance arriving while our sequence fetch is open must
+    // not make us look idle.
+    let mut tracker = loaded("w", &[("w", 10), ("x", 10)], 10);
+    let token = tracker.begin_fetch();
+    tracker.advance("x", 12);
+    assert_eq!(tracker.persisted_upto(), 10);
+    assert_eq!(tracker.position_for_writer("w"), 10);
+    tracker.end_fetch(token, &[11]);
+    assert_eq!(tracker.position_for_writer("w"), 10, "11 is unfinished");
+    tracker.mark_finished(&[11]);
+    assert_eq!(tracker.position_for_writer("w"), 12);
+    check(&tracker, 12, &[("w", 11), ("x", 12)]);
+}
+
+#[test]
+fn a_failed_fetch_releases_its_hold() {
+    let mut tracker = loaded("w", &[("w", 10), ("x", 10)], 10);
+    let token = tracker.begin_fetch();
+    tracker.advance("x", 12);
+    assert_eq!(tracker.position_for_writer("w"), 10);
+    tracker.end_fetch(token, &[]);
+    // The next event moves everything: nothing of ours is outstanding.
+    tracker.advance("x", 12);
+    assert_eq!(tracker.position_for_writer("w"), 12);
+    assert_eq!(tracker.persisted_upto(), 12);
+}
+
+#[test]
+fn unknown_writers_sit_at_the_persisted_position() {
+    // Scenario 17.
+    let mut tracker = loaded("reader", &[("a", 5), ("b", 5)], 5);
+    tracker.advance("c", 9);
+    assert_eq!(tracker.positions().get("c"), Some(&9));
+    assert_eq!(tracker.position_for_writer("c"), 9);
+    assert_eq!(tracker.persisted_upto(), 5);
+    assert_eq!(tracker.position_for_writer("d"), 5);
+}
+
+#[test]
+fn positions_never_regress() {
+    // Scenario 18.
+    let mut tracker = loaded("reader", &[("a", 5), ("b", 5)], 5);
+    tracker.advance("a", 4);
+    check(&tracker, 5, &[("a", 5), ("b", 5)]);
+}
+
+#[test]
+fn an_idle_writer_claims_the_highest_id_seen() {
+    // Scenario 15's core: with nothing outstanding our claim jumps to the highest
+    // ID anyone allocated; with something in flight it does not.
+    let mut tracker = loaded("second", &[("first", 7), ("second", 7), ("third", 7)], 7);
+    tracker.advance("first", 9);
+    assert_eq!(tracker.position_for_writer("first"), 9);
+    assert_eq!(tracker.position_for_writer("second"), 9);
+    assert_eq!(tracker.persisted_upto(), 7, "third is stuck at 7");
+
+    allocate(&mut tracker, &[12]);
+    tracker.advance("first", 11);
+    assert_eq!(tracker.position_for_writer("first"), 11);
+    assert_eq!(tracker.position_for_writer("second"), 9, "12 is in flight, so no jump");
+    tracker.mark_finished(&[12]);
+    assert_eq!(tracker.position_for_writer("second"), 12);
+    assert_eq!(tracker.persisted_upto(), 7);
+    assert_eq!(tracker.minimal_local(), 12);
+}
+
+#[test]
+fn several_fetches_in_flight_are_counted_separately() {
+    let mut tracker = loaded("w", &[("w", 5)], 5);
+    let first = tracker.begin_fetch();
+    let second = tracker.begin_fetch();
+    assert_eq!(first, second, "both started at the same highest-seen ID");
+    tracker.end_fetch(first, &[6]);
+    tracker.mark_finished(&[6]);
+    assert_eq!(tracker.position_for_writer("w"), 5, "the second fetch may still return 6's neighbours");
+    tracker.end_fetch(second, &[7]);
+    tracker.mark_finished(&[7]);
+    assert_eq!(tracker.position_for_writer("w"), 7);
+    assert_eq!(tracker.persisted_upto(), 7);
+}
