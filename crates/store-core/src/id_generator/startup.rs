@@ -77,12 +77,15 @@ impl Inner {
             }
         }
         if let Some(own) = own_from_sequence {
-            // A writer is by definition at the end of its own stream; this copes with
-            // a `stream_positions` row left stale by a rollback of the software.
+            // A writer holds nothing in flight while it starts: all of its IDs up to
+            // the sequence's value are finished (or died with the old process). That
+            // bounds the stream's position even when our `stream_positions` row is
+            // stale (after a rollback of the software).
             tracker.load_position(&config.instance_name, own);
         }
 
         let mut highest_row = 0;
+        let mut own_highest_row = 0;
         match tracker.positions().values().copied().min() {
             None => {
                 let table_max = tables_max(conn, config, factor).await?;
@@ -96,6 +99,7 @@ impl Inner {
                 for (writer, id) in rows {
                     tracker.add_persisted_position(id);
                     if writer == config.instance_name {
+                        own_highest_row = own_highest_row.max(id);
                         let own = tracker.positions().get(&writer).copied().unwrap_or(0);
                         tracker.load_position(&writer, own.max(id));
                     }
@@ -104,6 +108,27 @@ impl Inner {
             }
         }
         let persisted_upto = tracker.persisted_upto();
+        if is_writer {
+            // What we announce must be an ID known to be finished: others take a
+            // writer's position as one when closing gaps. The sequence's value may be
+            // another writer's ID still in flight, so it served only to bound the
+            // stream's position above; our own claim is what we recorded or wrote,
+            // or the stream's position.
+            let mut claim = stored_own.max(own_highest_row).max(persisted_upto);
+            if let (Some(sequence_value), IdSource::Sequence { name }) = (own_from_sequence, &source)
+                && claim < sequence_value
+            {
+                // IDs up to the sequence's value are unaccounted for (ours abandoned
+                // by the old process, or others' in flight). Take a fresh ID of our
+                // own and count it finished: a claim that is safe to announce and
+                // lets the stream move past our abandoned IDs once the others catch
+                // up, instead of waiting for our next write. Skipping an ID is safe.
+                let row = conn.query_one(&format!("SELECT nextval('{name}')"), &[]).await?;
+                claim = row.get::<i64>(0)?;
+                tracing::debug!(stream = %config.stream_name, claim, sequence_value, "claimed a fresh position at start-up");
+            }
+            tracker.load_position(&config.instance_name, claim);
+        }
         for writer in &config.writers {
             // A writer with no row yet starts at the linear position, so followers
             // never fetch its history from the beginning.
@@ -116,8 +141,17 @@ impl Inner {
             tracker.load_position(&config.instance_name, persisted_upto);
         }
 
+        let upsert_sql = if config.positive { UPSERT_POSITIVE } else { UPSERT_NEGATIVE };
+        if is_writer {
+            // Announce ourselves before allocating anything. Another writer starting
+            // later assumes a writer without a row holds nothing in flight and sits
+            // at the stream's position; with a row, it knows where our IDs begin.
+            let own = tracker.position_for_writer(&config.instance_name);
+            conn.execute(upsert_sql, &[&config.stream_name, &config.instance_name, &(own * factor)]).await?;
+            stored_own = stored_own.max(own);
+        }
         let positions_table = (!config.writers.is_empty()).then(|| PositionsTable {
-            upsert_sql: if config.positive { UPSERT_POSITIVE } else { UPSERT_NEGATIVE },
+            upsert_sql,
             in_flight: tokio::sync::Mutex::new(()),
             stored: AtomicI64::new(stored_own),
             writes: AtomicU64::new(0),

@@ -120,6 +120,14 @@ impl PositionTracker {
         !self.unfinished.is_empty() || !self.in_flight_fetches.is_empty()
     }
 
+    /// The lowest ID this process may still write: an unfinished one, or anything
+    /// above the highest ID seen when a fetch started.
+    fn lowest_pending(&self) -> Option<i64> {
+        let unfinished = self.unfinished.first().copied();
+        let fetching = self.in_flight_fetches.keys().next().map(|guard| guard + 1);
+        unfinished.into_iter().chain(fetching).min()
+    }
+
     /// Marks `ids` (allocated here) as finished, committed or rolled back, and
     /// moves the positions as far as that allows.
     pub fn mark_finished(&mut self, ids: &[i64]) {
@@ -127,17 +135,7 @@ impl PositionTracker {
             self.unfinished.remove(id);
             self.finished.insert(*id);
         }
-        let new_position = if self.has_outstanding() {
-            // The lowest ID that may still be written by this process: an unfinished
-            // one, or anything above the highest ID seen when a fetch started.
-            let lowest_pending = self
-                .unfinished
-                .first()
-                .copied()
-                .into_iter()
-                .chain(self.in_flight_fetches.keys().next().map(|guard| guard + 1))
-                .min()
-                .expect("has_outstanding means one of the two is non-empty");
+        let new_position = if let Some(lowest_pending) = self.lowest_pending() {
             let below = self.finished.range(..lowest_pending).next_back().copied();
             self.finished = self.finished.split_off(&lowest_pending);
             below
@@ -178,10 +176,13 @@ impl PositionTracker {
         if !self.has_outstanding() {
             self.max_local = self.max_local.max(self.max_seen_allocated);
         }
+        // Never close a gap over an ID of ours that is still pending, whatever
+        // others claim: the position must stay below it.
+        let own_pending = self.lowest_pending().unwrap_or(i64::MAX);
         while let Some(&Reverse(lowest)) = self.known_persisted.peek() {
             if lowest <= self.persisted_upto {
                 self.known_persisted.pop();
-            } else if lowest == self.persisted_upto + 1 {
+            } else if lowest == self.persisted_upto + 1 && lowest < own_pending {
                 self.known_persisted.pop();
                 self.persisted_upto += 1;
             } else {

@@ -1,6 +1,7 @@
 //! store-core's integration tests, against real PostgreSQL and SQLite.
 
 mod connect;
+mod id_generator_properties;
 mod id_generators;
 mod interactions;
 mod migrations;
