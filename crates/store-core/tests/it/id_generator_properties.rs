@@ -7,7 +7,8 @@
 //!   claimed), and its position for a writer is below that writer's unfinished IDs;
 //! - tokens never move backwards, a restarted writer resumes at or above the
 //!   position it had recorded, and no ID is ever handed out twice;
-//! at the end, once everything is finished and replicated, every generator's
+//!
+//! At the end, once everything is finished and replicated, every generator's
 //! token reaches the highest ID the sequence handed out (nothing finished is
 //! lost, and abandoned IDs do not hold the stream back).
 
