@@ -3,6 +3,7 @@
 //! - `cargo xtask ci [STEP]`: every check CI runs, in order, or one of them:
 //!   `services`, `fmt`, `clippy`, `test`, `docs`, `tidy`, `deps`.
 //! - `cargo xtask services`: start PostgreSQL and Redis when they are not running.
+//! - `cargo xtask bench idgen`: the stream ID generator benchmarks.
 //! - `cargo xtask new-migration NAME`: create the next numbered migration for both
 //!   engines.
 
@@ -32,9 +33,10 @@ fn main() -> anyhow::Result<()> {
         ["ci", step] => run_step(&sh, step),
         ["services"] => services(&sh),
         ["new-migration", name] => new_migration(name),
+        ["bench", target] => bench(&sh, target),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci [{}]\n       cargo xtask services\n       cargo xtask new-migration NAME",
+                "usage: cargo xtask ci [{}]\n       cargo xtask services\n       cargo xtask bench idgen\n       cargo xtask new-migration NAME",
                 STEPS.join("|")
             );
             bail!("unknown command: {}", args.join(" "))
@@ -66,6 +68,20 @@ fn run_step(sh: &Shell, step: &str) -> anyhow::Result<()> {
     }
     eprintln!("xtask: {step} passed in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Runs a group of benchmarks. They stay out of `ci`: they take minutes and their
+/// figures only mean something as the ratios they print.
+fn bench(sh: &Shell, target: &str) -> anyhow::Result<()> {
+    match target {
+        "idgen" => {
+            services(sh)?;
+            cmd!(sh, "cargo bench --locked -p store-core --bench tracker").run()?;
+            cmd!(sh, "cargo bench --locked -p store-core --bench idgen_db").run()?;
+            Ok(())
+        }
+        other => bail!("unknown benchmark group `{other}`; the groups are: idgen"),
+    }
 }
 
 /// Runs every test of the workspace, on both engines (each engine-specific test is
