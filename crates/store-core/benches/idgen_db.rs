@@ -150,7 +150,7 @@ fn median(values: &mut [f64]) -> f64 {
 #[expect(clippy::print_stdout, reason = "a benchmark's output is its report")]
 async fn persist() -> BenchResult {
     let rows = env_usize("IDGEN_ROWS", 20_000);
-    let rounds = env_usize("IDGEN_ROUNDS", 3);
+    let rounds = env_usize("IDGEN_ROUNDS", 5);
     let test_db = TestDb::new(Engine::Postgres).await?;
     for tasks in [1, 16] {
         let mut baseline = Vec::new();

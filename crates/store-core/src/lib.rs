@@ -29,8 +29,8 @@ mod value;
 pub use database::{BoxFuture, Database, DatabaseOptions, Engine, InteractionStats};
 pub use error::{DbError, StoreError};
 pub use id_generator::{
-    FetchToken, MultiWriterConfig, MultiWriterIdGenerator, PositionTracker, SingleWriterIdGenerator,
-    StreamIdGenerator, StreamIdGuard, StreamIdsGuard, StreamTable,
+    DEFAULT_BACKGROUND_RECORD_DELAY, FetchToken, MultiWriterConfig, MultiWriterIdGenerator, PositionTracker,
+    SingleWriterIdGenerator, StreamIdGenerator, StreamIdGuard, StreamIdsGuard, StreamTable,
 };
 pub use migrate::{MigrationReport, latest_version};
 pub use store::{HasDatabase, Store, build_store};

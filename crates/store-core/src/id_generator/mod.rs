@@ -37,7 +37,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
 
 use crate::{BoxFuture, Database, Engine, StoreError, Transaction};
 
@@ -45,6 +46,9 @@ mod startup;
 mod tracker;
 
 pub use tracker::{FetchToken, PositionTracker};
+
+/// The default of [`MultiWriterConfig::background_record_delay`].
+pub const DEFAULT_BACKGROUND_RECORD_DELAY: Duration = Duration::from_millis(20);
 
 /// A table holding rows of a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +90,10 @@ pub struct MultiWriterConfig {
     pub writers: Vec<String>,
     /// `true` for IDs 1, 2, 3, …; `false` for −1, −2, −3, … (backfill).
     pub positive: bool,
+    /// How long a position finished inside a transaction (`get_next_txn`) waits
+    /// before being recorded in the background, so that the writes of that
+    /// interval share one upsert.
+    pub background_record_delay: Duration,
 }
 
 impl Default for MultiWriterConfig {
@@ -97,6 +105,7 @@ impl Default for MultiWriterConfig {
             sequence_name: String::new(),
             writers: Vec::new(),
             positive: true,
+            background_record_delay: DEFAULT_BACKGROUND_RECORD_DELAY,
         }
     }
 }
@@ -140,8 +149,13 @@ pub struct SingleWriterIdGenerator {
 
 /// Where new IDs come from.
 enum IdSource {
+    /// The name was checked at construction to be a plain identifier.
     Sequence {
         name: String,
+        /// `SELECT nextval(…)`, the common case of one ID.
+        next_one: Arc<str>,
+        /// `n` IDs in one statement.
+        next_many: Arc<str>,
     },
     /// The last ID handed out; `None` until the first allocation.
     Counter(Mutex<Option<i64>>),
@@ -172,6 +186,9 @@ struct PositionsTable {
     stored: AtomicI64,
     /// Upserts run, for tests and benchmarks.
     writes: AtomicU64,
+    /// The latest position finished inside a transaction, for the background
+    /// recorder; dropping the generator closes it, which stops the recorder.
+    background: tokio::sync::watch::Sender<i64>,
 }
 
 const UPSERT_POSITIVE: &str = "INSERT INTO stream_positions (stream_name, instance_name, stream_id) VALUES ($1, $2, $3) \
@@ -212,11 +229,24 @@ impl MultiWriterIdGenerator {
     ) -> Result<MultiWriterIdGenerator, StoreError> {
         startup::validate(&config)?;
         let source = match db.engine() {
-            Engine::Postgres => IdSource::Sequence { name: config.sequence_name.clone() },
+            Engine::Postgres => IdSource::Sequence {
+                name: config.sequence_name.clone(),
+                next_one: format!("SELECT nextval('{}')", config.sequence_name).into(),
+                next_many: format!("SELECT nextval('{}') FROM generate_series(1, $1)", config.sequence_name)
+                    .into(),
+            },
             Engine::Sqlite => IdSource::Counter(Mutex::new(None)),
         };
-        let inner = Inner::load(db, conn, &config, source).await?;
-        Ok(MultiWriterIdGenerator { inner: Arc::new(inner) })
+        let (inner, background) = Inner::load(db, conn, &config, source).await?;
+        let inner = Arc::new(inner);
+        if let Some(background) = background {
+            tokio::spawn(record_in_background(
+                Arc::downgrade(&inner),
+                background,
+                config.background_record_delay,
+            ));
+        }
+        Ok(MultiWriterIdGenerator { inner })
     }
 
     /// The stream's current token: every ID at or below it is finished.
@@ -279,6 +309,14 @@ impl MultiWriterIdGenerator {
         Ok(ids)
     }
 
+    /// Records this writer's current position now, including positions finished
+    /// in transactions and not yet recorded in the background. For a clean
+    /// shutdown.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let position = self.inner.tracker().position_for_writer(&self.inner.instance_name);
+        self.inner.record_position(position).await
+    }
+
     /// How many upserts of `stream_positions` this generator has run: a burst of
     /// writes shares them.
     pub fn stream_positions_writes(&self) -> u64 {
@@ -305,7 +343,8 @@ impl SingleWriterIdGenerator {
         };
         startup::validate(&config)?;
         let mut conn = db.begin("load_stream_ids").await?;
-        let inner = Inner::load(db, &mut conn, &config, IdSource::Counter(Mutex::new(None))).await?;
+        let (inner, _no_positions) =
+            Inner::load(db, &mut conn, &config, IdSource::Counter(Mutex::new(None))).await?;
         conn.commit().await?;
         Ok(SingleWriterIdGenerator { inner: Arc::new(inner) })
     }
@@ -448,19 +487,21 @@ impl Inner {
                 *last = Some(start + n);
                 Ok((start + 1..=start + n).collect())
             }
-            IdSource::Sequence { name } => {
+            IdSource::Sequence { next_one, next_many, .. } => {
                 let n = i64::try_from(n)
                     .map_err(|_| StoreError::Misconfigured("too many IDs asked for".to_owned()))?;
-                // The sequence name was checked at construction to be a plain identifier.
-                let sql = format!("SELECT nextval('{name}') FROM generate_series(1, $1)");
+                // One ID is by far the most common request; a set-returning function
+                // costs the server noticeably more than a plain call.
+                let sql = if n == 1 { next_one } else { next_many };
                 match txn {
                     // nextval ignores transactions; the caller's connection saves a
                     // trip to the pool.
-                    Some(txn) => fetch_sequence_ids(txn, &sql, n).await,
+                    Some(txn) => fetch_sequence_ids(txn, sql, n).await,
                     None => {
+                        let sql = Arc::clone(sql);
                         self.db
                             .run_autocommit("allocate_stream_ids", move |txn| {
-                                let sql = sql.clone();
+                                let sql = Arc::clone(&sql);
                                 Box::pin(async move { fetch_sequence_ids(txn, &sql, n).await })
                             })
                             .await
@@ -497,8 +538,27 @@ impl Inner {
             .run_autocommit("update_stream_positions", move |txn| {
                 let (stream_name, instance_name) = (stream_name.clone(), instance_name.clone());
                 Box::pin(async move {
-                    txn.execute(sql, &[&stream_name, &instance_name, &signed]).await?;
-                    Ok(())
+                    match txn.engine() {
+                        // A recorded position is a lower bound that start-up completes
+                        // from the sequence and the rows above it, so losing the last
+                        // few to a server crash is harmless: skip the WAL flush, which
+                        // would otherwise double the cost of every write. One round
+                        // trip, so the values go in as literals.
+                        Engine::Postgres => {
+                            let upsert = sql
+                                .replacen("$1", &quote_literal(&stream_name), 1)
+                                .replacen("$2", &quote_literal(&instance_name), 1)
+                                .replacen("$3", &signed.to_string(), 1);
+                            txn.execute_batch(&format!(
+                                "BEGIN; SET LOCAL synchronous_commit = off; {upsert}; COMMIT"
+                            ))
+                            .await
+                        }
+                        // WAL mode with synchronous=NORMAL does not flush on commit.
+                        Engine::Sqlite => {
+                            txn.execute(sql, &[&stream_name, &instance_name, &signed]).await.map(|_| ())
+                        }
+                    }
                 })
             })
             .await?;
@@ -508,8 +568,34 @@ impl Inner {
     }
 }
 
+/// Records positions finished inside transactions, at most once per `delay`:
+/// the writes of that interval share one upsert. Ends when the generator is
+/// dropped.
+async fn record_in_background(
+    inner: Weak<Inner>,
+    mut latest: tokio::sync::watch::Receiver<i64>,
+    delay: Duration,
+) {
+    while latest.changed().await.is_ok() {
+        tokio::time::sleep(delay).await;
+        let wanted = *latest.borrow_and_update();
+        let Some(inner) = inner.upgrade() else { return };
+        if let Err(err) = inner.record_position(wanted).await {
+            // The next write records a later position, and start-up copes with a
+            // stale one; a warning is all this deserves.
+            tracing::warn!(stream = %inner.stream_name, "failed to record the stream position: {err}");
+        }
+    }
+}
+
+/// A PostgreSQL string literal (standard-conforming strings: only `'` needs
+/// doubling).
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 async fn fetch_sequence_ids(txn: &mut Transaction, sql: &str, n: i64) -> Result<Vec<i64>, StoreError> {
-    let rows = txn.query(sql, &[&n]).await?;
+    let rows = if n == 1 { txn.query(sql, &[]).await? } else { txn.query(sql, &[&n]).await? };
     let mut ids = rows.iter().map(|row| row.get::<i64>(0)).collect::<Result<Vec<_>, _>>()?;
     ids.sort_unstable();
     Ok(ids)
@@ -591,17 +677,12 @@ impl StreamIdsGuard {
         let (on_failure, failed_ids) = (Arc::clone(&inner), internal_ids.clone());
         txn.call_after(move || {
             let Some(wanted) = inner.mark_finished(&internal_ids) else { return };
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    runtime.spawn(async move {
-                        if let Err(err) = inner.record_position(wanted).await {
-                            tracing::warn!(stream = %inner.stream_name, "failed to record the stream position: {err}");
-                        }
-                    });
-                }
-                // Only reachable from a transaction finished outside any runtime; the
-                // next recorded write covers this position.
-                Err(_) => tracing::debug!(stream = %inner.stream_name, "no runtime to record the position on"),
+            if let Some(table) = &inner.positions_table {
+                table.background.send_if_modified(|latest| {
+                    let newer = wanted > *latest;
+                    *latest = (*latest).max(wanted);
+                    newer
+                });
             }
         });
         txn.call_on_exception(move || {

@@ -49,11 +49,11 @@ impl Inner {
         conn: &mut Transaction,
         config: &MultiWriterConfig,
         source: IdSource,
-    ) -> Result<Inner, StoreError> {
+    ) -> Result<(Inner, Option<tokio::sync::watch::Receiver<i64>>), StoreError> {
         let factor = if config.positive { 1 } else { -1 };
         let is_writer = config.writers.contains(&config.instance_name);
         let own_from_sequence = match &source {
-            IdSource::Sequence { name } => {
+            IdSource::Sequence { name, .. } => {
                 if name.is_empty() {
                     return Err(StoreError::Misconfigured(format!(
                         "stream `{}`: PostgreSQL needs a sequence name",
@@ -115,7 +115,7 @@ impl Inner {
             // stream's position above; our own claim is what we recorded or wrote,
             // or the stream's position.
             let mut claim = stored_own.max(own_highest_row).max(persisted_upto);
-            if let (Some(sequence_value), IdSource::Sequence { name }) = (own_from_sequence, &source)
+            if let (Some(sequence_value), IdSource::Sequence { name, .. }) = (own_from_sequence, &source)
                 && claim < sequence_value
             {
                 // IDs up to the sequence's value are unaccounted for (ours abandoned
@@ -150,13 +150,20 @@ impl Inner {
             conn.execute(upsert_sql, &[&config.stream_name, &config.instance_name, &(own * factor)]).await?;
             stored_own = stored_own.max(own);
         }
-        let positions_table = (!config.writers.is_empty()).then(|| PositionsTable {
-            upsert_sql,
-            in_flight: tokio::sync::Mutex::new(()),
-            stored: AtomicI64::new(stored_own),
-            writes: AtomicU64::new(0),
-        });
-        Ok(Inner {
+        let (positions_table, background) = if config.writers.is_empty() {
+            (None, None)
+        } else {
+            let (background, receiver) = tokio::sync::watch::channel(stored_own);
+            let table = PositionsTable {
+                upsert_sql,
+                in_flight: tokio::sync::Mutex::new(()),
+                stored: AtomicI64::new(stored_own),
+                writes: AtomicU64::new(0),
+                background,
+            };
+            (Some(table), Some(receiver))
+        };
+        let inner = Inner {
             db: db.clone(),
             stream_name: config.stream_name.clone(),
             instance_name: config.instance_name.clone(),
@@ -165,7 +172,8 @@ impl Inner {
             positions_table,
             source,
             tracker: Mutex::new(tracker),
-        })
+        };
+        Ok((inner, background))
     }
 }
 

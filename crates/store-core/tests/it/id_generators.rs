@@ -65,6 +65,7 @@ impl Harness {
             sequence_name: "foobar_seq".to_owned(),
             writers: writers.iter().map(|w| (*w).to_owned()).collect(),
             positive: self.positive,
+            ..MultiWriterConfig::default()
         }
     }
 
