@@ -292,7 +292,7 @@ async fn repair_sequence(
     conn.execute(&format!("SELECT setval('{sequence}', $1)"), &[&needed]).await?;
     tracing::warn!(
         stream = %config.stream_name,
-        sequence,
+        sequence = %sequence,
         sequence_last_value = last_allocated,
         table_max,
         stream_positions_max = positions_max,

@@ -714,11 +714,67 @@ mod postgres_only {
                 })
             })
             .await?;
-        let generator = harness.generator("master", &["master"]).await?;
+        let log = CapturedLog::default();
+        let generator = {
+            let _capture = tracing::subscriber::set_default(log.subscriber());
+            harness.generator("master", &["master"]).await?
+        };
         let guard = generator.get_next().await?;
         assert_eq!(guard.id(), 51, "Synapse refuses to start here; we skip past both");
         guard.finish().await?;
+        let warnings: Vec<String> = log.lines().into_iter().filter(|line| line.contains("WARN")).collect();
+        assert_eq!(warnings.len(), 1, "one warning line: {warnings:?}");
+        for expected in [
+            "stream=test_stream",
+            "sequence=foobar_seq",
+            "sequence_last_value=10",
+            "stream_positions_max=50",
+            "repaired_to=50",
+        ] {
+            assert!(warnings[0].contains(expected), "{expected} missing from {}", warnings[0]);
+        }
         Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_stale_process_cannot_move_a_backwards_stored_position_back() -> TestResult {
+        let (_db, harness) = harness(&["foobar"], false).await?;
+        let old = harness.generator("master", &["master"]).await?;
+        let new = harness.generator("master", &["master"]).await?;
+        let old_guard = old.get_next().await?;
+        let new_guard = new.get_next().await?;
+        assert_eq!((old_guard.id(), new_guard.id()), (-1, -2));
+        new_guard.finish().await?;
+        assert_eq!(harness.stored_position("master").await?, Some(-2));
+        old_guard.finish().await?;
+        assert_eq!(harness.stored_position("master").await?, Some(-2), "the upsert only moves further down");
+        Ok(())
+    }
+
+    /// Log lines written while its subscriber is the default.
+    #[derive(Clone, Default)]
+    struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl CapturedLog {
+        fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + use<> {
+            let log = self.clone();
+            tracing_subscriber::fmt().with_ansi(false).with_writer(move || log.clone()).finish()
+        }
+
+        fn lines(&self) -> Vec<String> {
+            let bytes = self.0.lock().expect("not poisoned").clone();
+            String::from_utf8_lossy(&bytes).lines().map(str::to_owned).collect()
+        }
+    }
+
+    impl std::io::Write for CapturedLog {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("not poisoned").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 
     #[tokio::test]
