@@ -130,11 +130,19 @@ pub struct CacheConfig {
     /// Cache name → size, overriding `default_size`.
     #[serde(default)]
     pub sizes: BTreeMap<String, usize>,
+    /// How many days rows of the `caches` stream are kept for processes that
+    /// catch up after a disconnect. Default 7.
+    #[serde(default = "default_invalidation_retention_days")]
+    pub invalidation_retention_days: u32,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { default_size: default_cache_size(), sizes: BTreeMap::new() }
+        CacheConfig {
+            default_size: default_cache_size(),
+            sizes: BTreeMap::new(),
+            invalidation_retention_days: default_invalidation_retention_days(),
+        }
     }
 }
 
@@ -151,6 +159,10 @@ fn default_pool_size() -> usize {
 
 fn default_cache_size() -> usize {
     10_000
+}
+
+fn default_invalidation_retention_days() -> u32 {
+    7
 }
 
 /// Values given on the command line; each one replaces the file's.
@@ -345,6 +357,9 @@ impl ServerConfig {
             }
             _ => {}
         }
+        if self.caches.invalidation_retention_days == 0 {
+            return Err("`[caches] invalidation_retention_days` must be at least 1".to_owned());
+        }
         if self.database.pool_size == 0 {
             return Err("`[database] pool_size` must be at least 1".to_owned());
         }
@@ -408,6 +423,16 @@ impl ServerConfig {
     /// The instances that write `stream`; `["master"]` when the stream is not listed.
     pub fn writers_for(&self, stream: &str) -> Vec<String> {
         self.stream_writers.get(stream).cloned().unwrap_or_else(|| vec![MASTER_INSTANCE.to_owned()])
+    }
+
+    /// Whether the deployment has processes besides this one, which then need
+    /// this one's cache invalidations and stream positions.
+    pub fn has_other_processes(&self) -> bool {
+        let replication = &self.replication;
+        replication.listen.is_some()
+            || replication.master.is_some()
+            || replication.redis.is_some()
+            || self.instance_map.keys().any(|instance| *instance != self.instance_name)
     }
 
     /// Whether this process is one of `stream`'s writers.

@@ -11,12 +11,15 @@
 //! - Stream ID generators: [`MultiWriterIdGenerator`] and [`SingleWriterIdGenerator`],
 //!   behind [`StreamIdGenerator`], with per-writer positions persisted in
 //!   `stream_positions`.
+//! - Caches: [`Cache`], [`CacheRegistry`], [`StreamChangeCache`], and the
+//!   [`CachesStream`] that carries invalidations to other processes.
 //! - [`Store`]: the uniform constructor `new(db, conn, config)` every store shares.
 //!
 //! This crate knows nothing about events, receipts or any other domain.
 
 #![warn(missing_docs)]
 
+mod cache;
 mod database;
 mod error;
 mod id_generator;
@@ -26,6 +29,10 @@ mod store;
 mod transaction;
 mod value;
 
+pub use cache::{
+    CURRENT_STATE_POKE, Cache, CacheKey, CacheRegistry, CacheStats, CachesRow, CachesStream, DynCache,
+    Expansion, FillTicket, MEMBERS_PER_POKE_ROW, StreamChangeCache,
+};
 pub use database::{BoxFuture, Database, DatabaseOptions, Engine, InteractionStats};
 pub use error::{DbError, StoreError};
 pub use id_generator::{

@@ -29,6 +29,9 @@ pub enum SqlValue<'a> {
     Blob(&'a [u8]),
     /// A boolean (stored as 0/1 on SQLite).
     Bool(bool),
+    /// A list of strings: PostgreSQL `TEXT[]`; a JSON array in a TEXT column on
+    /// SQLite, which has no arrays.
+    TextArray(&'a [String]),
 }
 
 /// A Rust value that can be bound as a statement parameter.
@@ -85,6 +88,16 @@ impl ToSqlValue for Vec<u8> {
         SqlValue::Blob(self)
     }
 }
+impl ToSqlValue for [String] {
+    fn to_sql_value(&self) -> SqlValue<'_> {
+        SqlValue::TextArray(self)
+    }
+}
+impl ToSqlValue for Vec<String> {
+    fn to_sql_value(&self) -> SqlValue<'_> {
+        SqlValue::TextArray(self)
+    }
+}
 impl<T: ToSqlValue + ?Sized> ToSqlValue for &T {
     fn to_sql_value(&self) -> SqlValue<'_> {
         (**self).to_sql_value()
@@ -104,6 +117,7 @@ impl ToSqlValue for Value {
             Value::Text(v) => SqlValue::Text(v),
             Value::Blob(v) => SqlValue::Blob(v),
             Value::Bool(v) => SqlValue::Bool(*v),
+            Value::TextArray(v) => SqlValue::TextArray(v),
         }
     }
 }
@@ -123,6 +137,8 @@ pub enum Value {
     Blob(Vec<u8>),
     /// A PostgreSQL boolean. SQLite has none and returns [`Value::Integer`].
     Bool(bool),
+    /// A PostgreSQL `TEXT[]`. SQLite returns the JSON text instead.
+    TextArray(Vec<String>),
 }
 
 /// A Rust type a column can be decoded into.
@@ -191,6 +207,17 @@ impl FromSqlValue for Vec<u8> {
             Value::Blob(v) => Ok(v.clone()),
             Value::Text(v) => Ok(v.clone().into_bytes()),
             other => Err(mismatch("bytes", other)),
+        }
+    }
+}
+impl FromSqlValue for Vec<String> {
+    fn from_sql_value(value: &Value) -> Result<Self, String> {
+        match value {
+            Value::TextArray(v) => Ok(v.clone()),
+            Value::Text(json) => {
+                serde_json::from_str(json).map_err(|err| format!("not a JSON list of strings: {err}"))
+            }
+            other => Err(mismatch("a list of strings", other)),
         }
     }
 }
@@ -311,6 +338,7 @@ impl<'a> FromSql<'a> for Value {
             Type::FLOAT8 => Value::Real(f64::from_sql(ty, raw)?),
             Type::BOOL => Value::Bool(bool::from_sql(ty, raw)?),
             Type::BYTEA => Value::Blob(raw.to_vec()),
+            Type::TEXT_ARRAY | Type::VARCHAR_ARRAY => Value::TextArray(Vec::<String>::from_sql(ty, raw)?),
             Type::JSON => Value::Text(std::str::from_utf8(raw)?.to_owned()),
             // Binary JSONB is a version byte (1) followed by the JSON text.
             Type::JSONB => match raw.split_first() {
@@ -338,6 +366,8 @@ impl<'a> FromSql<'a> for Value {
                 | Type::BYTEA
                 | Type::JSON
                 | Type::JSONB
+                | Type::TEXT_ARRAY
+                | Type::VARCHAR_ARRAY
         ) || <String as FromSql>::accepts(ty)
     }
 }
@@ -384,6 +414,7 @@ impl ToSql for PgParam<'_> {
             },
             SqlValue::Blob(v) => v.to_sql(ty, out),
             SqlValue::Bool(v) => v.to_sql(ty, out),
+            SqlValue::TextArray(v) => v.to_sql(ty, out),
         }
     }
 
@@ -407,5 +438,7 @@ pub(crate) fn bind_sqlite<'q>(
         SqlValue::Text(v) => query.bind(v),
         SqlValue::Blob(v) => query.bind(v),
         SqlValue::Bool(v) => query.bind(v),
+        // SQLite has no arrays: the list is stored as its JSON text.
+        SqlValue::TextArray(v) => query.bind(serde_json::to_string(v).unwrap_or_else(|_| "[]".to_owned())),
     }
 }

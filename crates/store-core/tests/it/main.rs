@@ -1,5 +1,6 @@
 //! store-core's integration tests, against real PostgreSQL and SQLite.
 
+mod caches;
 mod connect;
 mod id_generator_properties;
 mod id_generators;

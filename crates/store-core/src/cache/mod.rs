@@ -1,0 +1,437 @@
+//! In-process caches in front of the database, and the machinery that keeps
+//! every process's caches right.
+//!
+//! - [`Cache`]: a bounded LRU map with hit/miss/eviction counters, whose reads
+//!   cannot race an invalidation (a read that started before an invalidation never
+//!   puts its old value into the cache afterwards).
+//! - [`CacheRegistry`]: every cache of a process by name (the name that travels on
+//!   the `caches` stream), with sizes from config and the *expansions* domain
+//!   crates register for magic names such as `cs_cache_fake`.
+//! - [`StreamChangeCache`]: "has this entity changed since position P?".
+//! - [`CachesStream`]: invalidations made in a transaction, applied locally after
+//!   commit and recorded as rows of `cache_invalidation_stream_by_instance` for
+//!   other processes to replay.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use server_config::CacheConfig;
+
+use crate::StoreError;
+
+mod caches_stream;
+mod stream_change;
+
+pub use caches_stream::{CURRENT_STATE_POKE, CachesRow, CachesStream, MEMBERS_PER_POKE_ROW};
+pub use stream_change::StreamChangeCache;
+
+/// A cache key: a tuple of strings, as it travels on the `caches` stream.
+pub trait CacheKey: Clone + Eq + Hash + Send + Sync + fmt::Debug + 'static {
+    /// The key's parts, in order.
+    fn to_parts(&self) -> Vec<String>;
+    /// The key from its parts; `None` if they do not fit this key type.
+    fn from_parts(parts: &[String]) -> Option<Self>;
+}
+
+impl CacheKey for String {
+    fn to_parts(&self) -> Vec<String> {
+        vec![self.clone()]
+    }
+    fn from_parts(parts: &[String]) -> Option<Self> {
+        match parts {
+            [one] => Some(one.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl CacheKey for (String, String) {
+    fn to_parts(&self) -> Vec<String> {
+        vec![self.0.clone(), self.1.clone()]
+    }
+    fn from_parts(parts: &[String]) -> Option<Self> {
+        match parts {
+            [a, b] => Some((a.clone(), b.clone())),
+            _ => None,
+        }
+    }
+}
+
+impl CacheKey for (String, String, String) {
+    fn to_parts(&self) -> Vec<String> {
+        vec![self.0.clone(), self.1.clone(), self.2.clone()]
+    }
+    fn from_parts(parts: &[String]) -> Option<Self> {
+        match parts {
+            [a, b, c] => Some((a.clone(), b.clone(), c.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// Counters of one cache since start-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Reads answered from the cache.
+    pub hits: u64,
+    /// Reads that had to load.
+    pub misses: u64,
+    /// Entries dropped to stay within the size.
+    pub evictions: u64,
+    /// Invalidations (of one key, or of everything).
+    pub invalidations: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+    invalidations: AtomicU64,
+}
+
+/// A bounded LRU cache from `K` to `V` (clone-cheap values: wrap big ones in `Arc`).
+///
+/// ```
+/// # async fn example() -> Result<(), store_core::StoreError> {
+/// use store_core::Cache;
+///
+/// let cache = Cache::<String, u32>::new("get_answer", 100);
+/// let value = cache.get_or_load("q".to_owned(), || async { Ok::<_, store_core::StoreError>(42) }).await?;
+/// assert_eq!(value, 42);
+/// assert_eq!(cache.get(&"q".to_owned()), Some(42));
+/// cache.invalidate(&"q".to_owned());
+/// assert_eq!(cache.get(&"q".to_owned()), None);
+/// # Ok(())
+/// # }
+/// ```
+pub struct Cache<K, V> {
+    name: &'static str,
+    capacity: usize,
+    state: Mutex<State<K, V>>,
+    counters: Counters,
+}
+
+struct State<K, V> {
+    entries: HashMap<K, (V, u64)>,
+    /// Use tick → key, oldest first.
+    order: BTreeMap<u64, K>,
+    tick: u64,
+    /// Loads in progress: key → the ticket that may fill it. An invalidation
+    /// removes the key, so a load that started before it cannot fill afterwards.
+    pending: HashMap<K, u64>,
+    next_ticket: u64,
+}
+
+/// A load in progress, from [`Cache::begin_fill`].
+#[derive(Debug)]
+#[must_use = "hand the loaded value to Cache::finish_fill"]
+pub struct FillTicket<K> {
+    key: K,
+    ticket: u64,
+}
+
+impl<K, V> fmt::Debug for Cache<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("name", &self.name)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: CacheKey, V: Clone + Send + Sync + 'static> Cache<K, V> {
+    /// An empty cache holding at most `capacity` entries (at least one).
+    pub fn new(name: &'static str, capacity: usize) -> Arc<Cache<K, V>> {
+        Arc::new(Cache {
+            name,
+            capacity: capacity.max(1),
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                order: BTreeMap::new(),
+                tick: 0,
+                pending: HashMap::new(),
+                next_ticket: 0,
+            }),
+            counters: Counters::default(),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State<K, V>> {
+        // Every critical section is panic-free bookkeeping; a poisoned lock still
+        // holds a consistent map.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The cache's name, as on the `caches` stream.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The cached value, if any (counts a hit or a miss).
+    pub fn get(&self, key: &K) -> Option<V> {
+        let mut state = self.state();
+        let state = &mut *state;
+        match state.entries.get_mut(key) {
+            Some((value, tick)) => {
+                state.tick += 1;
+                state.order.remove(tick);
+                *tick = state.tick;
+                state.order.insert(state.tick, key.clone());
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Some(value.clone())
+            }
+            None => {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Starts a load of `key`; only [`Cache::finish_fill`] with this ticket, and
+    /// no invalidation of `key` in between, puts the value in.
+    pub fn begin_fill(&self, key: &K) -> FillTicket<K> {
+        let mut state = self.state();
+        state.next_ticket += 1;
+        let ticket = state.next_ticket;
+        state.pending.insert(key.clone(), ticket);
+        FillTicket { key: key.clone(), ticket }
+    }
+
+    /// Puts a loaded value in, unless the key was invalidated (or loaded again)
+    /// since the ticket was taken. Returns whether it was stored.
+    pub fn finish_fill(&self, ticket: FillTicket<K>, value: V) -> bool {
+        let mut state = self.state();
+        if state.pending.get(&ticket.key) != Some(&ticket.ticket) {
+            return false;
+        }
+        state.pending.remove(&ticket.key);
+        self.insert_locked(&mut state, ticket.key, value);
+        true
+    }
+
+    fn insert_locked(&self, state: &mut State<K, V>, key: K, value: V) {
+        state.tick += 1;
+        let tick = state.tick;
+        if let Some((_, old_tick)) = state.entries.insert(key.clone(), (value, tick)) {
+            state.order.remove(&old_tick);
+        }
+        state.order.insert(tick, key);
+        while state.entries.len() > self.capacity {
+            let Some((_, oldest)) = state.order.pop_first() else { break };
+            state.entries.remove(&oldest);
+            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The cached value, or `load()`'s, which is then cached unless the key was
+    /// invalidated while it ran.
+    pub async fn get_or_load<F, Fut, E>(&self, key: K, load: F) -> Result<V, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
+        if let Some(value) = self.get(&key) {
+            return Ok(value);
+        }
+        let ticket = self.begin_fill(&key);
+        let value = load().await?;
+        self.finish_fill(ticket, value.clone());
+        Ok(value)
+    }
+
+    /// Drops `key`, and stops any load of it in progress from filling it.
+    pub fn invalidate(&self, key: &K) {
+        let mut state = self.state();
+        state.pending.remove(key);
+        if let Some((_, tick)) = state.entries.remove(key) {
+            state.order.remove(&tick);
+        }
+        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops everything, including loads in progress.
+    pub fn invalidate_all(&self) {
+        let mut state = self.state();
+        state.entries.clear();
+        state.order.clear();
+        state.pending.clear();
+        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many entries are cached.
+    pub fn len(&self) -> usize {
+        self.state().entries.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Counters since start-up.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.counters.hits.load(Ordering::Relaxed),
+            misses: self.counters.misses.load(Ordering::Relaxed),
+            evictions: self.counters.evictions.load(Ordering::Relaxed),
+            invalidations: self.counters.invalidations.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A cache seen through its name only: what the `caches` stream needs.
+pub trait DynCache: Send + Sync + fmt::Debug {
+    /// The cache's name.
+    fn name(&self) -> &'static str;
+    /// Invalidates the key made of `parts`; parts that do not form a key of this
+    /// cache are ignored (and logged).
+    fn invalidate_parts(&self, parts: &[String]);
+    /// Drops everything.
+    fn invalidate_all(&self);
+    /// Counters since start-up.
+    fn stats(&self) -> CacheStats;
+    /// Entries cached.
+    fn entries(&self) -> usize;
+}
+
+impl<K: CacheKey, V: Clone + Send + Sync + 'static> DynCache for Cache<K, V> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn invalidate_parts(&self, parts: &[String]) {
+        match K::from_parts(parts) {
+            Some(key) => self.invalidate(&key),
+            None => {
+                tracing::warn!(cache = self.name, ?parts, "ignoring an invalidation whose key does not fit")
+            }
+        }
+    }
+    fn invalidate_all(&self) {
+        Cache::invalidate_all(self);
+    }
+    fn stats(&self) -> CacheStats {
+        Cache::stats(self)
+    }
+    fn entries(&self) -> usize {
+        Cache::len(self)
+    }
+}
+
+/// Expands a magic invalidation (e.g. `cs_cache_fake`) into the invalidations of
+/// every cache it stands for. Receives the row's keys, and the stream token of
+/// the row when it came from another process (`None` when applied locally, where
+/// the writer keeps its own change caches).
+pub type Expansion = Arc<dyn Fn(&CacheRegistry, &[String], Option<i64>) + Send + Sync>;
+
+/// Every cache of a process, by name.
+pub struct CacheRegistry {
+    config: CacheConfig,
+    caches: RwLock<BTreeMap<&'static str, Arc<dyn DynCache>>>,
+    expansions: RwLock<BTreeMap<&'static str, Expansion>>,
+}
+
+impl fmt::Debug for CacheRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.read_caches().keys().copied().collect();
+        f.debug_struct("CacheRegistry").field("caches", &names).finish_non_exhaustive()
+    }
+}
+
+impl CacheRegistry {
+    /// An empty registry; caches take their sizes from `config`.
+    pub fn new(config: CacheConfig) -> Arc<CacheRegistry> {
+        Arc::new(CacheRegistry {
+            config,
+            caches: RwLock::new(BTreeMap::new()),
+            expansions: RwLock::new(BTreeMap::new()),
+        })
+    }
+
+    fn read_caches(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<&'static str, Arc<dyn DynCache>>> {
+        self.caches.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Creates the cache called `name`, sized from config. A name is registered
+    /// once per process: two caches answering to one name would leave one stale.
+    pub fn register<K: CacheKey, V: Clone + Send + Sync + 'static>(
+        &self,
+        name: &'static str,
+    ) -> Result<Arc<Cache<K, V>>, StoreError> {
+        let mut caches = self.caches.write().unwrap_or_else(PoisonError::into_inner);
+        if caches.contains_key(name) {
+            return Err(StoreError::Misconfigured(format!("the cache `{name}` is registered twice")));
+        }
+        let cache = Cache::<K, V>::new(name, self.config.size_of(name));
+        caches.insert(name, Arc::clone(&cache) as Arc<dyn DynCache>);
+        Ok(cache)
+    }
+
+    /// Registers what a magic cache name stands for.
+    pub fn register_expansion(&self, name: &'static str, expansion: Expansion) -> Result<(), StoreError> {
+        let mut expansions = self.expansions.write().unwrap_or_else(PoisonError::into_inner);
+        if expansions.contains_key(name) {
+            return Err(StoreError::Misconfigured(format!("the expansion `{name}` is registered twice")));
+        }
+        expansions.insert(name, expansion);
+        Ok(())
+    }
+
+    /// Applies one invalidation by name, as the `caches` stream carries it:
+    /// `keys` of `None` drops the whole cache; a magic name is expanded; a name
+    /// this process has no cache for is ignored (a worker need not have every
+    /// cache). Returns whether anything was known by that name.
+    pub fn invalidate(&self, name: &str, keys: Option<&[String]>) -> bool {
+        self.invalidate_at(name, keys, None)
+    }
+
+    /// Like [`CacheRegistry::invalidate`], for a row another process wrote at
+    /// stream token `token` (passed to expansions).
+    pub fn invalidate_at(&self, name: &str, keys: Option<&[String]>, token: Option<i64>) -> bool {
+        let expansion = self.expansions.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned();
+        if let Some(expansion) = expansion {
+            match keys {
+                Some(keys) => expansion(self, keys, token),
+                None => tracing::warn!(name, "ignoring a magic invalidation without keys"),
+            }
+            return true;
+        }
+        let cache = self.read_caches().get(name).cloned();
+        match (cache, keys) {
+            (Some(cache), Some(keys)) => {
+                cache.invalidate_parts(keys);
+                true
+            }
+            (Some(cache), None) => {
+                cache.invalidate_all();
+                true
+            }
+            (None, _) => false,
+        }
+    }
+
+    /// Invalidates one key of the cache called `name`, if this process has it.
+    pub fn invalidate_key(&self, name: &str, parts: &[String]) {
+        if let Some(cache) = self.read_caches().get(name).cloned() {
+            cache.invalidate_parts(parts);
+        }
+    }
+
+    /// Drops everything in the cache called `name`, if this process has it.
+    pub fn invalidate_all_of(&self, name: &str) {
+        if let Some(cache) = self.read_caches().get(name).cloned() {
+            cache.invalidate_all();
+        }
+    }
+
+    /// Every cache's counters and size, by name.
+    pub fn stats(&self) -> BTreeMap<&'static str, (CacheStats, usize)> {
+        self.read_caches().iter().map(|(name, cache)| (*name, (cache.stats(), cache.entries()))).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,261 @@
+//! The `caches` stream: local invalidation after commit, rows for other processes
+//! (PostgreSQL deployments of several processes only), catch-up, replay on a
+//! worker, the batched current-state poke, and pruning.
+
+use std::sync::Arc;
+
+use server_config::{Overrides, Role, ServerConfig};
+use store_core::{
+    CURRENT_STATE_POKE, Cache, CacheRegistry, CachesRow, CachesStream, Database, Engine, StoreError,
+};
+use store_test_support::{TestDb, TestResult, engine_tests};
+
+fn single_process_config(url: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
+    let overrides = Overrides { database_url: Some(url.to_owned()), ..Overrides::default() };
+    Ok(ServerConfig::defaults(Role::Master, &overrides)?)
+}
+
+fn deployment_config(url: &str, instance: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
+    let role = if instance == "master" { Role::Master } else { Role::Worker };
+    Ok(ServerConfig::from_toml_str(
+        &format!(
+            "server_name = \"test\"\ninstance_name = \"{instance}\"\n[database]\nurl = \"{url}\"\n\
+             [replication]\nredis = \"redis://127.0.0.1:6379\"\n"
+        ),
+        role,
+    )?)
+}
+
+/// A process's caches: a registry with one cache, and its `caches` stream.
+struct Process {
+    stream: CachesStream,
+    users: Arc<Cache<String, u32>>,
+}
+
+async fn process(db: &Database, config: &ServerConfig) -> Result<Process, StoreError> {
+    let registry = CacheRegistry::new(config.caches.clone());
+    let users = registry.register::<String, u32>("get_user")?;
+    let mut conn = db.begin("build_caches").await?;
+    let stream = CachesStream::new(db.clone(), &mut conn, config, registry).await?;
+    conn.commit().await?;
+    Ok(Process { stream, users })
+}
+
+fn fill(cache: &Cache<String, u32>, key: &str, value: u32) {
+    let ticket = cache.begin_fill(&key.to_owned());
+    cache.finish_fill(ticket, value);
+}
+
+async fn count_rows(db: &Database) -> Result<i64, StoreError> {
+    db.run_autocommit("count_cache_rows", |txn| {
+        Box::pin(async move {
+            txn.query_one("SELECT COUNT(*) FROM cache_invalidation_stream_by_instance", &[]).await?.get(0)
+        })
+    })
+    .await
+}
+
+engine_tests!(invalidation_applies_after_commit_only, a_single_process_records_no_rows);
+
+async fn invalidation_applies_after_commit_only(test_db: TestDb) -> TestResult {
+    let config = single_process_config(&test_db.url)?;
+    let Process { stream, users } = process(&test_db.db, &config).await?;
+    fill(&users, "@a", 1);
+    let stream = Arc::new(stream);
+    let users_inside = Arc::clone(&users);
+    let seen_inside = test_db
+        .db
+        .run_interaction("invalidate_then_commit", |txn| {
+            let (stream, users) = (Arc::clone(&stream), Arc::clone(&users_inside));
+            Box::pin(async move {
+                stream.invalidate_in_txn(txn, "get_user", Some(vec!["@a".to_owned()])).await?;
+                Ok(users.get(&"@a".to_owned()))
+            })
+        })
+        .await?;
+    assert_eq!(seen_inside, Some(1), "nothing is invalidated before the commit");
+    assert_eq!(users.get(&"@a".to_owned()), None);
+
+    fill(&users, "@a", 2);
+    let result: Result<(), StoreError> = test_db
+        .db
+        .run_interaction("invalidate_then_fail", |txn| {
+            let stream = Arc::clone(&stream);
+            Box::pin(async move {
+                stream.invalidate_in_txn(txn, "get_user", None).await?;
+                Err(StoreError::Misconfigured("the write fails".to_owned()))
+            })
+        })
+        .await;
+    assert!(result.is_err());
+    assert_eq!(users.get(&"@a".to_owned()), Some(2), "a rolled-back write invalidates nothing");
+    Ok(())
+}
+
+async fn a_single_process_records_no_rows(test_db: TestDb) -> TestResult {
+    let config = single_process_config(&test_db.url)?;
+    let Process { stream, .. } = process(&test_db.db, &config).await?;
+    assert!(!stream.is_recording());
+    let stream = Arc::new(stream);
+    test_db
+        .db
+        .run_interaction("invalidate", |txn| {
+            let stream = Arc::clone(&stream);
+            Box::pin(async move { stream.poke_current_state(txn, "!r", &["@a".to_owned()]).await })
+        })
+        .await?;
+    assert_eq!(count_rows(&test_db.db).await?, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_reach_a_worker_which_invalidates_then_advances() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let master = Arc::new(process(&test_db.db, &deployment_config(&test_db.url, "master")?).await?);
+    let worker_db = test_db.reconnect().await?;
+    let worker = process(&worker_db, &deployment_config(&test_db.url, "worker1")?).await?;
+    assert!(master.stream.is_recording());
+    let before = worker.stream.current_token("master");
+
+    fill(&worker.users, "@a", 1);
+    fill(&worker.users, "@b", 2);
+    test_db
+        .db
+        .run_interaction("invalidate_two", |txn| {
+            let master = Arc::clone(&master);
+            Box::pin(async move {
+                master.stream.invalidate_in_txn(txn, "get_user", Some(vec!["@a".to_owned()])).await?;
+                master.stream.invalidate_in_txn(txn, "no_cache_on_the_worker", None).await
+            })
+        })
+        .await?;
+    let current = master.stream.current_token("master");
+    assert!(current > before);
+
+    // The worker catches up from the database, as after a gap in replication.
+    let (rows, token, limited) = worker.stream.get_updates_since("master", before, current, 100).await?;
+    assert!(!limited);
+    assert_eq!(token, current);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].1.cache_func, "get_user");
+    assert_eq!(rows[0].1.keys.as_deref(), Some(&["@a".to_owned()][..]));
+    assert_eq!(rows[1].1.keys, None);
+    let rows: Vec<CachesRow> = rows.into_iter().map(|(_, row)| row).collect();
+    worker.stream.apply_rows("master", token, &rows);
+    assert_eq!(worker.users.get(&"@a".to_owned()), None);
+    assert_eq!(worker.users.get(&"@b".to_owned()), Some(2));
+    assert_eq!(worker.stream.current_token("master"), token);
+
+    // A limit cuts the result at the last row returned.
+    let (rows, token, limited) = worker.stream.get_updates_since("master", before, current, 1).await?;
+    assert!(limited);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(token, rows[0].0);
+
+    // The caches stream never touches stream_positions.
+    let positions: i64 = test_db
+        .db
+        .run_autocommit("count_positions", |txn| {
+            Box::pin(async move {
+                txn.query_one("SELECT COUNT(*) FROM stream_positions WHERE stream_name = 'caches'", &[])
+                    .await?
+                    .get(0)
+            })
+        })
+        .await?;
+    assert_eq!(positions, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_current_state_change_is_one_row_per_fifty_members() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let master = Arc::new(process(&test_db.db, &deployment_config(&test_db.url, "master")?).await?);
+    let members: Vec<String> = (0..120).map(|n| format!("@user{n}:example.com")).collect();
+    for members_changed in [Vec::new(), members] {
+        let before = count_rows(&test_db.db).await?;
+        let (master, changed) = (Arc::clone(&master), members_changed.clone());
+        test_db
+            .db
+            .run_interaction("poke", move |txn| {
+                let (master, changed) = (Arc::clone(&master), changed.clone());
+                Box::pin(
+                    async move { master.stream.poke_current_state(txn, "!r:example.com", &changed).await },
+                )
+            })
+            .await?;
+        let written = count_rows(&test_db.db).await? - before;
+        let expected = members_changed.len().div_ceil(50).max(1);
+        assert_eq!(written, i64::try_from(expected)?, "{} members changed", members_changed.len());
+    }
+    let (rows, _, _) =
+        master.stream.get_updates_since("master", 1, master.stream.current_token("master"), 100).await?;
+    let keys: Vec<Vec<String>> = rows.into_iter().filter_map(|(_, row)| row.keys).collect();
+    assert_eq!(keys[0], ["!r:example.com"]);
+    assert_eq!(keys[1].len(), 51);
+    assert_eq!(keys[1][0], "!r:example.com");
+    assert_eq!(keys[3].len(), 21);
+    assert!(rows_are_magic(&keys));
+    Ok(())
+}
+
+fn rows_are_magic(keys: &[Vec<String>]) -> bool {
+    keys.iter().all(|keys| keys.first().is_some_and(|room| room == "!r:example.com"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_rows_are_pruned_oldest_first() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let master = process(&test_db.db, &deployment_config(&test_db.url, "master")?).await?;
+    test_db
+        .db
+        .run_interaction("old_rows", |txn| {
+            Box::pin(async move {
+                for (id, ts) in [(100i64, 1_000i64), (101, 2_000), (102, 3_000), (103, 9_000_000_000_000)] {
+                    txn.execute(
+                        "INSERT INTO cache_invalidation_stream_by_instance \
+                         (stream_id, instance_name, cache_func, keys, invalidation_ts) VALUES ($1, 'master', 'c', NULL, $2)",
+                        &[&id, &ts],
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .await?;
+    assert_eq!(master.stream.prune_before(2_500, 10).await?, 2);
+    assert_eq!(master.stream.prune_before(2_500, 10).await?, 0);
+    assert_eq!(master.stream.prune(1).await?, 1, "the default retention removes the 1970 row, in batches");
+    assert_eq!(count_rows(&test_db.db).await?, 1, "the recent row stays");
+    Ok(())
+}
+
+#[test]
+fn caches_rows_match_the_wire_vectors() {
+    let cases = [
+        (
+            r#"["get_user_by_id",["@a:example.com"],1490197670513]"#,
+            "get_user_by_id",
+            Some(vec!["@a:example.com"]),
+            1_490_197_670_513,
+        ),
+        (r#"["get_user_by_id",null,1550574873252]"#, "get_user_by_id", None, 1_550_574_873_252),
+        (
+            r#"["cs_cache_fake",["!r:example.com","@u:example.com"],1550574873253]"#,
+            CURRENT_STATE_POKE,
+            Some(vec!["!r:example.com", "@u:example.com"]),
+            1_550_574_873_253,
+        ),
+    ];
+    for (json, cache_func, keys, ts) in cases {
+        let row: CachesRow = serde_json::from_str(json).expect("parses");
+        let expected = CachesRow {
+            cache_func: cache_func.to_owned(),
+            keys: keys.map(|keys| keys.into_iter().map(str::to_owned).collect()),
+            invalidation_ts: ts,
+        };
+        assert_eq!(row, expected);
+        assert_eq!(serde_json::to_string(&row).expect("serialises"), json);
+    }
+    assert!(serde_json::from_str::<CachesRow>(r#"["f",["a"]]"#).is_err());
+}
