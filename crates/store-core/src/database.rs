@@ -416,13 +416,11 @@ fn sqlite_target(url: &str) -> String {
 /// Hides the password of a URL: `postgres://user:secret@host` → `postgres://user:***@host`.
 pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
+    // Drivers take the credentials up to the first `@`, even when the password
+    // holds `/`, `?` or `#`, so look for it before cutting the path off.
+    let Some((userinfo, after)) = rest.split_once('@') else { return url.to_owned() };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{after}"),
         None => url.to_owned(),
     }
 }
@@ -439,7 +437,8 @@ mod tests {
             ("postgres://db/synapse?user=a", "postgres://db/synapse?user=a"),
             ("sqlite://data/homeserver.db", "sqlite://data/homeserver.db"),
             ("sqlite::memory:", "sqlite::memory:"),
-            ("postgres://a:b@c@host/db", "postgres://a:***@host/db"),
+            ("postgres://a:b@c@host/db", "postgres://a:***@c@host/db"),
+            ("postgres://u:pa/ss?x@db/x", "postgres://u:***@db/x"),
         ];
         for (url, expected) in cases {
             assert_eq!(redact_url(url), expected);

@@ -49,6 +49,16 @@ pub enum StoreError {
         #[source]
         source: DbError,
     },
+    /// A statement failed inside the transaction, and the interaction went on
+    /// and asked to commit: nothing was committed. Handle conflicts in SQL (`ON
+    /// CONFLICT`) rather than by catching errors inside a transaction.
+    #[error(
+        "interaction `{interaction}` tried to commit after one of its statements failed; nothing was committed"
+    )]
+    Aborted {
+        /// The name given to `run_interaction`.
+        interaction: &'static str,
+    },
     /// A query expecting one row found none or several.
     #[error("interaction `{interaction}` expected exactly one row, got {found}")]
     RowCount {

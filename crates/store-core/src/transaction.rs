@@ -17,6 +17,9 @@ pub(crate) enum Conn {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
+    /// `BEGIN` has been sent and not yet answered: if the future is dropped now
+    /// the driver may still run it, so this counts as open.
+    Beginning,
     /// Inside `BEGIN`; must end with COMMIT or ROLLBACK.
     Open,
     /// No `BEGIN` was sent: each statement commits on its own.
@@ -42,7 +45,13 @@ pub struct Transaction {
     conn: Option<Conn>,
     state: State,
     after_callbacks: Vec<Callback>,
+    position_callbacks: Vec<Callback>,
     exception_callbacks: Vec<Callback>,
+    /// A statement failed while the transaction was open. PostgreSQL then
+    /// refuses everything until the end and answers COMMIT with a silent
+    /// rollback; both engines treat the transaction as failed, so callers see
+    /// the same outcome everywhere.
+    poisoned: bool,
 }
 
 impl fmt::Debug for Transaction {
@@ -74,7 +83,9 @@ impl Transaction {
             // Until BEGIN succeeds there is nothing to roll back.
             state: State::Autocommit,
             after_callbacks: Vec::new(),
+            position_callbacks: Vec::new(),
             exception_callbacks: Vec::new(),
+            poisoned: false,
         };
         if in_transaction {
             let begin = match txn.engine() {
@@ -86,6 +97,7 @@ impl Transaction {
                 // waiting for the busy timeout.
                 Engine::Sqlite => "BEGIN IMMEDIATE",
             };
+            txn.state = State::Beginning;
             txn.execute_batch(begin).await?;
             txn.state = State::Open;
         }
@@ -112,13 +124,24 @@ impl Transaction {
         self.after_callbacks.push(Box::new(f));
     }
 
+    /// Like [`Transaction::call_after`], for callbacks that publish stream
+    /// positions: they run after every `call_after` callback, so everything a new
+    /// position promises (cache invalidations, change caches) is in place before
+    /// anyone can see the position move.
+    pub fn call_after_position(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.position_callbacks.push(Box::new(f));
+    }
+
     /// Runs `f` if this transaction rolls back or fails (including when it is
     /// dropped without committing), and never after a commit.
     pub fn call_on_exception(&mut self, f: impl FnOnce() + Send + 'static) {
         self.exception_callbacks.push(Box::new(f));
     }
 
-    fn db_error(&self, source: DbError) -> StoreError {
+    fn db_error(&mut self, source: DbError) -> StoreError {
+        if self.state == State::Open {
+            self.poisoned = true;
+        }
         StoreError::Database { interaction: self.interaction, source }
     }
 
@@ -204,6 +227,11 @@ impl Transaction {
     /// Commits, then runs the `call_after` callbacks. If the commit fails, the
     /// `call_on_exception` callbacks run instead.
     pub async fn commit(mut self) -> Result<(), StoreError> {
+        if self.poisoned {
+            let interaction = self.interaction;
+            self.rollback().await;
+            return Err(StoreError::Aborted { interaction });
+        }
         if self.state == State::Open
             && let Err(err) = self.execute_batch("COMMIT").await
         {
@@ -212,7 +240,8 @@ impl Transaction {
         }
         self.state = State::Finished;
         self.exception_callbacks.clear();
-        for callback in std::mem::take(&mut self.after_callbacks) {
+        let position_callbacks = std::mem::take(&mut self.position_callbacks);
+        for callback in std::mem::take(&mut self.after_callbacks).into_iter().chain(position_callbacks) {
             callback();
         }
         Ok(())
@@ -231,6 +260,7 @@ impl Transaction {
 
     fn run_exception_callbacks(&mut self) {
         self.after_callbacks.clear();
+        self.position_callbacks.clear();
         for callback in std::mem::take(&mut self.exception_callbacks) {
             callback();
         }
@@ -242,10 +272,7 @@ impl Transaction {
         if let Some(conn) = self.conn.take() {
             match conn {
                 Conn::Postgres(object) => drop(deadpool_postgres::Object::take(object)),
-                Conn::Sqlite(mut conn) => {
-                    conn.close_on_drop();
-                    drop(conn);
-                }
+                Conn::Sqlite(conn) => rollback_in_background(conn),
             }
         }
         self.state = State::Finished;
@@ -256,11 +283,29 @@ impl Transaction {
 impl Drop for Transaction {
     fn drop(&mut self) {
         match self.state {
-            State::Open => self.fail_and_close(),
+            State::Beginning | State::Open => self.fail_and_close(),
             // An autocommit interaction that was never finished failed part-way.
             State::Autocommit => self.run_exception_callbacks(),
             State::Finished => {}
         }
+    }
+}
+
+/// Ends an abandoned SQLite transaction on its connection and only then returns
+/// the connection to the pool. Closing it instead would, for an in-memory
+/// database, destroy the database with its last connection.
+fn rollback_in_background(mut conn: SqlxConn) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(async move {
+                // Commands run in order: a BEGIN still in flight runs first. An error
+                // means there was no transaction left to end.
+                if sqlite_execute_batch(&mut conn, "ROLLBACK").await.is_err() {
+                    tracing::trace!("no SQLite transaction to roll back");
+                }
+            });
+        }
+        Err(_) => conn.close_on_drop(),
     }
 }
 

@@ -213,6 +213,14 @@ impl<K: CacheKey, V: Clone + Send + Sync + 'static> Cache<K, V> {
         true
     }
 
+    /// Abandons a load (it found nothing worth caching, or failed).
+    pub fn cancel_fill(&self, ticket: FillTicket<K>) {
+        let mut state = self.state();
+        if state.pending.get(&ticket.key) == Some(&ticket.ticket) {
+            state.pending.remove(&ticket.key);
+        }
+    }
+
     fn insert_locked(&self, state: &mut State<K, V>, key: K, value: V) {
         state.tick += 1;
         let tick = state.tick;
@@ -238,9 +246,16 @@ impl<K: CacheKey, V: Clone + Send + Sync + 'static> Cache<K, V> {
             return Ok(value);
         }
         let ticket = self.begin_fill(&key);
-        let value = load().await?;
-        self.finish_fill(ticket, value.clone());
-        Ok(value)
+        match load().await {
+            Ok(value) => {
+                self.finish_fill(ticket, value.clone());
+                Ok(value)
+            }
+            Err(err) => {
+                self.cancel_fill(ticket);
+                Err(err)
+            }
+        }
     }
 
     /// Drops `key`, and stops any load of it in progress from filling it.

@@ -169,6 +169,9 @@ struct Inner {
     factor: i64,
     /// Whether this process may allocate.
     may_allocate: bool,
+    /// Whether this process is one of a non-empty writers list (and so records
+    /// its position).
+    is_writer: bool,
     /// `Some` when positions are recorded in `stream_positions`.
     positions_table: Option<PositionsTable>,
     source: IdSource,
@@ -178,7 +181,7 @@ struct Inner {
 /// Recording this writer's position, coalesced.
 struct PositionsTable {
     /// The upsert, for this stream's direction.
-    upsert_sql: &'static str,
+    upsert_sql: &'static UpsertSql,
     /// Held while an upsert runs: one in flight; whoever waits next writes the
     /// latest position for everyone queued behind.
     in_flight: tokio::sync::Mutex<()>,
@@ -191,12 +194,37 @@ struct PositionsTable {
     background: tokio::sync::watch::Sender<i64>,
 }
 
-const UPSERT_POSITIVE: &str = "INSERT INTO stream_positions (stream_name, instance_name, stream_id) VALUES ($1, $2, $3) \
-     ON CONFLICT (stream_name, instance_name) DO UPDATE SET stream_id = EXCLUDED.stream_id \
-     WHERE stream_positions.stream_id < EXCLUDED.stream_id";
-const UPSERT_NEGATIVE: &str = "INSERT INTO stream_positions (stream_name, instance_name, stream_id) VALUES ($1, $2, $3) \
-     ON CONFLICT (stream_name, instance_name) DO UPDATE SET stream_id = EXCLUDED.stream_id \
-     WHERE stream_positions.stream_id > EXCLUDED.stream_id";
+/// The forward-only upsert of a writer's position, per engine.
+struct UpsertSql {
+    /// One statement, outside any transaction, that also turns off the WAL flush
+    /// for its own commit: a recorded position is a lower bound that start-up
+    /// completes from the sequence and the rows above it, so losing the last few
+    /// to a server crash is harmless, and the flush would double the cost of an
+    /// awaited record.
+    postgres: &'static str,
+    /// WAL mode with `synchronous = NORMAL` does not flush on commit anyway.
+    sqlite: &'static str,
+}
+
+static UPSERT_POSITIVE: UpsertSql = UpsertSql {
+    postgres: "INSERT INTO stream_positions (stream_name, instance_name, stream_id) \
+         SELECT $1, $2, $3 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush \
+         ON CONFLICT (stream_name, instance_name) DO UPDATE SET stream_id = EXCLUDED.stream_id \
+         WHERE stream_positions.stream_id < EXCLUDED.stream_id",
+    sqlite: "INSERT INTO stream_positions (stream_name, instance_name, stream_id) VALUES ($1, $2, $3) \
+         ON CONFLICT (stream_name, instance_name) DO UPDATE SET stream_id = EXCLUDED.stream_id \
+         WHERE stream_positions.stream_id < EXCLUDED.stream_id",
+};
+
+static UPSERT_NEGATIVE: UpsertSql = UpsertSql {
+    postgres: "INSERT INTO stream_positions (stream_name, instance_name, stream_id) \
+         SELECT $1, $2, $3 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush \
+         ON CONFLICT (stream_name, instance_name) DO UPDATE SET stream_id = EXCLUDED.stream_id \
+         WHERE stream_positions.stream_id > EXCLUDED.stream_id",
+    sqlite: "INSERT INTO stream_positions (stream_name, instance_name, stream_id) VALUES ($1, $2, $3) \
+         ON CONFLICT (stream_name, instance_name) DO UPDATE SET stream_id = EXCLUDED.stream_id \
+         WHERE stream_positions.stream_id > EXCLUDED.stream_id",
+};
 
 impl fmt::Debug for MultiWriterIdGenerator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -313,6 +341,9 @@ impl MultiWriterIdGenerator {
     /// in transactions and not yet recorded in the background. For a clean
     /// shutdown.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        if !self.inner.is_writer {
+            return Ok(());
+        }
         let position = self.inner.tracker().position_for_writer(&self.inner.instance_name);
         self.inner.record_position(position).await
     }
@@ -533,32 +564,15 @@ impl Inner {
         let position = self.tracker().position_for_writer(&self.instance_name);
         let (stream_name, instance_name) = (self.stream_name.clone(), self.instance_name.clone());
         let signed = position * self.factor;
-        let sql = table.upsert_sql;
+        let sql = match self.db.engine() {
+            Engine::Postgres => table.upsert_sql.postgres,
+            Engine::Sqlite => table.upsert_sql.sqlite,
+        };
         self.db
             .run_autocommit("update_stream_positions", move |txn| {
                 let (stream_name, instance_name) = (stream_name.clone(), instance_name.clone());
                 Box::pin(async move {
-                    match txn.engine() {
-                        // A recorded position is a lower bound that start-up completes
-                        // from the sequence and the rows above it, so losing the last
-                        // few to a server crash is harmless: skip the WAL flush, which
-                        // would otherwise double the cost of every write. One round
-                        // trip, so the values go in as literals.
-                        Engine::Postgres => {
-                            let upsert = sql
-                                .replacen("$1", &quote_literal(&stream_name), 1)
-                                .replacen("$2", &quote_literal(&instance_name), 1)
-                                .replacen("$3", &signed.to_string(), 1);
-                            txn.execute_batch(&format!(
-                                "BEGIN; SET LOCAL synchronous_commit = off; {upsert}; COMMIT"
-                            ))
-                            .await
-                        }
-                        // WAL mode with synchronous=NORMAL does not flush on commit.
-                        Engine::Sqlite => {
-                            txn.execute(sql, &[&stream_name, &instance_name, &signed]).await.map(|_| ())
-                        }
-                    }
+                    txn.execute(sql, &[&stream_name, &instance_name, &signed]).await.map(|_| ())
                 })
             })
             .await?;
@@ -586,12 +600,6 @@ async fn record_in_background(
             tracing::warn!(stream = %inner.stream_name, "failed to record the stream position: {err}");
         }
     }
-}
-
-/// A PostgreSQL string literal (standard-conforming strings: only `'` needs
-/// doubling).
-fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }
 
 async fn fetch_sequence_ids(txn: &mut Transaction, sql: &str, n: i64) -> Result<Vec<i64>, StoreError> {
@@ -675,7 +683,7 @@ impl StreamIdsGuard {
         self.done = true;
         let (inner, internal_ids) = (Arc::clone(&self.inner), std::mem::take(&mut self.internal_ids));
         let (on_failure, failed_ids) = (Arc::clone(&inner), internal_ids.clone());
-        txn.call_after(move || {
+        txn.call_after_position(move || {
             let Some(wanted) = inner.mark_finished(&internal_ids) else { return };
             if let Some(table) = &inner.positions_table {
                 table.background.send_if_modified(|latest| {

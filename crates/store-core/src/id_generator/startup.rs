@@ -141,13 +141,17 @@ impl Inner {
             tracker.load_position(&config.instance_name, persisted_upto);
         }
 
-        let upsert_sql = if config.positive { UPSERT_POSITIVE } else { UPSERT_NEGATIVE };
+        let upsert_sql = if config.positive { &UPSERT_POSITIVE } else { &UPSERT_NEGATIVE };
         if is_writer {
             // Announce ourselves before allocating anything. Another writer starting
             // later assumes a writer without a row holds nothing in flight and sits
             // at the stream's position; with a row, it knows where our IDs begin.
             let own = tracker.position_for_writer(&config.instance_name);
-            conn.execute(upsert_sql, &[&config.stream_name, &config.instance_name, &(own * factor)]).await?;
+            let sql = match db.engine() {
+                crate::Engine::Postgres => upsert_sql.postgres,
+                crate::Engine::Sqlite => upsert_sql.sqlite,
+            };
+            conn.execute(sql, &[&config.stream_name, &config.instance_name, &(own * factor)]).await?;
             stored_own = stored_own.max(own);
         }
         let (positions_table, background) = if config.writers.is_empty() {
@@ -169,6 +173,7 @@ impl Inner {
             instance_name: config.instance_name.clone(),
             factor,
             may_allocate: config.writers.is_empty() || is_writer,
+            is_writer,
             positions_table,
             source,
             tracker: Mutex::new(tracker),
@@ -271,6 +276,10 @@ async fn repair_sequence(
     sequence: &str,
     factor: i64,
 ) -> Result<i64, StoreError> {
+    // Processes starting together must not repair at once: a later, stale
+    // setval could move the sequence back over IDs the other already handed out.
+    // The lock lasts until the start-up transaction ends.
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("repair {sequence}")]).await?;
     let row = conn.query_one(&format!("SELECT last_value, is_called FROM {sequence}"), &[]).await?;
     let (last_value, is_called): (i64, bool) = (row.get(0)?, row.get(1)?);
     // Not yet called means `last_value` is the *next* value. A fresh sequence thus
@@ -289,7 +298,12 @@ async fn repair_sequence(
     if needed <= last_allocated {
         return Ok(last_allocated);
     }
-    conn.execute(&format!("SELECT setval('{sequence}', $1)"), &[&needed]).await?;
+    // Forward only, in one statement: never below what the sequence holds now.
+    conn.execute(
+        &format!("SELECT setval('{sequence}', GREATEST($1, (SELECT last_value FROM {sequence})))"),
+        &[&needed],
+    )
+    .await?;
     tracing::warn!(
         stream = %config.stream_name,
         sequence = %sequence,

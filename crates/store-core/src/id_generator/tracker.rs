@@ -113,6 +113,12 @@ impl PositionTracker {
             }
             None => debug_assert!(false, "a fetch token was ended twice"),
         }
+        if ids.is_empty() && !self.has_outstanding() {
+            // A failed or abandoned fetch may have been all that held our position
+            // back: let the others' positions through now rather than at the next
+            // event.
+            self.add_persisted_position(self.persisted_upto);
+        }
     }
 
     /// Whether this process has allocations in progress or IDs unfinished.

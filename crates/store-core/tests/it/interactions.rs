@@ -21,6 +21,7 @@ engine_tests!(
     failures_name_their_interaction,
     interactions_are_counted,
     autocommit_runs_callbacks_too,
+    a_handled_error_still_fails_the_transaction,
 );
 
 async fn committed_writes_are_visible(test_db: TestDb) -> TestResult {
@@ -344,5 +345,74 @@ async fn autocommit_runs_callbacks_too(test_db: TestDb) -> TestResult {
         })
         .await;
     assert_eq!((after.get(), on_exception.get()), (1, 1));
+    Ok(())
+}
+
+async fn a_handled_error_still_fails_the_transaction(test_db: TestDb) -> TestResult {
+    let db = &test_db.db;
+    create_kv_table(db).await?;
+    let on_exception = Counter::default();
+    let result = db
+        .run_interaction("swallow_an_error", |txn| {
+            let on_exception = on_exception.clone();
+            Box::pin(async move {
+                txn.call_on_exception(on_exception.bump());
+                txn.execute("INSERT INTO kv (k, v) VALUES ('a', 1)", &[]).await?;
+                // PostgreSQL aborts the whole transaction here and would answer the
+                // COMMIT with a silent rollback; SQLite would keep the first insert.
+                let duplicate = txn.execute("INSERT INTO kv (k, v) VALUES ('a', 2)", &[]).await;
+                assert!(duplicate.is_err());
+                Ok(())
+            })
+        })
+        .await;
+    assert!(matches!(result, Err(StoreError::Aborted { interaction: "swallow_an_error" })), "{result:?}");
+    assert_eq!(get_kv(db, "a").await?, None, "nothing was committed, on either engine");
+    assert_eq!(on_exception.get(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_cancelled_while_waiting_to_begin_leaves_no_lock_behind() -> TestResult {
+    let test_db = TestDb::new(store_core::Engine::Sqlite).await?;
+    let db = &test_db.db;
+    create_kv_table(db).await?;
+    // Hold SQLite's write lock so the next BEGIN IMMEDIATE waits on it.
+    let blocker = db.begin("hold_the_write_lock").await?;
+    let waiting = db.run_interaction("waits_to_begin", |txn| {
+        Box::pin(async move { txn.execute("INSERT INTO kv (k, v) VALUES ('late', 1)", &[]).await })
+    });
+    assert!(tokio::time::timeout(std::time::Duration::from_millis(200), waiting).await.is_err());
+    blocker.commit().await?;
+    // Had the abandoned BEGIN left its connection in a transaction, this write
+    // would wait out the busy timeout and fail.
+    let started = std::time::Instant::now();
+    db.run_interaction("write_after_cancel", |txn| {
+        Box::pin(async move { txn.execute("INSERT INTO kv (k, v) VALUES ('a', 1)", &[]).await })
+    })
+    .await?;
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(get_kv(db, "late").await?, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_in_memory_database_survives_a_cancelled_interaction() -> TestResult {
+    let db = store_core::Database::connect("sqlite::memory:").await?;
+    create_kv_table(&db).await?;
+    db.run_interaction("insert", |txn| {
+        Box::pin(async move { txn.execute("INSERT INTO kv (k, v) VALUES ('a', 1)", &[]).await })
+    })
+    .await?;
+    let hanging = db.run_interaction("insert_then_hang", |txn| {
+        Box::pin(async move {
+            txn.execute("INSERT INTO kv (k, v) VALUES ('b', 2)", &[]).await?;
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+    });
+    assert!(tokio::time::timeout(std::time::Duration::from_millis(100), hanging).await.is_err());
+    assert_eq!(get_kv(&db, "a").await?, Some(1), "the database and its data are still there");
+    assert_eq!(get_kv(&db, "b").await?, None);
     Ok(())
 }
