@@ -1,12 +1,69 @@
-//! The events stream: events, the current state of rooms and room memberships.
+//! The `events` and `backfill` streams: events, the current state of rooms and
+//! room memberships.
 //!
-//! This crate is laid out now so the dependency graph is fixed from the start; its
-//! tables, its `EventsReader` (every process) and `EventsWriter` (the stream's
-//! writers) arrive with the stores issue. It depends on `store-core` only, never on
-//! another domain crate.
+//! - [`EventsReader`], used by every process: reads (cached where they are hot),
+//!   the replication catch-up queries, and the worker side of the streams
+//!   ([`EventsReader::process_events_rows`]).
+//! - [`EventsWriter`], built only on the instances configured as the stream's
+//!   writers: persisting a room's events in one transaction.
+//! - [`rows`]: the streams' rows in their wire form.
+//!
+//! This crate depends on `store-core` only, never on another domain crate.
 
 #![warn(missing_docs)]
 
-/// The name of the stream this crate owns, as it appears in `[stream_writers]`,
-/// in `stream_positions` and on the wire.
+mod reader;
+pub mod rows;
+mod writer;
+
+pub use reader::{CURRENT_STATE_CACHES_BY_MEMBER, CURRENT_STATE_CACHES_BY_ROOM, EventsReader, StreamUpdates};
+pub use writer::EventsWriter;
+
+/// The name of the events stream, as in `[stream_writers]`, `stream_positions`
+/// and on the wire.
 pub const EVENTS_STREAM: &str = "events";
+
+/// The name of the backfill stream.
+pub const BACKFILL_STREAM: &str = "backfill";
+
+/// An event to persist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Its ID.
+    pub event_id: String,
+    /// Its type.
+    pub event_type: String,
+    /// Its state key; `Some` makes it a state event.
+    pub state_key: Option<String>,
+    /// Who sent it.
+    pub sender: String,
+    /// When the sender's server says it was sent, in milliseconds.
+    pub origin_server_ts: i64,
+    /// Its content, as JSON text.
+    pub content: String,
+}
+
+impl NewEvent {
+    /// For `m.room.member` events, the membership (`join`, `leave`, …) from the
+    /// content; `None` otherwise or when the content has none.
+    pub fn membership(&self) -> Option<String> {
+        if self.event_type != "m.room.member" {
+            return None;
+        }
+        let content: serde_json::Value = serde_json::from_str(&self.content).ok()?;
+        content.get("membership")?.as_str().map(str::to_owned)
+    }
+}
+
+/// A persisted event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Its position on the `events` stream (negative when backfilled).
+    pub stream_ordering: i64,
+    /// The instance that persisted it.
+    pub instance_name: String,
+    /// Its room.
+    pub room_id: String,
+    /// The event itself.
+    pub event: NewEvent,
+}

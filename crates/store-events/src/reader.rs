@@ -1,0 +1,545 @@
+//! [`EventsReader`]: what every process reads about events, and the worker side
+//! of the `events` and `backfill` streams.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use store_core::{
+    CURRENT_STATE_POKE, Cache, CacheRegistry, CachesStream, Database, MultiWriterConfig,
+    MultiWriterIdGenerator, Row, ServerConfig, StoreError, StreamChangeCache, StreamTable, Transaction,
+};
+
+use crate::rows::{BackfillRow, CurrentStateRow, EventRow, EventsStreamRow};
+use crate::{BACKFILL_STREAM, EVENTS_STREAM, Event, NewEvent};
+
+/// Caches keyed by room that depend on the room's current state. With
+/// [`CURRENT_STATE_CACHES_BY_MEMBER`], the one list both the writer (after its
+/// commit) and every reader (expanding `cs_cache_fake`) invalidate.
+pub const CURRENT_STATE_CACHES_BY_ROOM: &[&str] = &["get_current_state_ids", "get_users_in_room"];
+
+/// Caches keyed by user that depend on that user's membership in rooms.
+pub const CURRENT_STATE_CACHES_BY_MEMBER: &[&str] = &["get_rooms_for_user"];
+
+/// How many distinct positions the change caches remember.
+const CHANGE_CACHE_POSITIONS: usize = 10_000;
+
+/// A batch of stream rows for catch-up: the rows, the token reached, and whether
+/// the limit cut the batch (so more rows remain after the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamUpdates<R> {
+    /// `(token, row)` pairs, ascending by token; several rows may share one.
+    pub rows: Vec<(i64, R)>,
+    /// The token the rows reach.
+    pub token: i64,
+    /// Whether rows remain after `token`.
+    pub limited: bool,
+}
+
+/// Events, current state and memberships, as every process reads them.
+///
+/// Holds the caches in front of the hot reads (`get_event`, current state, the
+/// members of a room, the rooms of a user) and the change caches that let sync
+/// skip rooms and users that did not change. Reads never block writers: they
+/// run in autocommit; the caches are filled race-free (`store_core::Cache`).
+#[derive(Debug)]
+pub struct EventsReader {
+    pub(crate) db: Database,
+    pub(crate) events_ids: MultiWriterIdGenerator,
+    pub(crate) backfill_ids: MultiWriterIdGenerator,
+    pub(crate) caches: Arc<CachesStream>,
+    event_cache: Arc<Cache<String, Arc<Event>>>,
+    current_state_cache: Arc<Cache<String, Arc<BTreeMap<(String, String), String>>>>,
+    users_in_room_cache: Arc<Cache<String, Arc<Vec<String>>>>,
+    rooms_for_user_cache: Arc<Cache<String, Arc<Vec<String>>>>,
+    /// Room → last position an event was persisted in it.
+    pub(crate) room_changes: Arc<StreamChangeCache>,
+    /// User → last position their membership changed.
+    pub(crate) membership_changes: Arc<StreamChangeCache>,
+    /// Room → last position its current state changed.
+    pub(crate) state_changes: Arc<StreamChangeCache>,
+}
+
+fn generator_config(
+    config: &ServerConfig,
+    stream: &str,
+    table_sequence: &str,
+    positive: bool,
+) -> MultiWriterConfig {
+    MultiWriterConfig {
+        stream_name: stream.to_owned(),
+        instance_name: config.instance_name.clone(),
+        tables: vec![StreamTable::new("events", "instance_name", "stream_ordering")],
+        sequence_name: table_sequence.to_owned(),
+        writers: config.writers_for(EVENTS_STREAM),
+        positive,
+        ..MultiWriterConfig::default()
+    }
+}
+
+impl EventsReader {
+    /// Loads the streams' positions on the start-up connection and registers the
+    /// caches (and the `cs_cache_fake` expansion) in the process's registry.
+    pub async fn new(
+        db: Database,
+        conn: &mut Transaction,
+        caches: Arc<CachesStream>,
+        config: &ServerConfig,
+    ) -> Result<EventsReader, StoreError> {
+        let events_ids = MultiWriterIdGenerator::new_in(
+            &db,
+            conn,
+            generator_config(config, EVENTS_STREAM, "events_stream_seq", true),
+        )
+        .await?;
+        let backfill_ids = MultiWriterIdGenerator::new_in(
+            &db,
+            conn,
+            generator_config(config, BACKFILL_STREAM, "events_backfill_stream_seq", false),
+        )
+        .await?;
+        let registry = Arc::clone(caches.registry());
+        let current = events_ids.get_current_token();
+        let reader = EventsReader {
+            event_cache: registry.register("get_event")?,
+            current_state_cache: registry.register("get_current_state_ids")?,
+            users_in_room_cache: registry.register("get_users_in_room")?,
+            rooms_for_user_cache: registry.register("get_rooms_for_user")?,
+            room_changes: Arc::new(StreamChangeCache::new(
+                "events_room_changes",
+                current,
+                CHANGE_CACHE_POSITIONS,
+            )),
+            membership_changes: Arc::new(StreamChangeCache::new(
+                "membership_changes",
+                current,
+                CHANGE_CACHE_POSITIONS,
+            )),
+            state_changes: Arc::new(StreamChangeCache::new(
+                "current_state_changes",
+                current,
+                CHANGE_CACHE_POSITIONS,
+            )),
+            db,
+            events_ids,
+            backfill_ids,
+            caches,
+        };
+        let (membership_changes, state_changes) =
+            (Arc::clone(&reader.membership_changes), Arc::clone(&reader.state_changes));
+        registry.register_expansion(
+            CURRENT_STATE_POKE,
+            Arc::new(move |registry: &CacheRegistry, keys: &[String], token: Option<i64>| {
+                let Some((room_id, members)) = keys.split_first() else { return };
+                invalidate_current_state(registry, room_id, members);
+                if let Some(token) = token {
+                    state_changes.entity_has_changed(room_id, token);
+                    for member in members {
+                        membership_changes.entity_has_changed(member, token);
+                    }
+                }
+            }),
+        )?;
+        Ok(reader)
+    }
+
+    /// The `events` stream's positions, as this process knows them.
+    pub fn events_stream(&self) -> &MultiWriterIdGenerator {
+        &self.events_ids
+    }
+
+    /// The `backfill` stream's positions.
+    pub fn backfill_stream(&self) -> &MultiWriterIdGenerator {
+        &self.backfill_ids
+    }
+
+    /// Which rooms had events after a position.
+    pub fn room_changes(&self) -> &StreamChangeCache {
+        &self.room_changes
+    }
+
+    /// Whose memberships changed after a position.
+    pub fn membership_changes(&self) -> &StreamChangeCache {
+        &self.membership_changes
+    }
+
+    /// Which rooms' current state changed after a position.
+    pub fn state_changes(&self) -> &StreamChangeCache {
+        &self.state_changes
+    }
+
+    /// The event with ID `event_id`, if persisted (cached).
+    pub async fn get_event(&self, event_id: &str) -> Result<Option<Arc<Event>>, StoreError> {
+        if let Some(event) = self.event_cache.get(&event_id.to_owned()) {
+            return Ok(Some(event));
+        }
+        let ticket = self.event_cache.begin_fill(&event_id.to_owned());
+        let id = event_id.to_owned();
+        let event = self
+            .db
+            .run_autocommit("get_event", move |txn| {
+                let id = id.clone();
+                Box::pin(async move {
+                    let row = txn.query_opt(&format!("{SELECT_EVENT} WHERE event_id = $1"), &[&id]).await?;
+                    row.as_ref().map(event_from_row).transpose()
+                })
+            })
+            .await?
+            .map(Arc::new);
+        match &event {
+            Some(event) => {
+                self.event_cache.finish_fill(ticket, Arc::clone(event));
+            }
+            // Nothing to remember: an event that does not exist yet may arrive.
+            None => self.event_cache.cancel_fill(ticket),
+        }
+        Ok(event)
+    }
+
+    /// The events of `room_id` with `from < stream_ordering ≤ to`, oldest first,
+    /// at most `limit`.
+    pub async fn get_room_events(
+        &self,
+        room_id: &str,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let events = self.get_rooms_events(&[room_id], from, to, limit).await?;
+        Ok(events.into_values().next().unwrap_or_default())
+    }
+
+    /// For each of `room_ids`, its events with `from < stream_ordering ≤ to`,
+    /// oldest first, at most `limit` per room (the newest `limit` when cut).
+    pub async fn get_rooms_events(
+        &self,
+        room_ids: &[&str],
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<BTreeMap<String, Vec<Event>>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut by_room = BTreeMap::new();
+        for room_id in room_ids {
+            // Rooms without changes since `from` need no query.
+            if !self.room_changes.has_entity_changed(room_id, from) {
+                by_room.insert((*room_id).to_owned(), Vec::new());
+                continue;
+            }
+            let room = (*room_id).to_owned();
+            let mut events = self
+                .db
+                .run_autocommit("get_room_events", move |txn| {
+                    let room = room.clone();
+                    Box::pin(async move {
+                        let rows = txn
+                            .query(
+                                &format!(
+                                    "{SELECT_EVENT} WHERE room_id = $1 AND stream_ordering > $2 AND stream_ordering <= $3 \
+                                     ORDER BY stream_ordering DESC LIMIT $4"
+                                ),
+                                &[&room, &from, &to, &limit],
+                            )
+                            .await?;
+                        rows.iter().map(event_from_row).collect::<Result<Vec<_>, _>>()
+                    })
+                })
+                .await?;
+            events.reverse();
+            by_room.insert((*room_id).to_owned(), events);
+        }
+        Ok(by_room)
+    }
+
+    /// The current state of `room_id`: (type, state key) → event ID (cached).
+    pub async fn get_current_state_ids(
+        &self,
+        room_id: &str,
+    ) -> Result<Arc<BTreeMap<(String, String), String>>, StoreError> {
+        let room = room_id.to_owned();
+        let db = self.db.clone();
+        self.current_state_cache
+            .get_or_load(room.clone(), || async move {
+                let state = db
+                    .run_autocommit("get_current_state_ids", move |txn| {
+                        let room = room.clone();
+                        Box::pin(async move {
+                            let rows = txn
+                                .query(
+                                    "SELECT type, state_key, event_id FROM current_state_events WHERE room_id = $1",
+                                    &[&room],
+                                )
+                                .await?;
+                            rows.iter()
+                                .map(|row| Ok(((row.get(0)?, row.get(1)?), row.get(2)?)))
+                                .collect::<Result<BTreeMap<_, _>, StoreError>>()
+                        })
+                    })
+                    .await?;
+                Ok(Arc::new(state))
+            })
+            .await
+    }
+
+    /// The users currently joined to `room_id`, sorted (cached).
+    pub async fn get_users_in_room(&self, room_id: &str) -> Result<Arc<Vec<String>>, StoreError> {
+        let room = room_id.to_owned();
+        let db = self.db.clone();
+        self.users_in_room_cache
+            .get_or_load(room.clone(), || async move {
+                let users = db
+                    .run_autocommit("get_users_in_room", move |txn| {
+                        let room = room.clone();
+                        Box::pin(async move {
+                            let rows = txn
+                                .query(
+                                    "SELECT state_key FROM current_state_events \
+                                     WHERE room_id = $1 AND type = 'm.room.member' AND membership = 'join' \
+                                     ORDER BY state_key",
+                                    &[&room],
+                                )
+                                .await?;
+                            rows.iter().map(|row| row.get(0)).collect::<Result<Vec<String>, _>>()
+                        })
+                    })
+                    .await?;
+                Ok(Arc::new(users))
+            })
+            .await
+    }
+
+    /// The rooms `user_id` is currently joined to, sorted (cached).
+    pub async fn get_rooms_for_user(&self, user_id: &str) -> Result<Arc<Vec<String>>, StoreError> {
+        let user = user_id.to_owned();
+        let db = self.db.clone();
+        self.rooms_for_user_cache
+            .get_or_load(user.clone(), || async move {
+                let rooms = db
+                    .run_autocommit("get_rooms_for_user", move |txn| {
+                        let user = user.clone();
+                        Box::pin(async move {
+                            let rows = txn
+                                .query(
+                                    "SELECT room_id FROM current_state_events \
+                                     WHERE type = 'm.room.member' AND state_key = $1 AND membership = 'join' \
+                                     ORDER BY room_id",
+                                    &[&user],
+                                )
+                                .await?;
+                            rows.iter().map(|row| row.get(0)).collect::<Result<Vec<String>, _>>()
+                        })
+                    })
+                    .await?;
+                Ok(Arc::new(rooms))
+            })
+            .await
+    }
+
+    /// Replication catch-up for the `events` stream: `writer`'s rows with
+    /// `from < token ≤ to`, at most `limit` events (each state event also yields
+    /// its `state` row, at the same token).
+    pub async fn get_events_updates(
+        &self,
+        writer: &str,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<StreamUpdates<EventsStreamRow>, StoreError> {
+        if from >= to {
+            return Ok(StreamUpdates { rows: Vec::new(), token: to, limited: false });
+        }
+        let writer = writer.to_owned();
+        let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
+        let events = self
+            .db
+            .run_autocommit("get_events_updates", move |txn| {
+                let writer = writer.clone();
+                Box::pin(async move {
+                    let rows = txn
+                        .query(
+                            &format!(
+                                "{SELECT_EVENT} WHERE instance_name = $1 AND stream_ordering > $2 \
+                                 AND stream_ordering <= $3 ORDER BY stream_ordering LIMIT $4"
+                            ),
+                            &[&writer, &from, &to, &limit_i64],
+                        )
+                        .await?;
+                    rows.iter().map(event_from_row).collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .await?;
+        let limited = events.len() >= limit;
+        let token = match events.last() {
+            Some(last) if limited => last.stream_ordering,
+            _ => to,
+        };
+        let mut rows = Vec::with_capacity(events.len());
+        for event in events {
+            let position = event.stream_ordering;
+            rows.push((position, EventsStreamRow::Event(event_row(&event))));
+            if let Some(state_key) = &event.event.state_key {
+                rows.push((
+                    position,
+                    EventsStreamRow::State(CurrentStateRow {
+                        room_id: event.room_id.clone(),
+                        event_type: event.event.event_type.clone(),
+                        state_key: state_key.clone(),
+                        event_id: Some(event.event.event_id.clone()),
+                    }),
+                ));
+            }
+        }
+        Ok(StreamUpdates { rows, token, limited })
+    }
+
+    /// Replication catch-up for the `backfill` stream, whose wire tokens are the
+    /// negated stream orderings: `writer`'s rows with `from < token ≤ to`.
+    pub async fn get_backfill_updates(
+        &self,
+        writer: &str,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<StreamUpdates<BackfillRow>, StoreError> {
+        if from >= to {
+            return Ok(StreamUpdates { rows: Vec::new(), token: to, limited: false });
+        }
+        let writer = writer.to_owned();
+        let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
+        let events = self
+            .db
+            .run_autocommit("get_backfill_updates", move |txn| {
+                let writer = writer.clone();
+                Box::pin(async move {
+                    let rows = txn
+                        .query(
+                            &format!(
+                                "{SELECT_EVENT} WHERE instance_name = $1 AND stream_ordering < $2 \
+                                 AND stream_ordering >= $3 ORDER BY stream_ordering DESC LIMIT $4"
+                            ),
+                            &[&writer, &-from, &-to, &limit_i64],
+                        )
+                        .await?;
+                    rows.iter().map(event_from_row).collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .await?;
+        let limited = events.len() >= limit;
+        let token = match events.last() {
+            Some(last) if limited => -last.stream_ordering,
+            _ => to,
+        };
+        let rows = events
+            .iter()
+            .map(|event| {
+                let row = BackfillRow {
+                    event_id: event.event.event_id.clone(),
+                    room_id: event.room_id.clone(),
+                    event_type: event.event.event_type.clone(),
+                    state_key: event.event.state_key.clone(),
+                    redacts: None,
+                    relates_to: None,
+                };
+                (-event.stream_ordering, row)
+            })
+            .collect();
+        Ok(StreamUpdates { rows, token, limited })
+    }
+
+    /// Worker side of the `events` stream: applies `rows` that `writer` wrote up
+    /// to `token`. Every cache the rows make stale is invalidated before the
+    /// writer's position moves, so a reader that sees the new position never
+    /// reads a stale cache.
+    pub fn process_events_rows(&self, writer: &str, token: i64, rows: &[EventsStreamRow]) {
+        let registry = self.caches.registry();
+        for row in rows {
+            match row {
+                EventsStreamRow::Event(event) => {
+                    self.event_cache.invalidate(&event.event_id);
+                    self.room_changes.entity_has_changed(&event.room_id, token);
+                    if event.event_type == "m.room.member"
+                        && let Some(user) = &event.state_key
+                    {
+                        self.membership_changes.entity_has_changed(user, token);
+                    }
+                }
+                EventsStreamRow::State(state) => {
+                    let members: &[String] = if state.event_type == "m.room.member" {
+                        std::slice::from_ref(&state.state_key)
+                    } else {
+                        &[]
+                    };
+                    invalidate_current_state(registry, &state.room_id, members);
+                    self.state_changes.entity_has_changed(&state.room_id, token);
+                    for member in members {
+                        self.membership_changes.entity_has_changed(member, token);
+                    }
+                }
+                EventsStreamRow::StateAll { room_id } => {
+                    invalidate_current_state(registry, room_id, &[]);
+                    for cache in CURRENT_STATE_CACHES_BY_MEMBER {
+                        registry.invalidate_all_of(cache);
+                    }
+                    self.state_changes.entity_has_changed(room_id, token);
+                    self.membership_changes.all_entities_changed(token);
+                }
+            }
+        }
+        self.events_ids.advance(writer, token);
+    }
+
+    /// Worker side of the `backfill` stream (wire tokens are negated orderings).
+    pub fn process_backfill_rows(&self, writer: &str, token: i64, rows: &[BackfillRow]) {
+        for row in rows {
+            self.event_cache.invalidate(&row.event_id);
+        }
+        self.backfill_ids.advance(writer, -token);
+    }
+}
+
+/// Invalidates every cache that depends on `room_id`'s current state, and the
+/// per-user ones of `members`: the one list ([`CURRENT_STATE_CACHES_BY_ROOM`],
+/// [`CURRENT_STATE_CACHES_BY_MEMBER`]) the writer and every reader use.
+pub(crate) fn invalidate_current_state(registry: &CacheRegistry, room_id: &str, members: &[String]) {
+    let room_key = [room_id.to_owned()];
+    for cache in CURRENT_STATE_CACHES_BY_ROOM {
+        registry.invalidate_key(cache, &room_key);
+    }
+    for member in members {
+        for cache in CURRENT_STATE_CACHES_BY_MEMBER {
+            registry.invalidate_key(cache, std::slice::from_ref(member));
+        }
+    }
+}
+
+pub(crate) const SELECT_EVENT: &str = "SELECT stream_ordering, instance_name, event_id, room_id, type, state_key, sender, \
+     origin_server_ts, content FROM events";
+
+pub(crate) fn event_from_row(row: &Row) -> Result<Event, StoreError> {
+    Ok(Event {
+        stream_ordering: row.get(0)?,
+        instance_name: row.get(1)?,
+        room_id: row.get(3)?,
+        event: NewEvent {
+            event_id: row.get(2)?,
+            event_type: row.get(4)?,
+            state_key: row.get(5)?,
+            sender: row.get(6)?,
+            origin_server_ts: row.get(7)?,
+            content: row.get(8)?,
+        },
+    })
+}
+
+pub(crate) fn event_row(event: &Event) -> EventRow {
+    EventRow {
+        event_id: event.event.event_id.clone(),
+        room_id: event.room_id.clone(),
+        event_type: event.event.event_type.clone(),
+        state_key: event.event.state_key.clone(),
+        redacts: None,
+        relates_to: None,
+        membership: event.event.membership(),
+        rejected: false,
+        outlier: false,
+    }
+}

@@ -1,0 +1,332 @@
+//! store-events against real PostgreSQL and SQLite: persisting and reading back,
+//! catch-up queries, cache invalidation on the writer and on a worker, and two
+//! writers at once.
+
+use std::sync::Arc;
+
+use server_config::{Overrides, Role, ServerConfig};
+use store_core::{CacheRegistry, CachesRow, CachesStream, Database, Engine, StoreError};
+use store_events::rows::EventsStreamRow;
+use store_events::{EventsReader, EventsWriter, NewEvent};
+use store_test_support::{TestDb, TestResult, engine_tests};
+
+const ROOM: &str = "!room:example.com";
+
+fn single_process(url: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
+    let overrides = Overrides { database_url: Some(url.to_owned()), ..Overrides::default() };
+    Ok(ServerConfig::defaults(Role::Master, &overrides)?)
+}
+
+/// A deployment where `writers` write events and every process talks over Redis.
+fn deployment(
+    url: &str,
+    instance: &str,
+    writers: &[&str],
+) -> Result<ServerConfig, Box<dyn std::error::Error>> {
+    let role = if instance == "master" { Role::Master } else { Role::Worker };
+    let mut text = format!(
+        "server_name = \"test\"\ninstance_name = \"{instance}\"\n[database]\nurl = \"{url}\"\n\
+         [replication]\nredis = \"redis://127.0.0.1:6379\"\n[stream_writers]\nevents = {writers:?}\n[instance_map]\n"
+    );
+    for (port, writer) in writers.iter().enumerate() {
+        text.push_str(&format!("{writer} = \"127.0.0.1:{}\"\n", 8100 + port));
+    }
+    Ok(ServerConfig::from_toml_str(&text, role)?)
+}
+
+struct Process {
+    caches: Arc<CachesStream>,
+    reader: Option<EventsReader>,
+    writer: Option<EventsWriter>,
+}
+
+impl Process {
+    fn reader(&self) -> &EventsReader {
+        match (&self.writer, &self.reader) {
+            (Some(writer), _) => writer.reader(),
+            (None, Some(reader)) => reader,
+            (None, None) => unreachable!("a process has one or the other"),
+        }
+    }
+    fn writer(&self) -> &EventsWriter {
+        self.writer.as_ref().expect("this process writes events")
+    }
+}
+
+async fn start(db: &Database, config: &ServerConfig) -> Result<Process, StoreError> {
+    let registry = CacheRegistry::new(config.caches.clone());
+    let mut conn = db.begin("build_stores").await?;
+    let caches = Arc::new(CachesStream::new(db.clone(), &mut conn, config, registry).await?);
+    let process = if config.is_writer_for("events") {
+        let writer = EventsWriter::new(db.clone(), &mut conn, Arc::clone(&caches), config).await?;
+        Process { caches, reader: None, writer: Some(writer) }
+    } else {
+        let reader = EventsReader::new(db.clone(), &mut conn, Arc::clone(&caches), config).await?;
+        Process { caches, reader: Some(reader), writer: None }
+    };
+    conn.commit().await?;
+    Ok(process)
+}
+
+fn member(id: &str, user: &str, membership: &str) -> NewEvent {
+    NewEvent {
+        event_id: id.to_owned(),
+        event_type: "m.room.member".to_owned(),
+        state_key: Some(user.to_owned()),
+        sender: user.to_owned(),
+        origin_server_ts: 1,
+        content: format!(r#"{{"membership":"{membership}"}}"#),
+    }
+}
+
+fn message(id: &str, sender: &str) -> NewEvent {
+    NewEvent {
+        event_id: id.to_owned(),
+        event_type: "m.room.message".to_owned(),
+        state_key: None,
+        sender: sender.to_owned(),
+        origin_server_ts: 2,
+        content: r#"{"body":"hello"}"#.to_owned(),
+    }
+}
+
+fn topic(id: &str, text: &str) -> NewEvent {
+    NewEvent {
+        event_id: id.to_owned(),
+        event_type: "m.room.topic".to_owned(),
+        state_key: Some(String::new()),
+        sender: "@alice:example.com".to_owned(),
+        origin_server_ts: 3,
+        content: format!(r#"{{"topic":"{text}"}}"#),
+    }
+}
+
+engine_tests!(
+    persisted_events_read_back,
+    catch_up_queries_cut_at_the_limit,
+    writes_invalidate_the_caches_they_make_stale,
+    backfilled_events_count_down
+);
+
+async fn persisted_events_read_back(test_db: TestDb) -> TestResult {
+    let process = start(&test_db.db, &single_process(&test_db.url)?).await?;
+    let writer = process.writer();
+    let before = writer.reader().events_stream().get_current_token();
+    let ids = writer
+        .persist_events(
+            ROOM,
+            &[
+                member("$a", "@alice:example.com", "join"),
+                message("$m1", "@alice:example.com"),
+                topic("$t", "one"),
+            ],
+        )
+        .await?;
+    assert_eq!(ids.len(), 3);
+    assert!(ids.windows(2).all(|pair| pair[0] < pair[1]));
+    let reader = writer.reader();
+    assert_eq!(reader.events_stream().get_current_token(), ids[2]);
+
+    let event = reader.get_event("$m1").await?.ok_or("persisted")?;
+    assert_eq!(
+        (event.stream_ordering, event.room_id.as_str(), event.event.sender.as_str()),
+        (ids[1], ROOM, "@alice:example.com")
+    );
+    assert_eq!(reader.get_event("$nope").await?, None);
+
+    let timeline = reader.get_room_events(ROOM, before, ids[2], 10).await?;
+    assert_eq!(timeline.iter().map(|e| e.event.event_id.as_str()).collect::<Vec<_>>(), ["$a", "$m1", "$t"]);
+    let newest_two = reader.get_room_events(ROOM, before, ids[2], 2).await?;
+    assert_eq!(newest_two.iter().map(|e| e.event.event_id.as_str()).collect::<Vec<_>>(), ["$m1", "$t"]);
+
+    let state = reader.get_current_state_ids(ROOM).await?;
+    assert_eq!(state.len(), 2);
+    assert_eq!(state.get(&("m.room.topic".to_owned(), String::new())).map(String::as_str), Some("$t"));
+    assert_eq!(*reader.get_users_in_room(ROOM).await?, ["@alice:example.com"]);
+    assert_eq!(*reader.get_rooms_for_user("@alice:example.com").await?, [ROOM]);
+    assert!(reader.get_rooms_for_user("@bob:example.com").await?.is_empty());
+    Ok(())
+}
+
+async fn catch_up_queries_cut_at_the_limit(test_db: TestDb) -> TestResult {
+    let process = start(&test_db.db, &single_process(&test_db.url)?).await?;
+    let writer = process.writer();
+    let before = writer.reader().events_stream().get_current_token();
+    let ids = writer
+        .persist_events(
+            ROOM,
+            &[
+                member("$a", "@alice:example.com", "join"),
+                message("$m1", "@alice:example.com"),
+                message("$m2", "@alice:example.com"),
+            ],
+        )
+        .await?;
+    let reader = writer.reader();
+    let current = reader.events_stream().get_current_token();
+
+    let all = reader.get_events_updates("master", before, current, 10).await?;
+    assert!(!all.limited);
+    assert_eq!(all.token, current);
+    // The member event yields its `ev` row and its `state` row at one token.
+    assert_eq!(all.rows.len(), 4);
+    assert_eq!(all.rows[0].0, ids[0]);
+    assert!(
+        matches!(&all.rows[1].1, EventsStreamRow::State(state) if state.state_key == "@alice:example.com")
+    );
+
+    let first = reader.get_events_updates("master", before, current, 2).await?;
+    assert!(first.limited);
+    assert_eq!(first.token, ids[1]);
+    let rest = reader.get_events_updates("master", first.token, current, 2).await?;
+    assert!(!rest.limited);
+    assert_eq!(rest.rows.iter().map(|(token, _)| *token).collect::<Vec<_>>(), [ids[2]]);
+    assert!(reader.get_events_updates("someone_else", before, current, 10).await?.rows.is_empty());
+    Ok(())
+}
+
+async fn writes_invalidate_the_caches_they_make_stale(test_db: TestDb) -> TestResult {
+    let process = start(&test_db.db, &single_process(&test_db.url)?).await?;
+    let writer = process.writer();
+    let reader = writer.reader();
+    writer.persist_events(ROOM, &[member("$a", "@alice:example.com", "join"), topic("$t1", "one")]).await?;
+    // Fill every cache.
+    let state = reader.get_current_state_ids(ROOM).await?;
+    assert_eq!(*reader.get_users_in_room(ROOM).await?, ["@alice:example.com"]);
+    assert!(reader.get_rooms_for_user("@bob:example.com").await?.is_empty());
+
+    writer.persist_events(ROOM, &[member("$b", "@bob:example.com", "join"), topic("$t2", "two")]).await?;
+    let fresh = reader.get_current_state_ids(ROOM).await?;
+    assert_ne!(fresh, state, "get_current_state_ids was invalidated");
+    assert_eq!(fresh.get(&("m.room.topic".to_owned(), String::new())).map(String::as_str), Some("$t2"));
+    assert_eq!(*reader.get_users_in_room(ROOM).await?, ["@alice:example.com", "@bob:example.com"]);
+    assert_eq!(*reader.get_rooms_for_user("@bob:example.com").await?, [ROOM]);
+
+    writer.persist_events(ROOM, &[member("$c", "@alice:example.com", "leave")]).await?;
+    assert_eq!(*reader.get_users_in_room(ROOM).await?, ["@bob:example.com"]);
+    assert!(reader.get_rooms_for_user("@alice:example.com").await?.is_empty());
+
+    // A message changes no state: the state caches keep serving hits.
+    reader.get_current_state_ids(ROOM).await?;
+    let hits_before = process.caches.registry().stats()["get_current_state_ids"].0.hits;
+    writer.persist_events(ROOM, &[message("$m", "@bob:example.com")]).await?;
+    reader.get_current_state_ids(ROOM).await?;
+    assert_eq!(process.caches.registry().stats()["get_current_state_ids"].0.hits, hits_before + 1);
+    Ok(())
+}
+
+async fn backfilled_events_count_down(test_db: TestDb) -> TestResult {
+    let process = start(&test_db.db, &single_process(&test_db.url)?).await?;
+    let writer = process.writer();
+    let ids = writer
+        .persist_backfilled_events(
+            ROOM,
+            &[message("$old1", "@x:example.com"), message("$old2", "@x:example.com")],
+        )
+        .await?;
+    assert!(ids.iter().all(|id| *id < 0), "{ids:?}");
+    let reader = writer.reader();
+    let current = reader.backfill_stream().get_current_token();
+    assert_eq!(current, ids[1]);
+    // On the wire the backfill stream's tokens are positive.
+    let updates = reader.get_backfill_updates("master", 1, -current, 10).await?;
+    assert_eq!(
+        updates.rows.iter().map(|(token, row)| (*token, row.event_id.as_str())).collect::<Vec<_>>(),
+        [(-ids[0], "$old1"), (-ids[1], "$old2")]
+    );
+    assert_eq!(reader.get_event("$old2").await?.map(|e| e.stream_ordering), Some(ids[1]));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_applying_rows_serves_fresh_state() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let master = start(&test_db.db, &deployment(&test_db.url, "master", &["master"])?).await?;
+    let worker_db = test_db.reconnect().await?;
+    let worker = start(&worker_db, &deployment(&test_db.url, "worker1", &["master"])?).await?;
+    let writer = master.writer();
+    writer.persist_events(ROOM, &[member("$a", "@alice:example.com", "join")]).await?;
+    let reader = worker.reader();
+    // The worker learns of the first batch by catching up.
+    let events_from = reader.events_stream().get_current_token_for_writer("master");
+    let caches_from = worker.caches.current_token("master");
+    let current = writer.reader().events_stream().get_current_token_for_writer("master");
+    let updates = reader.get_events_updates("master", events_from, current, 100).await?;
+    for (token, row) in &updates.rows {
+        reader.process_events_rows("master", *token, std::slice::from_ref(row));
+    }
+    assert_eq!(reader.events_stream().get_current_token_for_writer("master"), current);
+    // Fill the worker's caches.
+    assert_eq!(*reader.get_users_in_room(ROOM).await?, ["@alice:example.com"]);
+    assert!(reader.get_rooms_for_user("@bob:example.com").await?.is_empty());
+    let state_before = reader.get_current_state_ids(ROOM).await?;
+
+    // Bob joins: one `caches` row, however many caches depend on the state.
+    let caches_before = master.caches.current_token("master");
+    writer.persist_events(ROOM, &[member("$b", "@bob:example.com", "join")]).await?;
+    let caches_now = master.caches.current_token("master");
+    let caches_rows =
+        worker.caches.get_updates_since("master", caches_from.max(caches_before), caches_now, 100).await?;
+    let pokes: Vec<&CachesRow> =
+        caches_rows.0.iter().map(|(_, row)| row).filter(|row| row.cache_func == "cs_cache_fake").collect();
+    assert_eq!(pokes.len(), 1, "{caches_rows:?}");
+    assert_eq!(pokes[0].keys.as_deref(), Some(&[ROOM.to_owned(), "@bob:example.com".to_owned()][..]));
+
+    // The worker applies the caches rows: state, members and rooms per user are fresh.
+    let rows: Vec<CachesRow> = caches_rows.0.into_iter().map(|(_, row)| row).collect();
+    worker.caches.apply_rows("master", caches_rows.1, &rows);
+    assert_ne!(reader.get_current_state_ids(ROOM).await?, state_before);
+    assert_eq!(*reader.get_users_in_room(ROOM).await?, ["@alice:example.com", "@bob:example.com"]);
+    assert_eq!(*reader.get_rooms_for_user("@bob:example.com").await?, [ROOM]);
+    assert!(reader.state_changes().has_entity_changed(ROOM, caches_before));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_persist_into_one_stream_at_once() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let writers = ["persister1", "persister2"];
+    let mut processes = Vec::new();
+    for writer in writers {
+        let db = test_db.reconnect().await?;
+        processes.push(Arc::new(start(&db, &deployment(&test_db.url, writer, &writers)?).await?));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, process) in processes.iter().enumerate() {
+        for task in 0..4 {
+            let process = Arc::clone(process);
+            tasks.spawn(async move {
+                for n in 0..10 {
+                    // Both writers also write into one shared room.
+                    let room = if n % 2 == 0 {
+                        "!shared:example.com".to_owned()
+                    } else {
+                        format!("!own{index}:example.com")
+                    };
+                    let user = format!("@u{index}_{task}_{n}:example.com");
+                    process
+                        .writer()
+                        .persist_events(&room, &[member(&format!("$e{index}_{task}_{n}"), &user, "join")])
+                        .await?;
+                }
+                Ok::<(), StoreError>(())
+            });
+        }
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    let reader = processes[0].reader();
+    let members = reader.get_users_in_room("!shared:example.com").await?;
+    assert_eq!(members.len(), 40, "every join from both writers is in the room's current state");
+    let count: i64 = test_db
+        .db
+        .run_autocommit("count", |txn| {
+            Box::pin(async move {
+                txn.query_one("SELECT COUNT(DISTINCT stream_ordering) FROM events", &[]).await?.get(0)
+            })
+        })
+        .await?;
+    assert_eq!(count, 80);
+    Ok(())
+}
