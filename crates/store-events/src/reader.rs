@@ -20,6 +20,9 @@ pub const CURRENT_STATE_CACHES_BY_ROOM: &[&str] = &["get_current_state_ids", "ge
 /// Caches keyed by user that depend on that user's membership in rooms.
 pub const CURRENT_STATE_CACHES_BY_MEMBER: &[&str] = &["get_rooms_for_user"];
 
+/// A room's current state: (type, state key) → event ID.
+pub type StateMap = BTreeMap<(String, String), String>;
+
 /// How many distinct positions the change caches remember.
 const CHANGE_CACHE_POSITIONS: usize = 10_000;
 
@@ -48,7 +51,7 @@ pub struct EventsReader {
     pub(crate) backfill_ids: MultiWriterIdGenerator,
     pub(crate) caches: Arc<CachesStream>,
     event_cache: Arc<Cache<String, Arc<Event>>>,
-    current_state_cache: Arc<Cache<String, Arc<BTreeMap<(String, String), String>>>>,
+    current_state_cache: Arc<Cache<String, Arc<StateMap>>>,
     users_in_room_cache: Arc<Cache<String, Arc<Vec<String>>>>,
     rooms_for_user_cache: Arc<Cache<String, Arc<Vec<String>>>>,
     /// Room → last position an event was persisted in it.
@@ -251,10 +254,7 @@ impl EventsReader {
     }
 
     /// The current state of `room_id`: (type, state key) → event ID (cached).
-    pub async fn get_current_state_ids(
-        &self,
-        room_id: &str,
-    ) -> Result<Arc<BTreeMap<(String, String), String>>, StoreError> {
+    pub async fn get_current_state_ids(&self, room_id: &str) -> Result<Arc<StateMap>, StoreError> {
         let room = room_id.to_owned();
         let db = self.db.clone();
         self.current_state_cache
