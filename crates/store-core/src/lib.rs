@@ -26,6 +26,7 @@ mod id_generator;
 mod migrate;
 mod sql;
 mod store;
+mod stream;
 mod transaction;
 mod value;
 
@@ -41,6 +42,7 @@ pub use id_generator::{
 };
 pub use migrate::{MigrationReport, latest_version};
 pub use store::{HasDatabase, Store, build_store};
+pub use stream::StreamUpdates;
 pub use transaction::Transaction;
 pub use value::{ColumnIndex, FromSqlValue, Row, SqlValue, ToSqlValue, Value};
 

@@ -16,9 +16,7 @@ mod reader;
 pub mod rows;
 mod writer;
 
-pub use reader::{
-    CURRENT_STATE_CACHES_BY_MEMBER, CURRENT_STATE_CACHES_BY_ROOM, EventsReader, StateMap, StreamUpdates,
-};
+pub use reader::{CURRENT_STATE_CACHES_BY_MEMBER, CURRENT_STATE_CACHES_BY_ROOM, EventsReader, StateMap};
 pub use writer::EventsWriter;
 
 /// The name of the events stream, as in `[stream_writers]`, `stream_positions`

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use store_core::{
     CURRENT_STATE_POKE, Cache, CacheRegistry, CachesStream, Database, MultiWriterConfig,
-    MultiWriterIdGenerator, Row, ServerConfig, StoreError, StreamChangeCache, StreamTable, Transaction,
+    MultiWriterIdGenerator, Row, ServerConfig, StoreError, StreamChangeCache, StreamTable, StreamUpdates,
+    Transaction,
 };
 
 use crate::rows::{BackfillRow, CurrentStateRow, EventRow, EventsStreamRow};
@@ -25,18 +26,6 @@ pub type StateMap = BTreeMap<(String, String), String>;
 
 /// How many distinct positions the change caches remember.
 const CHANGE_CACHE_POSITIONS: usize = 10_000;
-
-/// A batch of stream rows for catch-up: the rows, the token reached, and whether
-/// the limit cut the batch (so more rows remain after the token).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamUpdates<R> {
-    /// `(token, row)` pairs, ascending by token; several rows may share one.
-    pub rows: Vec<(i64, R)>,
-    /// The token the rows reach.
-    pub token: i64,
-    /// Whether rows remain after `token`.
-    pub limited: bool,
-}
 
 /// Events, current state and memberships, as every process reads them.
 ///
@@ -345,7 +334,7 @@ impl EventsReader {
         limit: usize,
     ) -> Result<StreamUpdates<EventsStreamRow>, StoreError> {
         if from >= to {
-            return Ok(StreamUpdates { rows: Vec::new(), token: to, limited: false });
+            return Ok(StreamUpdates::empty(to));
         }
         let writer = writer.to_owned();
         let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -401,7 +390,7 @@ impl EventsReader {
         limit: usize,
     ) -> Result<StreamUpdates<BackfillRow>, StoreError> {
         if from >= to {
-            return Ok(StreamUpdates { rows: Vec::new(), token: to, limited: false });
+            return Ok(StreamUpdates::empty(to));
         }
         let writer = writer.to_owned();
         let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);

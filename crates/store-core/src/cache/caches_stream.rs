@@ -9,7 +9,8 @@ use server_config::ServerConfig;
 
 use super::CacheRegistry;
 use crate::{
-    Database, Engine, MultiWriterConfig, MultiWriterIdGenerator, StoreError, StreamTable, Transaction,
+    Database, Engine, MultiWriterConfig, MultiWriterIdGenerator, StoreError, StreamTable, StreamUpdates,
+    Transaction,
 };
 
 /// The magic cache name of the batched current-state poke: keys are the room,
@@ -229,9 +230,7 @@ impl CachesStream {
         }
     }
 
-    /// Catch-up: `writer`'s rows after `from`, oldest first, at most `limit`.
-    /// Returns the rows with their IDs, the token reached and whether the limit
-    /// cut the result. Not bounded above by `current`: invalidations are
+    /// Catch-up: `writer`'s rows after `from`, oldest first, at most `limit`. Not bounded above by `current`: invalidations are
     /// idempotent, so sending one early is harmless.
     pub async fn get_updates_since(
         &self,
@@ -239,9 +238,9 @@ impl CachesStream {
         from: i64,
         current: i64,
         limit: usize,
-    ) -> Result<(Vec<(i64, CachesRow)>, i64, bool), StoreError> {
+    ) -> Result<StreamUpdates<CachesRow>, StoreError> {
         if from == current {
-            return Ok((Vec::new(), current, false));
+            return Ok(StreamUpdates::empty(current));
         }
         let writer = writer.to_owned();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -275,7 +274,7 @@ impl CachesStream {
             Some((last, _)) if limited => *last,
             _ => current,
         };
-        Ok((rows, token, limited))
+        Ok(StreamUpdates { rows, token, limited })
     }
 
     /// Deletes up to `batch` rows older than the retention period, oldest first;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use server_config::{Overrides, Role, ServerConfig};
 use store_core::{
     CURRENT_STATE_POKE, Cache, CacheRegistry, CachesRow, CachesStream, Database, Engine, StoreError,
+    StreamUpdates,
 };
 use store_test_support::{TestDb, TestResult, engine_tests};
 
@@ -133,7 +134,8 @@ async fn rows_reach_a_worker_which_invalidates_then_advances() -> TestResult {
     assert!(current > before);
 
     // The worker catches up from the database, as after a gap in replication.
-    let (rows, token, limited) = worker.stream.get_updates_since("master", before, current, 100).await?;
+    let StreamUpdates { rows, token, limited } =
+        worker.stream.get_updates_since("master", before, current, 100).await?;
     assert!(!limited);
     assert_eq!(token, current);
     assert_eq!(rows.len(), 2);
@@ -147,7 +149,8 @@ async fn rows_reach_a_worker_which_invalidates_then_advances() -> TestResult {
     assert_eq!(worker.stream.current_token("master"), token);
 
     // A limit cuts the result at the last row returned.
-    let (rows, token, limited) = worker.stream.get_updates_since("master", before, current, 1).await?;
+    let StreamUpdates { rows, token, limited } =
+        worker.stream.get_updates_since("master", before, current, 1).await?;
     assert!(limited);
     assert_eq!(rows.len(), 1);
     assert_eq!(token, rows[0].0);
@@ -188,8 +191,8 @@ async fn a_current_state_change_is_one_row_per_fifty_members() -> TestResult {
         let expected = members_changed.len().div_ceil(50).max(1);
         assert_eq!(written, i64::try_from(expected)?, "{} members changed", members_changed.len());
     }
-    let (rows, _, _) =
-        master.stream.get_updates_since("master", 1, master.stream.current_token("master"), 100).await?;
+    let rows =
+        master.stream.get_updates_since("master", 1, master.stream.current_token("master"), 100).await?.rows;
     let keys: Vec<Vec<String>> = rows.into_iter().filter_map(|(_, row)| row.keys).collect();
     assert_eq!(keys[0], ["!r:example.com"]);
     assert_eq!(keys[1].len(), 51);

@@ -268,13 +268,14 @@ async fn a_worker_applying_rows_serves_fresh_state() -> TestResult {
     let caches_rows =
         worker.caches.get_updates_since("master", caches_from.max(caches_before), caches_now, 100).await?;
     let pokes: Vec<&CachesRow> =
-        caches_rows.0.iter().map(|(_, row)| row).filter(|row| row.cache_func == "cs_cache_fake").collect();
+        caches_rows.rows.iter().map(|(_, row)| row).filter(|row| row.cache_func == "cs_cache_fake").collect();
     assert_eq!(pokes.len(), 1, "{caches_rows:?}");
     assert_eq!(pokes[0].keys.as_deref(), Some(&[ROOM.to_owned(), "@bob:example.com".to_owned()][..]));
 
     // The worker applies the caches rows: state, members and rooms per user are fresh.
-    let rows: Vec<CachesRow> = caches_rows.0.into_iter().map(|(_, row)| row).collect();
-    worker.caches.apply_rows("master", caches_rows.1, &rows);
+    let token = caches_rows.token;
+    let rows: Vec<CachesRow> = caches_rows.rows.into_iter().map(|(_, row)| row).collect();
+    worker.caches.apply_rows("master", token, &rows);
     assert_ne!(reader.get_current_state_ids(ROOM).await?, state_before);
     assert_eq!(*reader.get_users_in_room(ROOM).await?, ["@alice:example.com", "@bob:example.com"]);
     assert_eq!(*reader.get_rooms_for_user("@bob:example.com").await?, [ROOM]);
