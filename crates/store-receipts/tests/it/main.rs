@@ -1,0 +1,150 @@
+//! store-receipts against real PostgreSQL and SQLite.
+
+use std::sync::Arc;
+
+use server_config::{Overrides, Role, ServerConfig};
+use store_core::{CacheRegistry, CachesStream, Database, Engine, StoreError};
+use store_receipts::{ReceiptRow, ReceiptsReader, ReceiptsWriter};
+use store_test_support::{TestDb, TestResult, engine_tests};
+
+fn single_process(url: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
+    let overrides = Overrides { database_url: Some(url.to_owned()), ..Overrides::default() };
+    Ok(ServerConfig::defaults(Role::Master, &overrides)?)
+}
+
+fn worker_config(url: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
+    Ok(ServerConfig::from_toml_str(
+        &format!(
+            "server_name = \"test\"\ninstance_name = \"worker1\"\n[database]\nurl = \"{url}\"\n\
+             [replication]\nredis = \"redis://127.0.0.1:6379\"\n"
+        ),
+        Role::Worker,
+    )?)
+}
+
+async fn caches(
+    db: &Database,
+    conn: &mut store_core::Transaction,
+    config: &ServerConfig,
+) -> Result<CachesStream, StoreError> {
+    CachesStream::new(db.clone(), conn, config, CacheRegistry::new(config.caches.clone())).await
+}
+
+async fn writer(
+    db: &Database,
+    config: &ServerConfig,
+) -> Result<(Arc<CachesStream>, ReceiptsWriter), StoreError> {
+    let mut conn = db.begin("build_stores").await?;
+    let caches = Arc::new(caches(db, &mut conn, config).await?);
+    let writer = ReceiptsWriter::new(db.clone(), &mut conn, &caches, config).await?;
+    conn.commit().await?;
+    Ok((caches, writer))
+}
+
+fn receipt(room: &str, user: &str, event: &str, thread: Option<&str>) -> ReceiptRow {
+    ReceiptRow {
+        room_id: room.to_owned(),
+        receipt_type: "m.read".to_owned(),
+        user_id: user.to_owned(),
+        event_id: event.to_owned(),
+        thread_id: thread.map(str::to_owned),
+        data: serde_json::json!({"ts": 1}),
+    }
+}
+
+fn events_of(receipts: &[ReceiptRow]) -> Vec<(&str, &str)> {
+    receipts.iter().map(|r| (r.user_id.as_str(), r.event_id.as_str())).collect()
+}
+
+engine_tests!(
+    one_current_receipt_per_user_type_and_thread,
+    writes_invalidate_exactly_the_stale_caches,
+    changed_rooms_and_catch_up
+);
+
+async fn one_current_receipt_per_user_type_and_thread(test_db: TestDb) -> TestResult {
+    let (_caches, writer) = writer(&test_db.db, &single_process(&test_db.url)?).await?;
+    let first = writer.insert_receipt(&receipt("!r", "@a", "$1", None)).await?;
+    let second = writer.insert_receipt(&receipt("!r", "@a", "$2", None)).await?;
+    writer.insert_receipt(&receipt("!r", "@a", "$t1", Some("$thread"))).await?;
+    writer.insert_receipt(&receipt("!r", "@b", "$1", None)).await?;
+    assert!(second > first);
+    let reader = writer.reader();
+    let receipts = reader.get_receipts_for_room("!r", "m.read").await?;
+    assert_eq!(events_of(&receipts), [("@a", "$2"), ("@a", "$t1"), ("@b", "$1")]);
+    assert_eq!(reader.get_last_receipt_event_id_for_user("@a", "!r", "m.read").await?.as_deref(), Some("$2"));
+    assert_eq!(reader.get_last_receipt_event_id_for_user("@c", "!r", "m.read").await?, None);
+    Ok(())
+}
+
+async fn writes_invalidate_exactly_the_stale_caches(test_db: TestDb) -> TestResult {
+    let (caches, writer) = writer(&test_db.db, &single_process(&test_db.url)?).await?;
+    let reader = writer.reader();
+    writer.insert_receipt(&receipt("!r", "@a", "$1", None)).await?;
+    writer.insert_receipt(&receipt("!other", "@a", "$9", None)).await?;
+    // Fill the caches.
+    reader.get_receipts_for_room("!r", "m.read").await?;
+    reader.get_receipts_for_room("!other", "m.read").await?;
+    assert_eq!(reader.get_last_receipt_event_id_for_user("@a", "!r", "m.read").await?.as_deref(), Some("$1"));
+
+    writer.insert_receipt(&receipt("!r", "@a", "$2", None)).await?;
+    assert_eq!(events_of(&reader.get_receipts_for_room("!r", "m.read").await?), [("@a", "$2")]);
+    assert_eq!(reader.get_last_receipt_event_id_for_user("@a", "!r", "m.read").await?.as_deref(), Some("$2"));
+    // The other room's entry was not stale, so it was kept: this read is a hit.
+    let hits = caches.registry().stats()["get_receipts_for_room"].0.hits;
+    reader.get_receipts_for_room("!other", "m.read").await?;
+    assert_eq!(caches.registry().stats()["get_receipts_for_room"].0.hits, hits + 1);
+    Ok(())
+}
+
+async fn changed_rooms_and_catch_up(test_db: TestDb) -> TestResult {
+    let (_caches, writer) = writer(&test_db.db, &single_process(&test_db.url)?).await?;
+    let reader = writer.reader();
+    let start = reader.stream().get_current_token();
+    let a = writer.insert_receipt(&receipt("!a", "@u", "$1", None)).await?;
+    let b = writer.insert_receipt(&receipt("!b", "@u", "$2", None)).await?;
+    let current = reader.stream().get_current_token();
+    assert_eq!(current, b);
+    assert!(!reader.room_changes().has_entity_changed("!a", a));
+    let since_a = reader.get_receipts_for_rooms_since(&["!a", "!b", "!c"], a, current).await?;
+    assert_eq!(since_a.iter().map(|r| r.room_id.as_str()).collect::<Vec<_>>(), ["!b"]);
+
+    let cut = reader.get_receipts_updates("master", start, current, 1).await?;
+    assert!(cut.limited);
+    assert_eq!(cut.token, a);
+    let rest = reader.get_receipts_updates("master", cut.token, current, 1).await?;
+    assert_eq!(rest.rows.iter().map(|(id, r)| (*id, r.room_id.as_str())).collect::<Vec<_>>(), [(b, "!b")]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_applying_rows_serves_fresh_receipts() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let (_master_caches, writer) = writer(&test_db.db, &single_process(&test_db.url)?).await?;
+    let worker_db = test_db.reconnect().await?;
+    let config = worker_config(&test_db.url)?;
+    let mut conn = worker_db.begin("build_worker").await?;
+    let worker_caches = caches(&worker_db, &mut conn, &config).await?;
+    let reader = ReceiptsReader::new(worker_db.clone(), &mut conn, &worker_caches, &config).await?;
+    conn.commit().await?;
+    assert!(matches!(reader.stream().get_next().await, Err(StoreError::NotAWriter { .. })));
+
+    writer.insert_receipt(&receipt("!r", "@a", "$1", None)).await?;
+    let from = reader.stream().get_current_token_for_writer("master");
+    let mut to = writer.reader().stream().get_current_token_for_writer("master");
+    let updates = reader.get_receipts_updates("master", from, to, 100).await?;
+    let rows: Vec<ReceiptRow> = updates.rows.iter().map(|(_, row)| row.clone()).collect();
+    reader.process_receipts_rows("master", updates.token, &rows);
+    assert_eq!(reader.get_last_receipt_event_id_for_user("@a", "!r", "m.read").await?.as_deref(), Some("$1"));
+
+    writer.insert_receipt(&receipt("!r", "@a", "$2", None)).await?;
+    let from = to;
+    to = writer.reader().stream().get_current_token_for_writer("master");
+    let updates = reader.get_receipts_updates("master", from, to, 100).await?;
+    let rows: Vec<ReceiptRow> = updates.rows.iter().map(|(_, row)| row.clone()).collect();
+    reader.process_receipts_rows("master", updates.token, &rows);
+    assert_eq!(reader.stream().get_current_token_for_writer("master"), to);
+    assert_eq!(reader.get_last_receipt_event_id_for_user("@a", "!r", "m.read").await?.as_deref(), Some("$2"));
+    assert_eq!(events_of(&reader.get_receipts_for_room("!r", "m.read").await?), [("@a", "$2")]);
+    Ok(())
+}

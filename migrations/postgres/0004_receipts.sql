@@ -1,0 +1,22 @@
+-- Read receipts (the `receipts` stream): one current receipt per room, receipt
+-- type, user and thread. Names follow Synapse's schema.
+CREATE TABLE receipts_linearized (
+    stream_id BIGINT NOT NULL,
+    instance_name TEXT NOT NULL,
+    room_id TEXT NOT NULL,
+    receipt_type TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    thread_id TEXT,
+    -- The receipt's data, as JSON text.
+    data TEXT NOT NULL
+);
+CREATE UNIQUE INDEX receipts_linearized_stream_id ON receipts_linearized (stream_id);
+CREATE INDEX receipts_linearized_room_stream ON receipts_linearized (room_id, stream_id);
+CREATE INDEX receipts_linearized_user_room ON receipts_linearized (user_id, room_id, receipt_type);
+-- Replication catch-up reads one writer's rows above a position.
+CREATE INDEX receipts_linearized_instance_stream ON receipts_linearized (instance_name, stream_id);
+
+-- Readers take ID 1 as already persisted: the first real ID is 2.
+CREATE SEQUENCE receipts_sequence;
+SELECT nextval('receipts_sequence');
