@@ -331,3 +331,52 @@ async fn two_writers_persist_into_one_stream_at_once() -> TestResult {
     assert_eq!(count, 80);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_rows_invalidate_the_worker_caches_before_advancing() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let master = start(&test_db.db, &deployment(&test_db.url, "master", &["master"])?).await?;
+    let worker_db = test_db.reconnect().await?;
+    let worker = start(&worker_db, &deployment(&test_db.url, "worker1", &["master"])?).await?;
+    let writer = master.writer();
+    writer
+        .persist_events(
+            ROOM,
+            &[member("$a", "@alice:example.com", "join"), message("$m", "@alice:example.com")],
+        )
+        .await?;
+    let reader = worker.reader();
+    // The worker fills its caches (it reads the database directly).
+    reader.get_event("$m").await?.ok_or("persisted")?;
+    assert_eq!(*reader.get_users_in_room(ROOM).await?, ["@alice:example.com"]);
+    assert!(reader.get_rooms_for_user("@bob:example.com").await?.is_empty());
+
+    let from = reader.events_stream().get_current_token_for_writer("master");
+    writer.persist_events(ROOM, &[member("$b", "@bob:example.com", "join")]).await?;
+    let to = writer.reader().events_stream().get_current_token_for_writer("master");
+    let updates = reader.get_events_updates("master", from, to, 100).await?;
+    // Replay the `ev` row of an event the worker has cached too, as a redaction
+    // would: the entry must go.
+    let mut rows: Vec<EventsStreamRow> = updates.rows.iter().map(|(_, row)| row.clone()).collect();
+    if let EventsStreamRow::Event(row) = rows[0].clone() {
+        rows.push(EventsStreamRow::Event(store_events::rows::EventRow { event_id: "$m".to_owned(), ..row }));
+    }
+    let misses = worker.caches.registry().stats()["get_event"].0.misses;
+    reader.process_events_rows("master", updates.token, &rows);
+    assert_eq!(reader.events_stream().get_current_token_for_writer("master"), to);
+    reader.get_event("$m").await?;
+    assert_eq!(
+        worker.caches.registry().stats()["get_event"].0.misses,
+        misses + 1,
+        "get_event was invalidated"
+    );
+    assert_eq!(*reader.get_users_in_room(ROOM).await?, ["@alice:example.com", "@bob:example.com"]);
+    assert_eq!(*reader.get_rooms_for_user("@bob:example.com").await?, [ROOM]);
+    assert!(reader.membership_changes().has_entity_changed("@bob:example.com", from));
+    assert!(reader.room_changes().has_entity_changed(ROOM, from));
+
+    // `state-all` resets what depends on all of a room's state.
+    reader.process_events_rows("master", to, &[EventsStreamRow::StateAll { room_id: ROOM.to_owned() }]);
+    assert!(reader.membership_changes().has_entity_changed("@anyone:example.com", to - 1));
+    Ok(())
+}
