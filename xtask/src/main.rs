@@ -114,6 +114,9 @@ fn deps(sh: &Shell) -> anyhow::Result<()> {
         ("store-events", "store-receipts", "domain crates never depend on each other"),
         ("store-receipts", "store-events", "domain crates never depend on each other"),
         ("server-config", "store-core", "the config crate sits below the database layer"),
+        ("replication-proto", "tokio", "the wire protocol is a leaf: no runtime"),
+        ("replication-proto", "sqlx", "the wire protocol is a leaf: no database"),
+        ("replication-proto", "store-core", "the wire protocol is a leaf: no database"),
         ("slaved-stores", "homeserver", "libraries never depend on the binaries"),
         ("replication", "homeserver", "libraries never depend on the binaries"),
     ];
