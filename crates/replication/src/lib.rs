@@ -1,7 +1,21 @@
-//! Replication between processes: the line protocol compatible with Synapse's,
-//! the `Stream` trait and registry, and the TCP and Redis transports.
+//! Replication between processes: the [`Stream`] trait every stream implements,
+//! the [`StreamRegistry`] of a process, the database-backed streams of the store
+//! crates, and the [`Inbound`] logic that applies what other processes send
+//! (catching up from the database when it sees a gap).
 //!
-//! Laid out now so the dependency graph is fixed from the start; the protocol
-//! arrives with the replication issue.
+//! The wire format itself is `replication-proto`. Transports (TCP, Redis) and
+//! the in-memory streams (`typing`, `federation`) arrive with the rest of the
+//! replication issue.
 
 #![warn(missing_docs)]
+
+mod inbound;
+mod stream;
+mod streams;
+
+pub use inbound::{Inbound, InboundError};
+pub use stream::{Stream, StreamRegistry};
+pub use streams::{BackfillStream, CachesStreamAdapter, EventsStream, ReceiptsStream};
+
+/// How many rows one catch-up query fetches at most.
+pub const CATCH_UP_BATCH: usize = 1000;

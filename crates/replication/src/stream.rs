@@ -1,0 +1,71 @@
+//! [`Stream`]: what replication needs from every stream, and the registry of a
+//! process's streams.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use replication_proto::RowJson;
+use store_core::{BoxFuture, StoreError, StreamUpdates};
+
+/// A stream as replication sees it: tokens per writer, rows in wire form.
+///
+/// Each stream answers for itself: there is no separate list of positions to
+/// keep in step. Dyn-compatible (`Arc<dyn Stream>`), with the one async method
+/// returning a boxed future.
+pub trait Stream: Send + Sync + fmt::Debug {
+    /// The stream's name on the wire.
+    fn name(&self) -> &'static str;
+
+    /// `writer`'s position as this process knows it; always a valid token.
+    fn current_token(&self, writer: &str) -> i64;
+
+    /// This process's own last finished write on the stream.
+    fn minimal_local_current_token(&self) -> i64;
+
+    /// `writer`'s rows with `from < token ≤ to`, at most `limit`, as
+    /// `(token, row)` pairs; the token reached and whether more remain.
+    fn get_updates_since<'a>(
+        &'a self,
+        writer: &'a str,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<StreamUpdates<RowJson>, StoreError>>;
+
+    /// Applies rows `writer` wrote up to `token` (all sharing that token), then
+    /// advances `writer`'s position to it. A row that does not decode as this
+    /// stream's row type is an error and nothing is applied.
+    fn apply_rows(&self, writer: &str, token: i64, rows: &[RowJson]) -> Result<(), serde_json::Error>;
+
+    /// Advances `writer`'s position with no rows (a `POSITION` with no gap).
+    fn advance(&self, writer: &str, token: i64);
+}
+
+/// The streams a process knows, by name.
+#[derive(Debug, Default, Clone)]
+pub struct StreamRegistry {
+    streams: BTreeMap<&'static str, Arc<dyn Stream>>,
+}
+
+impl StreamRegistry {
+    /// An empty registry.
+    pub fn new() -> StreamRegistry {
+        StreamRegistry::default()
+    }
+
+    /// Adds `stream`; a second stream of the same name replaces the first.
+    pub fn register(&mut self, stream: Arc<dyn Stream>) {
+        self.streams.insert(stream.name(), stream);
+    }
+
+    /// The stream called `name`, if this process knows it.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Stream>> {
+        self.streams.get(name)
+    }
+
+    /// Every stream, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Stream>> {
+        self.streams.values()
+    }
+}

@@ -1,0 +1,196 @@
+//! The inbound side of replication against a real PostgreSQL: a worker follows
+//! a writer through POSITIONs (catching up from the database) and RDATA rows.
+
+use std::sync::Arc;
+
+use replication::{CachesStreamAdapter, EventsStream, Inbound, ReceiptsStream, StreamRegistry};
+use replication_proto::{Command, RowJson};
+use server_config::{Role, ServerConfig};
+use store_core::{CacheRegistry, CachesStream, Database, Engine, StoreError};
+use store_events::{EventsReader, EventsWriter, NewEvent};
+use store_receipts::{ReceiptRow, ReceiptsReader, ReceiptsWriter};
+use store_test_support::{TestDb, TestResult};
+
+const ROOM: &str = "!room:example.com";
+
+fn config(url: &str, instance: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
+    let role = if instance == "master" { Role::Master } else { Role::Worker };
+    Ok(ServerConfig::from_toml_str(
+        &format!(
+            "server_name = \"test\"\ninstance_name = \"{instance}\"\n[database]\nurl = \"{url}\"\n\
+             [replication]\nredis = \"redis://127.0.0.1:6379\"\n"
+        ),
+        role,
+    )?)
+}
+
+struct Master {
+    events: EventsWriter,
+    receipts: ReceiptsWriter,
+}
+
+struct Worker {
+    events: Arc<EventsReader>,
+    receipts: Arc<ReceiptsReader>,
+    inbound: Inbound,
+    registry: StreamRegistry,
+}
+
+async fn master(db: &Database, config: &ServerConfig) -> Result<Master, StoreError> {
+    let mut conn = db.begin("build_master").await?;
+    let caches = Arc::new(
+        CachesStream::new(db.clone(), &mut conn, config, CacheRegistry::new(config.caches.clone())).await?,
+    );
+    let events = EventsWriter::new(db.clone(), &mut conn, Arc::clone(&caches), config).await?;
+    let receipts = ReceiptsWriter::new(db.clone(), &mut conn, &caches, config).await?;
+    conn.commit().await?;
+    Ok(Master { events, receipts })
+}
+
+async fn worker(db: &Database, config: &ServerConfig) -> Result<Worker, StoreError> {
+    let mut conn = db.begin("build_worker").await?;
+    let caches = Arc::new(
+        CachesStream::new(db.clone(), &mut conn, config, CacheRegistry::new(config.caches.clone())).await?,
+    );
+    let events = Arc::new(EventsReader::new(db.clone(), &mut conn, Arc::clone(&caches), config).await?);
+    let receipts = Arc::new(ReceiptsReader::new(db.clone(), &mut conn, &caches, config).await?);
+    conn.commit().await?;
+    let mut registry = StreamRegistry::new();
+    registry.register(Arc::new(EventsStream(Arc::clone(&events))));
+    registry.register(Arc::new(CachesStreamAdapter(caches)));
+    registry.register(Arc::new(ReceiptsStream(Arc::clone(&receipts))));
+    let inbound = Inbound::new(&config.instance_name, registry.clone());
+    Ok(Worker { events, receipts, inbound, registry })
+}
+
+fn member(id: &str, user: &str) -> NewEvent {
+    NewEvent {
+        event_id: id.to_owned(),
+        event_type: "m.room.member".to_owned(),
+        state_key: Some(user.to_owned()),
+        sender: user.to_owned(),
+        origin_server_ts: 1,
+        content: r#"{"membership":"join"}"#.to_owned(),
+    }
+}
+
+async fn setup() -> Result<(TestDb, Master, Worker), Box<dyn std::error::Error>> {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let master = master(&test_db.db, &config(&test_db.url, "master")?).await?;
+    let worker_db = test_db.reconnect().await?;
+    let worker = worker(&worker_db, &config(&test_db.url, "worker1")?).await?;
+    Ok((test_db, master, worker))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_past_a_gap_catches_up_from_the_database() -> TestResult {
+    let (_db, master, worker) = setup().await?;
+    // Fill the worker's cache before anything is replicated.
+    assert!(worker.events.get_users_in_room(ROOM).await?.is_empty());
+    // Many writes the worker never received as RDATA (more than one catch-up batch).
+    for n in 0..1_100 {
+        master
+            .events
+            .persist_events(ROOM, &[member(&format!("$e{n}"), &format!("@u{n}:example.com"))])
+            .await?;
+    }
+    let position = master.events.reader().events_stream().get_current_token_for_writer("master");
+    // As in answer to REPLICATE: the writer's last sent position, twice.
+    worker
+        .inbound
+        .handle(&Command::Position {
+            stream: "events".into(),
+            instance: "master".into(),
+            prev_token: position,
+            new_token: position,
+        })
+        .await?;
+    let events = worker.registry.get("events").ok_or("registered")?;
+    assert_eq!(events.current_token("master"), position);
+    assert_eq!(
+        worker.events.get_users_in_room(ROOM).await?.len(),
+        1_100,
+        "the state rows invalidated the cache"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_without_a_gap_only_advances() -> TestResult {
+    let (_db, master, worker) = setup().await?;
+    let events = worker.registry.get("events").ok_or("registered")?;
+    let current = events.current_token("master");
+    master.events.persist_events(ROOM, &[member("$a", "@a:example.com")]).await?;
+    let position = master.events.reader().events_stream().get_current_token_for_writer("master");
+    // prev ≤ current: nothing was missed, so nothing is read.
+    worker.inbound.on_position("events", "master", current, position).await?;
+    assert_eq!(events.current_token("master"), position);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_rows_wait_for_their_token_and_old_rows_are_dropped() -> TestResult {
+    let (_db, master, worker) = setup().await?;
+    let receipts = worker.registry.get("receipts").ok_or("registered")?;
+    let from = receipts.current_token("master");
+    // The worker has cached the old answer.
+    let reader_view = &worker.receipts;
+    assert_eq!(reader_view.get_last_receipt_event_id_for_user("@u", ROOM, "m.read").await?, None);
+    master.receipts.insert_receipt(&receipt("$1")).await?;
+    let to = master.receipts.reader().stream().get_current_token_for_writer("master");
+    assert_eq!(
+        reader_view.get_last_receipt_event_id_for_user("@u", ROOM, "m.read").await?,
+        None,
+        "still cached"
+    );
+
+    // The writer's streamer would send this row; split it into a batch of two.
+    let updates = master.receipts.reader().get_receipts_updates("master", from, to, 10).await?;
+    let (token, row) = updates.rows.into_iter().next().ok_or("one row")?;
+    let row = RowJson::from_row(&row)?;
+    worker.inbound.on_rdata("receipts", "master", None, row.clone())?;
+    assert_eq!(receipts.current_token("master"), from, "a batch row waits for its token");
+    worker.inbound.on_rdata("receipts", "master", Some(token), row.clone())?;
+    assert_eq!(receipts.current_token("master"), token);
+    assert_eq!(
+        reader_view.get_last_receipt_event_id_for_user("@u", ROOM, "m.read").await?.as_deref(),
+        Some("$1")
+    );
+
+    // The same row again (say, after a catch-up got there first) is dropped.
+    let before = reader_view.get_last_receipt_event_id_for_user("@u", ROOM, "m.read").await?;
+    worker.inbound.on_rdata("receipts", "master", Some(token), row)?;
+    assert_eq!(reader_view.get_last_receipt_event_id_for_user("@u", ROOM, "m.read").await?, before);
+    Ok(())
+}
+
+fn receipt(event: &str) -> ReceiptRow {
+    ReceiptRow {
+        room_id: ROOM.to_owned(),
+        receipt_type: "m.read".to_owned(),
+        user_id: "@u".to_owned(),
+        event_id: event.to_owned(),
+        thread_id: None,
+        data: serde_json::json!({"ts": 1}),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echoes_unknown_streams_and_bad_rows() -> TestResult {
+    let (_db, _master, worker) = setup().await?;
+    let events = worker.registry.get("events").ok_or("registered")?;
+    let before = events.current_token("worker1");
+    // Our own position, echoed back: ignored.
+    worker.inbound.on_position("events", "worker1", before + 10, before + 10).await?;
+    assert_eq!(events.current_token("worker1"), before);
+    // A stream this process does not know: ignored.
+    worker.inbound.on_position("presence", "master", 5, 9).await?;
+    worker.inbound.on_rdata("presence", "master", Some(9), RowJson::new("[1]")?)?;
+    // A row that is not an events row: an error, and nothing moves.
+    let token = events.current_token("master") + 1;
+    assert!(
+        worker.inbound.on_rdata("events", "master", Some(token), RowJson::new(r#"["nope",[]]"#)?).is_err()
+    );
+    assert!(events.current_token("master") < token);
+    Ok(())
+}
