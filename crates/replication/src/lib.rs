@@ -1,7 +1,8 @@
 //! Replication between processes: the [`Stream`] trait every stream implements,
 //! the [`StreamRegistry`] of a process, the database-backed streams of the store
-//! crates, and the [`Inbound`] logic that applies what other processes send
-//! (catching up from the database when it sees a gap).
+//! crates, the [`Outbound`] logic that tells other processes what this one
+//! wrote, and the [`Inbound`] logic that applies what they send (catching up from
+//! the database when it sees a gap).
 //!
 //! The wire format itself is `replication-proto`. Transports (TCP, Redis) and
 //! the in-memory streams (`typing`, `federation`) arrive with the rest of the
@@ -10,10 +11,12 @@
 #![warn(missing_docs)]
 
 mod inbound;
+mod outbound;
 mod stream;
 mod streams;
 
 pub use inbound::{Inbound, InboundError};
+pub use outbound::{Outbound, ROWS_PER_POLL};
 pub use stream::{Stream, StreamRegistry};
 pub use streams::{BackfillStream, CachesStreamAdapter, EventsStream, ReceiptsStream};
 

@@ -17,7 +17,7 @@ use crate::{EVENTS_STREAM, NewEvent};
 /// later stream ordering, whatever order the transactions commit in.
 #[derive(Debug)]
 pub struct EventsWriter {
-    reader: EventsReader,
+    reader: Arc<EventsReader>,
     instance_name: String,
 }
 
@@ -36,12 +36,17 @@ impl EventsWriter {
             });
         }
         let reader = EventsReader::new(db, conn, caches, config).await?;
-        Ok(EventsWriter { reader, instance_name: config.instance_name.clone() })
+        Ok(EventsWriter { reader: Arc::new(reader), instance_name: config.instance_name.clone() })
     }
 
     /// The read half, shared with every process.
     pub fn reader(&self) -> &EventsReader {
         &self.reader
+    }
+
+    /// The read half, for components that keep it (a replication stream).
+    pub fn shared_reader(&self) -> Arc<EventsReader> {
+        Arc::clone(&self.reader)
     }
 
     /// Persists `events` of `room_id` in one transaction, in order; returns their

@@ -311,7 +311,7 @@ fn invalidate_for(registry: &CacheRegistry, receipt: &ReceiptRow) {
 /// `receipts` stream.
 #[derive(Debug)]
 pub struct ReceiptsWriter {
-    reader: ReceiptsReader,
+    reader: Arc<ReceiptsReader>,
     instance_name: String,
 }
 
@@ -330,12 +330,17 @@ impl ReceiptsWriter {
             });
         }
         let reader = ReceiptsReader::new(db, conn, caches, config).await?;
-        Ok(ReceiptsWriter { reader, instance_name: config.instance_name.clone() })
+        Ok(ReceiptsWriter { reader: Arc::new(reader), instance_name: config.instance_name.clone() })
     }
 
     /// The read half.
     pub fn reader(&self) -> &ReceiptsReader {
         &self.reader
+    }
+
+    /// The read half, for components that keep it (a replication stream).
+    pub fn shared_reader(&self) -> Arc<ReceiptsReader> {
+        Arc::clone(&self.reader)
     }
 
     /// Records `receipt`, replacing the user's previous one of that type (and

@@ -194,3 +194,112 @@ async fn echoes_unknown_streams_and_bad_rows() -> TestResult {
     assert!(events.current_token("master") < token);
     Ok(())
 }
+
+mod outbound {
+    //! A writer's outbound side feeding a worker's inbound side, through the
+    //! wire format.
+
+    use super::*;
+    use replication::Outbound;
+
+    /// Sends `commands` as lines, as a transport would, and applies them.
+    async fn deliver(worker: &Worker, commands: &[Command]) -> TestResult {
+        for command in commands {
+            let line = command.to_line()?;
+            worker.inbound.handle(&Command::parse(&line)?).await?;
+        }
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn new_rows_go_out_as_rdata_and_reach_the_worker() -> TestResult {
+        let (_db, master, worker) = setup().await?;
+        // Written before the outbound side started: never sent as RDATA.
+        master.events.persist_events(ROOM, &[member("$early", "@early:example.com")]).await?;
+        let outbound = Outbound::new(
+            "master",
+            [Arc::new(EventsStream(master.events.shared_reader())) as Arc<dyn replication::Stream>],
+        );
+        let announced = outbound.announce();
+        assert!(
+            matches!(&announced[..], [Command::Position { prev_token, new_token, .. }] if prev_token == new_token)
+        );
+        // The worker connects: the announcement makes it catch up from the database.
+        deliver(&worker, &announced).await?;
+        assert_eq!(*worker.events.get_users_in_room(ROOM).await?, ["@early:example.com"]);
+
+        master
+            .events
+            .persist_events(ROOM, &[member("$a", "@a:example.com"), member("$b", "@b:example.com")])
+            .await?;
+        let (commands, more) = outbound.poll().await?;
+        assert!(!more);
+        // Two events with a state row each: four RDATA, batch-marked within a token.
+        let lines: Vec<String> = commands.iter().map(Command::to_line).collect::<Result<_, _>>()?;
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert!(lines[0].starts_with("RDATA events master batch [\"ev\""), "{}", lines[0]);
+        assert!(lines[1].starts_with("RDATA events master ") && lines[1].contains("[\"state\""));
+        assert!(!lines[1].contains(" batch "));
+        deliver(&worker, &commands).await?;
+        let position = master.events.reader().events_stream().get_current_token_for_writer("master");
+        assert_eq!(worker.registry.get("events").ok_or("registered")?.current_token("master"), position);
+        assert_eq!(
+            worker.events.get_users_in_room(ROOM).await?.len(),
+            3,
+            "the rows invalidated the worker's cache"
+        );
+
+        // Nothing new: nothing to say.
+        assert!(outbound.poll().await?.0.is_empty());
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn more_rows_than_one_poll_end_with_a_position() -> TestResult {
+        let (_db, master, worker) = setup().await?;
+        let outbound = Outbound::new(
+            "master",
+            [Arc::new(ReceiptsStream(master.receipts.shared_reader())) as Arc<dyn replication::Stream>],
+        );
+        for n in 0..(replication::ROWS_PER_POLL + 5) {
+            master
+                .receipts
+                .insert_receipt(&ReceiptRow { user_id: format!("@u{n}"), ..receipt("$1") })
+                .await?;
+        }
+        let (first, more) = outbound.poll().await?;
+        assert!(more, "a poll sends at most ROWS_PER_POLL rows");
+        assert_eq!(first.len(), replication::ROWS_PER_POLL);
+        deliver(&worker, &first).await?;
+        let (rest, more) = outbound.poll().await?;
+        assert!(!more);
+        deliver(&worker, &rest).await?;
+        let position = master.receipts.reader().stream().get_current_token_for_writer("master");
+        assert_eq!(worker.registry.get("receipts").ok_or("registered")?.current_token("master"), position);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_writer_announces_positions_moved_by_others() -> TestResult {
+        let (_db, master, _worker) = setup().await?;
+        let events = master.events.shared_reader();
+        let outbound = Outbound::new(
+            "master",
+            [Arc::new(EventsStream(Arc::clone(&events))) as Arc<dyn replication::Stream>],
+        );
+        // Another writer's position reaches this one: its own claim jumps with it.
+        let before = events.events_stream().get_current_token_for_writer("master");
+        events.events_stream().advance("other_writer", before + 5);
+        let (commands, _) = outbound.poll().await?;
+        assert_eq!(
+            commands,
+            [Command::Position {
+                stream: "events".into(),
+                instance: "master".into(),
+                prev_token: before,
+                new_token: before + 5
+            }]
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,129 @@
+//! [`Outbound`]: what a process that writes streams tells the others — the rows
+//! it wrote as `RDATA`, and its positions as `POSITION`.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use replication_proto::Command;
+use store_core::{CachesStream, StoreError};
+
+use crate::stream::Stream;
+
+/// How many rows one poll of a stream sends at most; the rest follow on the
+/// next poll (or the follower fetches them after the `POSITION`).
+pub const ROWS_PER_POLL: usize = 100;
+
+/// The sending side of replication for one process: for every stream it is a
+/// source of, the token up to which it has told the others.
+///
+/// Starts at the current tokens: rows written before the process (or its
+/// connection) started are never sent as `RDATA`; followers catch up from the
+/// database after the `POSITION` they get on connecting.
+#[derive(Debug)]
+pub struct Outbound {
+    instance_name: String,
+    sources: Vec<Source>,
+}
+
+#[derive(Debug)]
+struct Source {
+    stream: Arc<dyn Stream>,
+    /// What the others have been told.
+    last_token: Mutex<i64>,
+}
+
+impl Outbound {
+    /// The sending side of `instance_name` for the streams it writes.
+    pub fn new(instance_name: &str, sources: impl IntoIterator<Item = Arc<dyn Stream>>) -> Outbound {
+        let sources = sources
+            .into_iter()
+            .map(|stream| {
+                let last_token = Mutex::new(stream.current_token(instance_name));
+                Source { stream, last_token }
+            })
+            .collect();
+        Outbound { instance_name: instance_name.to_owned(), sources }
+    }
+
+    /// `POSITION <stream> <self> <last> <last>` for every source stream: the
+    /// answer to `REPLICATE`, and what a process says after (re)connecting. It
+    /// announces what was already sent, not the live token, so a position never
+    /// overtakes rows still to be sent.
+    pub fn announce(&self) -> Vec<Command> {
+        self.sources
+            .iter()
+            .map(|source| {
+                let last = *source.last_token.lock().unwrap_or_else(PoisonError::into_inner);
+                self.position(source, last, last)
+            })
+            .collect()
+    }
+
+    /// With nobody connected there is no one to tell: move every stream's sent
+    /// token to the current one. Followers catch up from the database later.
+    pub fn skip_to_current(&self) {
+        for source in &self.sources {
+            *source.last_token.lock().unwrap_or_else(PoisonError::into_inner) =
+                source.stream.current_token(&self.instance_name);
+        }
+    }
+
+    fn position(&self, source: &Source, prev_token: i64, new_token: i64) -> Command {
+        Command::Position {
+            stream: source.stream.name().to_owned(),
+            instance: self.instance_name.clone(),
+            prev_token,
+            new_token,
+        }
+    }
+
+    /// The commands telling the others what changed since the last poll, and
+    /// whether rows remain for another poll. Rows sharing a token go out as
+    /// `RDATA` with all but the last marked `batch`; a cut batch is followed by a
+    /// `POSITION` so followers fetch the rest themselves.
+    pub async fn poll(&self) -> Result<(Vec<Command>, bool), StoreError> {
+        let mut commands = Vec::new();
+        let mut more = false;
+        for source in &self.sources {
+            let stream = source.stream.as_ref();
+            let current = stream.current_token(&self.instance_name);
+            let last = *source.last_token.lock().unwrap_or_else(PoisonError::into_inner);
+            if last == current {
+                continue;
+            }
+            let written_locally = stream.minimal_local_current_token() > last;
+            let (rows, reached, limited) = if written_locally {
+                let updates =
+                    stream.get_updates_since(&self.instance_name, last, current, ROWS_PER_POLL).await?;
+                (updates.rows, updates.token, updates.limited)
+            } else {
+                (Vec::new(), current, false)
+            };
+            *source.last_token.lock().unwrap_or_else(PoisonError::into_inner) = reached;
+            more |= limited;
+            if rows.is_empty() {
+                // Every process writes `caches`; a caches token moved only by other
+                // writers is not worth an echo from every process.
+                if stream.name() == CachesStream::STREAM_NAME && !written_locally {
+                    continue;
+                }
+                commands.push(self.position(source, last, reached));
+                continue;
+            }
+            let last_row_token = rows.last().map_or(reached, |(token, _)| *token);
+            let mut rows = rows.into_iter().peekable();
+            while let Some((token, row)) = rows.next() {
+                let more_with_this_token = rows.peek().is_some_and(|(next, _)| *next == token);
+                commands.push(Command::Rdata {
+                    stream: stream.name().to_owned(),
+                    instance: self.instance_name.clone(),
+                    token: (!more_with_this_token).then_some(token),
+                    row,
+                });
+            }
+            if last_row_token < reached {
+                commands.push(self.position(source, last_row_token, reached));
+            }
+        }
+        Ok((commands, more))
+    }
+}
