@@ -4,17 +4,21 @@
 //! wrote, and the [`Inbound`] logic that applies what they send (catching up from
 //! the database when it sees a gap).
 //!
-//! The wire format itself is `replication-proto`. Transports (TCP, Redis) and
-//! the in-memory streams (`typing`, `federation`) arrive with the rest of the
-//! replication issue.
+//! A [`Hub`] ties them together for one process; [`tcp`] moves its commands
+//! over TCP. The wire format itself is `replication-proto`. The Redis transport
+//! and the in-memory streams (`typing`, `federation`) arrive with the rest of
+//! the replication issue.
 
 #![warn(missing_docs)]
 
+mod hub;
 mod inbound;
 mod outbound;
 mod stream;
 mod streams;
+pub mod tcp;
 
+pub use hub::{Hub, Settings};
 pub use inbound::{Inbound, InboundError};
 pub use outbound::{Outbound, ROWS_PER_POLL};
 pub use stream::{Stream, StreamRegistry};

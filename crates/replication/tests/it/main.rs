@@ -303,3 +303,183 @@ mod outbound {
         Ok(())
     }
 }
+
+mod tcp {
+    //! Two hubs over real TCP, and raw sockets misbehaving.
+
+    use std::time::Duration;
+
+    use replication::{Hub, Outbound, Settings, tcp};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    fn quick() -> Settings {
+        Settings {
+            ping_interval: Duration::from_millis(100),
+            ping_timeout: Duration::from_millis(400),
+            max_pending: 100,
+            // Longer than the test waits: only the generators' changes wake the
+            // streamer in time.
+            poll_interval: Duration::from_secs(30),
+        }
+    }
+
+    async fn master_hub(
+        master: &Master,
+        settings: Settings,
+    ) -> Result<(Arc<Hub>, String), Box<dyn std::error::Error>> {
+        let sources: Vec<Arc<dyn replication::Stream>> = vec![
+            Arc::new(EventsStream(master.events.shared_reader())),
+            Arc::new(ReceiptsStream(master.receipts.shared_reader())),
+        ];
+        let hub = Hub::new(
+            "master",
+            "test",
+            settings,
+            Inbound::new("master", StreamRegistry::new()),
+            Outbound::new("master", sources),
+            true,
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        tokio::spawn(tcp::serve(Arc::clone(&hub), listener));
+        tokio::spawn(Arc::clone(&hub).run_streamer());
+        hub.wake_on(master.events.reader().events_stream().subscribe());
+        hub.wake_on(master.receipts.reader().stream().subscribe());
+        Ok((hub, address))
+    }
+
+    async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) -> TestResult {
+        for _ in 0..300 {
+            if check().await {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(format!("timed out waiting for {what}").into())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_follows_the_master_over_tcp() -> TestResult {
+        let (_db, master, worker) = setup().await?;
+        // Written before the worker connects: it catches up from the database.
+        master.events.persist_events(ROOM, &[member("$early", "@early:example.com")]).await?;
+        let (master_hub, address) = master_hub(&master, quick()).await?;
+        let worker_hub =
+            Hub::new("worker1", "test", quick(), worker.inbound, Outbound::new("worker1", []), false);
+        tokio::spawn(tcp::connect_forever(Arc::clone(&worker_hub), address));
+        let events = worker.registry.get("events").ok_or("registered")?.clone();
+        let target = master.events.reader().events_stream().get_current_token_for_writer("master");
+        eventually("the worker to catch up", async || events.current_token("master") >= target).await?;
+        assert_eq!(*worker.events.get_users_in_room(ROOM).await?, ["@early:example.com"]);
+
+        // Written while connected: arrives as RDATA.
+        // The generator's change wakes the streamer; no poll interval needed.
+        master.events.persist_events(ROOM, &[member("$late", "@late:example.com")]).await?;
+        let target = master.events.reader().events_stream().get_current_token_for_writer("master");
+        eventually("the worker to apply the new rows", async || events.current_token("master") >= target)
+            .await?;
+        assert_eq!(
+            *worker.events.get_users_in_room(ROOM).await?,
+            ["@early:example.com", "@late:example.com"]
+        );
+        assert_eq!(master_hub.connections(), 1);
+        Ok(())
+    }
+
+    /// Connects a raw socket to `address` and returns its lines reader and writer.
+    async fn raw(
+        address: &str,
+    ) -> Result<
+        (tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>, tokio::net::tcp::OwnedWriteHalf),
+        std::io::Error,
+    > {
+        let (read, write) = TcpStream::connect(address).await?.into_split();
+        Ok((BufReader::new(read).lines(), write))
+    }
+
+    /// Reads lines until the peer closes; returns them.
+    async fn until_closed(
+        lines: &mut tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    ) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+        let mut seen = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await? {
+                Ok(Some(line)) => seen.push(line),
+                Ok(None) | Err(_) => return Ok(seen),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_and_wrong_direction_get_an_error_and_a_close() -> TestResult {
+        let (_db, master, _worker) = setup().await?;
+        let (hub, address) = master_hub(&master, quick()).await?;
+        for (input, expected) in [
+            ("FOO bar\n", "ERROR failed to parse line: unknown command FOO"),
+            ("RDATA events x 1 [1]\n", "ERROR invalid command: RDATA"),
+            ("POSITION events master x 5\n", "ERROR failed to parse line"),
+        ] {
+            let (mut lines, mut write) = raw(&address).await?;
+            assert_eq!(lines.next_line().await?.as_deref(), Some("SERVER test"));
+            write.write_all(input.as_bytes()).await?;
+            let seen = until_closed(&mut lines).await?;
+            assert!(seen.iter().any(|line| line.starts_with(expected)), "{input:?} got {seen:?}");
+        }
+        eventually("the connections to go", async || hub.connections() == 0).await?;
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_peer_is_timed_out_after_its_first_ping() -> TestResult {
+        let (_db, master, _worker) = setup().await?;
+        let (_hub, address) = master_hub(&master, quick()).await?;
+        let (mut lines, mut write) = raw(&address).await?;
+        write.write_all(b"NAME silent\nPING 1\n").await?;
+        let started = std::time::Instant::now();
+        let seen = until_closed(&mut lines).await?;
+        assert!(seen.iter().any(|line| line == "ERROR ping timeout"), "{seen:?}");
+        assert!(
+            seen.iter().any(|line| line.starts_with("PING ")),
+            "the server pings an idle connection: {seen:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_cannot_keep_up_is_disconnected() -> TestResult {
+        let (_db, master, _worker) = setup().await?;
+        let (hub, address) = master_hub(&master, quick()).await?;
+        // Connects, never reads.
+        let _stalled = TcpStream::connect(&address).await?;
+        eventually("the connection", async || hub.connections() == 1).await?;
+        let bulk = Command::Ping { data: "x".repeat(8_000) };
+        for _ in 0..5_000 {
+            hub.broadcast(&bulk, None);
+        }
+        eventually("the stalled connection to be dropped", async || hub.connections() == 0).await?;
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_refuses_the_wrong_server() -> TestResult {
+        let (_db, _master, worker) = setup().await?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        let worker_hub =
+            Hub::new("worker1", "test", quick(), worker.inbound, Outbound::new("worker1", []), false);
+        tokio::spawn(tcp::connect_forever(worker_hub, address));
+        let (stream, _) = listener.accept().await?;
+        let (read, mut write) = stream.into_split();
+        write.write_all(b"SERVER someone.else\n").await?;
+        let mut lines = BufReader::new(read).lines();
+        let seen = until_closed(&mut lines).await?;
+        assert_eq!(&seen[..3], ["NAME worker1".to_owned(), seen[1].clone(), "REPLICATE ".to_owned()]);
+        assert!(seen[1].starts_with("PING "));
+        assert!(seen.iter().any(|line| line == "ERROR Wrong remote"), "{seen:?}");
+        Ok(())
+    }
+}

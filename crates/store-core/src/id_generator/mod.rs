@@ -176,6 +176,9 @@ struct Inner {
     positions_table: Option<PositionsTable>,
     source: IdSource,
     tracker: Mutex<PositionTracker>,
+    /// Bumped whenever a position may have moved (a finish, an advance), so the
+    /// replication streamer and anyone waiting on a position wake up.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// Recording this writer's position, coalesced.
@@ -348,6 +351,12 @@ impl MultiWriterIdGenerator {
         self.inner.record_position(position).await
     }
 
+    /// A receiver that sees a change whenever a position may have moved (an ID
+    /// finished here, or another writer's position advanced).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
     /// How many upserts of `stream_positions` this generator has run: a burst of
     /// writes shares them.
     pub fn stream_positions_writes(&self) -> u64 {
@@ -477,6 +486,7 @@ impl Inner {
             return;
         }
         self.tracker().advance(writer, internal);
+        self.changed();
     }
 
     async fn allocate(
@@ -544,9 +554,17 @@ impl Inner {
 
     /// Marks IDs finished; returns the position to record, if recording applies.
     fn mark_finished(&self, internal_ids: &[i64]) -> Option<i64> {
-        let mut tracker = self.tracker();
-        tracker.mark_finished(internal_ids);
-        self.positions_table.as_ref().map(|_| tracker.position_for_writer(&self.instance_name))
+        let wanted = {
+            let mut tracker = self.tracker();
+            tracker.mark_finished(internal_ids);
+            self.positions_table.as_ref().map(|_| tracker.position_for_writer(&self.instance_name))
+        };
+        self.changed();
+        wanted
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|version| *version = version.wrapping_add(1));
     }
 
     /// Records this writer's position (at least `wanted`, internal) in

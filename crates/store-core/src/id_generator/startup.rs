@@ -177,6 +177,7 @@ impl Inner {
             positions_table,
             source,
             tracker: Mutex::new(tracker),
+            changes: tokio::sync::watch::channel(0).0,
         };
         Ok((inner, background))
     }

@@ -1,0 +1,229 @@
+//! [`Hub`]: one process's replication: its connections, what it sends and what
+//! it applies. Transports (`tcp`) only move lines; the hub decides.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use replication_proto::{Command, Side};
+use tokio::sync::{Notify, mpsc};
+
+use crate::{Inbound, Outbound};
+
+/// Timings and limits of connections, Synapse's by default.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Send a `PING` when nothing was sent for this long.
+    pub ping_interval: Duration,
+    /// Once the peer has sent a `PING`, close the connection when nothing valid
+    /// arrived for this long.
+    pub ping_timeout: Duration,
+    /// Commands queued for one connection before it counts as unable to keep up
+    /// and is closed (it reconnects and catches up from the database).
+    pub max_pending: usize,
+    /// Poll the streams at least this often, even with no local write (an idle
+    /// writer's position moves when others write).
+    pub poll_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            ping_interval: Duration::from_secs(5),
+            ping_timeout: Duration::from_secs(25),
+            max_pending: 10_000,
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The sending end of one connection, as the hub sees it.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub(crate) queue: mpsc::UnboundedSender<Command>,
+    pub(crate) pending: Arc<AtomicUsize>,
+    pub(crate) congested: Arc<Notify>,
+    pub(crate) name: Mutex<String>,
+}
+
+/// One process's replication.
+#[derive(Debug)]
+pub struct Hub {
+    pub(crate) instance_name: String,
+    pub(crate) server_name: String,
+    pub(crate) settings: Settings,
+    inbound: Inbound,
+    outbound: Outbound,
+    /// Whether commands from one connection are passed on to the others: the
+    /// TCP server (the master) relays, so workers that write reach each other.
+    relay: bool,
+    peers: Mutex<HashMap<u64, Arc<Peer>>>,
+    next_peer: AtomicU64,
+    /// Poked when local writes may have finished.
+    pub(crate) wake_streamer: Notify,
+}
+
+impl Hub {
+    /// The replication of `instance_name` on homeserver `server_name`.
+    pub fn new(
+        instance_name: &str,
+        server_name: &str,
+        settings: Settings,
+        inbound: Inbound,
+        outbound: Outbound,
+        relay: bool,
+    ) -> Arc<Hub> {
+        Arc::new(Hub {
+            instance_name: instance_name.to_owned(),
+            server_name: server_name.to_owned(),
+            settings,
+            inbound,
+            outbound,
+            relay,
+            peers: Mutex::new(HashMap::new()),
+            next_peer: AtomicU64::new(0),
+            wake_streamer: Notify::new(),
+        })
+    }
+
+    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Peer>>> {
+        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn add_peer(&self, peer: Arc<Peer>) -> u64 {
+        let id = self.next_peer.fetch_add(1, Ordering::Relaxed);
+        self.peers().insert(id, peer);
+        id
+    }
+
+    pub(crate) fn remove_peer(&self, id: u64) {
+        self.peers().remove(&id);
+    }
+
+    /// How many connections are up.
+    pub fn connections(&self) -> usize {
+        self.peers().len()
+    }
+
+    /// Queues `command` for one peer; a peer past the pending limit is told to
+    /// close.
+    pub(crate) fn send_to(&self, peer: &Peer, command: Command) {
+        if peer.pending.fetch_add(1, Ordering::AcqRel) >= self.settings.max_pending {
+            peer.congested.notify_one();
+        }
+        if peer.queue.send(command).is_err() {
+            // The connection is closing; it drops its queue.
+            peer.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Queues `command` for every connection but `except`.
+    pub fn broadcast(&self, command: &Command, except: Option<u64>) {
+        let peers: Vec<(u64, Arc<Peer>)> =
+            self.peers().iter().map(|(id, peer)| (*id, Arc::clone(peer))).collect();
+        for (id, peer) in peers {
+            if Some(id) != except {
+                self.send_to(&peer, command.clone());
+            }
+        }
+    }
+
+    /// Wakes the streamer: a local write may have finished.
+    pub fn notify_local_write(&self) {
+        self.wake_streamer.notify_one();
+    }
+
+    /// Wakes the streamer whenever `changes` (a generator's
+    /// [`subscribe`](store_core::MultiWriterIdGenerator::subscribe)) moves, until
+    /// the generator or the hub is dropped.
+    pub fn wake_on(self: &Arc<Self>, mut changes: tokio::sync::watch::Receiver<u64>) {
+        let hub = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let Some(hub) = hub.upgrade() else { return };
+                hub.notify_local_write();
+            }
+        });
+    }
+
+    /// Handles one valid command from connection `from`. Returns an error text
+    /// when the connection must close.
+    pub(crate) async fn handle(&self, from: u64, side: Side, command: Command) -> Result<(), String> {
+        match &command {
+            Command::Server { server_name } => {
+                if side == Side::Client && *server_name != self.server_name {
+                    return Err("Wrong remote".to_owned());
+                }
+            }
+            Command::Name { name } => {
+                if let Some(peer) = self.peers().get(&from) {
+                    *peer.name.lock().unwrap_or_else(PoisonError::into_inner) = name.clone();
+                }
+            }
+            Command::Replicate => {
+                // Announce what has been sent so far; every writer answers so.
+                for position in self.outbound.announce() {
+                    self.broadcast(&position, None);
+                }
+                if self.relay {
+                    self.broadcast(&command, Some(from));
+                }
+            }
+            Command::Rdata { .. } | Command::Position { .. } => {
+                if self.relay {
+                    self.broadcast(&command, Some(from));
+                }
+                if let Err(err) = self.inbound.handle(&command).await {
+                    // The stream is behind now; the next POSITION catches it up.
+                    tracing::warn!("failed to apply replication: {err}");
+                }
+            }
+            Command::Error { message } => {
+                tracing::warn!(peer = from, message, "replication peer reported an error")
+            }
+            Command::Ping { .. } => {}
+            _ => {
+                if self.relay {
+                    self.broadcast(&command, Some(from));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the streamer until the hub is dropped: on every local write (and at
+    /// least every `poll_interval`), sends what changed to every connection.
+    pub async fn run_streamer(self: Arc<Self>) {
+        let weak = Arc::downgrade(&self);
+        drop(self);
+        loop {
+            let Some(hub) = weak.upgrade() else { return };
+            let interval = hub.settings.poll_interval;
+            tokio::select! {
+                () = hub.wake_streamer.notified() => {}
+                () = tokio::time::sleep(interval) => {}
+            }
+            if hub.connections() == 0 {
+                hub.outbound.skip_to_current();
+                continue;
+            }
+            loop {
+                match hub.outbound.poll().await {
+                    Ok((commands, more)) => {
+                        for command in &commands {
+                            hub.broadcast(command, None);
+                        }
+                        if !more {
+                            break;
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!("failed to read new rows to replicate: {err}");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
