@@ -1,7 +1,7 @@
 //! [`Hub`]: one process's replication: its connections, what it sends and what
 //! it applies. Transports (`tcp`) only move lines; the hub decides.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -10,6 +10,11 @@ use replication_proto::{Command, Side};
 use tokio::sync::{Notify, mpsc};
 
 use crate::{Inbound, Outbound};
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Held only for set and map updates that cannot panic half-way.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Timings and limits of connections, Synapse's by default.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +50,9 @@ pub(crate) struct Peer {
     pub(crate) pending: Arc<AtomicUsize>,
     pub(crate) congested: Arc<Notify>,
     pub(crate) name: Mutex<String>,
+    /// Streams whose `POSITION` this connection has fully processed: only their
+    /// `RDATA` is applied (before it, a catch-up will fetch the rows anyway).
+    pub(crate) connected: Mutex<HashSet<String>>,
 }
 
 /// One process's replication.
@@ -170,13 +178,37 @@ impl Hub {
                     self.broadcast(&command, Some(from));
                 }
             }
-            Command::Rdata { .. } | Command::Position { .. } => {
+            Command::Rdata { stream, .. } => {
                 if self.relay {
                     self.broadcast(&command, Some(from));
                 }
-                if let Err(err) = self.inbound.handle(&command).await {
+                let connected =
+                    self.peers().get(&from).is_some_and(|peer| lock(&peer.connected).contains(stream));
+                if !connected {
+                    // No POSITION yet on this connection: the catch-up it triggers
+                    // will read this row from the database.
+                    tracing::trace!(stream, "dropping a row of a stream not yet connected");
+                } else if let Err(err) = self.inbound.handle(&command).await {
                     // The stream is behind now; the next POSITION catches it up.
                     tracing::warn!("failed to apply replication: {err}");
+                }
+            }
+            Command::Position { stream, .. } => {
+                if self.relay {
+                    self.broadcast(&command, Some(from));
+                }
+                // Until this catch-up ends, rows arriving on any connection would
+                // race it.
+                for peer in self.peers().values() {
+                    lock(&peer.connected).remove(stream);
+                }
+                match self.inbound.handle(&command).await {
+                    Ok(()) => {
+                        if let Some(peer) = self.peers().get(&from) {
+                            lock(&peer.connected).insert(stream.clone());
+                        }
+                    }
+                    Err(err) => tracing::warn!("failed to apply replication: {err}"),
                 }
             }
             Command::Error { message } => {

@@ -61,6 +61,7 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
         pending: Arc::new(AtomicUsize::new(0)),
         congested: Arc::new(Notify::new()),
         name: Mutex::new(String::new()),
+        connected: Mutex::new(std::collections::HashSet::new()),
     });
     let id = hub.add_peer(Arc::clone(&peer));
     let last_sent = Arc::new(Mutex::new(Instant::now()));

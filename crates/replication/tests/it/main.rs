@@ -482,4 +482,52 @@ mod tcp {
         assert!(seen.iter().any(|line| line == "ERROR Wrong remote"), "{seen:?}");
         Ok(())
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_are_applied_only_once_the_stream_is_connected() -> TestResult {
+        let (_db, master, worker) = setup().await?;
+        let receipts = worker.registry.get("receipts").ok_or("registered")?.clone();
+        let from = receipts.current_token("master");
+        master.receipts.insert_receipt(&receipt("$1")).await?;
+        let to = master.receipts.reader().stream().get_current_token_for_writer("master");
+        let updates = master.receipts.reader().get_receipts_updates("master", from, to, 10).await?;
+        let (token, row) = updates.rows.into_iter().next().ok_or("one row")?;
+        let rdata = Command::Rdata {
+            stream: "receipts".into(),
+            instance: "master".into(),
+            token: Some(token),
+            row: RowJson::from_row(&row)?,
+        };
+
+        // A fake server: the worker connects to it.
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        let worker_hub =
+            Hub::new("worker1", "test", quick(), worker.inbound, Outbound::new("worker1", []), false);
+        tokio::spawn(tcp::connect_forever(worker_hub, address));
+        let (stream, _) = listener.accept().await?;
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        write.write_all(b"SERVER test\n").await?;
+        write.write_all(format!("{}\n", rdata.to_line()?).as_bytes()).await?;
+        // Let the worker read it; nothing may move: no POSITION yet on this connection.
+        assert_eq!(lines.next_line().await?.as_deref(), Some("NAME worker1"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(receipts.current_token("master"), from);
+
+        // The POSITION connects the stream (catching up from the database)...
+        let position = Command::Position {
+            stream: "receipts".into(),
+            instance: "master".into(),
+            prev_token: token,
+            new_token: token,
+        };
+        write.write_all(format!("{}\n", position.to_line()?).as_bytes()).await?;
+        eventually("the catch-up", async || receipts.current_token("master") == token).await?;
+        assert_eq!(
+            worker.receipts.get_last_receipt_event_id_for_user("@u", ROOM, "m.read").await?.as_deref(),
+            Some("$1")
+        );
+        Ok(())
+    }
 }
