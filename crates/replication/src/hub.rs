@@ -137,6 +137,14 @@ impl Hub {
         }
     }
 
+    /// Queues this process's positions for one peer: what a process says when
+    /// it (re)connects, since the others cannot know it did.
+    pub(crate) fn announce_to(&self, peer: &Peer) {
+        for position in self.outbound.announce() {
+            self.send_to(peer, position);
+        }
+    }
+
     /// Wakes the streamer: a local write may have finished.
     pub fn notify_local_write(&self) {
         self.wake_streamer.notify_one();

@@ -4,16 +4,18 @@
 //! wrote, and the [`Inbound`] logic that applies what they send (catching up from
 //! the database when it sees a gap).
 //!
-//! A [`Hub`] ties them together for one process; [`tcp`] moves its commands
-//! over TCP. The wire format itself is `replication-proto`. The Redis transport
-//! and the in-memory streams (`typing`, `federation`) arrive with the rest of
-//! the replication issue.
+//! A [`Hub`] ties them together for one process; [`tcp`] and [`redis`] move its
+//! commands. The wire format itself is `replication-proto`. The in-memory
+//! streams (`typing`, `federation`) arrive with the rest of the replication
+//! issue.
 
 #![warn(missing_docs)]
 
 mod hub;
 mod inbound;
 mod outbound;
+pub mod redis;
+mod resp;
 mod stream;
 mod streams;
 pub mod tcp;

@@ -531,3 +531,101 @@ mod tcp {
         Ok(())
     }
 }
+
+mod redis {
+    //! Two hubs over the real Redis.
+
+    use std::time::Duration;
+
+    use replication::redis::{RedisAddress, run_forever};
+    use replication::{Hub, Outbound, Settings};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            ping_interval: Duration::from_millis(200),
+            ping_timeout: Duration::from_secs(2),
+            max_pending: 10_000,
+            poll_interval: Duration::from_secs(30),
+        }
+    }
+
+    async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) -> TestResult {
+        for _ in 0..500 {
+            if check().await {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(format!("timed out waiting for {what}").into())
+    }
+
+    /// Sends one command to Redis on a fresh connection and returns the raw reply.
+    async fn redis_command(args: &[&str]) -> Result<String, Box<dyn std::error::Error>> {
+        let mut stream = TcpStream::connect("127.0.0.1:6379").await?;
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream.write_all(request.as_bytes()).await?;
+        let mut reply = vec![0u8; 64 * 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut reply)).await??;
+        Ok(String::from_utf8_lossy(&reply[..n]).into_owned())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_follows_the_master_over_redis_and_survives_a_lost_subscription() -> TestResult {
+        let (_db, master, worker) = setup().await?;
+        // One channel per test run: Redis is shared with other tests.
+        let channel = format!("hs-test-{}", std::process::id());
+        let address = RedisAddress::parse("redis://127.0.0.1:6379").map_err(|err| err.to_string())?;
+        master.events.persist_events(ROOM, &[member("$early", "@early:example.com")]).await?;
+
+        let sources: Vec<Arc<dyn replication::Stream>> =
+            vec![Arc::new(EventsStream(master.events.shared_reader()))];
+        let master_hub = Hub::new(
+            "master",
+            &channel,
+            settings(),
+            Inbound::new("master", StreamRegistry::new()),
+            Outbound::new("master", sources),
+            false,
+        );
+        tokio::spawn(Arc::clone(&master_hub).run_streamer());
+        master_hub.wake_on(master.events.reader().events_stream().subscribe());
+        tokio::spawn(run_forever(Arc::clone(&master_hub), address.clone()));
+        let worker_hub =
+            Hub::new("worker1", &channel, settings(), worker.inbound, Outbound::new("worker1", []), false);
+        tokio::spawn(run_forever(Arc::clone(&worker_hub), address));
+
+        let events = worker.registry.get("events").ok_or("registered")?.clone();
+        let target = master.events.reader().events_stream().get_current_token_for_writer("master");
+        eventually("the worker to catch up", async || events.current_token("master") >= target).await?;
+        assert_eq!(*worker.events.get_users_in_room(ROOM).await?, ["@early:example.com"]);
+
+        master.events.persist_events(ROOM, &[member("$late", "@late:example.com")]).await?;
+        let target = master.events.reader().events_stream().get_current_token_for_writer("master");
+        eventually("the RDATA", async || events.current_token("master") >= target).await?;
+
+        // Redis drops the worker's subscription (a timeout, a restart): it must
+        // notice, resubscribe, and catch up on what it missed meanwhile.
+        let clients = redis_command(&["CLIENT", "LIST"]).await?;
+        let subscriber = format!("name={channel}-worker1-sub");
+        let id = clients
+            .lines()
+            .find(|line| line.split(' ').any(|field| field == subscriber))
+            .and_then(|line| line.split(' ').find_map(|field| field.strip_prefix("id=")))
+            .ok_or("the worker's subscriber is listed by name")?
+            .to_owned();
+        let killed = redis_command(&["CLIENT", "KILL", "ID", &id]).await?;
+        assert_eq!(killed.trim(), ":1", "{killed}");
+        master.events.persist_events(ROOM, &[member("$after", "@after:example.com")]).await?;
+        let target = master.events.reader().events_stream().get_current_token_for_writer("master");
+        eventually("the worker to recover", async || events.current_token("master") >= target).await?;
+        assert_eq!(worker.events.get_users_in_room(ROOM).await?.len(), 3);
+        Ok(())
+    }
+}
