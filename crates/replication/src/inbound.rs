@@ -138,10 +138,12 @@ impl Inbound {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&(stream_name.to_owned(), writer.to_owned()));
         let current = stream.current_token(writer);
-        if current >= new {
+        if stream.can_discard_position() && current >= new {
             return Ok(());
         }
-        if current < prev {
+        // Behind `prev`, rows were missed; ahead of `new`, the writer's token went
+        // back (a restarted in-memory stream) and this process must reset.
+        if !(prev <= current && current <= new) {
             self.catch_up(stream, writer, current, new).await?;
         }
         stream.advance(writer, new);
@@ -174,7 +176,7 @@ impl Inbound {
                     .apply_rows(writer, token, &same_token)
                     .map_err(|source| InboundError::Row { stream: name.to_owned(), source })?;
             }
-            if !updates.limited || updates.token <= from {
+            if !updates.limited || updates.token == from {
                 return Ok(());
             }
             from = updates.token;

@@ -5,9 +5,8 @@
 //! the database when it sees a gap).
 //!
 //! A [`Hub`] ties them together for one process; [`tcp`] and [`redis`] move its
-//! commands. The wire format itself is `replication-proto`. The in-memory
-//! streams (`typing`, `federation`) arrive with the rest of the replication
-//! issue.
+//! commands. [`typing`] is the first in-memory stream. The wire format itself
+//! is `replication-proto`.
 
 #![warn(missing_docs)]
 
@@ -19,12 +18,14 @@ mod resp;
 mod stream;
 mod streams;
 pub mod tcp;
+pub mod typing;
 
 pub use hub::{Hub, Settings};
 pub use inbound::{Inbound, InboundError};
 pub use outbound::{Outbound, ROWS_PER_POLL};
 pub use stream::{Stream, StreamRegistry};
 pub use streams::{BackfillStream, CachesStreamAdapter, EventsStream, ReceiptsStream};
+pub use typing::TypingStream;
 
 /// How many rows one catch-up query fetches at most.
 pub const CATCH_UP_BATCH: usize = 1000;

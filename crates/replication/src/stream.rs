@@ -40,6 +40,13 @@ pub trait Stream: Send + Sync + fmt::Debug {
 
     /// Advances `writer`'s position with no rows (a `POSITION` with no gap).
     fn advance(&self, writer: &str, token: i64);
+
+    /// Whether a `POSITION` at or below the current token can be ignored. True
+    /// for streams whose tokens only grow; false for in-memory streams whose
+    /// token resets when their writer restarts.
+    fn can_discard_position(&self) -> bool {
+        true
+    }
 }
 
 /// The streams a process knows, by name.

@@ -1,0 +1,389 @@
+//! The `typing` stream: in memory, owned by its handlers, so its token is always
+//! exactly what the process has applied (Synapse's change 2).
+//!
+//! The writer ([`TypingWriter`]) keeps who is typing in which room, with
+//! timeouts, and a serial that counts its changes from 0 at start-up; followers
+//! ([`TypingFollower`]) keep what the rows told them. A writer restart sends the
+//! serial back to 0: a follower ahead of the writer's token resets.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use replication_proto::RowJson;
+use serde::{Deserialize, Serialize};
+use store_core::{BoxFuture, StoreError, StreamChangeCache, StreamUpdates};
+
+use crate::stream::Stream;
+
+/// The stream's name.
+pub const TYPING_STREAM: &str = "typing";
+
+/// A row: who is typing in a room now; on the wire `[room_id, [user_id, …]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "(String, Vec<String>)", into = "(String, Vec<String>)")]
+pub struct TypingRow {
+    /// The room.
+    pub room_id: String,
+    /// Everyone typing in it now, sorted.
+    pub user_ids: Vec<String>,
+}
+
+impl From<(String, Vec<String>)> for TypingRow {
+    fn from((room_id, user_ids): (String, Vec<String>)) -> Self {
+        TypingRow { room_id, user_ids }
+    }
+}
+
+impl From<TypingRow> for (String, Vec<String>) {
+    fn from(row: TypingRow) -> Self {
+        (row.room_id, row.user_ids)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Only map updates that cannot panic half-way run under these locks.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[derive(Debug, Default)]
+struct WriterState {
+    latest: i64,
+    /// Room → (serial of its last change, user → when their typing expires).
+    rooms: HashMap<String, (i64, BTreeMap<String, Instant>)>,
+}
+
+/// The typing handler of the instance that writes the stream.
+#[derive(Debug)]
+pub struct TypingWriter {
+    instance_name: String,
+    state: Mutex<WriterState>,
+    changes: StreamChangeCache,
+    notify: tokio::sync::watch::Sender<u64>,
+}
+
+impl TypingWriter {
+    /// A writer with nobody typing, at serial 0.
+    pub fn new(instance_name: &str) -> Arc<TypingWriter> {
+        Arc::new(TypingWriter {
+            instance_name: instance_name.to_owned(),
+            state: Mutex::new(WriterState::default()),
+            changes: StreamChangeCache::new("typing_rooms", 0, 10_000),
+            notify: tokio::sync::watch::channel(0).0,
+        })
+    }
+
+    /// Sees a change whenever someone starts or stops typing.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.notify.subscribe()
+    }
+
+    fn bump(&self, state: &mut WriterState, room_id: &str) {
+        state.latest += 1;
+        let serial = state.latest;
+        state.rooms.entry(room_id.to_owned()).or_default().0 = serial;
+        self.changes.entity_has_changed(room_id, serial);
+        self.notify.send_modify(|version| *version = version.wrapping_add(1));
+    }
+
+    /// `user_id` is typing in `room_id` for the next `timeout`.
+    pub fn started_typing(&self, room_id: &str, user_id: &str, timeout: Duration) {
+        let mut state = lock(&self.state);
+        let expires = Instant::now() + timeout;
+        let users = &mut state.rooms.entry(room_id.to_owned()).or_default().1;
+        let was_typing = users.insert(user_id.to_owned(), expires).is_some();
+        // Renewing a timeout changes nothing anyone sees.
+        if !was_typing {
+            self.bump(&mut state, room_id);
+        }
+    }
+
+    /// `user_id` stopped typing in `room_id`.
+    pub fn stopped_typing(&self, room_id: &str, user_id: &str) {
+        let mut state = lock(&self.state);
+        let removed = state.rooms.get_mut(room_id).is_some_and(|(_, users)| users.remove(user_id).is_some());
+        if removed {
+            self.bump(&mut state, room_id);
+        }
+    }
+
+    /// Ends the typing of everyone whose timeout passed; returns how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut state = lock(&self.state);
+        let mut expired_rooms = Vec::new();
+        let mut expired = 0;
+        for (room_id, (_, users)) in &mut state.rooms {
+            let before = users.len();
+            users.retain(|_, expires| *expires > now);
+            if users.len() != before {
+                expired += before - users.len();
+                expired_rooms.push(room_id.clone());
+            }
+        }
+        for room_id in expired_rooms {
+            self.bump(&mut state, &room_id);
+        }
+        expired
+    }
+
+    /// Expires timeouts every `interval` until the writer is dropped.
+    pub fn expire_forever(self: &Arc<Self>, interval: Duration) {
+        let writer = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(writer) = writer.upgrade() else { return };
+                writer.expire(Instant::now());
+            }
+        });
+    }
+
+    /// Who is typing in `room_id`, sorted.
+    pub fn typing_in(&self, room_id: &str) -> Vec<String> {
+        lock(&self.state)
+            .rooms
+            .get(room_id)
+            .map(|(_, users)| users.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn latest(&self) -> i64 {
+        lock(&self.state).latest
+    }
+
+    /// The rows for `from < serial ≤ to`, from memory: one per changed room with
+    /// everyone typing there now. A `from` older than what the change cache
+    /// remembers (or ahead of a restarted writer) gets every room.
+    pub fn get_updates(&self, from: i64, to: i64, limit: usize) -> StreamUpdates<TypingRow> {
+        if from == to {
+            return StreamUpdates::empty(to);
+        }
+        let state = lock(&self.state);
+        let rooms: Vec<String> = match self.changes.get_all_entities_changed(from) {
+            Some(rooms) if from <= state.latest => rooms,
+            _ => state.rooms.keys().cloned().collect(),
+        };
+        let mut rows: Vec<(i64, TypingRow)> = rooms
+            .into_iter()
+            .filter_map(|room_id| {
+                let (serial, users) = state.rooms.get(&room_id)?;
+                (*serial > from.min(to) && *serial <= to.max(from)).then(|| {
+                    (
+                        *serial,
+                        TypingRow { room_id: room_id.clone(), user_ids: users.keys().cloned().collect() },
+                    )
+                })
+            })
+            .collect();
+        rows.sort_by_key(|(serial, _)| *serial);
+        if rows.len() > limit {
+            rows.truncate(limit);
+            let token = rows.last().map_or(to, |(serial, _)| *serial);
+            return StreamUpdates { rows, token, limited: true };
+        }
+        StreamUpdates { rows, token: to, limited: false }
+    }
+}
+
+/// What a follower knows of typing, only from the rows it applied.
+#[derive(Debug, Default)]
+pub struct TypingFollower {
+    state: Mutex<(i64, HashMap<String, BTreeSet<String>>)>,
+}
+
+impl TypingFollower {
+    /// A follower that knows nothing yet.
+    pub fn new() -> Arc<TypingFollower> {
+        Arc::new(TypingFollower::default())
+    }
+
+    /// Who is typing in `room_id`, as last told.
+    pub fn typing_in(&self, room_id: &str) -> Vec<String> {
+        lock(&self.state).1.get(room_id).map(|users| users.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The token of the last rows applied.
+    pub fn latest(&self) -> i64 {
+        lock(&self.state).0
+    }
+
+    fn apply(&self, token: i64, rows: &[TypingRow]) {
+        let mut state = lock(&self.state);
+        if state.0 > token {
+            // The writer restarted and counts from 0 again: what we knew is void.
+            state.1.clear();
+        }
+        state.0 = token;
+        for row in rows {
+            state.1.insert(row.room_id.clone(), row.user_ids.iter().cloned().collect());
+        }
+    }
+}
+
+/// The `typing` stream of a process: the writer's handler, or a follower's.
+#[derive(Debug)]
+pub enum TypingStream {
+    /// On the instance that writes typing.
+    Writer(Arc<TypingWriter>),
+    /// Everywhere else.
+    Follower(Arc<TypingFollower>),
+}
+
+impl Stream for TypingStream {
+    fn name(&self) -> &'static str {
+        TYPING_STREAM
+    }
+
+    fn current_token(&self, _writer: &str) -> i64 {
+        match self {
+            TypingStream::Writer(writer) => writer.latest(),
+            TypingStream::Follower(follower) => follower.latest(),
+        }
+    }
+
+    fn minimal_local_current_token(&self) -> i64 {
+        self.current_token("")
+    }
+
+    fn can_discard_position(&self) -> bool {
+        // The token goes back to 0 when the writer restarts.
+        false
+    }
+
+    fn get_updates_since<'a>(
+        &'a self,
+        _writer: &'a str,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<StreamUpdates<RowJson>, StoreError>> {
+        Box::pin(async move {
+            match self {
+                TypingStream::Writer(writer) => {
+                    let updates = writer.get_updates(from, to, limit);
+                    let rows = updates
+                        .rows
+                        .into_iter()
+                        .map(|(token, row)| {
+                            RowJson::from_row(&row)
+                                .map(|row| (token, row))
+                                .map_err(|err| StoreError::Misconfigured(err.to_string()))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(StreamUpdates { rows, token: updates.token, limited: updates.limited })
+                }
+                // Typing is ephemeral and a follower keeps no history: rows it
+                // missed cannot be read back here, so it starts afresh at `to`
+                // (nobody typing until the next change, which carries the room's
+                // whole set). A writer restart (to < from) resets the same way.
+                TypingStream::Follower(follower) => {
+                    *lock(&follower.state) = (to, HashMap::new());
+                    Ok(StreamUpdates::empty(to))
+                }
+            }
+        })
+    }
+
+    fn apply_rows(&self, writer: &str, token: i64, rows: &[RowJson]) -> Result<(), serde_json::Error> {
+        let rows: Vec<TypingRow> = rows.iter().map(RowJson::decode).collect::<Result<_, _>>()?;
+        match self {
+            TypingStream::Writer(handler) => {
+                tracing::error!(writer, own = %handler.instance_name, "typing rows reached the typing writer; ignoring them");
+            }
+            TypingStream::Follower(follower) => follower.apply(token, &rows),
+        }
+        Ok(())
+    }
+
+    fn advance(&self, _writer: &str, token: i64) {
+        if let TypingStream::Follower(follower) = self {
+            follower.apply(token, &[]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{TypingFollower, TypingRow, TypingWriter};
+
+    #[test]
+    fn rows_carry_everyone_typing_and_the_serial_counts_changes() {
+        let writer = TypingWriter::new("master");
+        writer.started_typing("!a", "@u", Duration::from_secs(30));
+        writer.started_typing("!a", "@v", Duration::from_secs(30));
+        writer.started_typing("!a", "@v", Duration::from_secs(30)); // a renewal: no change
+        writer.started_typing("!b", "@w", Duration::from_secs(30));
+        writer.stopped_typing("!b", "@w");
+        assert_eq!(writer.latest(), 4);
+        let updates = writer.get_updates(0, 4, 10);
+        assert_eq!(
+            updates.rows,
+            [
+                (2, TypingRow { room_id: "!a".into(), user_ids: vec!["@u".into(), "@v".into()] }),
+                (4, TypingRow { room_id: "!b".into(), user_ids: vec![] }),
+            ]
+        );
+        assert_eq!(writer.get_updates(2, 4, 10).rows.len(), 1);
+        let cut = writer.get_updates(0, 4, 1);
+        assert!(cut.limited);
+        assert_eq!(cut.token, 2);
+    }
+
+    #[test]
+    fn timeouts_end_typing() {
+        let writer = TypingWriter::new("master");
+        writer.started_typing("!a", "@u", Duration::from_millis(10));
+        assert_eq!(writer.expire(Instant::now() + Duration::from_millis(20)), 1);
+        assert!(writer.typing_in("!a").is_empty());
+        assert_eq!(writer.latest(), 2);
+    }
+
+    #[test]
+    fn a_follower_resets_when_the_writer_restarts() {
+        let follower = TypingFollower::new();
+        follower.apply(101, &[TypingRow { room_id: "!a".into(), user_ids: vec!["@u".into()] }]);
+        assert_eq!(follower.typing_in("!a"), ["@u"]);
+        follower.apply(1, &[TypingRow { room_id: "!b".into(), user_ids: vec!["@v".into()] }]);
+        assert!(follower.typing_in("!a").is_empty(), "the restarted writer's state replaces ours");
+        assert_eq!(follower.typing_in("!b"), ["@v"]);
+        assert_eq!(follower.latest(), 1);
+    }
+
+    #[test]
+    fn rows_match_the_wire_vector() {
+        let json = r#"["!r:example.com",["@u:example.com","@v:example.com"]]"#;
+        let row: TypingRow = serde_json::from_str(json).unwrap();
+        assert_eq!(row.user_ids, ["@u:example.com", "@v:example.com"]);
+        assert_eq!(serde_json::to_string(&row).unwrap(), json);
+    }
+
+    #[tokio::test]
+    async fn a_position_from_a_restarted_writer_resets_the_follower() {
+        use std::sync::Arc;
+
+        use crate::{Inbound, StreamRegistry, TypingStream};
+
+        let follower = TypingFollower::new();
+        let mut registry = StreamRegistry::new();
+        registry.register(Arc::new(TypingStream::Follower(Arc::clone(&follower))));
+        let inbound = Inbound::new("worker1", registry);
+        let row = |room: &str| {
+            replication_proto::RowJson::from_row(&TypingRow {
+                room_id: room.into(),
+                user_ids: vec!["@u".into()],
+            })
+            .unwrap()
+        };
+        inbound.on_position("typing", "master", 0, 0).await.unwrap();
+        inbound.on_rdata("typing", "master", Some(101), row("!a")).unwrap();
+        assert_eq!(follower.typing_in("!a"), ["@u"]);
+        // The writer restarted: its token is 0 again.
+        inbound.on_position("typing", "master", 0, 0).await.unwrap();
+        assert_eq!(follower.latest(), 0);
+        assert!(follower.typing_in("!a").is_empty());
+        inbound.on_rdata("typing", "master", Some(1), row("!b")).unwrap();
+        assert_eq!(follower.typing_in("!b"), ["@u"]);
+    }
+}
