@@ -1,12 +1,12 @@
 //! [`Hub`]: one process's replication: its connections, what it sends and what
 //! it applies. Transports (`tcp`) only move lines; the hub decides.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use replication_proto::{Command, Side};
+use replication_proto::{Command, CommandName, Side};
 use tokio::sync::{Notify, mpsc};
 
 use crate::{Inbound, Outbound};
@@ -68,6 +68,9 @@ pub struct Hub {
     relay: bool,
     peers: Mutex<HashMap<u64, Arc<Peer>>>,
     next_peer: AtomicU64,
+    /// Valid commands received and commands queued for sending, by name.
+    received: Mutex<BTreeMap<CommandName, u64>>,
+    sent: Mutex<BTreeMap<CommandName, u64>>,
     /// Poked when local writes may have finished.
     pub(crate) wake_streamer: Notify,
 }
@@ -91,6 +94,8 @@ impl Hub {
             relay,
             peers: Mutex::new(HashMap::new()),
             next_peer: AtomicU64::new(0),
+            received: Mutex::new(BTreeMap::new()),
+            sent: Mutex::new(BTreeMap::new()),
             wake_streamer: Notify::new(),
         })
     }
@@ -116,7 +121,13 @@ impl Hub {
 
     /// Queues `command` for one peer; a peer past the pending limit is told to
     /// close.
+    /// Commands received (valid ones) and sent, by name, since start-up.
+    pub fn command_counts(&self) -> (BTreeMap<CommandName, u64>, BTreeMap<CommandName, u64>) {
+        (lock(&self.received).clone(), lock(&self.sent).clone())
+    }
+
     pub(crate) fn send_to(&self, peer: &Peer, command: Command) {
+        *lock(&self.sent).entry(command.name()).or_default() += 1;
         if peer.pending.fetch_add(1, Ordering::AcqRel) >= self.settings.max_pending {
             peer.congested.notify_one();
         }
@@ -166,6 +177,7 @@ impl Hub {
     /// Handles one valid command from connection `from`. Returns an error text
     /// when the connection must close.
     pub(crate) async fn handle(&self, from: u64, side: Side, command: Command) -> Result<(), String> {
+        *lock(&self.received).entry(command.name()).or_default() += 1;
         match &command {
             Command::Server { server_name } => {
                 if side == Side::Client && *server_name != self.server_name {

@@ -629,3 +629,151 @@ mod redis {
         Ok(())
     }
 }
+
+mod backlog {
+    //! A worker that connects late gets positions, never a backlog of rows.
+
+    use std::time::Duration;
+
+    use replication::{Hub, Outbound, Settings, tcp};
+    use replication_proto::CommandName;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_connecting_after_10000_rows_gets_none_as_rdata_and_applies_them_all() -> TestResult {
+        let (_db, master, worker) = setup().await?;
+        let settings = Settings { poll_interval: Duration::from_millis(50), ..Settings::default() };
+        let sources: Vec<Arc<dyn replication::Stream>> =
+            vec![Arc::new(ReceiptsStream(master.receipts.shared_reader()))];
+        let master_hub = Hub::new(
+            "master",
+            "test",
+            settings,
+            Inbound::new("master", StreamRegistry::new()),
+            Outbound::new("master", sources),
+            true,
+        );
+        master_hub.wake_on(master.receipts.reader().stream().subscribe());
+        tokio::spawn(Arc::clone(&master_hub).run_streamer());
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        tokio::spawn(tcp::serve(Arc::clone(&master_hub), listener));
+
+        // 10,000 rows written while no worker is connected (8 writers at once).
+        let writer = Arc::new(master.receipts);
+        let mut tasks = tokio::task::JoinSet::new();
+        for task in 0..8 {
+            let writer = Arc::clone(&writer);
+            tasks.spawn(async move {
+                for n in 0..1_250 {
+                    writer
+                        .insert_receipt(&ReceiptRow { user_id: format!("@u{task}_{n}"), ..receipt("$1") })
+                        .await?;
+                }
+                Ok::<(), StoreError>(())
+            });
+        }
+        while let Some(result) = tasks.join_next().await {
+            result??;
+        }
+        let target = writer.reader().stream().get_current_token_for_writer("master");
+
+        let worker_hub =
+            Hub::new("worker1", "test", settings, worker.inbound, Outbound::new("worker1", []), false);
+        tokio::spawn(tcp::connect_forever(Arc::clone(&worker_hub), address));
+        let receipts = worker.registry.get("receipts").ok_or("registered")?.clone();
+        for _ in 0..1_000 {
+            if receipts.current_token("master") >= target {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(receipts.current_token("master"), target, "every row applied");
+        let (received, _) = worker_hub.command_counts();
+        assert_eq!(received.get(&CommandName::Rdata), None, "no backlog as RDATA: {received:?}");
+        assert!(received.get(&CommandName::Position).is_some_and(|n| *n >= 1));
+        let read = worker.receipts.get_receipts_for_room(ROOM, "m.read").await?;
+        assert_eq!(read.len(), 10_000);
+        Ok(())
+    }
+}
+
+mod every_stream {
+    //! Every advance of every stream a process writes is announced.
+
+    use std::time::Duration;
+
+    use replication::typing::TypingWriter;
+    use replication::{BackfillStream, Outbound, TypingStream};
+
+    use super::*;
+
+    /// The token the commands announce for `stream`: the last RDATA token or the
+    /// new token of a POSITION.
+    fn announced(commands: &[Command], stream: &str) -> Option<i64> {
+        commands.iter().rev().find_map(|command| match command {
+            Command::Rdata { stream: s, token: Some(token), .. } if s == stream => Some(*token),
+            Command::Position { stream: s, new_token, .. } if s == stream => Some(*new_token),
+            _ => None,
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_stream_announces_its_advances() -> TestResult {
+        let test_db = TestDb::new(Engine::Postgres).await?;
+        let config = config(&test_db.url, "master")?;
+        let mut conn = test_db.db.begin("build").await?;
+        let caches = Arc::new(
+            CachesStream::new(
+                test_db.db.clone(),
+                &mut conn,
+                &config,
+                CacheRegistry::new(config.caches.clone()),
+            )
+            .await?,
+        );
+        let events = EventsWriter::new(test_db.db.clone(), &mut conn, Arc::clone(&caches), &config).await?;
+        let receipts = ReceiptsWriter::new(test_db.db.clone(), &mut conn, &caches, &config).await?;
+        conn.commit().await?;
+        let typing = TypingWriter::new("master");
+        let streams: Vec<Arc<dyn replication::Stream>> = vec![
+            Arc::new(EventsStream(events.shared_reader())),
+            Arc::new(BackfillStream(events.shared_reader())),
+            Arc::new(CachesStreamAdapter(Arc::clone(&caches))),
+            Arc::new(ReceiptsStream(receipts.shared_reader())),
+            Arc::new(TypingStream::Writer(Arc::clone(&typing))),
+        ];
+        let outbound = Outbound::new("master", streams.clone());
+
+        // One write to each stream (a membership change also writes `caches`).
+        events.persist_events(ROOM, &[member("$a", "@a:example.com")]).await?;
+        events
+            .persist_backfilled_events(
+                ROOM,
+                &[NewEvent {
+                    state_key: None,
+                    event_type: "m.room.message".into(),
+                    ..member("$old", "@a:example.com")
+                }],
+            )
+            .await?;
+        receipts.insert_receipt(&receipt("$a")).await?;
+        typing.started_typing(ROOM, "@a:example.com", Duration::from_secs(30));
+
+        let (commands, _) = outbound.poll().await?;
+        for stream in &streams {
+            let current = stream.current_token("master");
+            assert_eq!(
+                announced(&commands, stream.name()),
+                Some(current),
+                "{} announced {commands:#?}",
+                stream.name()
+            );
+        }
+        // Backfill travels with positive tokens.
+        assert!(announced(&commands, "backfill").is_some_and(|token| token > 0));
+        Ok(())
+    }
+}
