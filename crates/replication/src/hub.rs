@@ -194,8 +194,26 @@ impl Hub {
                 for position in self.outbound.announce() {
                     self.broadcast(&position, None);
                 }
-                if self.relay {
-                    self.broadcast(&command, Some(from));
+                // Clients cannot receive REPLICATE, so the relaying server answers
+                // for the other writers it follows: everything up to the position
+                // it knows for each is committed, so the newcomer catches up from
+                // the database to there.
+                if self.relay
+                    && let Some(peer) = self.peers().get(&from).cloned()
+                {
+                    for stream in self.inbound.streams().iter() {
+                        for (writer, position) in stream.writer_positions() {
+                            if writer != self.instance_name {
+                                let command = Command::Position {
+                                    stream: stream.name().to_owned(),
+                                    instance: writer,
+                                    prev_token: position,
+                                    new_token: position,
+                                };
+                                self.send_to(&peer, command);
+                            }
+                        }
+                    }
                 }
             }
             Command::Rdata { stream, .. } => {
@@ -236,7 +254,9 @@ impl Hub {
             }
             Command::Ping { .. } => {}
             _ => {
-                if self.relay {
+                // Only what clients may receive is passed on (REMOTE_SERVER_UP,
+                // LOCK_RELEASED); the rest is for the server alone.
+                if self.relay && command.name().accepted_by(Side::Client) {
                     self.broadcast(&command, Some(from));
                 }
             }

@@ -61,6 +61,11 @@ impl Inbound {
         }
     }
 
+    /// The streams this process follows.
+    pub fn streams(&self) -> &StreamRegistry {
+        &self.streams
+    }
+
     /// Applies `command` if it is `RDATA` or `POSITION`; other commands are the
     /// transport's and the handlers' business.
     pub async fn handle(&self, command: &Command) -> Result<(), InboundError> {

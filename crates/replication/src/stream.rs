@@ -41,6 +41,12 @@ pub trait Stream: Send + Sync + fmt::Debug {
     /// Advances `writer`'s position with no rows (a `POSITION` with no gap).
     fn advance(&self, writer: &str, token: i64);
 
+    /// Every writer's position this process knows, for a relaying server to
+    /// announce on their behalf. Empty for streams without per-writer positions.
+    fn writer_positions(&self) -> Vec<(String, i64)> {
+        Vec::new()
+    }
+
     /// Whether a `POSITION` at or below the current token can be ignored. True
     /// for streams whose tokens only grow; false for in-memory streams whose
     /// token resets when their writer restarts.

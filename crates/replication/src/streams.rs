@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use replication_proto::RowJson;
 use serde::Serialize;
-use store_core::{BoxFuture, CachesRow, CachesStream, StoreError, StreamUpdates};
+use store_core::{BoxFuture, CachesRow, CachesStream, MultiWriterIdGenerator, StoreError, StreamUpdates};
 use store_events::EventsReader;
 use store_events::rows::{BackfillRow, EventsStreamRow};
 use store_receipts::{ReceiptRow, ReceiptsReader};
@@ -23,6 +23,18 @@ fn to_wire<R: Serialize>(updates: StreamUpdates<R>) -> Result<StreamUpdates<RowJ
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(StreamUpdates { rows, token: updates.token, limited: updates.limited })
+}
+
+/// Every known writer's position on the wire (`sign` −1 for backfill).
+fn positions(generator: &MultiWriterIdGenerator, sign: i64) -> Vec<(String, i64)> {
+    generator
+        .get_positions()
+        .into_keys()
+        .map(|writer| {
+            let position = generator.get_current_token_for_writer(&writer) * sign;
+            (writer, position)
+        })
+        .collect()
 }
 
 fn decode<R: serde::de::DeserializeOwned>(rows: &[RowJson]) -> Result<Vec<R>, serde_json::Error> {
@@ -60,6 +72,9 @@ impl Stream for EventsStream {
     fn advance(&self, writer: &str, token: i64) {
         self.0.events_stream().advance(writer, token);
     }
+    fn writer_positions(&self) -> Vec<(String, i64)> {
+        positions(self.0.events_stream(), 1)
+    }
 }
 
 /// The `backfill` stream, whose wire tokens are the negated stream orderings.
@@ -92,6 +107,9 @@ impl Stream for BackfillStream {
     }
     fn advance(&self, writer: &str, token: i64) {
         self.0.backfill_stream().advance(writer, -token);
+    }
+    fn writer_positions(&self) -> Vec<(String, i64)> {
+        positions(self.0.backfill_stream(), -1)
     }
 }
 
@@ -128,6 +146,9 @@ impl Stream for CachesStreamAdapter {
             generator.advance(writer, token);
         }
     }
+    fn writer_positions(&self) -> Vec<(String, i64)> {
+        self.0.generator().map(|generator| positions(generator, 1)).unwrap_or_default()
+    }
 }
 
 /// The `receipts` stream.
@@ -160,5 +181,8 @@ impl Stream for ReceiptsStream {
     }
     fn advance(&self, writer: &str, token: i64) {
         self.0.stream().advance(writer, token);
+    }
+    fn writer_positions(&self) -> Vec<(String, i64)> {
+        positions(self.0.stream(), 1)
     }
 }

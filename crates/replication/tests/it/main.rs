@@ -389,6 +389,39 @@ mod tcp {
         Ok(())
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_workers_stay_connected_and_both_follow() -> TestResult {
+        let (test_db, master, first) = setup().await?;
+        let second_db = test_db.reconnect().await?;
+        let second = worker(&second_db, &config(&test_db.url, "worker2")?).await?;
+        let (master_hub, address) = master_hub(&master, quick()).await?;
+        let mut hubs = Vec::new();
+        for (name, worker) in [("worker1", first), ("worker2", second)] {
+            let events = worker.registry.get("events").ok_or("registered")?.clone();
+            let hub = Hub::new(name, "test", quick(), worker.inbound, Outbound::new(name, []), false);
+            tokio::spawn(tcp::connect_forever(Arc::clone(&hub), address.clone()));
+            hubs.push((hub, events));
+        }
+        eventually("both connections", async || master_hub.connections() == 2).await?;
+        master.events.persist_events(ROOM, &[member("$a", "@a:example.com")]).await?;
+        let target = master.events.reader().events_stream().get_current_token_for_writer("master");
+        for (_, events) in &hubs {
+            eventually("each worker to follow", async || events.current_token("master") >= target).await?;
+        }
+        // Each worker's REPLICATE reached only the master: nobody was knocked off.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (hub, _) in &hubs {
+            let (received, _) = hub.command_counts();
+            assert_eq!(received.get(&replication_proto::CommandName::Error), None, "{received:?}");
+            assert_eq!(
+                received.get(&replication_proto::CommandName::Server),
+                Some(&1),
+                "connected once: {received:?}"
+            );
+        }
+        Ok(())
+    }
+
     /// Connects a raw socket to `address` and returns its lines reader and writer.
     async fn raw(
         address: &str,

@@ -230,8 +230,10 @@ impl CachesStream {
         }
     }
 
-    /// Catch-up: `writer`'s rows after `from`, oldest first, at most `limit`. Not bounded above by `current`: invalidations are
-    /// idempotent, so sending one early is harmless.
+    /// Catch-up: `writer`'s rows with `from < stream_id ≤ current`, oldest first,
+    /// at most `limit`. Bounded above, unlike Synapse's: a row above `current`
+    /// may sit beyond an ID still in flight, and a follower that applied it would
+    /// move past that ID and then drop its row when it came.
     pub async fn get_updates_since(
         &self,
         writer: &str,
@@ -252,8 +254,9 @@ impl CachesStream {
                     let rows = txn
                         .query(
                             "SELECT stream_id, cache_func, keys, invalidation_ts FROM cache_invalidation_stream_by_instance \
-                             WHERE stream_id > $1 AND instance_name = $2 ORDER BY stream_id LIMIT $3",
-                            &[&from, &writer, &limit],
+                             WHERE stream_id > $1 AND stream_id <= $2 AND instance_name = $3 \
+                             ORDER BY stream_id LIMIT $4",
+                            &[&from, &current, &writer, &limit],
                         )
                         .await?;
                     rows.iter()
