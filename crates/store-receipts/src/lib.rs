@@ -359,15 +359,22 @@ impl ReceiptsWriter {
                 let (receipt, instance, data) = (receipt.clone(), instance.clone(), data.clone());
                 Box::pin(async move {
                     let stream_id = generator.get_next_txn(txn).await?;
+                    // An upsert, so that two first receipts of one key arriving at once
+                    // cannot both insert (the unique indexes arbitrate); the later
+                    // stream ID wins whatever order the transactions commit in.
+                    let conflict = if receipt.thread_id.is_some() {
+                        "(room_id, receipt_type, user_id, thread_id) WHERE thread_id IS NOT NULL"
+                    } else {
+                        "(room_id, receipt_type, user_id) WHERE thread_id IS NULL"
+                    };
                     txn.execute(
-                        "DELETE FROM receipts_linearized WHERE room_id = $1 AND receipt_type = $2 AND user_id = $3 \
-                         AND (thread_id = $4 OR (thread_id IS NULL AND $4 IS NULL))",
-                        &[&receipt.room_id, &receipt.receipt_type, &receipt.user_id, &receipt.thread_id],
-                    )
-                    .await?;
-                    txn.execute(
-                        "INSERT INTO receipts_linearized (stream_id, instance_name, room_id, receipt_type, user_id, \
-                         event_id, thread_id, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                        &format!(
+                            "INSERT INTO receipts_linearized (stream_id, instance_name, room_id, receipt_type, user_id, \
+                             event_id, thread_id, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                             ON CONFLICT {conflict} DO UPDATE SET stream_id = EXCLUDED.stream_id, \
+                             instance_name = EXCLUDED.instance_name, event_id = EXCLUDED.event_id, data = EXCLUDED.data \
+                             WHERE receipts_linearized.stream_id < EXCLUDED.stream_id"
+                        ),
                         &[
                             &stream_id,
                             &instance,

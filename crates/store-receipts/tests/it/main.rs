@@ -148,3 +148,22 @@ async fn a_worker_applying_rows_serves_fresh_receipts() -> TestResult {
     assert_eq!(events_of(&reader.get_receipts_for_room("!r", "m.read").await?), [("@a", "$2")]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_receipts_written_at_once_leave_one_row() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let (_caches, writer) = writer(&test_db.db, &single_process(&test_db.url)?).await?;
+    let writer = Arc::new(writer);
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..8 {
+        let writer = Arc::clone(&writer);
+        tasks.spawn(async move { writer.insert_receipt(&receipt("!r", "@a", &format!("${n}"), None)).await });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    let receipts = writer.reader().get_receipts_for_room("!r", "m.read").await?;
+    assert_eq!(receipts.len(), 1, "{receipts:?}");
+    assert!(writer.reader().get_last_receipt_event_id_for_user("@a", "!r", "m.read").await?.is_some());
+    Ok(())
+}
