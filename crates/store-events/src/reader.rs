@@ -92,25 +92,16 @@ impl EventsReader {
         let registry = Arc::clone(caches.registry());
         let current = events_ids.get_current_token();
         let reader = EventsReader {
+            // The change caches are prefilled from the newest rows, which may lie
+            // above the current token (another writer's rows past a gap): a cache
+            // that started empty would deny changes it never saw.
             event_cache: registry.register("get_event")?,
             current_state_cache: registry.register("get_current_state_ids")?,
             users_in_room_cache: registry.register("get_users_in_room")?,
             rooms_for_user_cache: registry.register("get_rooms_for_user")?,
-            room_changes: Arc::new(StreamChangeCache::new(
-                "events_room_changes",
-                current,
-                CHANGE_CACHE_POSITIONS,
-            )),
-            membership_changes: Arc::new(StreamChangeCache::new(
-                "membership_changes",
-                current,
-                CHANGE_CACHE_POSITIONS,
-            )),
-            state_changes: Arc::new(StreamChangeCache::new(
-                "current_state_changes",
-                current,
-                CHANGE_CACHE_POSITIONS,
-            )),
+            room_changes: Arc::new(prefilled(conn, "events_room_changes", "SELECT room_id, stream_ordering FROM events WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
+            membership_changes: Arc::new(prefilled(conn, "membership_changes", "SELECT user_id, stream_ordering FROM room_memberships WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
+            state_changes: Arc::new(prefilled(conn, "current_state_changes", "SELECT room_id, stream_ordering FROM current_state_events WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
             db,
             events_ids,
             backfill_ids,
@@ -483,6 +474,20 @@ impl EventsReader {
         }
         self.backfill_ids.advance(writer, -token);
     }
+}
+
+/// A change cache filled from the newest `(entity, position)` rows `sql` returns.
+async fn prefilled(
+    conn: &mut Transaction,
+    name: &'static str,
+    sql: &str,
+    current: i64,
+) -> Result<StreamChangeCache, StoreError> {
+    let limit = i64::try_from(CHANGE_CACHE_POSITIONS).unwrap_or(i64::MAX);
+    let rows = conn.query(sql, &[&limit]).await?;
+    let rows =
+        rows.iter().map(|row| Ok((row.get(0)?, row.get(1)?))).collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(StreamChangeCache::prefilled(name, current, CHANGE_CACHE_POSITIONS, &rows, CHANGE_CACHE_POSITIONS))
 }
 
 /// Invalidates every cache that depends on `room_id`'s current state, and the

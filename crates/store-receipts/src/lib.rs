@@ -119,12 +119,26 @@ impl ReceiptsReader {
         .await?;
         let registry = Arc::clone(caches.registry());
         let current = ids.get_current_token();
+        let limit = i64::try_from(CHANGE_CACHE_POSITIONS).unwrap_or(i64::MAX);
+        let newest_rows = conn
+            .query(
+                "SELECT room_id, stream_id FROM receipts_linearized ORDER BY stream_id DESC LIMIT $1",
+                &[&limit],
+            )
+            .await?
+            .iter()
+            .map(|row| Ok((row.get(0)?, row.get(1)?)))
+            .collect::<Result<Vec<(String, i64)>, StoreError>>()?;
         Ok(ReceiptsReader {
             room_receipts: registry.register("get_receipts_for_room")?,
             last_receipt: registry.register("get_last_receipt_event_id_for_user")?,
-            room_changes: Arc::new(StreamChangeCache::new(
+            // Prefilled from the newest rows, which may lie above the current
+            // token: a cache that started empty would deny changes it never saw.
+            room_changes: Arc::new(StreamChangeCache::prefilled(
                 "receipts_room_changes",
                 current,
+                CHANGE_CACHE_POSITIONS,
+                &newest_rows,
                 CHANGE_CACHE_POSITIONS,
             )),
             registry,

@@ -380,3 +380,29 @@ async fn events_rows_invalidate_the_worker_caches_before_advancing() -> TestResu
     assert!(reader.membership_changes().has_entity_changed("@anyone:example.com", to - 1));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_caches_know_rows_above_the_current_token_at_start_up() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let writers = ["persister1", "persister2"];
+    let first =
+        start(&test_db.reconnect().await?, &deployment(&test_db.url, "persister1", &writers)?).await?;
+    let second =
+        start(&test_db.reconnect().await?, &deployment(&test_db.url, "persister2", &writers)?).await?;
+    // persister1 holds an ID in flight; persister2 writes past it.
+    let held = first.reader().events_stream().get_next().await?;
+    second.writer().persist_events(ROOM, &[member("$b", "@b:example.com", "join")]).await?;
+
+    let worker = start(&test_db.reconnect().await?, &deployment(&test_db.url, "worker1", &writers)?).await?;
+    let reader = worker.reader();
+    let current = reader.events_stream().get_current_token();
+    assert!(current < held.id(), "the stream's token stays below the ID in flight");
+    assert!(
+        reader.room_changes().has_entity_changed(ROOM, current),
+        "the room's row above the token is known"
+    );
+    assert!(reader.membership_changes().has_entity_changed("@b:example.com", current));
+    assert!(reader.state_changes().has_entity_changed(ROOM, current));
+    drop(held);
+    Ok(())
+}
