@@ -273,12 +273,11 @@ impl EventsReader {
                             let rows = txn
                                 .query(
                                     "SELECT state_key FROM current_state_events \
-                                     WHERE room_id = $1 AND type = 'm.room.member' AND membership = 'join' \
-                                     ORDER BY state_key",
+                                     WHERE room_id = $1 AND type = 'm.room.member' AND membership = 'join'",
                                     &[&room],
                                 )
                                 .await?;
-                            rows.iter().map(|row| row.get(0)).collect::<Result<Vec<String>, _>>()
+                            sorted(&rows)
                         })
                     })
                     .await?;
@@ -300,12 +299,11 @@ impl EventsReader {
                             let rows = txn
                                 .query(
                                     "SELECT room_id FROM current_state_events \
-                                     WHERE type = 'm.room.member' AND state_key = $1 AND membership = 'join' \
-                                     ORDER BY room_id",
+                                     WHERE type = 'm.room.member' AND state_key = $1 AND membership = 'join'",
                                     &[&user],
                                 )
                                 .await?;
-                            rows.iter().map(|row| row.get(0)).collect::<Result<Vec<String>, _>>()
+                            sorted(&rows)
                         })
                     })
                     .await?;
@@ -474,6 +472,15 @@ impl EventsReader {
         }
         self.backfill_ids.advance(writer, -token);
     }
+}
+
+/// The first column of `rows`, sorted by bytes. Sorting here rather than in
+/// SQL gives one order on both engines: PostgreSQL sorts text by the
+/// database's collation, SQLite by bytes.
+fn sorted(rows: &[Row]) -> Result<Vec<String>, StoreError> {
+    let mut values = rows.iter().map(|row| row.get(0)).collect::<Result<Vec<String>, _>>()?;
+    values.sort_unstable();
+    Ok(values)
 }
 
 /// A change cache filled from the newest `(entity, position)` rows `sql` returns.

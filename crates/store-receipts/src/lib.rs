@@ -173,16 +173,19 @@ impl ReceiptsReader {
                         Box::pin(async move {
                             let rows = txn
                                 .query(
-                                    &format!(
-                                        "{SELECT_RECEIPT} WHERE room_id = $1 AND receipt_type = $2 \
-                                         ORDER BY user_id, thread_id NULLS FIRST"
-                                    ),
+                                    &format!("{SELECT_RECEIPT} WHERE room_id = $1 AND receipt_type = $2"),
                                     &[&room, &receipt_type],
                                 )
                                 .await?;
-                            rows.iter()
+                            let mut receipts = rows
+                                .iter()
                                 .map(|row| receipt_from_row(row).map(|(_, r)| r))
-                                .collect::<Result<Vec<_>, _>>()
+                                .collect::<Result<Vec<_>, _>>()?;
+                            // Sorted here, not in SQL: PostgreSQL orders text by the
+                            // database's collation, SQLite by bytes.
+                            receipts
+                                .sort_by(|a, b| (&a.user_id, &a.thread_id).cmp(&(&b.user_id, &b.thread_id)));
+                            Ok(receipts)
                         })
                     })
                     .await?;
