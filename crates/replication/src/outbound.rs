@@ -110,17 +110,34 @@ impl Outbound {
                 continue;
             }
             let last_row_token = rows.last().map_or(reached, |(token, _)| *token);
+            let mut unsendable = false;
             let mut rows = rows.into_iter().peekable();
             while let Some((token, row)) = rows.next() {
                 let more_with_this_token = rows.peek().is_some_and(|(next, _)| *next == token);
-                commands.push(Command::Rdata {
+                let command = Command::Rdata {
                     stream: stream.name().to_owned(),
                     instance: self.instance_name.clone(),
                     token: (!more_with_this_token).then_some(token),
                     row,
-                });
+                };
+                if let Err(err) = command.to_line() {
+                    // A row too long for a line: stop, and announce a position whose
+                    // start lies past every follower, so each sees a gap and reads
+                    // this row and the rest from the database instead of moving
+                    // past them.
+                    tracing::warn!(
+                        stream = stream.name(),
+                        token,
+                        "a row cannot be replicated as a line ({err}); followers will read it from the database"
+                    );
+                    unsendable = true;
+                    break;
+                }
+                commands.push(command);
             }
-            if last_row_token < reached {
+            if unsendable {
+                commands.push(self.position(source, reached, reached));
+            } else if last_row_token < reached {
                 commands.push(self.position(source, last_row_token, reached));
             }
         }

@@ -133,21 +133,30 @@ async fn read_value(stream: &mut TcpStream, decoder: &mut RespDecoder) -> Result
     }
 }
 
+/// Whether `parts` is Redis's confirmation of a subscription to `channel`.
+fn is_subscribed_to(parts: &[RespValue], channel: &str) -> bool {
+    matches!(parts, [RespValue::Bulk(Some(kind)), RespValue::Bulk(Some(name)), _]
+        if kind == b"subscribe" && name == channel.as_bytes())
+}
+
 /// One connected session: subscribe, then announce, then follow, until the
 /// connection fails.
 async fn session(hub: &Arc<Hub>, address: &RedisAddress) -> Result<(), String> {
     let (mut subscriber, mut decoder) =
         open(address, &format!("{}-{}-sub", hub.server_name, hub.instance_name)).await?;
     let base = hub.server_name.clone();
-    subscriber.write_all(&encode(&[b"SUBSCRIBE", base.as_bytes()])).await.map_err(|err| err.to_string())?;
+    // The extra channel first, then the base one, whose confirmation ends the
+    // wait (Redis confirms in order).
+    let user_ip = format!("{base}/USER_IP");
+    subscriber
+        .write_all(&encode(&[b"SUBSCRIBE", user_ip.as_bytes(), base.as_bytes()]))
+        .await
+        .map_err(|err| err.to_string())?;
     // Nothing is announced until the subscription is live: a REPLICATE sent
     // before it could be answered while we were not yet listening.
     loop {
         match read_value(&mut subscriber, &mut decoder).await? {
-            RespValue::Array(Some(parts)) if matches!(parts.first(), Some(RespValue::Bulk(Some(kind))) if kind == b"subscribe") =>
-            {
-                break;
-            }
+            RespValue::Array(Some(parts)) if is_subscribed_to(&parts, &base) => break,
             other => tracing::debug!(?other, "waiting for the subscription to be confirmed"),
         }
     }
@@ -183,7 +192,9 @@ async fn publish(
     failed: Arc<Notify>,
 ) {
     let (mut replies, mut writer) = publisher.into_split();
-    let drain = tokio::spawn({
+    // Aborted with this function (also when this task itself is aborted), so a
+    // half-open connection's reader cannot outlive the session.
+    let _drain = AbortOnDrop(tokio::spawn({
         let failed = Arc::clone(&failed);
         async move {
             let mut buffer = [0u8; 4096];
@@ -211,7 +222,7 @@ async fn publish(
             }
             failed.notify_one();
         }
-    });
+    }));
     loop {
         tokio::select! {
             command = outgoing.recv() => {
@@ -235,8 +246,16 @@ async fn publish(
             }
         }
     }
-    drain.abort();
     failed.notify_one();
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Applies what arrives on the subscription and pings Redis, until the

@@ -84,8 +84,19 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
                             }
                         };
                         let close_after = matches!(command, Command::Error { .. });
-                        if writer.write_all(format!("{line}\n").as_bytes()).await.is_err() {
-                            break;
+                        // A peer that stopped reading blocks this write: congestion
+                        // must still end the connection.
+                        let bytes = format!("{line}\n");
+                        tokio::select! {
+                            written = writer.write_all(bytes.as_bytes()) => {
+                                if written.is_err() {
+                                    break;
+                                }
+                            }
+                            () = peer.congested.notified() => {
+                                tracing::warn!("replication peer stopped reading; closing");
+                                break;
+                            }
                         }
                         *last_sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
                         if close_after {
@@ -119,6 +130,22 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
         hub.send_to(&peer, command);
     }
 
+    // Commands are applied by a task of their own, in order: a long catch-up
+    // must not stop this loop from reading, pinging and noticing a dead peer.
+    let (inbox, mut commands) = mpsc::unbounded_channel::<Command>();
+    let (close, mut close_requests) = mpsc::unbounded_channel::<String>();
+    let processor = {
+        let hub = Arc::clone(&hub);
+        tokio::spawn(async move {
+            while let Some(command) = commands.recv().await {
+                if let Err(reason) = hub.handle(id, side, command).await {
+                    let _ = close.send(reason);
+                    break;
+                }
+            }
+        })
+    };
+
     let settings = hub.settings;
     let mut decoder = LineDecoder::default();
     let mut buffer = vec![0u8; 8192];
@@ -149,8 +176,8 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
                     if matches!(command, Command::Ping { .. }) {
                         seen_ping = true;
                     }
-                    if let Err(reason) = hub.handle(id, side, command).await {
-                        break 'connection Some(reason);
+                    if inbox.send(command).is_err() {
+                        break 'connection None;
                     }
                 }
             }
@@ -164,14 +191,20 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
                 }
             }
             () = closing.notified() => break 'connection None,
+            reason = close_requests.recv() => break 'connection reason,
         }
     };
+    processor.abort();
     hub.remove_peer(id);
     if let Some(reason) = close_reason {
         tracing::warn!(peer = %peer.name.lock().unwrap_or_else(std::sync::PoisonError::into_inner), reason, "closing a replication connection");
         hub.send_to(&peer, Command::Error { message: reason });
-        // The writer sends the ERROR, then stops; give it a moment to flush.
-        let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+        // The writer sends the ERROR, then stops; give it a moment to flush, and
+        // no more: a peer that stopped reading must not keep the socket open.
+        let abort = writer_task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(1), writer_task).await.is_err() {
+            abort.abort();
+        }
     } else {
         writer_task.abort();
     }

@@ -280,6 +280,36 @@ mod outbound {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_too_long_for_a_line_is_read_from_the_database() -> TestResult {
+        let (_db, master, worker) = setup().await?;
+        let outbound = Outbound::new(
+            "master",
+            [Arc::new(ReceiptsStream(master.receipts.shared_reader())) as Arc<dyn replication::Stream>],
+        );
+        deliver(&worker, &outbound.announce()).await?;
+        let huge = ReceiptRow { data: serde_json::json!({ "note": "x".repeat(20_000) }), ..receipt("$big") };
+        master.receipts.insert_receipt(&huge).await?;
+        let (commands, _) = outbound.poll().await?;
+        let target = master.receipts.reader().stream().get_current_token_for_writer("master");
+        assert_eq!(
+            commands,
+            [Command::Position {
+                stream: "receipts".into(),
+                instance: "master".into(),
+                prev_token: target,
+                new_token: target
+            }]
+        );
+        deliver(&worker, &commands).await?;
+        assert_eq!(worker.registry.get("receipts").ok_or("registered")?.current_token("master"), target);
+        assert_eq!(
+            worker.receipts.get_last_receipt_event_id_for_user("@u", ROOM, "m.read").await?.as_deref(),
+            Some("$big")
+        );
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idle_writer_announces_positions_moved_by_others() -> TestResult {
         let (_db, master, _worker) = setup().await?;
         let events = master.events.shared_reader();
