@@ -114,6 +114,11 @@ impl Hub {
         self.peers().remove(&id);
     }
 
+    /// Whether the streamer has dealt with every local write so far.
+    pub fn is_caught_up(&self) -> bool {
+        self.outbound.is_caught_up()
+    }
+
     /// How many connections are up.
     pub fn connections(&self) -> usize {
         self.peers().len()

@@ -58,6 +58,15 @@ impl Outbound {
             .collect()
     }
 
+    /// Whether every stream's sent token is its current one: nothing is waiting
+    /// to be sent.
+    pub fn is_caught_up(&self) -> bool {
+        self.sources.iter().all(|source| {
+            *source.last_token.lock().unwrap_or_else(PoisonError::into_inner)
+                == source.stream.current_token(&self.instance_name)
+        })
+    }
+
     /// With nobody connected there is no one to tell: move every stream's sent
     /// token to the current one. Followers catch up from the database later.
     pub fn skip_to_current(&self) {

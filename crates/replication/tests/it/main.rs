@@ -742,6 +742,16 @@ mod backlog {
             result??;
         }
         let target = writer.reader().stream().get_current_token_for_writer("master");
+        // "Before the connection" means before the streamer dealt with them; a row
+        // finishing as a worker connects is rightly sent as RDATA after the
+        // POSITION the worker gets.
+        for _ in 0..500 {
+            if master_hub.is_caught_up() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(master_hub.is_caught_up());
 
         let worker_hub =
             Hub::new("worker1", "test", settings, worker.inbound, Outbound::new("worker1", []), false);
