@@ -254,6 +254,9 @@ impl Hub {
                     Err(err) => tracing::warn!("failed to apply replication: {err}"),
                 }
             }
+            Command::FederationAck { instance, token } => {
+                self.outbound.acknowledge(crate::federation::FEDERATION_STREAM, instance, *token);
+            }
             Command::Error { message } => {
                 tracing::warn!(peer = from, message, "replication peer reported an error")
             }

@@ -5,11 +5,12 @@
 //! the database when it sees a gap).
 //!
 //! A [`Hub`] ties them together for one process; [`tcp`] and [`redis`] move its
-//! commands. [`typing`] is the first in-memory stream. The wire format itself
-//! is `replication-proto`.
+//! commands. [`typing`] and [`federation`] are the in-memory streams, owned by
+//! their handlers. The wire format itself is `replication-proto`.
 
 #![warn(missing_docs)]
 
+pub mod federation;
 mod hub;
 mod inbound;
 mod outbound;
@@ -20,6 +21,7 @@ mod streams;
 pub mod tcp;
 pub mod typing;
 
+pub use federation::FederationStream;
 pub use hub::{Hub, Settings};
 pub use inbound::{Inbound, InboundError};
 pub use outbound::{Outbound, ROWS_PER_POLL};

@@ -58,6 +58,13 @@ impl Outbound {
             .collect()
     }
 
+    /// Passes a follower's acknowledgement to the stream it concerns.
+    pub fn acknowledge(&self, stream: &str, follower: &str, token: i64) {
+        for source in self.sources.iter().filter(|source| source.stream.name() == stream) {
+            source.stream.acknowledge(follower, token);
+        }
+    }
+
     /// Whether every stream's sent token is its current one: nothing is waiting
     /// to be sent.
     pub fn is_caught_up(&self) -> bool {

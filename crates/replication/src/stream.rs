@@ -47,6 +47,10 @@ pub trait Stream: Send + Sync + fmt::Debug {
         Vec::new()
     }
 
+    /// A follower acknowledged handling everything up to `token`
+    /// (`FEDERATION_ACK`); only the federation queue cares.
+    fn acknowledge(&self, _follower: &str, _token: i64) {}
+
     /// Whether a `POSITION` at or below the current token can be ignored. True
     /// for streams whose tokens only grow; false for in-memory streams whose
     /// token resets when their writer restarts.

@@ -850,3 +850,81 @@ mod every_stream {
         Ok(())
     }
 }
+
+mod federation {
+    //! The federation queue on the master, followed by a sender over TCP that
+    //! acknowledges what it handled.
+
+    use std::time::Duration;
+
+    use replication::federation::{FederationQueue, FederationRow};
+    use replication::{FederationStream, Hub, Outbound, Settings, tcp};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sender_follows_the_queue_and_its_acks_trim_it() -> TestResult {
+        let settings = Settings { poll_interval: Duration::from_millis(20), ..Settings::default() };
+        let queue = FederationQueue::new(&["sender1".to_owned()]);
+        let master_hub = Hub::new(
+            "master",
+            "test",
+            settings,
+            Inbound::new("master", StreamRegistry::new()),
+            Outbound::new(
+                "master",
+                [Arc::new(FederationStream::Queue(Arc::clone(&queue))) as Arc<dyn replication::Stream>],
+            ),
+            true,
+        );
+        master_hub.wake_on(queue.subscribe());
+        tokio::spawn(Arc::clone(&master_hub).run_streamer());
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        tokio::spawn(tcp::serve(Arc::clone(&master_hub), listener));
+
+        let (handled_tx, mut handled) = tokio::sync::mpsc::unbounded_channel::<(i64, Vec<FederationRow>)>();
+        let handler: replication::federation::FederationHandler =
+            Arc::new(move |token, rows: &[FederationRow]| {
+                let _ = handled_tx.send((token, rows.to_vec()));
+            });
+        let mut registry = StreamRegistry::new();
+        registry.register(Arc::new(FederationStream::Sender(handler)));
+        let sender_hub = Hub::new(
+            "sender1",
+            "test",
+            settings,
+            Inbound::new("sender1", registry),
+            Outbound::new("sender1", []),
+            false,
+        );
+        tokio::spawn(tcp::connect_forever(Arc::clone(&sender_hub), address));
+        while master_hub.connections() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        queue.send_edu("remote.example.org", "m.presence", serde_json::json!({"p": 1}), None);
+        queue.send_edu("remote.example.org", "m.receipt", serde_json::json!({"r": 1}), Some("!room"));
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let (token, rows) =
+                tokio::time::timeout(Duration::from_secs(5), handled.recv()).await?.ok_or("sender gone")?;
+            seen.extend(rows.into_iter().map(|row| (token, row.kind)));
+        }
+        assert_eq!(seen, [(1, "e".to_owned()), (2, "k".to_owned())]);
+        assert_eq!(queue.len(), 2);
+
+        // The sender handled both: its acknowledgement empties the queue.
+        sender_hub.broadcast(&Command::FederationAck { instance: "sender1".into(), token: 2 }, None);
+        for _ in 0..250 {
+            if queue.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(queue.is_empty());
+        Ok(())
+    }
+}
