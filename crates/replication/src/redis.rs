@@ -236,8 +236,19 @@ async fn publish(
                     }
                 };
                 let channel = channel(&hub, &command);
-                if writer.write_all(&encode(&[b"PUBLISH", channel.as_bytes(), line.as_bytes()])).await.is_err() {
-                    break;
+                let request = encode(&[b"PUBLISH", channel.as_bytes(), line.as_bytes()]);
+                // A Redis that stopped reading blocks this write: congestion must
+                // still end the session.
+                tokio::select! {
+                    written = writer.write_all(&request) => {
+                        if written.is_err() {
+                            break;
+                        }
+                    }
+                    () = peer.congested.notified() => {
+                        tracing::warn!("Redis stopped taking publications; reconnecting");
+                        break;
+                    }
                 }
             }
             () = peer.congested.notified() => {

@@ -928,3 +928,220 @@ mod federation {
         Ok(())
     }
 }
+
+mod redis_faults {
+    //! The Redis transport against a fake Redis that misbehaves, and against
+    //! garbage published on the real one.
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use replication::redis::{RedisAddress, run_forever};
+    use replication::{Hub, Outbound, Settings};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Fault {
+        /// Confirms subscriptions, then never answers a PING.
+        Silent,
+        /// Never reads what the publishing connection sends.
+        StopsReading,
+    }
+
+    /// Reads one RESP array of bulk strings (all our client sends).
+    async fn read_command(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Vec<String>> {
+        loop {
+            if let Some((command, used)) = parse(buffer) {
+                buffer.drain(..used);
+                return Some(command);
+            }
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buffer.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn parse(buffer: &[u8]) -> Option<(Vec<String>, usize)> {
+        let text = std::str::from_utf8(buffer).ok()?;
+        let mut offset = 0;
+        let mut next_line = || {
+            let end = text[offset..].find("\r\n")? + offset;
+            let line = &text[offset..end];
+            offset = end + 2;
+            Some(line)
+        };
+        let count: usize = next_line()?.strip_prefix('*')?.parse().ok()?;
+        let mut parts = Vec::new();
+        for _ in 0..count {
+            next_line()?;
+            parts.push(next_line()?.to_owned());
+        }
+        Some((parts, offset))
+    }
+
+    /// A fake Redis; returns its address and how many subscriptions it saw.
+    async fn fake_redis(fault: Fault) -> Result<(String, Arc<AtomicUsize>), std::io::Error> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        let subscriptions = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&subscriptions);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let mut buffer = Vec::new();
+                    while let Some(command) = read_command(&mut stream, &mut buffer).await {
+                        match command.first().map(String::as_str) {
+                            Some("CLIENT") => {
+                                let _ = stream.write_all(b"+OK\r\n").await;
+                                if fault == Fault::StopsReading
+                                    && command.last().is_some_and(|name| name.ends_with("-pub"))
+                                {
+                                    std::future::pending::<()>().await;
+                                }
+                            }
+                            Some("SUBSCRIBE") => {
+                                counter.fetch_add(1, Ordering::SeqCst);
+                                for (n, channel) in command[1..].iter().enumerate() {
+                                    let reply = format!(
+                                        "*3\r\n$9\r\nsubscribe\r\n${}\r\n{channel}\r\n:{}\r\n",
+                                        channel.len(),
+                                        n + 1
+                                    );
+                                    let _ = stream.write_all(reply.as_bytes()).await;
+                                }
+                            }
+                            // Only the silent Redis leaves PINGs unanswered, so the other
+                            // fault can only be noticed through its publications.
+                            Some("PING") if fault == Fault::StopsReading => {
+                                let _ = stream.write_all(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n").await;
+                            }
+                            // Publications are swallowed.
+                            _ => {}
+                        }
+                    }
+                });
+            }
+        });
+        Ok((address, subscriptions))
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            ping_interval: Duration::from_millis(100),
+            ping_timeout: Duration::from_millis(400),
+            max_pending: 50,
+            poll_interval: Duration::from_secs(30),
+        }
+    }
+
+    fn idle_hub() -> Arc<Hub> {
+        Hub::new(
+            "worker1",
+            "fake",
+            settings(),
+            Inbound::new("worker1", StreamRegistry::new()),
+            Outbound::new("worker1", []),
+            false,
+        )
+    }
+
+    async fn wait_for(subscriptions: &AtomicUsize, at_least: usize) -> TestResult {
+        for _ in 0..250 {
+            if subscriptions.load(Ordering::SeqCst) >= at_least {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(format!("only {} subscriptions", subscriptions.load(Ordering::SeqCst)).into())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_redis_is_noticed_and_replaced() -> TestResult {
+        let (address, subscriptions) = fake_redis(Fault::Silent).await?;
+        let address = RedisAddress::parse(&format!("redis://{address}")).map_err(|err| err.to_string())?;
+        tokio::spawn(run_forever(idle_hub(), address));
+        wait_for(&subscriptions, 1).await?;
+        // No answer to its PINGs: the process must give up on the connection and
+        // subscribe again, however long it takes.
+        wait_for(&subscriptions, 3).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redis_that_stops_taking_publications_is_replaced() -> TestResult {
+        let (address, subscriptions) = fake_redis(Fault::StopsReading).await?;
+        let address = RedisAddress::parse(&format!("redis://{address}")).map_err(|err| err.to_string())?;
+        let hub = idle_hub();
+        tokio::spawn(run_forever(Arc::clone(&hub), address));
+        wait_for(&subscriptions, 1).await?;
+        while hub.connections() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Far more than the socket can hold: the queue passes its limit.
+        let bulk = Command::Ping { data: "x".repeat(8_000) };
+        for _ in 0..2_000 {
+            hub.broadcast(&bulk, None);
+        }
+        wait_for(&subscriptions, 2).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_on_the_channel_harms_nobody() -> TestResult {
+        let (_db, master, worker) = setup().await?;
+        let channel = format!("hs-garbage-{}", std::process::id());
+        let address = RedisAddress::parse("redis://127.0.0.1:6379").map_err(|err| err.to_string())?;
+        let sources: Vec<Arc<dyn replication::Stream>> =
+            vec![Arc::new(EventsStream(master.events.shared_reader()))];
+        let master_hub = Hub::new(
+            "master",
+            &channel,
+            settings(),
+            Inbound::new("master", StreamRegistry::new()),
+            Outbound::new("master", sources),
+            false,
+        );
+        tokio::spawn(Arc::clone(&master_hub).run_streamer());
+        master_hub.wake_on(master.events.reader().events_stream().subscribe());
+        tokio::spawn(run_forever(Arc::clone(&master_hub), address.clone()));
+        let worker_hub =
+            Hub::new("worker1", &channel, settings(), worker.inbound, Outbound::new("worker1", []), false);
+        tokio::spawn(run_forever(Arc::clone(&worker_hub), address));
+        while master_hub.connections() == 0 || worker_hub.connections() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let mut raw = TcpStream::connect("127.0.0.1:6379").await?;
+        for garbage in [
+            "FOO bar",
+            "RDATA events master notanumber [1]",
+            "POSITION events",
+            "RDATA events master 5 [NaN]",
+        ] {
+            let request = format!(
+                "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{channel}\r\n${}\r\n{garbage}\r\n",
+                channel.len(),
+                garbage.len()
+            );
+            raw.write_all(request.as_bytes()).await?;
+        }
+        master.events.persist_events(ROOM, &[member("$a", "@a:example.com")]).await?;
+        let events = worker.registry.get("events").ok_or("registered")?.clone();
+        let target = master.events.reader().events_stream().get_current_token_for_writer("master");
+        for _ in 0..250 {
+            if events.current_token("master") >= target {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(events.current_token("master"), target, "the worker still follows");
+        assert_eq!(worker_hub.connections(), 1, "and kept its connection");
+        Ok(())
+    }
+}
