@@ -288,21 +288,13 @@ impl Hub {
                 hub.outbound.skip_to_current();
                 continue;
             }
-            loop {
-                match hub.outbound.poll().await {
-                    Ok((commands, more)) => {
-                        for command in &commands {
-                            hub.broadcast(command, None);
-                        }
-                        if !more {
-                            break;
-                        }
-                    }
-                    Err(err) => {
-                        tracing::warn!("failed to read new rows to replicate: {err}");
-                        break;
+            match hub.outbound.poll().await {
+                Ok(commands) => {
+                    for command in &commands {
+                        hub.broadcast(command, None);
                     }
                 }
+                Err(err) => tracing::warn!("failed to read new rows to replicate: {err}"),
             }
         }
     }

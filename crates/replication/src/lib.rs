@@ -19,6 +19,7 @@ mod resp;
 mod stream;
 mod streams;
 pub mod tcp;
+pub mod transports;
 pub mod typing;
 
 pub use federation::FederationStream;

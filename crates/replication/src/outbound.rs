@@ -92,13 +92,13 @@ impl Outbound {
         }
     }
 
-    /// The commands telling the others what changed since the last poll, and
-    /// whether rows remain for another poll. Rows sharing a token go out as
-    /// `RDATA` with all but the last marked `batch`; a cut batch is followed by a
-    /// `POSITION` so followers fetch the rest themselves.
-    pub async fn poll(&self) -> Result<(Vec<Command>, bool), StoreError> {
+    /// The commands telling the others what changed since the last poll. Rows
+    /// sharing a token go out as `RDATA` with all but the last marked `batch`.
+    /// When more rows were written than one poll sends, the rest are not
+    /// streamed: a `POSITION` at the current token tells followers to read them
+    /// from the database themselves.
+    pub async fn poll(&self) -> Result<Vec<Command>, StoreError> {
         let mut commands = Vec::new();
-        let mut more = false;
         for source in &self.sources {
             let stream = source.stream.as_ref();
             let current = stream.current_token(&self.instance_name);
@@ -114,8 +114,9 @@ impl Outbound {
             } else {
                 (Vec::new(), current, false)
             };
-            *source.last_token.lock().unwrap_or_else(PoisonError::into_inner) = reached;
-            more |= limited;
+            // A cut batch is completed by the followers' own catch-up.
+            let target = if limited { current } else { reached };
+            *source.last_token.lock().unwrap_or_else(PoisonError::into_inner) = target;
             if rows.is_empty() {
                 // Every process writes `caches`; a caches token moved only by other
                 // writers is not worth an echo from every process.
@@ -151,12 +152,14 @@ impl Outbound {
                 }
                 commands.push(command);
             }
-            if unsendable {
-                commands.push(self.position(source, reached, reached));
+            if unsendable || limited {
+                // A start past every follower: each sees a gap and reads the rest
+                // from the database.
+                commands.push(self.position(source, target, target));
             } else if last_row_token < reached {
                 commands.push(self.position(source, last_row_token, reached));
             }
         }
-        Ok((commands, more))
+        Ok(commands)
     }
 }

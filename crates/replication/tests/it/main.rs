@@ -232,8 +232,7 @@ mod outbound {
             .events
             .persist_events(ROOM, &[member("$a", "@a:example.com"), member("$b", "@b:example.com")])
             .await?;
-        let (commands, more) = outbound.poll().await?;
-        assert!(!more);
+        let commands = outbound.poll().await?;
         // Two events with a state row each: four RDATA, batch-marked within a token.
         let lines: Vec<String> = commands.iter().map(Command::to_line).collect::<Result<_, _>>()?;
         assert_eq!(lines.len(), 4, "{lines:#?}");
@@ -250,7 +249,7 @@ mod outbound {
         );
 
         // Nothing new: nothing to say.
-        assert!(outbound.poll().await?.0.is_empty());
+        assert!(outbound.poll().await?.is_empty());
         Ok(())
     }
 
@@ -267,14 +266,22 @@ mod outbound {
                 .insert_receipt(&ReceiptRow { user_id: format!("@u{n}"), ..receipt("$1") })
                 .await?;
         }
-        let (first, more) = outbound.poll().await?;
-        assert!(more, "a poll sends at most ROWS_PER_POLL rows");
-        assert_eq!(first.len(), replication::ROWS_PER_POLL);
-        deliver(&worker, &first).await?;
-        let (rest, more) = outbound.poll().await?;
-        assert!(!more);
-        deliver(&worker, &rest).await?;
+        let commands = outbound.poll().await?;
         let position = master.receipts.reader().stream().get_current_token_for_writer("master");
+        // At most ROWS_PER_POLL rows as RDATA, then a POSITION starting past the
+        // follower: it reads the rest from the database itself.
+        assert_eq!(commands.len(), replication::ROWS_PER_POLL + 1);
+        assert_eq!(
+            commands.last(),
+            Some(&Command::Position {
+                stream: "receipts".into(),
+                instance: "master".into(),
+                prev_token: position,
+                new_token: position
+            })
+        );
+        deliver(&worker, &commands).await?;
+        assert!(outbound.poll().await?.is_empty(), "nothing left to stream");
         assert_eq!(worker.registry.get("receipts").ok_or("registered")?.current_token("master"), position);
         Ok(())
     }
@@ -289,7 +296,7 @@ mod outbound {
         deliver(&worker, &outbound.announce()).await?;
         let huge = ReceiptRow { data: serde_json::json!({ "note": "x".repeat(20_000) }), ..receipt("$big") };
         master.receipts.insert_receipt(&huge).await?;
-        let (commands, _) = outbound.poll().await?;
+        let commands = outbound.poll().await?;
         let target = master.receipts.reader().stream().get_current_token_for_writer("master");
         assert_eq!(
             commands,
@@ -320,7 +327,7 @@ mod outbound {
         // Another writer's position reaches this one: its own claim jumps with it.
         let before = events.events_stream().get_current_token_for_writer("master");
         events.events_stream().advance("other_writer", before + 5);
-        let (commands, _) = outbound.poll().await?;
+        let commands = outbound.poll().await?;
         assert_eq!(
             commands,
             [Command::Position {
@@ -449,6 +456,41 @@ mod tcp {
                 "connected once: {received:?}"
             );
         }
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_that_falls_behind_is_dropped_then_catches_up_with_nothing_lost() -> TestResult {
+        let (_db, master, worker) = setup().await?;
+        let (master_hub, address) = master_hub(&master, quick()).await?;
+        let worker_hub =
+            Hub::new("worker1", "test", quick(), worker.inbound, Outbound::new("worker1", []), false);
+        tokio::spawn(tcp::connect_forever(Arc::clone(&worker_hub), address));
+        eventually("the connection", async || master_hub.connections() == 1).await?;
+        // Far more than the queue limit at once: the master drops the worker.
+        let bulk = Command::Ping { data: "x".repeat(8_000) };
+        for _ in 0..5_000 {
+            master_hub.broadcast(&bulk, None);
+        }
+        // Rows written meanwhile must not be lost.
+        for n in 0..20 {
+            master
+                .events
+                .persist_events(ROOM, &[member(&format!("$m{n}"), &format!("@m{n}:example.com"))])
+                .await?;
+        }
+        let target = master.events.reader().events_stream().get_current_token_for_writer("master");
+        let events = worker.registry.get("events").ok_or("registered")?.clone();
+        eventually("the worker to reconnect and catch up", async || {
+            worker_hub
+                .command_counts()
+                .0
+                .get(&replication_proto::CommandName::Server)
+                .is_some_and(|n| *n >= 2)
+                && events.current_token("master") >= target
+        })
+        .await?;
+        assert_eq!(worker.events.get_users_in_room(ROOM).await?.len(), 20);
         Ok(())
     }
 
@@ -835,7 +877,7 @@ mod every_stream {
         receipts.insert_receipt(&receipt("$a")).await?;
         typing.started_typing(ROOM, "@a:example.com", Duration::from_secs(30));
 
-        let (commands, _) = outbound.poll().await?;
+        let commands = outbound.poll().await?;
         for stream in &streams {
             let current = stream.current_token("master");
             assert_eq!(
@@ -1142,6 +1184,80 @@ mod redis_faults {
         }
         assert_eq!(events.current_token("master"), target, "the worker still follows");
         assert_eq!(worker_hub.connections(), 1, "and kept its connection");
+        Ok(())
+    }
+}
+
+mod configured {
+    //! Transports chosen by `[replication]`.
+
+    use std::time::Duration;
+
+    use replication::{Hub, Outbound, Settings, transports};
+    use server_config::ServerConfig;
+
+    use super::*;
+
+    fn hub(name: &str, server: &str) -> Arc<Hub> {
+        Hub::new(
+            name,
+            server,
+            Settings::default(),
+            Inbound::new(name, StreamRegistry::new()),
+            Outbound::new(name, []),
+            name == "master",
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_config_picks_the_transports() -> TestResult {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let master = ServerConfig::from_toml_str(
+            &format!("server_name = \"cfg\"\n[replication]\nlisten = \"127.0.0.1:{port}\"\n"),
+            Role::Master,
+        )?;
+        let worker = ServerConfig::from_toml_str(
+            &format!(
+                "server_name = \"cfg\"\ninstance_name = \"w\"\n[database]\nurl = \"postgres://x\"\n\
+                 [replication]\nmaster = \"127.0.0.1:{port}\"\n"
+            ),
+            Role::Worker,
+        )?;
+        let redis_worker = ServerConfig::from_toml_str(
+            &format!(
+                "server_name = \"cfg-{}\"\ninstance_name = \"r\"\n[database]\nurl = \"postgres://x\"\n\
+                 [replication]\nredis = \"redis://127.0.0.1:6379\"\n",
+                std::process::id()
+            ),
+            Role::Worker,
+        )?;
+        let (master_hub, worker_hub, redis_hub) =
+            (hub("master", "cfg"), hub("w", "cfg"), hub("r", &redis_worker.server_name));
+        let _tasks = [
+            transports::start(&master_hub, &master.replication).await?,
+            transports::start(&worker_hub, &worker.replication).await?,
+            transports::start(&redis_hub, &redis_worker.replication).await?,
+        ];
+        for _ in 0..250 {
+            if master_hub.connections() == 1 && worker_hub.connections() == 1 && redis_hub.connections() == 1
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err("the configured transports did not connect".into())
+    }
+
+    #[tokio::test]
+    async fn a_listen_address_in_use_is_named() -> TestResult {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let address = taken.local_addr()?.to_string();
+        let config = ServerConfig::from_toml_str(
+            &format!("server_name = \"cfg\"\n[replication]\nlisten = \"{address}\"\n"),
+            Role::Master,
+        )?;
+        let err = transports::start(&hub("master", "cfg"), &config.replication).await.expect_err("in use");
+        assert!(err.contains("cannot listen"), "{err}");
         Ok(())
     }
 }
