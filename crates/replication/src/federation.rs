@@ -244,17 +244,7 @@ impl Stream for FederationStream {
                 // rows again as RDATA, or from the master's internal HTTP API.
                 return Ok(StreamUpdates::empty(to));
             };
-            let updates = queue.get_updates(from, to);
-            let rows = updates
-                .rows
-                .into_iter()
-                .map(|(token, row)| {
-                    RowJson::from_row(&row)
-                        .map(|row| (token, row))
-                        .map_err(|err| StoreError::Misconfigured(err.to_string()))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(StreamUpdates { rows, token: updates.token, limited: false })
+            crate::streams::to_wire(queue.get_updates(from, to))
         })
     }
 

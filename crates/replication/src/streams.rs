@@ -12,7 +12,7 @@ use store_receipts::{ReceiptRow, ReceiptsReader};
 use crate::stream::Stream;
 
 /// Turns typed rows into wire rows.
-fn to_wire<R: Serialize>(updates: StreamUpdates<R>) -> Result<StreamUpdates<RowJson>, StoreError> {
+pub(crate) fn to_wire<R: Serialize>(updates: StreamUpdates<R>) -> Result<StreamUpdates<RowJson>, StoreError> {
     let rows = updates
         .rows
         .into_iter()

@@ -259,19 +259,7 @@ impl Stream for TypingStream {
     ) -> BoxFuture<'a, Result<StreamUpdates<RowJson>, StoreError>> {
         Box::pin(async move {
             match self {
-                TypingStream::Writer(writer) => {
-                    let updates = writer.get_updates(from, to, limit);
-                    let rows = updates
-                        .rows
-                        .into_iter()
-                        .map(|(token, row)| {
-                            RowJson::from_row(&row)
-                                .map(|row| (token, row))
-                                .map_err(|err| StoreError::Misconfigured(err.to_string()))
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
-                    Ok(StreamUpdates { rows, token: updates.token, limited: updates.limited })
-                }
+                TypingStream::Writer(writer) => crate::streams::to_wire(writer.get_updates(from, to, limit)),
                 // Typing is ephemeral and a follower keeps no history: rows it
                 // missed cannot be read back here, so it starts afresh at `to`
                 // (nobody typing until the next change, which carries the room's
