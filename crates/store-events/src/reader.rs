@@ -262,52 +262,47 @@ impl EventsReader {
 
     /// The users currently joined to `room_id`, sorted (cached).
     pub async fn get_users_in_room(&self, room_id: &str) -> Result<Arc<Vec<String>>, StoreError> {
-        let room = room_id.to_owned();
-        let db = self.db.clone();
-        self.users_in_room_cache
-            .get_or_load(room.clone(), || async move {
-                let users = db
-                    .run_autocommit("get_users_in_room", move |txn| {
-                        let room = room.clone();
-                        Box::pin(async move {
-                            let rows = txn
-                                .query(
-                                    "SELECT state_key FROM current_state_events \
-                                     WHERE room_id = $1 AND type = 'm.room.member' AND membership = 'join'",
-                                    &[&room],
-                                )
-                                .await?;
-                            sorted(&rows)
-                        })
-                    })
-                    .await?;
-                Ok(Arc::new(users))
-            })
-            .await
+        self.cached_names(
+            &self.users_in_room_cache,
+            room_id,
+            "get_users_in_room",
+            "SELECT state_key FROM current_state_events \
+             WHERE room_id = $1 AND type = 'm.room.member' AND membership = 'join'",
+        )
+        .await
     }
 
     /// The rooms `user_id` is currently joined to, sorted (cached).
     pub async fn get_rooms_for_user(&self, user_id: &str) -> Result<Arc<Vec<String>>, StoreError> {
-        let user = user_id.to_owned();
+        self.cached_names(
+            &self.rooms_for_user_cache,
+            user_id,
+            "get_rooms_for_user",
+            "SELECT room_id FROM current_state_events \
+             WHERE type = 'm.room.member' AND state_key = $1 AND membership = 'join'",
+        )
+        .await
+    }
+
+    /// A sorted list of names that `sql` selects for `key`, through `cache`.
+    async fn cached_names(
+        &self,
+        cache: &Cache<String, Arc<Vec<String>>>,
+        key: &str,
+        interaction: &'static str,
+        sql: &'static str,
+    ) -> Result<Arc<Vec<String>>, StoreError> {
         let db = self.db.clone();
-        self.rooms_for_user_cache
-            .get_or_load(user.clone(), || async move {
-                let rooms = db
-                    .run_autocommit("get_rooms_for_user", move |txn| {
-                        let user = user.clone();
-                        Box::pin(async move {
-                            let rows = txn
-                                .query(
-                                    "SELECT room_id FROM current_state_events \
-                                     WHERE type = 'm.room.member' AND state_key = $1 AND membership = 'join'",
-                                    &[&user],
-                                )
-                                .await?;
-                            sorted(&rows)
-                        })
+        let key = key.to_owned();
+        cache
+            .get_or_load(key.clone(), || async move {
+                let names = db
+                    .run_autocommit(interaction, move |txn| {
+                        let key = key.clone();
+                        Box::pin(async move { sorted(&txn.query(sql, &[&key]).await?) })
                     })
                     .await?;
-                Ok(Arc::new(rooms))
+                Ok(Arc::new(names))
             })
             .await
     }
@@ -401,11 +396,6 @@ impl EventsReader {
                 })
             })
             .await?;
-        let limited = events.len() >= limit;
-        let token = match events.last() {
-            Some(last) if limited => -last.stream_ordering,
-            _ => to,
-        };
         let rows = events
             .iter()
             .map(|event| {
@@ -420,7 +410,7 @@ impl EventsReader {
                 (-event.stream_ordering, row)
             })
             .collect();
-        Ok(StreamUpdates { rows, token, limited })
+        Ok(StreamUpdates::from_page(rows, to, limit))
     }
 
     /// Worker side of the `events` stream: applies `rows` that `writer` wrote up

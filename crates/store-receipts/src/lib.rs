@@ -291,12 +291,7 @@ impl ReceiptsReader {
                 })
             })
             .await?;
-        let limited = rows.len() >= limit;
-        let token = match rows.last() {
-            Some((last, _)) if limited => *last,
-            _ => to,
-        };
-        Ok(StreamUpdates { rows, token, limited })
+        Ok(StreamUpdates::from_page(rows, to, limit))
     }
 
     /// Invalidates exactly what a new receipt makes stale, and marks its room.

@@ -272,12 +272,7 @@ impl CachesStream {
                 })
             })
             .await?;
-        let limited = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit;
-        let token = match rows.last() {
-            Some((last, _)) if limited => *last,
-            _ => current,
-        };
-        Ok(StreamUpdates { rows, token, limited })
+        Ok(StreamUpdates::from_page(rows, current, usize::try_from(limit).unwrap_or(usize::MAX)))
     }
 
     /// Deletes up to `batch` rows older than the retention period, oldest first;
