@@ -14,6 +14,7 @@ use replication_proto::RowJson;
 use serde::{Deserialize, Serialize};
 use store_core::{BoxFuture, StoreError, StreamUpdates};
 
+use crate::http::RemoteUpdates;
 use crate::stream::Stream;
 
 /// The stream's name.
@@ -199,8 +200,14 @@ pub type FederationHandler = Arc<dyn Fn(i64, &[FederationRow]) + Send + Sync>;
 pub enum FederationStream {
     /// On the master: its queue.
     Queue(Arc<FederationQueue>),
-    /// On a federation sender: rows go to its handler; the token stays 0.
-    Sender(FederationHandler),
+    /// On a federation sender: rows go to its handler; the token stays 0, so
+    /// every `POSITION` fetches the master's un-acknowledged rows from `remote`.
+    Sender {
+        /// What handles the rows.
+        handler: FederationHandler,
+        /// The master's internal HTTP endpoint, if reachable.
+        remote: Option<Arc<dyn RemoteUpdates>>,
+    },
     /// Everywhere else: token 0, no rows.
     Stub,
 }
@@ -209,7 +216,7 @@ impl std::fmt::Debug for FederationStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FederationStream::Queue(queue) => f.debug_tuple("Queue").field(queue).finish(),
-            FederationStream::Sender(_) => f.write_str("Sender"),
+            FederationStream::Sender { .. } => f.write_str("Sender"),
             FederationStream::Stub => f.write_str("Stub"),
         }
     }
@@ -223,7 +230,7 @@ impl Stream for FederationStream {
     fn current_token(&self, _writer: &str) -> i64 {
         match self {
             FederationStream::Queue(queue) => queue.current_token(),
-            FederationStream::Sender(_) | FederationStream::Stub => 0,
+            FederationStream::Sender { .. } | FederationStream::Stub => 0,
         }
     }
 
@@ -233,24 +240,27 @@ impl Stream for FederationStream {
 
     fn get_updates_since<'a>(
         &'a self,
-        _writer: &'a str,
+        writer: &'a str,
         from: i64,
         to: i64,
         _limit: usize,
     ) -> BoxFuture<'a, Result<StreamUpdates<RowJson>, StoreError>> {
         Box::pin(async move {
-            let FederationStream::Queue(queue) = self else {
-                // Only the master holds the queue; a sender gets un-acknowledged
-                // rows again as RDATA, or from the master's internal HTTP API.
-                return Ok(StreamUpdates::empty(to));
-            };
-            crate::streams::to_wire(queue.get_updates(from, to))
+            match self {
+                FederationStream::Queue(queue) => crate::streams::to_wire(queue.get_updates(from, to)),
+                FederationStream::Sender { remote: Some(remote), .. } => {
+                    remote.fetch(FEDERATION_STREAM, writer, from, to).await
+                }
+                FederationStream::Sender { remote: None, .. } | FederationStream::Stub => {
+                    Ok(StreamUpdates::empty(to))
+                }
+            }
         })
     }
 
     fn apply_rows(&self, _writer: &str, token: i64, rows: &[RowJson]) -> Result<(), serde_json::Error> {
         let rows: Vec<FederationRow> = rows.iter().map(RowJson::decode).collect::<Result<_, _>>()?;
-        if let FederationStream::Sender(handler) = self {
+        if let FederationStream::Sender { handler, .. } = self {
             handler(token, &rows);
         }
         Ok(())

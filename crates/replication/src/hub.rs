@@ -114,6 +114,12 @@ impl Hub {
         self.peers().remove(&id);
     }
 
+    /// The stream called `name`, if this process writes it: what the internal
+    /// HTTP endpoint serves to followers of in-memory streams.
+    pub fn source(&self, name: &str) -> Option<&Arc<dyn crate::Stream>> {
+        self.outbound.source(name)
+    }
+
     /// Whether the streamer has dealt with every local write so far.
     pub fn is_caught_up(&self) -> bool {
         self.outbound.is_caught_up()

@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod federation;
+pub mod http;
 mod hub;
 mod inbound;
 mod outbound;

@@ -58,6 +58,11 @@ impl Outbound {
             .collect()
     }
 
+    /// The stream called `name`, if this process writes it.
+    pub fn source(&self, name: &str) -> Option<&Arc<dyn Stream>> {
+        self.sources.iter().map(|source| &source.stream).find(|stream| stream.name() == name)
+    }
+
     /// Passes a follower's acknowledgement to the stream it concerns.
     pub fn acknowledge(&self, stream: &str, follower: &str, token: i64) {
         for source in self.sources.iter().filter(|source| source.stream.name() == stream) {

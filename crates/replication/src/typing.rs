@@ -14,6 +14,7 @@ use replication_proto::RowJson;
 use serde::{Deserialize, Serialize};
 use store_core::{BoxFuture, StoreError, StreamChangeCache, StreamUpdates};
 
+use crate::http::RemoteUpdates;
 use crate::stream::Stream;
 
 /// The stream's name.
@@ -189,12 +190,20 @@ impl TypingWriter {
 #[derive(Debug, Default)]
 pub struct TypingFollower {
     state: Mutex<(i64, HashMap<String, BTreeSet<String>>)>,
+    /// Where rows it missed can be fetched from (the writer's internal HTTP
+    /// endpoint); without it, a follower that missed rows starts afresh.
+    remote: Option<Arc<dyn RemoteUpdates>>,
 }
 
 impl TypingFollower {
-    /// A follower that knows nothing yet.
+    /// A follower that knows nothing yet and cannot fetch what it misses.
     pub fn new() -> Arc<TypingFollower> {
         Arc::new(TypingFollower::default())
+    }
+
+    /// A follower that fetches what it misses from `remote`.
+    pub fn fetching_from(remote: Arc<dyn RemoteUpdates>) -> Arc<TypingFollower> {
+        Arc::new(TypingFollower { state: Mutex::default(), remote: Some(remote) })
     }
 
     /// Who is typing in `room_id`, as last told.
@@ -252,7 +261,7 @@ impl Stream for TypingStream {
 
     fn get_updates_since<'a>(
         &'a self,
-        _writer: &'a str,
+        writer: &'a str,
         from: i64,
         to: i64,
         limit: usize,
@@ -260,14 +269,18 @@ impl Stream for TypingStream {
         Box::pin(async move {
             match self {
                 TypingStream::Writer(writer) => crate::streams::to_wire(writer.get_updates(from, to, limit)),
-                // Typing is ephemeral and a follower keeps no history: rows it
-                // missed cannot be read back here, so it starts afresh at `to`
-                // (nobody typing until the next change, which carries the room's
-                // whole set). A writer restart (to < from) resets the same way.
-                TypingStream::Follower(follower) => {
-                    *lock(&follower.state) = (to, HashMap::new());
-                    Ok(StreamUpdates::empty(to))
-                }
+                TypingStream::Follower(follower) => match &follower.remote {
+                    // The writer serves what we missed from memory; a restarted
+                    // writer's rows carry its token back down, and applying them
+                    // resets us.
+                    Some(remote) => remote.fetch(TYPING_STREAM, writer, from, to).await,
+                    // Without a way to ask, start afresh at `to`: nobody typing
+                    // until the next change, whose row carries the room's whole set.
+                    None => {
+                        *lock(&follower.state) = (to, HashMap::new());
+                        Ok(StreamUpdates::empty(to))
+                    }
+                },
             }
         })
     }

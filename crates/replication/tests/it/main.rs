@@ -932,7 +932,7 @@ mod federation {
                 let _ = handled_tx.send((token, rows.to_vec()));
             });
         let mut registry = StreamRegistry::new();
-        registry.register(Arc::new(FederationStream::Sender(handler)));
+        registry.register(Arc::new(FederationStream::Sender { handler, remote: None }));
         let sender_hub = Hub::new(
             "sender1",
             "test",
@@ -1258,6 +1258,154 @@ mod configured {
         )?;
         let err = transports::start(&hub("master", "cfg"), &config.replication).await.expect_err("in use");
         assert!(err.contains("cannot listen"), "{err}");
+        Ok(())
+    }
+}
+
+mod http_catch_up {
+    //! Followers of in-memory streams fetch what they missed from the writer's
+    //! internal HTTP endpoint.
+
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use replication::federation::{FederationHandler, FederationQueue, FederationRow};
+    use replication::http::{HttpFetcher, router};
+    use replication::typing::{TypingFollower, TypingWriter};
+    use replication::{FederationStream, Hub, Outbound, Settings, TypingStream, tcp};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    const SECRET: &str = "s3cret";
+
+    async fn serve_http(hub: &Arc<Hub>, secret: Option<&str>) -> Result<String, std::io::Error> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        tokio::spawn(axum::serve(listener, router(Arc::clone(hub), secret)).into_future());
+        Ok(address)
+    }
+
+    fn master_hub(typing: &Arc<TypingWriter>, queue: &Arc<FederationQueue>) -> Arc<Hub> {
+        let sources: Vec<Arc<dyn replication::Stream>> = vec![
+            Arc::new(TypingStream::Writer(Arc::clone(typing))),
+            Arc::new(FederationStream::Queue(Arc::clone(queue))),
+        ];
+        Hub::new(
+            "master",
+            "test",
+            Settings::default(),
+            Inbound::new("master", StreamRegistry::new()),
+            Outbound::new("master", sources),
+            true,
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn missed_typing_and_federation_rows_are_fetched_from_the_writer() -> TestResult {
+        let typing = TypingWriter::new("master");
+        let queue = FederationQueue::new(&["worker1".to_owned()]);
+        let hub = master_hub(&typing, &queue);
+        let http = serve_http(&hub, Some(SECRET)).await?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let replication_address = listener.local_addr()?.to_string();
+        tokio::spawn(tcp::serve(Arc::clone(&hub), listener));
+        tokio::spawn(Arc::clone(&hub).run_streamer());
+
+        // Before the follower connects.
+        typing.started_typing("!r", "@u:example.com", Duration::from_secs(60));
+        queue.send_edu("remote.example.org", "m.direct_to_device", serde_json::json!({"x": 1}), None);
+        // ...and before the streamer would send them as RDATA to anyone.
+        for _ in 0..300 {
+            if hub.is_caught_up() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(hub.is_caught_up());
+
+        let fetcher = HttpFetcher::new(BTreeMap::from([("master".to_owned(), http)]), SECRET);
+        let follower = TypingFollower::fetching_from(fetcher.clone());
+        let (handled_tx, mut handled) = tokio::sync::mpsc::unbounded_channel::<Vec<FederationRow>>();
+        let handler: FederationHandler = Arc::new(move |_, rows: &[FederationRow]| {
+            let _ = handled_tx.send(rows.to_vec());
+        });
+        let mut registry = StreamRegistry::new();
+        registry.register(Arc::new(TypingStream::Follower(Arc::clone(&follower))));
+        registry.register(Arc::new(FederationStream::Sender { handler, remote: Some(fetcher) }));
+        let worker = Hub::new(
+            "worker1",
+            "test",
+            Settings::default(),
+            Inbound::new("worker1", registry),
+            Outbound::new("worker1", []),
+            false,
+        );
+        tokio::spawn(tcp::connect_forever(Arc::clone(&worker), replication_address));
+
+        let rows =
+            tokio::time::timeout(Duration::from_secs(5), handled.recv()).await?.ok_or("sender gone")?;
+        assert_eq!(rows.len(), 1, "the queued EDU reached the sender: {rows:?}");
+        for _ in 0..250 {
+            if follower.typing_in("!r") == ["@u:example.com"] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            follower.typing_in("!r"),
+            ["@u:example.com"],
+            "typing written before the connection was fetched"
+        );
+        assert_eq!(
+            worker.command_counts().0.get(&replication_proto::CommandName::Rdata),
+            None,
+            "nothing came as RDATA"
+        );
+        Ok(())
+    }
+
+    async fn status_of(
+        address: &str,
+        path: &str,
+        bearer: Option<&str>,
+    ) -> Result<u16, Box<dyn std::error::Error>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        let auth = bearer.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+            )
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok(response.split_whitespace().nth(1).ok_or("no status")?.parse()?)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_endpoint_needs_the_shared_secret() -> TestResult {
+        let hub = master_hub(&TypingWriter::new("master"), &FederationQueue::new(&[]));
+        let path = "/_synapse/replication/get_repl_stream_updates/typing?from_token=0&upto_token=0";
+        let guarded = serve_http(&hub, Some(SECRET)).await?;
+        assert_eq!(status_of(&guarded, path, Some(SECRET)).await?, 200);
+        assert_eq!(status_of(&guarded, path, None).await?, 401);
+        assert_eq!(status_of(&guarded, path, Some("wrong")).await?, 401);
+        assert_eq!(
+            status_of(
+                &guarded,
+                "/_synapse/replication/get_repl_stream_updates/events?from_token=0&upto_token=1",
+                Some(SECRET)
+            )
+            .await?,
+            400
+        );
+        let unguarded = serve_http(&hub, None).await?;
+        assert_eq!(
+            status_of(&unguarded, path, Some(SECRET)).await?,
+            401,
+            "no secret configured: refuse everyone"
+        );
         Ok(())
     }
 }
