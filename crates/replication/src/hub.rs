@@ -32,6 +32,18 @@ pub struct Settings {
     pub poll_interval: Duration,
 }
 
+impl Settings {
+    /// The settings `[replication]` asks for.
+    pub fn from_config(config: &server_config::ReplicationConfig) -> Settings {
+        Settings {
+            ping_interval: Duration::from_millis(config.ping_interval_ms),
+            ping_timeout: Duration::from_millis(config.ping_timeout_ms),
+            max_pending: config.max_pending,
+            ..Settings::default()
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {

@@ -109,7 +109,7 @@ pub struct HttpConfig {
 }
 
 /// The `[replication]` section. At most one of `master` and `redis` is set.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
     /// On the master: the TCP address its replication listener binds.
@@ -118,6 +118,43 @@ pub struct ReplicationConfig {
     pub master: Option<String>,
     /// On every process using Redis pub/sub: the Redis URL.
     pub redis: Option<String>,
+    /// Send a `PING` after this many milliseconds without sending anything.
+    /// Default 5000.
+    #[serde(default = "default_ping_interval_ms")]
+    pub ping_interval_ms: u64,
+    /// Once the peer has pinged, close a connection silent for this many
+    /// milliseconds. Default 25000.
+    #[serde(default = "default_ping_timeout_ms")]
+    pub ping_timeout_ms: u64,
+    /// Commands queued for one connection before it is dropped as unable to
+    /// keep up. Default 10000.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            listen: None,
+            master: None,
+            redis: None,
+            ping_interval_ms: default_ping_interval_ms(),
+            ping_timeout_ms: default_ping_timeout_ms(),
+            max_pending: default_max_pending(),
+        }
+    }
+}
+
+fn default_ping_interval_ms() -> u64 {
+    5_000
+}
+
+fn default_ping_timeout_ms() -> u64 {
+    25_000
+}
+
+fn default_max_pending() -> usize {
+    10_000
 }
 
 /// The `[caches]` section: sizes in entries.
@@ -387,6 +424,15 @@ impl ServerConfig {
                 check_host_port(address)
                     .map_err(|why| format!("`[replication] {key}` = {address:?} {why}"))?;
             }
+        }
+        if replication.ping_interval_ms == 0 || replication.ping_timeout_ms <= replication.ping_interval_ms {
+            return Err(
+                "`[replication] ping_timeout_ms` must be longer than `ping_interval_ms`, and both above 0"
+                    .to_owned(),
+            );
+        }
+        if replication.max_pending == 0 {
+            return Err("`[replication] max_pending` must be at least 1".to_owned());
         }
         if let Some(url) = &replication.redis
             && !(url.starts_with("redis://") || url.starts_with("rediss://"))

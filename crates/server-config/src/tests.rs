@@ -108,6 +108,16 @@ fn bad_files_give_one_clear_line() {
             "server_name = \"a\"\ninstance_name = \"w\"\n[database]\nurl = \"postgres://x\"\n[replication]\nredis = \"http://h\"\n",
             "is not a redis:// URL",
         ),
+        (
+            Role::Master,
+            "server_name = \"a\"\n[replication]\nping_interval_ms = 5000\nping_timeout_ms = 1000\n",
+            "must be longer than `ping_interval_ms`",
+        ),
+        (
+            Role::Master,
+            "server_name = \"a\"\n[replication]\nmax_pending = 0\n",
+            "max_pending` must be at least 1",
+        ),
     ];
     for (role, text, expected) in cases {
         check_err(*role, text, expected);

@@ -1248,6 +1248,27 @@ mod configured {
         Err("the configured transports did not connect".into())
     }
 
+    #[test]
+    fn keepalive_and_congestion_come_from_the_config() -> TestResult {
+        let config = ServerConfig::from_toml_str(
+            "server_name = \"cfg\"\n[replication]\nping_interval_ms = 1000\nping_timeout_ms = 9000\nmax_pending = 7\n",
+            Role::Master,
+        )?;
+        let settings = Settings::from_config(&config.replication);
+        assert_eq!(
+            (settings.ping_interval, settings.ping_timeout, settings.max_pending),
+            (Duration::from_secs(1), Duration::from_secs(9), 7)
+        );
+        let defaults = Settings::from_config(
+            &ServerConfig::from_toml_str("server_name = \"cfg\"", Role::Master)?.replication,
+        );
+        assert_eq!(
+            (defaults.ping_interval, defaults.ping_timeout, defaults.max_pending),
+            (Duration::from_secs(5), Duration::from_secs(25), 10_000)
+        );
+        Ok(())
+    }
+
     #[tokio::test]
     async fn a_listen_address_in_use_is_named() -> TestResult {
         let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
