@@ -83,6 +83,18 @@ pub enum StoreError {
         /// The instance that asked.
         instance: String,
     },
+    /// Waiting for a stream position took longer than allowed.
+    #[error("timed out waiting for `{writer}` to reach {token} on `{stream}` (it is at {reached})")]
+    Timeout {
+        /// The stream.
+        stream: String,
+        /// The writer waited for.
+        writer: String,
+        /// The token waited for.
+        token: i64,
+        /// Where the writer was when the wait gave up.
+        reached: i64,
+    },
     /// A component was set up with values that cannot work.
     #[error("misconfigured: {0}")]
     Misconfigured(String),

@@ -357,6 +357,37 @@ impl MultiWriterIdGenerator {
         self.inner.changes.subscribe()
     }
 
+    /// Waits until this process knows `writer` to be at `token` or beyond: what a
+    /// read that takes a token from a client does first, so a lagging process
+    /// never serves data older than the token promised. Returns at once for
+    /// this process's own writes' tokens once they finished; fails with
+    /// [`StoreError::Timeout`] after `timeout`.
+    pub async fn wait_for(
+        &self,
+        writer: &str,
+        token: i64,
+        timeout: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        let mut changes = self.inner.changes.subscribe();
+        // Compared as magnitudes, so backwards streams wait the same way.
+        let factor = self.inner.factor;
+        let reached = || self.get_current_token_for_writer(writer) * factor >= token * factor;
+        let wait = async {
+            while !reached() {
+                if changes.changed().await.is_err() {
+                    // The generator is gone; nothing will move any more.
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.map_err(|_| StoreError::Timeout {
+            stream: self.inner.stream_name.clone(),
+            writer: writer.to_owned(),
+            token,
+            reached: self.get_current_token_for_writer(writer),
+        })
+    }
+
     /// How many upserts of `stream_positions` this generator has run: a burst of
     /// writes shares them.
     pub fn stream_positions_writes(&self) -> u64 {

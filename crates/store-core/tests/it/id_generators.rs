@@ -540,6 +540,8 @@ async fn a_restart_never_moves_a_position_backwards(test_db: TestDb) -> TestResu
 // ---- PostgreSQL only ----
 
 mod postgres_only {
+    use std::sync::Arc;
+
     use super::*;
 
     async fn harness(
@@ -985,6 +987,34 @@ mod postgres_only {
             assert_eq!(generator.get_current_token(), global_max);
         }
         assert_eq!(global_max, 300);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_a_position_returns_when_it_is_reached_or_times_out() -> TestResult {
+        let (_db, harness) = harness(&["foobar"], true).await?;
+        harness.insert_rows("first", 3).await?;
+        let reader = Arc::new(harness.generator("reader", &["first"]).await?);
+        let before = reader.get_current_token_for_writer("first");
+        reader.wait_for("first", before, Duration::from_millis(10)).await?;
+
+        let err =
+            reader.wait_for("first", before + 2, Duration::from_millis(50)).await.expect_err("not there yet");
+        assert!(
+            matches!(&err, StoreError::Timeout { token, reached, .. } if *token == before + 2 && *reached == before),
+            "{err}"
+        );
+
+        let waiter = {
+            let reader = Arc::clone(&reader);
+            tokio::spawn(async move { reader.wait_for("first", before + 2, Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        reader.advance("first", before + 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "one short of the token");
+        reader.advance("first", before + 2);
+        waiter.await??;
         Ok(())
     }
 }
