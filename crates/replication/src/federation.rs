@@ -167,6 +167,11 @@ impl FederationQueue {
     /// never acknowledged does not hold the queue back).
     pub fn acknowledge(&self, sender: &str, token: i64) {
         let mut state = lock(&self.state);
+        if token > state.next - 1 {
+            // From before this master restarted: it says nothing about our rows.
+            tracing::debug!(sender, token, "ignoring an acknowledgement ahead of the queue");
+            return;
+        }
         let entry = state.acks.entry(sender.to_owned()).or_insert(token);
         *entry = (*entry).max(token);
         let upto = if self.senders.is_empty() {
@@ -309,6 +314,14 @@ mod tests {
         queue.acknowledge("sender2", 5);
         queue.acknowledge("sender1", 5);
         assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn an_acknowledgement_from_before_a_restart_trims_nothing() {
+        let queue = FederationQueue::new(&[]);
+        queue.send_edu("remote", "m.x", serde_json::json!({}), None);
+        queue.acknowledge("sender1", 500);
+        assert_eq!(queue.len(), 1);
     }
 
     #[test]

@@ -28,6 +28,9 @@ use crate::Hub;
 /// The endpoint's path, with `{stream}` for the stream's name.
 pub const UPDATES_PATH: &str = "/_synapse/replication/get_repl_stream_updates/{stream}";
 
+/// How many times a fetch is tried before the catch-up fails.
+const FETCH_ATTEMPTS: u32 = 5;
+
 /// How many rows one answer carries at most.
 const ROWS_PER_ANSWER: usize = 100;
 
@@ -82,14 +85,18 @@ async fn updates(
     let instance = state.hub.instance_name.clone();
     match source.get_updates_since(&instance, query.from_token, query.upto_token, ROWS_PER_ANSWER).await {
         Ok(updates) => {
-            let rows: Vec<serde_json::Value> = updates
+            let rows: Result<Vec<serde_json::Value>, _> = updates
                 .rows
                 .iter()
-                .filter_map(|(token, row)| {
-                    let row: serde_json::Value = serde_json::from_str(row.as_str()).ok()?;
-                    Some(serde_json::json!([token, row]))
+                .map(|(token, row)| {
+                    serde_json::from_str::<serde_json::Value>(row.as_str())
+                        .map(|row| serde_json::json!([token, row]))
                 })
                 .collect();
+            // A row left out would be skipped for good: the token covers it.
+            let Ok(rows) = rows else {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "a row cannot be served");
+            };
             axum::Json(
                 serde_json::json!({"updates": rows, "upto_token": updates.token, "limited": updates.limited}),
             )
@@ -120,10 +127,16 @@ pub trait RemoteUpdates: Send + Sync + std::fmt::Debug {
 }
 
 /// Fetches from writers over HTTP, at their `[instance_map]` addresses.
-#[derive(Debug)]
 pub struct HttpFetcher {
     addresses: BTreeMap<String, String>,
     secret: String,
+}
+
+impl std::fmt::Debug for HttpFetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.debug_struct("HttpFetcher").field("addresses", &self.addresses).finish_non_exhaustive()
+    }
 }
 
 impl HttpFetcher {
@@ -200,7 +213,21 @@ impl RemoteUpdates for HttpFetcher {
             let path = format!(
                 "/_synapse/replication/get_repl_stream_updates/{stream}?from_token={from}&upto_token={to}"
             );
-            let (status, body) = self.get(address, &path).await.map_err(failed)?;
+            // A writer restarting or briefly overloaded must not leave the stream
+            // unfollowed: try a few times, backing off, before giving up.
+            let mut attempt = 0;
+            let (status, body) = loop {
+                attempt += 1;
+                let outcome = self.get(address, &path).await;
+                match outcome {
+                    Ok((status, body)) if status < 500 => break (status, body),
+                    Ok((status, _)) if attempt >= FETCH_ATTEMPTS => {
+                        return Err(failed(format!("the writer answered {status}")));
+                    }
+                    Err(why) if attempt >= FETCH_ATTEMPTS => return Err(failed(why)),
+                    _ => tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(attempt - 1)).await,
+                }
+            };
             if status != 200 {
                 return Err(failed(format!("the writer answered {status}: {body}")));
             }

@@ -254,9 +254,19 @@ impl Hub {
                     tracing::warn!("failed to apply replication: {err}");
                 }
             }
-            Command::Position { stream, .. } => {
+            Command::Position { stream, instance, new_token, .. } => {
                 if self.relay {
                     self.broadcast(&command, Some(from));
+                }
+                // A redundant POSITION on a connected stream changes nothing; it
+                // must not disconnect the stream on the other connections either.
+                let connected_here =
+                    self.peers().get(&from).is_some_and(|peer| lock(&peer.connected).contains(stream));
+                let redundant = self.inbound.streams().get(stream).is_some_and(|followed| {
+                    followed.can_discard_position() && followed.current_token(instance) >= *new_token
+                });
+                if connected_here && redundant {
+                    return Ok(());
                 }
                 // Until this catch-up ends, rows arriving on any connection would
                 // race it.

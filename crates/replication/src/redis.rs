@@ -37,14 +37,14 @@ impl RedisAddress {
     pub fn parse(url: &str) -> Result<RedisAddress, String> {
         let rest = url
             .strip_prefix("redis://")
-            .ok_or_else(|| format!("{url:?} is not a redis:// URL (TLS is not supported)"))?;
+            .ok_or_else(|| "the URL does not start with redis:// (TLS is not supported)".to_owned())?;
         let authority = rest.split(['/', '?']).next().unwrap_or_default();
         let (credentials, host_port) = match authority.rsplit_once('@') {
             Some((credentials, host_port)) => (Some(credentials), host_port),
             None => (None, authority),
         };
         if host_port.is_empty() {
-            return Err(format!("{url:?} names no host"));
+            return Err("the URL names no host".to_owned());
         }
         let host_port =
             if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:6379") };
@@ -278,6 +278,17 @@ async fn follow(
     mut decoder: RespDecoder,
     failed: &Notify,
 ) -> Result<(), String> {
+    let (inbox, mut commands) = mpsc::unbounded_channel::<Command>();
+    let _processor = AbortOnDrop(tokio::spawn({
+        let hub = Arc::clone(hub);
+        async move {
+            while let Some(command) = commands.recv().await {
+                if let Err(reason) = hub.handle(id, Side::Server, command).await {
+                    tracing::warn!(reason, "ignoring a replication message");
+                }
+            }
+        }
+    }));
     let settings = hub.settings;
     let mut buffer = vec![0u8; 16 * 1024];
     let mut last_received = Instant::now();
@@ -303,10 +314,12 @@ async fn follow(
                         continue;
                     };
                     match Command::parse(line) {
-                        // No sides over Redis: every command is accepted.
+                        // No sides over Redis: every command is accepted. Applied by
+                        // a task of its own, so a long catch-up never stops this loop
+                        // from reading and pinging.
                         Ok(command) => {
-                            if let Err(reason) = hub.handle(id, Side::Server, command).await {
-                                tracing::warn!(reason, "ignoring a replication message");
+                            if inbox.send(command).is_err() {
+                                return Err("the command processor stopped".to_owned());
                             }
                         }
                         // A bad message affects nobody else: log it and go on.

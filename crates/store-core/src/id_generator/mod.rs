@@ -360,14 +360,19 @@ impl MultiWriterIdGenerator {
     /// Waits until this process knows `writer` to be at `token` or beyond: what a
     /// read that takes a token from a client does first, so a lagging process
     /// never serves data older than the token promised. Returns at once for
-    /// this process's own writes' tokens once they finished; fails with
-    /// [`StoreError::Timeout`] after `timeout`.
+    /// this process's own instance; fails with [`StoreError::Timeout`] after
+    /// `timeout`.
     pub async fn wait_for(
         &self,
         writer: &str,
         token: i64,
         timeout: std::time::Duration,
     ) -> Result<(), StoreError> {
+        if writer == self.inner.instance_name {
+            // Our own writes are ours to know: nothing to wait for (a token from
+            // before a restart would otherwise wait for ever).
+            return Ok(());
+        }
         let mut changes = self.inner.changes.subscribe();
         // Compared as magnitudes, so backwards streams wait the same way.
         let factor = self.inner.factor;
@@ -674,6 +679,7 @@ impl<'a> FetchGuard<'a> {
     fn end(mut self, internal_ids: &[i64]) {
         if let Some(token) = self.token.take() {
             self.inner.tracker().end_fetch(token, internal_ids);
+            self.inner.changed();
         }
     }
 }
@@ -681,7 +687,9 @@ impl<'a> FetchGuard<'a> {
 impl Drop for FetchGuard<'_> {
     fn drop(&mut self) {
         if let Some(token) = self.token.take() {
+            // Ending a fetch can release positions it held back: wake waiters.
             self.inner.tracker().end_fetch(token, &[]);
+            self.inner.changed();
         }
     }
 }
