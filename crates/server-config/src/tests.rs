@@ -171,3 +171,15 @@ fn workers_cannot_run_without_a_file() {
     let master = ServerConfig::defaults(Role::Master, &Overrides::default()).unwrap();
     assert_eq!(master.database.url, DEFAULT_SQLITE_URL);
 }
+
+#[test]
+fn the_example_configs_are_valid() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples");
+    for (file, role) in
+        [("master.toml", Role::Master), ("persister.toml", Role::Worker), ("worker.toml", Role::Worker)]
+    {
+        let config = ServerConfig::load(&examples.join(file), role, &Overrides::default())
+            .unwrap_or_else(|err| panic!("docs/examples/{file}: {err}"));
+        assert_eq!(config.server_name, "example.com");
+    }
+}
