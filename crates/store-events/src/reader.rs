@@ -307,6 +307,30 @@ impl EventsReader {
             .await
     }
 
+    /// At most `limit` of `writer`'s events matching `range_sql`, a condition
+    /// (with its `ORDER BY`) on the bounds bound to `$2` and `$3`.
+    async fn writer_events(
+        &self,
+        interaction: &'static str,
+        range_sql: &'static str,
+        writer: &str,
+        (bound_2, bound_3): (i64, i64),
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let writer = writer.to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.db
+            .run_autocommit(interaction, move |txn| {
+                let writer = writer.clone();
+                Box::pin(async move {
+                    let sql = format!("{SELECT_EVENT} WHERE instance_name = $1 AND {range_sql} LIMIT $4");
+                    let rows = txn.query(&sql, &[&writer, &bound_2, &bound_3, &limit]).await?;
+                    rows.iter().map(event_from_row).collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .await
+    }
+
     /// Replication catch-up for the `events` stream: `writer`'s rows with
     /// `from < token ≤ to`, at most `limit` events (each state event also yields
     /// its `state` row, at the same token).
@@ -320,25 +344,14 @@ impl EventsReader {
         if from >= to {
             return Ok(StreamUpdates::empty(to));
         }
-        let writer = writer.to_owned();
-        let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
         let events = self
-            .db
-            .run_autocommit("get_events_updates", move |txn| {
-                let writer = writer.clone();
-                Box::pin(async move {
-                    let rows = txn
-                        .query(
-                            &format!(
-                                "{SELECT_EVENT} WHERE instance_name = $1 AND stream_ordering > $2 \
-                                 AND stream_ordering <= $3 ORDER BY stream_ordering LIMIT $4"
-                            ),
-                            &[&writer, &from, &to, &limit_i64],
-                        )
-                        .await?;
-                    rows.iter().map(event_from_row).collect::<Result<Vec<_>, _>>()
-                })
-            })
+            .writer_events(
+                "get_events_updates",
+                "stream_ordering > $2 AND stream_ordering <= $3 ORDER BY stream_ordering",
+                writer,
+                (from, to),
+                limit,
+            )
             .await?;
         let limited = events.len() >= limit;
         let token = match events.last() {
@@ -376,25 +389,14 @@ impl EventsReader {
         if from >= to {
             return Ok(StreamUpdates::empty(to));
         }
-        let writer = writer.to_owned();
-        let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
         let events = self
-            .db
-            .run_autocommit("get_backfill_updates", move |txn| {
-                let writer = writer.clone();
-                Box::pin(async move {
-                    let rows = txn
-                        .query(
-                            &format!(
-                                "{SELECT_EVENT} WHERE instance_name = $1 AND stream_ordering < $2 \
-                                 AND stream_ordering >= $3 ORDER BY stream_ordering DESC LIMIT $4"
-                            ),
-                            &[&writer, &-from, &-to, &limit_i64],
-                        )
-                        .await?;
-                    rows.iter().map(event_from_row).collect::<Result<Vec<_>, _>>()
-                })
-            })
+            .writer_events(
+                "get_backfill_updates",
+                "stream_ordering < $2 AND stream_ordering >= $3 ORDER BY stream_ordering DESC",
+                writer,
+                (-from, -to),
+                limit,
+            )
             .await?;
         let rows = events
             .iter()
