@@ -41,75 +41,96 @@ fn decode<R: serde::de::DeserializeOwned>(rows: &[RowJson]) -> Result<Vec<R>, se
     rows.iter().map(RowJson::decode).collect()
 }
 
-/// The `events` stream.
-#[derive(Debug)]
-pub struct EventsStream(pub Arc<EventsReader>);
+/// A [`Stream`] over a store reader whose stream has a
+/// [`MultiWriterIdGenerator`]; `sign` is −1 where wire tokens are the negated
+/// stream IDs (backfill), which the reader's fetch takes as they are.
+macro_rules! multi_writer_stream {
+    (
+        $(#[$doc:meta])*
+        $adapter:ident($reader:ty) {
+            name: $name:expr,
+            generator: $generator:ident,
+            sign: $sign:literal,
+            row: $row:ty,
+            fetch: $fetch:ident,
+            apply: $apply:ident $(,)?
+        }
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $adapter(pub Arc<$reader>);
 
-impl Stream for EventsStream {
-    fn name(&self) -> &'static str {
-        store_events::EVENTS_STREAM
-    }
-    fn current_token(&self, writer: &str) -> i64 {
-        self.0.events_stream().get_current_token_for_writer(writer)
-    }
-    fn minimal_local_current_token(&self) -> i64 {
-        self.0.events_stream().get_minimal_local_current_token()
-    }
-    fn get_updates_since<'a>(
-        &'a self,
-        writer: &'a str,
-        from: i64,
-        to: i64,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<StreamUpdates<RowJson>, StoreError>> {
-        Box::pin(async move { to_wire(self.0.get_events_updates(writer, from, to, limit).await?) })
-    }
-    fn apply_rows(&self, writer: &str, token: i64, rows: &[RowJson]) -> Result<(), serde_json::Error> {
-        let rows: Vec<EventsStreamRow> = decode(rows)?;
-        self.0.process_events_rows(writer, token, &rows);
-        Ok(())
-    }
-    fn advance(&self, writer: &str, token: i64) {
-        self.0.events_stream().advance(writer, token);
-    }
-    fn writer_positions(&self) -> Vec<(String, i64)> {
-        positions(self.0.events_stream(), 1)
+        impl $adapter {
+            const SIGN: i64 = $sign;
+        }
+
+        impl Stream for $adapter {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn current_token(&self, writer: &str) -> i64 {
+                Self::SIGN * self.0.$generator().get_current_token_for_writer(writer)
+            }
+            fn minimal_local_current_token(&self) -> i64 {
+                Self::SIGN * self.0.$generator().get_minimal_local_current_token()
+            }
+            fn get_updates_since<'a>(
+                &'a self,
+                writer: &'a str,
+                from: i64,
+                to: i64,
+                limit: usize,
+            ) -> BoxFuture<'a, Result<StreamUpdates<RowJson>, StoreError>> {
+                Box::pin(async move { to_wire(self.0.$fetch(writer, from, to, limit).await?) })
+            }
+            fn apply_rows(&self, writer: &str, token: i64, rows: &[RowJson]) -> Result<(), serde_json::Error> {
+                let rows: Vec<$row> = decode(rows)?;
+                self.0.$apply(writer, token, &rows);
+                Ok(())
+            }
+            fn advance(&self, writer: &str, token: i64) {
+                self.0.$generator().advance(writer, Self::SIGN * token);
+            }
+            fn writer_positions(&self) -> Vec<(String, i64)> {
+                positions(self.0.$generator(), Self::SIGN)
+            }
+        }
+    };
+}
+
+multi_writer_stream! {
+    /// The `events` stream.
+    EventsStream(EventsReader) {
+        name: store_events::EVENTS_STREAM,
+        generator: events_stream,
+        sign: 1,
+        row: EventsStreamRow,
+        fetch: get_events_updates,
+        apply: process_events_rows,
     }
 }
 
-/// The `backfill` stream, whose wire tokens are the negated stream orderings.
-#[derive(Debug)]
-pub struct BackfillStream(pub Arc<EventsReader>);
+multi_writer_stream! {
+    /// The `backfill` stream, whose wire tokens are the negated stream orderings.
+    BackfillStream(EventsReader) {
+        name: store_events::BACKFILL_STREAM,
+        generator: backfill_stream,
+        sign: -1,
+        row: BackfillRow,
+        fetch: get_backfill_updates,
+        apply: process_backfill_rows,
+    }
+}
 
-impl Stream for BackfillStream {
-    fn name(&self) -> &'static str {
-        store_events::BACKFILL_STREAM
-    }
-    fn current_token(&self, writer: &str) -> i64 {
-        -self.0.backfill_stream().get_current_token_for_writer(writer)
-    }
-    fn minimal_local_current_token(&self) -> i64 {
-        -self.0.backfill_stream().get_minimal_local_current_token()
-    }
-    fn get_updates_since<'a>(
-        &'a self,
-        writer: &'a str,
-        from: i64,
-        to: i64,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<StreamUpdates<RowJson>, StoreError>> {
-        Box::pin(async move { to_wire(self.0.get_backfill_updates(writer, from, to, limit).await?) })
-    }
-    fn apply_rows(&self, writer: &str, token: i64, rows: &[RowJson]) -> Result<(), serde_json::Error> {
-        let rows: Vec<BackfillRow> = decode(rows)?;
-        self.0.process_backfill_rows(writer, token, &rows);
-        Ok(())
-    }
-    fn advance(&self, writer: &str, token: i64) {
-        self.0.backfill_stream().advance(writer, -token);
-    }
-    fn writer_positions(&self) -> Vec<(String, i64)> {
-        positions(self.0.backfill_stream(), -1)
+multi_writer_stream! {
+    /// The `receipts` stream.
+    ReceiptsStream(ReceiptsReader) {
+        name: store_receipts::RECEIPTS_STREAM,
+        generator: stream,
+        sign: 1,
+        row: ReceiptRow,
+        fetch: get_receipts_updates,
+        apply: process_receipts_rows,
     }
 }
 
@@ -148,41 +169,5 @@ impl Stream for CachesStreamAdapter {
     }
     fn writer_positions(&self) -> Vec<(String, i64)> {
         self.0.generator().map(|generator| positions(generator, 1)).unwrap_or_default()
-    }
-}
-
-/// The `receipts` stream.
-#[derive(Debug)]
-pub struct ReceiptsStream(pub Arc<ReceiptsReader>);
-
-impl Stream for ReceiptsStream {
-    fn name(&self) -> &'static str {
-        store_receipts::RECEIPTS_STREAM
-    }
-    fn current_token(&self, writer: &str) -> i64 {
-        self.0.stream().get_current_token_for_writer(writer)
-    }
-    fn minimal_local_current_token(&self) -> i64 {
-        self.0.stream().get_minimal_local_current_token()
-    }
-    fn get_updates_since<'a>(
-        &'a self,
-        writer: &'a str,
-        from: i64,
-        to: i64,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<StreamUpdates<RowJson>, StoreError>> {
-        Box::pin(async move { to_wire(self.0.get_receipts_updates(writer, from, to, limit).await?) })
-    }
-    fn apply_rows(&self, writer: &str, token: i64, rows: &[RowJson]) -> Result<(), serde_json::Error> {
-        let rows: Vec<ReceiptRow> = decode(rows)?;
-        self.0.process_receipts_rows(writer, token, &rows);
-        Ok(())
-    }
-    fn advance(&self, writer: &str, token: i64) {
-        self.0.stream().advance(writer, token);
-    }
-    fn writer_positions(&self) -> Vec<(String, i64)> {
-        positions(self.0.stream(), 1)
     }
 }
