@@ -264,7 +264,7 @@ impl Stream for FederationStream {
     }
 
     fn apply_rows(&self, _writer: &str, token: i64, rows: &[RowJson]) -> Result<(), serde_json::Error> {
-        let rows: Vec<FederationRow> = rows.iter().map(RowJson::decode).collect::<Result<_, _>>()?;
+        let rows: Vec<FederationRow> = crate::streams::decode(rows)?;
         if let FederationStream::Sender { handler, .. } = self {
             handler(token, &rows);
         }

@@ -37,7 +37,8 @@ fn positions(generator: &MultiWriterIdGenerator, sign: i64) -> Vec<(String, i64)
         .collect()
 }
 
-fn decode<R: serde::de::DeserializeOwned>(rows: &[RowJson]) -> Result<Vec<R>, serde_json::Error> {
+/// Decodes every wire row of a batch as `R`.
+pub(crate) fn decode<R: serde::de::DeserializeOwned>(rows: &[RowJson]) -> Result<Vec<R>, serde_json::Error> {
     rows.iter().map(RowJson::decode).collect()
 }
 

@@ -289,7 +289,7 @@ impl Stream for TypingStream {
     }
 
     fn apply_rows(&self, writer: &str, token: i64, rows: &[RowJson]) -> Result<(), serde_json::Error> {
-        let rows: Vec<TypingRow> = rows.iter().map(RowJson::decode).collect::<Result<_, _>>()?;
+        let rows: Vec<TypingRow> = crate::streams::decode(rows)?;
         match self {
             TypingStream::Writer(handler) => {
                 tracing::error!(writer, own = %handler.instance_name, "typing rows reached the typing writer; ignoring them");
