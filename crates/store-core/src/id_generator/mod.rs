@@ -169,10 +169,8 @@ struct Inner {
     factor: i64,
     /// Whether this process may allocate.
     may_allocate: bool,
-    /// Whether this process is one of a non-empty writers list (and so records
-    /// its position).
-    is_writer: bool,
-    /// `Some` when positions are recorded in `stream_positions`.
+    /// `Some` when this process is one of a non-empty writers list, and so
+    /// records its position in `stream_positions`.
     positions_table: Option<PositionsTable>,
     source: IdSource,
     tracker: Mutex<PositionTracker>,
@@ -344,7 +342,7 @@ impl MultiWriterIdGenerator {
     /// in transactions and not yet recorded in the background. For a clean
     /// shutdown.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        if !self.inner.is_writer {
+        if self.inner.positions_table.is_none() {
             return Ok(());
         }
         let position = self.inner.tracker().position_for_writer(&self.inner.instance_name);

@@ -154,7 +154,9 @@ impl Inner {
             conn.execute(sql, &[&config.stream_name, &config.instance_name, &(own * factor)]).await?;
             stored_own = stored_own.max(own);
         }
-        let (positions_table, background) = if config.writers.is_empty() {
+        // Only a listed writer records its position; nobody else needs the
+        // table state or a background recorder.
+        let (positions_table, background) = if !is_writer {
             (None, None)
         } else {
             let (background, receiver) = tokio::sync::watch::channel(stored_own);
@@ -173,7 +175,6 @@ impl Inner {
             instance_name: config.instance_name.clone(),
             factor,
             may_allocate: config.writers.is_empty() || is_writer,
-            is_writer,
             positions_table,
             source,
             tracker: Mutex::new(tracker),
