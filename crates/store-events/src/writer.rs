@@ -62,12 +62,13 @@ impl EventsWriter {
             Arc::clone(&reader.membership_changes),
             Arc::clone(&reader.state_changes),
         );
-        let (room_id, events, instance) = (room_id.to_owned(), events.to_vec(), self.instance_name.clone());
+        let (room_id, events, instance) =
+            (room_id.to_owned(), Arc::<[NewEvent]>::from(events), self.instance_name.clone());
         reader
             .db
             .run_interaction("persist_events", move |txn| {
                 let (generator, caches, changes) = (generator.clone(), Arc::clone(&caches), changes.clone());
-                let (room_id, events, instance) = (room_id.clone(), events.clone(), instance.clone());
+                let (room_id, events, instance) = (room_id.clone(), Arc::clone(&events), instance.clone());
                 Box::pin(async move {
                     let ids = generator.get_next_mult_txn(txn, events.len()).await?;
                     let mut members_changed = Vec::new();
@@ -128,12 +129,13 @@ impl EventsWriter {
             return Ok(Vec::new());
         }
         let generator = self.reader.backfill_ids.clone();
-        let (room_id, events, instance) = (room_id.to_owned(), events.to_vec(), self.instance_name.clone());
+        let (room_id, events, instance) =
+            (room_id.to_owned(), Arc::<[NewEvent]>::from(events), self.instance_name.clone());
         self.reader
             .db
             .run_interaction("persist_backfilled_events", move |txn| {
                 let generator = generator.clone();
-                let (room_id, events, instance) = (room_id.clone(), events.clone(), instance.clone());
+                let (room_id, events, instance) = (room_id.clone(), Arc::clone(&events), instance.clone());
                 Box::pin(async move {
                     let ids = generator.get_next_mult_txn(txn, events.len()).await?;
                     for (event, id) in events.iter().zip(&ids) {
