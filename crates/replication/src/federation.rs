@@ -7,7 +7,7 @@
 //! rows as they come and acknowledges them).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use replication_proto::RowJson;
@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use store_core::{BoxFuture, StoreError, StreamUpdates};
 
 use crate::http::RemoteUpdates;
+use crate::lock;
 use crate::stream::Stream;
 
 /// The stream's name.
@@ -61,11 +62,6 @@ pub struct FederationQueue {
     senders: Vec<String>,
     state: Mutex<QueueState>,
     changes: tokio::sync::watch::Sender<u64>,
-}
-
-fn lock(mutex: &Mutex<QueueState>) -> std::sync::MutexGuard<'_, QueueState> {
-    // Only map updates that cannot panic half-way run under this lock.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl FederationQueue {

@@ -3,18 +3,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use replication_proto::{Command, CommandName, Side};
 use tokio::sync::{Notify, mpsc};
 
+use crate::lock;
 use crate::{Inbound, Outbound};
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Held only for set and map updates that cannot panic half-way.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// Timings and limits of connections, Synapse's by default.
 #[derive(Debug, Clone, Copy)]
@@ -113,7 +109,7 @@ impl Hub {
     }
 
     fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Peer>>> {
-        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.peers)
     }
 
     pub(crate) fn add_peer(&self, peer: Arc<Peer>) -> u64 {
@@ -209,7 +205,7 @@ impl Hub {
             }
             Command::Name { name } => {
                 if let Some(peer) = self.peers().get(&from) {
-                    *peer.name.lock().unwrap_or_else(PoisonError::into_inner) = name.clone();
+                    *lock(&peer.name) = name.clone();
                 }
             }
             Command::Replicate => {

@@ -2,12 +2,13 @@
 //! — catching up from the database whenever a gap shows.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 use replication_proto::{Command, RowJson};
 use store_core::StoreError;
 
 use crate::CATCH_UP_BATCH;
+use crate::lock;
 use crate::stream::{Stream, StreamRegistry};
 
 /// Why an inbound command could not be applied. The connection goes on: the
@@ -87,7 +88,7 @@ impl Inbound {
         }
         let stream = self.streams.get(name).map(AsRef::as_ref);
         if stream.is_none() {
-            let mut unknown = self.unknown.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut unknown = lock(&self.unknown);
             if unknown.insert(name.to_owned()) {
                 tracing::warn!(stream = name, "ignoring replication of a stream this process does not know");
             }
@@ -106,7 +107,7 @@ impl Inbound {
     ) -> Result<(), InboundError> {
         let Some(stream) = self.stream(stream_name, writer) else { return Ok(()) };
         let key = (stream_name.to_owned(), writer.to_owned());
-        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pending = lock(&self.pending);
         let Some(token) = token else {
             pending.entry(key).or_default().push(row);
             return Ok(());
@@ -138,10 +139,7 @@ impl Inbound {
         let Some(stream) = self.stream(stream_name, writer) else { return Ok(()) };
         // Held batch rows would be fetched again by a catch-up; a POSITION never
         // sits inside a batch.
-        self.pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&(stream_name.to_owned(), writer.to_owned()));
+        lock(&self.pending).remove(&(stream_name.to_owned(), writer.to_owned()));
         let current = stream.current_token(writer);
         if stream.can_discard_position() && current >= new {
             return Ok(());

@@ -31,5 +31,11 @@ pub use stream::{Stream, StreamRegistry};
 pub use streams::{BackfillStream, CachesStreamAdapter, EventsStream, ReceiptsStream};
 pub use typing::TypingStream;
 
+/// Locks `mutex`, going on past poisoning: the locks of this crate guard only
+/// set, map and counter updates that a panic cannot leave half-done.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// How many rows one catch-up query fetches at most.
 pub const CATCH_UP_BATCH: usize = 1000;

@@ -1,11 +1,12 @@
 //! [`Outbound`]: what a process that writes streams tells the others — the rows
 //! it wrote as `RDATA`, and its positions as `POSITION`.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use replication_proto::Command;
 use store_core::{CachesStream, StoreError};
 
+use crate::lock;
 use crate::stream::Stream;
 
 /// How many rows one poll of a stream sends at most; the rest follow on the
@@ -52,7 +53,7 @@ impl Outbound {
         self.sources
             .iter()
             .map(|source| {
-                let last = *source.last_token.lock().unwrap_or_else(PoisonError::into_inner);
+                let last = *lock(&source.last_token);
                 self.position(source, last, last)
             })
             .collect()
@@ -73,18 +74,16 @@ impl Outbound {
     /// Whether every stream's sent token is its current one: nothing is waiting
     /// to be sent.
     pub fn is_caught_up(&self) -> bool {
-        self.sources.iter().all(|source| {
-            *source.last_token.lock().unwrap_or_else(PoisonError::into_inner)
-                == source.stream.current_token(&self.instance_name)
-        })
+        self.sources
+            .iter()
+            .all(|source| *lock(&source.last_token) == source.stream.current_token(&self.instance_name))
     }
 
     /// With nobody connected there is no one to tell: move every stream's sent
     /// token to the current one. Followers catch up from the database later.
     pub fn skip_to_current(&self) {
         for source in &self.sources {
-            *source.last_token.lock().unwrap_or_else(PoisonError::into_inner) =
-                source.stream.current_token(&self.instance_name);
+            *lock(&source.last_token) = source.stream.current_token(&self.instance_name);
         }
     }
 
@@ -107,7 +106,7 @@ impl Outbound {
         for source in &self.sources {
             let stream = source.stream.as_ref();
             let current = stream.current_token(&self.instance_name);
-            let last = *source.last_token.lock().unwrap_or_else(PoisonError::into_inner);
+            let last = *lock(&source.last_token);
             if last == current {
                 continue;
             }
@@ -121,7 +120,7 @@ impl Outbound {
             };
             // A cut batch is completed by the followers' own catch-up.
             let target = if limited { current } else { reached };
-            *source.last_token.lock().unwrap_or_else(PoisonError::into_inner) = target;
+            *lock(&source.last_token) = target;
             if rows.is_empty() {
                 // Every process writes `caches`; a caches token moved only by other
                 // writers is not worth an echo from every process.

@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
 
 use crate::hub::{Hub, Peer};
+use crate::lock;
 
 fn now_ms() -> String {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis()).to_string()
@@ -98,13 +99,13 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
                                 break;
                             }
                         }
-                        *last_sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+                        *lock(&last_sent) = Instant::now();
                         if close_after {
                             break;
                         }
                     }
                     () = peer.congested.notified() => {
-                        tracing::warn!(peer = %peer.name.lock().unwrap_or_else(std::sync::PoisonError::into_inner), "replication peer cannot keep up; closing");
+                        tracing::warn!(peer = %lock(&peer.name), "replication peer cannot keep up; closing");
                         // Bypass the queue: the peer reconnects and catches up.
                         let _ = writer.write_all(b"ERROR Failed to keep up\n").await;
                         break;
@@ -185,7 +186,7 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
                 if seen_ping && last_received.elapsed() > settings.ping_timeout {
                     break 'connection Some("ping timeout".to_owned());
                 }
-                let idle = last_sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).elapsed();
+                let idle = lock(&last_sent).elapsed();
                 if idle >= settings.ping_interval {
                     hub.send_to(&peer, Command::Ping { data: now_ms() });
                 }
@@ -197,7 +198,7 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
     processor.abort();
     hub.remove_peer(id);
     if let Some(reason) = close_reason {
-        tracing::warn!(peer = %peer.name.lock().unwrap_or_else(std::sync::PoisonError::into_inner), reason, "closing a replication connection");
+        tracing::warn!(peer = %lock(&peer.name), reason, "closing a replication connection");
         hub.send_to(&peer, Command::Error { message: reason });
         // The writer sends the ERROR, then stops; give it a moment to flush, and
         // no more: a peer that stopped reading must not keep the socket open.

@@ -7,7 +7,7 @@
 //! serial back to 0: a follower ahead of the writer's token resets.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use replication_proto::RowJson;
@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use store_core::{BoxFuture, StoreError, StreamChangeCache, StreamUpdates};
 
 use crate::http::RemoteUpdates;
+use crate::lock;
 use crate::stream::Stream;
 
 /// The stream's name.
@@ -40,11 +41,6 @@ impl From<TypingRow> for (String, Vec<String>) {
     fn from(row: TypingRow) -> Self {
         (row.room_id, row.user_ids)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Only map updates that cannot panic half-way run under these locks.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[derive(Debug, Default)]
