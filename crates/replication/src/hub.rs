@@ -138,13 +138,13 @@ impl Hub {
         self.peers().len()
     }
 
-    /// Queues `command` for one peer; a peer past the pending limit is told to
-    /// close.
     /// Commands received (valid ones) and sent, by name, since start-up.
     pub fn command_counts(&self) -> (BTreeMap<CommandName, u64>, BTreeMap<CommandName, u64>) {
         (lock(&self.received).clone(), lock(&self.sent).clone())
     }
 
+    /// Queues `command` for one peer; a peer past the pending limit is told to
+    /// close.
     pub(crate) fn send_to(&self, peer: &Peer, command: Command) {
         *lock(&self.sent).entry(command.name()).or_default() += 1;
         if peer.pending.fetch_add(1, Ordering::AcqRel) >= self.settings.max_pending {
@@ -158,10 +158,20 @@ impl Hub {
 
     /// Queues `command` for every connection but `except`.
     pub fn broadcast(&self, command: &Command, except: Option<u64>) {
-        let peers: Vec<(u64, Arc<Peer>)> =
-            self.peers().iter().map(|(id, peer)| (*id, Arc::clone(peer))).collect();
-        for (id, peer) in peers {
-            if Some(id) != except {
+        self.broadcast_all(std::slice::from_ref(command), except);
+    }
+
+    /// Queues `commands`, in order, for every connection but `except`, taking
+    /// one snapshot of the connections for the lot.
+    fn broadcast_all(&self, commands: &[Command], except: Option<u64>) {
+        let peers: Vec<Arc<Peer>> = self
+            .peers()
+            .iter()
+            .filter(|(id, _)| Some(**id) != except)
+            .map(|(_, peer)| Arc::clone(peer))
+            .collect();
+        for peer in peers {
+            for command in commands {
                 self.send_to(&peer, command.clone());
             }
         }
@@ -210,9 +220,7 @@ impl Hub {
             }
             Command::Replicate => {
                 // Announce what has been sent so far; every writer answers so.
-                for position in self.outbound.announce() {
-                    self.broadcast(&position, None);
-                }
+                self.broadcast_all(&self.outbound.announce(), None);
                 // Clients cannot receive REPLICATE, so the relaying server answers
                 // for the other writers it follows: everything up to the position
                 // it knows for each is committed, so the newcomer catches up from
@@ -258,9 +266,11 @@ impl Hub {
                 // must not disconnect the stream on the other connections either.
                 let connected_here =
                     self.peers().get(&from).is_some_and(|peer| lock(&peer.connected).contains(stream));
-                let redundant = self.inbound.streams().get(stream).is_some_and(|followed| {
-                    followed.can_discard_position() && followed.current_token(instance) >= *new_token
-                });
+                let redundant = self
+                    .inbound
+                    .streams()
+                    .get(stream)
+                    .is_some_and(|followed| followed.position_is_redundant(instance, *new_token));
                 if connected_here && redundant {
                     return Ok(());
                 }
@@ -313,11 +323,7 @@ impl Hub {
                 continue;
             }
             match hub.outbound.poll().await {
-                Ok(commands) => {
-                    for command in &commands {
-                        hub.broadcast(command, None);
-                    }
-                }
+                Ok(commands) => hub.broadcast_all(&commands, None),
                 Err(err) => tracing::warn!("failed to read new rows to replicate: {err}"),
             }
         }

@@ -140,10 +140,10 @@ impl Inbound {
         // Held batch rows would be fetched again by a catch-up; a POSITION never
         // sits inside a batch.
         lock(&self.pending).remove(&(stream_name.to_owned(), writer.to_owned()));
-        let current = stream.current_token(writer);
-        if stream.can_discard_position() && current >= new {
+        if stream.position_is_redundant(writer, new) {
             return Ok(());
         }
+        let current = stream.current_token(writer);
         // Behind `prev`, rows were missed; ahead of `new`, the writer's token went
         // back (a restarted in-memory stream) and this process must reset.
         if !(prev <= current && current <= new) {

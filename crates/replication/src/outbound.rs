@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use replication_proto::Command;
-use store_core::{CachesStream, StoreError};
+use store_core::StoreError;
 
 use crate::lock;
 use crate::stream::Stream;
@@ -66,8 +66,8 @@ impl Outbound {
 
     /// Passes a follower's acknowledgement to the stream it concerns.
     pub fn acknowledge(&self, stream: &str, follower: &str, token: i64) {
-        for source in self.sources.iter().filter(|source| source.stream.name() == stream) {
-            source.stream.acknowledge(follower, token);
+        if let Some(source) = self.source(stream) {
+            source.acknowledge(follower, token);
         }
     }
 
@@ -122,9 +122,7 @@ impl Outbound {
             let target = if limited { current } else { reached };
             *lock(&source.last_token) = target;
             if rows.is_empty() {
-                // Every process writes `caches`; a caches token moved only by other
-                // writers is not worth an echo from every process.
-                if stream.name() == CachesStream::STREAM_NAME && !written_locally {
+                if !written_locally && !stream.announces_moves_without_rows() {
                     continue;
                 }
                 commands.push(self.position(source, last, reached));

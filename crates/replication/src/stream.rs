@@ -57,6 +57,19 @@ pub trait Stream: Send + Sync + fmt::Debug {
     fn can_discard_position(&self) -> bool {
         true
     }
+
+    /// Whether a `POSITION` moving `writer` to `new_token` changes nothing here.
+    fn position_is_redundant(&self, writer: &str, new_token: i64) -> bool {
+        self.can_discard_position() && self.current_token(writer) >= new_token
+    }
+
+    /// Whether a writer announces a `POSITION` when its token moved with no row
+    /// of its own (only other writers wrote). True by default: followers learn
+    /// the writer's position; false for streams every process writes, where
+    /// each such move would be echoed by every process.
+    fn announces_moves_without_rows(&self) -> bool {
+        true
+    }
 }
 
 /// The streams a process knows, by name.

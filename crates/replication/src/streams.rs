@@ -171,4 +171,9 @@ impl Stream for CachesStreamAdapter {
     fn writer_positions(&self) -> Vec<(String, i64)> {
         self.0.generator().map(|generator| positions(generator, 1)).unwrap_or_default()
     }
+    fn announces_moves_without_rows(&self) -> bool {
+        // Every process writes `caches`: a move by others alone is not worth an
+        // echo from every process.
+        false
+    }
 }
