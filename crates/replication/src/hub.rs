@@ -51,10 +51,31 @@ impl Default for Settings {
     }
 }
 
+/// A command serialised once, however many connections it is queued for.
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing {
+    pub(crate) name: CommandName,
+    /// The line, without its newline.
+    pub(crate) line: Arc<str>,
+}
+
+impl Outgoing {
+    /// `command` as a line; a command that cannot be one is logged and dropped.
+    fn serialise(command: &Command) -> Option<Outgoing> {
+        match command.to_line() {
+            Ok(line) => Some(Outgoing { name: command.name(), line: line.into() }),
+            Err(err) => {
+                tracing::error!("failed to send a replication command: {err}");
+                None
+            }
+        }
+    }
+}
+
 /// The sending end of one connection, as the hub sees it.
 #[derive(Debug)]
 pub(crate) struct Peer {
-    pub(crate) queue: mpsc::UnboundedSender<Command>,
+    pub(crate) queue: mpsc::UnboundedSender<Outgoing>,
     pub(crate) pending: Arc<AtomicUsize>,
     pub(crate) congested: Arc<Notify>,
     pub(crate) name: Mutex<String>,
@@ -145,12 +166,18 @@ impl Hub {
 
     /// Queues `command` for one peer; a peer past the pending limit is told to
     /// close.
-    pub(crate) fn send_to(&self, peer: &Peer, command: Command) {
-        *lock(&self.sent).entry(command.name()).or_default() += 1;
+    pub(crate) fn send_to(&self, peer: &Peer, command: &Command) {
+        if let Some(outgoing) = Outgoing::serialise(command) {
+            self.queue(peer, outgoing);
+        }
+    }
+
+    fn queue(&self, peer: &Peer, outgoing: Outgoing) {
+        *lock(&self.sent).entry(outgoing.name).or_default() += 1;
         if peer.pending.fetch_add(1, Ordering::AcqRel) >= self.settings.max_pending {
             peer.congested.notify_one();
         }
-        if peer.queue.send(command).is_err() {
+        if peer.queue.send(outgoing).is_err() {
             // The connection is closing; it drops its queue.
             peer.pending.fetch_sub(1, Ordering::AcqRel);
         }
@@ -161,9 +188,10 @@ impl Hub {
         self.broadcast_all(std::slice::from_ref(command), except);
     }
 
-    /// Queues `commands`, in order, for every connection but `except`, taking
-    /// one snapshot of the connections for the lot.
+    /// Queues `commands`, in order, for every connection but `except`,
+    /// serialising each once and taking one snapshot of the connections.
     fn broadcast_all(&self, commands: &[Command], except: Option<u64>) {
+        let lines: Vec<Outgoing> = commands.iter().filter_map(Outgoing::serialise).collect();
         let peers: Vec<Arc<Peer>> = self
             .peers()
             .iter()
@@ -171,8 +199,8 @@ impl Hub {
             .map(|(_, peer)| Arc::clone(peer))
             .collect();
         for peer in peers {
-            for command in commands {
-                self.send_to(&peer, command.clone());
+            for outgoing in &lines {
+                self.queue(&peer, outgoing.clone());
             }
         }
     }
@@ -181,7 +209,7 @@ impl Hub {
     /// it (re)connects, since the others cannot know it did.
     pub(crate) fn announce_to(&self, peer: &Peer) {
         for position in self.outbound.announce() {
-            self.send_to(peer, position);
+            self.send_to(peer, &position);
         }
     }
 
@@ -237,7 +265,7 @@ impl Hub {
                                     prev_token: position,
                                     new_token: position,
                                 };
-                                self.send_to(&peer, command);
+                                self.send_to(&peer, &command);
                             }
                         }
                     }

@@ -13,12 +13,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use replication_proto::{Command, Side};
+use replication_proto::{Command, CommandName, Side};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 
-use crate::hub::{Hub, Peer};
+use crate::hub::{Hub, Outgoing, Peer};
 use crate::resp::{RespDecoder, RespValue, encode};
 
 /// Where Redis is, from a `redis://[[user]:password@]host[:port][/db]` URL.
@@ -59,12 +59,9 @@ impl RedisAddress {
     }
 }
 
-/// The channel every command but `USER_IP` goes on.
-fn channel(hub: &Hub, command: &Command) -> String {
-    match command {
-        Command::UserIp { .. } => format!("{}/USER_IP", hub.server_name),
-        _ => hub.server_name.clone(),
-    }
+/// The channel `USER_IP` goes on; every other command goes on the server name.
+fn user_ip_channel(server_name: &str) -> String {
+    format!("{server_name}/USER_IP")
 }
 
 /// Keeps `hub` connected to Redis at `address` until the task is dropped.
@@ -147,7 +144,7 @@ async fn session(hub: &Arc<Hub>, address: &RedisAddress) -> Result<(), String> {
     let base = hub.server_name.clone();
     // The extra channel first, then the base one, whose confirmation ends the
     // wait (Redis confirms in order).
-    let user_ip = format!("{base}/USER_IP");
+    let user_ip = user_ip_channel(&base);
     subscriber
         .write_all(&encode(&[b"SUBSCRIBE", user_ip.as_bytes(), base.as_bytes()]))
         .await
@@ -162,7 +159,7 @@ async fn session(hub: &Arc<Hub>, address: &RedisAddress) -> Result<(), String> {
     }
     let (publisher, _) = open(address, &format!("{}-{}-pub", hub.server_name, hub.instance_name)).await?;
 
-    let (queue, outgoing) = mpsc::unbounded_channel::<Command>();
+    let (queue, outgoing) = mpsc::unbounded_channel::<Outgoing>();
     let peer = Arc::new(Peer {
         queue,
         pending: Arc::new(AtomicUsize::new(0)),
@@ -175,7 +172,7 @@ async fn session(hub: &Arc<Hub>, address: &RedisAddress) -> Result<(), String> {
     let publisher_task =
         tokio::spawn(publish(Arc::clone(hub), Arc::clone(&peer), publisher, outgoing, Arc::clone(&failed)));
 
-    hub.send_to(&peer, Command::Replicate);
+    hub.send_to(&peer, &Command::Replicate);
     hub.announce_to(&peer);
     let result = follow(hub, id, &mut subscriber, decoder, &failed).await;
     hub.remove_peer(id);
@@ -188,10 +185,11 @@ async fn publish(
     hub: Arc<Hub>,
     peer: Arc<Peer>,
     publisher: TcpStream,
-    mut outgoing: mpsc::UnboundedReceiver<Command>,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
     failed: Arc<Notify>,
 ) {
     let (mut replies, mut writer) = publisher.into_split();
+    let user_ip_channel = user_ip_channel(&hub.server_name);
     // Aborted with this function (also when this task itself is aborted), so a
     // half-open connection's reader cannot outlive the session.
     let _drain = AbortOnDrop(tokio::spawn({
@@ -228,15 +226,9 @@ async fn publish(
             command = outgoing.recv() => {
                 let Some(command) = command else { break };
                 peer.pending.fetch_sub(1, Ordering::AcqRel);
-                let line = match command.to_line() {
-                    Ok(line) => line,
-                    Err(err) => {
-                        tracing::error!("failed to publish a replication command: {err}");
-                        continue;
-                    }
-                };
-                let channel = channel(&hub, &command);
-                let request = encode(&[b"PUBLISH", channel.as_bytes(), line.as_bytes()]);
+                // `USER_IP` has a channel of its own; everything else shares one.
+                let channel = if command.name == CommandName::UserIp { &user_ip_channel } else { &hub.server_name };
+                let request = encode(&[b"PUBLISH", channel.as_bytes(), command.line.as_bytes()]);
                 // A Redis that stopped reading blocks this write: congestion must
                 // still end the session.
                 tokio::select! {

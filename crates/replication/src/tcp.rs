@@ -5,12 +5,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use replication_proto::{Command, LineDecoder, Side};
+use replication_proto::{Command, CommandName, LineDecoder, Side};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
 
-use crate::hub::{Hub, Peer};
+use crate::hub::{Hub, Outgoing, Peer};
 use crate::lock;
 
 fn now_ms() -> String {
@@ -56,7 +56,7 @@ pub async fn connect_forever(hub: Arc<Hub>, address: String) {
 pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let (mut reader, mut writer) = stream.into_split();
-    let (queue, mut outgoing) = mpsc::unbounded_channel::<Command>();
+    let (queue, mut outgoing) = mpsc::unbounded_channel::<Outgoing>();
     let peer = Arc::new(Peer {
         queue,
         pending: Arc::new(AtomicUsize::new(0)),
@@ -77,17 +77,10 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
                     command = outgoing.recv() => {
                         let Some(command) = command else { break };
                         peer.pending.fetch_sub(1, Ordering::AcqRel);
-                        let line = match command.to_line() {
-                            Ok(line) => line,
-                            Err(err) => {
-                                tracing::error!("failed to send a replication command: {err}");
-                                continue;
-                            }
-                        };
-                        let close_after = matches!(command, Command::Error { .. });
+                        let close_after = command.name == CommandName::Error;
                         // A peer that stopped reading blocks this write: congestion
                         // must still end the connection.
-                        let bytes = format!("{line}\n");
+                        let bytes = format!("{}\n", command.line);
                         tokio::select! {
                             written = writer.write_all(bytes.as_bytes()) => {
                                 if written.is_err() {
@@ -128,7 +121,7 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
         ],
     };
     for command in hello {
-        hub.send_to(&peer, command);
+        hub.send_to(&peer, &command);
     }
 
     // Commands are applied by a task of their own, in order: a long catch-up
@@ -188,7 +181,7 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
                 }
                 let idle = lock(&last_sent).elapsed();
                 if idle >= settings.ping_interval {
-                    hub.send_to(&peer, Command::Ping { data: now_ms() });
+                    hub.send_to(&peer, &Command::Ping { data: now_ms() });
                 }
             }
             () = closing.notified() => break 'connection None,
@@ -199,7 +192,7 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
     hub.remove_peer(id);
     if let Some(reason) = close_reason {
         tracing::warn!(peer = %lock(&peer.name), reason, "closing a replication connection");
-        hub.send_to(&peer, Command::Error { message: reason });
+        hub.send_to(&peer, &Command::Error { message: reason });
         // The writer sends the ERROR, then stops; give it a moment to flush, and
         // no more: a peer that stopped reading must not keep the socket open.
         let abort = writer_task.abort_handle();
