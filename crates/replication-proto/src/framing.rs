@@ -32,6 +32,9 @@ pub enum LineError {
 #[derive(Debug, Default)]
 pub struct LineDecoder {
     buffer: Vec<u8>,
+    /// Where the bytes not yet returned begin; the consumed prefix is dropped
+    /// once per [`push`](LineDecoder::push), not once per line.
+    start: usize,
     /// Where the search for the next newline resumes.
     scanned: usize,
     failed: bool,
@@ -40,6 +43,11 @@ pub struct LineDecoder {
 impl LineDecoder {
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buffer.drain(..self.start);
+            self.scanned -= self.start;
+            self.start = 0;
+        }
         self.buffer.extend_from_slice(bytes);
     }
 
@@ -52,26 +60,27 @@ impl LineDecoder {
             }
             let Some(offset) = self.buffer[self.scanned..].iter().position(|byte| *byte == b'\n') else {
                 self.scanned = self.buffer.len();
-                if self.buffer.len() > MAX_LINE_LENGTH {
+                if self.buffer.len() - self.start > MAX_LINE_LENGTH {
                     self.failed = true;
                     return Some(Err(LineError::TooLong));
                 }
                 return None;
             };
-            let end = self.scanned + offset;
-            let line: Vec<u8> = self.buffer.drain(..=end).take(end).collect();
-            self.scanned = 0;
+            let (begin, end) = (self.start, self.scanned + offset);
+            self.start = end + 1;
+            self.scanned = self.start;
+            let line = &self.buffer[begin..end];
             if line.len() > MAX_LINE_LENGTH {
                 self.failed = true;
                 return Some(Err(LineError::TooLong));
             }
-            let Ok(line) = String::from_utf8(line) else {
+            let Ok(line) = std::str::from_utf8(line) else {
                 return Some(Err(LineError::InvalidUtf8));
             };
             if line.trim().is_empty() {
                 continue;
             }
-            return Some(Ok(line));
+            return Some(Ok(line.to_owned()));
         }
     }
 }

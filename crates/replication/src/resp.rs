@@ -43,19 +43,24 @@ pub(crate) fn encode(args: &[&[u8]]) -> Vec<u8> {
 #[derive(Debug, Default)]
 pub(crate) struct RespDecoder {
     buffer: Vec<u8>,
+    /// Where the bytes not yet decoded begin; the consumed prefix is dropped
+    /// once per `push`, not once per value.
+    start: usize,
 }
 
 impl RespDecoder {
     /// Appends received bytes.
     pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.buffer.drain(..self.start);
+        self.start = 0;
         self.buffer.extend_from_slice(bytes);
     }
 
     /// The next complete value; `None` until more bytes arrive.
     pub(crate) fn next_value(&mut self) -> Option<Result<RespValue, RespError>> {
-        match parse(&self.buffer, 0, 0) {
-            Ok(Some((value, used))) => {
-                self.buffer.drain(..used);
+        match parse(&self.buffer, self.start, 0) {
+            Ok(Some((value, end))) => {
+                self.start = end;
                 Some(Ok(value))
             }
             Ok(None) => None,
