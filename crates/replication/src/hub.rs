@@ -76,12 +76,27 @@ impl Outgoing {
 #[derive(Debug)]
 pub(crate) struct Peer {
     pub(crate) queue: mpsc::UnboundedSender<Outgoing>,
-    pub(crate) pending: Arc<AtomicUsize>,
-    pub(crate) congested: Arc<Notify>,
+    pub(crate) pending: AtomicUsize,
+    pub(crate) congested: Notify,
     pub(crate) name: Mutex<String>,
     /// Streams whose `POSITION` this connection has fully processed: only their
     /// `RDATA` is applied (before it, a catch-up will fetch the rows anyway).
     pub(crate) connected: Mutex<HashSet<String>>,
+}
+
+impl Peer {
+    /// A connection's sending end, its queue, and `name` until it says its own.
+    pub(crate) fn new(name: String) -> (Arc<Peer>, mpsc::UnboundedReceiver<Outgoing>) {
+        let (queue, outgoing) = mpsc::unbounded_channel();
+        let peer = Peer {
+            queue,
+            pending: AtomicUsize::new(0),
+            congested: Notify::new(),
+            name: Mutex::new(name),
+            connected: Mutex::new(HashSet::new()),
+        };
+        (Arc::new(peer), outgoing)
+    }
 }
 
 /// One process's replication.

@@ -9,8 +9,8 @@
 //! database when the positions arrive. A silent or half-open connection is
 //! noticed by pinging and replaced, forever, with backoff.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use replication_proto::{Command, CommandName, Side};
@@ -159,14 +159,7 @@ async fn session(hub: &Arc<Hub>, address: &RedisAddress) -> Result<(), String> {
     }
     let (publisher, _) = open(address, &format!("{}-{}-pub", hub.server_name, hub.instance_name)).await?;
 
-    let (queue, outgoing) = mpsc::unbounded_channel::<Outgoing>();
-    let peer = Arc::new(Peer {
-        queue,
-        pending: Arc::new(AtomicUsize::new(0)),
-        congested: Arc::new(Notify::new()),
-        name: Mutex::new(format!("redis {}", address.host_port)),
-        connected: Mutex::new(std::collections::HashSet::new()),
-    });
+    let (peer, outgoing) = Peer::new(format!("redis {}", address.host_port));
     let id = hub.add_peer(Arc::clone(&peer));
     let failed = Arc::new(Notify::new());
     let publisher_task =

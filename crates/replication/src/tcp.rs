@@ -1,7 +1,7 @@
 //! The TCP transport: the master listens, workers connect; both ends speak the
 //! line protocol with keepalive, congestion control and strict parsing.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
 
-use crate::hub::{Hub, Outgoing, Peer};
+use crate::hub::{Hub, Peer};
 use crate::lock;
 
 fn now_ms() -> String {
@@ -56,14 +56,7 @@ pub async fn connect_forever(hub: Arc<Hub>, address: String) {
 pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let (mut reader, mut writer) = stream.into_split();
-    let (queue, mut outgoing) = mpsc::unbounded_channel::<Outgoing>();
-    let peer = Arc::new(Peer {
-        queue,
-        pending: Arc::new(AtomicUsize::new(0)),
-        congested: Arc::new(Notify::new()),
-        name: Mutex::new(String::new()),
-        connected: Mutex::new(std::collections::HashSet::new()),
-    });
+    let (peer, mut outgoing) = Peer::new(String::new());
     let id = hub.add_peer(Arc::clone(&peer));
     let last_sent = Arc::new(Mutex::new(Instant::now()));
     // Whoever ends the connection first tells the other half.
