@@ -210,9 +210,8 @@ impl RemoteUpdates for HttpFetcher {
             };
             let address =
                 self.addresses.get(writer).ok_or_else(|| failed("not in [instance_map]".to_owned()))?;
-            let path = format!(
-                "/_synapse/replication/get_repl_stream_updates/{stream}?from_token={from}&upto_token={to}"
-            );
+            let path =
+                format!("{}?from_token={from}&upto_token={to}", UPDATES_PATH.replace("{stream}", stream));
             // A writer restarting or briefly overloaded must not leave the stream
             // unfollowed: try a few times, backing off, before giving up.
             let mut attempt = 0;
