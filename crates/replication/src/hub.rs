@@ -99,6 +99,25 @@ impl Peer {
     }
 }
 
+/// Commands counted by name, without a lock on the per-command path.
+#[derive(Debug, Default)]
+struct CommandCounters([AtomicU64; CommandName::ALL.len()]);
+
+impl CommandCounters {
+    fn count(&self, name: CommandName) {
+        self.0[name as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The names counted at least once.
+    fn snapshot(&self) -> BTreeMap<CommandName, u64> {
+        CommandName::ALL
+            .into_iter()
+            .map(|name| (name, self.0[name as usize].load(Ordering::Relaxed)))
+            .filter(|(_, count)| *count > 0)
+            .collect()
+    }
+}
+
 /// One process's replication.
 #[derive(Debug)]
 pub struct Hub {
@@ -113,8 +132,8 @@ pub struct Hub {
     peers: Mutex<HashMap<u64, Arc<Peer>>>,
     next_peer: AtomicU64,
     /// Valid commands received and commands queued for sending, by name.
-    received: Mutex<BTreeMap<CommandName, u64>>,
-    sent: Mutex<BTreeMap<CommandName, u64>>,
+    received: CommandCounters,
+    sent: CommandCounters,
     /// Poked when local writes may have finished.
     pub(crate) wake_streamer: Notify,
 }
@@ -138,8 +157,8 @@ impl Hub {
             relay,
             peers: Mutex::new(HashMap::new()),
             next_peer: AtomicU64::new(0),
-            received: Mutex::new(BTreeMap::new()),
-            sent: Mutex::new(BTreeMap::new()),
+            received: CommandCounters::default(),
+            sent: CommandCounters::default(),
             wake_streamer: Notify::new(),
         })
     }
@@ -176,7 +195,7 @@ impl Hub {
 
     /// Commands received (valid ones) and sent, by name, since start-up.
     pub fn command_counts(&self) -> (BTreeMap<CommandName, u64>, BTreeMap<CommandName, u64>) {
-        (lock(&self.received).clone(), lock(&self.sent).clone())
+        (self.received.snapshot(), self.sent.snapshot())
     }
 
     /// Queues `command` for one peer; a peer past the pending limit is told to
@@ -188,7 +207,7 @@ impl Hub {
     }
 
     fn queue(&self, peer: &Peer, outgoing: Outgoing) {
-        *lock(&self.sent).entry(outgoing.name).or_default() += 1;
+        self.sent.count(outgoing.name);
         if peer.pending.fetch_add(1, Ordering::AcqRel) >= self.settings.max_pending {
             peer.congested.notify_one();
         }
@@ -249,7 +268,7 @@ impl Hub {
     /// Handles one valid command from connection `from`. Returns an error text
     /// when the connection must close.
     pub(crate) async fn handle(&self, from: u64, side: Side, command: Command) -> Result<(), String> {
-        *lock(&self.received).entry(command.name()).or_default() += 1;
+        self.received.count(command.name());
         match &command {
             Command::Server { server_name } => {
                 if side == Side::Client && *server_name != self.server_name {
