@@ -21,22 +21,34 @@ pub struct EventsWriter {
     instance_name: String,
 }
 
+/// Refuses an instance that does not write `events`.
+fn check_writer(config: &ServerConfig) -> Result<(), StoreError> {
+    if config.is_writer_for(EVENTS_STREAM) {
+        return Ok(());
+    }
+    Err(StoreError::NotAWriter { stream: EVENTS_STREAM.to_owned(), instance: config.instance_name.clone() })
+}
+
 impl EventsWriter {
-    /// Builds the reader half and checks that this instance writes `events`.
+    /// Checks that this instance writes `events`, then builds the reader half.
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
         caches: Arc<CachesStream>,
         config: &ServerConfig,
     ) -> Result<EventsWriter, StoreError> {
-        if !config.is_writer_for(EVENTS_STREAM) {
-            return Err(StoreError::NotAWriter {
-                stream: EVENTS_STREAM.to_owned(),
-                instance: config.instance_name.clone(),
-            });
-        }
+        // Checked before the reader registers its caches, so that a caller can
+        // fall back to a plain reader on the same registry.
+        check_writer(config)?;
         let reader = EventsReader::new(db, conn, caches, config).await?;
-        Ok(EventsWriter { reader: Arc::new(reader), instance_name: config.instance_name.clone() })
+        EventsWriter::over(Arc::new(reader), config)
+    }
+
+    /// The writer over an already-built reader half, so that a process keeps one
+    /// generator per stream. `reader` must have been built with `config`.
+    pub fn over(reader: Arc<EventsReader>, config: &ServerConfig) -> Result<EventsWriter, StoreError> {
+        check_writer(config)?;
+        Ok(EventsWriter { reader, instance_name: config.instance_name.clone() })
     }
 
     /// The read half, shared with every process.

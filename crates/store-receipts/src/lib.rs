@@ -327,22 +327,34 @@ pub struct ReceiptsWriter {
     instance_name: String,
 }
 
+/// Refuses an instance that does not write `receipts`.
+fn check_writer(config: &ServerConfig) -> Result<(), StoreError> {
+    if config.is_writer_for(RECEIPTS_STREAM) {
+        return Ok(());
+    }
+    Err(StoreError::NotAWriter { stream: RECEIPTS_STREAM.to_owned(), instance: config.instance_name.clone() })
+}
+
 impl ReceiptsWriter {
-    /// Builds the reader half and checks that this instance writes `receipts`.
+    /// Checks that this instance writes `receipts`, then builds the reader half.
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
         caches: &CachesStream,
         config: &ServerConfig,
     ) -> Result<ReceiptsWriter, StoreError> {
-        if !config.is_writer_for(RECEIPTS_STREAM) {
-            return Err(StoreError::NotAWriter {
-                stream: RECEIPTS_STREAM.to_owned(),
-                instance: config.instance_name.clone(),
-            });
-        }
+        // Checked before the reader registers its caches, so that a caller can
+        // fall back to a plain reader on the same registry.
+        check_writer(config)?;
         let reader = ReceiptsReader::new(db, conn, caches, config).await?;
-        Ok(ReceiptsWriter { reader: Arc::new(reader), instance_name: config.instance_name.clone() })
+        ReceiptsWriter::over(Arc::new(reader), config)
+    }
+
+    /// The writer over an already-built reader half, so that a process keeps one
+    /// generator per stream. `reader` must have been built with `config`.
+    pub fn over(reader: Arc<ReceiptsReader>, config: &ServerConfig) -> Result<ReceiptsWriter, StoreError> {
+        check_writer(config)?;
+        Ok(ReceiptsWriter { reader, instance_name: config.instance_name.clone() })
     }
 
     /// The read half.
