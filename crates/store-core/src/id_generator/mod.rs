@@ -396,6 +396,12 @@ impl MultiWriterIdGenerator {
     pub fn stream_positions_writes(&self) -> u64 {
         self.inner.positions_table.as_ref().map_or(0, |table| table.writes.load(Ordering::Relaxed))
     }
+
+    /// How long this process's oldest unfinished write on the stream has been
+    /// in flight; `None` when nothing is. Every reader's token waits for it.
+    pub fn oldest_in_flight_age(&self) -> Option<std::time::Duration> {
+        self.inner.tracker().oldest_unfinished_age(std::time::Instant::now())
+    }
 }
 
 impl SingleWriterIdGenerator {

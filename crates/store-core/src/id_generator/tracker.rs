@@ -15,6 +15,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::time::{Duration, Instant};
 
 /// Handed out by [`PositionTracker::begin_fetch`]; returned to
 /// [`PositionTracker::end_fetch`] once the sequence has answered (or failed).
@@ -31,8 +32,9 @@ pub struct PositionTracker {
     instance_name: String,
     /// Per writer, the position known here.
     positions: BTreeMap<String, i64>,
-    /// IDs this process allocated and has not finished.
-    unfinished: BTreeSet<i64>,
+    /// IDs this process allocated and has not finished, with when they were
+    /// handed out (for the age of the oldest, a health signal).
+    unfinished: BTreeMap<i64, Instant>,
     /// For each allocation between "asked the sequence" and "recorded the IDs": the
     /// highest ID seen when it started (a multiset: value → count).
     in_flight_fetches: BTreeMap<i64, usize>,
@@ -55,7 +57,7 @@ impl PositionTracker {
         PositionTracker {
             instance_name: instance_name.to_owned(),
             positions: BTreeMap::new(),
-            unfinished: BTreeSet::new(),
+            unfinished: BTreeMap::new(),
             in_flight_fetches: BTreeMap::new(),
             finished: BTreeSet::new(),
             persisted_upto: 1,
@@ -102,7 +104,10 @@ impl PositionTracker {
 
     /// Records the IDs an allocation returned (none if it failed) and closes it.
     pub fn end_fetch(&mut self, token: FetchToken, ids: &[i64]) {
-        self.unfinished.extend(ids.iter().copied());
+        if !ids.is_empty() {
+            let now = Instant::now();
+            self.unfinished.extend(ids.iter().map(|id| (*id, now)));
+        }
         if let Some(&highest) = ids.iter().max() {
             self.max_seen_allocated = self.max_seen_allocated.max(highest);
         }
@@ -129,7 +134,7 @@ impl PositionTracker {
     /// The lowest ID this process may still write: an unfinished one, or anything
     /// above the highest ID seen when a fetch started.
     fn lowest_pending(&self) -> Option<i64> {
-        let unfinished = self.unfinished.first().copied();
+        let unfinished = self.unfinished.first_key_value().map(|(id, _)| *id);
         let fetching = self.in_flight_fetches.keys().next().map(|guard| guard + 1);
         unfinished.into_iter().chain(fetching).min()
     }
@@ -242,6 +247,13 @@ impl PositionTracker {
     /// How many IDs this process has allocated and not yet finished.
     pub fn unfinished_count(&self) -> usize {
         self.unfinished.len()
+    }
+
+    /// How long the oldest ID this process allocated and has not finished has
+    /// been in flight at `now`; `None` with nothing in flight. A write stuck for
+    /// long holds every reader of the stream back.
+    pub fn oldest_unfinished_age(&self, now: Instant) -> Option<Duration> {
+        self.unfinished.values().min().map(|since| now.saturating_duration_since(*since))
     }
 }
 

@@ -141,3 +141,21 @@ fn several_fetches_in_flight_are_counted_separately() {
     assert_eq!(tracker.position_for_writer("w"), 7);
     assert_eq!(tracker.persisted_upto(), 7);
 }
+
+#[test]
+fn the_oldest_unfinished_id_ages_until_it_finishes() {
+    let mut tracker = loaded("first", &[("first", 3)], 3);
+    let before = std::time::Instant::now();
+    assert_eq!(tracker.oldest_unfinished_age(before), None);
+    allocate(&mut tracker, &[4]);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    allocate(&mut tracker, &[5]);
+    let later = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let age_of_4 = tracker.oldest_unfinished_age(later).expect("4 and 5 are in flight");
+    assert!(age_of_4 >= std::time::Duration::from_millis(1005), "the oldest's, ID 4's: {age_of_4:?}");
+    tracker.mark_finished(&[4]);
+    let age_of_5 = tracker.oldest_unfinished_age(later).expect("5 is in flight");
+    assert!(age_of_5 < age_of_4, "now ID 5's age: {age_of_5:?}");
+    tracker.mark_finished(&[5]);
+    assert_eq!(tracker.oldest_unfinished_age(later), None);
+}
