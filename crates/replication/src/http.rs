@@ -64,15 +64,7 @@ async fn updates(
     Query(query): Query<UpdatesQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let presented = headers
-        .get("authorization")
-        .and_then(|value| value.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let authorised = match (&state.secret, presented) {
-        (Some(secret), Some(presented)) => constant_time_eq(secret.as_bytes(), presented.as_bytes()),
-        _ => false,
-    };
-    if !authorised {
+    if !is_authorised(&headers, state.secret.as_deref()) {
         return error(
             StatusCode::UNAUTHORIZED,
             "M_UNKNOWN_TOKEN",
@@ -106,6 +98,19 @@ async fn updates(
             tracing::warn!(stream, "failed to serve stream updates: {err}");
             error(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "cannot read the stream")
         }
+    }
+}
+
+/// Whether a request to an internal endpoint presents the deployment's shared
+/// `secret` as its bearer token. With no secret configured, nobody is.
+pub fn is_authorised(headers: &HeaderMap, secret: Option<&str>) -> bool {
+    let presented = headers
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match (secret, presented) {
+        (Some(secret), Some(presented)) => constant_time_eq(secret.as_bytes(), presented.as_bytes()),
+        _ => false,
     }
 }
 

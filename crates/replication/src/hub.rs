@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use replication_proto::{Command, CommandName, Side};
 use tokio::sync::{Notify, mpsc};
@@ -82,6 +82,8 @@ pub(crate) struct Peer {
     /// Streams whose `POSITION` this connection has fully processed: only their
     /// `RDATA` is applied (before it, a catch-up will fetch the rows anyway).
     pub(crate) connected: Mutex<HashSet<String>>,
+    /// When the last valid command arrived (or the connection opened).
+    last_received: Mutex<Instant>,
 }
 
 impl Peer {
@@ -94,6 +96,7 @@ impl Peer {
             congested: Notify::new(),
             name: Mutex::new(name),
             connected: Mutex::new(HashSet::new()),
+            last_received: Mutex::new(Instant::now()),
         };
         (Arc::new(peer), outgoing)
     }
@@ -136,6 +139,8 @@ pub struct Hub {
     sent: CommandCounters,
     /// Poked when local writes may have finished.
     pub(crate) wake_streamer: Notify,
+    /// Connections this process opened again after losing one.
+    reconnects: AtomicU64,
 }
 
 impl Hub {
@@ -160,6 +165,7 @@ impl Hub {
             received: CommandCounters::default(),
             sent: CommandCounters::default(),
             wake_streamer: Notify::new(),
+            reconnects: AtomicU64::new(0),
         })
     }
 
@@ -191,6 +197,55 @@ impl Hub {
     /// How many connections are up.
     pub fn connections(&self) -> usize {
         self.peers().len()
+    }
+
+    /// The receiving side: the streams this process follows and its catch-ups.
+    pub fn inbound(&self) -> &Inbound {
+        &self.inbound
+    }
+
+    /// This process's instance name.
+    pub fn instance_name(&self) -> &str {
+        &self.instance_name
+    }
+
+    /// Per connection, the peer's name and how long since it last sent a valid
+    /// command: a peer silent for long is stuck or gone.
+    pub fn peer_silences(&self) -> Vec<(String, Duration)> {
+        let now = Instant::now();
+        self.peers()
+            .values()
+            .map(|peer| (lock(&peer.name).clone(), now.saturating_duration_since(*lock(&peer.last_received))))
+            .collect()
+    }
+
+    /// Counts a connection opened again after one was lost (transports call it).
+    pub(crate) fn count_reconnect(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections opened again after one was lost, since start-up.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Says goodbye before the process exits: a worker (`clear_user_sync`)
+    /// queues `CLEAR_USER_SYNC` so the others forget its syncing users; then
+    /// this waits, at most `timeout`, until every connection has written what
+    /// was queued for it. The caller then stops the transports, which closes
+    /// the connections.
+    pub async fn shut_down(&self, clear_user_sync: bool, timeout: Duration) {
+        if clear_user_sync {
+            self.broadcast(&Command::ClearUserSync { instance_id: self.instance_name.clone() }, None);
+        }
+        let drained = async {
+            while self.peers().values().any(|peer| peer.pending.load(Ordering::Acquire) > 0) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout(timeout, drained).await.is_err() {
+            tracing::warn!("replication connections did not drain before shutdown");
+        }
     }
 
     /// Commands received (valid ones) and sent, by name, since start-up.
@@ -269,6 +324,9 @@ impl Hub {
     /// when the connection must close.
     pub(crate) async fn handle(&self, from: u64, side: Side, command: Command) -> Result<(), String> {
         self.received.count(command.name());
+        if let Some(peer) = self.peers().get(&from) {
+            *lock(&peer.last_received) = Instant::now();
+        }
         match &command {
             Command::Server { server_name } => {
                 if side == Side::Client && *server_name != self.server_name {

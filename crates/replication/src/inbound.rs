@@ -1,8 +1,9 @@
 //! [`Inbound`]: applying what other processes send — `RDATA` rows and `POSITION`s
 //! — catching up from the database whenever a gap shows.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use replication_proto::{Command, RowJson};
 use store_core::StoreError;
@@ -49,6 +50,10 @@ pub struct Inbound {
     pending: Mutex<HashMap<(String, String), Vec<RowJson>>>,
     /// Streams this process does not know, each logged once.
     unknown: Mutex<BTreeSet<String>>,
+    /// Catch-up queries run since start-up.
+    catch_up_fetches: AtomicU64,
+    /// Per (stream, writer) being caught up: how far there is still to go.
+    backlog: Mutex<BTreeMap<(String, String), i64>>,
 }
 
 impl Inbound {
@@ -59,7 +64,24 @@ impl Inbound {
             streams,
             pending: Mutex::new(HashMap::new()),
             unknown: Mutex::new(BTreeSet::new()),
+            catch_up_fetches: AtomicU64::new(0),
+            backlog: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// How many catch-up queries this process has run since start-up.
+    pub fn catch_up_fetches(&self) -> u64 {
+        self.catch_up_fetches.load(Ordering::Relaxed)
+    }
+
+    /// Per stream, how many positions the catch-ups in progress still have to
+    /// read (summed over writers); streams not catching up are absent.
+    pub fn catch_up_backlog(&self) -> BTreeMap<String, i64> {
+        let mut per_stream = BTreeMap::new();
+        for ((stream, _), remaining) in lock(&self.backlog).iter() {
+            *per_stream.entry(stream.clone()).or_insert(0) += remaining;
+        }
+        per_stream
     }
 
     /// The streams this process follows.
@@ -162,8 +184,26 @@ impl Inbound {
     ) -> Result<(), InboundError> {
         let name = stream.name();
         tracing::debug!(stream = name, writer, from, to, "catching up from the database");
+        let key = (name.to_owned(), writer.to_owned());
+        let result = self.catch_up_batches(stream, writer, from, to, &key).await;
+        lock(&self.backlog).remove(&key);
+        result
+    }
+
+    async fn catch_up_batches(
+        &self,
+        stream: &dyn Stream,
+        writer: &str,
+        from: i64,
+        to: i64,
+        key: &(String, String),
+    ) -> Result<(), InboundError> {
+        let name = stream.name();
         let mut from = from;
         loop {
+            // Magnitudes: a writer's token goes down when an in-memory stream resets.
+            lock(&self.backlog).insert(key.clone(), (to - from).abs());
+            self.catch_up_fetches.fetch_add(1, Ordering::Relaxed);
             let updates = stream
                 .get_updates_since(writer, from, to, CATCH_UP_BATCH)
                 .await

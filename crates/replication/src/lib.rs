@@ -28,7 +28,7 @@ pub use hub::{Hub, Settings};
 pub use inbound::{Inbound, InboundError};
 pub use outbound::{Outbound, ROWS_PER_POLL};
 pub use stream::{Stream, StreamRegistry};
-pub use streams::{BackfillStream, CachesStreamAdapter, EventsStream, ReceiptsStream};
+pub use streams::{AccountDataStream, BackfillStream, CachesStreamAdapter, EventsStream, ReceiptsStream};
 pub use typing::TypingStream;
 
 /// Locks `mutex`, going on past poisoning: the locks of this crate guard only

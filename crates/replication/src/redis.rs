@@ -75,11 +75,23 @@ pub async fn run_forever(hub: Arc<Hub>, address: RedisAddress) {
                 tracing::warn!(redis = %address.host_port, "Redis replication failed: {err}; reconnecting")
             }
         }
+        hub.count_reconnect();
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Checks once that Redis answers at `address` (and accepts our credentials):
+/// at start-up, an unreachable Redis is a configuration error to report, not
+/// an outage to wait out.
+pub async fn check_reachable(address: &RedisAddress) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(5), open(address, "startup-check")).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => Err(format!("Redis at {}: {err}", address.host_port)),
+        Err(_) => Err(format!("Redis at {}: no answer within 5 s", address.host_port)),
     }
 }
 

@@ -23,6 +23,12 @@ pub trait Stream: Send + Sync + fmt::Debug {
     /// This process's own last finished write on the stream.
     fn minimal_local_current_token(&self) -> i64;
 
+    /// The stream's current token here: every writer's rows up to it are
+    /// applied. For a single-writer stream, its writer's position.
+    fn current_stream_token(&self) -> i64 {
+        self.minimal_local_current_token()
+    }
+
     /// `writer`'s rows with `from < token ≤ to`, at most `limit`, as
     /// `(token, row)` pairs; the token reached and whether more remain.
     fn get_updates_since<'a>(

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use replication_proto::RowJson;
 use serde::Serialize;
+use store_account_data::{AccountDataReader, AccountDataRow};
 use store_core::{BoxFuture, CachesRow, CachesStream, MultiWriterIdGenerator, StoreError, StreamUpdates};
 use store_events::EventsReader;
 use store_events::rows::{BackfillRow, EventsStreamRow};
@@ -75,6 +76,9 @@ macro_rules! multi_writer_stream {
             fn minimal_local_current_token(&self) -> i64 {
                 Self::SIGN * self.0.$generator().get_minimal_local_current_token()
             }
+            fn current_stream_token(&self) -> i64 {
+                Self::SIGN * self.0.$generator().get_current_token()
+            }
             fn get_updates_since<'a>(
                 &'a self,
                 writer: &'a str,
@@ -135,6 +139,18 @@ multi_writer_stream! {
     }
 }
 
+multi_writer_stream! {
+    /// The `account_data` stream.
+    AccountDataStream(AccountDataReader) {
+        name: store_account_data::ACCOUNT_DATA_STREAM,
+        generator: stream,
+        sign: 1,
+        row: AccountDataRow,
+        fetch: get_account_data_updates,
+        apply: process_account_data_rows,
+    }
+}
+
 /// The `caches` stream. Its token is 0 on SQLite, where nothing is replicated.
 #[derive(Debug)]
 pub struct CachesStreamAdapter(pub Arc<CachesStream>);
@@ -148,6 +164,9 @@ impl Stream for CachesStreamAdapter {
     }
     fn minimal_local_current_token(&self) -> i64 {
         self.0.generator().map_or(0, |generator| generator.get_minimal_local_current_token())
+    }
+    fn current_stream_token(&self) -> i64 {
+        self.0.generator().map_or(0, |generator| generator.get_current_token())
     }
     fn get_updates_since<'a>(
         &'a self,

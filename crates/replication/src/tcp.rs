@@ -44,6 +44,7 @@ pub async fn connect_forever(hub: Arc<Hub>, address: String) {
                 backoff = Duration::from_millis(100);
                 drive(Arc::clone(&hub), Side::Client, stream).await;
                 tracing::warn!(%address, "replication connection lost; reconnecting");
+                hub.count_reconnect();
             }
             Err(err) => tracing::debug!(%address, "cannot reach the replication server: {err}"),
         }

@@ -35,10 +35,15 @@ pub fn latest_version(engine: crate::Engine) -> Option<i64> {
 
 pub(crate) async fn run_postgres(url: &str) -> Result<MigrationReport, StoreError> {
     // The migrator needs a sqlx connection; it is used for this step only.
-    let mut conn = PgConnection::connect(url).await.map_err(|err| StoreError::Connect {
+    let connect_error = |err| StoreError::Connect {
         target: format!("PostgreSQL at {}", crate::database::redact_url(url)),
         source: DbError::sqlx(err),
-    })?;
+    };
+    // The migrator's `CREATE … IF NOT EXISTS` draws a NOTICE whenever the schema
+    // exists, which sqlx logs at info on every start-up: noise, not news.
+    let options = url.parse::<sqlx::postgres::PgConnectOptions>().map_err(connect_error)?;
+    let options = options.options([("client_min_messages", "warning")]);
+    let mut conn = PgConnection::connect_with(&options).await.map_err(connect_error)?;
     let migrator = &POSTGRES_MIGRATIONS;
     let before = applied_versions(migrator, &mut conn).await?;
     let result = migrator.run(&mut conn).await;

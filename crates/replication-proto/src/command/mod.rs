@@ -227,6 +227,11 @@ impl CommandName {
 
     /// Whether a TCP peer on `receiver`'s side may receive this command. Over
     /// Redis there are no sides and every command is accepted.
+    ///
+    /// One extension to Synapse's rules: a server also accepts `RDATA` and
+    /// `POSITION` from its clients. Synapse dropped TCP replication before
+    /// workers could write streams; here a worker that writes (an event
+    /// persister) sends its rows to the master, which relays them.
     pub fn accepted_by(self, receiver: Side) -> bool {
         use CommandName::*;
         match receiver {
@@ -234,7 +239,9 @@ impl CommandName {
             Side::Server => {
                 matches!(
                     self,
-                    Error
+                    Rdata
+                        | Position
+                        | Error
                         | Ping
                         | Name
                         | Replicate

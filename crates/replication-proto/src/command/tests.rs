@@ -167,7 +167,9 @@ fn lines_that_cannot_be_sent_are_refused() {
 #[test]
 fn each_side_accepts_only_the_other_sides_commands() {
     assert!(CommandName::Rdata.accepted_by(Side::Client));
-    assert!(!CommandName::Rdata.accepted_by(Side::Server));
+    // Writers among the clients send their rows to the server, which relays them.
+    assert!(CommandName::Rdata.accepted_by(Side::Server) && CommandName::Position.accepted_by(Side::Server));
+    assert!(!CommandName::Server.accepted_by(Side::Server));
     assert!(CommandName::Replicate.accepted_by(Side::Server));
     assert!(!CommandName::Replicate.accepted_by(Side::Client));
     assert!(!CommandName::NewActiveTask.accepted_by(Side::Server));

@@ -524,7 +524,7 @@ mod tcp {
         let (hub, address) = master_hub(&master, quick()).await?;
         for (input, expected) in [
             ("FOO bar\n", "ERROR failed to parse line: unknown command FOO"),
-            ("RDATA events x 1 [1]\n", "ERROR invalid command: RDATA"),
+            ("SERVER test\n", "ERROR invalid command: SERVER"),
             ("POSITION events master x 5\n", "ERROR failed to parse line"),
         ] {
             let (mut lines, mut write) = raw(&address).await?;
