@@ -1,23 +1,200 @@
-//! The HTTP listener: `/health` now; the client API and the internal endpoints
-//! join it in later issues.
+//! The HTTP listener every process serves: health, the operator's views
+//! (`/admin/v1/streams`, `/metrics`), and the internal endpoints the processes
+//! of a deployment call on each other (guarded by `worker_replication_secret`).
+//! The client API joins it in a later issue. `docs/http.md` documents the
+//! endpoints.
 
-use axum::Router;
-use axum::extract::State;
-use axum::routing::get;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use replication::Hub;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use server_config::ServerConfig;
+use slaved_stores::DataStore;
+use store_events::NewEvent;
+
+use crate::metrics;
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]
 pub(crate) struct AppState {
-    pub(crate) instance_name: String,
+    pub(crate) config: Arc<ServerConfig>,
+    pub(crate) store: Arc<DataStore>,
+    pub(crate) hub: Arc<Hub>,
 }
 
+/// Where a process that does not write events sends them.
+pub(crate) const PERSIST_EVENTS_PATH: &str = "/_synapse/replication/persist_events";
+
 pub(crate) fn router(state: AppState) -> Router {
-    Router::new().route("/health", get(health)).with_state(state)
+    let internal =
+        replication::http::router(Arc::clone(&state.hub), state.config.worker_replication_secret.as_deref());
+    Router::new()
+        .route("/health", get(health))
+        .route("/admin/v1/streams", get(streams))
+        .route("/admin/v1/rooms/{room_id}/state", get(room_state))
+        .route("/metrics", get(metrics))
+        .route(PERSIST_EVENTS_PATH, post(persist_events))
+        .with_state(state)
+        .merge(internal)
+}
+
+fn error(status: StatusCode, errcode: &str, message: &str) -> Response {
+    (status, Json(json!({"errcode": errcode, "error": message}))).into_response()
+}
+
+/// The internal endpoints and room data need the shared secret: the refusal
+/// for a request without it.
+fn refusal_without_secret(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let authorised =
+        replication::http::is_authorised(headers, state.config.worker_replication_secret.as_deref());
+    (!authorised)
+        .then(|| error(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "this endpoint needs the shared secret"))
 }
 
 /// `GET /health`: 200 `OK` while the process serves, as Synapse answers, so load
 /// balancers and orchestrators configured for Synapse work unchanged.
-async fn health(State(state): State<AppState>) -> &'static str {
-    tracing::trace!(instance = %state.instance_name, "health check");
+async fn health() -> &'static str {
     "OK"
+}
+
+/// `GET /admin/v1/streams`: every stream this process follows, with its current
+/// token, every writer's position as known here, and for the streams this
+/// process writes, its own position.
+async fn streams(State(state): State<AppState>) -> Json<Value> {
+    let instance = state.hub.instance_name();
+    let mut streams = serde_json::Map::new();
+    for stream in state.hub.inbound().streams().iter() {
+        let mut writers: serde_json::Map<String, Value> = stream
+            .writer_positions()
+            .into_iter()
+            .map(|(writer, position)| (writer, json!(position)))
+            .collect();
+        let configured = match stream.name() {
+            // Every process writes `caches`; `backfill` follows `events`.
+            store_core::CachesStream::STREAM_NAME => vec![],
+            store_events::BACKFILL_STREAM => state.config.writers_for(store_events::EVENTS_STREAM),
+            name => state.config.writers_for(name),
+        };
+        for writer in configured {
+            let position = stream.current_token(&writer);
+            writers.entry(writer).or_insert(json!(position));
+        }
+        let mut entry = json!({"current_token": stream.current_stream_token(), "writers": writers});
+        if state.hub.source(stream.name()).is_some() {
+            entry["own_position"] = json!(stream.current_token(instance));
+        }
+        streams.insert(stream.name().to_owned(), entry);
+    }
+    Json(json!({"instance": instance, "streams": streams}))
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let body = metrics::render(&state);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+/// An event as the internal endpoint takes it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventJson {
+    event_id: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(default)]
+    state_key: Option<String>,
+    sender: String,
+    origin_server_ts: i64,
+    content: Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PersistEvents {
+    room_id: String,
+    events: Vec<EventJson>,
+}
+
+/// `POST /_synapse/replication/persist_events`: persists a batch of one room's
+/// events on this process, which must be one of the `events` writers.
+/// Answers `{"stream_orderings": […]}` once they are committed.
+async fn persist_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<PersistEvents>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Some(refused) = refusal_without_secret(&state, &headers) {
+        return refused;
+    }
+    let Json(request) = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, "M_BAD_JSON", &rejection.body_text()),
+    };
+    let Some(writer) = state.store.events_writer() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "M_UNKNOWN",
+            &format!("`{}` does not write events", state.config.instance_name),
+        );
+    };
+    let events: Vec<NewEvent> = request
+        .events
+        .into_iter()
+        .map(|event| NewEvent {
+            event_id: event.event_id,
+            event_type: event.event_type,
+            state_key: event.state_key,
+            sender: event.sender,
+            origin_server_ts: event.origin_server_ts,
+            content: event.content.to_string(),
+        })
+        .collect();
+    match writer.persist_events(&request.room_id, &events).await {
+        Ok(orderings) => Json(json!({"stream_orderings": orderings})).into_response(),
+        Err(err) => {
+            tracing::warn!(room = %request.room_id, "failed to persist events: {err}");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "the events could not be persisted")
+        }
+    }
+}
+
+/// `GET /admin/v1/rooms/{room_id}/state`: the room's current state and joined
+/// members as this process's caches answer them (needs the shared secret).
+async fn room_state(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(room_id): Path<String>,
+) -> Response {
+    if let Some(refused) = refusal_without_secret(&state, &headers) {
+        return refused;
+    }
+    let events = state.store.events();
+    let current = match events.get_current_state_ids(&room_id).await {
+        Ok(current) => current,
+        Err(err) => {
+            tracing::warn!(room = %room_id, "failed to read room state: {err}");
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "cannot read the room's state");
+        }
+    };
+    let members = match events.get_users_in_room(&room_id).await {
+        Ok(members) => members,
+        Err(err) => {
+            tracing::warn!(room = %room_id, "failed to read room members: {err}");
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "cannot read the room's members");
+        }
+    };
+    let state_events: Vec<Value> = current
+        .iter()
+        .map(|((event_type, state_key), event_id)| {
+            json!({"type": event_type, "state_key": state_key, "event_id": event_id})
+        })
+        .collect();
+    Json(json!({"room_id": room_id, "state": state_events, "joined_members": members.as_slice()}))
+        .into_response()
 }

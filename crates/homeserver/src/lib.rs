@@ -1,6 +1,9 @@
 //! What the `master` and `worker` binaries run: parse the command line and config,
-//! connect to the database (applying migrations), serve HTTP until SIGINT or
-//! SIGTERM, then shut down cleanly.
+//! connect to the database (applying migrations), build the stores
+//! (`slaved_stores::DataStore`: the read side of every stream, the write side of
+//! the streams this instance writes), start replication, serve HTTP until SIGINT
+//! or SIGTERM, then shut down cleanly: finish the requests in flight, record the
+//! final positions, send them and `CLEAR_USER_SYNC`, close.
 //!
 //! Both binaries are one call to [`main`] with their [`Role`]; the role changes
 //! only a few config rules (a worker needs PostgreSQL and a replication transport)
@@ -10,13 +13,17 @@
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
 use server_config::{DEFAULT_SQLITE_URL, Overrides, Role, ServerConfig};
-use store_core::{Database, DatabaseOptions};
+use slaved_stores::DataStore;
+use store_core::{Database, DatabaseOptions, build_store};
 
 mod http;
+mod metrics;
+mod replicate;
 
 /// The command line both binaries accept.
 #[derive(Debug, Parser)]
@@ -111,13 +118,26 @@ async fn run(role: Role, cli: Cli) -> anyhow::Result<()> {
         tracing::info!(applied = ?migrations.applied_now, "applied database migrations");
     }
 
+    let store = Arc::new(build_store::<DataStore>(&db, &config).await.context("build the stores")?);
+    let replication = replicate::Replication::start(&config, &store).await?;
+
     let address = listener.local_addr().context("read the HTTP listener's address")?;
     announce(role, &config, &db, address);
 
-    let app = http::router(http::AppState { instance_name: config.instance_name.clone() });
+    let config = Arc::new(config);
+    let app = http::router(http::AppState {
+        config: Arc::clone(&config),
+        store: Arc::clone(&store),
+        hub: Arc::clone(&replication.hub),
+    });
+    // Graceful: requests in flight (writes among them) finish first.
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("serve HTTP")?;
 
     tracing::info!("shutting down");
+    if let Err(err) = store.flush_positions().await {
+        tracing::warn!("failed to record the final stream positions: {err}");
+    }
+    replication.shut_down().await;
     db.close().await;
     Ok(())
 }

@@ -4,3 +4,4 @@
 mod config_errors;
 mod process;
 mod startup;
+mod topology;

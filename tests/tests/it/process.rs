@@ -163,19 +163,37 @@ impl Drop for Server {
 
 /// A minimal HTTP/1.1 GET, enough to check status codes and small bodies.
 pub(crate) fn http_get(base_url: &str, path: &str) -> (u16, String) {
+    http_request(base_url, "GET", path, None, None).unwrap_or_else(|err| panic!("GET {path}: {err}"))
+}
+
+/// A minimal HTTP/1.1 request with an optional bearer token and JSON body; an
+/// error when the connection fails (a killed process, say).
+pub(crate) fn http_request(
+    base_url: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    json: Option<&str>,
+) -> Result<(u16, String), std::io::Error> {
     let authority = base_url.trim_start_matches("http://");
-    let mut stream =
-        TcpStream::connect(authority).unwrap_or_else(|err| panic!("connect to {authority}: {err}"));
-    stream.set_read_timeout(Some(PROCESS_TIMEOUT)).expect("set a read timeout");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n")
-        .expect("send request");
+    let mut stream = TcpStream::connect(authority)?;
+    stream.set_read_timeout(Some(PROCESS_TIMEOUT))?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");
+    if let Some(token) = bearer {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    let body = json.unwrap_or("");
+    if json.is_some() {
+        request.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes())?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read response");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    stream.read_to_string(&mut response)?;
+    let status = response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not an HTTP response: {response:?}"))
+    })?;
     let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
-    (status, body)
+    Ok((status, body))
 }

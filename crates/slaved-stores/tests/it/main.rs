@@ -1,1 +1,171 @@
-//! placeholder
+//! The compositions against real PostgreSQL and SQLite: a process writes
+//! exactly its streams, a follower applies what it is sent, and the processes of
+//! a deployment agree on who writes what.
+
+use std::collections::BTreeSet;
+
+use replication::Inbound;
+use server_config::{Overrides, Role, ServerConfig};
+use slaved_stores::{DataStore, WorkerStore, check_stream_writers};
+use store_core::{Engine, StoreError, build_store};
+use store_events::NewEvent;
+use store_receipts::ReceiptRow;
+use store_test_support::{TestDb, TestResult, engine_tests};
+
+const ROOM: &str = "!room:test";
+
+fn single_process(url: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
+    let overrides = Overrides { database_url: Some(url.to_owned()), ..Overrides::default() };
+    Ok(ServerConfig::defaults(Role::Master, &overrides)?)
+}
+
+fn join(user: &str) -> NewEvent {
+    NewEvent {
+        event_id: format!("$join-{user}"),
+        event_type: "m.room.member".to_owned(),
+        state_key: Some(user.to_owned()),
+        sender: user.to_owned(),
+        origin_server_ts: 1,
+        content: r#"{"membership":"join"}"#.to_owned(),
+    }
+}
+
+/// Moves `follower` to everything `master` wrote, the way a `POSITION` past a
+/// gap does: reading the rows from the database.
+async fn follow(follower: &WorkerStore, master: &DataStore) -> TestResult {
+    let inbound = Inbound::new("worker1", follower.replication_streams());
+    for stream in master.written_streams() {
+        let position = stream.current_token("master");
+        inbound.on_position(stream.name(), "master", position, position).await?;
+    }
+    Ok(())
+}
+
+engine_tests!(a_process_writes_exactly_its_streams_and_a_follower_applies_them);
+
+async fn a_process_writes_exactly_its_streams_and_a_follower_applies_them(test_db: TestDb) -> TestResult {
+    let config = single_process(&test_db.url)?;
+    let master: DataStore = build_store(&test_db.db, &config).await?;
+    let written: BTreeSet<&str> = master.written_streams().iter().map(|stream| stream.name()).collect();
+    assert_eq!(written, BTreeSet::from(["account_data", "backfill", "caches", "events", "receipts"]));
+
+    // Same deployment, another instance: it follows every stream, writes none.
+    let mut follower_config = config.clone();
+    follower_config.instance_name = "worker1".to_owned();
+    let follower_data: DataStore = build_store(&test_db.reconnect().await?, &follower_config).await?;
+    assert!(follower_data.events_writer().is_none() && follower_data.receipts_writer().is_none());
+    assert!(follower_data.account_data_writer().is_none());
+    let written: Vec<&str> = follower_data.written_streams().iter().map(|stream| stream.name()).collect();
+    assert_eq!(written, ["caches"], "every process writes only cache invalidations unless configured");
+    let followed: BTreeSet<&str> =
+        follower_data.replication_streams().iter().map(|stream| stream.name()).collect();
+    assert_eq!(followed, BTreeSet::from(["account_data", "backfill", "caches", "events", "receipts"]));
+    let follower: &WorkerStore = follower_data.worker();
+
+    // Cached before the writes: following must make them fresh.
+    assert!(follower.events().get_users_in_room(ROOM).await?.is_empty());
+    assert!(follower.account_data().get_global_account_data_for_user("@a:test").await?.is_empty());
+
+    let events = master.events_writer().ok_or("the master writes events")?;
+    events.persist_events(ROOM, &[join("@a:test"), join("@b:test")]).await?;
+    let receipts = master.receipts_writer().ok_or("the master writes receipts")?;
+    receipts
+        .insert_receipt(&ReceiptRow {
+            room_id: ROOM.to_owned(),
+            receipt_type: "m.read".to_owned(),
+            user_id: "@a:test".to_owned(),
+            event_id: "$join-@b:test".to_owned(),
+            thread_id: None,
+            data: serde_json::json!({"ts": 1}),
+        })
+        .await?;
+    let account_data = master.account_data_writer().ok_or("the master writes account data")?;
+    account_data.add_account_data("@a:test", None, "m.push_rules", &serde_json::json!({"rules": 1})).await?;
+
+    follow(follower, &master).await?;
+    assert_eq!(*follower.events().get_users_in_room(ROOM).await?, ["@a:test", "@b:test"]);
+    let global = follower.account_data().get_global_account_data_for_user("@a:test").await?;
+    assert_eq!(global.get("m.push_rules"), Some(&serde_json::json!({"rules": 1})));
+    let last_read = follower.receipts().get_last_receipt_event_id_for_user("@a:test", ROOM, "m.read").await?;
+    assert_eq!(last_read.as_deref(), Some("$join-@b:test"));
+    for (name, generator) in master.generators() {
+        let follower_position = follower
+            .generators()
+            .into_iter()
+            .find(|(followed, _)| *followed == name)
+            .map(|(_, generator)| generator.get_current_token_for_writer("master"));
+        assert_eq!(
+            follower_position,
+            Some(generator.get_current_token_for_writer("master")),
+            "the follower knows the master's position on `{name}`"
+        );
+    }
+    Ok(())
+}
+
+fn deployment_config(
+    url: &str,
+    instance: &str,
+    event_writers: &[&str],
+) -> Result<ServerConfig, Box<dyn std::error::Error>> {
+    let role = if instance == "master" { Role::Master } else { Role::Worker };
+    let writers: Vec<String> = event_writers.iter().map(|writer| format!("\"{writer}\"")).collect();
+    Ok(ServerConfig::from_toml_str(
+        &format!(
+            "server_name = \"test\"\ninstance_name = \"{instance}\"\n[database]\nurl = \"{url}\"\n\
+             [replication]\nredis = \"redis://127.0.0.1:6379\"\n[stream_writers]\nevents = [{}]\n\
+             [instance_map]\nmaster = \"127.0.0.1:1\"\np1 = \"127.0.0.1:2\"\np2 = \"127.0.0.1:3\"\n",
+            writers.join(", ")
+        ),
+        role,
+    )?)
+}
+
+fn expect_conflict(result: Result<DataStore, StoreError>, expected: &str) -> TestResult {
+    match result {
+        Err(StoreError::Misconfigured(message)) if message.contains(expected) => Ok(()),
+        Err(other) => Err(format!("expected a conflict naming {expected:?}, got: {other}").into()),
+        Ok(_) => Err(format!("expected a conflict naming {expected:?}, but the store was built").into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_master_decides_the_writers_and_the_others_must_agree() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let url = test_db.url.clone();
+    // A worker started before the master records its view for later workers.
+    let _p1: DataStore = build_store(&test_db.db, &deployment_config(&url, "p1", &["p1", "p2"])?).await?;
+    expect_conflict(
+        build_store(&test_db.db, &deployment_config(&url, "p2", &["p2", "p1"])?).await,
+        r#"`[stream_writers] events` is ["p2","p1"] here but ["p1","p2"] for the deployment (recorded by `p1`)"#,
+    )?;
+
+    // The master's view wins, and the others must match it from then on.
+    let _master: DataStore = build_store(&test_db.db, &deployment_config(&url, "master", &["p1"])?).await?;
+    expect_conflict(
+        build_store(&test_db.db, &deployment_config(&url, "p2", &["p1", "p2"])?).await,
+        r#"is ["p1","p2"] here but ["p1"] for the deployment (recorded by `master`)"#,
+    )?;
+    let _agreeing: DataStore = build_store(&test_db.db, &deployment_config(&url, "p2", &["p1"])?).await?;
+    let _p1: DataStore = build_store(&test_db.db, &deployment_config(&url, "p1", &["p1"])?).await?;
+    Ok(())
+}
+
+#[test]
+fn unknown_streams_and_several_typing_writers_are_refused() -> TestResult {
+    let config = |writers: &str| {
+        ServerConfig::from_toml_str(
+            &format!(
+                "server_name = \"test\"\n[stream_writers]\n{writers}\n[instance_map]\nmaster = \"127.0.0.1:1\"\nw = \"127.0.0.1:2\"\n"
+            ),
+            Role::Master,
+        )
+    };
+    let error = check_stream_writers(&config("evnts = [\"master\"]")?).err().ok_or("evnts is refused")?;
+    assert!(error.contains("`[stream_writers] evnts`: no such stream; the streams with configurable writers are events, receipts, account_data, typing"), "{error}");
+    let error =
+        check_stream_writers(&config("typing = [\"master\", \"w\"]")?).err().ok_or("two typing writers")?;
+    assert!(error.contains("typing has exactly one"), "{error}");
+    check_stream_writers(&config("events = [\"master\", \"w\"]\ntyping = [\"w\"]")?)?;
+    Ok(())
+}

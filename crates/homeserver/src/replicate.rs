@@ -1,0 +1,105 @@
+//! Wiring one process's replication: the streams it follows (every stream of
+//! its stores, plus the in-memory ones), the streams it writes, the hub, and
+//! the transports `[replication]` asks for.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use replication::http::HttpFetcher;
+use replication::typing::{TYPING_STREAM, TypingFollower, TypingWriter};
+use replication::{Hub, Inbound, Outbound, Settings, Stream, TypingStream};
+use server_config::ServerConfig;
+use slaved_stores::DataStore;
+use tokio::task::JoinHandle;
+
+/// How often expired typing notifications are cleared on the typing writer.
+const TYPING_EXPIRY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A process's running replication.
+#[derive(Debug)]
+pub(crate) struct Replication {
+    pub(crate) hub: Arc<Hub>,
+    /// Whether this process is a worker, which says goodbye with `CLEAR_USER_SYNC`.
+    is_worker: bool,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Replication {
+    /// Builds the hub over `store`'s streams and starts the streamer and the
+    /// transports.
+    pub(crate) async fn start(config: &ServerConfig, store: &DataStore) -> anyhow::Result<Replication> {
+        let mut followed = store.replication_streams();
+        let mut written = store.written_streams();
+        let typing = if config.is_writer_for(TYPING_STREAM) {
+            let writer = TypingWriter::new(&config.instance_name);
+            writer.expire_forever(TYPING_EXPIRY_INTERVAL);
+            let stream: Arc<dyn Stream> = Arc::new(TypingStream::Writer(Arc::clone(&writer)));
+            followed.register(Arc::clone(&stream));
+            written.push(stream);
+            Some(writer)
+        } else {
+            // Missed typing rows live only in the writer's memory: fetch them over
+            // HTTP when the deployment has a secret to ask with.
+            let follower = match &config.worker_replication_secret {
+                Some(secret) => {
+                    TypingFollower::fetching_from(HttpFetcher::new(config.instance_map.clone(), secret))
+                }
+                None => TypingFollower::new(),
+            };
+            followed.register(Arc::new(TypingStream::Follower(follower)));
+            None
+        };
+
+        let written_names: BTreeSet<&'static str> = written.iter().map(|stream| stream.name()).collect();
+        let hub = Hub::new(
+            &config.instance_name,
+            &config.server_name,
+            Settings::from_config(&config.replication),
+            Inbound::new(&config.instance_name, followed),
+            Outbound::new(&config.instance_name, written),
+            // The TCP server relays between its clients, so writers reach each other.
+            config.replication.listen.is_some(),
+        );
+        for (name, generator) in store.generators() {
+            if written_names.contains(name) {
+                hub.wake_on(generator.subscribe());
+            }
+        }
+        if let Some(writer) = &typing {
+            hub.wake_on(writer.subscribe());
+        }
+        let mut tasks = vec![tokio::spawn(Arc::clone(&hub).run_streamer())];
+        tasks.extend(
+            replication::transports::start(&hub, &config.replication)
+                .await
+                .map_err(anyhow::Error::msg)
+                .context("start replication")?,
+        );
+        if store.caches().is_recording() {
+            tasks.push(store.caches().prune_forever());
+        }
+        let is_worker = config.instance_name != server_config::MASTER_INSTANCE;
+        Ok(Replication { hub, is_worker, tasks })
+    }
+
+    /// Sends what is left (the final positions, then `CLEAR_USER_SYNC`) and
+    /// closes the connections.
+    pub(crate) async fn shut_down(self) {
+        const DRAIN: Duration = Duration::from_secs(2);
+        self.hub.notify_local_write();
+        let caught_up = async {
+            while !self.hub.is_caught_up() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout(DRAIN, caught_up).await.is_err() {
+            tracing::warn!("the last positions were not all sent before shutdown");
+        }
+        self.hub.shut_down(self.is_worker, DRAIN).await;
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}

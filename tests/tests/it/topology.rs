@@ -1,0 +1,511 @@
+//! The multi-process topology end to end: a master, event writers and
+//! followers as separate processes on one PostgreSQL database, replicating over
+//! Redis or TCP.
+//!
+//! Events are written through the writers' internal endpoint
+//! (`POST /_synapse/replication/persist_events`); what each process knows is read
+//! from `/admin/v1/streams`, `/metrics` and its cached room state.
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use store_core::Engine;
+use store_test_support::EmptyDb;
+
+use crate::process::{Binary, Server, http_request, run_to_exit};
+
+const SECRET: &str = "e2e shared secret";
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    Redis,
+    Tcp,
+}
+
+/// The configs of one deployment on a fresh database; processes are started
+/// from them by name.
+pub(crate) struct Deployment {
+    dir: tempfile::TempDir,
+    /// Removed last: the processes, killed on drop, are the callers' locals
+    /// and go first.
+    db: EmptyDb,
+    server_name: String,
+    transport: Transport,
+    replication_port: u16,
+    /// Every instance's HTTP port, `master` first.
+    instances: Vec<(String, u16)>,
+    event_writers: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+impl Deployment {
+    /// A deployment with `instances` besides the master, of which
+    /// `event_writers` write events.
+    pub(crate) fn new(transport: Transport, instances: &[&str], event_writers: &[&str]) -> Deployment {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        let db =
+            runtime.block_on(store_test_support::TestDb::new_empty(Engine::Postgres)).expect("a database");
+        // The Redis channel is named after the server: one per deployment.
+        let server_name = format!("e2e{}.{}", std::process::id(), free_port());
+        let instances = std::iter::once("master")
+            .chain(instances.iter().copied())
+            .map(|name| (name.to_owned(), free_port()))
+            .collect();
+        Deployment {
+            dir: tempfile::tempdir().expect("a temporary directory"),
+            db,
+            server_name,
+            transport,
+            replication_port: free_port(),
+            instances,
+            event_writers: event_writers.iter().map(|name| (*name).to_owned()).collect(),
+        }
+    }
+
+    /// The config of `instance`, with `events` as its list of event writers.
+    pub(crate) fn config_with_writers(&self, instance: &str, event_writers: &[String]) -> String {
+        let port = self.port(instance);
+        let replication = match (self.transport, instance) {
+            (Transport::Redis, _) => format!("redis = \"{REDIS}\""),
+            (Transport::Tcp, "master") => format!("listen = \"127.0.0.1:{}\"", self.replication_port),
+            (Transport::Tcp, _) => format!("master = \"127.0.0.1:{}\"", self.replication_port),
+        };
+        let writers: Vec<String> = event_writers.iter().map(|writer| format!("\"{writer}\"")).collect();
+        let map: Vec<String> =
+            self.instances.iter().map(|(name, port)| format!("{name} = \"127.0.0.1:{port}\"")).collect();
+        format!(
+            "server_name = \"{}\"\ninstance_name = \"{instance}\"\nworker_replication_secret = \"{SECRET}\"\n\
+             [database]\nurl = \"{}\"\npool_size = 4\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+             [replication]\n{replication}\nping_interval_ms = 1000\nping_timeout_ms = 5000\n\
+             [stream_writers]\nevents = [{}]\n[instance_map]\n{}\n",
+            self.server_name,
+            self.db.url,
+            writers.join(", "),
+            map.join("\n"),
+        )
+    }
+
+    fn port(&self, instance: &str) -> u16 {
+        self.instances
+            .iter()
+            .find(|(name, _)| name == instance)
+            .map(|(_, port)| *port)
+            .unwrap_or_else(|| panic!("`{instance}` is not part of the deployment"))
+    }
+
+    /// Writes `config` for `instance` and returns the path.
+    pub(crate) fn write_config(&self, instance: &str, config: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("{instance}.toml"));
+        std::fs::write(&path, config).expect("write a config");
+        path
+    }
+
+    fn binary(instance: &str) -> Binary {
+        if instance == "master" { Binary::Master } else { Binary::Worker }
+    }
+
+    /// Starts `instance` with the deployment's config.
+    pub(crate) fn start(&self, instance: &str) -> Server {
+        let path = self.write_config(instance, &self.config_with_writers(instance, &self.event_writers));
+        let path = path.display().to_string();
+        Server::start(Deployment::binary(instance), &["--config", &path], self.dir.path())
+    }
+
+    /// Runs `instance` with `config`, expecting it to fail at start-up.
+    pub(crate) fn fail_to_start(&self, instance: &str, config: &str) -> crate::process::Finished {
+        let path = self.write_config(instance, config).display().to_string();
+        run_to_exit(Deployment::binary(instance), &["--config", &path], self.dir.path())
+    }
+}
+
+/// `GET path` as JSON.
+fn get_json(server: &Server, path: &str) -> Value {
+    let (status, body) = http_request(&server.base_url, "GET", path, Some(SECRET), None)
+        .unwrap_or_else(|err| panic!("GET {path}: {err}"));
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|err| panic!("GET {path}: {err}: {body}"))
+}
+
+/// The `events` stream as `server` reports it.
+fn events_stream(server: &Server) -> Value {
+    get_json(server, "/admin/v1/streams")["streams"]["events"].clone()
+}
+
+fn own_position(writer: &Server) -> i64 {
+    events_stream(writer)["own_position"].as_i64().expect("a writer reports its own position")
+}
+
+/// A join of `user` to a room, as the internal endpoint takes it.
+fn join(user: &str) -> Value {
+    json!({
+        "event_id": format!("$join-{user}"),
+        "type": "m.room.member",
+        "state_key": user,
+        "sender": user,
+        "origin_server_ts": 1,
+        "content": {"membership": "join"},
+    })
+}
+
+/// Persists `events` of `room` on `base_url`; the stream orderings, or why not.
+fn persist(base_url: &str, room: &str, events: &[Value]) -> Result<Vec<i64>, String> {
+    let body = json!({"room_id": room, "events": events}).to_string();
+    let (status, answer) =
+        http_request(base_url, "POST", "/_synapse/replication/persist_events", Some(SECRET), Some(&body))
+            .map_err(|err| err.to_string())?;
+    if status != 200 {
+        return Err(format!("{status}: {answer}"));
+    }
+    let answer: Value = serde_json::from_str(&answer).map_err(|err| err.to_string())?;
+    Ok(answer["stream_orderings"].as_array().into_iter().flatten().filter_map(Value::as_i64).collect())
+}
+
+fn joined_members(server: &Server, room: &str) -> BTreeSet<String> {
+    let path = format!("/admin/v1/rooms/{room}/state");
+    get_json(server, &path)["joined_members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|member| member.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Polls `check` until it holds or `within` passes; the panic shows the last
+/// mismatch `check` reported.
+fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + within;
+    while let Err(mismatch) = check() {
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}: {mismatch}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether `follower` knows every writer at the position the writer reports.
+fn knows_final_positions(follower: &Server, writers: &[(&str, &Server)]) -> Result<(), String> {
+    let expected: Vec<i64> = writers.iter().map(|(_, writer)| own_position(writer)).collect();
+    let known = events_stream(follower);
+    let all_known = writers
+        .iter()
+        .zip(&expected)
+        .all(|((name, _), position)| known["writers"][*name].as_i64() == Some(*position));
+    if all_known { Ok(()) } else { Err(format!("the writers say {expected:?}; the follower knows {known}")) }
+}
+
+fn users(prefix: &str, count: usize) -> Vec<String> {
+    (0..count).map(|index| format!("@{prefix}{index}:e2e")).collect()
+}
+
+fn two_writers_and_a_follower(transport: Transport) {
+    let deployment =
+        Deployment::new(transport, &["persister1", "persister2", "worker1"], &["persister1", "persister2"]);
+    let _master = deployment.start("master");
+    let persister1 = deployment.start("persister1");
+    let persister2 = deployment.start("persister2");
+    let follower = deployment.start("worker1");
+
+    // Filled before the writes: the follower's caches must be invalidated.
+    for room in ["!a:e2e", "!b:e2e", "!c:e2e"] {
+        assert!(joined_members(&follower, room).is_empty());
+    }
+    let (a_users, b_users, c_users) = (users("a", 5), users("b", 5), users("c", 6));
+    for (index, user) in a_users.iter().enumerate() {
+        persist(&persister1.base_url, "!a:e2e", &[join(user)]).expect("persister1 writes room a");
+        persist(&persister2.base_url, "!b:e2e", &[join(&b_users[index])]).expect("persister2 writes room b");
+    }
+    // One room written by both writers.
+    for (index, user) in c_users.iter().enumerate() {
+        let writer = if index % 2 == 0 { &persister1 } else { &persister2 };
+        persist(&writer.base_url, "!c:e2e", &[join(user)]).expect("both write room c");
+    }
+
+    eventually("the follower to reach both writers' final positions", Duration::from_secs(15), || {
+        knows_final_positions(&follower, &[("persister1", &persister1), ("persister2", &persister2)])
+    });
+    let set = |users: &[String]| users.iter().cloned().collect::<BTreeSet<String>>();
+    assert_eq!(joined_members(&follower, "!a:e2e"), set(&a_users));
+    assert_eq!(joined_members(&follower, "!b:e2e"), set(&b_users));
+    assert_eq!(joined_members(&follower, "!c:e2e"), set(&c_users));
+    // Each writer follows the other too.
+    assert_eq!(joined_members(&persister2, "!a:e2e"), set(&a_users));
+    assert_eq!(joined_members(&persister1, "!b:e2e"), set(&b_users));
+
+    let metrics = follower.get("/metrics").1;
+    assert!(
+        metrics.contains("homeserver_stream_writer_position{stream=\"events\",writer=\"persister1\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("homeserver_cache_hits_total{cache=\"get_users_in_room\"}"), "{metrics}");
+}
+
+#[test]
+fn a_follower_follows_two_event_writers_over_redis() {
+    two_writers_and_a_follower(Transport::Redis);
+}
+
+#[test]
+fn a_follower_follows_two_event_writers_over_tcp() {
+    two_writers_and_a_follower(Transport::Tcp);
+}
+
+/// Reads a counter (summed over its label sets) from Prometheus text.
+fn metric(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(name_and_labels))
+        .filter_map(|line| line.rsplit_once(' ').and_then(|(_, value)| value.parse::<f64>().ok()))
+        .sum()
+}
+
+#[test]
+fn a_late_follower_catches_up_on_10000_events_from_the_database() {
+    let deployment = Deployment::new(Transport::Redis, &["persister1", "worker1"], &["persister1"]);
+    let _master = deployment.start("master");
+    let persister = deployment.start("persister1");
+    let mut members = BTreeSet::new();
+    for batch in 0..100 {
+        let room = format!("!room{}:e2e", batch % 10);
+        let events: Vec<Value> = (0..100)
+            .map(|index| {
+                let user = format!("@u{batch}-{index}:e2e");
+                if batch % 10 == 3 {
+                    members.insert(user.clone());
+                }
+                join(&user)
+            })
+            .collect();
+        persist(&persister.base_url, &room, &events).expect("persist a batch");
+    }
+
+    let follower = deployment.start("worker1");
+    eventually("the late follower to reach the writer", Duration::from_secs(30), || {
+        knows_final_positions(&follower, &[("persister1", &persister)])
+    });
+    assert_eq!(
+        events_stream(&follower)["current_token"],
+        events_stream(&persister)["current_token"],
+        "the follower's token matches the writer's"
+    );
+    assert_eq!(joined_members(&follower, "!room3:e2e"), members);
+    let metrics = follower.get("/metrics").1;
+    assert_eq!(
+        metric(&metrics, "homeserver_replication_commands_received_total{command=\"RDATA\"}"),
+        0.0,
+        "no backlog of rows was sent: {metrics}"
+    );
+}
+
+/// Keeps persisting single joins into `room` on `base_url` until `stop`,
+/// returning the stream orderings acknowledged and the users they joined.
+fn write_until(
+    base_url: String,
+    room: &'static str,
+    prefix: String,
+    stop: Arc<AtomicBool>,
+) -> Vec<(i64, String)> {
+    let mut acknowledged = Vec::new();
+    let mut index = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let user = format!("@{prefix}{index}:e2e");
+        index += 1;
+        match persist(&base_url, room, &[join(&user)]) {
+            Ok(orderings) => {
+                acknowledged.extend(orderings.into_iter().map(|ordering| (ordering, user.clone())))
+            }
+            // Killed under us: what was not acknowledged may or may not exist.
+            Err(_) => break,
+        }
+    }
+    acknowledged
+}
+
+#[test]
+fn a_writer_killed_while_persisting_resumes_without_reusing_ids() {
+    let deployment = Deployment::new(Transport::Redis, &["persister1", "worker1"], &["persister1"]);
+    let _master = deployment.start("master");
+    let persister = deployment.start("persister1");
+    let follower = deployment.start("worker1");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (base_url, stop) = (persister.base_url.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || write_until(base_url, "!kill:e2e", "before".to_owned(), stop))
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = persister.stop_with("KILL");
+    assert!(!killed.status.success(), "kill -9 ends the writer");
+    let before = writer.join().expect("the writing thread");
+    assert!(before.len() > 10, "the writer persisted a while before the kill: {}", before.len());
+    let highest_before = before.iter().map(|(ordering, _)| *ordering).max().unwrap_or(0);
+
+    let persister = deployment.start("persister1");
+    assert!(
+        own_position(&persister) >= highest_before,
+        "the restarted writer resumes at or past every acknowledged write ({highest_before})"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (base_url, stop) = (persister.base_url.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || write_until(base_url, "!kill:e2e", "after".to_owned(), stop))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let after = writer.join().expect("the writing thread");
+    assert!(!after.is_empty(), "the restarted writer persists");
+
+    let orderings: Vec<i64> = before.iter().chain(&after).map(|(ordering, _)| *ordering).collect();
+    let distinct: BTreeSet<i64> = orderings.iter().copied().collect();
+    assert_eq!(distinct.len(), orderings.len(), "no stream ordering was handed out twice");
+    assert!(
+        after.iter().all(|(ordering, _)| *ordering > highest_before),
+        "IDs after the restart lie above every ID from before it"
+    );
+
+    eventually(
+        "the follower to reach the restarted writer's final position",
+        Duration::from_secs(15),
+        || knows_final_positions(&follower, &[("persister1", &persister)]),
+    );
+    let members = joined_members(&follower, "!kill:e2e");
+    for (_, user) in before.iter().chain(&after) {
+        assert!(members.contains(user), "acknowledged join of {user} is visible on the follower");
+    }
+}
+
+#[test]
+fn an_idle_writer_never_holds_the_stream_back() {
+    let deployment = Deployment::new(
+        Transport::Redis,
+        &["persister1", "persister2", "worker1"],
+        &["persister1", "persister2"],
+    );
+    let master = deployment.start("master");
+    let busy = deployment.start("persister1");
+    let idle = deployment.start("persister2");
+    let follower = deployment.start("worker1");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (base_url, stop) = (busy.base_url.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || write_until(base_url, "!busy:e2e", "busy".to_owned(), stop))
+    };
+    // (when, the busy writer's position then)
+    let mut busy_positions: Vec<(Instant, i64)> = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let now = Instant::now();
+        busy_positions.push((now, own_position(&busy)));
+        for (name, process) in [("master", &master), ("persister2", &idle), ("worker1", &follower)] {
+            let token = events_stream(process)["current_token"].as_i64().expect("a current token");
+            // The busy writer's position as of one second ago.
+            let a_second_ago = busy_positions
+                .iter()
+                .rev()
+                .find(|(when, _)| now.duration_since(*when) >= Duration::from_secs(1))
+                .map(|(_, position)| *position);
+            if let Some(required) = a_second_ago {
+                assert!(
+                    token >= required,
+                    "{name}'s events token {token} trails the busy writer's position of a second ago, {required}"
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(!writer.join().expect("the writing thread").is_empty(), "the busy writer wrote");
+}
+
+#[test]
+fn conflicting_or_unknown_writers_and_an_unreachable_redis_refuse_to_start() {
+    let deployment =
+        Deployment::new(Transport::Redis, &["persister1", "persister2"], &["persister1", "persister2"]);
+    let _master = deployment.start("master");
+
+    let one_line = |finished: &crate::process::Finished, expected: &str| {
+        assert_eq!(finished.status.code(), Some(1), "stderr:\n{}", finished.stderr);
+        let lines: Vec<&str> = finished.stderr.lines().filter(|line| !line.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "one line on stderr, got:\n{}", finished.stderr);
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(expected),
+            "{:?} lacks {expected:?}",
+            lines[0]
+        );
+    };
+
+    // persister1 thinks it writes events alone; the master says otherwise.
+    let conflicting = deployment.config_with_writers("persister1", &["persister1".to_owned()]);
+    one_line(
+        &deployment.fail_to_start("persister1", &conflicting),
+        "`[stream_writers] events` is [\"persister1\"] here but [\"persister1\",\"persister2\"] for the deployment (recorded by `master`)",
+    );
+
+    let config = deployment.config_with_writers("persister2", &deployment.event_writers);
+    let unknown = config.replace("[stream_writers]\n", "[stream_writers]\nevnts = [\"persister2\"]\n");
+    one_line(&deployment.fail_to_start("persister2", &unknown), "`[stream_writers] evnts`: no such stream");
+
+    let unreachable = config.replace(REDIS, "redis://127.0.0.1:1");
+    one_line(
+        &deployment.fail_to_start("persister2", &unreachable),
+        "`[replication] redis`: Redis at 127.0.0.1:1",
+    );
+}
+
+/// `instance`'s recorded position on `stream`, read from `stream_positions`.
+fn recorded_position(url: &str, stream: &str, instance: &str) -> Option<i64> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    runtime.block_on(async {
+        let db = store_core::Database::connect(url).await.expect("connect to the deployment's database");
+        let (stream, instance) = (stream.to_owned(), instance.to_owned());
+        let position = db
+            .run_autocommit("read_recorded_position", move |txn| {
+                let (stream, instance) = (stream.clone(), instance.clone());
+                Box::pin(async move {
+                    let rows = txn
+                        .query(
+                            "SELECT stream_id FROM stream_positions WHERE stream_name = $1 AND instance_name = $2",
+                            &[&stream, &instance],
+                        )
+                        .await?;
+                    rows.first().map(|row| row.get::<i64>(0)).transpose()
+                })
+            })
+            .await
+            .expect("read stream_positions");
+        db.close().await;
+        position
+    })
+}
+
+#[test]
+fn a_stopped_writer_records_its_final_position_and_says_goodbye() {
+    let deployment = Deployment::new(Transport::Redis, &["persister1"], &["persister1"]);
+    let master = deployment.start("master");
+    let persister = deployment.start("persister1");
+    for index in 0..20 {
+        persist(&persister.base_url, "!bye:e2e", &[join(&format!("@u{index}:e2e"))]).expect("persist");
+    }
+    let final_position = own_position(&persister);
+    let stopped = persister.stop_with("TERM");
+    assert!(stopped.status.success(), "a clean exit; stderr:\n{}", stopped.stderr);
+    assert_eq!(
+        recorded_position(&deployment.db.url, "events", "persister1"),
+        Some(final_position),
+        "the writer recorded its final position before exiting"
+    );
+    eventually("the master to hear the goodbye", Duration::from_secs(5), || {
+        let metrics = master.get("/metrics").1;
+        let goodbyes =
+            metric(&metrics, "homeserver_replication_commands_received_total{command=\"CLEAR_USER_SYNC\"}");
+        if goodbyes >= 1.0 { Ok(()) } else { Err(format!("no CLEAR_USER_SYNC counted:\n{metrics}")) }
+    });
+}
