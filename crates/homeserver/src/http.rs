@@ -136,7 +136,7 @@ async fn persist_events(
         Ok(body) => body,
         Err(rejection) => return error(StatusCode::BAD_REQUEST, "M_BAD_JSON", &rejection.body_text()),
     };
-    let Some(writer) = state.store.events_writer() else {
+    let Some(writer) = &state.store.writers().events else {
         return error(
             StatusCode::BAD_REQUEST,
             "M_UNKNOWN",

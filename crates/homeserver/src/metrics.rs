@@ -104,12 +104,12 @@ fn streams(state: &AppState, text: &mut Text) {
         "Age of this process's oldest unfinished write on the stream (0 when none).",
     );
     let instance = state.config.instance_name.as_str();
-    for (name, generator) in state.store.generators() {
-        if state.hub.source(name).is_some() {
+    for stream in &streams {
+        if let (Some(generator), Some(_)) = (stream.generator(), state.hub.source(stream.name())) {
             let age = generator.oldest_in_flight_age().map_or(0.0, |age| age.as_secs_f64());
             text.sample(
                 "homeserver_stream_oldest_in_flight_seconds",
-                &[("stream", name), ("writer", instance)],
+                &[("stream", stream.name()), ("writer", instance)],
                 age,
             );
         }

@@ -2,7 +2,6 @@
 //! its stores, plus the in-memory ones), the streams it writes, the hub, and
 //! the transports `[replication]` asks for.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,7 +51,7 @@ impl Replication {
             None
         };
 
-        let written_names: BTreeSet<&'static str> = written.iter().map(|stream| stream.name()).collect();
+        let generators: Vec<_> = written.iter().filter_map(|stream| stream.generator().cloned()).collect();
         let hub = Hub::new(
             &config.instance_name,
             &config.server_name,
@@ -62,10 +61,8 @@ impl Replication {
             // The TCP server relays between its clients, so writers reach each other.
             config.replication.listen.is_some(),
         );
-        for (name, generator) in store.generators() {
-            if written_names.contains(name) {
-                hub.wake_on(generator.subscribe());
-            }
+        for generator in generators {
+            hub.wake_on(generator.subscribe());
         }
         if let Some(writer) = &typing {
             hub.wake_on(writer.subscribe());

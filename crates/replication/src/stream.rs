@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use replication_proto::RowJson;
-use store_core::{BoxFuture, StoreError, StreamUpdates};
+use store_core::{BoxFuture, MultiWriterIdGenerator, StoreError, StreamUpdates};
 
 /// A stream as replication sees it: tokens per writer, rows in wire form.
 ///
@@ -46,6 +46,13 @@ pub trait Stream: Send + Sync + fmt::Debug {
 
     /// Advances `writer`'s position with no rows (a `POSITION` with no gap).
     fn advance(&self, writer: &str, token: i64);
+
+    /// The generator behind a database-backed stream: for waking the streamer
+    /// on local writes, recording final positions and reporting in-flight
+    /// writes. `None` for in-memory streams.
+    fn generator(&self) -> Option<&MultiWriterIdGenerator> {
+        None
+    }
 
     /// Every writer's position this process knows, for a relaying server to
     /// announce on their behalf. Empty for streams without per-writer positions.

@@ -99,6 +99,9 @@ macro_rules! multi_writer_stream {
             fn writer_positions(&self) -> Vec<(String, i64)> {
                 positions(self.0.$generator(), Self::SIGN)
             }
+            fn generator(&self) -> Option<&MultiWriterIdGenerator> {
+                Some(self.0.$generator())
+            }
         }
     };
 }
@@ -189,6 +192,9 @@ impl Stream for CachesStreamAdapter {
     }
     fn writer_positions(&self) -> Vec<(String, i64)> {
         self.0.generator().map(|generator| positions(generator, 1)).unwrap_or_default()
+    }
+    fn generator(&self) -> Option<&MultiWriterIdGenerator> {
+        self.0.generator()
     }
     fn announces_moves_without_rows(&self) -> bool {
         // Every process writes `caches`: a move by others alone is not worth an

@@ -1,15 +1,9 @@
 //! Which instance writes which stream: checked in one process's config, and
 //! agreed between the processes of a deployment through the database.
 
-use store_account_data::ACCOUNT_DATA_STREAM;
 use store_core::{ServerConfig, StoreError, Transaction};
-use store_events::EVENTS_STREAM;
-use store_receipts::RECEIPTS_STREAM;
 
-/// The streams `[stream_writers]` may name. `backfill` follows `events`; every
-/// process writes `caches`; `typing` has exactly one writer.
-pub const WRITABLE_STREAMS: &[&str] =
-    &[EVENTS_STREAM, RECEIPTS_STREAM, ACCOUNT_DATA_STREAM, replication::typing::TYPING_STREAM];
+use crate::WRITABLE_STREAMS;
 
 /// Checks what one process's config can get wrong about writers on its own:
 /// an unknown stream, or several writers for a single-writer stream. (Writers

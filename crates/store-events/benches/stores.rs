@@ -43,7 +43,7 @@ async fn writer(
     let caches = Arc::new(
         CachesStream::new(db.clone(), &mut conn, config, CacheRegistry::new(config.caches.clone())).await?,
     );
-    let writer = EventsWriter::new(db.clone(), &mut conn, Arc::clone(&caches), config).await?;
+    let writer = EventsWriter::new(db.clone(), &mut conn, &caches, config).await?;
     conn.commit().await?;
     Ok((caches, writer))
 }

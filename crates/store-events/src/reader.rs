@@ -74,7 +74,7 @@ impl EventsReader {
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
-        caches: Arc<CachesStream>,
+        caches: &Arc<CachesStream>,
         config: &ServerConfig,
     ) -> Result<EventsReader, StoreError> {
         let events_ids = MultiWriterIdGenerator::new_in(
@@ -105,7 +105,7 @@ impl EventsReader {
             db,
             events_ids,
             backfill_ids,
-            caches,
+            caches: Arc::clone(caches),
         };
         let (membership_changes, state_changes) =
             (Arc::clone(&reader.membership_changes), Arc::clone(&reader.state_changes));

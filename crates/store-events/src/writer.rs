@@ -34,7 +34,7 @@ impl EventsWriter {
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
-        caches: Arc<CachesStream>,
+        caches: &Arc<CachesStream>,
         config: &ServerConfig,
     ) -> Result<EventsWriter, StoreError> {
         // Checked before the reader registers its caches, so that a caller can

@@ -41,7 +41,7 @@ async fn master(db: &Database, config: &ServerConfig) -> Result<Master, StoreErr
     let caches = Arc::new(
         CachesStream::new(db.clone(), &mut conn, config, CacheRegistry::new(config.caches.clone())).await?,
     );
-    let events = EventsWriter::new(db.clone(), &mut conn, Arc::clone(&caches), config).await?;
+    let events = EventsWriter::new(db.clone(), &mut conn, &caches, config).await?;
     let receipts = ReceiptsWriter::new(db.clone(), &mut conn, &caches, config).await?;
     conn.commit().await?;
     Ok(Master { events, receipts })
@@ -52,7 +52,7 @@ async fn worker(db: &Database, config: &ServerConfig) -> Result<Worker, StoreErr
     let caches = Arc::new(
         CachesStream::new(db.clone(), &mut conn, config, CacheRegistry::new(config.caches.clone())).await?,
     );
-    let events = Arc::new(EventsReader::new(db.clone(), &mut conn, Arc::clone(&caches), config).await?);
+    let events = Arc::new(EventsReader::new(db.clone(), &mut conn, &caches, config).await?);
     let receipts = Arc::new(ReceiptsReader::new(db.clone(), &mut conn, &caches, config).await?);
     conn.commit().await?;
     let mut registry = StreamRegistry::new();
@@ -849,7 +849,7 @@ mod every_stream {
             )
             .await?,
         );
-        let events = EventsWriter::new(test_db.db.clone(), &mut conn, Arc::clone(&caches), &config).await?;
+        let events = EventsWriter::new(test_db.db.clone(), &mut conn, &caches, &config).await?;
         let receipts = ReceiptsWriter::new(test_db.db.clone(), &mut conn, &caches, &config).await?;
         conn.commit().await?;
         let typing = TypingWriter::new("master");

@@ -53,8 +53,8 @@ async fn a_process_writes_exactly_its_streams_and_a_follower_applies_them(test_d
     let mut follower_config = config.clone();
     follower_config.instance_name = "worker1".to_owned();
     let follower_data: DataStore = build_store(&test_db.reconnect().await?, &follower_config).await?;
-    assert!(follower_data.events_writer().is_none() && follower_data.receipts_writer().is_none());
-    assert!(follower_data.account_data_writer().is_none());
+    assert!(follower_data.writers().events.is_none() && follower_data.writers().receipts.is_none());
+    assert!(follower_data.writers().account_data.is_none());
     let written: Vec<&str> = follower_data.written_streams().iter().map(|stream| stream.name()).collect();
     assert_eq!(written, ["caches"], "every process writes only cache invalidations unless configured");
     let followed: BTreeSet<&str> =
@@ -66,9 +66,9 @@ async fn a_process_writes_exactly_its_streams_and_a_follower_applies_them(test_d
     assert!(follower.events().get_users_in_room(ROOM).await?.is_empty());
     assert!(follower.account_data().get_global_account_data_for_user("@a:test").await?.is_empty());
 
-    let events = master.events_writer().ok_or("the master writes events")?;
+    let events = master.writers().events.as_ref().ok_or("the master writes events")?;
     events.persist_events(ROOM, &[join("@a:test"), join("@b:test")]).await?;
-    let receipts = master.receipts_writer().ok_or("the master writes receipts")?;
+    let receipts = master.writers().receipts.as_ref().ok_or("the master writes receipts")?;
     receipts
         .insert_receipt(&ReceiptRow {
             room_id: ROOM.to_owned(),
@@ -79,7 +79,7 @@ async fn a_process_writes_exactly_its_streams_and_a_follower_applies_them(test_d
             data: serde_json::json!({"ts": 1}),
         })
         .await?;
-    let account_data = master.account_data_writer().ok_or("the master writes account data")?;
+    let account_data = master.writers().account_data.as_ref().ok_or("the master writes account data")?;
     account_data.add_account_data("@a:test", None, "m.push_rules", &serde_json::json!({"rules": 1})).await?;
 
     follow(follower, &master).await?;
@@ -88,16 +88,14 @@ async fn a_process_writes_exactly_its_streams_and_a_follower_applies_them(test_d
     assert_eq!(global.get("m.push_rules"), Some(&serde_json::json!({"rules": 1})));
     let last_read = follower.receipts().get_last_receipt_event_id_for_user("@a:test", ROOM, "m.read").await?;
     assert_eq!(last_read.as_deref(), Some("$join-@b:test"));
-    for (name, generator) in master.generators() {
-        let follower_position = follower
-            .generators()
-            .into_iter()
-            .find(|(followed, _)| *followed == name)
-            .map(|(_, generator)| generator.get_current_token_for_writer("master"));
+    let followed = follower.replication_streams();
+    for stream in master.written_streams() {
+        let known = followed.get(stream.name()).map(|followed| followed.current_token("master"));
         assert_eq!(
-            follower_position,
-            Some(generator.get_current_token_for_writer("master")),
-            "the follower knows the master's position on `{name}`"
+            known,
+            Some(stream.current_token("master")),
+            "the follower knows the master's position on `{}`",
+            stream.name()
         );
     }
     Ok(())

@@ -58,10 +58,10 @@ async fn start(db: &Database, config: &ServerConfig) -> Result<Process, StoreErr
     let mut conn = db.begin("build_stores").await?;
     let caches = Arc::new(CachesStream::new(db.clone(), &mut conn, config, registry).await?);
     let process = if config.is_writer_for("events") {
-        let writer = EventsWriter::new(db.clone(), &mut conn, Arc::clone(&caches), config).await?;
+        let writer = EventsWriter::new(db.clone(), &mut conn, &caches, config).await?;
         Process { caches, reader: None, writer: Some(writer) }
     } else {
-        let reader = EventsReader::new(db.clone(), &mut conn, Arc::clone(&caches), config).await?;
+        let reader = EventsReader::new(db.clone(), &mut conn, &caches, config).await?;
         Process { caches, reader: Some(reader), writer: None }
     };
     conn.commit().await?;
