@@ -369,7 +369,7 @@ impl AccountDataWriter {
         let (instance, content) = (reader.instance_name.clone(), content.to_string());
         reader
             .db
-            .run_interaction("add_account_data", move |txn| {
+            .run_interaction_read_committed("add_account_data", move |txn| {
                 let (generator, registry, user_changes) =
                     (generator.clone(), Arc::clone(&registry), Arc::clone(&user_changes));
                 let (row, instance, content) = (row.clone(), instance.clone(), content.clone());

@@ -81,6 +81,16 @@ pub struct InteractionStats {
     pub total_time: Duration,
 }
 
+/// The isolation of a transaction on PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isolation {
+    /// REPEATABLE READ, Synapse's default: one snapshot per transaction,
+    /// conflicts reported as serialization failures and retried.
+    Snapshot,
+    /// READ COMMITTED: each statement sees what is committed when it starts.
+    ReadCommitted,
+}
+
 /// A handle to the database: cheap to clone, shared by every store of a process.
 ///
 /// ```no_run
@@ -196,7 +206,25 @@ impl Database {
         F: for<'t> FnMut(&'t mut Transaction) -> BoxFuture<'t, Result<T, StoreError>> + Send,
         T: Send,
     {
-        self.run(interaction, true, f).await
+        self.run(interaction, Some(Isolation::Snapshot), f).await
+    }
+
+    /// Like [`Database::run_interaction`], at PostgreSQL's READ COMMITTED
+    /// isolation: for an upsert of one current row per key whose `WHERE` keeps
+    /// the later stream ID. Under a snapshot, concurrent writers of one key fail
+    /// each other with serialization errors until the retries run out; here the
+    /// second waits for the first and then applies its `WHERE` to the committed
+    /// row. (SQLite serialises writers anyway.)
+    pub async fn run_interaction_read_committed<T, F>(
+        &self,
+        interaction: &'static str,
+        f: F,
+    ) -> Result<T, StoreError>
+    where
+        F: for<'t> FnMut(&'t mut Transaction) -> BoxFuture<'t, Result<T, StoreError>> + Send,
+        T: Send,
+    {
+        self.run(interaction, Some(Isolation::ReadCommitted), f).await
     }
 
     /// Like [`Database::run_interaction`], but without a transaction: each
@@ -207,13 +235,13 @@ impl Database {
         F: for<'t> FnMut(&'t mut Transaction) -> BoxFuture<'t, Result<T, StoreError>> + Send,
         T: Send,
     {
-        self.run(interaction, false, f).await
+        self.run(interaction, None, f).await
     }
 
     async fn run<T, F>(
         &self,
         interaction: &'static str,
-        in_transaction: bool,
+        isolation: Option<Isolation>,
         mut f: F,
     ) -> Result<T, StoreError>
     where
@@ -223,7 +251,7 @@ impl Database {
         let started = Instant::now();
         let mut attempt = 1;
         loop {
-            let result = self.attempt(interaction, in_transaction, &mut f).await;
+            let result = self.attempt(interaction, isolation, &mut f).await;
             match result {
                 Err(err) if err.is_retryable() && attempt < MAX_ATTEMPTS => {
                     let pause = FIRST_BACKOFF * 2u32.pow(attempt - 1);
@@ -255,7 +283,7 @@ impl Database {
     async fn attempt<T, F>(
         &self,
         interaction: &'static str,
-        in_transaction: bool,
+        isolation: Option<Isolation>,
         f: &mut F,
     ) -> Result<T, StoreError>
     where
@@ -263,7 +291,7 @@ impl Database {
         T: Send,
     {
         let conn = self.acquire(interaction).await?;
-        let mut txn = Transaction::start(interaction, conn, in_transaction).await?;
+        let mut txn = Transaction::start(interaction, conn, isolation).await?;
         match f(&mut txn).await {
             Ok(value) => txn.commit().await.map(|()| value),
             Err(err) => {
@@ -281,7 +309,7 @@ impl Database {
     /// [`Database::run_interaction`], which retries and records metrics.
     pub async fn begin(&self, interaction: &'static str) -> Result<Transaction, StoreError> {
         let conn = self.acquire(interaction).await?;
-        Transaction::start(interaction, conn, true).await
+        Transaction::start(interaction, conn, Some(Isolation::Snapshot)).await
     }
 
     async fn acquire(&self, interaction: &'static str) -> Result<Conn, StoreError> {

@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use crate::database::Isolation;
 use crate::error::{DbError, StoreError};
 use crate::value::{PgParam, Row, ToSqlValue, bind_sqlite};
 use crate::{BoxFuture, Engine, sql};
@@ -70,7 +71,7 @@ impl Transaction {
     pub(crate) async fn start(
         interaction: &'static str,
         conn: Conn,
-        in_transaction: bool,
+        isolation: Option<Isolation>,
     ) -> Result<Transaction, StoreError> {
         let engine = match conn {
             Conn::Postgres(_) => Engine::Postgres,
@@ -87,15 +88,16 @@ impl Transaction {
             exception_callbacks: Vec::new(),
             poisoned: false,
         };
-        if in_transaction {
-            let begin = match txn.engine() {
+        if let Some(isolation) = isolation {
+            let begin = match (txn.engine(), isolation) {
                 // Synapse's isolation level: a consistent snapshot per transaction,
                 // with conflicts reported as serialization failures, which we retry.
-                Engine::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ",
+                (Engine::Postgres, Isolation::Snapshot) => "BEGIN ISOLATION LEVEL REPEATABLE READ",
+                (Engine::Postgres, Isolation::ReadCommitted) => "BEGIN ISOLATION LEVEL READ COMMITTED",
                 // Take the write lock up front: a deferred transaction that upgrades
                 // from reading to writing can fail with SQLITE_BUSY at once, without
                 // waiting for the busy timeout.
-                Engine::Sqlite => "BEGIN IMMEDIATE",
+                (Engine::Sqlite, _) => "BEGIN IMMEDIATE",
             };
             txn.state = State::Beginning;
             txn.execute_batch(begin).await?;

@@ -378,7 +378,7 @@ impl ReceiptsWriter {
         let data = receipt.data.to_string();
         reader
             .db
-            .run_interaction("insert_receipt", move |txn| {
+            .run_interaction_read_committed("insert_receipt", move |txn| {
                 let (generator, registry, room_changes) = (generator.clone(), Arc::clone(&registry), Arc::clone(&room_changes));
                 let (receipt, instance, data) = (receipt.clone(), instance.clone(), data.clone());
                 Box::pin(async move {

@@ -247,7 +247,9 @@ async fn concurrent_writes_of_one_key_leave_the_latest() -> TestResult {
     let (_caches, writer) = build_writer(&test_db.db, &single_process(&test_db.url)?).await?;
     let writer = Arc::new(writer);
     let mut tasks = tokio::task::JoinSet::new();
-    for n in 0..8 {
+    // Enough writers of one key that, under a snapshot isolation, some would
+    // run out of retries; every one of them must succeed.
+    for n in 0..32 {
         let writer = Arc::clone(&writer);
         tasks.spawn(async move {
             let id = writer.add_account_data("@a:x", Some("!r"), "m.tag", &json!({"n": n})).await?;
