@@ -11,7 +11,7 @@
 //!   built over the reader already there, so a stream has one generator per
 //!   process.
 //!
-//! Both are generated from one list, [`compose!`]'s invocation below: adding a
+//! Both are generated from one list, the invocation of `compose!` below: adding a
 //! store crate is one entry there (see `docs/ARCHITECTURE.md`).
 //!
 //! **Invariant:** a process holds a `*Writer` only for the streams the config
