@@ -31,9 +31,6 @@ const GLOBAL_CACHE: &str = "get_global_account_data_for_user";
 /// The cache of a user's account data in one room, keyed by (user, room).
 const ROOM_CACHE: &str = "get_room_account_data_for_user";
 
-/// How many distinct positions the change cache remembers.
-const CHANGE_CACHE_POSITIONS: usize = 10_000;
-
 /// Account data of one scope (global, or one room): type → content.
 pub type AccountDataMap = BTreeMap<String, serde_json::Value>;
 
@@ -109,40 +106,24 @@ impl AccountDataReader {
         caches: &CachesStream,
         config: &ServerConfig,
     ) -> Result<AccountDataReader, StoreError> {
-        let ids = MultiWriterIdGenerator::new_in(
-            &db,
+        let tables = vec![StreamTable::new("account_data", "instance_name", "stream_id")];
+        let generator_config =
+            MultiWriterConfig::for_stream(config, ACCOUNT_DATA_STREAM, tables, "account_data_sequence");
+        let ids = MultiWriterIdGenerator::new_in(&db, conn, generator_config).await?;
+        let registry = Arc::clone(caches.registry());
+        // Prefilled from the newest rows, which may lie above the current token:
+        // a cache that started empty would deny changes it never saw.
+        let user_changes = StreamChangeCache::load_newest(
             conn,
-            MultiWriterConfig {
-                stream_name: ACCOUNT_DATA_STREAM.to_owned(),
-                instance_name: config.instance_name.clone(),
-                tables: vec![StreamTable::new("account_data", "instance_name", "stream_id")],
-                sequence_name: "account_data_sequence".to_owned(),
-                writers: config.writers_for(ACCOUNT_DATA_STREAM),
-                ..MultiWriterConfig::default()
-            },
+            "account_data_user_changes",
+            "SELECT user_id, stream_id FROM account_data ORDER BY stream_id DESC LIMIT $1",
+            ids.get_current_token(),
         )
         .await?;
-        let registry = Arc::clone(caches.registry());
-        let current = ids.get_current_token();
-        let limit = i64::try_from(CHANGE_CACHE_POSITIONS).unwrap_or(i64::MAX);
-        let newest_rows = conn
-            .query("SELECT user_id, stream_id FROM account_data ORDER BY stream_id DESC LIMIT $1", &[&limit])
-            .await?
-            .iter()
-            .map(|row| Ok((row.get(0)?, row.get(1)?)))
-            .collect::<Result<Vec<(String, i64)>, StoreError>>()?;
         Ok(AccountDataReader {
             global_data: registry.register(GLOBAL_CACHE)?,
             room_data: registry.register(ROOM_CACHE)?,
-            // Prefilled from the newest rows, which may lie above the current
-            // token: a cache that started empty would deny changes it never saw.
-            user_changes: Arc::new(StreamChangeCache::prefilled(
-                "account_data_user_changes",
-                current,
-                CHANGE_CACHE_POSITIONS,
-                &newest_rows,
-                CHANGE_CACHE_POSITIONS,
-            )),
+            user_changes: Arc::new(user_changes),
             instance_name: config.instance_name.clone(),
             registry,
             db,

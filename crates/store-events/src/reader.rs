@@ -24,9 +24,6 @@ pub const CURRENT_STATE_CACHES_BY_MEMBER: &[&str] = &["get_rooms_for_user"];
 /// A room's current state: (type, state key) → event ID.
 pub type StateMap = BTreeMap<(String, String), String>;
 
-/// How many distinct positions the change caches remember.
-const CHANGE_CACHE_POSITIONS: usize = 10_000;
-
 /// Events, current state and memberships, as every process reads them.
 ///
 /// Holds the caches in front of the hot reads (`get_event`, current state, the
@@ -58,13 +55,15 @@ fn generator_config(
     positive: bool,
 ) -> MultiWriterConfig {
     MultiWriterConfig {
-        stream_name: stream.to_owned(),
-        instance_name: config.instance_name.clone(),
-        tables: vec![StreamTable::new("events", "instance_name", "stream_ordering")],
-        sequence_name: table_sequence.to_owned(),
+        // Backfill is written by the events writers.
         writers: config.writers_for(EVENTS_STREAM),
         positive,
-        ..MultiWriterConfig::default()
+        ..MultiWriterConfig::for_stream(
+            config,
+            stream,
+            vec![StreamTable::new("events", "instance_name", "stream_ordering")],
+            table_sequence,
+        )
     }
 }
 
@@ -99,9 +98,9 @@ impl EventsReader {
             current_state_cache: registry.register("get_current_state_ids")?,
             users_in_room_cache: registry.register("get_users_in_room")?,
             rooms_for_user_cache: registry.register("get_rooms_for_user")?,
-            room_changes: Arc::new(prefilled(conn, "events_room_changes", "SELECT room_id, stream_ordering FROM events WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
-            membership_changes: Arc::new(prefilled(conn, "membership_changes", "SELECT user_id, stream_ordering FROM room_memberships WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
-            state_changes: Arc::new(prefilled(conn, "current_state_changes", "SELECT room_id, stream_ordering FROM current_state_events WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
+            room_changes: Arc::new(StreamChangeCache::load_newest(conn, "events_room_changes", "SELECT room_id, stream_ordering FROM events WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
+            membership_changes: Arc::new(StreamChangeCache::load_newest(conn, "membership_changes", "SELECT user_id, stream_ordering FROM room_memberships WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
+            state_changes: Arc::new(StreamChangeCache::load_newest(conn, "current_state_changes", "SELECT room_id, stream_ordering FROM current_state_events WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
             db,
             events_ids,
             backfill_ids,
@@ -473,20 +472,6 @@ fn sorted(rows: &[Row]) -> Result<Vec<String>, StoreError> {
     let mut values = rows.iter().map(|row| row.get(0)).collect::<Result<Vec<String>, _>>()?;
     values.sort_unstable();
     Ok(values)
-}
-
-/// A change cache filled from the newest `(entity, position)` rows `sql` returns.
-async fn prefilled(
-    conn: &mut Transaction,
-    name: &'static str,
-    sql: &str,
-    current: i64,
-) -> Result<StreamChangeCache, StoreError> {
-    let limit = i64::try_from(CHANGE_CACHE_POSITIONS).unwrap_or(i64::MAX);
-    let rows = conn.query(sql, &[&limit]).await?;
-    let rows =
-        rows.iter().map(|row| Ok((row.get(0)?, row.get(1)?))).collect::<Result<Vec<_>, StoreError>>()?;
-    Ok(StreamChangeCache::prefilled(name, current, CHANGE_CACHE_POSITIONS, &rows, CHANGE_CACHE_POSITIONS))
 }
 
 /// Invalidates every cache that depends on `room_id`'s current state, and the

@@ -26,9 +26,6 @@ pub const RECEIPTS_STREAM: &str = "receipts";
 /// A cache key: (room, receipt type).
 type RoomAndType = (String, String);
 
-/// How many distinct positions the change cache remembers.
-const CHANGE_CACHE_POSITIONS: usize = 10_000;
-
 /// A receipt, as stored and as it travels on the stream: on the wire
 /// `[room_id, receipt_type, user_id, event_id, thread_id, data]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,43 +101,24 @@ impl ReceiptsReader {
         caches: &CachesStream,
         config: &ServerConfig,
     ) -> Result<ReceiptsReader, StoreError> {
-        let ids = MultiWriterIdGenerator::new_in(
-            &db,
+        let tables = vec![StreamTable::new("receipts_linearized", "instance_name", "stream_id")];
+        let generator_config =
+            MultiWriterConfig::for_stream(config, RECEIPTS_STREAM, tables, "receipts_sequence");
+        let ids = MultiWriterIdGenerator::new_in(&db, conn, generator_config).await?;
+        let registry = Arc::clone(caches.registry());
+        // Prefilled from the newest rows, which may lie above the current token:
+        // a cache that started empty would deny changes it never saw.
+        let room_changes = StreamChangeCache::load_newest(
             conn,
-            MultiWriterConfig {
-                stream_name: RECEIPTS_STREAM.to_owned(),
-                instance_name: config.instance_name.clone(),
-                tables: vec![StreamTable::new("receipts_linearized", "instance_name", "stream_id")],
-                sequence_name: "receipts_sequence".to_owned(),
-                writers: config.writers_for(RECEIPTS_STREAM),
-                ..MultiWriterConfig::default()
-            },
+            "receipts_room_changes",
+            "SELECT room_id, stream_id FROM receipts_linearized ORDER BY stream_id DESC LIMIT $1",
+            ids.get_current_token(),
         )
         .await?;
-        let registry = Arc::clone(caches.registry());
-        let current = ids.get_current_token();
-        let limit = i64::try_from(CHANGE_CACHE_POSITIONS).unwrap_or(i64::MAX);
-        let newest_rows = conn
-            .query(
-                "SELECT room_id, stream_id FROM receipts_linearized ORDER BY stream_id DESC LIMIT $1",
-                &[&limit],
-            )
-            .await?
-            .iter()
-            .map(|row| Ok((row.get(0)?, row.get(1)?)))
-            .collect::<Result<Vec<(String, i64)>, StoreError>>()?;
         Ok(ReceiptsReader {
             room_receipts: registry.register("get_receipts_for_room")?,
             last_receipt: registry.register("get_last_receipt_event_id_for_user")?,
-            // Prefilled from the newest rows, which may lie above the current
-            // token: a cache that started empty would deny changes it never saw.
-            room_changes: Arc::new(StreamChangeCache::prefilled(
-                "receipts_room_changes",
-                current,
-                CHANGE_CACHE_POSITIONS,
-                &newest_rows,
-                CHANGE_CACHE_POSITIONS,
-            )),
+            room_changes: Arc::new(room_changes),
             registry,
             db,
             ids,

@@ -76,6 +76,30 @@ impl StreamChangeCache {
         cache
     }
 
+    /// How many positions the change caches of the store crates remember.
+    pub const DEFAULT_POSITIONS: usize = 10_000;
+
+    /// A cache of [`StreamChangeCache::DEFAULT_POSITIONS`] positions, prefilled
+    /// (see [`StreamChangeCache::prefilled`]) from the `(entity, position)` rows
+    /// `newest_sql` returns in descending position, given `LIMIT $1`. Done on
+    /// the start-up connection, so that every cache of a process starts from
+    /// one snapshot.
+    pub async fn load_newest(
+        conn: &mut crate::Transaction,
+        name: &'static str,
+        newest_sql: &str,
+        current_position: i64,
+    ) -> Result<StreamChangeCache, crate::StoreError> {
+        let positions = StreamChangeCache::DEFAULT_POSITIONS;
+        let limit = i64::try_from(positions).unwrap_or(i64::MAX);
+        let rows = conn.query(newest_sql, &[&limit]).await?;
+        let rows = rows
+            .iter()
+            .map(|row| Ok((row.get(0)?, row.get(1)?)))
+            .collect::<Result<Vec<(String, i64)>, crate::StoreError>>()?;
+        Ok(StreamChangeCache::prefilled(name, current_position, positions, &rows, positions))
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // The bookkeeping cannot panic half-way; a poisoned lock is still consistent.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)

@@ -96,6 +96,26 @@ pub struct MultiWriterConfig {
     pub background_record_delay: Duration,
 }
 
+impl MultiWriterConfig {
+    /// The generator of `stream` for the process `config` describes: its
+    /// instance name, and the stream's writers from `[stream_writers]`.
+    pub fn for_stream(
+        config: &server_config::ServerConfig,
+        stream: &str,
+        tables: Vec<StreamTable>,
+        sequence_name: &str,
+    ) -> MultiWriterConfig {
+        MultiWriterConfig {
+            stream_name: stream.to_owned(),
+            instance_name: config.instance_name.clone(),
+            tables,
+            sequence_name: sequence_name.to_owned(),
+            writers: config.writers_for(stream),
+            ..MultiWriterConfig::default()
+        }
+    }
+}
+
 impl Default for MultiWriterConfig {
     fn default() -> Self {
         MultiWriterConfig {
