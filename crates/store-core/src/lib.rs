@@ -13,6 +13,9 @@
 //!   `stream_positions`.
 //! - Caches: [`Cache`], [`CacheRegistry`], [`StreamChangeCache`], and the
 //!   [`CachesStream`] that carries invalidations to other processes.
+//! - [`MultiWriterToken`]: a position on a stream of several writers, and
+//!   [`MultiWriterIdGenerator::wait_for_token`], the wait before serving a read
+//!   at a client's token.
 //! - [`Store`]: the uniform constructor `new(db, conn, config)` every store shares.
 //!
 //! This crate knows nothing about events, receipts or any other domain.
@@ -27,6 +30,7 @@ mod migrate;
 mod sql;
 mod store;
 mod stream;
+mod token;
 mod transaction;
 mod value;
 
@@ -43,6 +47,7 @@ pub use id_generator::{
 pub use migrate::{MigrationReport, latest_version};
 pub use store::{HasDatabase, Store, build_store};
 pub use stream::StreamUpdates;
+pub use token::{MultiWriterToken, TokenError};
 pub use transaction::Transaction;
 pub use value::{ColumnIndex, FromSqlValue, Row, SqlValue, ToSqlValue, Value};
 

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use store_core::{
-    Database, Engine, MultiWriterConfig, MultiWriterIdGenerator, SingleWriterIdGenerator, StoreError,
-    StreamTable,
+    Database, Engine, MultiWriterConfig, MultiWriterIdGenerator, MultiWriterToken, SingleWriterIdGenerator,
+    StoreError, StreamTable,
 };
 use store_test_support::{TestDb, TestResult, engine_tests};
 
@@ -1015,6 +1015,33 @@ mod postgres_only {
         assert!(!waiter.is_finished(), "one short of the token");
         reader.advance("first", before + 2);
         waiter.await??;
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_a_token_waits_for_every_writer_it_covers() -> TestResult {
+        let (_db, harness) = harness(&["foobar"], true).await?;
+        harness.insert_rows("first", 3).await?;
+        let reader = Arc::new(harness.generator("reader", &["first", "second"]).await?);
+        let level = reader.get_current_token();
+        // `first` ahead by 2, and `second` (at `level`) must be reached too.
+        let token = MultiWriterToken::new(level, BTreeMap::from([("first".to_owned(), level + 2)]))?;
+        let waiter = {
+            let (reader, token) = (Arc::clone(&reader), token.clone());
+            tokio::spawn(async move { reader.wait_for_token(&token, Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "`first` is not there yet");
+        reader.advance("first", level + 2);
+        waiter.await??;
+
+        let ahead = MultiWriterToken::new(level + 2, BTreeMap::new())?;
+        let err = reader.wait_for_token(&ahead, Duration::from_millis(50)).await.expect_err("second lags");
+        assert!(matches!(&err, StoreError::Timeout { writer, .. } if writer == "second"), "{err}");
+        assert_eq!(
+            MultiWriterToken::from_generator(&reader),
+            MultiWriterToken::new(level, BTreeMap::from([("first".to_owned(), level + 2)]))?
+        );
         Ok(())
     }
 }
