@@ -70,7 +70,7 @@ macro_rules! compose {
                 // positions of writers its config does not list, which a process
                 // with a conflicting config must never do to the others.
                 check_stream_writers(config).map_err(StoreError::Misconfigured)?;
-                topology::agree_on_writers(conn, config).await?;
+                topology::agree_on_writers(&db, conn, config).await?;
                 let registry = CacheRegistry::new(config.caches.clone());
                 let caches = Arc::new(CachesStream::new(db.clone(), conn, config, registry).await?);
                 $(let $field = Arc::new(<$reader>::new(db.clone(), conn, &caches, config).await?);)*

@@ -1,7 +1,9 @@
 //! Which instance writes which stream: checked in one process's config, and
 //! agreed between the processes of a deployment through the database.
 
-use store_core::{ServerConfig, StoreError, Transaction};
+use std::collections::BTreeMap;
+
+use store_core::{Database, Engine, ServerConfig, StoreError, Transaction};
 
 use crate::WRITABLE_STREAMS;
 
@@ -27,79 +29,80 @@ pub fn check_stream_writers(config: &ServerConfig) -> Result<(), String> {
 }
 
 /// Makes sure this process agrees with the deployment on every stream's
-/// writers, as recorded in `deployment_stream_writers`.
+/// writers, as recorded in `deployment_stream_writers`, before anything is
+/// loaded: a generator deletes the recorded positions of writers its config
+/// does not list, so a misconfigured process must never get that far.
 ///
-/// The master is the authority: it records its config at every start (a
-/// changed deployment is a warning). Any other process must match what is
-/// recorded, or refuses to start; one started before the master ever ran
-/// records its own view, which later workers must then match.
+/// The master is the authority: it records its lists at every start (a changed
+/// list is a warning: the other processes must be restarted with it). Any other
+/// process must match the record, and refuses to start before the master has
+/// made one. Runs in interactions of its own, committed before the start-up
+/// transaction takes its snapshot.
 pub(crate) async fn agree_on_writers(
+    db: &Database,
     conn: &mut Transaction,
     config: &ServerConfig,
 ) -> Result<(), StoreError> {
+    let ours = WRITABLE_STREAMS
+        .iter()
+        .map(|stream| {
+            serde_json::to_string(&config.writers_for(stream))
+                .map(|writers| (*stream, writers))
+                .map_err(|err| StoreError::Misconfigured(format!("cannot record writers: {err}")))
+        })
+        .collect::<Result<Vec<(&str, String)>, StoreError>>()?;
     let is_master = config.instance_name == server_config::MASTER_INSTANCE;
-    for stream in WRITABLE_STREAMS {
-        let ours = config.writers_for(stream);
-        let ours_text = serde_json::to_string(&ours)
-            .map_err(|err| StoreError::Misconfigured(format!("cannot record writers: {err}")))?;
-        let recorded = read_recorded(conn, stream).await?;
-        match recorded {
-            Some((recorded, by)) if recorded != ours_text => {
-                if is_master {
+    match db.engine() {
+        // One process only, whose start-up transaction already holds the write lock.
+        Engine::Sqlite => agree(conn, &ours, is_master).await,
+        // Committed before the start-up transaction takes its snapshot, so that
+        // processes starting together see the master's record.
+        Engine::Postgres => {
+            db.run_interaction("agree_on_stream_writers", move |txn| {
+                let ours = ours.clone();
+                Box::pin(async move { agree(txn, &ours, is_master).await })
+            })
+            .await
+        }
+    }
+}
+
+async fn agree(txn: &mut Transaction, ours: &[(&str, String)], is_master: bool) -> Result<(), StoreError> {
+    let rows = txn.query("SELECT stream_name, writers FROM deployment_stream_writers", &[]).await?;
+    let recorded = rows
+        .iter()
+        .map(|row| Ok((row.get(0)?, row.get(1)?)))
+        .collect::<Result<BTreeMap<String, String>, StoreError>>()?;
+    for (stream, writers) in ours {
+        match (recorded.get(*stream), is_master) {
+            (Some(recorded), _) if recorded == writers => {}
+            (recorded, true) => {
+                if let Some(previous) = recorded {
                     tracing::warn!(
                         stream,
-                        from = %recorded,
-                        to = %ours_text,
-                        "the deployment's writers changed (recorded by `{by}`); restart every other process with the new config"
+                        from = %previous,
+                        to = %writers,
+                        "the deployment's writers changed; restart every other process with the new config"
                     );
-                    record(conn, stream, &ours_text, &config.instance_name).await?;
-                } else {
-                    return Err(StoreError::Misconfigured(format!(
-                        "`[stream_writers] {stream}` is {ours_text} here but {recorded} for the deployment (recorded by `{by}`); every process must list the same writers"
-                    )));
                 }
+                txn.execute(
+                    "INSERT INTO deployment_stream_writers (stream_name, writers, recorded_by) VALUES ($1, $2, $3) \
+                     ON CONFLICT (stream_name) DO UPDATE SET writers = EXCLUDED.writers",
+                    &[stream, writers, &server_config::MASTER_INSTANCE],
+                )
+                .await?;
             }
-            Some(_) => {}
-            None => {
-                record(conn, stream, &ours_text, &config.instance_name).await?;
-                if !is_master {
-                    // Another process may have recorded first, in a race: compare
-                    // with whatever won.
-                    if let Some((recorded, by)) = read_recorded(conn, stream).await?
-                        && recorded != ours_text
-                    {
-                        return Err(StoreError::Misconfigured(format!(
-                            "`[stream_writers] {stream}` is {ours_text} here but {recorded} for the deployment (recorded by `{by}`); every process must list the same writers"
-                        )));
-                    }
-                }
+            (Some(recorded), false) => {
+                return Err(StoreError::Misconfigured(format!(
+                    "`[stream_writers] {stream}` is {writers} here but {recorded} for the deployment (as the master recorded it); every process must list the same writers"
+                )));
+            }
+            (None, false) => {
+                return Err(StoreError::Misconfigured(format!(
+                    "the master has not recorded the deployment's writers of `{stream}` in this database yet; start the master first"
+                )));
             }
         }
     }
-    Ok(())
-}
-
-async fn read_recorded(conn: &mut Transaction, stream: &str) -> Result<Option<(String, String)>, StoreError> {
-    let rows = conn
-        .query(
-            "SELECT writers, recorded_by FROM deployment_stream_writers WHERE stream_name = $1",
-            &[&stream],
-        )
-        .await?;
-    rows.first().map(|row| Ok((row.get(0)?, row.get(1)?))).transpose()
-}
-
-async fn record(conn: &mut Transaction, stream: &str, writers: &str, by: &str) -> Result<(), StoreError> {
-    // The master's record replaces any other; another process's only fills a gap.
-    let on_conflict = if by == server_config::MASTER_INSTANCE {
-        "DO UPDATE SET writers = EXCLUDED.writers, recorded_by = EXCLUDED.recorded_by"
-    } else {
-        "DO NOTHING"
-    };
-    let sql = format!(
-        "INSERT INTO deployment_stream_writers (stream_name, writers, recorded_by) VALUES ($1, $2, $3) \
-         ON CONFLICT (stream_name) {on_conflict}"
-    );
-    conn.execute(&sql, &[&stream, &writers, &by]).await?;
     Ok(())
 }

@@ -45,10 +45,13 @@ pub trait HasDatabase: Send + Sync {
 ///
 /// This is the composition root's one call per process: `S` is the master's or a
 /// worker's top-level store, whose constructor builds its components on the same
-/// `conn`.
+/// `conn`. Like any interaction it is retried on a serialization failure (two
+/// processes recording their positions at once), building everything afresh.
 pub async fn build_store<S: Store>(db: &Database, config: &ServerConfig) -> Result<S, StoreError> {
-    let mut conn = db.begin("build_stores").await?;
-    let store = S::new(db.clone(), &mut conn, config).await?;
-    conn.commit().await?;
-    Ok(store)
+    let config = config.clone();
+    db.run_interaction("build_stores", move |conn| {
+        let (db, config) = (db.clone(), config.clone());
+        Box::pin(async move { S::new(db, conn, &config).await })
+    })
+    .await
 }

@@ -131,21 +131,46 @@ fn expect_conflict(result: Result<DataStore, StoreError>, expected: &str) -> Tes
 async fn the_master_decides_the_writers_and_the_others_must_agree() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
     let url = test_db.url.clone();
-    // A worker started before the master records its view for later workers.
-    let _p1: DataStore = build_store(&test_db.db, &deployment_config(&url, "p1", &["p1", "p2"])?).await?;
+    // Before the master has recorded anything, a worker cannot know whether its
+    // writers are right, and its generators would delete others' positions.
     expect_conflict(
-        build_store(&test_db.db, &deployment_config(&url, "p2", &["p2", "p1"])?).await,
-        r#"`[stream_writers] events` is ["p2","p1"] here but ["p1","p2"] for the deployment (recorded by `p1`)"#,
+        build_store(&test_db.db, &deployment_config(&url, "p1", &["p1", "p2"])?).await,
+        "the master has not recorded the deployment's writers of `events` in this database yet; start the master first",
     )?;
 
-    // The master's view wins, and the others must match it from then on.
+    let _master: DataStore =
+        build_store(&test_db.db, &deployment_config(&url, "master", &["p1", "p2"])?).await?;
+    let _p1: DataStore = build_store(&test_db.db, &deployment_config(&url, "p1", &["p1", "p2"])?).await?;
+    // The order matters too: it is how writes are sharded.
+    expect_conflict(
+        build_store(&test_db.db, &deployment_config(&url, "p2", &["p2", "p1"])?).await,
+        r#"`[stream_writers] events` is ["p2","p1"] here but ["p1","p2"] for the deployment (as the master recorded it)"#,
+    )?;
+
+    // A master restarted with new writers replaces the record.
     let _master: DataStore = build_store(&test_db.db, &deployment_config(&url, "master", &["p1"])?).await?;
     expect_conflict(
         build_store(&test_db.db, &deployment_config(&url, "p2", &["p1", "p2"])?).await,
-        r#"is ["p1","p2"] here but ["p1"] for the deployment (recorded by `master`)"#,
+        r#"is ["p1","p2"] here but ["p1"] for the deployment"#,
     )?;
     let _agreeing: DataStore = build_store(&test_db.db, &deployment_config(&url, "p2", &["p1"])?).await?;
-    let _p1: DataStore = build_store(&test_db.db, &deployment_config(&url, "p1", &["p1"])?).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_starting_together_on_a_recorded_deployment_all_start() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let url = test_db.url.clone();
+    let _master: DataStore =
+        build_store(&test_db.db, &deployment_config(&url, "master", &["p1", "p2"])?).await?;
+    let mut starts = tokio::task::JoinSet::new();
+    for instance in ["master", "p1", "p2", "p1", "p2"] {
+        let (db, config) = (test_db.reconnect().await?, deployment_config(&url, instance, &["p1", "p2"])?);
+        starts.spawn(async move { build_store::<DataStore>(&db, &config).await.map(drop) });
+    }
+    while let Some(started) = starts.join_next().await {
+        started??;
+    }
     Ok(())
 }
 
