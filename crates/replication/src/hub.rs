@@ -84,6 +84,8 @@ pub(crate) struct Peer {
     pub(crate) connected: Mutex<HashSet<String>>,
     /// When the last valid command arrived (or the connection opened).
     last_received: Mutex<Instant>,
+    /// Notified to end the connection in order (at shutdown, once drained).
+    pub(crate) close: Notify,
 }
 
 impl Peer {
@@ -97,6 +99,7 @@ impl Peer {
             name: Mutex::new(name),
             connected: Mutex::new(HashSet::new()),
             last_received: Mutex::new(Instant::now()),
+            close: Notify::new(),
         };
         (Arc::new(peer), outgoing)
     }
@@ -209,13 +212,15 @@ impl Hub {
         &self.instance_name
     }
 
-    /// Per connection, the peer's name and how long since it last sent a valid
-    /// command: a peer silent for long is stuck or gone.
-    pub fn peer_silences(&self) -> Vec<(String, Duration)> {
+    /// Per connection (by its number), the peer's name and how long since it
+    /// last sent a valid command: a peer silent for long is stuck or gone.
+    pub fn peer_silences(&self) -> Vec<(u64, String, Duration)> {
         let now = Instant::now();
         self.peers()
-            .values()
-            .map(|peer| (lock(&peer.name).clone(), now.saturating_duration_since(*lock(&peer.last_received))))
+            .iter()
+            .map(|(id, peer)| {
+                (*id, lock(&peer.name).clone(), now.saturating_duration_since(*lock(&peer.last_received)))
+            })
             .collect()
     }
 
@@ -230,21 +235,33 @@ impl Hub {
     }
 
     /// Says goodbye before the process exits: a worker (`clear_user_sync`)
-    /// queues `CLEAR_USER_SYNC` so the others forget its syncing users; then
-    /// this waits, at most `timeout`, until every connection has written what
-    /// was queued for it. The caller then stops the transports, which closes
-    /// the connections.
+    /// queues `CLEAR_USER_SYNC`, which tells the others it is going; then this
+    /// waits until every connection has written what was queued for it, and
+    /// ends each connection in order (so no written line is lost to a reset),
+    /// all within `timeout`. The caller then stops the transports.
     pub async fn shut_down(&self, clear_user_sync: bool, timeout: Duration) {
         if clear_user_sync {
             self.broadcast(&Command::ClearUserSync { instance_id: self.instance_name.clone() }, None);
         }
+        let deadline = tokio::time::Instant::now() + timeout;
         let drained = async {
             while self.peers().values().any(|peer| peer.pending.load(Ordering::Acquire) > 0) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
-        if tokio::time::timeout(timeout, drained).await.is_err() {
+        if tokio::time::timeout_at(deadline, drained).await.is_err() {
             tracing::warn!("replication connections did not drain before shutdown");
+        }
+        for peer in self.peers().values() {
+            peer.close.notify_one();
+        }
+        let closed = async {
+            while self.connections() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout_at(deadline, closed).await.is_err() {
+            tracing::debug!("replication connections still open at shutdown; dropping them");
         }
     }
 
@@ -323,6 +340,12 @@ impl Hub {
     /// Handles one valid command from connection `from`. Returns an error text
     /// when the connection must close.
     pub(crate) async fn handle(&self, from: u64, side: Side, command: Command) -> Result<(), String> {
+        if let Command::Rdata { instance, .. } | Command::Position { instance, .. } = &command
+            && *instance == self.instance_name
+        {
+            // Our own rows, echoed by Redis: neither news nor a sign of the peers' life.
+            return Ok(());
+        }
         self.received.count(command.name());
         if let Some(peer) = self.peers().get(&from) {
             *lock(&peer.last_received) = Instant::now();

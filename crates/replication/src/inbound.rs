@@ -37,6 +37,18 @@ pub enum InboundError {
     },
 }
 
+/// A catch-up's entry in [`Inbound`]'s backlog, removed when dropped.
+struct BacklogEntry<'a> {
+    backlog: &'a Mutex<BTreeMap<(String, String), i64>>,
+    key: (String, String),
+}
+
+impl Drop for BacklogEntry<'_> {
+    fn drop(&mut self) {
+        lock(self.backlog).remove(&self.key);
+    }
+}
+
 /// The receiving side of replication for one process.
 ///
 /// Commands of one stream must be handed over one at a time and in order (the
@@ -185,9 +197,9 @@ impl Inbound {
         let name = stream.name();
         tracing::debug!(stream = name, writer, from, to, "catching up from the database");
         let key = (name.to_owned(), writer.to_owned());
-        let result = self.catch_up_batches(stream, writer, from, to, &key).await;
-        lock(&self.backlog).remove(&key);
-        result
+        // Removed however the catch-up ends, a cancelled one included.
+        let _backlog = BacklogEntry { backlog: &self.backlog, key: key.clone() };
+        self.catch_up_batches(stream, writer, from, to, &key).await
     }
 
     async fn catch_up_batches(

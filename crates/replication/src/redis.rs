@@ -75,7 +75,6 @@ pub async fn run_forever(hub: Arc<Hub>, address: RedisAddress) {
                 tracing::warn!(redis = %address.host_port, "Redis replication failed: {err}; reconnecting")
             }
         }
-        hub.count_reconnect();
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);
         }
@@ -181,6 +180,8 @@ async fn session(hub: &Arc<Hub>, address: &RedisAddress) -> Result<(), String> {
     hub.announce_to(&peer);
     let result = follow(hub, id, &mut subscriber, decoder, &failed).await;
     hub.remove_peer(id);
+    // A connection that was up is lost; failed attempts are not counted.
+    hub.count_reconnect();
     publisher_task.abort();
     result
 }
@@ -197,7 +198,7 @@ async fn publish(
     let user_ip_channel = user_ip_channel(&hub.server_name);
     // Aborted with this function (also when this task itself is aborted), so a
     // half-open connection's reader cannot outlive the session.
-    let _drain = AbortOnDrop(tokio::spawn({
+    let mut drain = AbortOnDrop(tokio::spawn({
         let failed = Arc::clone(&failed);
         async move {
             let mut buffer = [0u8; 4096];
@@ -230,7 +231,6 @@ async fn publish(
         tokio::select! {
             command = outgoing.recv() => {
                 let Some(command) = command else { break };
-                peer.pending.fetch_sub(1, Ordering::AcqRel);
                 // `USER_IP` has a channel of its own; everything else shares one.
                 let channel = if command.name == CommandName::UserIp { &user_ip_channel } else { &hub.server_name };
                 let request = encode(&[b"PUBLISH", channel.as_bytes(), command.line.as_bytes()]);
@@ -241,12 +241,22 @@ async fn publish(
                         if written.is_err() {
                             break;
                         }
+                        // Counted as sent once written, so a shutdown that waits
+                        // for the queues to drain waits for the writes.
+                        peer.pending.fetch_sub(1, Ordering::AcqRel);
                     }
                     () = peer.congested.notified() => {
                         tracing::warn!("Redis stopped taking publications; reconnecting");
                         break;
                     }
                 }
+            }
+            () = peer.close.notified() => {
+                // Shutting down: end the connection in order, so that nothing
+                // written is lost to a reset, and let Redis answer the rest.
+                let _ = writer.shutdown().await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), &mut drain.0).await;
+                break;
             }
             () = peer.congested.notified() => {
                 tracing::warn!("cannot publish fast enough to Redis; reconnecting");

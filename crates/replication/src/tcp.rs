@@ -70,7 +70,6 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
                 tokio::select! {
                     command = outgoing.recv() => {
                         let Some(command) = command else { break };
-                        peer.pending.fetch_sub(1, Ordering::AcqRel);
                         let close_after = command.name == CommandName::Error;
                         // A peer that stopped reading blocks this write: congestion
                         // must still end the connection.
@@ -80,6 +79,9 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
                                 if written.is_err() {
                                     break;
                                 }
+                                // Counted as sent once written, so a shutdown that
+                                // waits for the queues to drain waits for the writes.
+                                peer.pending.fetch_sub(1, Ordering::AcqRel);
                             }
                             () = peer.congested.notified() => {
                                 tracing::warn!("replication peer stopped reading; closing");
@@ -91,6 +93,8 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
                             break;
                         }
                     }
+                    // Shutting down, everything queued written: end in order.
+                    () = peer.close.notified() => break,
                     () = peer.congested.notified() => {
                         tracing::warn!(peer = %lock(&peer.name), "replication peer cannot keep up; closing");
                         // Bypass the queue: the peer reconnects and catches up.
