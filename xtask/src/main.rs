@@ -126,6 +126,7 @@ fn deps(sh: &Shell) -> anyhow::Result<()> {
         ("store-receipts", "store-account-data", "domain crates never depend on each other"),
         ("store-account-data", "replication", "store crates sit below replication"),
         ("store-events", "replication", "store crates sit below replication"),
+        ("store-receipts", "replication", "store crates sit below replication"),
         ("replication", "slaved-stores", "the compositions sit above replication"),
         ("server-config", "store-core", "the config crate sits below the database layer"),
         ("replication-proto", "tokio", "the wire protocol is a leaf: no runtime"),

@@ -78,25 +78,32 @@ fn streams(state: &AppState, text: &mut Text) {
             );
         }
     }
+    // (stream, fastest writer, slowest writer, current token), for the streams
+    // with writer positions; each family's samples must stay together.
+    let spans: Vec<(&str, i64, i64, i64)> = streams
+        .iter()
+        .filter_map(|stream| {
+            let positions: Vec<i64> =
+                stream.writer_positions().into_iter().map(|(_, position)| position).collect();
+            let (fastest, slowest) = (*positions.iter().max()?, *positions.iter().min()?);
+            Some((stream.name(), fastest, slowest, stream.current_stream_token()))
+        })
+        .collect();
     text.family(
         "homeserver_stream_lag",
         "gauge",
         "How far this process's current token trails the fastest writer it knows of.",
     );
+    for (stream, fastest, _, current) in &spans {
+        text.sample("homeserver_stream_lag", &[("stream", stream)], (fastest - current).max(0));
+    }
     text.family(
         "homeserver_stream_writer_spread",
         "gauge",
         "How far the slowest writer trails the fastest: a stuck or idle writer holding the stream back.",
     );
-    for stream in &streams {
-        let positions: Vec<i64> =
-            stream.writer_positions().into_iter().map(|(_, position)| position).collect();
-        let (Some(fastest), Some(slowest)) = (positions.iter().max(), positions.iter().min()) else {
-            continue;
-        };
-        let labels = [("stream", stream.name())];
-        text.sample("homeserver_stream_lag", &labels, (fastest - stream.current_stream_token()).max(0));
-        text.sample("homeserver_stream_writer_spread", &labels, fastest - slowest);
+    for (stream, fastest, slowest, _) in &spans {
+        text.sample("homeserver_stream_writer_spread", &[("stream", stream)], fastest - slowest);
     }
     text.family(
         "homeserver_stream_oldest_in_flight_seconds",
@@ -166,8 +173,13 @@ fn replication(state: &AppState, text: &mut Text) {
         "gauge",
         "Time since each replication peer last sent a valid command.",
     );
-    for (peer, silence) in hub.peer_silences() {
-        text.sample("homeserver_replication_peer_silence_seconds", &[("peer", &peer)], silence.as_secs_f64());
+    for (connection, peer, silence) in hub.peer_silences() {
+        let connection = connection.to_string();
+        text.sample(
+            "homeserver_replication_peer_silence_seconds",
+            &[("connection", &connection), ("peer", &peer)],
+            silence.as_secs_f64(),
+        );
     }
 }
 

@@ -261,7 +261,37 @@ engine_tests!(
     the_single_writer_generator_counts_from_the_table,
     a_burst_of_finishes_shares_its_upserts,
     a_restart_never_moves_a_position_backwards,
+    flush_records_what_the_background_has_not_yet,
 );
+
+async fn flush_records_what_the_background_has_not_yet(test_db: TestDb) -> TestResult {
+    let harness = Harness::new(&test_db, &["foobar"], true).await?;
+    harness.insert_rows("master", 7).await?;
+    let config = MultiWriterConfig {
+        // Longer than the test: only the flush can record the write.
+        background_record_delay: Duration::from_secs(3600),
+        ..harness.config("master", &["master"])
+    };
+    let generator = MultiWriterIdGenerator::new(&harness.db, config).await?;
+    let recorded_at_start = harness.stored_position("master").await?;
+    harness
+        .db
+        .run_interaction("write_in_txn", |txn| {
+            let generator = generator.clone();
+            Box::pin(async move {
+                let id = generator.get_next_txn(txn).await?;
+                txn.execute("INSERT INTO foobar (stream_id, instance_name) VALUES ($1, 'master')", &[&id])
+                    .await?;
+                Ok(())
+            })
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(harness.stored_position("master").await?, recorded_at_start, "not recorded yet");
+    generator.flush().await?;
+    assert_eq!(harness.stored_position("master").await?, Some(8));
+    Ok(())
+}
 
 async fn empty_stream_starts_at_one(test_db: TestDb) -> TestResult {
     let harness = Harness::new(&test_db, &["foobar"], true).await?;
