@@ -32,9 +32,12 @@ pub struct PositionTracker {
     instance_name: String,
     /// Per writer, the position known here.
     positions: BTreeMap<String, i64>,
-    /// IDs this process allocated and has not finished, with when they were
-    /// handed out (for the age of the oldest, a health signal).
-    unfinished: BTreeMap<i64, Instant>,
+    /// IDs this process allocated and has not finished.
+    unfinished: BTreeSet<i64>,
+    /// When each allocation still holding an unfinished ID returned, keyed by
+    /// its lowest ID: for the age of the oldest unfinished ID, a health signal.
+    /// Kept per allocation, not per ID, so finishing an ID costs nothing more.
+    allocated_at: BTreeMap<i64, Instant>,
     /// For each allocation between "asked the sequence" and "recorded the IDs": the
     /// highest ID seen when it started (a multiset: value → count).
     in_flight_fetches: BTreeMap<i64, usize>,
@@ -57,7 +60,8 @@ impl PositionTracker {
         PositionTracker {
             instance_name: instance_name.to_owned(),
             positions: BTreeMap::new(),
-            unfinished: BTreeMap::new(),
+            unfinished: BTreeSet::new(),
+            allocated_at: BTreeMap::new(),
             in_flight_fetches: BTreeMap::new(),
             finished: BTreeSet::new(),
             persisted_upto: 1,
@@ -104,9 +108,19 @@ impl PositionTracker {
 
     /// Records the IDs an allocation returned (none if it failed) and closes it.
     pub fn end_fetch(&mut self, token: FetchToken, ids: &[i64]) {
-        if !ids.is_empty() {
-            let now = Instant::now();
-            self.unfinished.extend(ids.iter().map(|id| (*id, now)));
+        self.unfinished.extend(ids.iter().copied());
+        if let Some(&lowest) = ids.iter().min() {
+            self.allocated_at.insert(lowest, Instant::now());
+            // Allocations below the one holding the oldest unfinished ID are done.
+            if let Some(&oldest) = self.unfinished.first()
+                && let Some((&holder, _)) = self.allocated_at.range(..=oldest).next_back()
+            {
+                while let Some(entry) = self.allocated_at.first_entry()
+                    && *entry.key() < holder
+                {
+                    entry.remove();
+                }
+            }
         }
         if let Some(&highest) = ids.iter().max() {
             self.max_seen_allocated = self.max_seen_allocated.max(highest);
@@ -134,7 +148,7 @@ impl PositionTracker {
     /// The lowest ID this process may still write: an unfinished one, or anything
     /// above the highest ID seen when a fetch started.
     fn lowest_pending(&self) -> Option<i64> {
-        let unfinished = self.unfinished.first_key_value().map(|(id, _)| *id);
+        let unfinished = self.unfinished.first().copied();
         let fetching = self.in_flight_fetches.keys().next().map(|guard| guard + 1);
         unfinished.into_iter().chain(fetching).min()
     }
@@ -251,9 +265,13 @@ impl PositionTracker {
 
     /// How long the oldest ID this process allocated and has not finished has
     /// been in flight at `now`; `None` with nothing in flight. A write stuck for
-    /// long holds every reader of the stream back.
+    /// long holds every reader of the stream back. (When concurrent allocations
+    /// interleave their IDs, the age may be that of a later allocation: a lower
+    /// bound.)
     pub fn oldest_unfinished_age(&self, now: Instant) -> Option<Duration> {
-        self.unfinished.values().min().map(|since| now.saturating_duration_since(*since))
+        let oldest = self.unfinished.first()?;
+        let (_, since) = self.allocated_at.range(..=oldest).next_back()?;
+        Some(now.saturating_duration_since(*since))
     }
 }
 
