@@ -3,7 +3,7 @@
 //! - `cargo xtask ci [STEP]`: every check CI runs, in order, or one of them:
 //!   `services`, `fmt`, `clippy`, `test`, `docs`, `tidy`, `deps`.
 //! - `cargo xtask services`: start PostgreSQL and Redis when they are not running.
-//! - `cargo xtask bench idgen|stores|replication`: the benchmarks, printed as
+//! - `cargo xtask bench idgen|stores|replication|topology`: the benchmarks, printed as
 //!   ratios against baselines measured in the same run.
 //! - `cargo xtask new-migration NAME`: create the next numbered migration for both
 //!   engines.
@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
         ["bench", target] => bench(&sh, target),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci [{}]\n       cargo xtask services\n       cargo xtask bench idgen|stores|replication\n       cargo xtask new-migration NAME",
+                "usage: cargo xtask ci [{}]\n       cargo xtask services\n       cargo xtask bench idgen|stores|replication|topology\n       cargo xtask new-migration NAME",
                 STEPS.join("|")
             );
             bail!("unknown command: {}", args.join(" "))
@@ -92,7 +92,14 @@ fn bench(sh: &Shell, target: &str) -> anyhow::Result<()> {
             cmd!(sh, "cargo bench --locked -p replication --bench replication").run()?;
             Ok(())
         }
-        other => bail!("unknown benchmark group `{other}`; the groups are: idgen, stores, replication"),
+        "topology" => {
+            services(sh)?;
+            cmd!(sh, "cargo bench --locked -p tests --bench topology").run()?;
+            Ok(())
+        }
+        other => {
+            bail!("unknown benchmark group `{other}`; the groups are: idgen, stores, replication, topology")
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! talking HTTP over loopback, on real SQLite files and a real PostgreSQL.
 
 mod config_errors;
+mod deployment;
 mod process;
 mod startup;
 mod topology;

@@ -7,199 +7,16 @@
 //! from `/admin/v1/streams`, `/metrics` and its cached room state.
 
 use std::collections::BTreeSet;
-use std::net::TcpListener;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use store_core::Engine;
-use store_test_support::EmptyDb;
+use serde_json::Value;
 
-use crate::process::{Binary, Server, http_request, run_to_exit};
-
-const SECRET: &str = "e2e shared secret";
-const REDIS: &str = "redis://127.0.0.1:6379";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Transport {
-    Redis,
-    Tcp,
-}
-
-/// The configs of one deployment on a fresh database; processes are started
-/// from them by name.
-pub(crate) struct Deployment {
-    dir: tempfile::TempDir,
-    /// Removed last: the processes, killed on drop, are the callers' locals
-    /// and go first.
-    db: EmptyDb,
-    server_name: String,
-    transport: Transport,
-    replication_port: u16,
-    /// Every instance's HTTP port, `master` first.
-    instances: Vec<(String, u16)>,
-    event_writers: Vec<String>,
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local address").port()
-}
-
-impl Deployment {
-    /// A deployment with `instances` besides the master, of which
-    /// `event_writers` write events.
-    pub(crate) fn new(transport: Transport, instances: &[&str], event_writers: &[&str]) -> Deployment {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-        let db =
-            runtime.block_on(store_test_support::TestDb::new_empty(Engine::Postgres)).expect("a database");
-        // The Redis channel is named after the server: one per deployment.
-        let server_name = format!("e2e{}.{}", std::process::id(), free_port());
-        let instances = std::iter::once("master")
-            .chain(instances.iter().copied())
-            .map(|name| (name.to_owned(), free_port()))
-            .collect();
-        Deployment {
-            dir: tempfile::tempdir().expect("a temporary directory"),
-            db,
-            server_name,
-            transport,
-            replication_port: free_port(),
-            instances,
-            event_writers: event_writers.iter().map(|name| (*name).to_owned()).collect(),
-        }
-    }
-
-    /// The config of `instance`, with `events` as its list of event writers.
-    pub(crate) fn config_with_writers(&self, instance: &str, event_writers: &[String]) -> String {
-        let port = self.port(instance);
-        let replication = match (self.transport, instance) {
-            (Transport::Redis, _) => format!("redis = \"{REDIS}\""),
-            (Transport::Tcp, "master") => format!("listen = \"127.0.0.1:{}\"", self.replication_port),
-            (Transport::Tcp, _) => format!("master = \"127.0.0.1:{}\"", self.replication_port),
-        };
-        let writers: Vec<String> = event_writers.iter().map(|writer| format!("\"{writer}\"")).collect();
-        let map: Vec<String> =
-            self.instances.iter().map(|(name, port)| format!("{name} = \"127.0.0.1:{port}\"")).collect();
-        format!(
-            "server_name = \"{}\"\ninstance_name = \"{instance}\"\nworker_replication_secret = \"{SECRET}\"\n\
-             [database]\nurl = \"{}\"\npool_size = 4\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
-             [replication]\n{replication}\nping_interval_ms = 1000\nping_timeout_ms = 5000\n\
-             [stream_writers]\nevents = [{}]\n[instance_map]\n{}\n",
-            self.server_name,
-            self.db.url,
-            writers.join(", "),
-            map.join("\n"),
-        )
-    }
-
-    fn port(&self, instance: &str) -> u16 {
-        self.instances
-            .iter()
-            .find(|(name, _)| name == instance)
-            .map(|(_, port)| *port)
-            .unwrap_or_else(|| panic!("`{instance}` is not part of the deployment"))
-    }
-
-    /// Writes `config` for `instance` and returns the path.
-    pub(crate) fn write_config(&self, instance: &str, config: &str) -> PathBuf {
-        let path = self.dir.path().join(format!("{instance}.toml"));
-        std::fs::write(&path, config).expect("write a config");
-        path
-    }
-
-    fn binary(instance: &str) -> Binary {
-        if instance == "master" { Binary::Master } else { Binary::Worker }
-    }
-
-    /// Starts `instance` with the deployment's config.
-    pub(crate) fn start(&self, instance: &str) -> Server {
-        let path = self.write_config(instance, &self.config_with_writers(instance, &self.event_writers));
-        let path = path.display().to_string();
-        Server::start(Deployment::binary(instance), &["--config", &path], self.dir.path())
-    }
-
-    /// Runs `instance` with `config`, expecting it to fail at start-up.
-    pub(crate) fn fail_to_start(&self, instance: &str, config: &str) -> crate::process::Finished {
-        let path = self.write_config(instance, config).display().to_string();
-        run_to_exit(Deployment::binary(instance), &["--config", &path], self.dir.path())
-    }
-}
-
-/// `GET path` as JSON.
-fn get_json(server: &Server, path: &str) -> Value {
-    let (status, body) = http_request(&server.base_url, "GET", path, Some(SECRET), None)
-        .unwrap_or_else(|err| panic!("GET {path}: {err}"));
-    assert_eq!(status, 200, "GET {path}: {body}");
-    serde_json::from_str(&body).unwrap_or_else(|err| panic!("GET {path}: {err}: {body}"))
-}
-
-/// The `events` stream as `server` reports it.
-fn events_stream(server: &Server) -> Value {
-    get_json(server, "/admin/v1/streams")["streams"]["events"].clone()
-}
-
-fn own_position(writer: &Server) -> i64 {
-    events_stream(writer)["own_position"].as_i64().expect("a writer reports its own position")
-}
-
-/// A join of `user` to a room, as the internal endpoint takes it.
-fn join(user: &str) -> Value {
-    json!({
-        "event_id": format!("$join-{user}"),
-        "type": "m.room.member",
-        "state_key": user,
-        "sender": user,
-        "origin_server_ts": 1,
-        "content": {"membership": "join"},
-    })
-}
-
-/// Persists `events` of `room` on `base_url`; the stream orderings, or why not.
-fn persist(base_url: &str, room: &str, events: &[Value]) -> Result<Vec<i64>, String> {
-    let body = json!({"room_id": room, "events": events}).to_string();
-    let (status, answer) =
-        http_request(base_url, "POST", "/_synapse/replication/persist_events", Some(SECRET), Some(&body))
-            .map_err(|err| err.to_string())?;
-    if status != 200 {
-        return Err(format!("{status}: {answer}"));
-    }
-    let answer: Value = serde_json::from_str(&answer).map_err(|err| err.to_string())?;
-    Ok(answer["stream_orderings"].as_array().into_iter().flatten().filter_map(Value::as_i64).collect())
-}
-
-fn joined_members(server: &Server, room: &str) -> BTreeSet<String> {
-    let path = format!("/admin/v1/rooms/{room}/state");
-    get_json(server, &path)["joined_members"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|member| member.as_str().map(str::to_owned))
-        .collect()
-}
-
-/// Polls `check` until it holds or `within` passes; the panic shows the last
-/// mismatch `check` reported.
-fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + within;
-    while let Err(mismatch) = check() {
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}: {mismatch}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Whether `follower` knows every writer at the position the writer reports.
-fn knows_final_positions(follower: &Server, writers: &[(&str, &Server)]) -> Result<(), String> {
-    let expected: Vec<i64> = writers.iter().map(|(_, writer)| own_position(writer)).collect();
-    let known = events_stream(follower);
-    let all_known = writers
-        .iter()
-        .zip(&expected)
-        .all(|((name, _), position)| known["writers"][*name].as_i64() == Some(*position));
-    if all_known { Ok(()) } else { Err(format!("the writers say {expected:?}; the follower knows {known}")) }
-}
+use crate::deployment::{
+    Deployment, REDIS, Transport, events_stream, eventually, join, joined_members, knows_final_positions,
+    metric, own_position, persist, recorded_position,
+};
 
 fn users(prefix: &str, count: usize) -> Vec<String> {
     (0..count).map(|index| format!("@{prefix}{index}:e2e")).collect()
@@ -261,15 +78,6 @@ fn a_follower_follows_two_event_writers_over_redis() {
 #[test]
 fn a_follower_follows_two_event_writers_over_tcp() {
     two_writers_and_a_follower(Transport::Tcp);
-}
-
-/// Reads a counter (summed over its label sets) from Prometheus text.
-fn metric(metrics: &str, name_and_labels: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(name_and_labels))
-        .filter_map(|line| line.rsplit_once(' ').and_then(|(_, value)| value.parse::<f64>().ok()))
-        .sum()
 }
 
 #[test]
@@ -483,32 +291,6 @@ fn conflicting_or_unknown_writers_and_an_unreachable_redis_refuse_to_start() {
         &deployment.fail_to_start("persister2", &unreachable),
         "`[replication] redis`: Redis at 127.0.0.1:1",
     );
-}
-
-/// `instance`'s recorded position on `stream`, read from `stream_positions`.
-fn recorded_position(url: &str, stream: &str, instance: &str) -> Option<i64> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-    runtime.block_on(async {
-        let db = store_core::Database::connect(url).await.expect("connect to the deployment's database");
-        let (stream, instance) = (stream.to_owned(), instance.to_owned());
-        let position = db
-            .run_autocommit("read_recorded_position", move |txn| {
-                let (stream, instance) = (stream.clone(), instance.clone());
-                Box::pin(async move {
-                    let rows = txn
-                        .query(
-                            "SELECT stream_id FROM stream_positions WHERE stream_name = $1 AND instance_name = $2",
-                            &[&stream, &instance],
-                        )
-                        .await?;
-                    rows.first().map(|row| row.get::<i64>(0)).transpose()
-                })
-            })
-            .await
-            .expect("read stream_positions");
-        db.close().await;
-        position
-    })
 }
 
 #[test]
