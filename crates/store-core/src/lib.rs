@@ -47,7 +47,7 @@ pub use id_generator::{
 pub use migrate::{MigrationReport, latest_version};
 pub use store::{HasDatabase, Store, build_store};
 pub use stream::StreamUpdates;
-pub use token::{MultiWriterToken, TokenError};
+pub use token::{InstanceIds, MultiWriterToken, RoomToken, TokenError, TokenParseError};
 pub use transaction::Transaction;
 pub use value::{ColumnIndex, FromSqlValue, Row, SqlValue, ToSqlValue, Value};
 

@@ -8,8 +8,12 @@
 //! back from a client may be ahead of what a lagging process has applied, which
 //! [`MultiWriterIdGenerator::wait_for_token`] waits out.
 
+mod text;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+
+pub use text::{InstanceIds, RoomToken, TokenParseError};
 
 use crate::{MultiWriterIdGenerator, StoreError};
 

@@ -8,6 +8,7 @@ mod interactions;
 mod migrations;
 mod mixins;
 mod retries;
+mod tokens;
 
 use store_core::{Database, StoreError};
 
