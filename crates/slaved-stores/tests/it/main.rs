@@ -192,3 +192,25 @@ fn unknown_streams_and_several_typing_writers_are_refused() -> TestResult {
     check_stream_writers(&config("events = [\"master\", \"w\"]\ntyping = [\"w\"]")?)?;
     Ok(())
 }
+
+/// The example configs agree on their writers and name only known streams, so
+/// that a deployment started from them starts.
+#[test]
+fn the_example_configs_form_one_deployment() -> TestResult {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples");
+    let mut writers = Vec::new();
+    for (file, role) in
+        [("master.toml", Role::Master), ("persister.toml", Role::Worker), ("worker.toml", Role::Worker)]
+    {
+        let config = ServerConfig::load(&examples.join(file), role, &Overrides::default())?;
+        check_stream_writers(&config).map_err(|err| format!("docs/examples/{file}: {err}"))?;
+        writers.push((file, config.stream_writers));
+    }
+    for (file, stream_writers) in &writers[1..] {
+        assert_eq!(
+            stream_writers, &writers[0].1,
+            "docs/examples/{file} lists other writers than master.toml"
+        );
+    }
+    Ok(())
+}
