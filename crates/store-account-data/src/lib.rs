@@ -209,38 +209,22 @@ impl AccountDataReader {
         to: i64,
         limit: usize,
     ) -> Result<StreamUpdates<AccountDataRow>, StoreError> {
-        if from >= to {
-            return Ok(StreamUpdates::empty(to));
-        }
-        let writer = writer.to_owned();
-        let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = self
-            .db
-            .run_autocommit("get_account_data_updates", move |txn| {
-                let writer = writer.clone();
-                Box::pin(async move {
-                    let rows = txn
-                        .query(
-                            "SELECT stream_id, user_id, room_id, account_data_type FROM account_data \
-                             WHERE instance_name = $1 AND stream_id > $2 AND stream_id <= $3 \
-                             ORDER BY stream_id LIMIT $4",
-                            &[&writer, &from, &to, &limit_i64],
-                        )
-                        .await?;
-                    rows.iter()
-                        .map(|row| {
-                            let change = AccountDataRow {
-                                user_id: row.get(1)?,
-                                room_id: row.get(2)?,
-                                data_type: row.get(3)?,
-                            };
-                            Ok((row.get(0)?, change))
-                        })
-                        .collect::<Result<Vec<_>, StoreError>>()
-                })
-            })
-            .await?;
-        Ok(StreamUpdates::from_page(rows, to, limit))
+        StreamUpdates::fetch(
+            &self.db,
+            "get_account_data_updates",
+            "SELECT stream_id, user_id, room_id, account_data_type FROM account_data \
+             WHERE instance_name = $1 AND stream_id > $2 AND stream_id <= $3 ORDER BY stream_id LIMIT $4",
+            writer,
+            from,
+            to,
+            limit,
+            |row| {
+                let change =
+                    AccountDataRow { user_id: row.get(1)?, room_id: row.get(2)?, data_type: row.get(3)? };
+                Ok((row.get(0)?, change))
+            },
+        )
+        .await
     }
 
     /// Worker side: applies `rows` that `writer` wrote up to `token`,

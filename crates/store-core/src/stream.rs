@@ -1,5 +1,7 @@
 //! What every database-backed stream answers when a follower catches up.
 
+use crate::{Database, Row, StoreError};
+
 /// A batch of stream rows for catch-up: the rows, the token reached, and whether
 /// the limit cut the batch (so more rows remain after the token and the follower
 /// asks again from there).
@@ -24,6 +26,40 @@ impl<R> StreamUpdates<R> {
             _ => to,
         };
         StreamUpdates { rows, token, limited }
+    }
+
+    /// Runs a store's catch-up query: `sql` takes `$1` the writer, `$2` and `$3`
+    /// the bounds (`from < id ≤ to`) and `$4` the limit, and returns rows in
+    /// ascending order, which `decode` turns into `(token, row)` pairs.
+    #[expect(clippy::too_many_arguments, reason = "the query's four parameters plus what runs it")]
+    pub async fn fetch(
+        db: &Database,
+        interaction: &'static str,
+        sql: &str,
+        writer: &str,
+        from: i64,
+        to: i64,
+        limit: usize,
+        decode: fn(&Row) -> Result<(i64, R), StoreError>,
+    ) -> Result<StreamUpdates<R>, StoreError>
+    where
+        R: Send + 'static,
+    {
+        if from >= to {
+            return Ok(StreamUpdates::empty(to));
+        }
+        let (sql, writer) = (sql.to_owned(), writer.to_owned());
+        let limit_param = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = db
+            .run_autocommit(interaction, move |txn| {
+                let (sql, writer) = (sql.clone(), writer.clone());
+                Box::pin(async move {
+                    let rows = txn.query(&sql, &[&writer, &from, &to, &limit_param]).await?;
+                    rows.iter().map(decode).collect::<Result<Vec<_>, StoreError>>()
+                })
+            })
+            .await?;
+        Ok(StreamUpdates::from_page(rows, to, limit))
     }
 
     /// No rows: the follower is already at `token`.

@@ -246,30 +246,20 @@ impl ReceiptsReader {
         to: i64,
         limit: usize,
     ) -> Result<StreamUpdates<ReceiptRow>, StoreError> {
-        if from >= to {
-            return Ok(StreamUpdates::empty(to));
-        }
-        let writer = writer.to_owned();
-        let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = self
-            .db
-            .run_autocommit("get_receipts_updates", move |txn| {
-                let writer = writer.clone();
-                Box::pin(async move {
-                    let rows = txn
-                        .query(
-                            &format!(
-                                "{SELECT_RECEIPT} WHERE instance_name = $1 AND stream_id > $2 AND stream_id <= $3 \
-                                 ORDER BY stream_id LIMIT $4"
-                            ),
-                            &[&writer, &from, &to, &limit_i64],
-                        )
-                        .await?;
-                    rows.iter().map(receipt_from_row).collect::<Result<Vec<_>, _>>()
-                })
-            })
-            .await?;
-        Ok(StreamUpdates::from_page(rows, to, limit))
+        let sql = format!(
+            "{SELECT_RECEIPT} WHERE instance_name = $1 AND stream_id > $2 AND stream_id <= $3 ORDER BY stream_id LIMIT $4"
+        );
+        StreamUpdates::fetch(
+            &self.db,
+            "get_receipts_updates",
+            &sql,
+            writer,
+            from,
+            to,
+            limit,
+            receipt_from_row,
+        )
+        .await
     }
 
     /// Invalidates exactly what a new receipt makes stale, and marks its room.

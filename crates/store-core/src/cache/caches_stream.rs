@@ -241,38 +241,25 @@ impl CachesStream {
         current: i64,
         limit: usize,
     ) -> Result<StreamUpdates<CachesRow>, StoreError> {
-        if from == current {
-            return Ok(StreamUpdates::empty(current));
-        }
-        let writer = writer.to_owned();
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = self
-            .db
-            .run_autocommit("get_all_updated_caches", move |txn| {
-                let writer = writer.clone();
-                Box::pin(async move {
-                    let rows = txn
-                        .query(
-                            "SELECT stream_id, cache_func, keys, invalidation_ts FROM cache_invalidation_stream_by_instance \
-                             WHERE stream_id > $1 AND stream_id <= $2 AND instance_name = $3 \
-                             ORDER BY stream_id LIMIT $4",
-                            &[&from, &current, &writer, &limit],
-                        )
-                        .await?;
-                    rows.iter()
-                        .map(|row| {
-                            let caches_row = CachesRow {
-                                cache_func: row.get(1)?,
-                                keys: row.get(2)?,
-                                invalidation_ts: row.get::<Option<i64>>(3)?.unwrap_or(0),
-                            };
-                            Ok((row.get::<i64>(0)?, caches_row))
-                        })
-                        .collect::<Result<Vec<_>, StoreError>>()
-                })
-            })
-            .await?;
-        Ok(StreamUpdates::from_page(rows, current, usize::try_from(limit).unwrap_or(usize::MAX)))
+        StreamUpdates::fetch(
+            &self.db,
+            "get_all_updated_caches",
+            "SELECT stream_id, cache_func, keys, invalidation_ts FROM cache_invalidation_stream_by_instance \
+             WHERE instance_name = $1 AND stream_id > $2 AND stream_id <= $3 ORDER BY stream_id LIMIT $4",
+            writer,
+            from,
+            current,
+            limit,
+            |row| {
+                let caches_row = CachesRow {
+                    cache_func: row.get(1)?,
+                    keys: row.get(2)?,
+                    invalidation_ts: row.get::<Option<i64>>(3)?.unwrap_or(0),
+                };
+                Ok((row.get::<i64>(0)?, caches_row))
+            },
+        )
+        .await
     }
 
     /// Deletes up to `batch` rows older than the retention period, oldest first;
