@@ -66,11 +66,12 @@ macro_rules! compose {
 
         impl Store for WorkerStore {
             async fn new(db: Database, conn: &mut Transaction, config: &ServerConfig) -> Result<Self, StoreError> {
-                // Before any generator loads: a generator deletes the recorded
-                // positions of writers its config does not list, which a process
-                // with a conflicting config must never do to the others.
+                // Before any generator loads (and in the same snapshot): a
+                // generator deletes the recorded positions of writers its config
+                // does not list, which a process with a conflicting config must
+                // never do to the others.
                 check_stream_writers(config).map_err(StoreError::Misconfigured)?;
-                topology::agree_on_writers(&db, conn, config).await?;
+                topology::agree_on_writers(conn, config).await?;
                 let registry = CacheRegistry::new(config.caches.clone());
                 let caches = Arc::new(CachesStream::new(db.clone(), conn, config, registry).await?);
                 $(let $field = Arc::new(<$reader>::new(db.clone(), conn, &caches, config).await?);)*

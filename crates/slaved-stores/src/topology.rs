@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use store_core::{Database, Engine, ServerConfig, StoreError, Transaction};
+use store_core::{ServerConfig, StoreError, Transaction};
 
 use crate::WRITABLE_STREAMS;
 
@@ -36,10 +36,13 @@ pub fn check_stream_writers(config: &ServerConfig) -> Result<(), String> {
 /// The master is the authority: it records its lists at every start (a changed
 /// list is a warning: the other processes must be restarted with it). Any other
 /// process must match the record, and refuses to start before the master has
-/// made one. Runs in interactions of its own, committed before the start-up
-/// transaction takes its snapshot.
+/// made one.
+///
+/// Runs first in the start-up transaction, so a worker's generators delete
+/// positions by the very record it agreed with; the master writes only when its
+/// lists changed, so processes starting together on a recorded deployment do
+/// not conflict (when they do, `build_store` retries). One connection suffices.
 pub(crate) async fn agree_on_writers(
-    db: &Database,
     conn: &mut Transaction,
     config: &ServerConfig,
 ) -> Result<(), StoreError> {
@@ -51,20 +54,7 @@ pub(crate) async fn agree_on_writers(
                 .map_err(|err| StoreError::Misconfigured(format!("cannot record writers: {err}")))
         })
         .collect::<Result<Vec<(&str, String)>, StoreError>>()?;
-    let is_master = config.instance_name == server_config::MASTER_INSTANCE;
-    match db.engine() {
-        // One process only, whose start-up transaction already holds the write lock.
-        Engine::Sqlite => agree(conn, &ours, is_master).await,
-        // Committed before the start-up transaction takes its snapshot, so that
-        // processes starting together see the master's record.
-        Engine::Postgres => {
-            db.run_interaction("agree_on_stream_writers", move |txn| {
-                let ours = ours.clone();
-                Box::pin(async move { agree(txn, &ours, is_master).await })
-            })
-            .await
-        }
-    }
+    agree(conn, &ours, config.instance_name == server_config::MASTER_INSTANCE).await
 }
 
 async fn agree(txn: &mut Transaction, ours: &[(&str, String)], is_master: bool) -> Result<(), StoreError> {
