@@ -162,7 +162,12 @@ impl RoomToken {
                 let (topological, stream) = rest.split_once('-').ok_or_else(invalid)?;
                 Ok(RoomToken::Historical {
                     topological: position(topological).ok_or_else(invalid)?,
-                    stream: position(stream).ok_or_else(invalid)?,
+                    // Backfilled events have negative stream orderings: `t3--5`.
+                    stream: match stream.strip_prefix('-') {
+                        Some(magnitude) => position(magnitude).map(|magnitude| -magnitude),
+                        None => position(stream),
+                    }
+                    .ok_or_else(invalid)?,
                 })
             }
             'm' => parse_vector(rest, ids).await?.map(RoomToken::Live).ok_or_else(invalid),

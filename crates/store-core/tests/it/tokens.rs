@@ -26,7 +26,9 @@ async fn the_text_forms_of_tokens(test_db: TestDb) -> TestResult {
     assert_eq!(MultiWriterToken::at(5).to_text(&ids).await?, "5");
     assert_eq!(ahead(5, &[("foo", 6)])?.to_text(&ids).await?, "m5~1.6");
 
-    for token in [live, historical, vector] {
+    let backfilled = RoomToken::Historical { topological: 3, stream: -5 };
+    assert_eq!(backfilled.to_text(&ids).await?, "t3--5");
+    for token in [live, historical, vector, backfilled] {
         assert_eq!(RoomToken::parse(&token.to_text(&ids).await?, &ids).await?, token);
     }
     // An old bug wrote `m5~`: it means stream 5, and is written back as `s5`.
