@@ -144,6 +144,8 @@ pub struct Hub {
     pub(crate) wake_streamer: Notify,
     /// Connections this process opened again after losing one.
     reconnects: AtomicU64,
+    /// Set by [`Hub::shut_down`]: connections end and are not reopened.
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl Hub {
@@ -169,6 +171,7 @@ impl Hub {
             sent: CommandCounters::default(),
             wake_streamer: Notify::new(),
             reconnects: AtomicU64::new(0),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -178,8 +181,17 @@ impl Hub {
 
     pub(crate) fn add_peer(&self, peer: Arc<Peer>) -> u64 {
         let id = self.next_peer.fetch_add(1, Ordering::Relaxed);
+        if self.is_shutting_down() {
+            // Opened during shutdown: ends at once, like the others.
+            peer.close.notify_one();
+        }
         self.peers().insert(id, peer);
         id
+    }
+
+    /// Whether [`Hub::shut_down`] has begun: transports stop reconnecting.
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
     }
 
     pub(crate) fn remove_peer(&self, id: u64) {
@@ -224,9 +236,12 @@ impl Hub {
             .collect()
     }
 
-    /// Counts a connection opened again after one was lost (transports call it).
+    /// Counts a connection lost while running (transports call it); the ends of
+    /// a shutdown do not count.
     pub(crate) fn count_reconnect(&self) {
-        self.reconnects.fetch_add(1, Ordering::Relaxed);
+        if !self.is_shutting_down() {
+            self.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Connections opened again after one was lost, since start-up.
@@ -243,6 +258,7 @@ impl Hub {
         if clear_user_sync {
             self.broadcast(&Command::ClearUserSync { instance_id: self.instance_name.clone() }, None);
         }
+        self.shutting_down.store(true, Ordering::Release);
         let deadline = tokio::time::Instant::now() + timeout;
         let drained = async {
             while self.peers().values().any(|peer| peer.pending.load(Ordering::Acquire) > 0) {

@@ -69,7 +69,11 @@ pub async fn run_forever(hub: Arc<Hub>, address: RedisAddress) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
-        match session(&hub, &address).await {
+        let ended = session(&hub, &address).await;
+        if hub.is_shutting_down() {
+            return;
+        }
+        match ended {
             Ok(()) => tracing::warn!(redis = %address.host_port, "Redis connection lost; reconnecting"),
             Err(err) => {
                 tracing::warn!(redis = %address.host_port, "Redis replication failed: {err}; reconnecting")

@@ -43,6 +43,9 @@ pub async fn connect_forever(hub: Arc<Hub>, address: String) {
                 tracing::info!(%address, "connected to the replication server");
                 backoff = Duration::from_millis(100);
                 drive(Arc::clone(&hub), Side::Client, stream).await;
+                if hub.is_shutting_down() {
+                    return;
+                }
                 tracing::warn!(%address, "replication connection lost; reconnecting");
                 hub.count_reconnect();
             }
@@ -182,7 +185,16 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
                     hub.send_to(&peer, &Command::Ping { data: now_ms() });
                 }
             }
-            () = closing.notified() => break 'connection None,
+            () = closing.notified() => {
+                if hub.is_shutting_down() {
+                    // We ended the connection in order: read what the peer still
+                    // sends until it closes too, since closing with unread input
+                    // resets the connection, which can discard our last lines.
+                    let drain = async { while matches!(reader.read(&mut buffer).await, Ok(n) if n > 0) {} };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+                }
+                break 'connection None
+            }
             reason = close_requests.recv() => break 'connection reason,
         }
     };
