@@ -113,7 +113,9 @@ fn test(sh: &Shell) -> anyhow::Result<()> {
         // nextest does not run doctests.
         cmd!(sh, "cargo test --workspace --locked --doc").run()?;
     } else {
-        cmd!(sh, "cargo test --workspace --locked --no-fail-fast").run()?;
+        cmd!(sh, "cargo test --workspace --locked --no-fail-fast --exclude tests").run()?;
+        // Whole deployments one at a time, as the nextest config groups them.
+        cmd!(sh, "cargo test --locked --no-fail-fast -p tests -- --test-threads=1").run()?;
     }
     Ok(())
 }
