@@ -39,8 +39,23 @@ pub(crate) struct Deployment {
 }
 
 pub(crate) fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local address").port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Below Linux's ephemeral range (32768 and up), where outgoing connections
+    // take their local ports, so a port found free here stays free until the
+    // process under test binds it; each test process (nextest runs one per
+    // test) takes its own window, and a port in use is skipped.
+    const WINDOW: u16 = 40;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let window = u16::try_from(std::process::id() % 300).unwrap_or(0);
+    let base = 20_000 + window * WINDOW;
+    for _ in 0..WINDOW {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % WINDOW;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    // The whole window taken: any free port, with the small risk that brings.
+    TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()).expect("a free port").port()
 }
 
 impl Deployment {

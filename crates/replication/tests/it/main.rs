@@ -389,7 +389,8 @@ mod tcp {
     }
 
     async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) -> TestResult {
-        for _ in 0..300 {
+        // 20 s: generous for a 2-core machine running other tests' processes.
+        for _ in 0..1000 {
             if check().await {
                 return Ok(());
             }
