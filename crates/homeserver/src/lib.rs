@@ -122,6 +122,7 @@ async fn run(role: Role, cli: Cli) -> anyhow::Result<()> {
     let replication = replicate::Replication::start(&config, &store).await?;
 
     let address = listener.local_addr().context("read the HTTP listener's address")?;
+    let signals = listen_for_shutdown()?;
     announce(role, &config, &db, address);
 
     let config = Arc::new(config);
@@ -131,7 +132,10 @@ async fn run(role: Role, cli: Cli) -> anyhow::Result<()> {
         hub: Arc::clone(&replication.hub),
     });
     // Graceful: requests in flight (writes among them) finish first.
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("serve HTTP")?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal(signals))
+        .await
+        .context("serve HTTP")?;
 
     tracing::info!("shutting down");
     if let Err(err) = store.flush_positions().await {
@@ -156,26 +160,26 @@ fn announce(role: Role, config: &ServerConfig, db: &Database, address: std::net:
     tracing::info!(%address, instance = %config.instance_name, "started");
 }
 
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::error!("failed to listen for SIGTERM: {err}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
+/// SIGTERM and SIGINT, listened for from creation on.
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+/// Installs the handlers before the start-up line is printed: a signal sent by
+/// whoever read that line must find them, not the default action (exit at once).
+fn listen_for_shutdown() -> anyhow::Result<ShutdownSignals> {
+    use tokio::signal::unix::{SignalKind, signal};
+    Ok(ShutdownSignals {
+        terminate: signal(SignalKind::terminate()).context("listen for SIGTERM")?,
+        interrupt: signal(SignalKind::interrupt()).context("listen for SIGINT")?,
+    })
+}
+
+async fn shutdown_signal(mut signals: ShutdownSignals) {
     tokio::select! {
-        result = tokio::signal::ctrl_c() => {
-            if let Err(err) = result {
-                tracing::error!("failed to listen for SIGINT: {err}");
-                std::future::pending::<()>().await;
-            }
-        }
-        () = terminate => {}
+        _ = signals.terminate.recv() => {}
+        _ = signals.interrupt.recv() => {}
     }
     tracing::info!("received a shutdown signal");
 }
