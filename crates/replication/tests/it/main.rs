@@ -463,7 +463,10 @@ mod tcp {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_worker_that_falls_behind_is_dropped_then_catches_up_with_nothing_lost() -> TestResult {
         let (_db, master, worker) = setup().await?;
-        let (master_hub, address) = master_hub(&master, quick()).await?;
+        // The production poll interval: what is checked here is that nothing is
+        // lost across the drop, not how fast a wake-up travels.
+        let settings = Settings { poll_interval: Duration::from_secs(1), ..quick() };
+        let (master_hub, address) = master_hub(&master, settings).await?;
         let worker_hub =
             Hub::new("worker1", "test", quick(), worker.inbound, Outbound::new("worker1", []), false);
         tokio::spawn(tcp::connect_forever(Arc::clone(&worker_hub), address));
