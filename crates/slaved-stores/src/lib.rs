@@ -12,7 +12,9 @@
 //!   process.
 //!
 //! Both are generated from one list, the invocation of `compose!` below: adding a
-//! store crate is one entry there (see `docs/ARCHITECTURE.md`).
+//! store crate is one entry there (see `docs/ARCHITECTURE.md`). A store crate
+//! that owns no stream (`store-users`) has no reader/writer split and no rows to
+//! apply, so it is a hand-written field of [`WorkerStore`] instead.
 //!
 //! **Invariant:** a process holds a `*Writer` only for the streams the config
 //! says it writes; the generators of every other stream refuse to allocate.
@@ -33,6 +35,7 @@ use store_core::{
 };
 use store_events::{EVENTS_STREAM, EventsReader, EventsWriter};
 use store_receipts::{RECEIPTS_STREAM, ReceiptsReader, ReceiptsWriter};
+use store_users::UsersStore;
 
 pub use topology::check_stream_writers;
 
@@ -62,6 +65,8 @@ macro_rules! compose {
             db: Database,
             caches: Arc<CachesStream>,
             $($field: Arc<$reader>,)*
+            // Not a stream, so not an entry of `compose!`: no writer, no rows.
+            users: Arc<UsersStore>,
         }
 
         impl Store for WorkerStore {
@@ -75,7 +80,8 @@ macro_rules! compose {
                 let registry = CacheRegistry::new(config.caches.clone());
                 let caches = Arc::new(CachesStream::new(db.clone(), conn, config, registry).await?);
                 $(let $field = Arc::new(<$reader>::new(db.clone(), conn, &caches, config).await?);)*
-                Ok(WorkerStore { db, caches, $($field,)* })
+                let users = Arc::new(UsersStore::new(db.clone(), conn, &caches, config).await?);
+                Ok(WorkerStore { db, caches, $($field,)* users })
             }
         }
 
@@ -86,6 +92,13 @@ macro_rules! compose {
                     &self.$field
                 }
             )*
+
+            /// Accounts and access tokens. Every process reads and writes them
+            /// directly; a revoked token reaches the others' caches through the
+            /// `caches` stream.
+            pub fn users(&self) -> &Arc<UsersStore> {
+                &self.users
+            }
 
             /// Every database-backed stream, for the replication client to apply
             /// what it receives: each stream's rows reach the crate that owns it.

@@ -174,6 +174,32 @@ async fn processes_starting_together_on_a_recorded_deployment_all_start() -> Tes
     Ok(())
 }
 
+/// Every process has the users store, over the one database; a logout on one
+/// process reaches another's token cache when it follows the `caches` stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_on_one_process_reaches_the_others_through_replication() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let url = test_db.url.clone();
+    let master: DataStore =
+        build_store(&test_db.db, &deployment_config(&url, "master", &["master"])?).await?;
+    let follower: DataStore =
+        build_store(&test_db.reconnect().await?, &deployment_config(&url, "p1", &["master"])?).await?;
+    assert!(master.users().register("@a:test").await?);
+    assert!(!follower.users().register("@a:test").await?, "one database, one namespace of users");
+    let token = follower.users().create_access_token("@a:test").await?;
+    assert_eq!(follower.users().get_user_by_access_token(&token).await?.as_deref(), Some("@a:test"));
+
+    assert!(master.users().delete_access_token(&token).await?);
+    assert_eq!(
+        follower.users().get_user_by_access_token(&token).await?.as_deref(),
+        Some("@a:test"),
+        "the follower's cache answers until it follows the master"
+    );
+    follow(follower.worker(), &master).await?;
+    assert_eq!(follower.users().get_user_by_access_token(&token).await?, None);
+    Ok(())
+}
+
 #[test]
 fn unknown_streams_and_several_typing_writers_are_refused() -> TestResult {
     let config = |writers: &str| {

@@ -1,0 +1,195 @@
+//! Accounts and their access tokens: what registration writes and what Bearer
+//! authentication reads on every client request.
+//!
+//! - [`UsersStore`], used by every process: registering a user, issuing and
+//!   revoking access tokens, and the cached token → user lookup.
+//!
+//! The tables (`users`, `access_tokens`) belong to no stream: a write goes
+//! straight to the database from whichever process serves the request, and the
+//! only thing other processes must learn of is a revoked token, which travels
+//! as an invalidation on the `caches` stream.
+//!
+//! This crate depends on `store-core` only, never on another domain crate.
+
+#![warn(missing_docs)]
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use rand::distributions::Alphanumeric;
+use store_core::{Cache, CachesStream, Database, ServerConfig, StoreError, Transaction};
+
+/// The cache of the user an access token belongs to, keyed by the token. The
+/// name travels on the `caches` stream, so it is Synapse's.
+pub const USER_BY_ACCESS_TOKEN_CACHE: &str = "get_user_by_access_token";
+
+/// What every access token starts with, as Synapse's do, so that a leaked token
+/// is recognisable to secret scanners.
+const TOKEN_PREFIX: &str = "syt_";
+
+/// Random alphanumeric characters after the prefix: 32 × log2(62) ≈ 190 bits.
+const TOKEN_RANDOM_CHARS: usize = 32;
+
+/// Users and access tokens, as every process reads and writes them.
+///
+/// Every authenticated client request resolves its access token, so
+/// [`UsersStore::get_user_by_access_token`] is cached. Only tokens that exist
+/// are cached: a client probing with made-up tokens then fills nothing, and a
+/// new token needs no invalidation. A revoked token is invalidated in every
+/// process through the `caches` stream, so a logout takes effect everywhere once
+/// the other processes have applied the stream's rows.
+#[derive(Debug)]
+pub struct UsersStore {
+    db: Database,
+    caches: Arc<CachesStream>,
+    users_by_token: Arc<Cache<String, String>>,
+}
+
+/// Now, in milliseconds since the epoch (0 for a clock set before it).
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A fresh access token: [`TOKEN_PREFIX`] and [`TOKEN_RANDOM_CHARS`] characters
+/// from `thread_rng`, a CSPRNG seeded from the operating system.
+fn new_access_token() -> String {
+    let random: String =
+        rand::thread_rng().sample_iter(&Alphanumeric).take(TOKEN_RANDOM_CHARS).map(char::from).collect();
+    format!("{TOKEN_PREFIX}{random}")
+}
+
+impl UsersStore {
+    /// Registers the token cache in `caches`' registry. Reads nothing at start-up:
+    /// `conn` and `config` are taken for the uniform constructor's shape (cache
+    /// sizes come through the registry).
+    pub async fn new(
+        db: Database,
+        _conn: &mut Transaction,
+        caches: &Arc<CachesStream>,
+        _config: &ServerConfig,
+    ) -> Result<UsersStore, StoreError> {
+        let users_by_token = caches.registry().register(USER_BY_ACCESS_TOKEN_CACHE)?;
+        Ok(UsersStore { db, caches: Arc::clone(caches), users_by_token })
+    }
+
+    /// Creates the account `user_id`; `false` when the name is already taken.
+    pub async fn register(&self, user_id: &str) -> Result<bool, StoreError> {
+        let (user_id, creation_ts) = (user_id.to_owned(), now_ms());
+        let inserted = self
+            .db
+            .run_interaction("register", move |txn| {
+                let user_id = user_id.clone();
+                Box::pin(async move {
+                    // The unique index decides between two registrations racing
+                    // for one name, on both engines, without an error to catch.
+                    txn.execute(
+                        "INSERT INTO users (name, creation_ts) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                        &[&user_id, &creation_ts],
+                    )
+                    .await
+                })
+            })
+            .await?;
+        Ok(inserted == 1)
+    }
+
+    /// Whether the account `user_id` exists.
+    pub async fn user_exists(&self, user_id: &str) -> Result<bool, StoreError> {
+        let user_id = user_id.to_owned();
+        self.db
+            .run_autocommit("user_exists", move |txn| {
+                let user_id = user_id.clone();
+                Box::pin(async move {
+                    let row = txn.query_opt("SELECT 1 FROM users WHERE name = $1", &[&user_id]).await?;
+                    Ok(row.is_some())
+                })
+            })
+            .await
+    }
+
+    /// Issues a new access token for `user_id` and returns it. Does not check
+    /// that the account exists: the caller has just registered or authenticated
+    /// it.
+    pub async fn create_access_token(&self, user_id: &str) -> Result<String, StoreError> {
+        let (user_id, creation_ts) = (user_id.to_owned(), now_ms());
+        self.db
+            .run_interaction("create_access_token", move |txn| {
+                // A fresh token per attempt; one that collided with an existing
+                // token would fail on the unique index rather than be shared.
+                let (user_id, token) = (user_id.clone(), new_access_token());
+                Box::pin(async move {
+                    txn.execute(
+                        "INSERT INTO access_tokens (token, user_id, creation_ts) VALUES ($1, $2, $3)",
+                        &[&token, &user_id, &creation_ts],
+                    )
+                    .await?;
+                    Ok(token)
+                })
+            })
+            .await
+    }
+
+    /// The user `token` belongs to, or `None` for a token that does not exist
+    /// (or was revoked). Cached, hits only.
+    pub async fn get_user_by_access_token(&self, token: &str) -> Result<Option<String>, StoreError> {
+        let key = token.to_owned();
+        if let Some(user_id) = self.users_by_token.get(&key) {
+            return Ok(Some(user_id));
+        }
+        // Taken before the read: a revocation committed while it runs voids the
+        // ticket, so the read's possibly stale answer is not cached.
+        let ticket = self.users_by_token.begin_fill(&key);
+        let loaded = self
+            .db
+            .run_autocommit(USER_BY_ACCESS_TOKEN_CACHE, move |txn| {
+                let token = key.clone();
+                Box::pin(async move {
+                    let row = txn
+                        .query_opt("SELECT user_id FROM access_tokens WHERE token = $1", &[&token])
+                        .await?;
+                    row.map(|row| row.get::<String>(0)).transpose()
+                })
+            })
+            .await;
+        match loaded {
+            Ok(Some(user_id)) => {
+                self.users_by_token.finish_fill(ticket, user_id.clone());
+                Ok(Some(user_id))
+            }
+            Ok(None) => {
+                self.users_by_token.cancel_fill(ticket);
+                Ok(None)
+            }
+            Err(err) => {
+                self.users_by_token.cancel_fill(ticket);
+                Err(err)
+            }
+        }
+    }
+
+    /// Revokes `token` (logout); returns whether it existed.
+    ///
+    /// The same transaction records an invalidation of the token's cache entry
+    /// on the `caches` stream, which this process applies after the commit and
+    /// every other process when it applies the stream's rows. It is recorded
+    /// even when no row was deleted, so that a token removed some other way is
+    /// still dropped from every cache.
+    pub async fn delete_access_token(&self, token: &str) -> Result<bool, StoreError> {
+        let (caches, token) = (Arc::clone(&self.caches), token.to_owned());
+        self.db
+            .run_interaction("delete_access_token", move |txn| {
+                let (caches, token) = (Arc::clone(&caches), token.clone());
+                Box::pin(async move {
+                    let deleted =
+                        txn.execute("DELETE FROM access_tokens WHERE token = $1", &[&token]).await?;
+                    // Also invalidates locally, in a `call_after` of this transaction.
+                    caches.invalidate_in_txn(txn, USER_BY_ACCESS_TOKEN_CACHE, Some(vec![token])).await?;
+                    Ok(deleted > 0)
+                })
+            })
+            .await
+    }
+}

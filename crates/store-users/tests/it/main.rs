@@ -1,0 +1,172 @@
+//! store-users against real PostgreSQL and SQLite: registration, tokens and
+//! their cached lookup, and a logout reaching another process's cache through
+//! the `caches` stream.
+
+use std::sync::Arc;
+
+use server_config::{Overrides, Role, ServerConfig};
+use store_core::{CacheRegistry, CachesRow, CachesStream, Database, Engine, StoreError};
+use store_test_support::{TestDb, TestResult, engine_tests};
+use store_users::{USER_BY_ACCESS_TOKEN_CACHE, UsersStore};
+
+fn single_process(url: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
+    let overrides = Overrides { database_url: Some(url.to_owned()), ..Overrides::default() };
+    Ok(ServerConfig::defaults(Role::Master, &overrides)?)
+}
+
+/// A process of a deployment of several, so that its invalidations are recorded
+/// for the others (only on PostgreSQL).
+fn deployment(url: &str, instance: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
+    let role = if instance == "master" { Role::Master } else { Role::Worker };
+    Ok(ServerConfig::from_toml_str(
+        &format!(
+            "server_name = \"test\"\ninstance_name = \"{instance}\"\n[database]\nurl = \"{url}\"\n\
+             [replication]\nredis = \"redis://127.0.0.1:6379\"\n"
+        ),
+        role,
+    )?)
+}
+
+async fn build(db: &Database, config: &ServerConfig) -> Result<(Arc<CachesStream>, UsersStore), StoreError> {
+    let mut conn = db.begin("build_stores").await?;
+    let registry = CacheRegistry::new(config.caches.clone());
+    let caches = Arc::new(CachesStream::new(db.clone(), &mut conn, config, registry).await?);
+    let users = UsersStore::new(db.clone(), &mut conn, &caches, config).await?;
+    conn.commit().await?;
+    Ok((caches, users))
+}
+
+/// Lookups answered by the token cache so far.
+fn hits(caches: &CachesStream) -> u64 {
+    caches.registry().stats()[USER_BY_ACCESS_TOKEN_CACHE].0.hits
+}
+
+engine_tests!(
+    a_name_registers_once,
+    tokens_are_distinct_and_resolve_to_their_user,
+    an_unknown_token_resolves_to_none_and_is_not_remembered,
+    a_deleted_token_no_longer_resolves
+);
+
+async fn a_name_registers_once(test_db: TestDb) -> TestResult {
+    let (_caches, users) = build(&test_db.db, &single_process(&test_db.url)?).await?;
+    assert!(!users.user_exists("@a:x").await?);
+    assert!(users.register("@a:x").await?);
+    assert!(users.user_exists("@a:x").await?);
+    assert!(!users.register("@a:x").await?, "a taken name is refused");
+    assert!(users.register("@b:x").await?);
+    assert!(!users.user_exists("@c:x").await?);
+    Ok(())
+}
+
+async fn tokens_are_distinct_and_resolve_to_their_user(test_db: TestDb) -> TestResult {
+    let (caches, users) = build(&test_db.db, &single_process(&test_db.url)?).await?;
+    users.register("@a:x").await?;
+    users.register("@b:x").await?;
+    let a1 = users.create_access_token("@a:x").await?;
+    let a2 = users.create_access_token("@a:x").await?;
+    let b1 = users.create_access_token("@b:x").await?;
+    assert!(a1 != a2 && a1 != b1 && a2 != b1, "{a1} {a2} {b1}");
+    for token in [&a1, &a2, &b1] {
+        let random = token.strip_prefix("syt_").ok_or("tokens start with syt_")?;
+        assert_eq!(random.len(), 32, "{token}");
+        assert!(random.chars().all(|c| c.is_ascii_alphanumeric()), "{token}");
+    }
+    assert_eq!(users.get_user_by_access_token(&a1).await?.as_deref(), Some("@a:x"));
+    assert_eq!(users.get_user_by_access_token(&a2).await?.as_deref(), Some("@a:x"));
+    assert_eq!(users.get_user_by_access_token(&b1).await?.as_deref(), Some("@b:x"));
+
+    // The second lookup is answered by the cache.
+    let before = hits(&caches);
+    assert_eq!(users.get_user_by_access_token(&b1).await?.as_deref(), Some("@b:x"));
+    assert_eq!(hits(&caches), before + 1);
+    Ok(())
+}
+
+async fn an_unknown_token_resolves_to_none_and_is_not_remembered(test_db: TestDb) -> TestResult {
+    let (_caches, users) = build(&test_db.db, &single_process(&test_db.url)?).await?;
+    users.register("@a:x").await?;
+    assert_eq!(users.get_user_by_access_token("syt_unknown").await?, None);
+    assert_eq!(users.get_user_by_access_token("").await?, None);
+
+    // Written behind the store's back: had the miss been cached, the lookup
+    // would still answer `None`.
+    test_db
+        .db
+        .run_interaction("insert_token", |txn| {
+            Box::pin(async move {
+                txn.execute(
+                    "INSERT INTO access_tokens (token, user_id, creation_ts) VALUES ('syt_unknown', '@a:x', 0)",
+                    &[],
+                )
+                .await
+            })
+        })
+        .await?;
+    assert_eq!(users.get_user_by_access_token("syt_unknown").await?.as_deref(), Some("@a:x"));
+    Ok(())
+}
+
+async fn a_deleted_token_no_longer_resolves(test_db: TestDb) -> TestResult {
+    let (caches, users) = build(&test_db.db, &single_process(&test_db.url)?).await?;
+    users.register("@a:x").await?;
+    let token = users.create_access_token("@a:x").await?;
+    let kept = users.create_access_token("@a:x").await?;
+    // Cached, so only an invalidation can make the next lookups miss.
+    assert_eq!(users.get_user_by_access_token(&token).await?.as_deref(), Some("@a:x"));
+    assert_eq!(users.get_user_by_access_token(&kept).await?.as_deref(), Some("@a:x"));
+    let before = hits(&caches);
+    assert_eq!(users.get_user_by_access_token(&token).await?.as_deref(), Some("@a:x"));
+    assert_eq!(hits(&caches), before + 1, "the token is cached");
+
+    assert!(users.delete_access_token(&token).await?);
+    assert_eq!(users.get_user_by_access_token(&token).await?, None);
+    assert!(!users.delete_access_token(&token).await?, "a token is deleted once");
+    // The user's other session stays logged in, and still cached.
+    let before = hits(&caches);
+    assert_eq!(users.get_user_by_access_token(&kept).await?.as_deref(), Some("@a:x"));
+    assert_eq!(hits(&caches), before + 1);
+    Ok(())
+}
+
+/// Two processes on one PostgreSQL database: a logout on the master reaches the
+/// worker's cache only through the `caches` stream's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_reaches_another_process_through_the_caches_stream() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let (master_caches, master) = build(&test_db.db, &deployment(&test_db.url, "master")?).await?;
+    let worker_db = test_db.reconnect().await?;
+    let (worker_caches, worker) = build(&worker_db, &deployment(&test_db.url, "worker1")?).await?;
+    assert!(master_caches.is_recording());
+
+    master.register("@a:x").await?;
+    let token = master.create_access_token("@a:x").await?;
+    let kept = master.create_access_token("@a:x").await?;
+    // The worker caches both tokens.
+    assert_eq!(worker.get_user_by_access_token(&token).await?.as_deref(), Some("@a:x"));
+    assert_eq!(worker.get_user_by_access_token(&kept).await?.as_deref(), Some("@a:x"));
+    let from = worker_caches.current_token("master");
+
+    assert!(master.delete_access_token(&token).await?);
+    assert_eq!(master.get_user_by_access_token(&token).await?, None);
+    // The row is gone, but the worker has not heard yet: its cache answers.
+    let before = hits(&worker_caches);
+    assert_eq!(worker.get_user_by_access_token(&token).await?.as_deref(), Some("@a:x"));
+    assert_eq!(hits(&worker_caches), before + 1);
+
+    // The worker catches up on the caches stream, as after a gap in replication.
+    let current = master_caches.current_token("master");
+    let updates = worker_caches.get_updates_since("master", from, current, 100).await?;
+    assert!(!updates.limited);
+    let rows: Vec<CachesRow> = updates.rows.into_iter().map(|(_, row)| row).collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].cache_func, USER_BY_ACCESS_TOKEN_CACHE);
+    assert_eq!(rows[0].keys.as_deref(), Some(std::slice::from_ref(&token)));
+    worker_caches.apply_rows("master", updates.token, &rows);
+    assert_eq!(worker.get_user_by_access_token(&token).await?, None);
+    // Only the revoked token was dropped.
+    let before = hits(&worker_caches);
+    assert_eq!(worker.get_user_by_access_token(&kept).await?.as_deref(), Some("@a:x"));
+    assert_eq!(hits(&worker_caches), before + 1);
+    Ok(())
+}
