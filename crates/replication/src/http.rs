@@ -152,31 +152,52 @@ impl HttpFetcher {
     }
 
     async fn get(&self, address: &str, path: &str) -> Result<(u16, String), String> {
-        let mut stream =
-            tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(address))
-                .await
-                .map_err(|_| "timed out connecting".to_owned())?
-                .map_err(|err| err.to_string())?;
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-            self.secret
-        );
-        stream.write_all(request.as_bytes()).await.map_err(|err| err.to_string())?;
-        let mut response = Vec::new();
-        tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response))
-            .await
-            .map_err(|_| "timed out reading the answer".to_owned())?
-            .map_err(|err| err.to_string())?;
-        let response = String::from_utf8(response).map_err(|_| "the answer is not UTF-8".to_owned())?;
-        let (head, body) = response.split_once("\r\n\r\n").ok_or("the answer has no body")?;
-        let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).ok_or("no status")?;
-        let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-            unchunk(body)?
-        } else {
-            body.to_owned()
-        };
-        Ok((status, body))
+        internal_request(address, "GET", path, &self.secret, None).await
     }
+}
+
+/// Calls another process's internal endpoint at `address` (`HOST:PORT`) with
+/// the shared `secret`, and a JSON `body` when given; answers the status and
+/// the body, or why no answer came. One connection per call: these are the
+/// rare paths (catch-up, forwarded writes), and a writer that restarts must
+/// not leave pooled connections behind it.
+pub async fn internal_request(
+    address: &str,
+    method: &str,
+    path: &str,
+    secret: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), String> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(address))
+        .await
+        .map_err(|_| "timed out connecting".to_owned())?
+        .map_err(|err| err.to_string())?;
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {secret}\r\nConnection: close\r\n"
+    );
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        request.push_str("\r\n");
+    }
+    stream.write_all(request.as_bytes()).await.map_err(|err| err.to_string())?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response))
+        .await
+        .map_err(|_| "timed out reading the answer".to_owned())?
+        .map_err(|err| err.to_string())?;
+    let response = String::from_utf8(response).map_err(|_| "the answer is not UTF-8".to_owned())?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or("the answer has no body")?;
+    let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).ok_or("no status")?;
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        unchunk(body)?
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
 }
 
 /// Decodes a chunked body.

@@ -185,10 +185,16 @@ impl TypingWriter {
     }
 }
 
+/// The token of a room's last typing change, and who is typing there.
+type RoomTyping = (i64, BTreeSet<String>);
+
 /// What a follower knows of typing, only from the rows it applied.
 #[derive(Debug, Default)]
 pub struct TypingFollower {
-    state: Mutex<(i64, HashMap<String, BTreeSet<String>>)>,
+    /// The token of the last rows applied, and room → (token of its last
+    /// change, who is typing there).
+    state: Mutex<(i64, HashMap<String, RoomTyping>)>,
+    notify: tokio::sync::watch::Sender<u64>,
     /// Where rows it missed can be fetched from (the writer's internal HTTP
     /// endpoint); without it, a follower that missed rows starts afresh.
     remote: Option<Arc<dyn RemoteUpdates>>,
@@ -202,12 +208,12 @@ impl TypingFollower {
 
     /// A follower that fetches what it misses from `remote`.
     pub fn fetching_from(remote: Arc<dyn RemoteUpdates>) -> Arc<TypingFollower> {
-        Arc::new(TypingFollower { state: Mutex::default(), remote: Some(remote) })
+        Arc::new(TypingFollower { remote: Some(remote), ..TypingFollower::default() })
     }
 
     /// Who is typing in `room_id`, as last told.
     pub fn typing_in(&self, room_id: &str) -> Vec<String> {
-        lock(&self.state).1.get(room_id).map(|users| users.iter().cloned().collect()).unwrap_or_default()
+        lock(&self.state).1.get(room_id).map(|(_, users)| users.iter().cloned().collect()).unwrap_or_default()
     }
 
     /// The token of the last rows applied.
@@ -221,9 +227,14 @@ impl TypingFollower {
             // The writer restarted and counts from 0 again: what we knew is void.
             state.1.clear();
         }
+        let moved = state.0 != token;
         state.0 = token;
         for row in rows {
-            state.1.insert(row.room_id.clone(), row.user_ids.iter().cloned().collect());
+            state.1.insert(row.room_id.clone(), (token, row.user_ids.iter().cloned().collect()));
+        }
+        drop(state);
+        if moved || !rows.is_empty() {
+            self.notify.send_modify(|version| *version = version.wrapping_add(1));
         }
     }
 }
@@ -235,6 +246,54 @@ pub enum TypingStream {
     Writer(Arc<TypingWriter>),
     /// Everywhere else.
     Follower(Arc<TypingFollower>),
+}
+
+impl TypingStream {
+    /// The stream's token here: the serial of the last change made (writer) or
+    /// applied (follower).
+    pub fn latest(&self) -> i64 {
+        match self {
+            TypingStream::Writer(writer) => writer.latest(),
+            TypingStream::Follower(follower) => follower.latest(),
+        }
+    }
+
+    /// Who is typing in `room_id`, sorted.
+    pub fn typing_in(&self, room_id: &str) -> Vec<String> {
+        match self {
+            TypingStream::Writer(writer) => writer.typing_in(room_id),
+            TypingStream::Follower(follower) => follower.typing_in(room_id),
+        }
+    }
+
+    /// Whether who types in `room_id` changed after `token`. A `token` ahead of
+    /// the stream (from before the writer restarted) says yes for every room
+    /// with someone typing: the client's view may be stale.
+    pub fn changed_since(&self, room_id: &str, token: i64) -> bool {
+        let (latest, changed_at) = match self {
+            TypingStream::Writer(writer) => {
+                let state = lock(&writer.state);
+                (state.latest, state.rooms.get(room_id).map(|(serial, users)| (*serial, users.is_empty())))
+            }
+            TypingStream::Follower(follower) => {
+                let state = lock(&follower.state);
+                (state.0, state.1.get(room_id).map(|(serial, users)| (*serial, users.is_empty())))
+            }
+        };
+        match changed_at {
+            None => false,
+            Some((_, nobody_typing)) if token > latest => !nobody_typing,
+            Some((serial, _)) => serial > token,
+        }
+    }
+
+    /// Sees a change whenever the stream moves here.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        match self {
+            TypingStream::Writer(writer) => writer.subscribe(),
+            TypingStream::Follower(follower) => follower.notify.subscribe(),
+        }
+    }
 }
 
 impl Stream for TypingStream {
@@ -277,6 +336,7 @@ impl Stream for TypingStream {
                     // until the next change, whose row carries the room's whole set.
                     None => {
                         *lock(&follower.state) = (to, HashMap::new());
+                        follower.notify.send_modify(|version| *version = version.wrapping_add(1));
                         Ok(StreamUpdates::empty(to))
                     }
                 },

@@ -13,6 +13,7 @@
 //!     r#"
 //!     server_name = "example.com"
 //!     instance_name = "persister1"
+//!     worker_replication_secret = "a long random string"
 //!     [database]
 //!     url = "postgres://synapse@127.0.0.1/synapse"
 //!     [replication]
@@ -464,6 +465,24 @@ impl ServerConfig {
                 }
             }
         }
+        // The client API forwards writes of these streams to their writers.
+        for stream in FORWARDED_STREAMS {
+            for writer in self.writers_for(stream) {
+                if writer == self.instance_name {
+                    continue;
+                }
+                if self.worker_replication_secret.is_none() {
+                    return Err(format!(
+                        "`{writer}` writes `{stream}`, so this process forwards client writes to it, which needs `worker_replication_secret`"
+                    ));
+                }
+                if !self.instance_map.contains_key(&writer) {
+                    return Err(format!(
+                        "`{writer}` writes `{stream}`, but `[instance_map]` has no address for it to forward client writes to"
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -490,6 +509,9 @@ impl ServerConfig {
         }
     }
 }
+
+/// The streams whose client writes a process forwards to their writers.
+const FORWARDED_STREAMS: [&str; 3] = ["events", "receipts", "typing"];
 
 fn check_host_port(address: &str) -> Result<(), &'static str> {
     let (host, port) = address.rsplit_once(':').ok_or("is not HOST:PORT")?;

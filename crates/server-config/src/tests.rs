@@ -5,6 +5,7 @@ use super::*;
 const WORKER_BASE: &str = r#"
 server_name = "example.com"
 instance_name = "worker1"
+worker_replication_secret = "s"
 [database]
 url = "postgres://postgres@127.0.0.1/test"
 [replication]
@@ -36,7 +37,7 @@ fn minimal_master_file_gets_defaults() {
 #[test]
 fn worker_with_writers_parses() {
     let text = format!(
-        "{WORKER_BASE}\n[stream_writers]\nevents = [\"worker1\", \"worker2\"]\n[instance_map]\nworker1 = \"127.0.0.1:8101\"\nworker2 = \"127.0.0.1:8102\"\n[caches]\ndefault_size = 5\nsizes = {{ get_event = 50 }}\n"
+        "{WORKER_BASE}\n[stream_writers]\nevents = [\"worker1\", \"worker2\"]\n[instance_map]\nmaster = \"127.0.0.1:8008\"\nworker1 = \"127.0.0.1:8101\"\nworker2 = \"127.0.0.1:8102\"\n[caches]\ndefault_size = 5\nsizes = {{ get_event = 50 }}\n"
     );
     let config = ServerConfig::from_toml_str(&text, Role::Worker).unwrap();
     assert!(config.is_writer_for("events"));
@@ -76,6 +77,16 @@ fn bad_files_give_one_clear_line() {
             "`[stream_writers] events` is empty",
         ),
         (Role::Master, "server_name = \"a\"\n[instance_map]\nw = \"nohost\"\n", "is not HOST:PORT"),
+        (
+            Role::Master,
+            "server_name = \"a\"\n[stream_writers]\nevents = [\"p1\"]\n[instance_map]\np1 = \"127.0.0.1:1\"\n",
+            "`p1` writes `events`, so this process forwards client writes to it, which needs `worker_replication_secret`",
+        ),
+        (
+            Role::Worker,
+            "server_name = \"a\"\ninstance_name = \"w\"\nworker_replication_secret = \"s\"\n[database]\nurl = \"postgres://p@h/d\"\n[replication]\nmaster = \"127.0.0.1:1\"\n",
+            "`master` writes `events`, but `[instance_map]` has no address for it",
+        ),
         (Role::Master, "server_name = \"a\"\n[replication]\nmaster = \"127.0.0.1:1\"\n", "is for workers"),
         (
             Role::Worker,
@@ -137,7 +148,7 @@ fn overrides_replace_file_values_before_validation() {
     let dir = std::env::temp_dir().join(format!("server-config-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("worker.toml");
-    std::fs::write(&path, WORKER_BASE).unwrap();
+    std::fs::write(&path, format!("{WORKER_BASE}[instance_map]\nmaster = \"127.0.0.1:8008\"\n")).unwrap();
     let overrides = Overrides {
         database_url: Some("postgres://other@127.0.0.1/db".to_owned()),
         instance_name: Some("worker9".to_owned()),

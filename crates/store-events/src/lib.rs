@@ -16,8 +16,10 @@ mod reader;
 pub mod rows;
 mod writer;
 
-pub use reader::{CURRENT_STATE_CACHES_BY_MEMBER, CURRENT_STATE_CACHES_BY_ROOM, EventsReader, StateMap};
-pub use writer::EventsWriter;
+pub use reader::{
+    CURRENT_STATE_CACHES_BY_MEMBER, CURRENT_STATE_CACHES_BY_ROOM, EventsReader, MembershipChange, StateMap,
+};
+pub use writer::{ClientTxn, EventsWriter};
 
 /// The name of the events stream, as in `[stream_writers]`, `stream_positions`
 /// and on the wire.

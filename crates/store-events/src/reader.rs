@@ -21,6 +21,19 @@ pub const CURRENT_STATE_CACHES_BY_ROOM: &[&str] = &["get_current_state_ids", "ge
 /// Caches keyed by user that depend on that user's membership in rooms.
 pub const CURRENT_STATE_CACHES_BY_MEMBER: &[&str] = &["get_rooms_for_user"];
 
+/// A change of one user's membership in one room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipChange {
+    /// The room.
+    pub room_id: String,
+    /// `join`, `leave`, …
+    pub membership: String,
+    /// The membership event's position on the `events` stream.
+    pub stream_ordering: i64,
+    /// The writer that persisted it.
+    pub instance_name: String,
+}
+
 /// A room's current state: (type, state key) → event ID.
 pub type StateMap = BTreeMap<(String, String), String>;
 
@@ -255,6 +268,61 @@ impl EventsReader {
                     })
                     .await?;
                 Ok(Arc::new(state))
+            })
+            .await
+    }
+
+    /// The event a client's transaction produced, if it was persisted:
+    /// `(room_id, event_id)`.
+    pub async fn get_event_id_for_txn(
+        &self,
+        user_id: &str,
+        txn_id: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let (user, txn_id) = (user_id.to_owned(), txn_id.to_owned());
+        self.db
+            .run_autocommit("get_event_id_for_txn", move |txn| {
+                let (user, txn_id) = (user.clone(), txn_id.clone());
+                Box::pin(async move {
+                    let row = txn
+                        .query_opt(
+                            "SELECT room_id, event_id FROM event_txn_id WHERE user_id = $1 AND txn_id = $2",
+                            &[&user, &txn_id],
+                        )
+                        .await?;
+                    row.map(|row| Ok((row.get(0)?, row.get(1)?))).transpose()
+                })
+            })
+            .await
+    }
+
+    /// Every membership event of `user_id` in every room, oldest first: what
+    /// sync needs to know which rooms the user was in at any token.
+    pub async fn get_membership_history(&self, user_id: &str) -> Result<Vec<MembershipChange>, StoreError> {
+        let user = user_id.to_owned();
+        self.db
+            .run_autocommit("get_membership_history", move |txn| {
+                let user = user.clone();
+                Box::pin(async move {
+                    let rows = txn
+                        .query(
+                            "SELECT m.room_id, m.membership, m.stream_ordering, e.instance_name \
+                             FROM room_memberships AS m JOIN events AS e ON e.event_id = m.event_id \
+                             WHERE m.user_id = $1 AND m.stream_ordering > 0 ORDER BY m.stream_ordering",
+                            &[&user],
+                        )
+                        .await?;
+                    rows.iter()
+                        .map(|row| {
+                            Ok(MembershipChange {
+                                room_id: row.get(0)?,
+                                membership: row.get(1)?,
+                                stream_ordering: row.get(2)?,
+                                instance_name: row.get(3)?,
+                            })
+                        })
+                        .collect()
+                })
             })
             .await
     }

@@ -21,6 +21,16 @@ pub struct EventsWriter {
     instance_name: String,
 }
 
+/// A client's transaction: `PUT …/send/{type}/{txnId}` is idempotent per user
+/// and transaction ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTxn {
+    /// Who sent the request.
+    pub user_id: String,
+    /// The client's transaction ID.
+    pub txn_id: String,
+}
+
 /// Refuses an instance that does not write `events`.
 fn check_writer(config: &ServerConfig) -> Result<(), StoreError> {
     if config.is_writer_for(EVENTS_STREAM) {
@@ -64,6 +74,20 @@ impl EventsWriter {
     /// Persists `events` of `room_id` in one transaction, in order; returns their
     /// stream orderings.
     pub async fn persist_events(&self, room_id: &str, events: &[NewEvent]) -> Result<Vec<i64>, StoreError> {
+        self.persist_events_for_txn(room_id, events, None).await
+    }
+
+    /// Like [`EventsWriter::persist_events`], and records that `txn`, a client's
+    /// transaction, produced the first of `events`, in the same database
+    /// transaction: a retry of the client's request then finds it
+    /// ([`EventsReader::get_event_id_for_txn`]) whether or not the process
+    /// crashed after the commit.
+    pub async fn persist_events_for_txn(
+        &self,
+        room_id: &str,
+        events: &[NewEvent],
+        txn: Option<&ClientTxn>,
+    ) -> Result<Vec<i64>, StoreError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -76,12 +100,28 @@ impl EventsWriter {
         );
         let (room_id, events, instance) =
             (room_id.to_owned(), Arc::<[NewEvent]>::from(events), self.instance_name.clone());
+        let client_txn = txn.cloned();
         reader
             .db
             .run_interaction("persist_events", move |txn| {
                 let (generator, caches, changes) = (generator.clone(), Arc::clone(&caches), changes.clone());
                 let (room_id, events, instance) = (room_id.clone(), Arc::clone(&events), instance.clone());
+                let client_txn = client_txn.clone();
                 Box::pin(async move {
+                    if let (Some(client), Some(first)) = (&client_txn, events.first()) {
+                        txn.execute(
+                            "INSERT INTO event_txn_id (user_id, txn_id, event_id, room_id, inserted_ts) \
+                             VALUES ($1, $2, $3, $4, $5)",
+                            &[
+                                &client.user_id,
+                                &client.txn_id,
+                                &first.event_id,
+                                &room_id,
+                                &first.origin_server_ts,
+                            ],
+                        )
+                        .await?;
+                    }
                     let ids = generator.get_next_mult_txn(txn, events.len()).await?;
                     let mut members_changed = Vec::new();
                     let mut state_changed = false;

@@ -15,8 +15,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use store_core::{
-    Cache, CacheRegistry, CachesStream, Database, MultiWriterConfig, MultiWriterIdGenerator, Row,
-    ServerConfig, StoreError, StreamChangeCache, StreamTable, StreamUpdates, Transaction,
+    Cache, CacheRegistry, CachesStream, Database, MultiWriterConfig, MultiWriterIdGenerator,
+    MultiWriterToken, Row, ServerConfig, StoreError, StreamChangeCache, StreamTable, StreamUpdates,
+    Transaction,
 };
 
 /// The name of the stream this crate owns, as it appears in `[stream_writers]`,
@@ -233,6 +234,48 @@ impl ReceiptsReader {
                 })
                 .await?;
             receipts.extend(rows);
+        }
+        Ok(receipts)
+    }
+
+    /// The receipts of `room_ids` that lie in `(low, high]` as multi-writer
+    /// tokens place them: each by its own writer's position, so that a client
+    /// paging with such tokens gets every receipt exactly once even while
+    /// writers persist out of order. No `low` means from the start.
+    pub async fn get_receipts_between(
+        &self,
+        room_ids: &[&str],
+        low: Option<&MultiWriterToken>,
+        high: &MultiWriterToken,
+    ) -> Result<Vec<ReceiptRow>, StoreError> {
+        let from = low.map_or(0, MultiWriterToken::stream);
+        let to = high.max_pos();
+        let changed = self.room_changes.get_entities_changed(room_ids, from);
+        let mut receipts = Vec::new();
+        for room in changed {
+            let room = room.to_owned();
+            let rows = self
+                .db
+                .run_autocommit("get_receipts_between", move |txn| {
+                    let room = room.clone();
+                    Box::pin(async move {
+                        txn.query(
+                            "SELECT stream_id, room_id, receipt_type, user_id, event_id, thread_id, data, \
+                             instance_name FROM receipts_linearized \
+                             WHERE room_id = $1 AND stream_id > $2 AND stream_id <= $3 ORDER BY stream_id",
+                            &[&room, &from, &to],
+                        )
+                        .await
+                    })
+                })
+                .await?;
+            for row in &rows {
+                let (stream_id, receipt) = receipt_from_row(row)?;
+                let writer: String = row.get(7)?;
+                if MultiWriterToken::in_range(low, Some(high), Some(&writer), stream_id) {
+                    receipts.push(receipt);
+                }
+            }
         }
         Ok(receipts)
     }
