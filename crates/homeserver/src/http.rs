@@ -1,8 +1,8 @@
 //! The HTTP listener every process serves: health, the operator's views
 //! (`/admin/v1/streams`, `/metrics`), and the internal endpoints the processes
 //! of a deployment call on each other (guarded by `worker_replication_secret`).
-//! The client API joins it in a later issue. `docs/http.md` documents the
-//! endpoints.
+//! The client API (`crate::client`) is merged in here. `docs/http.md` documents
+//! the endpoints.
 
 use std::sync::Arc;
 
@@ -11,12 +11,15 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use replication::Hub;
+use replication::{Hub, TypingStream};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use server_config::ServerConfig;
 use slaved_stores::DataStore;
+use store_core::InstanceIds;
 use store_events::NewEvent;
+
+use crate::client::RoomLocks;
 
 use crate::metrics;
 
@@ -26,6 +29,12 @@ pub(crate) struct AppState {
     pub(crate) config: Arc<ServerConfig>,
     pub(crate) store: Arc<DataStore>,
     pub(crate) hub: Arc<Hub>,
+    /// Who types where.
+    pub(crate) typing: Arc<TypingStream>,
+    /// Instance names ↔ the numbers tokens carry.
+    pub(crate) instance_ids: Arc<InstanceIds>,
+    /// On an events writer: one request at a time per room.
+    pub(crate) room_locks: Arc<RoomLocks>,
 }
 
 /// Where a process that does not write events sends them.
@@ -40,7 +49,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/admin/v1/rooms/{room_id}/state", get(room_state))
         .route("/metrics", get(metrics))
         .route(PERSIST_EVENTS_PATH, post(persist_events))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(crate::client::router(state))
         .merge(internal)
 }
 

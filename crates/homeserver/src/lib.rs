@@ -21,6 +21,7 @@ use server_config::{DEFAULT_SQLITE_URL, Overrides, Role, ServerConfig};
 use slaved_stores::DataStore;
 use store_core::{Database, DatabaseOptions, build_store};
 
+mod client;
 mod http;
 mod metrics;
 mod replicate;
@@ -130,6 +131,9 @@ async fn run(role: Role, cli: Cli) -> anyhow::Result<()> {
         config: Arc::clone(&config),
         store: Arc::clone(&store),
         hub: Arc::clone(&replication.hub),
+        typing: Arc::clone(&replication.typing),
+        instance_ids: Arc::new(store_core::InstanceIds::new(db.clone())),
+        room_locks: Arc::default(),
     });
     // Graceful: requests in flight (writes among them) finish first.
     axum::serve(listener, app)

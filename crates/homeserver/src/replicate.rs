@@ -20,6 +20,8 @@ const TYPING_EXPIRY_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub(crate) struct Replication {
     pub(crate) hub: Arc<Hub>,
+    /// Who types where: the handler on the typing writer, a follower elsewhere.
+    pub(crate) typing: Arc<TypingStream>,
     /// Whether this process is a worker, which says goodbye with `CLEAR_USER_SYNC`.
     is_worker: bool,
     tasks: Vec<JoinHandle<()>>,
@@ -31,13 +33,19 @@ impl Replication {
     pub(crate) async fn start(config: &ServerConfig, store: &DataStore) -> anyhow::Result<Replication> {
         let mut followed = store.replication_streams();
         let mut written = store.written_streams();
-        let typing = if config.is_writer_for(TYPING_STREAM) {
+        let typing_writer = if config.is_writer_for(TYPING_STREAM) {
             let writer = TypingWriter::new(&config.instance_name);
             writer.expire_forever(TYPING_EXPIRY_INTERVAL);
-            let stream: Arc<dyn Stream> = Arc::new(TypingStream::Writer(Arc::clone(&writer)));
+            Some(writer)
+        } else {
+            None
+        };
+        let typing = if let Some(writer) = &typing_writer {
+            let typing = Arc::new(TypingStream::Writer(Arc::clone(writer)));
+            let stream: Arc<dyn Stream> = Arc::clone(&typing) as Arc<dyn Stream>;
             followed.register(Arc::clone(&stream));
             written.push(stream);
-            Some(writer)
+            typing
         } else {
             // Missed typing rows live only in the writer's memory: fetch them over
             // HTTP when the deployment has a secret to ask with.
@@ -47,8 +55,9 @@ impl Replication {
                 }
                 None => TypingFollower::new(),
             };
-            followed.register(Arc::new(TypingStream::Follower(follower)));
-            None
+            let typing = Arc::new(TypingStream::Follower(follower));
+            followed.register(Arc::clone(&typing) as Arc<dyn Stream>);
+            typing
         };
 
         let generators: Vec<_> = written.iter().filter_map(|stream| stream.generator().cloned()).collect();
@@ -64,7 +73,7 @@ impl Replication {
         for generator in generators {
             hub.wake_on(generator.subscribe());
         }
-        if let Some(writer) = &typing {
+        if let Some(writer) = &typing_writer {
             hub.wake_on(writer.subscribe());
         }
         let mut tasks = vec![tokio::spawn(Arc::clone(&hub).run_streamer())];
@@ -78,7 +87,7 @@ impl Replication {
             tasks.push(store.caches().prune_forever());
         }
         let is_worker = config.instance_name != server_config::MASTER_INSTANCE;
-        Ok(Replication { hub, is_worker, tasks })
+        Ok(Replication { hub, typing, is_worker, tasks })
     }
 
     /// Sends what is left (the final positions, then `CLEAR_USER_SYNC`) and

@@ -1,0 +1,209 @@
+//! The client-server API: the subset of Matrix's `/_matrix/client/v3` that
+//! clients use to register, join rooms, send events, and read them back through
+//! `sync`, served by every process of a deployment.
+//!
+//! - `rooms`: the room endpoints; each write goes to the writer of its stream
+//!   (`writes`), reads come from this process's caches and the database.
+//! - `writes`: where a write goes (a stable hash of the room over the stream's
+//!   writers), the internal endpoints the writers serve, and forwarding.
+//! - `sync`: the long-polling `sync` and its multi-writer token.
+//!
+//! Errors are Matrix's `{"errcode": "M_…", "error": "…"}` with the matching
+//! HTTP status. `docs/http.md` documents every endpoint.
+
+mod rooms;
+mod sync;
+mod writes;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use bytes::Bytes;
+use rand::Rng as _;
+use rand::distributions::Alphanumeric;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use store_core::StoreError;
+
+use crate::http::AppState;
+
+pub(crate) use writes::RoomLocks;
+
+/// The routes of the client API and of the internal write endpoints.
+pub(crate) fn router(state: AppState) -> Router {
+    const ROOM: &str = "/_matrix/client/v3/rooms/{room_id}";
+    Router::new()
+        .route("/_matrix/client/v3/register", post(register))
+        .route("/_matrix/client/v3/logout", post(logout))
+        .route("/_matrix/client/v3/account/whoami", get(whoami))
+        .route("/_matrix/client/v3/createRoom", post(rooms::create_room))
+        .route(&format!("{ROOM}/join"), post(rooms::join))
+        .route(&format!("{ROOM}/leave"), post(rooms::leave))
+        .route(&format!("{ROOM}/send/{{event_type}}/{{txn_id}}"), put(rooms::send))
+        .route(&format!("{ROOM}/state/{{event_type}}/{{state_key}}"), put(rooms::put_state))
+        // An empty state key: `…/state/{type}` and `…/state/{type}/`.
+        .route(&format!("{ROOM}/state/{{event_type}}"), put(rooms::put_state_empty_key))
+        .route(&format!("{ROOM}/state/{{event_type}}/"), put(rooms::put_state_empty_key))
+        .route(&format!("{ROOM}/state"), get(rooms::get_state))
+        .route(&format!("{ROOM}/joined_members"), get(rooms::joined_members))
+        .route(&format!("{ROOM}/receipt/{{receipt_type}}/{{event_id}}"), post(rooms::receipt))
+        .route(&format!("{ROOM}/typing/{{user_id}}"), put(rooms::typing))
+        .route("/_matrix/client/v3/sync", get(sync::sync))
+        .route(writes::SEND_EVENTS_PATH, post(writes::send_events_endpoint))
+        .route(writes::SEND_RECEIPT_PATH, post(writes::send_receipt_endpoint))
+        .route(writes::SET_TYPING_PATH, post(writes::set_typing_endpoint))
+        .with_state(state)
+}
+
+/// A refusal as Matrix clients expect it.
+#[derive(Debug)]
+pub(crate) struct ClientError {
+    status: StatusCode,
+    errcode: String,
+    message: String,
+}
+
+impl ClientError {
+    pub(crate) fn new(status: StatusCode, errcode: &str, message: impl Into<String>) -> ClientError {
+        ClientError { status, errcode: errcode.to_owned(), message: message.into() }
+    }
+
+    pub(crate) fn forbidden(message: impl Into<String>) -> ClientError {
+        ClientError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", message)
+    }
+
+    pub(crate) fn invalid_param(message: impl Into<String>) -> ClientError {
+        ClientError::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", message)
+    }
+
+    pub(crate) fn bad_json(message: impl Into<String>) -> ClientError {
+        ClientError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", message)
+    }
+
+    pub(crate) fn not_found(message: impl Into<String>) -> ClientError {
+        ClientError::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", message)
+    }
+
+    /// A failure of this server, not of the request: logged here, told to the
+    /// client without internals.
+    pub(crate) fn internal(what: &str, err: impl std::fmt::Display) -> ClientError {
+        tracing::warn!("{what}: {err}");
+        ClientError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", format!("{what}; try again"))
+    }
+}
+
+impl From<StoreError> for ClientError {
+    fn from(err: StoreError) -> ClientError {
+        ClientError::internal("the database failed", err)
+    }
+}
+
+impl IntoResponse for ClientError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"errcode": self.errcode, "error": self.message}))).into_response()
+    }
+}
+
+/// Parses a JSON request body; an empty body counts as `{}`.
+pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ClientError> {
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|err| ClientError::new(StatusCode::BAD_REQUEST, "M_NOT_JSON", format!("not JSON: {err}")))?;
+    serde_json::from_value(value).map_err(|err| ClientError::bad_json(err.to_string()))
+}
+
+/// The user a request's `Authorization: Bearer` token belongs to.
+pub(crate) async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<String, ClientError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(ClientError::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token"));
+    };
+    let unknown =
+        || ClientError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "Unrecognised access token");
+    let token = value.to_str().ok().and_then(|value| value.strip_prefix("Bearer ")).ok_or_else(unknown)?;
+    state.store.users().get_user_by_access_token(token).await?.ok_or_else(unknown)
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// `len` random letters and digits, from the thread's CSPRNG: room and event
+/// IDs that no two processes can both pick.
+pub(crate) fn random_string(len: usize) -> String {
+    rand::thread_rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
+}
+
+#[derive(Debug, Deserialize)]
+struct Registration {
+    username: String,
+}
+
+/// A user ID's localpart: what Matrix allows in new user IDs.
+fn valid_localpart(localpart: &str) -> bool {
+    !localpart.is_empty()
+        && localpart
+            .bytes()
+            .all(|byte| matches!(byte, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'))
+}
+
+/// `POST /_matrix/client/v3/register` `{"username"}` → `{"user_id", "access_token"}`.
+async fn register(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ClientError> {
+    let Registration { username } = parse_body(&body)?;
+    let user_id = format!("@{username}:{}", state.config.server_name);
+    if !valid_localpart(&username) || user_id.len() > 255 {
+        return Err(ClientError::new(
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_USERNAME",
+            "a username is 1 or more of a-z, 0-9 and ._=-/+, and the user ID at most 255 bytes",
+        ));
+    }
+    let users = state.store.users();
+    if !users.register(&user_id).await? {
+        return Err(ClientError::new(StatusCode::BAD_REQUEST, "M_USER_IN_USE", "User ID already taken."));
+    }
+    let access_token = users.create_access_token(&user_id).await?;
+    Ok(Json(
+        json!({"user_id": user_id, "access_token": access_token, "home_server": state.config.server_name}),
+    ))
+}
+
+/// `POST /_matrix/client/v3/logout`: the token stops working on every process.
+async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ClientError> {
+    authenticate(&state, &headers).await?;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    state.store.users().delete_access_token(token).await?;
+    Ok(Json(json!({})))
+}
+
+/// `GET /_matrix/client/v3/account/whoami`.
+async fn whoami(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ClientError> {
+    let user_id = authenticate(&state, &headers).await?;
+    Ok(Json(json!({"user_id": user_id})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_localpart;
+
+    #[test]
+    fn localparts_follow_the_matrix_grammar() {
+        for good in ["alice", "a.b_c=d-e/f+g", "0"] {
+            assert!(valid_localpart(good), "{good}");
+        }
+        for bad in ["", "Alice", "a b", "a:b", "@a", "é"] {
+            assert!(!valid_localpart(bad), "{bad}");
+        }
+    }
+}

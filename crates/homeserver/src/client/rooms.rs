@@ -1,0 +1,283 @@
+//! The room endpoints: creating, joining and leaving rooms, sending events and
+//! state, receipts and typing (written through `writes`), and reading a room's
+//! state and members (from this process's caches).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use store_events::Event;
+use store_receipts::ReceiptRow;
+
+use super::writes::{self, EventContent, RoomWrite, TypingChange};
+use super::{ClientError, authenticate, now_ms, parse_body, random_string};
+use crate::http::AppState;
+
+/// The longest a client may say it keeps typing.
+const MAX_TYPING_TIMEOUT_MS: u64 = 120_000;
+
+/// Refuses what is not a room ID (`!opaque:server`).
+fn check_room_id(room_id: &str) -> Result<(), ClientError> {
+    match room_id.strip_prefix('!').and_then(|rest| rest.split_once(':')) {
+        Some((opaque, server)) if !opaque.is_empty() && !server.is_empty() => Ok(()),
+        _ => Err(ClientError::invalid_param(format!("{room_id:?} is not a room ID"))),
+    }
+}
+
+/// A JSON object from the body: event contents are objects.
+fn content_object(body: &Bytes) -> Result<Value, ClientError> {
+    let content: Value = parse_body(body)?;
+    if !content.is_object() {
+        return Err(ClientError::bad_json("the content must be a JSON object"));
+    }
+    Ok(content)
+}
+
+/// An event as clients see it.
+pub(crate) fn client_event(event: &Event) -> Value {
+    let content: Value = serde_json::from_str(&event.event.content).unwrap_or_else(|_| json!({}));
+    let mut json = json!({
+        "event_id": event.event.event_id,
+        "type": event.event.event_type,
+        "sender": event.event.sender,
+        "origin_server_ts": event.event.origin_server_ts,
+        "room_id": event.room_id,
+        "content": content,
+    });
+    if let Some(state_key) = &event.event.state_key {
+        json["state_key"] = json!(state_key);
+    }
+    json
+}
+
+/// Refuses a user who is not joined to the room, as this process knows it.
+async fn require_member(state: &AppState, room_id: &str, user_id: &str) -> Result<(), ClientError> {
+    if writes::membership_of(state, room_id, user_id).await?.as_deref() == Some("join") {
+        return Ok(());
+    }
+    if !writes::room_exists(state, room_id).await? {
+        return Err(ClientError::not_found(format!("unknown room {room_id}")));
+    }
+    Err(ClientError::forbidden(format!("{user_id} is not in the room")))
+}
+
+async fn write_one(
+    state: &AppState,
+    room_id: String,
+    sender: String,
+    event: EventContent,
+    txn_id: Option<String>,
+) -> Result<String, ClientError> {
+    let written =
+        writes::write_room_events(state, RoomWrite { room_id, sender, events: vec![event], txn_id }).await?;
+    written.event_ids.into_iter().next().ok_or_else(|| ClientError::internal("a write produced no event", ""))
+}
+
+fn member_event(user_id: &str, membership: &str) -> EventContent {
+    EventContent {
+        event_type: "m.room.member".to_owned(),
+        state_key: Some(user_id.to_owned()),
+        content: json!({"membership": membership}),
+    }
+}
+
+/// `POST /createRoom` → `{"room_id"}`: the creator is joined.
+pub(crate) async fn create_room(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ClientError> {
+    let sender = authenticate(&state, &headers).await?;
+    // The options of Matrix's createRoom (name, preset, …) are not part of this
+    // subset; the body must still be JSON.
+    let _: Map<String, Value> = parse_body(&body)?;
+    let room_id = format!("!{}:{}", random_string(18), state.config.server_name);
+    let events = vec![
+        EventContent {
+            event_type: "m.room.create".to_owned(),
+            state_key: Some(String::new()),
+            content: json!({"creator": sender, "room_version": "10"}),
+        },
+        member_event(&sender, "join"),
+    ];
+    writes::write_room_events(&state, RoomWrite { room_id: room_id.clone(), sender, events, txn_id: None })
+        .await?;
+    Ok(Json(json!({"room_id": room_id})))
+}
+
+/// `POST /rooms/{roomId}/join` → `{"room_id"}`.
+pub(crate) async fn join(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(room_id): Path<String>,
+) -> Result<Json<Value>, ClientError> {
+    let sender = authenticate(&state, &headers).await?;
+    check_room_id(&room_id)?;
+    let event = member_event(&sender, "join");
+    write_one(&state, room_id.clone(), sender, event, None).await?;
+    Ok(Json(json!({"room_id": room_id})))
+}
+
+/// `POST /rooms/{roomId}/leave` → `{}`.
+pub(crate) async fn leave(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(room_id): Path<String>,
+) -> Result<Json<Value>, ClientError> {
+    let sender = authenticate(&state, &headers).await?;
+    check_room_id(&room_id)?;
+    let event = member_event(&sender, "leave");
+    write_one(&state, room_id, sender, event, None).await?;
+    Ok(Json(json!({})))
+}
+
+/// `PUT /rooms/{roomId}/send/{eventType}/{txnId}` → `{"event_id"}`; a retry
+/// with the same transaction ID answers the same event.
+pub(crate) async fn send(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((room_id, event_type, txn_id)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ClientError> {
+    let sender = authenticate(&state, &headers).await?;
+    check_room_id(&room_id)?;
+    let content = content_object(&body)?;
+    let event = EventContent { event_type, state_key: None, content };
+    let event_id = write_one(&state, room_id, sender, event, Some(txn_id)).await?;
+    Ok(Json(json!({"event_id": event_id})))
+}
+
+/// `PUT /rooms/{roomId}/state/{eventType}/{stateKey}` → `{"event_id"}`.
+pub(crate) async fn put_state(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((room_id, event_type, state_key)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ClientError> {
+    set_state(state, headers, room_id, event_type, state_key, body).await
+}
+
+/// `PUT /rooms/{roomId}/state/{eventType}`: the empty state key.
+pub(crate) async fn put_state_empty_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((room_id, event_type)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ClientError> {
+    set_state(state, headers, room_id, event_type, String::new(), body).await
+}
+
+async fn set_state(
+    state: AppState,
+    headers: HeaderMap,
+    room_id: String,
+    event_type: String,
+    state_key: String,
+    body: Bytes,
+) -> Result<Json<Value>, ClientError> {
+    let sender = authenticate(&state, &headers).await?;
+    check_room_id(&room_id)?;
+    if matches!(event_type.as_str(), "m.room.create" | "m.room.member") {
+        return Err(ClientError::forbidden(format!(
+            "{event_type} is set by createRoom, join and leave, not through the state endpoint"
+        )));
+    }
+    let content = content_object(&body)?;
+    let event = EventContent { event_type, state_key: Some(state_key), content };
+    let event_id = write_one(&state, room_id, sender, event, None).await?;
+    Ok(Json(json!({"event_id": event_id})))
+}
+
+/// `GET /rooms/{roomId}/state`: the current state events, for members.
+pub(crate) async fn get_state(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(room_id): Path<String>,
+) -> Result<Json<Value>, ClientError> {
+    let user_id = authenticate(&state, &headers).await?;
+    check_room_id(&room_id)?;
+    require_member(&state, &room_id, &user_id).await?;
+    Ok(Json(Value::Array(current_state_events(&state, &room_id).await?)))
+}
+
+/// The room's current state events, as clients see them.
+pub(crate) async fn current_state_events(state: &AppState, room_id: &str) -> Result<Vec<Value>, ClientError> {
+    let events = state.store.events();
+    let mut state_events = Vec::new();
+    for event_id in events.get_current_state_ids(room_id).await?.values() {
+        if let Some(event) = events.get_event(event_id).await? {
+            state_events.push(client_event(&event));
+        }
+    }
+    Ok(state_events)
+}
+
+/// `GET /rooms/{roomId}/joined_members` → `{"joined": {userId: {}}}`, for members.
+pub(crate) async fn joined_members(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(room_id): Path<String>,
+) -> Result<Json<Value>, ClientError> {
+    let user_id = authenticate(&state, &headers).await?;
+    check_room_id(&room_id)?;
+    require_member(&state, &room_id, &user_id).await?;
+    let members = state.store.events().get_users_in_room(&room_id).await?;
+    let joined: Map<String, Value> = members.iter().map(|member| (member.clone(), json!({}))).collect();
+    Ok(Json(json!({"joined": joined})))
+}
+
+/// `POST /rooms/{roomId}/receipt/{receiptType}/{eventId}` → `{}`.
+pub(crate) async fn receipt(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((room_id, receipt_type, event_id)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ClientError> {
+    #[derive(Deserialize)]
+    struct ReceiptBody {
+        #[serde(default)]
+        thread_id: Option<String>,
+    }
+    let user_id = authenticate(&state, &headers).await?;
+    check_room_id(&room_id)?;
+    if !matches!(receipt_type.as_str(), "m.read" | "m.read.private") {
+        return Err(ClientError::invalid_param(format!("unknown receipt type {receipt_type:?}")));
+    }
+    let ReceiptBody { thread_id } = parse_body(&body)?;
+    require_member(&state, &room_id, &user_id).await?;
+    match state.store.events().get_event(&event_id).await? {
+        Some(event) if event.room_id == room_id => {}
+        _ => return Err(ClientError::not_found(format!("no event {event_id} in the room"))),
+    }
+    let receipt =
+        ReceiptRow { room_id, receipt_type, user_id, event_id, thread_id, data: json!({"ts": now_ms()}) };
+    writes::write_receipt(&state, receipt).await?;
+    Ok(Json(json!({})))
+}
+
+/// `PUT /rooms/{roomId}/typing/{userId}` `{"typing", "timeout"}` → `{}`.
+pub(crate) async fn typing(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((room_id, typing_user)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ClientError> {
+    #[derive(Deserialize)]
+    struct TypingBody {
+        typing: bool,
+        #[serde(default)]
+        timeout: Option<u64>,
+    }
+    let user_id = authenticate(&state, &headers).await?;
+    check_room_id(&room_id)?;
+    if typing_user != user_id {
+        return Err(ClientError::forbidden("you can only set your own typing"));
+    }
+    let TypingBody { typing, timeout } = parse_body(&body)?;
+    require_member(&state, &room_id, &user_id).await?;
+    let timeout_ms = timeout.unwrap_or(30_000).min(MAX_TYPING_TIMEOUT_MS);
+    writes::write_typing(&state, TypingChange { room_id, user_id, typing, timeout_ms }).await?;
+    Ok(Json(json!({})))
+}

@@ -1,0 +1,409 @@
+//! `GET /_matrix/client/v3/sync`: what changed for a user since a token, long
+//! polling until something does.
+//!
+//! The token (`next_batch`) holds one position per stream: `s<events>_<receipts>_<typing>`,
+//! where the events and receipts parts are multi-writer tokens (`5`, or
+//! `m5~1.6~2.9`: everything up to 5 plus instance 1 up to 6 and instance 2 up to
+//! 9; see `docs/http.md`). An event is returned by the sync whose token range
+//! covers it by its own writer's position, so an event persisted out of order
+//! (below another writer's position, after it was announced) comes in a later
+//! sync: never skipped, never twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use store_core::{InstanceIds, MultiWriterToken, RoomToken, StoreError, TokenParseError};
+use store_events::{Event, MembershipChange};
+use tokio::time::Instant;
+
+use super::rooms::{client_event, current_state_events};
+use super::{ClientError, authenticate};
+use crate::http::AppState;
+
+/// Timeline events per room when the client's filter does not say.
+const DEFAULT_TIMELINE_LIMIT: usize = 10;
+/// The most a client may ask for per room.
+const MAX_TIMELINE_LIMIT: usize = 1_000;
+/// The longest a sync waits, whatever the client asks.
+const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a process behind a client's token waits to catch up with it before
+/// calling the token foreign.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
+/// Events read per query while walking a room's timeline back.
+const TIMELINE_PAGE: usize = 100;
+
+/// A position on every stream sync reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SyncToken {
+    events: MultiWriterToken,
+    receipts: MultiWriterToken,
+    typing: i64,
+}
+
+impl SyncToken {
+    /// What this process has seen of every stream now.
+    fn current(state: &AppState) -> SyncToken {
+        SyncToken {
+            events: MultiWriterToken::from_generator(state.store.events().events_stream()),
+            receipts: MultiWriterToken::from_generator(state.store.receipts().stream()),
+            typing: state.typing.latest(),
+        }
+    }
+
+    /// The token after this one when this process has seen `current`: never
+    /// behind this one on any writer, so tokens never go backwards. The typing
+    /// serial restarts with its writer, so it is taken as it is now.
+    fn advanced_to(&self, current: &SyncToken) -> SyncToken {
+        SyncToken {
+            events: self.events.copy_and_advance(&current.events),
+            receipts: self.receipts.copy_and_advance(&current.receipts),
+            typing: current.typing,
+        }
+    }
+
+    async fn to_text(&self, ids: &InstanceIds) -> Result<String, StoreError> {
+        Ok(format!(
+            "s{}_{}_{}",
+            self.events.to_text(ids).await?,
+            self.receipts.to_text(ids).await?,
+            self.typing
+        ))
+    }
+
+    async fn parse(text: &str, ids: &InstanceIds) -> Result<SyncToken, ClientError> {
+        let invalid = || ClientError::invalid_param(format!("Invalid sync token: {text:?}"));
+        let parts: Vec<&str> = text.strip_prefix('s').ok_or_else(invalid)?.split('_').collect();
+        let [events, receipts, typing] = parts.as_slice() else { return Err(invalid()) };
+        let stream = async |part: &str| match MultiWriterToken::parse(part, ids).await {
+            Ok(token) => Ok(token),
+            Err(TokenParseError::Store(err)) => Err(ClientError::from(err)),
+            Err(_) => Err(invalid()),
+        };
+        let typing =
+            if typing.bytes().all(|byte| byte.is_ascii_digit()) { typing.parse().ok() } else { None };
+        Ok(SyncToken {
+            events: stream(events).await?,
+            receipts: stream(receipts).await?,
+            typing: typing.ok_or_else(invalid)?,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct SyncParams {
+    since: Option<String>,
+    timeout: Option<String>,
+    filter: Option<String>,
+}
+
+/// The timeline limit from an inline filter, `{"room": {"timeline": {"limit": N}}}`.
+fn timeline_limit(filter: Option<&str>) -> Result<usize, ClientError> {
+    let Some(filter) = filter else { return Ok(DEFAULT_TIMELINE_LIMIT) };
+    let not_inline = || {
+        ClientError::invalid_param(
+            "filter must be an inline JSON filter; stored filter IDs are not supported",
+        )
+    };
+    let filter: Value = serde_json::from_str(filter).map_err(|_| not_inline())?;
+    if !filter.is_object() {
+        return Err(not_inline());
+    }
+    match &filter["room"]["timeline"]["limit"] {
+        Value::Null => Ok(DEFAULT_TIMELINE_LIMIT),
+        limit => limit
+            .as_u64()
+            .filter(|limit| *limit > 0)
+            .and_then(|limit| usize::try_from(limit).ok())
+            .map(|limit| limit.min(MAX_TIMELINE_LIMIT))
+            .ok_or_else(|| ClientError::invalid_param("the timeline limit must be a positive integer")),
+    }
+}
+
+/// `GET /sync?since=&timeout=&filter=`.
+pub(crate) async fn sync(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(params): Query<SyncParams>,
+) -> Result<Json<Value>, ClientError> {
+    let user_id = authenticate(&state, &headers).await?;
+    let timeout = match params.timeout.as_deref() {
+        None => Duration::ZERO,
+        Some(ms) => Duration::from_millis(
+            ms.parse().map_err(|_| ClientError::invalid_param("timeout must be milliseconds"))?,
+        ),
+    }
+    .min(MAX_TIMEOUT);
+    let limit = timeline_limit(params.filter.as_deref())?;
+    let since = match params.since.as_deref() {
+        Some(text) => Some(SyncToken::parse(text, &state.instance_ids).await?),
+        None => None,
+    };
+    if let Some(since) = &since {
+        catch_up_with(&state, since).await?;
+    }
+
+    let deadline = Instant::now() + timeout;
+    let mut events_changed = state.store.events().events_stream().subscribe();
+    let mut receipts_changed = state.store.receipts().stream().subscribe();
+    let mut typing_changed = state.typing.subscribe();
+    loop {
+        events_changed.borrow_and_update();
+        receipts_changed.borrow_and_update();
+        typing_changed.borrow_and_update();
+        let current = SyncToken::current(&state);
+        let next = since.as_ref().map_or_else(|| current.clone(), |since| since.advanced_to(&current));
+        let rooms = changes(&state, &user_id, since.as_ref(), &next, limit).await?;
+        if since.is_none() || !rooms.is_empty() || Instant::now() >= deadline {
+            let next_batch = next.to_text(&state.instance_ids).await?;
+            return Ok(Json(json!({"next_batch": next_batch, "rooms": rooms.to_json()})));
+        }
+        tokio::select! {
+            _ = events_changed.changed() => {}
+            _ = receipts_changed.changed() => {}
+            _ = typing_changed.changed() => {}
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+/// Waits until this process has seen what `since` covers (a client may come
+/// from a process further ahead); a token still ahead after that is not from
+/// this deployment, or not from now.
+async fn catch_up_with(state: &AppState, since: &SyncToken) -> Result<(), ClientError> {
+    let events = state.store.events().events_stream().wait_for_token(&since.events, CATCH_UP_WAIT);
+    let receipts = state.store.receipts().stream().wait_for_token(&since.receipts, CATCH_UP_WAIT);
+    let (events, receipts) = tokio::join!(events, receipts);
+    match (events, receipts) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(StoreError::Timeout { .. }), _) | (_, Err(StoreError::Timeout { .. })) => Err(
+            ClientError::invalid_param("the sync token is ahead of this server: it is not one of its tokens"),
+        ),
+        (Err(err), _) | (_, Err(err)) => Err(err.into()),
+    }
+}
+
+/// What one sync returns for the user's rooms.
+#[derive(Debug, Default)]
+struct RoomChanges {
+    join: BTreeMap<String, Value>,
+    leave: BTreeMap<String, Value>,
+}
+
+impl RoomChanges {
+    fn is_empty(&self) -> bool {
+        self.join.is_empty() && self.leave.is_empty()
+    }
+
+    fn to_json(&self) -> Value {
+        json!({"join": self.join, "leave": self.leave})
+    }
+}
+
+/// The user's membership in `room_id` as `token` sees it: the last change the
+/// token covers, by each change's own writer.
+fn membership_at<'a>(
+    history: &'a [MembershipChange],
+    room_id: &str,
+    token: &MultiWriterToken,
+) -> Option<&'a str> {
+    history
+        .iter()
+        .filter(|change| change.room_id == room_id)
+        .filter(|change| !token.persisted_after(&change.instance_name, change.stream_ordering))
+        .max_by_key(|change| change.stream_ordering)
+        .map(|change| change.membership.as_str())
+}
+
+async fn changes(
+    state: &AppState,
+    user_id: &str,
+    since: Option<&SyncToken>,
+    next: &SyncToken,
+    limit: usize,
+) -> Result<RoomChanges, ClientError> {
+    let history = state.store.events().get_membership_history(user_id).await?;
+    let rooms: BTreeSet<&str> = history.iter().map(|change| change.room_id.as_str()).collect();
+    let mut changes = RoomChanges::default();
+    let mut joined_rooms = Vec::new();
+    for room_id in rooms {
+        let joined_now = membership_at(&history, room_id, &next.events) == Some("join");
+        let joined_before =
+            since.is_some_and(|since| membership_at(&history, room_id, &since.events) == Some("join"));
+        match (joined_before, joined_now) {
+            (false, true) => {
+                // New to the user (or the first sync): the whole state and the
+                // latest events.
+                let (events, limited) = timeline(state, room_id, None, &next.events, limit).await?;
+                let state_events = current_state_events(state, room_id).await?;
+                changes
+                    .join
+                    .insert(room_id.to_owned(), room_json(state, &events, limited, state_events).await?);
+                joined_rooms.push(room_id);
+            }
+            (true, true) => {
+                let since = since.map(|since| &since.events);
+                let (events, limited) = timeline(state, room_id, since, &next.events, limit).await?;
+                // A gap in the timeline may hide state changes: send the state.
+                let state_events =
+                    if limited { current_state_events(state, room_id).await? } else { Vec::new() };
+                if !events.is_empty() {
+                    changes
+                        .join
+                        .insert(room_id.to_owned(), room_json(state, &events, limited, state_events).await?);
+                }
+                joined_rooms.push(room_id);
+            }
+            (true, false) => {
+                // Up to the user's leaving, and nothing after it.
+                let since = since.map(|since| &since.events);
+                let left_at = history
+                    .iter()
+                    .filter(|change| change.room_id == room_id)
+                    .filter(|change| {
+                        !next.events.persisted_after(&change.instance_name, change.stream_ordering)
+                    })
+                    .map(|change| change.stream_ordering)
+                    .max()
+                    .unwrap_or(i64::MAX);
+                let (mut events, limited) =
+                    timeline(state, room_id, since, &next.events, MAX_TIMELINE_LIMIT).await?;
+                events.retain(|event| event.stream_ordering <= left_at);
+                let cut = events.len().saturating_sub(limit);
+                let events = events.split_off(cut);
+                changes.leave.insert(
+                    room_id.to_owned(),
+                    room_json(state, &events, limited || cut > 0, Vec::new()).await?,
+                );
+            }
+            (false, false) => {}
+        }
+    }
+    add_ephemeral(state, &mut changes, &joined_rooms, since, next).await?;
+    Ok(changes)
+}
+
+/// Receipts and typing for the joined rooms, into their entries (creating an
+/// entry for a room with only ephemeral news).
+async fn add_ephemeral(
+    state: &AppState,
+    changes: &mut RoomChanges,
+    joined_rooms: &[&str],
+    since: Option<&SyncToken>,
+    next: &SyncToken,
+) -> Result<(), ClientError> {
+    let mut ephemeral: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+    let receipts = state
+        .store
+        .receipts()
+        .get_receipts_between(joined_rooms, since.map(|since| &since.receipts), &next.receipts)
+        .await?;
+    let mut by_room: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
+    for receipt in receipts {
+        let content = by_room.entry(receipt.room_id.clone()).or_default();
+        let by_type = content.entry(receipt.event_id.clone()).or_insert_with(|| json!({}));
+        let mut data = receipt.data.clone();
+        if let Some(thread_id) = &receipt.thread_id {
+            data["thread_id"] = json!(thread_id);
+        }
+        by_type[&receipt.receipt_type][&receipt.user_id] = data;
+    }
+    for room_id in joined_rooms {
+        if let Some(content) = by_room.remove(*room_id) {
+            ephemeral.entry(room_id).or_default().push(json!({"type": "m.receipt", "content": content}));
+        }
+        let typing_changed = match since {
+            None => !state.typing.typing_in(room_id).is_empty(),
+            Some(since) => state.typing.changed_since(room_id, since.typing),
+        };
+        if typing_changed {
+            let user_ids = state.typing.typing_in(room_id);
+            ephemeral
+                .entry(room_id)
+                .or_default()
+                .push(json!({"type": "m.typing", "content": {"user_ids": user_ids}}));
+        }
+    }
+    for (room_id, events) in ephemeral {
+        let entry = changes.join.entry(room_id.to_owned()).or_insert_with(|| {
+            json!({"timeline": {"events": [], "limited": false}, "state": {"events": []}, "ephemeral": {"events": []}})
+        });
+        entry["ephemeral"]["events"] = Value::Array(events);
+    }
+    Ok(())
+}
+
+async fn room_json(
+    state: &AppState,
+    events: &[Event],
+    limited: bool,
+    state_events: Vec<Value>,
+) -> Result<Value, ClientError> {
+    let prev_batch = match events.first() {
+        Some(first) => Some(
+            RoomToken::Live(MultiWriterToken::at(first.stream_ordering - 1))
+                .to_text(&state.instance_ids)
+                .await?,
+        ),
+        None => None,
+    };
+    let mut timeline =
+        json!({"events": events.iter().map(client_event).collect::<Vec<_>>(), "limited": limited});
+    if let Some(prev_batch) = prev_batch {
+        timeline["prev_batch"] = json!(prev_batch);
+    }
+    Ok(json!({"timeline": timeline, "state": {"events": state_events}, "ephemeral": {"events": []}}))
+}
+
+/// The room's events in `(low, high]` by each event's own writer, the newest
+/// `limit` of them, oldest first; and whether more were left out.
+async fn timeline(
+    state: &AppState,
+    room_id: &str,
+    low: Option<&MultiWriterToken>,
+    high: &MultiWriterToken,
+    limit: usize,
+) -> Result<(Vec<Event>, bool), ClientError> {
+    let reader = state.store.events();
+    // Backfilled history (negative orderings) is not part of the live timeline.
+    let floor = low.map_or(0, MultiWriterToken::stream);
+    let mut upper = high.max_pos();
+    let mut newest_first = Vec::new();
+    while upper > floor && newest_first.len() <= limit {
+        let page = reader.get_room_events(room_id, floor, upper, TIMELINE_PAGE).await?;
+        let full = page.len() == TIMELINE_PAGE;
+        upper = page.first().map_or(floor, |oldest| oldest.stream_ordering - 1);
+        newest_first.extend(page.into_iter().rev().filter(|event| {
+            MultiWriterToken::in_range(low, Some(high), Some(&event.instance_name), event.stream_ordering)
+        }));
+        if !full {
+            break;
+        }
+    }
+    let limited = newest_first.len() > limit;
+    newest_first.truncate(limit);
+    newest_first.reverse();
+    Ok((newest_first, limited))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DEFAULT_TIMELINE_LIMIT, timeline_limit};
+
+    #[test]
+    fn the_timeline_limit_comes_from_an_inline_filter() {
+        assert_eq!(timeline_limit(None).ok(), Some(DEFAULT_TIMELINE_LIMIT));
+        assert_eq!(timeline_limit(Some(r#"{"room":{"timeline":{"limit":50}}}"#)).ok(), Some(50));
+        assert_eq!(timeline_limit(Some(r#"{"room":{}}"#)).ok(), Some(DEFAULT_TIMELINE_LIMIT));
+        assert_eq!(timeline_limit(Some(r#"{"room":{"timeline":{"limit":5000}}}"#)).ok(), Some(1_000));
+        for bad in
+            ["12", "{", r#"{"room":{"timeline":{"limit":0}}}"#, r#"{"room":{"timeline":{"limit":"a"}}}"#]
+        {
+            assert!(timeline_limit(Some(bad)).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! Where the client API's writes go, and the internal endpoints that take them.
+//!
+//! Room events are sharded by room: a stable hash of the room ID picks one of
+//! the `events` writers (in the order `[stream_writers]` lists them, which every
+//! process of a deployment agrees on at start-up). That writer alone checks
+//! and persists the room's events, one request at a time per room, so its own
+//! reads always see the room's latest state. A process that does not write a
+//! room forwards the request to the writer's internal endpoint with the shared
+//! secret. Receipts are sharded the same way over the `receipts` writers;
+//! typing has one writer.
+//!
+//! After a write, the process that took the client's request waits until it
+//! has itself seen the write's position, so the client reads its own writes
+//! from the process it wrote through.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use replication::TypingStream;
+use replication::typing::TYPING_STREAM;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use server_config::ServerConfig;
+use store_core::MultiWriterIdGenerator;
+use store_events::{ClientTxn, EVENTS_STREAM, NewEvent};
+use store_receipts::{RECEIPTS_STREAM, ReceiptRow};
+
+use super::{ClientError, now_ms, parse_body, random_string};
+use crate::http::AppState;
+
+/// Persists a room's events on its writer.
+pub(crate) const SEND_EVENTS_PATH: &str = "/_synapse/replication/send_events";
+/// Persists a receipt on a receipts writer.
+pub(crate) const SEND_RECEIPT_PATH: &str = "/_synapse/replication/send_receipt";
+/// Starts or stops typing on the typing writer.
+pub(crate) const SET_TYPING_PATH: &str = "/_synapse/replication/set_typing";
+
+/// How long the process that took a write waits to see it replicated back
+/// before answering anyway (the write is committed either way).
+const READ_YOUR_WRITES_WAIT: Duration = Duration::from_secs(5);
+
+/// The instance that writes `stream` for `room_id`: FNV-1a of the room ID over
+/// the stream's writers. FNV, not `std`'s hasher, because every process and
+/// every release must agree on it.
+pub(crate) fn writer_for_room(config: &ServerConfig, stream: &str, room_id: &str) -> String {
+    let writers = config.writers_for(stream);
+    let hash = room_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let index = usize::try_from(hash % writers.len().max(1) as u64).unwrap_or(0);
+    writers.get(index).cloned().unwrap_or_else(|| server_config::MASTER_INSTANCE.to_owned())
+}
+
+/// One event of a [`RoomWrite`], as the client gave it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct EventContent {
+    #[serde(rename = "type")]
+    pub(crate) event_type: String,
+    #[serde(default)]
+    pub(crate) state_key: Option<String>,
+    pub(crate) content: Value,
+}
+
+/// What a room's writer is asked to persist: the events one client request
+/// makes (`createRoom` makes two), from one sender.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct RoomWrite {
+    pub(crate) room_id: String,
+    pub(crate) sender: String,
+    pub(crate) events: Vec<EventContent>,
+    /// The client's transaction ID, for `send`.
+    #[serde(default)]
+    pub(crate) txn_id: Option<String>,
+}
+
+/// What a write produced: where on the stream, and by whom.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Written {
+    #[serde(default)]
+    pub(crate) event_ids: Vec<String>,
+    pub(crate) writer: String,
+    pub(crate) stream_id: i64,
+}
+
+/// One lock per room on the room's writer: the membership check and the
+/// persist of one request happen with no other request of the room between
+/// them.
+#[derive(Debug, Default)]
+pub(crate) struct RoomLocks {
+    rooms: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl RoomLocks {
+    async fn lock(&self, room_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut rooms = self.rooms.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Rooms nobody writes to any more give their lock back.
+            if rooms.len() > 10_000 {
+                rooms.retain(|_, lock| Arc::strong_count(lock) > 1);
+            }
+            Arc::clone(rooms.entry(room_id.to_owned()).or_default())
+        };
+        lock.lock_owned().await
+    }
+}
+
+/// Persists `write` on the room's writer, here or there, and waits until this
+/// process has seen it.
+pub(crate) async fn write_room_events(state: &AppState, write: RoomWrite) -> Result<Written, ClientError> {
+    let writer = writer_for_room(&state.config, EVENTS_STREAM, &write.room_id);
+    let written = if writer == state.config.instance_name {
+        persist_room_write(state, write).await?
+    } else {
+        forward(state, &writer, SEND_EVENTS_PATH, &write).await?
+    };
+    wait_to_see(state.store.events().events_stream(), &written).await;
+    Ok(written)
+}
+
+/// Persists a receipt on its writer and waits until this process has seen it.
+pub(crate) async fn write_receipt(state: &AppState, receipt: ReceiptRow) -> Result<(), ClientError> {
+    let writer = writer_for_room(&state.config, RECEIPTS_STREAM, &receipt.room_id);
+    let written = if writer == state.config.instance_name {
+        persist_receipt(state, &receipt).await?
+    } else {
+        forward(state, &writer, SEND_RECEIPT_PATH, &receipt).await?
+    };
+    wait_to_see(state.store.receipts().stream(), &written).await;
+    Ok(())
+}
+
+/// A change of someone's typing, as the typing writer takes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct TypingChange {
+    pub(crate) room_id: String,
+    pub(crate) user_id: String,
+    pub(crate) typing: bool,
+    pub(crate) timeout_ms: u64,
+}
+
+/// Applies a typing change on the typing writer.
+pub(crate) async fn write_typing(state: &AppState, change: TypingChange) -> Result<(), ClientError> {
+    let writer = state.config.writers_for(TYPING_STREAM).into_iter().next().unwrap_or_default();
+    if writer == state.config.instance_name {
+        apply_typing(state, &change)
+    } else {
+        let _: Value = forward(state, &writer, SET_TYPING_PATH, &change).await?;
+        Ok(())
+    }
+}
+
+async fn wait_to_see(generator: &MultiWriterIdGenerator, written: &Written) {
+    if let Err(err) = generator.wait_for(&written.writer, written.stream_id, READ_YOUR_WRITES_WAIT).await {
+        tracing::warn!(writer = %written.writer, "a write is not replicated back yet: {err}");
+    }
+}
+
+/// Sends `body` to `writer`'s internal endpoint `path`; its refusals reach the
+/// client as the writer worded them.
+async fn forward<B: Serialize, A: DeserializeOwned>(
+    state: &AppState,
+    writer: &str,
+    path: &str,
+    body: &B,
+) -> Result<A, ClientError> {
+    let unavailable = |why: &str| {
+        tracing::warn!(writer, path, "forwarding a write failed: {why}");
+        ClientError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "M_UNKNOWN",
+            format!("`{writer}`, which writes this, is unavailable; try again"),
+        )
+    };
+    let address =
+        state.config.instance_map.get(writer).ok_or_else(|| unavailable("not in [instance_map]"))?;
+    // The config refuses to start without a secret when writers are elsewhere.
+    let secret = state.config.worker_replication_secret.as_deref().unwrap_or_default();
+    let body = serde_json::to_string(body).map_err(|err| ClientError::internal("encode a write", err))?;
+    let (status, answer) = replication::http::internal_request(address, "POST", path, secret, Some(&body))
+        .await
+        .map_err(|why| unavailable(&why))?;
+    if status == 200 {
+        return serde_json::from_str(&answer).map_err(|err| unavailable(&err.to_string()));
+    }
+    let refusal: Value = serde_json::from_str(&answer).unwrap_or_default();
+    match (refusal["errcode"].as_str(), StatusCode::from_u16(status)) {
+        (Some(errcode), Ok(status)) if status.is_client_error() => {
+            Err(ClientError::new(status, errcode, refusal["error"].as_str().unwrap_or_default()))
+        }
+        _ => Err(unavailable(&format!("it answered {status}: {answer}"))),
+    }
+}
+
+/// The checks and the persist, on the room's writer.
+async fn persist_room_write(state: &AppState, write: RoomWrite) -> Result<Written, ClientError> {
+    let Some(writer) = &state.store.writers().events else {
+        return Err(ClientError::internal(
+            "a room write reached a process that does not write events",
+            &state.config.instance_name,
+        ));
+    };
+    let events = state.store.events();
+    let _room = state.room_locks.lock(&write.room_id).await;
+    let txn = write
+        .txn_id
+        .as_ref()
+        .map(|txn_id| ClientTxn { user_id: write.sender.clone(), txn_id: txn_id.clone() });
+    if let Some(txn) = &txn
+        && let Some((_, event_id)) = events.get_event_id_for_txn(&txn.user_id, &txn.txn_id).await?
+    {
+        // A retry: the first attempt's answer.
+        let event = events
+            .get_event(&event_id)
+            .await?
+            .ok_or_else(|| ClientError::internal("a transaction's event is missing", &event_id))?;
+        return Ok(Written {
+            event_ids: vec![event_id],
+            writer: event.instance_name.clone(),
+            stream_id: event.stream_ordering,
+        });
+    }
+    check_room_write(state, &write).await?;
+    let origin_server_ts = now_ms();
+    let new_events: Vec<NewEvent> = write
+        .events
+        .iter()
+        .map(|event| NewEvent {
+            event_id: format!("${}", random_string(32)),
+            event_type: event.event_type.clone(),
+            state_key: event.state_key.clone(),
+            sender: write.sender.clone(),
+            origin_server_ts,
+            content: event.content.to_string(),
+        })
+        .collect();
+    let orderings = writer.persist_events_for_txn(&write.room_id, &new_events, txn.as_ref()).await?;
+    Ok(Written {
+        event_ids: new_events.into_iter().map(|event| event.event_id).collect(),
+        writer: state.config.instance_name.clone(),
+        stream_id: orderings.into_iter().max().unwrap_or_default(),
+    })
+}
+
+/// `sender`'s membership in `room_id` as the current state says.
+pub(crate) async fn membership_of(
+    state: &AppState,
+    room_id: &str,
+    sender: &str,
+) -> Result<Option<String>, ClientError> {
+    let events = state.store.events();
+    let current = events.get_current_state_ids(room_id).await?;
+    let Some(event_id) = current.get(&("m.room.member".to_owned(), sender.to_owned())) else {
+        return Ok(None);
+    };
+    Ok(events.get_event(event_id).await?.and_then(|event| event.event.membership()))
+}
+
+/// Whether the room exists here (its creation is in the current state).
+pub(crate) async fn room_exists(state: &AppState, room_id: &str) -> Result<bool, ClientError> {
+    let current = state.store.events().get_current_state_ids(room_id).await?;
+    Ok(current.contains_key(&("m.room.create".to_owned(), String::new())))
+}
+
+/// The rules of this subset: a room is created once, by an `m.room.create`
+/// that comes first; anyone may join an existing room; everything else needs
+/// the sender to be joined.
+async fn check_room_write(state: &AppState, write: &RoomWrite) -> Result<(), ClientError> {
+    let Some(first) = write.events.first() else { return Err(ClientError::bad_json("no events to send")) };
+    if first.event_type == "m.room.create" {
+        if !state.store.events().get_current_state_ids(&write.room_id).await?.is_empty() {
+            return Err(ClientError::new(
+                StatusCode::BAD_REQUEST,
+                "M_ROOM_IN_USE",
+                "the room already exists",
+            ));
+        }
+        return Ok(());
+    }
+    if write.events.len() != 1 {
+        return Err(ClientError::bad_json("one event per request"));
+    }
+    if !room_exists(state, &write.room_id).await? {
+        return Err(ClientError::not_found(format!("unknown room {}", write.room_id)));
+    }
+    let joining = first.event_type == "m.room.member"
+        && first.state_key.as_deref() == Some(write.sender.as_str())
+        && first.content["membership"] == "join";
+    if joining {
+        return Ok(());
+    }
+    if membership_of(state, &write.room_id, &write.sender).await?.as_deref() != Some("join") {
+        return Err(ClientError::forbidden(format!("{} is not in the room", write.sender)));
+    }
+    Ok(())
+}
+
+async fn persist_receipt(state: &AppState, receipt: &ReceiptRow) -> Result<Written, ClientError> {
+    let Some(writer) = &state.store.writers().receipts else {
+        return Err(ClientError::internal(
+            "a receipt reached a process that does not write receipts",
+            &state.config.instance_name,
+        ));
+    };
+    let stream_id = writer.insert_receipt(receipt).await?;
+    Ok(Written { event_ids: Vec::new(), writer: state.config.instance_name.clone(), stream_id })
+}
+
+fn apply_typing(state: &AppState, change: &TypingChange) -> Result<(), ClientError> {
+    let TypingStream::Writer(writer) = state.typing.as_ref() else {
+        return Err(ClientError::internal(
+            "a typing change reached a process that does not write typing",
+            &state.config.instance_name,
+        ));
+    };
+    if change.typing {
+        writer.started_typing(&change.room_id, &change.user_id, Duration::from_millis(change.timeout_ms));
+    } else {
+        writer.stopped_typing(&change.room_id, &change.user_id);
+    }
+    Ok(())
+}
+
+/// The internal endpoints need the shared secret.
+fn check_secret(state: &AppState, headers: &HeaderMap) -> Result<(), ClientError> {
+    if replication::http::is_authorised(headers, state.config.worker_replication_secret.as_deref()) {
+        return Ok(());
+    }
+    Err(ClientError::new(
+        StatusCode::UNAUTHORIZED,
+        "M_UNKNOWN_TOKEN",
+        "this endpoint needs the shared secret",
+    ))
+}
+
+/// `POST /_synapse/replication/send_events`: a [`RoomWrite`] → [`Written`].
+pub(crate) async fn send_events_endpoint(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Written>, ClientError> {
+    check_secret(&state, &headers)?;
+    let write: RoomWrite = parse_body(&body)?;
+    Ok(Json(persist_room_write(&state, write).await?))
+}
+
+/// `POST /_synapse/replication/send_receipt`: a receipt row → [`Written`].
+pub(crate) async fn send_receipt_endpoint(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Written>, ClientError> {
+    check_secret(&state, &headers)?;
+    let receipt: ReceiptRow = parse_body(&body)?;
+    Ok(Json(persist_receipt(&state, &receipt).await?))
+}
+
+/// `POST /_synapse/replication/set_typing`: a [`TypingChange`] → `{}`.
+pub(crate) async fn set_typing_endpoint(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ClientError> {
+    check_secret(&state, &headers)?;
+    let change: TypingChange = parse_body(&body)?;
+    apply_typing(&state, &change)?;
+    Ok(Json(json!({})))
+}
+
+#[cfg(test)]
+mod tests {
+    use server_config::{Overrides, Role, ServerConfig};
+
+    use super::writer_for_room;
+
+    fn config_with_writers(writers: &[&str]) -> ServerConfig {
+        let mut config =
+            ServerConfig::defaults(Role::Master, &Overrides::default()).expect("the defaults are valid");
+        config.stream_writers.insert("events".to_owned(), writers.iter().map(|w| (*w).to_owned()).collect());
+        config
+    }
+
+    #[test]
+    fn rooms_spread_over_the_writers_and_stay_put() {
+        let config = config_with_writers(&["w1", "w2"]);
+        let mut counts = std::collections::BTreeMap::new();
+        for n in 0..200 {
+            let room = format!("!room{n}:example.com");
+            let writer = writer_for_room(&config, "events", &room);
+            assert_eq!(writer, writer_for_room(&config, "events", &room));
+            *counts.entry(writer).or_insert(0) += 1;
+        }
+        assert_eq!(counts.len(), 2, "{counts:?}");
+        assert!(counts.values().all(|count| *count > 60), "{counts:?}");
+    }
+
+    #[test]
+    fn the_hash_is_fixed_across_releases() {
+        // FNV-1a of the room ID; changing it would move every room of a running
+        // deployment to another writer.
+        let config = config_with_writers(&["w0", "w1", "w2"]);
+        assert_eq!(writer_for_room(&config, "events", "!a:b"), writer_for_room(&config, "events", "!a:b"));
+        let spread: Vec<String> = ["!a:b", "!b:b", "!c:b", "!d:b"]
+            .iter()
+            .map(|room| writer_for_room(&config, "events", room))
+            .collect();
+        assert_eq!(spread, ["w2", "w1", "w2", "w0"]);
+    }
+
+    #[test]
+    fn a_stream_without_writers_listed_goes_to_the_master() {
+        let config = config_with_writers(&["w1"]);
+        assert_eq!(writer_for_room(&config, "receipts", "!a:b"), "master");
+    }
+}

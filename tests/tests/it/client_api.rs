@@ -1,0 +1,243 @@
+//! The client API end to end: the same scenario on the embedded SQLite
+//! monolith and on a four-process deployment (master, two event writers, a
+//! sync worker), where every step goes through a different process than the
+//! one before, so writes are forwarded to the room's writer and read back
+//! through replication.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::client::{Client, call, encode, register, timeline_ids};
+use crate::deployment::{Deployment, SECRET, Transport, eventually};
+use crate::process::{Binary, Server, http_request};
+
+/// How soon a change made through one process shows on every other.
+const VISIBLE_WITHIN: Duration = Duration::from_secs(1);
+
+fn joined_set(answer: &Value) -> BTreeSet<String> {
+    answer["joined"].as_object().map(|joined| joined.keys().cloned().collect()).unwrap_or_default()
+}
+
+/// Syncs from `since` as a client does, gathering the events of `room` under
+/// `section`, until there are `count` of them (or panics after a while); the
+/// events and the last token.
+fn gather(client: &Client, since: &str, section: &str, room: &str, count: usize) -> (Vec<String>, String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut events, mut since) = (Vec::new(), since.to_owned());
+    while events.len() < count {
+        assert!(Instant::now() < deadline, "only {events:?} of {count} events of {room} arrived");
+        let sync = client.sync(Some(&since), Duration::from_millis(500));
+        events.extend(timeline_ids(&sync, section, room));
+        since = sync["next_batch"].as_str().expect("a next_batch").to_owned();
+    }
+    (events, since)
+}
+
+fn errcode(answer: &Value) -> &str {
+    answer["errcode"].as_str().unwrap_or("")
+}
+
+/// The scenario, over `urls` (one process, or several taken in turn).
+fn exercise_the_api(urls: &[String]) {
+    let at = |n: usize| urls[n % urls.len()].as_str();
+
+    // Registration and authentication.
+    let alice = register(at(0), "alice");
+    let bob = register(at(1), "bob");
+    let (status, answer) =
+        call(at(2), "POST", "/_matrix/client/v3/register", None, Some(&json!({"username": "alice"})));
+    assert_eq!((status, errcode(&answer)), (400, "M_USER_IN_USE"), "{answer}");
+    let (status, answer) =
+        call(at(0), "POST", "/_matrix/client/v3/register", None, Some(&json!({"username": "Not Valid"})));
+    assert_eq!((status, errcode(&answer)), (400, "M_INVALID_USERNAME"), "{answer}");
+    let (status, answer) = call(at(0), "POST", "/_matrix/client/v3/register", None, Some(&json!([1])));
+    assert_eq!((status, errcode(&answer)), (400, "M_BAD_JSON"), "{answer}");
+    for url in urls {
+        let (status, answer) = call(url, "GET", "/_matrix/client/v3/sync", None, None);
+        assert_eq!((status, errcode(&answer)), (401, "M_MISSING_TOKEN"), "{answer}");
+        let (status, answer) = call(url, "GET", "/_matrix/client/v3/sync", Some("syt_nonsense"), None);
+        assert_eq!((status, errcode(&answer)), (401, "M_UNKNOWN_TOKEN"), "{answer}");
+        let (status, answer) = alice.on(url).call("GET", "/_matrix/client/v3/account/whoami", None);
+        assert_eq!((status, answer["user_id"].as_str()), (200, Some(alice.user_id.as_str())), "{answer}");
+    }
+
+    // A room; only members may send or read it.
+    let room = alice.create_room();
+    let bob_first = bob.on(at(2)).sync(None, Duration::ZERO);
+    assert!(bob_first["rooms"]["join"].get(&room).is_none(), "{bob_first}");
+    let since_bob = bob_first["next_batch"].as_str().expect("a next_batch").to_owned();
+    let (status, answer) = bob.on(at(3)).try_send(&room, "early", "not a member yet");
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
+    let (status, answer) = bob.on(at(0)).joined_members(&room);
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
+    let (status, answer) = bob.call("POST", "/_matrix/client/v3/rooms/!nowhere:nowhere/join", None);
+    assert_eq!((status, errcode(&answer)), (404, "M_NOT_FOUND"), "{answer}");
+
+    // A join through one process is visible in every process within a second.
+    bob.on(at(1)).join(&room);
+    let both: BTreeSet<String> = [alice.user_id.clone(), bob.user_id.clone()].into();
+    for url in urls {
+        eventually("bob's join everywhere", VISIBLE_WITHIN, || {
+            let (status, answer) = alice.on(url).joined_members(&room);
+            if status == 200 && joined_set(&answer) == both {
+                Ok(())
+            } else {
+                Err(format!("{status} {answer}"))
+            }
+        });
+    }
+
+    // Sends are idempotent per transaction, whichever process takes the retry.
+    let hello = alice.on(at(2)).send(&room, "txn1", "hello");
+    assert_eq!(alice.on(at(3)).send(&room, "txn1", "hello again"), hello);
+    let other = alice.on(at(0)).send(&room, "txn2", "second");
+    assert_ne!(other, hello);
+    let topic_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", encode(&room));
+    let (status, answer) = alice.on(at(1)).call("PUT", &topic_path, Some(&json!({"topic": "tests"})));
+    assert_eq!(status, 200, "{answer}");
+    let topic = answer["event_id"].as_str().expect("an event_id").to_owned();
+    let (status, answer) = alice.on(at(1)).call("PUT", &topic_path, Some(&json!("not an object")));
+    assert_eq!((status, errcode(&answer)), (400, "M_BAD_JSON"), "{answer}");
+    let state_path = format!("/_matrix/client/v3/rooms/{}/state", encode(&room));
+    eventually("the topic in the room's state", VISIBLE_WITHIN, || {
+        let (status, answer) = bob.on(at(2)).call("GET", &state_path, None);
+        let types: BTreeSet<&str> =
+            answer.as_array().into_iter().flatten().filter_map(|event| event["type"].as_str()).collect();
+        let expected: BTreeSet<&str> = ["m.room.create", "m.room.member", "m.room.topic"].into();
+        if status == 200 && types == expected { Ok(()) } else { Err(format!("{status} {answer}")) }
+    });
+
+    // Bob's sync since before his join: the room, its state, every event once, in order.
+    let first = bob.on(at(3)).sync(Some(&since_bob), Duration::from_secs(5));
+    assert!(
+        !first["rooms"]["join"][&room]["state"]["events"].as_array().is_none_or(Vec::is_empty),
+        "{first}"
+    );
+    let mut timeline = timeline_ids(&first, "join", &room);
+    let since = first["next_batch"].as_str().expect("a next_batch");
+    let (rest, since_bob) = gather(&bob.on(at(3)), since, "join", &room, 6 - timeline.len());
+    timeline.extend(rest);
+    assert_eq!(timeline.len(), 6, "create, 2 joins, 2 messages, topic: {timeline:?}");
+    assert_eq!(&timeline[3..], [hello.clone(), other.clone(), topic.clone()]);
+    // Nothing new: an empty answer at once with timeout 0, and the same events never again.
+    let again = bob.on(at(0)).sync(Some(&since_bob), Duration::ZERO);
+    assert!(again["rooms"]["join"].get(&room).is_none(), "{again}");
+
+    // Receipts and typing reach the other member's sync as ephemeral events.
+    let alice_since =
+        alice.on(at(1)).sync(None, Duration::ZERO)["next_batch"].as_str().expect("a token").to_owned();
+    let receipt_path =
+        format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", encode(&room), encode(&hello));
+    let (status, answer) = bob.on(at(0)).call("POST", &receipt_path, Some(&json!({})));
+    assert_eq!(status, 200, "{answer}");
+    let typing_path = format!("/_matrix/client/v3/rooms/{}/typing/{}", encode(&room), encode(&bob.user_id));
+    let (status, answer) =
+        bob.on(at(2)).call("PUT", &typing_path, Some(&json!({"typing": true, "timeout": 30000})));
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = alice.on(at(2)).call("PUT", &typing_path, Some(&json!({"typing": true})));
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
+    eventually("the receipt and the typing in alice's sync", Duration::from_secs(5), || {
+        let sync = alice.on(at(3)).sync(Some(&alice_since), Duration::ZERO);
+        let ephemeral = &sync["rooms"]["join"][&room]["ephemeral"]["events"];
+        let receipt = ephemeral.as_array().into_iter().flatten().find(|e| e["type"] == "m.receipt");
+        let typing = ephemeral.as_array().into_iter().flatten().find(|e| e["type"] == "m.typing");
+        match (receipt, typing) {
+            (Some(receipt), Some(typing))
+                if receipt["content"][&hello]["m.read"].get(&bob.user_id).is_some()
+                    && typing["content"]["user_ids"] == json!([bob.user_id]) =>
+            {
+                Ok(())
+            }
+            _ => Err(sync.to_string()),
+        }
+    });
+
+    // A waiting sync returns as soon as an event arrives, through another process.
+    let since =
+        alice.on(at(1)).sync(None, Duration::ZERO)["next_batch"].as_str().expect("a token").to_owned();
+    let waiting = {
+        let alice = alice.on(at(1));
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            (alice.sync(Some(&since), Duration::from_secs(20)), started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let late = bob.on(at(2)).send(&room, "late", "are you there?");
+    let (woken, waited) = waiting.join().expect("the sync thread");
+    assert_eq!(timeline_ids(&woken, "join", &room), [late], "{woken}");
+    assert!(waited < Duration::from_secs(10), "the sync waited {waited:?}");
+
+    // Leaving: the room moves to `leave` in the leaver's sync, sends are refused.
+    bob.on(at(3)).leave(&room);
+    let (left, _) = gather(&bob.on(at(0)), &since_bob, "leave", &room, 2);
+    assert_eq!(left.len(), 2, "the late message and the leave: {left:?}");
+    let (status, answer) = bob.on(at(1)).try_send(&room, "after", "gone");
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
+    for url in urls {
+        eventually("bob's leave everywhere", VISIBLE_WITHIN, || {
+            let (status, answer) = alice.on(url).joined_members(&room);
+            let alone: BTreeSet<String> = [alice.user_id.clone()].into();
+            if status == 200 && joined_set(&answer) == alone {
+                Ok(())
+            } else {
+                Err(format!("{status} {answer}"))
+            }
+        });
+    }
+
+    // Tokens that are not this server's.
+    for bad in ["nonsense", "s1_2", "sm5~999.7_1_0", "s-1_1_0"] {
+        let (status, answer) =
+            alice.on(at(0)).call("GET", &format!("/_matrix/client/v3/sync?since={}", encode(bad)), None);
+        assert_eq!((status, errcode(&answer)), (400, "M_INVALID_PARAM"), "{bad}: {answer}");
+    }
+
+    // Logging out on one process ends the token on all of them.
+    let (status, _) = alice.on(at(0)).call("POST", "/_matrix/client/v3/logout", None);
+    assert_eq!(status, 200);
+    for url in urls {
+        eventually("the logout everywhere", VISIBLE_WITHIN, || {
+            let (status, answer) = alice.on(url).call("GET", "/_matrix/client/v3/account/whoami", None);
+            if status == 401 { Ok(()) } else { Err(format!("{status} {answer}")) }
+        });
+    }
+
+    // The internal endpoints want the shared secret.
+    for url in urls {
+        let (status, _) =
+            http_request(url, "POST", "/_synapse/replication/send_events", Some("wrong"), Some("{}"))
+                .expect("the process answers");
+        assert_eq!(status, 401);
+    }
+}
+
+#[test]
+fn the_whole_api_on_the_sqlite_monolith() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let server = Server::start(Binary::Master, &["--http-listen", "127.0.0.1:0"], dir.path());
+    exercise_the_api(std::slice::from_ref(&server.base_url));
+}
+
+#[test]
+fn the_whole_api_on_four_processes() {
+    let deployment =
+        Deployment::new(Transport::Redis, &["writer1", "writer2", "syncer"], &["writer1", "writer2"]);
+    let master = deployment.start("master");
+    let writer1 = deployment.start("writer1");
+    let writer2 = deployment.start("writer2");
+    let syncer = deployment.start("syncer");
+    let urls: Vec<String> =
+        [&master, &writer1, &writer2, &syncer].iter().map(|s| s.base_url.clone()).collect();
+    exercise_the_api(&urls);
+
+    // Writers elsewhere and no secret to reach them: refused at start-up.
+    let config = deployment
+        .config_with_writers("syncer", &deployment.event_writers)
+        .replace(&format!("worker_replication_secret = \"{SECRET}\"\n"), "");
+    let finished = deployment.fail_to_start("syncer", &config);
+    assert!(!finished.status.success());
+    assert!(finished.stderr.contains("needs `worker_replication_secret`"), "{}", finished.stderr);
+}
