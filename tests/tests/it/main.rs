@@ -5,6 +5,7 @@ mod client;
 mod client_api;
 mod config_errors;
 mod deployment;
+mod exactly_once;
 mod process;
 mod startup;
 mod topology;
