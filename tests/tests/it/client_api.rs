@@ -75,17 +75,26 @@ fn exercise_the_api(urls: &[String]) {
     let (status, answer) = bob.call("POST", "/_matrix/client/v3/rooms/!nowhere:nowhere/join", None);
     assert_eq!((status, errcode(&answer)), (404, "M_NOT_FOUND"), "{answer}");
 
-    // A join through one process is visible in every process within a second.
+    // A join through one process is visible in every process within a second,
+    // in joined_members and in sync.
+    let before_join = alice.sync(None, Duration::ZERO)["next_batch"].as_str().expect("a token").to_owned();
     bob.on(at(1)).join(&room);
+    let joined_at = Instant::now();
     let both: BTreeSet<String> = [alice.user_id.clone(), bob.user_id.clone()].into();
     for url in urls {
-        eventually("bob's join everywhere", VISIBLE_WITHIN, || {
+        eventually("bob's join everywhere", VISIBLE_WITHIN.saturating_sub(joined_at.elapsed()), || {
             let (status, answer) = alice.on(url).joined_members(&room);
-            if status == 200 && joined_set(&answer) == both {
-                Ok(())
-            } else {
-                Err(format!("{status} {answer}"))
+            if status != 200 || joined_set(&answer) != both {
+                return Err(format!("joined_members: {status} {answer}"));
             }
+            let sync = alice.on(url).sync(Some(&before_join), Duration::ZERO);
+            let members = sync["rooms"]["join"][&room]["timeline"]["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|event| event["type"] == "m.room.member" && event["state_key"] == json!(bob.user_id))
+                .count();
+            if members == 1 { Ok(()) } else { Err(format!("sync: {sync}")) }
         });
     }
 
