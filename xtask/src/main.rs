@@ -3,6 +3,8 @@
 //! - `cargo xtask ci [STEP]`: every check CI runs, in order, or one of them:
 //!   `services`, `fmt`, `clippy`, `test`, `docs`, `tidy`, `deps`.
 //! - `cargo xtask services`: start PostgreSQL and Redis when they are not running.
+//! - `cargo xtask demo`: a four-process deployment, two users talking through it,
+//!   and what each process saw (`demo`).
 //! - `cargo xtask bench idgen|stores|replication|topology`: the benchmarks, printed as
 //!   ratios against baselines measured in the same run.
 //! - `cargo xtask new-migration NAME`: create the next numbered migration for both
@@ -14,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, format_err};
 use xshell::{Shell, cmd};
+
+mod demo;
 
 const STEPS: &[&str] = &["services", "fmt", "clippy", "test", "docs", "tidy", "deps"];
 const POSTGRES_ADDRESS: &str = "127.0.0.1:5432";
@@ -33,11 +37,12 @@ fn main() -> anyhow::Result<()> {
         }
         ["ci", step] => run_step(&sh, step),
         ["services"] => services(&sh),
+        ["demo"] => demo::run(&sh),
         ["new-migration", name] => new_migration(name),
         ["bench", target] => bench(&sh, target),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci [{}]\n       cargo xtask services\n       cargo xtask bench idgen|stores|replication|topology\n       cargo xtask new-migration NAME",
+                "usage: cargo xtask ci [{}]\n       cargo xtask services\n       cargo xtask demo\n       cargo xtask bench idgen|stores|replication|topology\n       cargo xtask new-migration NAME",
                 STEPS.join("|")
             );
             bail!("unknown command: {}", args.join(" "))
