@@ -5,7 +5,7 @@
 //! - `cargo xtask services`: start PostgreSQL and Redis when they are not running.
 //! - `cargo xtask demo`: a four-process deployment, two users talking through it,
 //!   and what each process saw (`demo`).
-//! - `cargo xtask bench idgen|stores|replication|topology`: the benchmarks, printed as
+//! - `cargo xtask bench idgen|stores|replication|topology|e2e`: the benchmarks, printed as
 //!   ratios against baselines measured in the same run.
 //! - `cargo xtask new-migration NAME`: create the next numbered migration for both
 //!   engines.
@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         ["bench", target] => bench(&sh, target),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci [{}]\n       cargo xtask services\n       cargo xtask demo\n       cargo xtask bench idgen|stores|replication|topology\n       cargo xtask new-migration NAME",
+                "usage: cargo xtask ci [{}]\n       cargo xtask services\n       cargo xtask demo\n       cargo xtask bench idgen|stores|replication|topology|e2e\n       cargo xtask new-migration NAME",
                 STEPS.join("|")
             );
             bail!("unknown command: {}", args.join(" "))
@@ -102,8 +102,15 @@ fn bench(sh: &Shell, target: &str) -> anyhow::Result<()> {
             cmd!(sh, "cargo bench --locked -p tests --bench topology").run()?;
             Ok(())
         }
+        "e2e" => {
+            services(sh)?;
+            cmd!(sh, "cargo bench --locked -p tests --bench e2e").run()?;
+            Ok(())
+        }
         other => {
-            bail!("unknown benchmark group `{other}`; the groups are: idgen, stores, replication, topology")
+            bail!(
+                "unknown benchmark group `{other}`; the groups are: idgen, stores, replication, topology, e2e"
+            )
         }
     }
 }

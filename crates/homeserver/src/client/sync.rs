@@ -77,21 +77,26 @@ impl SyncToken {
 
     async fn parse(text: &str, ids: &InstanceIds) -> Result<SyncToken, ClientError> {
         let invalid = || ClientError::invalid_param(format!("Invalid sync token: {text:?}"));
-        let parts: Vec<&str> = text.strip_prefix('s').ok_or_else(invalid)?.split('_').collect();
-        let [events, receipts, typing] = parts.as_slice() else { return Err(invalid()) };
+        let (events, receipts, typing) = split_token(text).ok_or_else(invalid)?;
         let stream = async |part: &str| match MultiWriterToken::parse(part, ids).await {
             Ok(token) => Ok(token),
             Err(TokenParseError::Store(err)) => Err(ClientError::from(err)),
             Err(_) => Err(invalid()),
         };
-        let typing =
-            if typing.bytes().all(|byte| byte.is_ascii_digit()) { typing.parse().ok() } else { None };
-        Ok(SyncToken {
-            events: stream(events).await?,
-            receipts: stream(receipts).await?,
-            typing: typing.ok_or_else(invalid)?,
-        })
+        Ok(SyncToken { events: stream(events).await?, receipts: stream(receipts).await?, typing })
     }
+}
+
+/// A sync token's text split into its events and receipts parts (parsed by
+/// `MultiWriterToken::parse`) and its typing serial; `None` when malformed.
+/// Total: any text from a client gives an answer, never a panic.
+fn split_token(text: &str) -> Option<(&str, &str, i64)> {
+    let mut parts = text.strip_prefix('s')?.split('_');
+    let (events, receipts, typing) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || typing.is_empty() || !typing.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    Some((events, receipts, typing.parse().ok()?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -392,7 +397,35 @@ async fn timeline(
 
 #[cfg(test)]
 mod tests {
-    use super::{DEFAULT_TIMELINE_LIMIT, timeline_limit};
+    use proptest::prelude::*;
+
+    use super::{DEFAULT_TIMELINE_LIMIT, split_token, timeline_limit};
+
+    #[test]
+    fn tokens_split_into_three_parts() {
+        assert_eq!(split_token("s5_3_0"), Some(("5", "3", 0)));
+        assert_eq!(split_token("sm5~1.6_3_12"), Some(("m5~1.6", "3", 12)));
+        for bad in ["", "s", "5_3_0", "s5_3", "s5_3_0_1", "s5_3_-1", "s5_3_", "s5_3_99999999999999999999"] {
+            assert_eq!(split_token(bad), None, "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn splitting_is_total(text in any::<String>()) {
+            let _ = split_token(&text);
+        }
+
+        #[test]
+        fn what_sync_writes_splits_back(
+            events in "[0-9]{1,6}|m[0-9]{1,6}(~[0-9]{1,3}\\.[0-9]{1,6}){0,3}",
+            receipts in "[0-9]{1,6}",
+            typing in 0..i64::MAX,
+        ) {
+            let text = format!("s{events}_{receipts}_{typing}");
+            prop_assert_eq!(split_token(&text), Some((events.as_str(), receipts.as_str(), typing)));
+        }
+    }
 
     #[test]
     fn the_timeline_limit_comes_from_an_inline_filter() {
