@@ -228,6 +228,11 @@ fn the_whole_api_on_the_sqlite_monolith() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let server = Server::start(Binary::Master, &["--http-listen", "127.0.0.1:0"], dir.path());
     exercise_the_api(std::slice::from_ref(&server.base_url));
+
+    // A token past anything this server handed out is not one of its own.
+    let carol = register(&server.base_url, "carol");
+    let (status, answer) = carol.try_sync(Some("s999999_0_0"), Duration::ZERO, 10);
+    assert_eq!((status, errcode(&answer)), (400, "M_INVALID_PARAM"), "{answer}");
 }
 
 #[test]
