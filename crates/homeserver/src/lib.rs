@@ -102,6 +102,8 @@ pub fn load_config(role: Role, cli: &Cli) -> anyhow::Result<ServerConfig> {
 
 async fn run(role: Role, cli: Cli) -> anyhow::Result<()> {
     let config = load_config(role, &cli)?;
+    // Every process serves the client API, which forwards writes to their writers.
+    config.check_client_forwarding()?;
     // Claim the port first: a port in use is the cheapest failure to report, and
     // must not leave a half-migrated database behind it.
     let listener = tokio::net::TcpListener::bind(config.http.listen)

@@ -465,24 +465,6 @@ impl ServerConfig {
                 }
             }
         }
-        // The client API forwards writes of these streams to their writers.
-        for stream in FORWARDED_STREAMS {
-            for writer in self.writers_for(stream) {
-                if writer == self.instance_name {
-                    continue;
-                }
-                if self.worker_replication_secret.is_none() {
-                    return Err(format!(
-                        "`{writer}` writes `{stream}`, so this process forwards client writes to it, which needs `worker_replication_secret`"
-                    ));
-                }
-                if !self.instance_map.contains_key(&writer) {
-                    return Err(format!(
-                        "`{writer}` writes `{stream}`, but `[instance_map]` has no address for it to forward client writes to"
-                    ));
-                }
-            }
-        }
         Ok(())
     }
 
@@ -499,6 +481,34 @@ impl ServerConfig {
             || replication.master.is_some()
             || replication.redis.is_some()
             || self.instance_map.keys().any(|instance| *instance != self.instance_name)
+    }
+
+    /// What a process that serves the client API needs beyond a valid config:
+    /// it forwards client writes of `events`, `receipts` and `typing` to their
+    /// writers, so when any of them is another instance it needs the shared
+    /// secret and the writer's `[instance_map]` address. Libraries that only
+    /// store and replicate do not ask this.
+    pub fn check_client_forwarding(&self) -> Result<(), ConfigError> {
+        for stream in FORWARDED_STREAMS {
+            for writer in self.writers_for(stream) {
+                if writer == self.instance_name {
+                    continue;
+                }
+                let problem = if self.worker_replication_secret.is_none() {
+                    format!(
+                        "`{writer}` writes `{stream}`, so this process forwards client writes to it, which needs `worker_replication_secret`"
+                    )
+                } else if !self.instance_map.contains_key(&writer) {
+                    format!(
+                        "`{writer}` writes `{stream}`, but `[instance_map]` has no address for it to forward client writes to"
+                    )
+                } else {
+                    continue;
+                };
+                return Err(ConfigError::Invalid { origin: "config".to_owned(), problem });
+            }
+        }
+        Ok(())
     }
 
     /// Whether this process is one of `stream`'s writers.

@@ -77,16 +77,6 @@ fn bad_files_give_one_clear_line() {
             "`[stream_writers] events` is empty",
         ),
         (Role::Master, "server_name = \"a\"\n[instance_map]\nw = \"nohost\"\n", "is not HOST:PORT"),
-        (
-            Role::Master,
-            "server_name = \"a\"\n[stream_writers]\nevents = [\"p1\"]\n[instance_map]\np1 = \"127.0.0.1:1\"\n",
-            "`p1` writes `events`, so this process forwards client writes to it, which needs `worker_replication_secret`",
-        ),
-        (
-            Role::Worker,
-            "server_name = \"a\"\ninstance_name = \"w\"\nworker_replication_secret = \"s\"\n[database]\nurl = \"postgres://p@h/d\"\n[replication]\nmaster = \"127.0.0.1:1\"\n",
-            "`master` writes `events`, but `[instance_map]` has no address for it",
-        ),
         (Role::Master, "server_name = \"a\"\n[replication]\nmaster = \"127.0.0.1:1\"\n", "is for workers"),
         (
             Role::Worker,
@@ -192,5 +182,31 @@ fn the_example_configs_are_valid() {
         let config = ServerConfig::load(&examples.join(file), role, &Overrides::default())
             .unwrap_or_else(|err| panic!("docs/examples/{file}: {err}"));
         assert_eq!(config.server_name, "example.com");
+        config
+            .check_client_forwarding()
+            .unwrap_or_else(|err| panic!("docs/examples/{file} cannot serve clients: {err}"));
     }
+}
+
+#[test]
+fn serving_clients_needs_the_secret_and_the_writers_addresses() {
+    let cases: &[(Role, &str, &str)] = &[
+        (
+            Role::Master,
+            "server_name = \"a\"\n[stream_writers]\nevents = [\"p1\"]\n[instance_map]\np1 = \"127.0.0.1:1\"\n",
+            "`p1` writes `events`, so this process forwards client writes to it, which needs `worker_replication_secret`",
+        ),
+        (
+            Role::Worker,
+            "server_name = \"a\"\ninstance_name = \"w\"\nworker_replication_secret = \"s\"\n[database]\nurl = \"postgres://p@h/d\"\n[replication]\nmaster = \"127.0.0.1:1\"\n",
+            "`master` writes `events`, but `[instance_map]` has no address for it",
+        ),
+    ];
+    for (role, text, expected) in cases {
+        let config = ServerConfig::from_toml_str(text, *role).expect("valid for storage and replication");
+        let err = config.check_client_forwarding().expect_err("not enough to serve clients").to_string();
+        assert!(err.contains(expected), "{err:?} does not contain {expected:?}");
+    }
+    let monolith = ServerConfig::from_toml_str("server_name = \"a\"", Role::Master).expect("valid");
+    assert!(monolith.check_client_forwarding().is_ok(), "the monolith writes everything itself");
 }

@@ -71,9 +71,11 @@ async fn master_and_worker_run_on_postgres() -> TestResult {
     std::fs::write(
         &worker_config,
         format!(
-            "server_name = \"test\"\ninstance_name = \"worker1\"\n[database]\nurl = \"{}\"\npool_size = 2\n\
-             [http]\nlisten = \"127.0.0.1:0\"\n[replication]\nredis = \"redis://127.0.0.1:6379\"\n",
-            test_db.url
+            "server_name = \"test\"\ninstance_name = \"worker1\"\nworker_replication_secret = \"s\"\n\
+             [database]\nurl = \"{}\"\npool_size = 2\n[http]\nlisten = \"127.0.0.1:0\"\n\
+             [replication]\nredis = \"redis://127.0.0.1:6379\"\n[instance_map]\nmaster = \"{}\"\n",
+            test_db.url,
+            master.base_url.trim_start_matches("http://"),
         ),
     )?;
     let worker =
