@@ -52,6 +52,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state.clone())
         .merge(crate::client::router(state))
         .merge(internal)
+        .fallback(crate::client::unrecognized)
 }
 
 fn error(status: StatusCode, errcode: &str, message: &str) -> Response {

@@ -63,6 +63,12 @@ fn exercise_the_api(urls: &[String]) {
         assert_eq!((status, answer["user_id"].as_str()), (200, Some(alice.user_id.as_str())), "{answer}");
     }
 
+    // What the API does not serve, in Matrix's words.
+    let (status, answer) = call(at(0), "GET", "/_matrix/client/v3/nowhere", None, None);
+    assert_eq!((status, errcode(&answer)), (404, "M_UNRECOGNIZED"), "{answer}");
+    let (status, answer) = call(at(1), "GET", "/_matrix/client/v3/register", None, None);
+    assert_eq!((status, errcode(&answer)), (405, "M_UNRECOGNIZED"), "{answer}");
+
     // A room; only members may send or read it.
     let room = alice.create_room();
     let bob_first = bob.on(at(2)).sync(None, Duration::ZERO);
@@ -103,6 +109,11 @@ fn exercise_the_api(urls: &[String]) {
     assert_eq!(alice.on(at(3)).send(&room, "txn1", "hello again"), hello);
     let other = alice.on(at(0)).send(&room, "txn2", "second");
     assert_ne!(other, hello);
+    let elsewhere = alice.on(at(1)).create_room();
+    let (status, answer) = alice.on(at(2)).try_send(&elsewhere, "txn1", "the same transaction, another room");
+    assert_eq!((status, errcode(&answer)), (400, "M_INVALID_PARAM"), "{answer}");
+    let (status, answer) = alice.on(at(3)).try_send(&room, "big", &"x".repeat(70_000));
+    assert_eq!((status, errcode(&answer)), (413, "M_TOO_LARGE"), "{answer}");
     let topic_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", encode(&room));
     let (status, answer) = alice.on(at(1)).call("PUT", &topic_path, Some(&json!({"topic": "tests"})));
     assert_eq!(status, 200, "{answer}");

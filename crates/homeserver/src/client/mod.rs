@@ -57,7 +57,18 @@ pub(crate) fn router(state: AppState) -> Router {
         .route(writes::SEND_EVENTS_PATH, post(writes::send_events_endpoint))
         .route(writes::SEND_RECEIPT_PATH, post(writes::send_receipt_endpoint))
         .route(writes::SET_TYPING_PATH, post(writes::set_typing_endpoint))
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// Any path no route serves, in Matrix's words (merged as the fallback of the
+/// whole listener).
+pub(crate) async fn unrecognized() -> ClientError {
+    ClientError::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "Unrecognized request")
+}
+
+async fn method_not_allowed() -> ClientError {
+    ClientError::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "Unrecognized request method")
 }
 
 /// A refusal as Matrix clients expect it.

@@ -4,7 +4,7 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -14,6 +14,9 @@ use store_receipts::ReceiptRow;
 use super::writes::{self, EventContent, RoomWrite, TypingChange};
 use super::{ClientError, authenticate, now_ms, parse_body, random_string};
 use crate::http::AppState;
+
+/// Matrix's limit on the size of an event, applied to its content.
+const MAX_CONTENT_BYTES: usize = 65_536;
 
 /// The longest a client may say it keeps typing.
 const MAX_TYPING_TIMEOUT_MS: u64 = 120_000;
@@ -28,6 +31,13 @@ fn check_room_id(room_id: &str) -> Result<(), ClientError> {
 
 /// A JSON object from the body: event contents are objects.
 fn content_object(body: &Bytes) -> Result<Value, ClientError> {
+    if body.len() > MAX_CONTENT_BYTES {
+        return Err(ClientError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "M_TOO_LARGE",
+            format!("event content is limited to {MAX_CONTENT_BYTES} bytes"),
+        ));
+    }
     let content: Value = parse_body(body)?;
     if !content.is_object() {
         return Err(ClientError::bad_json("the content must be a JSON object"));

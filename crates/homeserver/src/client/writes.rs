@@ -205,25 +205,15 @@ async fn persist_room_write(state: &AppState, write: RoomWrite) -> Result<Writte
             &state.config.instance_name,
         ));
     };
-    let events = state.store.events();
     let _room = state.room_locks.lock(&write.room_id).await;
     let txn = write
         .txn_id
         .as_ref()
         .map(|txn_id| ClientTxn { user_id: write.sender.clone(), txn_id: txn_id.clone() });
     if let Some(txn) = &txn
-        && let Some((_, event_id)) = events.get_event_id_for_txn(&txn.user_id, &txn.txn_id).await?
+        && let Some(written) = earlier_attempt(state, txn, &write.room_id).await?
     {
-        // A retry: the first attempt's answer.
-        let event = events
-            .get_event(&event_id)
-            .await?
-            .ok_or_else(|| ClientError::internal("a transaction's event is missing", &event_id))?;
-        return Ok(Written {
-            event_ids: vec![event_id],
-            writer: event.instance_name.clone(),
-            stream_id: event.stream_ordering,
-        });
+        return Ok(written);
     }
     check_room_write(state, &write).await?;
     let origin_server_ts = now_ms();
@@ -239,12 +229,52 @@ async fn persist_room_write(state: &AppState, write: RoomWrite) -> Result<Writte
             content: event.content.to_string(),
         })
         .collect();
-    let orderings = writer.persist_events_for_txn(&write.room_id, &new_events, txn.as_ref()).await?;
+    let orderings = match writer.persist_events_for_txn(&write.room_id, &new_events, txn.as_ref()).await {
+        Ok(orderings) => orderings,
+        // The same transaction ID, sent at once to another room (another
+        // writer, another lock), won the race for it.
+        Err(err) if err.db_error().is_some_and(|db_err| db_err.is_unique_violation()) => {
+            let txn = txn.as_ref().ok_or_else(|| ClientError::from(err))?;
+            return earlier_attempt(state, txn, &write.room_id)
+                .await?
+                .ok_or_else(|| ClientError::internal("a transaction ID clashed and vanished", &txn.txn_id));
+        }
+        Err(err) => return Err(err.into()),
+    };
     Ok(Written {
         event_ids: new_events.into_iter().map(|event| event.event_id).collect(),
         writer: state.config.instance_name.clone(),
         stream_id: orderings.into_iter().max().unwrap_or_default(),
     })
+}
+
+/// What an earlier attempt of the client's transaction `txn` wrote, if any. A
+/// transaction ID names one request: reused for another room, it is refused
+/// rather than answered with an event of a room the client did not name.
+async fn earlier_attempt(
+    state: &AppState,
+    txn: &ClientTxn,
+    room_id: &str,
+) -> Result<Option<Written>, ClientError> {
+    let events = state.store.events();
+    let Some((earlier_room, event_id)) = events.get_event_id_for_txn(&txn.user_id, &txn.txn_id).await? else {
+        return Ok(None);
+    };
+    if earlier_room != room_id {
+        return Err(ClientError::invalid_param(format!(
+            "transaction ID {:?} was already used in another room",
+            txn.txn_id
+        )));
+    }
+    let event = events
+        .get_event(&event_id)
+        .await?
+        .ok_or_else(|| ClientError::internal("a transaction's event is missing", &event_id))?;
+    Ok(Some(Written {
+        event_ids: vec![event_id],
+        writer: event.instance_name.clone(),
+        stream_id: event.stream_ordering,
+    }))
 }
 
 /// `sender`'s membership in `room_id` as the current state says.
