@@ -35,6 +35,8 @@ pub(crate) struct AppState {
     pub(crate) instance_ids: Arc<InstanceIds>,
     /// On an events writer: one request at a time per room.
     pub(crate) room_locks: Arc<RoomLocks>,
+    /// Turns true when the process starts shutting down: long polls answer.
+    pub(crate) shutting_down: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Where a process that does not write events sends them.

@@ -129,6 +129,7 @@ async fn run(role: Role, cli: Cli) -> anyhow::Result<()> {
     announce(role, &config, &db, address);
 
     let config = Arc::new(config);
+    let (shutdown_started, shutting_down) = tokio::sync::watch::channel(false);
     let app = http::router(http::AppState {
         config: Arc::clone(&config),
         store: Arc::clone(&store),
@@ -136,10 +137,11 @@ async fn run(role: Role, cli: Cli) -> anyhow::Result<()> {
         typing: Arc::clone(&replication.typing),
         instance_ids: Arc::new(store_core::InstanceIds::new(db.clone())),
         room_locks: Arc::default(),
+        shutting_down,
     });
     // Graceful: requests in flight (writes among them) finish first.
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal(signals))
+        .with_graceful_shutdown(shutdown_signal(signals, shutdown_started))
         .await
         .context("serve HTTP")?;
 
@@ -182,10 +184,13 @@ fn listen_for_shutdown() -> anyhow::Result<ShutdownSignals> {
     })
 }
 
-async fn shutdown_signal(mut signals: ShutdownSignals) {
+async fn shutdown_signal(mut signals: ShutdownSignals, started: tokio::sync::watch::Sender<bool>) {
     tokio::select! {
         _ = signals.terminate.recv() => {}
         _ = signals.interrupt.recv() => {}
     }
     tracing::info!("received a shutdown signal");
+    // Waiting syncs answer now; the graceful shutdown then waits only for
+    // requests that are working, not for long polls.
+    started.send_replace(true);
 }

@@ -18,6 +18,7 @@ mod writer;
 
 pub use reader::{
     CURRENT_STATE_CACHES_BY_MEMBER, CURRENT_STATE_CACHES_BY_ROOM, EventsReader, MembershipChange, StateMap,
+    WriterFilter,
 };
 pub use writer::{ClientTxn, EventsWriter};
 

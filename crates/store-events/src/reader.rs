@@ -21,6 +21,15 @@ pub const CURRENT_STATE_CACHES_BY_ROOM: &[&str] = &["get_current_state_ids", "ge
 /// Caches keyed by user that depend on that user's membership in rooms.
 pub const CURRENT_STATE_CACHES_BY_MEMBER: &[&str] = &["get_rooms_for_user"];
 
+/// Which writers' events a read wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriterFilter {
+    /// Only this writer's.
+    Only(String),
+    /// Every writer's but these.
+    AllBut(Vec<String>),
+}
+
 /// A change of one user's membership in one room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MembershipChange {
@@ -243,6 +252,53 @@ impl EventsReader {
             by_room.insert((*room_id).to_owned(), events);
         }
         Ok(by_room)
+    }
+
+    /// The newest `limit` events of `room_id` with `from < stream_ordering ≤ to`,
+    /// oldest first, persisted by the writers `writers` picks: what a reader
+    /// that places events by their own writer's position (a multi-writer
+    /// token range) asks once per writer, so that the range of a writer far
+    /// ahead, or stalled, costs no rows of the others.
+    pub async fn get_room_events_of_writers(
+        &self,
+        room_id: &str,
+        writers: &WriterFilter,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        if to <= from || !self.room_changes.has_entity_changed(room_id, from) {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (room, writers) = (room_id.to_owned(), writers.clone());
+        let mut events = self
+            .db
+            .run_autocommit("get_room_events_of_writers", move |txn| {
+                let (room, writers) = (room.clone(), writers.clone());
+                Box::pin(async move {
+                    let (condition, names) = match &writers {
+                        WriterFilter::Only(writer) => ("instance_name = $5".to_owned(), vec![writer.clone()]),
+                        WriterFilter::AllBut(excluded) if excluded.is_empty() => ("1 = 1".to_owned(), Vec::new()),
+                        WriterFilter::AllBut(excluded) => {
+                            let placeholders: Vec<String> =
+                                (0..excluded.len()).map(|index| format!("${}", index + 5)).collect();
+                            (format!("instance_name NOT IN ({})", placeholders.join(", ")), excluded.clone())
+                        }
+                    };
+                    let sql = format!(
+                        "{SELECT_EVENT} WHERE room_id = $1 AND stream_ordering > $2 AND stream_ordering <= $3 \
+                         AND {condition} ORDER BY stream_ordering DESC LIMIT $4"
+                    );
+                    let mut params: Vec<&dyn store_core::ToSqlValue> = vec![&room, &from, &to, &limit];
+                    params.extend(names.iter().map(|name| name as &dyn store_core::ToSqlValue));
+                    let rows = txn.query(&sql, &params).await?;
+                    rows.iter().map(event_from_row).collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .await?;
+        events.reverse();
+        Ok(events)
     }
 
     /// The current state of `room_id`: (type, state key) → event ID (cached).

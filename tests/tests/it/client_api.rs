@@ -114,6 +114,12 @@ fn exercise_the_api(urls: &[String]) {
     assert_eq!((status, errcode(&answer)), (400, "M_INVALID_PARAM"), "{answer}");
     let (status, answer) = alice.on(at(3)).try_send(&room, "big", &"x".repeat(70_000));
     assert_eq!((status, errcode(&answer)), (413, "M_TOO_LARGE"), "{answer}");
+    let (status, answer) =
+        alice.on(at(0)).try_send(&room, &"t".repeat(300), "a transaction ID too long to keep");
+    assert_eq!((status, errcode(&answer)), (400, "M_INVALID_PARAM"), "{answer}");
+    let create_path = format!("/_matrix/client/v3/rooms/{}/send/m.room.create/again", encode(&room));
+    let (status, answer) = alice.on(at(1)).call("PUT", &create_path, Some(&json!({})));
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
     let topic_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", encode(&room));
     let (status, answer) = alice.on(at(1)).call("PUT", &topic_path, Some(&json!({"topic": "tests"})));
     assert_eq!(status, 200, "{answer}");
@@ -173,6 +179,27 @@ fn exercise_the_api(urls: &[String]) {
             _ => Err(sync.to_string()),
         }
     });
+
+    // A private receipt reaches its owner's sync and nobody else's.
+    let bob_since =
+        bob.on(at(3)).sync(None, Duration::ZERO)["next_batch"].as_str().expect("a token").to_owned();
+    let private_path =
+        format!("/_matrix/client/v3/rooms/{}/receipt/m.read.private/{}", encode(&room), encode(&other));
+    let (status, answer) = bob.on(at(1)).call("POST", &private_path, Some(&json!({})));
+    assert_eq!(status, 200, "{answer}");
+    let private_receipt = |sync: &Value| {
+        sync["rooms"]["join"][&room]["ephemeral"]["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|event| event["content"][&other]["m.read.private"].get(&bob.user_id).is_some())
+    };
+    eventually("bob's private receipt in his own sync", Duration::from_secs(5), || {
+        let sync = bob.on(at(3)).sync(Some(&bob_since), Duration::ZERO);
+        if private_receipt(&sync) { Ok(()) } else { Err(sync.to_string()) }
+    });
+    let sync = alice.on(at(3)).sync(Some(&alice_since), Duration::ZERO);
+    assert!(!private_receipt(&sync), "alice sees bob's private receipt: {sync}");
 
     // A waiting sync returns as soon as an event arrives, through another process.
     let since =
@@ -240,10 +267,32 @@ fn the_whole_api_on_the_sqlite_monolith() {
     let server = Server::start(Binary::Master, &["--http-listen", "127.0.0.1:0"], dir.path());
     exercise_the_api(std::slice::from_ref(&server.base_url));
 
+    // A shutdown answers a waiting sync at once instead of waiting out its timeout.
+    let waiting = {
+        let carol = register(&server.base_url, "carol-waits");
+        std::thread::spawn(move || {
+            carol.try_sync(None, Duration::ZERO, 10).1["next_batch"].as_str().map(str::to_owned).and_then(
+                |since| {
+                    let started = Instant::now();
+                    let (status, _) = carol.try_sync(Some(&since), Duration::from_secs(120), 10);
+                    (status == 200).then(|| started.elapsed())
+                },
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+
     // A token past anything this server handed out is not one of its own.
     let carol = register(&server.base_url, "carol");
     let (status, answer) = carol.try_sync(Some("s999999_0_0"), Duration::ZERO, 10);
     assert_eq!((status, errcode(&answer)), (400, "M_INVALID_PARAM"), "{answer}");
+
+    let stopping = Instant::now();
+    let finished = server.stop_with("TERM");
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert!(stopping.elapsed() < Duration::from_secs(10), "the shutdown waited {:?}", stopping.elapsed());
+    let waited = waiting.join().expect("the waiting thread");
+    assert!(waited.is_some_and(|waited| waited < Duration::from_secs(60)), "the waiting sync got {waited:?}");
 }
 
 #[test]

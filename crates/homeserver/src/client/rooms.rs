@@ -11,15 +11,15 @@ use serde_json::{Map, Value, json};
 use store_events::Event;
 use store_receipts::ReceiptRow;
 
-use super::writes::{self, EventContent, RoomWrite, TypingChange};
+use super::writes::{self, EventContent, MAX_TYPING_TIMEOUT_MS, RoomWrite, TypingChange};
 use super::{ClientError, authenticate, now_ms, parse_body, random_string};
 use crate::http::AppState;
 
 /// Matrix's limit on the size of an event, applied to its content.
 const MAX_CONTENT_BYTES: usize = 65_536;
 
-/// The longest a client may say it keeps typing.
-const MAX_TYPING_TIMEOUT_MS: u64 = 120_000;
+/// The longest event type, state key or transaction ID taken, in bytes.
+const MAX_IDENTIFIER_BYTES: usize = 255;
 
 /// Refuses what is not a room ID (`!opaque:server`).
 fn check_room_id(room_id: &str) -> Result<(), ClientError> {
@@ -27,6 +27,26 @@ fn check_room_id(room_id: &str) -> Result<(), ClientError> {
         Some((opaque, server)) if !opaque.is_empty() && !server.is_empty() => Ok(()),
         _ => Err(ClientError::invalid_param(format!("{room_id:?} is not a room ID"))),
     }
+}
+
+/// Refuses an event type, state key or transaction ID too long to store.
+fn check_identifier(what: &str, value: &str) -> Result<(), ClientError> {
+    if value.len() > MAX_IDENTIFIER_BYTES {
+        return Err(ClientError::invalid_param(format!(
+            "the {what} is longer than {MAX_IDENTIFIER_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// The event types only createRoom, join and leave write.
+fn check_client_may_send(event_type: &str) -> Result<(), ClientError> {
+    if matches!(event_type, "m.room.create" | "m.room.member") {
+        return Err(ClientError::forbidden(format!(
+            "{event_type} is set by createRoom, join and leave, not sent by clients"
+        )));
+    }
+    Ok(())
 }
 
 /// A JSON object from the body: event contents are objects.
@@ -80,8 +100,8 @@ async fn write_one(
     event: EventContent,
     txn_id: Option<String>,
 ) -> Result<String, ClientError> {
-    let written =
-        writes::write_room_events(state, RoomWrite { room_id, sender, events: vec![event], txn_id }).await?;
+    let write = RoomWrite { room_id, sender, events: vec![event], txn_id, creates_room: false };
+    let written = writes::write_room_events(state, write).await?;
     written.event_ids.into_iter().next().ok_or_else(|| ClientError::internal("a write produced no event", ""))
 }
 
@@ -112,8 +132,8 @@ pub(crate) async fn create_room(
         },
         member_event(&sender, "join"),
     ];
-    writes::write_room_events(&state, RoomWrite { room_id: room_id.clone(), sender, events, txn_id: None })
-        .await?;
+    let write = RoomWrite { room_id: room_id.clone(), sender, events, txn_id: None, creates_room: true };
+    writes::write_room_events(&state, write).await?;
     Ok(Json(json!({"room_id": room_id})))
 }
 
@@ -153,6 +173,9 @@ pub(crate) async fn send(
 ) -> Result<Json<Value>, ClientError> {
     let sender = authenticate(&state, &headers).await?;
     check_room_id(&room_id)?;
+    check_identifier("event type", &event_type)?;
+    check_identifier("transaction ID", &txn_id)?;
+    check_client_may_send(&event_type)?;
     let content = content_object(&body)?;
     let event = EventContent { event_type, state_key: None, content };
     let event_id = write_one(&state, room_id, sender, event, Some(txn_id)).await?;
@@ -189,11 +212,9 @@ async fn set_state(
 ) -> Result<Json<Value>, ClientError> {
     let sender = authenticate(&state, &headers).await?;
     check_room_id(&room_id)?;
-    if matches!(event_type.as_str(), "m.room.create" | "m.room.member") {
-        return Err(ClientError::forbidden(format!(
-            "{event_type} is set by createRoom, join and leave, not through the state endpoint"
-        )));
-    }
+    check_identifier("event type", &event_type)?;
+    check_identifier("state key", &state_key)?;
+    check_client_may_send(&event_type)?;
     let content = content_object(&body)?;
     let event = EventContent { event_type, state_key: Some(state_key), content };
     let event_id = write_one(&state, room_id, sender, event, None).await?;
@@ -256,6 +277,9 @@ pub(crate) async fn receipt(
         return Err(ClientError::invalid_param(format!("unknown receipt type {receipt_type:?}")));
     }
     let ReceiptBody { thread_id } = parse_body(&body)?;
+    if let Some(thread_id) = &thread_id {
+        check_identifier("thread ID", thread_id)?;
+    }
     require_member(&state, &room_id, &user_id).await?;
     match state.store.events().get_event(&event_id).await? {
         Some(event) if event.room_id == room_id => {}

@@ -9,7 +9,7 @@
 //! (below another writer's position, after it was announced) comes in a later
 //! sync: never skipped, never twice.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::Json;
@@ -17,11 +17,14 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use store_core::{InstanceIds, MultiWriterToken, RoomToken, StoreError, TokenParseError};
-use store_events::{Event, MembershipChange};
+use store_core::{
+    InstanceIds, MultiWriterIdGenerator, MultiWriterToken, RoomToken, StoreError, TokenParseError,
+};
+use store_events::{EVENTS_STREAM, Event, MembershipChange, WriterFilter};
+use store_receipts::RECEIPTS_STREAM;
 use tokio::time::Instant;
 
-use super::rooms::{client_event, current_state_events};
+use super::rooms::client_event;
 use super::{ClientError, authenticate};
 use crate::http::AppState;
 
@@ -34,8 +37,8 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a process behind a client's token waits to catch up with it before
 /// calling the token foreign.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
-/// Events read per query while walking a room's timeline back.
-const TIMELINE_PAGE: usize = 100;
+/// The receipt type only its owner sees.
+const PRIVATE_READ_RECEIPT: &str = "m.read.private";
 
 /// A position on every stream sync reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,24 +159,35 @@ pub(crate) async fn sync(
     let mut events_changed = state.store.events().events_stream().subscribe();
     let mut receipts_changed = state.store.receipts().stream().subscribe();
     let mut typing_changed = state.typing.subscribe();
+    let mut shutting_down = state.shutting_down.clone();
     loop {
         events_changed.borrow_and_update();
         receipts_changed.borrow_and_update();
         typing_changed.borrow_and_update();
-        let current = SyncToken::current(&state);
-        let next = since.as_ref().map_or_else(|| current.clone(), |since| since.advanced_to(&current));
-        let rooms = match &since {
-            Some(since) if !may_have_changed(&state, &user_id, since).await? => RoomChanges::default(),
-            _ => changes(&state, &user_id, since.as_ref(), &next, limit).await?,
+        let last_look = Instant::now() >= deadline || *shutting_down.borrow_and_update();
+        // The change caches only say when a look is worth it; the answer, and
+        // the token it hands out, always come from a full look, which reads
+        // what the token covers (a cached room list may trail the database).
+        let worth_a_look = match &since {
+            Some(since) => last_look || may_have_changed(&state, &user_id, since).await?,
+            None => true,
         };
-        if since.is_none() || !rooms.is_empty() || Instant::now() >= deadline {
-            let next_batch = next.to_text(&state.instance_ids).await?;
-            return Ok(Json(json!({"next_batch": next_batch, "rooms": rooms.to_json()})));
+        if worth_a_look {
+            let current = SyncToken::current(&state);
+            let next = since.as_ref().map_or_else(|| current.clone(), |since| since.advanced_to(&current));
+            let rooms = changes(&state, &user_id, since.as_ref(), &next, limit).await?;
+            if since.is_none() || !rooms.is_empty() || last_look {
+                let next_batch = next.to_text(&state.instance_ids).await?;
+                return Ok(Json(json!({"next_batch": next_batch, "rooms": rooms.to_json()})));
+            }
         }
         tokio::select! {
             _ = events_changed.changed() => {}
             _ = receipts_changed.changed() => {}
             _ = typing_changed.changed() => {}
+            // A shutdown answers waiting syncs at once rather than holding the
+            // graceful shutdown for their whole timeout.
+            _ = shutting_down.changed() => {}
             () = tokio::time::sleep_until(deadline) => {}
         }
     }
@@ -194,9 +208,15 @@ async fn catch_up_with(state: &AppState, since: &SyncToken) -> Result<(), Client
         (Err(err), _) | (_, Err(err)) => return Err(err.into()),
     }
     // The waits return at once for this process's own writes, which it has
-    // all seen: a token past them was never handed out here.
-    let current = SyncToken::current(state);
-    if since.events.is_before_or_eq(&current.events) && since.receipts.is_before_or_eq(&current.receipts) {
+    // all seen: a token past the furthest position it announced was never
+    // handed out by this deployment.
+    let own = &state.config.instance_name;
+    let within = |token: &MultiWriterToken, generator: &MultiWriterIdGenerator, stream: &str| {
+        !state.config.is_writer_for(stream)
+            || token.pos_for(own) <= generator.get_current_token_for_writer(own)
+    };
+    let (events, receipts) = (state.store.events().events_stream(), state.store.receipts().stream());
+    if within(&since.events, events, EVENTS_STREAM) && within(&since.receipts, receipts, RECEIPTS_STREAM) {
         Ok(())
     } else {
         Err(ahead())
@@ -236,18 +256,13 @@ impl RoomChanges {
     }
 }
 
-/// The user's membership in `room_id` as `token` sees it: the last change the
-/// token covers, by each change's own writer.
-fn membership_at<'a>(
-    history: &'a [MembershipChange],
-    room_id: &str,
-    token: &MultiWriterToken,
-) -> Option<&'a str> {
-    history
+/// The user's membership as `token` sees it, from the room's changes in
+/// stream order: the last change the token covers, by its own writer.
+fn membership_at<'a>(changes: &[&'a MembershipChange], token: &MultiWriterToken) -> Option<&'a str> {
+    changes
         .iter()
-        .filter(|change| change.room_id == room_id)
-        .filter(|change| !token.persisted_after(&change.instance_name, change.stream_ordering))
-        .max_by_key(|change| change.stream_ordering)
+        .rev()
+        .find(|change| !token.persisted_after(&change.instance_name, change.stream_ordering))
         .map(|change| change.membership.as_str())
 }
 
@@ -259,19 +274,23 @@ async fn changes(
     limit: usize,
 ) -> Result<RoomChanges, ClientError> {
     let history = state.store.events().get_membership_history(user_id).await?;
-    let rooms: BTreeSet<&str> = history.iter().map(|change| change.room_id.as_str()).collect();
+    // Oldest first, as the history comes.
+    let mut by_room: BTreeMap<&str, Vec<&MembershipChange>> = BTreeMap::new();
+    for change in &history {
+        by_room.entry(change.room_id.as_str()).or_default().push(change);
+    }
     let mut changes = RoomChanges::default();
     let mut joined_rooms = Vec::new();
-    for room_id in rooms {
-        let joined_now = membership_at(&history, room_id, &next.events) == Some("join");
+    for (room_id, room_changes) in &by_room {
+        let room_id = *room_id;
+        let joined_now = membership_at(room_changes, &next.events) == Some("join");
         let joined_before =
-            since.is_some_and(|since| membership_at(&history, room_id, &since.events) == Some("join"));
+            since.is_some_and(|since| membership_at(room_changes, &since.events) == Some("join"));
         match (joined_before, joined_now) {
             (false, true) => {
-                // New to the user (or the first sync): the whole state and the
-                // latest events.
+                // New to the user (or the first sync): the state and the latest events.
                 let (events, limited) = timeline(state, room_id, None, &next.events, limit).await?;
-                let state_events = current_state_events(state, room_id).await?;
+                let state_events = state_at(state, room_id, &next.events).await?;
                 changes
                     .join
                     .insert(room_id.to_owned(), room_json(state, &events, limited, state_events).await?);
@@ -282,7 +301,7 @@ async fn changes(
                 let (events, limited) = timeline(state, room_id, since, &next.events, limit).await?;
                 // A gap in the timeline may hide state changes: send the state.
                 let state_events =
-                    if limited { current_state_events(state, room_id).await? } else { Vec::new() };
+                    if limited { state_at(state, room_id, &next.events).await? } else { Vec::new() };
                 if !events.is_empty() {
                     changes
                         .join
@@ -292,37 +311,51 @@ async fn changes(
             }
             (true, false) => {
                 // Up to the user's leaving, and nothing after it.
-                let since = since.map(|since| &since.events);
-                let left_at = history
+                let left_at = room_changes
                     .iter()
-                    .filter(|change| change.room_id == room_id)
-                    .filter(|change| {
+                    .rev()
+                    .find(|change| {
                         !next.events.persisted_after(&change.instance_name, change.stream_ordering)
                     })
-                    .map(|change| change.stream_ordering)
-                    .max()
-                    .unwrap_or(i64::MAX);
-                let (mut events, limited) =
-                    timeline(state, room_id, since, &next.events, MAX_TIMELINE_LIMIT).await?;
-                events.retain(|event| event.stream_ordering <= left_at);
-                let cut = events.len().saturating_sub(limit);
-                let events = events.split_off(cut);
-                changes.leave.insert(
-                    room_id.to_owned(),
-                    room_json(state, &events, limited || cut > 0, Vec::new()).await?,
-                );
+                    .map_or(i64::MAX, |change| change.stream_ordering);
+                let since = since.map(|since| &since.events);
+                let (events, limited) =
+                    timeline(state, room_id, since, &next.events.bound(left_at), limit).await?;
+                changes
+                    .leave
+                    .insert(room_id.to_owned(), room_json(state, &events, limited, Vec::new()).await?);
             }
             (false, false) => {}
         }
     }
-    add_ephemeral(state, &mut changes, &joined_rooms, since, next).await?;
+    add_ephemeral(state, user_id, &mut changes, &joined_rooms, since, next).await?;
     Ok(changes)
+}
+
+/// The room's current state events that `token` covers: a state event past
+/// the token comes in a later sync's timeline, not twice.
+async fn state_at(
+    state: &AppState,
+    room_id: &str,
+    token: &MultiWriterToken,
+) -> Result<Vec<Value>, ClientError> {
+    let events = state.store.events();
+    let mut state_events = Vec::new();
+    for event_id in events.get_current_state_ids(room_id).await?.values() {
+        if let Some(event) = events.get_event(event_id).await?
+            && !token.persisted_after(&event.instance_name, event.stream_ordering)
+        {
+            state_events.push(client_event(&event));
+        }
+    }
+    Ok(state_events)
 }
 
 /// Receipts and typing for the joined rooms, into their entries (creating an
 /// entry for a room with only ephemeral news).
 async fn add_ephemeral(
     state: &AppState,
+    user_id: &str,
     changes: &mut RoomChanges,
     joined_rooms: &[&str],
     since: Option<&SyncToken>,
@@ -336,11 +369,15 @@ async fn add_ephemeral(
         .await?;
     let mut by_room: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
     for receipt in receipts {
+        // A private receipt is for its owner's eyes only.
+        if receipt.receipt_type == PRIVATE_READ_RECEIPT && receipt.user_id != user_id {
+            continue;
+        }
         let content = by_room.entry(receipt.room_id.clone()).or_default();
         let by_type = content.entry(receipt.event_id.clone()).or_insert_with(|| json!({}));
         let mut data = receipt.data.clone();
-        if let Some(thread_id) = &receipt.thread_id {
-            data["thread_id"] = json!(thread_id);
+        if let (Some(thread_id), Some(data)) = (&receipt.thread_id, data.as_object_mut()) {
+            data.insert("thread_id".to_owned(), json!(thread_id));
         }
         by_type[&receipt.receipt_type][&receipt.user_id] = data;
     }
@@ -393,6 +430,12 @@ async fn room_json(
 
 /// The room's events in `(low, high]` by each event's own writer, the newest
 /// `limit` of them, oldest first; and whether more were left out.
+///
+/// A writer's events lie between its positions in the two tokens, and the
+/// writers neither token lists are all at the tokens' stream positions: one
+/// query per listed writer and one for the rest, each for at most `limit + 1`
+/// rows, so a writer far ahead of the others, or stalled behind them, costs
+/// only its own new rows.
 async fn timeline(
     state: &AppState,
     room_id: &str,
@@ -401,25 +444,34 @@ async fn timeline(
     limit: usize,
 ) -> Result<(Vec<Event>, bool), ClientError> {
     let reader = state.store.events();
+    let mut listed: Vec<String> = high
+        .instance_map()
+        .keys()
+        .chain(low.into_iter().flat_map(|low| low.instance_map().keys()))
+        .cloned()
+        .collect();
+    listed.sort();
+    listed.dedup();
     // Backfilled history (negative orderings) is not part of the live timeline.
-    let floor = low.map_or(0, MultiWriterToken::stream);
-    let mut upper = high.max_pos();
-    let mut newest_first = Vec::new();
-    while upper > floor && newest_first.len() <= limit {
-        let page = reader.get_room_events(room_id, floor, upper, TIMELINE_PAGE).await?;
-        let full = page.len() == TIMELINE_PAGE;
-        upper = page.first().map_or(floor, |oldest| oldest.stream_ordering - 1);
-        newest_first.extend(page.into_iter().rev().filter(|event| {
-            MultiWriterToken::in_range(low, Some(high), Some(&event.instance_name), event.stream_ordering)
-        }));
-        if !full {
-            break;
-        }
+    let after = |writer: Option<&str>| {
+        low.map_or(0, |low| writer.map_or(low.stream(), |writer| low.pos_for(writer))).max(0)
+    };
+    let mut events = Vec::new();
+    for writer in &listed {
+        let only = WriterFilter::Only(writer.clone());
+        let to = high.pos_for(writer);
+        events.extend(
+            reader.get_room_events_of_writers(room_id, &only, after(Some(writer)), to, limit + 1).await?,
+        );
     }
-    let limited = newest_first.len() > limit;
-    newest_first.truncate(limit);
-    newest_first.reverse();
-    Ok((newest_first, limited))
+    let rest = WriterFilter::AllBut(listed);
+    events.extend(
+        reader.get_room_events_of_writers(room_id, &rest, after(None), high.stream(), limit + 1).await?,
+    );
+    events.sort_by_key(|event| event.stream_ordering);
+    let limited = events.len() > limit;
+    let newest = events.split_off(events.len().saturating_sub(limit));
+    Ok((newest, limited))
 }
 
 #[cfg(test)]

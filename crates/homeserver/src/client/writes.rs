@@ -41,6 +41,9 @@ pub(crate) const SEND_RECEIPT_PATH: &str = "/_synapse/replication/send_receipt";
 /// Starts or stops typing on the typing writer.
 pub(crate) const SET_TYPING_PATH: &str = "/_synapse/replication/set_typing";
 
+/// The longest a client may say it keeps typing.
+pub(crate) const MAX_TYPING_TIMEOUT_MS: u64 = 120_000;
+
 /// How long the process that took a write waits to see it replicated back
 /// before answering anyway (the write is committed either way).
 const READ_YOUR_WRITES_WAIT: Duration = Duration::from_secs(5);
@@ -77,6 +80,9 @@ pub(crate) struct RoomWrite {
     /// The client's transaction ID, for `send`.
     #[serde(default)]
     pub(crate) txn_id: Option<String>,
+    /// Whether this is `createRoom`'s write, the only one that may make a room.
+    #[serde(default)]
+    pub(crate) creates_room: bool,
 }
 
 /// What a write produced: where on the stream, and by whom.
@@ -115,7 +121,7 @@ impl RoomLocks {
 pub(crate) async fn write_room_events(state: &AppState, write: RoomWrite) -> Result<Written, ClientError> {
     let writer = writer_for_room(&state.config, EVENTS_STREAM, &write.room_id);
     let written = if writer == state.config.instance_name {
-        persist_room_write(state, write).await?
+        persist_room_write_detached(state, write).await?
     } else {
         forward(state, &writer, SEND_EVENTS_PATH, &write).await?
     };
@@ -127,7 +133,7 @@ pub(crate) async fn write_room_events(state: &AppState, write: RoomWrite) -> Res
 pub(crate) async fn write_receipt(state: &AppState, receipt: ReceiptRow) -> Result<(), ClientError> {
     let writer = writer_for_room(&state.config, RECEIPTS_STREAM, &receipt.room_id);
     let written = if writer == state.config.instance_name {
-        persist_receipt(state, &receipt).await?
+        persist_receipt_detached(state, receipt).await?
     } else {
         forward(state, &writer, SEND_RECEIPT_PATH, &receipt).await?
     };
@@ -188,13 +194,42 @@ async fn forward<B: Serialize, A: DeserializeOwned>(
     if status == 200 {
         return serde_json::from_str(&answer).map_err(|err| unavailable(&err.to_string()));
     }
+    // Only the writer's verdicts on the write itself reach the client; a 401
+    // (a secret that differs) or a 404 (a writer of another release) is this
+    // deployment's fault, and would read to a client as its own.
     let refusal: Value = serde_json::from_str(&answer).unwrap_or_default();
-    match (refusal["errcode"].as_str(), StatusCode::from_u16(status)) {
-        (Some(errcode), Ok(status)) if status.is_client_error() => {
+    match (status, refusal["errcode"].as_str()) {
+        (
+            400 | 403 | 404 | 413,
+            Some(
+                errcode @ ("M_INVALID_PARAM" | "M_ROOM_IN_USE" | "M_FORBIDDEN" | "M_NOT_FOUND"
+                | "M_TOO_LARGE"),
+            ),
+        ) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
             Err(ClientError::new(status, errcode, refusal["error"].as_str().unwrap_or_default()))
         }
         _ => Err(unavailable(&format!("it answered {status}: {answer}"))),
     }
+}
+
+/// [`persist_room_write`] in a task of its own: a client that hangs up (and
+/// with it the request's future) must not cut a write off between its commit
+/// and the cache updates that follow it, which would leave this writer's own
+/// view of the room stale.
+async fn persist_room_write_detached(state: &AppState, write: RoomWrite) -> Result<Written, ClientError> {
+    let state = state.clone();
+    tokio::spawn(async move { persist_room_write(&state, write).await })
+        .await
+        .map_err(|err| ClientError::internal("a room write failed", err))?
+}
+
+/// [`persist_receipt`] in a task of its own, for the same reason.
+async fn persist_receipt_detached(state: &AppState, receipt: ReceiptRow) -> Result<Written, ClientError> {
+    let state = state.clone();
+    tokio::spawn(async move { persist_receipt(&state, &receipt).await })
+        .await
+        .map_err(|err| ClientError::internal("a receipt write failed", err))?
 }
 
 /// The checks and the persist, on the room's writer.
@@ -302,7 +337,10 @@ pub(crate) async fn room_exists(state: &AppState, room_id: &str) -> Result<bool,
 /// the sender to be joined.
 async fn check_room_write(state: &AppState, write: &RoomWrite) -> Result<(), ClientError> {
     let Some(first) = write.events.first() else { return Err(ClientError::bad_json("no events to send")) };
-    if first.event_type == "m.room.create" {
+    if write.creates_room {
+        if first.event_type != "m.room.create" {
+            return Err(ClientError::bad_json("a room's first event is its m.room.create"));
+        }
         if !state.store.events().get_current_state_ids(&write.room_id).await?.is_empty() {
             return Err(ClientError::new(
                 StatusCode::BAD_REQUEST,
@@ -314,6 +352,9 @@ async fn check_room_write(state: &AppState, write: &RoomWrite) -> Result<(), Cli
     }
     if write.events.len() != 1 {
         return Err(ClientError::bad_json("one event per request"));
+    }
+    if first.event_type == "m.room.create" {
+        return Err(ClientError::forbidden("a room is created once, by createRoom"));
     }
     if !room_exists(state, &write.room_id).await? {
         return Err(ClientError::not_found(format!("unknown room {}", write.room_id)));
@@ -349,7 +390,8 @@ fn apply_typing(state: &AppState, change: &TypingChange) -> Result<(), ClientErr
         ));
     };
     if change.typing {
-        writer.started_typing(&change.room_id, &change.user_id, Duration::from_millis(change.timeout_ms));
+        let timeout = Duration::from_millis(change.timeout_ms.min(MAX_TYPING_TIMEOUT_MS));
+        writer.started_typing(&change.room_id, &change.user_id, timeout);
     } else {
         writer.stopped_typing(&change.room_id, &change.user_id);
     }
@@ -376,7 +418,17 @@ pub(crate) async fn send_events_endpoint(
 ) -> Result<Json<Written>, ClientError> {
     check_secret(&state, &headers)?;
     let write: RoomWrite = parse_body(&body)?;
-    Ok(Json(persist_room_write(&state, write).await?))
+    // Two writers must never take one room: with their configs out of step,
+    // each would check and order the room's events on its own.
+    let owner = writer_for_room(&state.config, EVENTS_STREAM, &write.room_id);
+    if owner != state.config.instance_name {
+        return Err(ClientError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "M_UNKNOWN",
+            format!("{} is written by `{owner}` here; the deployment's configs disagree", write.room_id),
+        ));
+    }
+    Ok(Json(persist_room_write_detached(&state, write).await?))
 }
 
 /// `POST /_synapse/replication/send_receipt`: a receipt row → [`Written`].
@@ -387,7 +439,7 @@ pub(crate) async fn send_receipt_endpoint(
 ) -> Result<Json<Written>, ClientError> {
     check_secret(&state, &headers)?;
     let receipt: ReceiptRow = parse_body(&body)?;
-    Ok(Json(persist_receipt(&state, &receipt).await?))
+    Ok(Json(persist_receipt_detached(&state, receipt).await?))
 }
 
 /// `POST /_synapse/replication/set_typing`: a [`TypingChange`] → `{}`.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use server_config::{Overrides, Role, ServerConfig};
 use store_core::{CacheRegistry, CachesRow, CachesStream, Database, Engine, StoreError};
 use store_events::rows::EventsStreamRow;
-use store_events::{EventsReader, EventsWriter, NewEvent};
+use store_events::{ClientTxn, EventsReader, EventsWriter, NewEvent, WriterFilter};
 use store_test_support::{TestDb, TestResult, engine_tests};
 
 const ROOM: &str = "!room:example.com";
@@ -105,8 +105,73 @@ engine_tests!(
     persisted_events_read_back,
     catch_up_queries_cut_at_the_limit,
     writes_invalidate_the_caches_they_make_stale,
-    backfilled_events_count_down
+    backfilled_events_count_down,
+    client_reads_by_writer_transaction_and_membership
 );
+
+/// What the client API reads: a room's events by writer, a client
+/// transaction's event, and a user's membership history.
+async fn client_reads_by_writer_transaction_and_membership(test_db: TestDb) -> TestResult {
+    let process = start(&test_db.db, &single_process(&test_db.url)?).await?;
+    let writer = process.writer();
+    let before = writer.reader().events_stream().get_current_token();
+    let txn = ClientTxn { user_id: "@alice:example.com".to_owned(), txn_id: "t1".to_owned() };
+    let ids =
+        writer.persist_events_for_txn(ROOM, &[message("$m1", "@alice:example.com")], Some(&txn)).await?;
+    let more = writer
+        .persist_events(
+            ROOM,
+            &[
+                member("$a", "@alice:example.com", "join"),
+                message("$m2", "@alice:example.com"),
+                member("$l", "@alice:example.com", "leave"),
+            ],
+        )
+        .await?;
+    let reader = writer.reader();
+    let last = *more.last().ok_or("persisted")?;
+    let ids_of =
+        |events: Vec<store_events::Event>| events.into_iter().map(|e| e.event.event_id).collect::<Vec<_>>();
+
+    let only_master = WriterFilter::Only("master".to_owned());
+    assert_eq!(
+        ids_of(reader.get_room_events_of_writers(ROOM, &only_master, before, last, 10).await?),
+        ["$m1", "$a", "$m2", "$l"]
+    );
+    assert_eq!(
+        ids_of(reader.get_room_events_of_writers(ROOM, &only_master, before, last, 2).await?),
+        ["$m2", "$l"],
+        "the newest, oldest first"
+    );
+    assert_eq!(
+        ids_of(reader.get_room_events_of_writers(ROOM, &only_master, ids[0], more[1], 10).await?),
+        ["$a", "$m2"]
+    );
+    let others = WriterFilter::Only("other".to_owned());
+    assert!(reader.get_room_events_of_writers(ROOM, &others, before, last, 10).await?.is_empty());
+    let all_but_master = WriterFilter::AllBut(vec!["master".to_owned(), "x".to_owned()]);
+    assert!(reader.get_room_events_of_writers(ROOM, &all_but_master, before, last, 10).await?.is_empty());
+    let all_but_others = WriterFilter::AllBut(vec!["other".to_owned()]);
+    assert_eq!(reader.get_room_events_of_writers(ROOM, &all_but_others, before, last, 10).await?.len(), 4);
+    assert_eq!(
+        reader.get_room_events_of_writers(ROOM, &WriterFilter::AllBut(vec![]), before, last, 10).await?.len(),
+        4
+    );
+
+    assert_eq!(
+        reader.get_event_id_for_txn("@alice:example.com", "t1").await?,
+        Some((ROOM.to_owned(), "$m1".to_owned()))
+    );
+    assert_eq!(reader.get_event_id_for_txn("@alice:example.com", "t2").await?, None);
+    assert_eq!(reader.get_event_id_for_txn("@bob:example.com", "t1").await?, None);
+
+    let history = reader.get_membership_history("@alice:example.com").await?;
+    let memberships: Vec<(&str, i64)> =
+        history.iter().map(|c| (c.membership.as_str(), c.stream_ordering)).collect();
+    assert_eq!(memberships, [("join", more[0]), ("leave", more[2])]);
+    assert!(history.iter().all(|change| change.instance_name == "master" && change.room_id == ROOM));
+    Ok(())
+}
 
 async fn persisted_events_read_back(test_db: TestDb) -> TestResult {
     let process = start(&test_db.db, &single_process(&test_db.url)?).await?;
