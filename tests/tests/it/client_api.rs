@@ -68,6 +68,10 @@ fn exercise_the_api(urls: &[String]) {
     assert_eq!((status, errcode(&answer)), (404, "M_UNRECOGNIZED"), "{answer}");
     let (status, answer) = call(at(1), "GET", "/_matrix/client/v3/register", None, None);
     assert_eq!((status, errcode(&answer)), (405, "M_UNRECOGNIZED"), "{answer}");
+    let (status, answer) = call(at(2), "GET", "/_matrix/client/v3/rooms/%FF%FE/joined_members", None, None);
+    assert_eq!((status, errcode(&answer)), (400, "M_INVALID_PARAM"), "a path that is not UTF-8: {answer}");
+    let (status, answer) = call(at(3), "GET", "/_matrix/client/v3/sync?timeout=1&timeout=2", None, None);
+    assert_eq!((status, errcode(&answer)), (400, "M_INVALID_PARAM"), "a query given twice: {answer}");
 
     // A room; only members may send or read it.
     let room = alice.create_room();

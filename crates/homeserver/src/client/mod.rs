@@ -58,7 +58,32 @@ pub(crate) fn router(state: AppState) -> Router {
         .route(writes::SEND_RECEIPT_PATH, post(writes::send_receipt_endpoint))
         .route(writes::SET_TYPING_PATH, post(writes::set_typing_endpoint))
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(matrix_error_body))
         .with_state(state)
+}
+
+/// Refusals axum makes before a handler runs (a path that does not decode, a
+/// query it cannot read, a body over its limit) come as plain text; clients
+/// get Matrix's error shape for those too.
+async fn matrix_error_body(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), 64 * 1024).await.unwrap_or_default();
+    let message = String::from_utf8_lossy(&body).into_owned();
+    let errcode = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "M_TOO_LARGE",
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => "M_INVALID_PARAM",
+        _ => "M_UNKNOWN",
+    };
+    // 422 is axum's word for a well-formed but unusable request; Matrix says 400.
+    let status = if status == StatusCode::UNPROCESSABLE_ENTITY { StatusCode::BAD_REQUEST } else { status };
+    ClientError::new(status, errcode, message).into_response()
 }
 
 /// Any path no route serves, in Matrix's words (merged as the fallback of the
