@@ -168,6 +168,8 @@ async fn persist_events(
             content: event.content.to_string(),
         })
         .collect();
+    // In line with the client API's writes of the same room.
+    let _room = state.room_locks.lock(&request.room_id).await;
     match writer.persist_events(&request.room_id, &events).await {
         Ok(orderings) => Json(json!({"stream_orderings": orderings})).into_response(),
         Err(err) => {

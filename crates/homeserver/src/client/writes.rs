@@ -103,7 +103,7 @@ pub(crate) struct RoomLocks {
 }
 
 impl RoomLocks {
-    async fn lock(&self, room_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    pub(crate) async fn lock(&self, room_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
             let mut rooms = self.rooms.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             // Rooms nobody writes to any more give their lock back.
