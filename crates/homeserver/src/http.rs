@@ -149,13 +149,13 @@ async fn persist_events(
         Ok(body) => body,
         Err(rejection) => return error(StatusCode::BAD_REQUEST, "M_BAD_JSON", &rejection.body_text()),
     };
-    let Some(writer) = &state.store.writers().events else {
+    if state.store.writers().events.is_none() {
         return error(
             StatusCode::BAD_REQUEST,
             "M_UNKNOWN",
             &format!("`{}` does not write events", state.config.instance_name),
         );
-    };
+    }
     let events: Vec<NewEvent> = request
         .events
         .into_iter()
@@ -168,12 +168,25 @@ async fn persist_events(
             content: event.content.to_string(),
         })
         .collect();
-    // In line with the client API's writes of the same room.
-    let _room = state.room_locks.lock(&request.room_id).await;
-    match writer.persist_events(&request.room_id, &events).await {
+    // In line with the client API's writes of the same room, and in a task of
+    // its own: a caller hanging up must not cut the write off between its
+    // commit and the cache updates after it.
+    let room_id = request.room_id.clone();
+    let persisted = tokio::spawn(async move {
+        let _room = state.room_locks.lock(&request.room_id).await;
+        match &state.store.writers().events {
+            Some(writer) => {
+                writer.persist_events(&request.room_id, &events).await.map_err(|err| err.to_string())
+            }
+            None => Err("this process does not write events".to_owned()),
+        }
+    })
+    .await
+    .unwrap_or_else(|err| Err(err.to_string()));
+    match persisted {
         Ok(orderings) => Json(json!({"stream_orderings": orderings})).into_response(),
         Err(err) => {
-            tracing::warn!(room = %request.room_id, "failed to persist events: {err}");
+            tracing::warn!(room = %room_id, "failed to persist events: {err}");
             error(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "the events could not be persisted")
         }
     }

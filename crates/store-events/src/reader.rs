@@ -301,6 +301,37 @@ impl EventsReader {
         Ok(events)
     }
 
+    /// The newest `limit` state events of `room_id` for (`event_type`,
+    /// `state_key`), newest first: the history of one state entry, for a
+    /// reader that needs the entry as of a token the current one is past.
+    pub async fn get_state_history(
+        &self,
+        room_id: &str,
+        event_type: &str,
+        state_key: &str,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let key = (room_id.to_owned(), event_type.to_owned(), state_key.to_owned());
+        self.db
+            .run_autocommit("get_state_history", move |txn| {
+                let (room, event_type, state_key) = key.clone();
+                Box::pin(async move {
+                    let rows = txn
+                        .query(
+                            &format!(
+                                "{SELECT_EVENT} WHERE room_id = $1 AND type = $2 AND state_key = $3 \
+                                 AND stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $4"
+                            ),
+                            &[&room, &event_type, &state_key, &limit],
+                        )
+                        .await?;
+                    rows.iter().map(event_from_row).collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .await
+    }
+
     /// The current state of `room_id`: (type, state key) → event ID (cached).
     pub async fn get_current_state_ids(&self, room_id: &str) -> Result<Arc<StateMap>, StoreError> {
         let room = room_id.to_owned();

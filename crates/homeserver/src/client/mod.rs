@@ -37,7 +37,7 @@ pub(crate) use writes::RoomLocks;
 /// The routes of the client API and of the internal write endpoints.
 pub(crate) fn router(state: AppState) -> Router {
     const ROOM: &str = "/_matrix/client/v3/rooms/{room_id}";
-    Router::new()
+    let client = Router::new()
         .route("/_matrix/client/v3/register", post(register))
         .route("/_matrix/client/v3/logout", post(logout))
         .route("/_matrix/client/v3/account/whoami", get(whoami))
@@ -54,12 +54,18 @@ pub(crate) fn router(state: AppState) -> Router {
         .route(&format!("{ROOM}/receipt/{{receipt_type}}/{{event_id}}"), post(rooms::receipt))
         .route(&format!("{ROOM}/typing/{{user_id}}"), put(rooms::typing))
         .route("/_matrix/client/v3/sync", get(sync::sync))
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(matrix_error_body))
+        .with_state(state.clone());
+    // Outside that layer: what a writer answers in JSON is its verdict on the
+    // write, which `forward` relays to the client; axum's own refusals of a
+    // forwarded request stay plain text, the forwarder's fault, not the client's.
+    let internal = Router::new()
         .route(writes::SEND_EVENTS_PATH, post(writes::send_events_endpoint))
         .route(writes::SEND_RECEIPT_PATH, post(writes::send_receipt_endpoint))
         .route(writes::SET_TYPING_PATH, post(writes::set_typing_endpoint))
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::map_response(matrix_error_body))
-        .with_state(state)
+        .with_state(state);
+    client.merge(internal)
 }
 
 /// Refusals axum makes before a handler runs (a path that does not decode, a

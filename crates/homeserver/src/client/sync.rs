@@ -37,6 +37,12 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a process behind a client's token waits to catch up with it before
 /// calling the token foreign.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
+/// How long a writer waits to reach its own position in a client's token
+/// before calling the token foreign.
+const OWN_CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+/// How far back one state entry's history is read for a token that trails
+/// its current event.
+const STATE_HISTORY_LIMIT: usize = 50;
 /// The receipt type only its owner sees.
 const PRIVATE_READ_RECEIPT: &str = "m.read.private";
 
@@ -207,19 +213,45 @@ async fn catch_up_with(state: &AppState, since: &SyncToken) -> Result<(), Client
         (Err(StoreError::Timeout { .. }), _) | (_, Err(StoreError::Timeout { .. })) => return Err(ahead()),
         (Err(err), _) | (_, Err(err)) => return Err(err.into()),
     }
-    // The waits return at once for this process's own writes, which it has
-    // all seen: a token past the furthest position it announced was never
-    // handed out by this deployment.
-    let own = &state.config.instance_name;
-    let within = |token: &MultiWriterToken, generator: &MultiWriterIdGenerator, stream: &str| {
-        !state.config.is_writer_for(stream)
-            || token.pos_for(own) <= generator.get_current_token_for_writer(own)
-    };
+    // The waits return at once for this process's own writes. Another process
+    // may place this writer at a position it has not announced yet (the stream
+    // moved past it while it was allocating), so a token ahead of it gets a
+    // moment to be caught up with; one still ahead after that was never handed
+    // out by this deployment.
     let (events, receipts) = (state.store.events().events_stream(), state.store.receipts().stream());
-    if within(&since.events, events, EVENTS_STREAM) && within(&since.receipts, receipts, RECEIPTS_STREAM) {
-        Ok(())
-    } else {
-        Err(ahead())
+    let deadline = Instant::now() + OWN_CATCH_UP_WAIT;
+    for (token, generator, stream) in
+        [(&since.events, events, EVENTS_STREAM), (&since.receipts, receipts, RECEIPTS_STREAM)]
+    {
+        if !reaches_own_position(state, token, generator, stream, deadline).await {
+            return Err(ahead());
+        }
+    }
+    Ok(())
+}
+
+/// Whether this process, if it writes `stream`, reaches `token`'s position
+/// for it by `deadline`.
+async fn reaches_own_position(
+    state: &AppState,
+    token: &MultiWriterToken,
+    generator: &MultiWriterIdGenerator,
+    stream: &str,
+    deadline: Instant,
+) -> bool {
+    let own = &state.config.instance_name;
+    if !state.config.is_writer_for(stream) {
+        return true;
+    }
+    let mut moved = generator.subscribe();
+    loop {
+        moved.borrow_and_update();
+        if token.pos_for(own) <= generator.get_current_token_for_writer(own) {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, moved.changed()).await.is_err() {
+            return false;
+        }
     }
 }
 
@@ -234,9 +266,11 @@ async fn may_have_changed(state: &AppState, user_id: &str, since: &SyncToken) ->
     let rooms = events.get_rooms_for_user(user_id).await?;
     let rooms: Vec<&str> = rooms.iter().map(String::as_str).collect();
     let receipts = state.store.receipts().room_changes();
-    Ok(!events.room_changes().get_entities_changed(&rooms, since.events.stream()).is_empty()
-        || !receipts.get_entities_changed(&rooms, since.receipts.stream()).is_empty()
-        || rooms.iter().any(|room| state.typing.changed_since(room, since.typing)))
+    Ok(rooms.iter().any(|room| {
+        events.room_changes().has_entity_changed(room, since.events.stream())
+            || receipts.has_entity_changed(room, since.receipts.stream())
+            || state.typing.changed_since(room, since.typing)
+    }))
 }
 
 /// What one sync returns for the user's rooms.
@@ -332,20 +366,28 @@ async fn changes(
     Ok(changes)
 }
 
-/// The room's current state events that `token` covers: a state event past
-/// the token comes in a later sync's timeline, not twice.
+/// The room's state as `token` sees it: each entry's current event when the
+/// token covers it, or else the entry's latest event the token covers (a
+/// state event past the token comes in a later sync's timeline, not twice,
+/// and the entry it replaces is not left out meanwhile).
 async fn state_at(
     state: &AppState,
     room_id: &str,
     token: &MultiWriterToken,
 ) -> Result<Vec<Value>, ClientError> {
     let events = state.store.events();
+    let covered = |event: &Event| !token.persisted_after(&event.instance_name, event.stream_ordering);
     let mut state_events = Vec::new();
-    for event_id in events.get_current_state_ids(room_id).await?.values() {
-        if let Some(event) = events.get_event(event_id).await?
-            && !token.persisted_after(&event.instance_name, event.stream_ordering)
-        {
+    for ((event_type, state_key), event_id) in events.get_current_state_ids(room_id).await?.iter() {
+        let Some(event) = events.get_event(event_id).await? else { continue };
+        if covered(&event) {
             state_events.push(client_event(&event));
+            continue;
+        }
+        // Only events past the token are newer than the covered ones: a few.
+        let history = events.get_state_history(room_id, event_type, state_key, STATE_HISTORY_LIMIT).await?;
+        if let Some(event) = history.iter().find(|event| covered(event)) {
+            state_events.push(client_event(event));
         }
     }
     Ok(state_events)

@@ -165,6 +165,14 @@ async fn client_reads_by_writer_transaction_and_membership(test_db: TestDb) -> T
     assert_eq!(reader.get_event_id_for_txn("@alice:example.com", "t2").await?, None);
     assert_eq!(reader.get_event_id_for_txn("@bob:example.com", "t1").await?, None);
 
+    let topics = writer.persist_events(ROOM, &[topic("$t1", "one"), topic("$t2", "two")]).await?;
+    let history = reader.get_state_history(ROOM, "m.room.topic", "", 10).await?;
+    let orderings: Vec<(&str, i64)> =
+        history.iter().map(|e| (e.event.event_id.as_str(), e.stream_ordering)).collect();
+    assert_eq!(orderings, [("$t2", topics[1]), ("$t1", topics[0])], "newest first");
+    assert_eq!(reader.get_state_history(ROOM, "m.room.topic", "", 1).await?.len(), 1);
+    assert!(reader.get_state_history(ROOM, "m.room.topic", "other", 10).await?.is_empty());
+
     let history = reader.get_membership_history("@alice:example.com").await?;
     let memberships: Vec<(&str, i64)> =
         history.iter().map(|c| (c.membership.as_str(), c.stream_ordering)).collect();
