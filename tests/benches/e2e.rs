@@ -30,7 +30,7 @@ mod deployment;
 mod process;
 
 use client::{Client, register};
-use deployment::{Deployment, Transport};
+use deployment::{Deployment, base_urls};
 use process::{Binary, Server};
 
 const SENDERS: usize = 4;
@@ -145,13 +145,10 @@ fn monolith(database_url: Option<&str>) -> Figures {
 }
 
 fn four_processes() -> Figures {
-    let deployment =
-        Deployment::new(Transport::Redis, &["writer1", "writer2", "syncer"], &["writer1", "writer2"]);
-    let servers: Vec<Server> =
-        ["master", "writer1", "writer2", "syncer"].iter().map(|name| deployment.start(name)).collect();
-    let urls: Vec<String> = servers.iter().map(|server| server.base_url.clone()).collect();
+    let deployment = Deployment::for_clients();
+    let servers = deployment.start_all();
     // Send through writer1, wait in sync on the sync worker.
-    measure(&urls, 1, 3)
+    measure(&base_urls(&servers), 1, 3)
 }
 
 #[expect(clippy::print_stdout, reason = "a benchmark's output is its report")]

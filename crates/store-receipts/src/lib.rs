@@ -211,31 +211,8 @@ impl ReceiptsReader {
         from: i64,
         to: i64,
     ) -> Result<Vec<ReceiptRow>, StoreError> {
-        let changed = self.room_changes.get_entities_changed(room_ids, from);
-        let mut receipts = Vec::new();
-        for room in changed {
-            let room = room.to_owned();
-            let rows = self
-                .db
-                .run_autocommit("get_receipts_for_rooms_since", move |txn| {
-                    let room = room.clone();
-                    Box::pin(async move {
-                        let rows = txn
-                            .query(
-                                &format!(
-                                    "{SELECT_RECEIPT} WHERE room_id = $1 AND stream_id > $2 AND stream_id <= $3 \
-                                     ORDER BY stream_id"
-                                ),
-                                &[&room, &from, &to],
-                            )
-                            .await?;
-                        rows.iter().map(|row| receipt_from_row(row).map(|(_, r)| r)).collect::<Result<Vec<_>, _>>()
-                    })
-                })
-                .await?;
-            receipts.extend(rows);
-        }
-        Ok(receipts)
+        self.get_receipts_between(room_ids, Some(&MultiWriterToken::at(from)), &MultiWriterToken::at(to))
+            .await
     }
 
     /// The receipts of `room_ids` that lie in `(low, high]` as multi-writer

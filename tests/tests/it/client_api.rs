@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::client::{Client, call, encode, register, timeline_ids};
-use crate::deployment::{Deployment, SECRET, Transport, eventually};
+use crate::deployment::{Deployment, SECRET, base_urls, eventually};
 use crate::process::{Binary, Server, http_request};
 
 /// How soon a change made through one process shows on every other.
@@ -301,15 +301,9 @@ fn the_whole_api_on_the_sqlite_monolith() {
 
 #[test]
 fn the_whole_api_on_four_processes() {
-    let deployment =
-        Deployment::new(Transport::Redis, &["writer1", "writer2", "syncer"], &["writer1", "writer2"]);
-    let master = deployment.start("master");
-    let writer1 = deployment.start("writer1");
-    let writer2 = deployment.start("writer2");
-    let syncer = deployment.start("syncer");
-    let urls: Vec<String> =
-        [&master, &writer1, &writer2, &syncer].iter().map(|s| s.base_url.clone()).collect();
-    exercise_the_api(&urls);
+    let deployment = Deployment::for_clients();
+    let servers = deployment.start_all();
+    exercise_the_api(&base_urls(&servers));
 
     // Writers elsewhere and no secret to reach them: refused at start-up.
     let config = deployment

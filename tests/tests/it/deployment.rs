@@ -82,6 +82,17 @@ impl Deployment {
         }
     }
 
+    /// The client API's reference topology over Redis: `master`, the event
+    /// writers `writer1` and `writer2`, and the sync worker `syncer`.
+    pub(crate) fn for_clients() -> Deployment {
+        Deployment::new(Transport::Redis, &["writer1", "writer2", "syncer"], &["writer1", "writer2"])
+    }
+
+    /// Starts every instance, master first; the servers in that order.
+    pub(crate) fn start_all(&self) -> Vec<Server> {
+        self.instances.iter().map(|(name, _)| self.start(name)).collect()
+    }
+
     /// The config of `instance`, with `events` as its list of event writers.
     pub(crate) fn config_with_writers(&self, instance: &str, event_writers: &[String]) -> String {
         let port = self.port(instance);
@@ -136,6 +147,11 @@ impl Deployment {
         let path = self.write_config(instance, config).display().to_string();
         run_to_exit(Deployment::binary(instance), &["--config", &path], self.dir.path())
     }
+}
+
+/// The servers' `http://IP:PORT`s, in order.
+pub(crate) fn base_urls(servers: &[Server]) -> Vec<String> {
+    servers.iter().map(|server| server.base_url.clone()).collect()
 }
 
 /// `GET path` as JSON.

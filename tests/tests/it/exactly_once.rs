@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::client::{Client, register};
-use crate::deployment::{Deployment, Transport};
-use crate::process::Server;
+use crate::deployment::{Deployment, base_urls};
 
 const CLIENTS: usize = 4;
 const ROOMS: usize = 20;
@@ -143,16 +142,12 @@ fn orderings(url: &str) -> HashMap<String, i64> {
 
 #[test]
 fn every_acknowledged_event_arrives_once_in_order_while_a_writer_is_killed_twice() {
-    let deployment =
-        Deployment::new(Transport::Redis, &["writer1", "writer2", "syncer"], &["writer1", "writer2"]);
-    let master = deployment.start("master");
-    let writer1 = deployment.start("writer1");
-    let writer2 = deployment.start("writer2");
-    let syncer = deployment.start("syncer");
-    let urls: Vec<String> =
-        [&master, &writer1, &writer2, &syncer].iter().map(|s| s.base_url.clone()).collect();
+    let deployment = Deployment::for_clients();
+    // master, writer1, writer2, syncer.
+    let mut servers = deployment.start_all();
+    let urls = base_urls(&servers);
     // Syncs go to the processes that stay up; sends go everywhere.
-    let sync_urls: Vec<String> = [&master, &writer2, &syncer].iter().map(|s| s.base_url.clone()).collect();
+    let sync_urls: Vec<String> = [0, 2, 3].iter().map(|index| urls[*index].clone()).collect();
 
     let clients: Vec<Client> = (0..CLIENTS).map(|n| register(&urls[n], &format!("user{n}"))).collect();
     let rooms: Vec<String> = (0..ROOMS).map(|n| clients[0].on(&urls[n % urls.len()]).create_room()).collect();
@@ -212,22 +207,20 @@ fn every_acknowledged_event_arrives_once_in_order_while_a_writer_is_killed_twice
         .collect();
 
     // Kill writer1 twice while the clients send.
-    let mut writer1 = Some(writer1);
     for threshold in [EVENTS / 4, EVENTS * 5 / 8] {
         while sent.load(Ordering::SeqCst) < threshold {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let killed = writer1.take().expect("writer1 runs").stop_with("KILL");
+        let killed = servers.remove(1).stop_with("KILL");
         assert!(!killed.status.success(), "kill -9 ends the writer");
         std::thread::sleep(Duration::from_millis(500));
-        writer1 = Some(deployment.start("writer1"));
+        servers.insert(1, deployment.start("writer1"));
     }
     for sender in senders {
         sender.join().expect("a sending thread");
     }
     let received: Vec<Received> =
         followers.into_iter().map(|f| f.join().expect("a syncing thread")).collect();
-    let _keep: Option<Server> = writer1;
 
     assert!(refused.load(Ordering::SeqCst) > 0, "the kills interrupted some sends");
     let acknowledged = acknowledged.lock().expect("not poisoned").clone();

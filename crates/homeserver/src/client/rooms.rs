@@ -143,10 +143,7 @@ pub(crate) async fn join(
     headers: HeaderMap,
     Path(room_id): Path<String>,
 ) -> Result<Json<Value>, ClientError> {
-    let sender = authenticate(&state, &headers).await?;
-    check_room_id(&room_id)?;
-    let event = member_event(&sender, "join");
-    write_one(&state, room_id.clone(), sender, event, None).await?;
+    set_own_membership(&state, &headers, &room_id, "join").await?;
     Ok(Json(json!({"room_id": room_id})))
 }
 
@@ -156,11 +153,22 @@ pub(crate) async fn leave(
     headers: HeaderMap,
     Path(room_id): Path<String>,
 ) -> Result<Json<Value>, ClientError> {
-    let sender = authenticate(&state, &headers).await?;
-    check_room_id(&room_id)?;
-    let event = member_event(&sender, "leave");
-    write_one(&state, room_id, sender, event, None).await?;
+    set_own_membership(&state, &headers, &room_id, "leave").await?;
     Ok(Json(json!({})))
+}
+
+/// The caller's own `m.room.member` event in `room_id`.
+async fn set_own_membership(
+    state: &AppState,
+    headers: &HeaderMap,
+    room_id: &str,
+    membership: &str,
+) -> Result<(), ClientError> {
+    let sender = authenticate(state, headers).await?;
+    check_room_id(room_id)?;
+    let event = member_event(&sender, membership);
+    write_one(state, room_id.to_owned(), sender, event, None).await?;
+    Ok(())
 }
 
 /// `PUT /rooms/{roomId}/send/{eventType}/{txnId}` → `{"event_id"}`; a retry
