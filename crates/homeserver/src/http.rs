@@ -19,7 +19,7 @@ use slaved_stores::DataStore;
 use store_core::InstanceIds;
 use store_events::NewEvent;
 
-use crate::client::RoomLocks;
+use crate::client::{ClientError, RoomLocks, detached, require_secret};
 
 use crate::metrics;
 
@@ -55,19 +55,6 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(crate::client::router(state))
         .merge(internal)
         .fallback(crate::client::unrecognized)
-}
-
-fn error(status: StatusCode, errcode: &str, message: &str) -> Response {
-    (status, Json(json!({"errcode": errcode, "error": message}))).into_response()
-}
-
-/// The internal endpoints and room data need the shared secret: the refusal
-/// for a request without it.
-fn refusal_without_secret(state: &AppState, headers: &HeaderMap) -> Option<Response> {
-    let authorised =
-        replication::http::is_authorised(headers, state.config.worker_replication_secret.as_deref());
-    (!authorised)
-        .then(|| error(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "this endpoint needs the shared secret"))
 }
 
 /// `GET /health`: 200 `OK` while the process serves, as Synapse answers, so load
@@ -141,20 +128,15 @@ async fn persist_events(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Json<PersistEvents>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    if let Some(refused) = refusal_without_secret(&state, &headers) {
-        return refused;
-    }
-    let Json(request) = match body {
-        Ok(body) => body,
-        Err(rejection) => return error(StatusCode::BAD_REQUEST, "M_BAD_JSON", &rejection.body_text()),
-    };
+) -> Result<Json<Value>, ClientError> {
+    require_secret(&state, &headers)?;
+    let Json(request) = body.map_err(|rejection| ClientError::bad_json(rejection.body_text()))?;
     if state.store.writers().events.is_none() {
-        return error(
+        return Err(ClientError::new(
             StatusCode::BAD_REQUEST,
             "M_UNKNOWN",
-            &format!("`{}` does not write events", state.config.instance_name),
-        );
+            format!("`{}` does not write events", state.config.instance_name),
+        ));
     }
     let events: Vec<NewEvent> = request
         .events
@@ -168,28 +150,18 @@ async fn persist_events(
             content: event.content.to_string(),
         })
         .collect();
-    // In line with the client API's writes of the same room, and in a task of
-    // its own: a caller hanging up must not cut the write off between its
-    // commit and the cache updates after it.
-    let room_id = request.room_id.clone();
-    let persisted = tokio::spawn(async move {
+    // In line with the client API's writes of the same room.
+    let orderings = detached("the events could not be persisted", async move {
         let _room = state.room_locks.lock(&request.room_id).await;
-        match &state.store.writers().events {
-            Some(writer) => {
-                writer.persist_events(&request.room_id, &events).await.map_err(|err| err.to_string())
-            }
-            None => Err("this process does not write events".to_owned()),
-        }
+        let writer = state.store.writers().events.as_ref();
+        let writer = writer.ok_or_else(|| ClientError::internal("persist events", "no events writer"))?;
+        writer
+            .persist_events(&request.room_id, &events)
+            .await
+            .map_err(|err| ClientError::internal("the events could not be persisted", err))
     })
-    .await
-    .unwrap_or_else(|err| Err(err.to_string()));
-    match persisted {
-        Ok(orderings) => Json(json!({"stream_orderings": orderings})).into_response(),
-        Err(err) => {
-            tracing::warn!(room = %room_id, "failed to persist events: {err}");
-            error(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "the events could not be persisted")
-        }
-    }
+    .await?;
+    Ok(Json(json!({"stream_orderings": orderings})))
 }
 
 /// `GET /admin/v1/rooms/{room_id}/state`: the room's current state and joined
@@ -198,31 +170,16 @@ async fn room_state(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(room_id): Path<String>,
-) -> Response {
-    if let Some(refused) = refusal_without_secret(&state, &headers) {
-        return refused;
-    }
+) -> Result<Json<Value>, ClientError> {
+    require_secret(&state, &headers)?;
     let events = state.store.events();
-    let current = match events.get_current_state_ids(&room_id).await {
-        Ok(current) => current,
-        Err(err) => {
-            tracing::warn!(room = %room_id, "failed to read room state: {err}");
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "cannot read the room's state");
-        }
-    };
-    let members = match events.get_users_in_room(&room_id).await {
-        Ok(members) => members,
-        Err(err) => {
-            tracing::warn!(room = %room_id, "failed to read room members: {err}");
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "cannot read the room's members");
-        }
-    };
+    let current = events.get_current_state_ids(&room_id).await?;
+    let members = events.get_users_in_room(&room_id).await?;
     let state_events: Vec<Value> = current
         .iter()
         .map(|((event_type, state_key), event_id)| {
             json!({"type": event_type, "state_key": state_key, "event_id": event_id})
         })
         .collect();
-    Json(json!({"room_id": room_id, "state": state_events, "joined_members": members.as_slice()}))
-        .into_response()
+    Ok(Json(json!({"room_id": room_id, "state": state_events, "joined_members": members.as_slice()})))
 }

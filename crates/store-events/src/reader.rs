@@ -221,34 +221,10 @@ impl EventsReader {
         to: i64,
         limit: usize,
     ) -> Result<BTreeMap<String, Vec<Event>>, StoreError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let every_writer = WriterFilter::AllBut(Vec::new());
         let mut by_room = BTreeMap::new();
         for room_id in room_ids {
-            // Rooms without changes since `from` need no query.
-            if !self.room_changes.has_entity_changed(room_id, from) {
-                by_room.insert((*room_id).to_owned(), Vec::new());
-                continue;
-            }
-            let room = (*room_id).to_owned();
-            let mut events = self
-                .db
-                .run_autocommit("get_room_events", move |txn| {
-                    let room = room.clone();
-                    Box::pin(async move {
-                        let rows = txn
-                            .query(
-                                &format!(
-                                    "{SELECT_EVENT} WHERE room_id = $1 AND stream_ordering > $2 AND stream_ordering <= $3 \
-                                     ORDER BY stream_ordering DESC LIMIT $4"
-                                ),
-                                &[&room, &from, &to, &limit],
-                            )
-                            .await?;
-                        rows.iter().map(event_from_row).collect::<Result<Vec<_>, _>>()
-                    })
-                })
-                .await?;
-            events.reverse();
+            let events = self.get_room_events_of_writers(room_id, &every_writer, from, to, limit).await?;
             by_room.insert((*room_id).to_owned(), events);
         }
         Ok(by_room)

@@ -151,6 +151,30 @@ impl IntoResponse for ClientError {
     }
 }
 
+/// Refuses a request to an internal endpoint (or to room data for operators)
+/// that does not present the deployment's shared secret.
+pub(crate) fn require_secret(state: &AppState, headers: &HeaderMap) -> Result<(), ClientError> {
+    if replication::http::is_authorised(headers, state.config.worker_replication_secret.as_deref()) {
+        return Ok(());
+    }
+    Err(ClientError::new(
+        StatusCode::UNAUTHORIZED,
+        "M_UNKNOWN_TOKEN",
+        "this endpoint needs the shared secret",
+    ))
+}
+
+/// Runs a write in a task of its own: a caller that hangs up (dropping the
+/// request's future) must not cut the write off between its commit and the
+/// cache updates that follow it, which would leave this process's own view of
+/// the room stale.
+pub(crate) async fn detached<T: Send + 'static>(
+    what: &str,
+    work: impl Future<Output = Result<T, ClientError>> + Send + 'static,
+) -> Result<T, ClientError> {
+    tokio::spawn(work).await.map_err(|err| ClientError::internal(what, err))?
+}
+
 /// Parses a JSON request body; an empty body counts as `{}`.
 pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ClientError> {
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };

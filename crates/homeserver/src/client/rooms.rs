@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use store_core::MultiWriterToken;
 use store_events::Event;
 use store_receipts::ReceiptRow;
 
@@ -238,16 +239,38 @@ pub(crate) async fn get_state(
     let user_id = authenticate(&state, &headers).await?;
     check_room_id(&room_id)?;
     require_member(&state, &room_id, &user_id).await?;
-    Ok(Json(Value::Array(current_state_events(&state, &room_id).await?)))
+    Ok(Json(Value::Array(state_events(&state, &room_id, None).await?)))
 }
 
-/// The room's current state events, as clients see them.
-pub(crate) async fn current_state_events(state: &AppState, room_id: &str) -> Result<Vec<Value>, ClientError> {
+/// How far back one state entry's history is read for a token that trails
+/// its current event.
+const STATE_HISTORY_LIMIT: usize = 50;
+
+/// The room's state events, as clients see them: the current state, or with
+/// `as_of`, the state as that token sees it: each entry's current event when
+/// the token covers it, or else the entry's latest event the token covers (a
+/// state event past the token comes in a later sync's timeline, not twice,
+/// and the entry it replaces is not left out meanwhile).
+pub(crate) async fn state_events(
+    state: &AppState,
+    room_id: &str,
+    as_of: Option<&MultiWriterToken>,
+) -> Result<Vec<Value>, ClientError> {
     let events = state.store.events();
+    let covered = |event: &Event| {
+        as_of.is_none_or(|token| !token.persisted_after(&event.instance_name, event.stream_ordering))
+    };
     let mut state_events = Vec::new();
-    for event_id in events.get_current_state_ids(room_id).await?.values() {
-        if let Some(event) = events.get_event(event_id).await? {
+    for ((event_type, state_key), event_id) in events.get_current_state_ids(room_id).await?.iter() {
+        let Some(event) = events.get_event(event_id).await? else { continue };
+        if covered(&event) {
             state_events.push(client_event(&event));
+            continue;
+        }
+        // Only events past the token are newer than the covered ones: a few.
+        let history = events.get_state_history(room_id, event_type, state_key, STATE_HISTORY_LIMIT).await?;
+        if let Some(event) = history.iter().find(|event| covered(event)) {
+            state_events.push(client_event(event));
         }
     }
     Ok(state_events)

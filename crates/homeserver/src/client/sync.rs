@@ -24,7 +24,7 @@ use store_events::{EVENTS_STREAM, Event, MembershipChange, WriterFilter};
 use store_receipts::RECEIPTS_STREAM;
 use tokio::time::Instant;
 
-use super::rooms::client_event;
+use super::rooms::{client_event, state_events};
 use super::{ClientError, authenticate};
 use crate::http::AppState;
 
@@ -40,9 +40,6 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 /// How long a writer waits to reach its own position in a client's token
 /// before calling the token foreign.
 const OWN_CATCH_UP_WAIT: Duration = Duration::from_secs(2);
-/// How far back one state entry's history is read for a token that trails
-/// its current event.
-const STATE_HISTORY_LIMIT: usize = 50;
 /// The receipt type only its owner sees.
 const PRIVATE_READ_RECEIPT: &str = "m.read.private";
 
@@ -290,14 +287,19 @@ impl RoomChanges {
     }
 }
 
-/// The user's membership as `token` sees it, from the room's changes in
-/// stream order: the last change the token covers, by its own writer.
-fn membership_at<'a>(changes: &[&'a MembershipChange], token: &MultiWriterToken) -> Option<&'a str> {
+/// The user's last membership change `token` covers (each by its own
+/// writer), from the room's changes in stream order.
+fn change_at<'a>(changes: &[&'a MembershipChange], token: &MultiWriterToken) -> Option<&'a MembershipChange> {
     changes
         .iter()
         .rev()
         .find(|change| !token.persisted_after(&change.instance_name, change.stream_ordering))
-        .map(|change| change.membership.as_str())
+        .copied()
+}
+
+/// The user's membership as `token` sees it.
+fn membership_at<'a>(changes: &[&'a MembershipChange], token: &MultiWriterToken) -> Option<&'a str> {
+    change_at(changes, token).map(|change| change.membership.as_str())
 }
 
 async fn changes(
@@ -324,7 +326,7 @@ async fn changes(
             (false, true) => {
                 // New to the user (or the first sync): the state and the latest events.
                 let (events, limited) = timeline(state, room_id, None, &next.events, limit).await?;
-                let state_events = state_at(state, room_id, &next.events).await?;
+                let state_events = state_events(state, room_id, Some(&next.events)).await?;
                 changes
                     .join
                     .insert(room_id.to_owned(), room_json(state, &events, limited, state_events).await?);
@@ -334,8 +336,11 @@ async fn changes(
                 let since = since.map(|since| &since.events);
                 let (events, limited) = timeline(state, room_id, since, &next.events, limit).await?;
                 // A gap in the timeline may hide state changes: send the state.
-                let state_events =
-                    if limited { state_at(state, room_id, &next.events).await? } else { Vec::new() };
+                let state_events = if limited {
+                    state_events(state, room_id, Some(&next.events)).await?
+                } else {
+                    Vec::new()
+                };
                 if !events.is_empty() {
                     changes
                         .join
@@ -345,13 +350,8 @@ async fn changes(
             }
             (true, false) => {
                 // Up to the user's leaving, and nothing after it.
-                let left_at = room_changes
-                    .iter()
-                    .rev()
-                    .find(|change| {
-                        !next.events.persisted_after(&change.instance_name, change.stream_ordering)
-                    })
-                    .map_or(i64::MAX, |change| change.stream_ordering);
+                let left_at =
+                    change_at(room_changes, &next.events).map_or(i64::MAX, |change| change.stream_ordering);
                 let since = since.map(|since| &since.events);
                 let (events, limited) =
                     timeline(state, room_id, since, &next.events.bound(left_at), limit).await?;
@@ -364,33 +364,6 @@ async fn changes(
     }
     add_ephemeral(state, user_id, &mut changes, &joined_rooms, since, next).await?;
     Ok(changes)
-}
-
-/// The room's state as `token` sees it: each entry's current event when the
-/// token covers it, or else the entry's latest event the token covers (a
-/// state event past the token comes in a later sync's timeline, not twice,
-/// and the entry it replaces is not left out meanwhile).
-async fn state_at(
-    state: &AppState,
-    room_id: &str,
-    token: &MultiWriterToken,
-) -> Result<Vec<Value>, ClientError> {
-    let events = state.store.events();
-    let covered = |event: &Event| !token.persisted_after(&event.instance_name, event.stream_ordering);
-    let mut state_events = Vec::new();
-    for ((event_type, state_key), event_id) in events.get_current_state_ids(room_id).await?.iter() {
-        let Some(event) = events.get_event(event_id).await? else { continue };
-        if covered(&event) {
-            state_events.push(client_event(&event));
-            continue;
-        }
-        // Only events past the token are newer than the covered ones: a few.
-        let history = events.get_state_history(room_id, event_type, state_key, STATE_HISTORY_LIMIT).await?;
-        if let Some(event) = history.iter().find(|event| covered(event)) {
-            state_events.push(client_event(event));
-        }
-    }
-    Ok(state_events)
 }
 
 /// Receipts and typing for the joined rooms, into their entries (creating an

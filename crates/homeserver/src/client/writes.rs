@@ -31,7 +31,7 @@ use store_core::MultiWriterIdGenerator;
 use store_events::{ClientTxn, EVENTS_STREAM, NewEvent};
 use store_receipts::{RECEIPTS_STREAM, ReceiptRow};
 
-use super::{ClientError, now_ms, parse_body, random_string};
+use super::{ClientError, detached, now_ms, parse_body, random_string, require_secret};
 use crate::http::AppState;
 
 /// Persists a room's events on its writer.
@@ -213,23 +213,16 @@ async fn forward<B: Serialize, A: DeserializeOwned>(
     }
 }
 
-/// [`persist_room_write`] in a task of its own: a client that hangs up (and
-/// with it the request's future) must not cut a write off between its commit
-/// and the cache updates that follow it, which would leave this writer's own
-/// view of the room stale.
+/// [`persist_room_write`], [`detached`] from the request.
 async fn persist_room_write_detached(state: &AppState, write: RoomWrite) -> Result<Written, ClientError> {
     let state = state.clone();
-    tokio::spawn(async move { persist_room_write(&state, write).await })
-        .await
-        .map_err(|err| ClientError::internal("a room write failed", err))?
+    detached("a room write failed", async move { persist_room_write(&state, write).await }).await
 }
 
-/// [`persist_receipt`] in a task of its own, for the same reason.
+/// [`persist_receipt`], [`detached`] from the request.
 async fn persist_receipt_detached(state: &AppState, receipt: ReceiptRow) -> Result<Written, ClientError> {
     let state = state.clone();
-    tokio::spawn(async move { persist_receipt(&state, &receipt).await })
-        .await
-        .map_err(|err| ClientError::internal("a receipt write failed", err))?
+    detached("a receipt write failed", async move { persist_receipt(&state, &receipt).await }).await
 }
 
 /// The checks and the persist, on the room's writer.
@@ -398,25 +391,13 @@ fn apply_typing(state: &AppState, change: &TypingChange) -> Result<(), ClientErr
     Ok(())
 }
 
-/// The internal endpoints need the shared secret.
-fn check_secret(state: &AppState, headers: &HeaderMap) -> Result<(), ClientError> {
-    if replication::http::is_authorised(headers, state.config.worker_replication_secret.as_deref()) {
-        return Ok(());
-    }
-    Err(ClientError::new(
-        StatusCode::UNAUTHORIZED,
-        "M_UNKNOWN_TOKEN",
-        "this endpoint needs the shared secret",
-    ))
-}
-
 /// `POST /_synapse/replication/send_events`: a [`RoomWrite`] → [`Written`].
 pub(crate) async fn send_events_endpoint(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Written>, ClientError> {
-    check_secret(&state, &headers)?;
+    require_secret(&state, &headers)?;
     let write: RoomWrite = parse_body(&body)?;
     // Two writers must never take one room: with their configs out of step,
     // each would check and order the room's events on its own.
@@ -437,7 +418,7 @@ pub(crate) async fn send_receipt_endpoint(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Written>, ClientError> {
-    check_secret(&state, &headers)?;
+    require_secret(&state, &headers)?;
     let receipt: ReceiptRow = parse_body(&body)?;
     Ok(Json(persist_receipt_detached(&state, receipt).await?))
 }
@@ -448,7 +429,7 @@ pub(crate) async fn set_typing_endpoint(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ClientError> {
-    check_secret(&state, &headers)?;
+    require_secret(&state, &headers)?;
     let change: TypingChange = parse_body(&body)?;
     apply_typing(&state, &change)?;
     Ok(Json(json!({})))
