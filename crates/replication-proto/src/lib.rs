@@ -27,7 +27,7 @@
 mod command;
 mod framing;
 
-pub use command::{Command, CommandName, ParseError, RowJson, SendError, Side};
+pub use command::{Command, CommandName, ParseError, RowJson, Secret, SendError, Side};
 pub use framing::{LineDecoder, LineError};
 
 /// The longest line either side sends or accepts, in bytes (without the newline).

@@ -35,6 +35,29 @@ impl RowJson {
     }
 }
 
+/// A secret carried by a command (`AUTH`): its `Debug` never shows it, so a
+/// command logged whole cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `text`.
+    pub fn new(text: impl Into<String>) -> Secret {
+        Secret(text.into())
+    }
+
+    /// The secret itself, for comparing and sending.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
 /// Which end of a TCP connection a process is: the server (the master) or a
 /// client (a worker). Over Redis every process is both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +180,13 @@ pub enum Command {
         /// The task.
         task_id: String,
     },
+    /// `AUTH <secret>`: a TCP client's first line, proving it holds the
+    /// deployment's `worker_replication_secret`. Our extension: Synapse's TCP
+    /// replication had no authentication and relied on firewalls.
+    Auth {
+        /// The secret presented.
+        secret: Secret,
+    },
 }
 
 /// The name of a command, as on the wire.
@@ -178,11 +208,12 @@ pub enum CommandName {
     LockReleased,
     NewActiveTask,
     CancelTask,
+    Auth,
 }
 
 impl CommandName {
     /// Every command.
-    pub const ALL: [CommandName; 15] = [
+    pub const ALL: [CommandName; 16] = [
         CommandName::Server,
         CommandName::Rdata,
         CommandName::Position,
@@ -198,6 +229,7 @@ impl CommandName {
         CommandName::LockReleased,
         CommandName::NewActiveTask,
         CommandName::CancelTask,
+        CommandName::Auth,
     ];
 
     /// The name on the wire.
@@ -218,6 +250,7 @@ impl CommandName {
             CommandName::LockReleased => "LOCK_RELEASED",
             CommandName::NewActiveTask => "NEW_ACTIVE_TASK",
             CommandName::CancelTask => "CANCEL_TASK",
+            CommandName::Auth => "AUTH",
         }
     }
 
@@ -228,10 +261,12 @@ impl CommandName {
     /// Whether a TCP peer on `receiver`'s side may receive this command. Over
     /// Redis there are no sides and every command is accepted.
     ///
-    /// One extension to Synapse's rules: a server also accepts `RDATA` and
-    /// `POSITION` from its clients. Synapse dropped TCP replication before
-    /// workers could write streams; here a worker that writes (an event
-    /// persister) sends its rows to the master, which relays them.
+    /// Two extensions to Synapse's rules: a server also accepts `RDATA` and
+    /// `POSITION` from its clients (Synapse dropped TCP replication before
+    /// workers could write streams; here a worker that writes, an event
+    /// persister, sends its rows to the master, which relays them), and `AUTH`,
+    /// a client's first line. Nothing a server sends is new: a line a server
+    /// writes is one Synapse's client reads.
     pub fn accepted_by(self, receiver: Side) -> bool {
         use CommandName::*;
         match receiver {
@@ -239,7 +274,7 @@ impl CommandName {
             Side::Server => {
                 matches!(
                     self,
-                    Rdata
+                    Auth | Rdata
                         | Position
                         | Error
                         | Ping
@@ -352,6 +387,7 @@ impl Command {
             CommandName::RemoteServerUp => Command::RemoteServerUp { server_name: rest.to_owned() },
             CommandName::NewActiveTask => Command::NewActiveTask { task_id: rest.to_owned() },
             CommandName::CancelTask => Command::CancelTask { task_id: rest.to_owned() },
+            CommandName::Auth => Command::Auth { secret: Secret::new(rest) },
             CommandName::Rdata => {
                 let parts = split_exact(command, rest, 4)?;
                 let token = match parts[2] {
@@ -443,6 +479,7 @@ impl Command {
             Command::LockReleased { .. } => CommandName::LockReleased,
             Command::NewActiveTask { .. } => CommandName::NewActiveTask,
             Command::CancelTask { .. } => CommandName::CancelTask,
+            Command::Auth { .. } => CommandName::Auth,
         }
     }
 
@@ -458,6 +495,7 @@ impl Command {
             | Command::RemoteServerUp { server_name: text }
             | Command::NewActiveTask { task_id: text }
             | Command::CancelTask { task_id: text } => text.clone(),
+            Command::Auth { secret } => secret.expose().to_owned(),
             Command::Replicate => String::new(),
             Command::Rdata { stream, instance, token, row } => {
                 let token = token.map_or_else(|| "batch".to_owned(), |token| token.to_string());

@@ -175,6 +175,18 @@ fn each_side_accepts_only_the_other_sides_commands() {
     assert!(!CommandName::NewActiveTask.accepted_by(Side::Server));
     assert!(!CommandName::NewActiveTask.accepted_by(Side::Client));
     assert!(CommandName::Ping.accepted_by(Side::Server) && CommandName::Ping.accepted_by(Side::Client));
+    // Our extension: clients authenticate; a server never sends AUTH.
+    assert!(CommandName::Auth.accepted_by(Side::Server));
+    assert!(!CommandName::Auth.accepted_by(Side::Client));
+}
+
+#[test]
+fn auth_carries_the_secret_on_the_wire_and_hides_it_from_debug() {
+    let command = Command::parse("AUTH s3cret with spaces").unwrap();
+    assert_eq!(command, Command::Auth { secret: super::Secret::new("s3cret with spaces") });
+    assert_eq!(command.to_line().unwrap(), "AUTH s3cret with spaces");
+    let shown = format!("{command:?}");
+    assert!(!shown.contains("s3cret"), "{shown}");
 }
 
 /// Lines built from the protocol's own vocabulary, so the fuzzer reaches deep
