@@ -68,7 +68,10 @@ impl fmt::Display for Role {
 }
 
 /// A validated configuration for one process.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Its `Debug` hides every secret (the shared secret, passwords in URLs), so a
+/// config can be logged whole.
+#[derive(Clone, PartialEq)]
 pub struct ServerConfig {
     /// The public name of the homeserver, e.g. `example.com`.
     pub server_name: String,
@@ -92,7 +95,7 @@ pub struct ServerConfig {
 }
 
 /// The `[database]` section.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// `postgres://…`, `sqlite://PATH` or `sqlite::memory:`.
@@ -110,7 +113,7 @@ pub struct HttpConfig {
 }
 
 /// The `[replication]` section. At most one of `master` and `redis` is set.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
     /// On the master: the TCP address its replication listener binds.
@@ -131,6 +134,10 @@ pub struct ReplicationConfig {
     /// keep up. Default 10000.
     #[serde(default = "default_max_pending")]
     pub max_pending: usize,
+    /// On the master: the most TCP replication connections open at once;
+    /// connections beyond it are closed at once. Default 256.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for ReplicationConfig {
@@ -142,8 +149,86 @@ impl Default for ReplicationConfig {
             ping_interval_ms: default_ping_interval_ms(),
             ping_timeout_ms: default_ping_timeout_ms(),
             max_pending: default_max_pending(),
+            max_connections: default_max_connections(),
         }
     }
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("server_name", &self.server_name)
+            .field("instance_name", &self.instance_name)
+            .field("worker_replication_secret", &self.worker_replication_secret.as_ref().map(|_| "***"))
+            .field("database", &self.database)
+            .field("http", &self.http)
+            .field("replication", &self.replication)
+            .field("stream_writers", &self.stream_writers)
+            .field("instance_map", &self.instance_map)
+            .field("caches", &self.caches)
+            .finish()
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+impl fmt::Debug for ReplicationConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicationConfig")
+            .field("listen", &self.listen)
+            .field("master", &self.master)
+            .field("redis", &self.redis.as_deref().map(redact_url))
+            .field("ping_interval_ms", &self.ping_interval_ms)
+            .field("ping_timeout_ms", &self.ping_timeout_ms)
+            .field("max_pending", &self.max_pending)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// Hides the passwords of a URL, in its user info and in a `password` query
+/// parameter: `postgres://user:secret@host` → `postgres://user:***@host`,
+/// `postgres://host/db?password=secret` → `postgres://host/db?password=***`.
+///
+/// ```
+/// assert_eq!(server_config::redact_url("redis://:pw@db:6379/0"), "redis://:***@db:6379/0");
+/// assert_eq!(
+///     server_config::redact_url("postgres://db/x?user=a&password=b"),
+///     "postgres://db/x?user=a&password=***"
+/// );
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return redact_query(url) };
+    // Drivers take the credentials up to the first `@`, even when the password
+    // holds `/`, `?` or `#`, so look for it before cutting the path off.
+    let rest = match rest.split_once('@') {
+        Some((userinfo, after)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{after}"),
+            None => rest.to_owned(),
+        },
+        None => rest.to_owned(),
+    };
+    format!("{scheme}://{}", redact_query(&rest))
+}
+
+/// Hides the value of every `password=` parameter of a query string.
+fn redact_query(text: &str) -> String {
+    let Some((before, query)) = text.split_once('?') else { return text.to_owned() };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{before}?{}", query.join("&"))
 }
 
 fn default_ping_interval_ms() -> u64 {
@@ -156,6 +241,10 @@ fn default_ping_timeout_ms() -> u64 {
 
 fn default_max_pending() -> usize {
     10_000
+}
+
+fn default_max_connections() -> usize {
+    256
 }
 
 /// The `[caches]` section: sizes in entries.
@@ -204,7 +293,7 @@ fn default_invalidation_retention_days() -> u32 {
 }
 
 /// Values given on the command line; each one replaces the file's.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Overrides {
     /// `--database-url`.
     pub database_url: Option<String>,
@@ -212,6 +301,16 @@ pub struct Overrides {
     pub instance_name: Option<String>,
     /// `--http-listen`.
     pub http_listen: Option<String>,
+}
+
+impl fmt::Debug for Overrides {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Overrides")
+            .field("database_url", &self.database_url.as_deref().map(redact_url))
+            .field("instance_name", &self.instance_name)
+            .field("http_listen", &self.http_listen)
+            .finish()
+    }
 }
 
 /// Why a configuration was refused. `Display` is a single line.
@@ -245,8 +344,9 @@ pub enum ConfigError {
     },
 }
 
-/// The file as written, before defaults and validation.
-#[derive(Debug, Deserialize)]
+/// The file as written, before defaults and validation. No `Debug`: it holds
+/// the secrets unredacted.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     server_name: String,
@@ -378,9 +478,7 @@ impl ServerConfig {
         if self.server_name.trim().is_empty() {
             return Err("`server_name` is empty".to_owned());
         }
-        if self.instance_name.trim().is_empty() {
-            return Err("`instance_name` is empty".to_owned());
-        }
+        check_instance_name(&self.instance_name).map_err(|why| format!("`instance_name` {why}"))?;
         match role {
             Role::Master if self.instance_name != MASTER_INSTANCE => {
                 return Err(format!(
@@ -435,14 +533,35 @@ impl ServerConfig {
         if replication.max_pending == 0 {
             return Err("`[replication] max_pending` must be at least 1".to_owned());
         }
-        if let Some(url) = &replication.redis
-            && !url.starts_with("redis://")
-        {
-            // The URL may hold a password: it stays out of the message.
-            return Err("`[replication] redis` is not a redis:// URL (TLS is not supported)".to_owned());
+        if replication.max_connections == 0 {
+            return Err("`[replication] max_connections` must be at least 1".to_owned());
+        }
+        if let Some(url) = &replication.redis {
+            check_redis_url(url).map_err(|why| format!("`[replication] redis` {why}"))?;
+        }
+        // TCP replication is replication access: whoever speaks it can move every
+        // process's positions, so both ends need the shared secret (`AUTH`).
+        let tcp_setting = match (&replication.listen, &replication.master) {
+            (Some(_), _) => Some("listen"),
+            (None, Some(_)) => Some("master"),
+            (None, None) => None,
+        };
+        if let Some(key) = tcp_setting {
+            match &self.worker_replication_secret {
+                None => {
+                    return Err(format!(
+                        "`[replication] {key}` needs `worker_replication_secret`: TCP replication peers authenticate with it"
+                    ));
+                }
+                Some(secret) => check_secret(secret)?,
+            }
+        } else if let Some(secret) = &self.worker_replication_secret {
+            check_secret(secret)?;
         }
 
         for (instance, address) in &self.instance_map {
+            check_instance_name(instance)
+                .map_err(|why| format!("`[instance_map]` name {instance:?} {why}"))?;
             check_host_port(address)
                 .map_err(|why| format!("`[instance_map] {instance}` = {address:?} {why}"))?;
         }
@@ -454,6 +573,8 @@ impl ServerConfig {
             }
             let mut seen = Vec::with_capacity(writers.len());
             for writer in writers {
+                check_instance_name(writer)
+                    .map_err(|why| format!("`[stream_writers] {stream}` name {writer:?} {why}"))?;
                 if seen.contains(&writer) {
                     return Err(format!("`[stream_writers] {stream}` lists `{writer}` twice"));
                 }
@@ -522,6 +643,68 @@ impl ServerConfig {
 
 /// The streams whose client writes a process forwards to their writers.
 const FORWARDED_STREAMS: [&str; 3] = ["events", "receipts", "typing"];
+
+/// Instance names travel in replication lines, split at spaces: whitespace or
+/// a control character would change what a line says.
+fn check_instance_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("is empty");
+    }
+    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("holds whitespace or a control character, which would break replication lines");
+    }
+    Ok(())
+}
+
+/// The shared secret is sent as a line (`AUTH <secret>`) and a header.
+fn check_secret(secret: &str) -> Result<(), String> {
+    if secret.trim().is_empty() {
+        return Err("`worker_replication_secret` is empty".to_owned());
+    }
+    if secret.chars().any(char::is_control) {
+        return Err("`worker_replication_secret` holds a control character".to_owned());
+    }
+    Ok(())
+}
+
+/// A Redis URL is `redis://` or `rediss://` (TLS); a Redis on another host
+/// needs credentials, since Redis access is replication access. The URL may hold
+/// a password, so no message quotes it.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("rediss://").or_else(|| url.strip_prefix("redis://")) else {
+        return Err("is not a redis:// or rediss:// URL".to_owned());
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let (credentials, host_port) = match rest.split_once('@') {
+        // The credentials run up to the first `@`, even when they hold `/`.
+        Some((credentials, after)) => {
+            (Some(credentials), after.split(['/', '?', '#']).next().unwrap_or_default())
+        }
+        None => (None, authority),
+    };
+    let host = match host_port.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => host_port.rsplit_once(':').map_or(host_port, |(host, _port)| host),
+    };
+    if host.is_empty() {
+        return Err("names no host".to_owned());
+    }
+    // `user@` alone names a user with no password, as URLs do.
+    let has_password = credentials
+        .and_then(|credentials| credentials.split_once(':'))
+        .is_some_and(|(_user, password)| !password.is_empty());
+    if !has_password && !is_loopback(host) {
+        return Err(format!(
+            "names {host}, another host, without a password: anyone who can reach that Redis can move every process's positions (use redis://user:password@{host}/ or rediss://)"
+        ));
+    }
+    Ok(())
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|address| address.is_loopback())
+}
 
 fn check_host_port(address: &str) -> Result<(), &'static str> {
     let (host, port) = address.rsplit_once(':').ok_or("is not HOST:PORT")?;

@@ -107,7 +107,47 @@ fn bad_files_give_one_clear_line() {
         (
             Role::Worker,
             "server_name = \"a\"\ninstance_name = \"w\"\n[database]\nurl = \"postgres://x\"\n[replication]\nredis = \"http://h\"\n",
-            "is not a redis:// URL",
+            "is not a redis:// or rediss:// URL",
+        ),
+        (
+            Role::Worker,
+            "server_name = \"a\"\ninstance_name = \"w\"\n[database]\nurl = \"postgres://x\"\n[replication]\nredis = \"redis://cache.internal:6379\"\n",
+            "names cache.internal, another host, without a password",
+        ),
+        (
+            Role::Master,
+            "server_name = \"a\"\n[replication]\nlisten = \"127.0.0.1:9093\"\n",
+            "`[replication] listen` needs `worker_replication_secret`",
+        ),
+        (
+            Role::Worker,
+            "server_name = \"a\"\ninstance_name = \"w\"\n[database]\nurl = \"postgres://x\"\n[replication]\nmaster = \"127.0.0.1:9093\"\n",
+            "`[replication] master` needs `worker_replication_secret`",
+        ),
+        (
+            Role::Master,
+            "server_name = \"a\"\nworker_replication_secret = \" \"\n[replication]\nlisten = \"127.0.0.1:9093\"\n",
+            "`worker_replication_secret` is empty",
+        ),
+        (
+            Role::Master,
+            "server_name = \"a\"\nworker_replication_secret = \"s\"\n[replication]\nlisten = \"127.0.0.1:9093\"\nmax_connections = 0\n",
+            "max_connections` must be at least 1",
+        ),
+        (
+            Role::Worker,
+            "server_name = \"a\"\ninstance_name = \"my worker\"\n[database]\nurl = \"postgres://x\"\n[replication]\nredis = \"redis://127.0.0.1\"\n",
+            "`instance_name` holds whitespace or a control character",
+        ),
+        (
+            Role::Worker,
+            "server_name = \"a\"\ninstance_name = \"w\\u0007\"\n[database]\nurl = \"postgres://x\"\n[replication]\nredis = \"redis://127.0.0.1\"\n",
+            "`instance_name` holds whitespace or a control character",
+        ),
+        (
+            Role::Master,
+            "server_name = \"a\"\n[stream_writers]\nevents = [\"p 1\"]\n[instance_map]\n\"p 1\" = \"127.0.0.1:1\"\n",
+            "holds whitespace",
         ),
         (
             Role::Master,
@@ -209,4 +249,68 @@ fn serving_clients_needs_the_secret_and_the_writers_addresses() {
     }
     let monolith = ServerConfig::from_toml_str("server_name = \"a\"", Role::Master).expect("valid");
     assert!(monolith.check_client_forwarding().is_ok(), "the monolith writes everything itself");
+}
+
+#[test]
+fn redis_urls_take_credentials_tls_and_loopback_hosts() {
+    let worker = |url: &str| {
+        ServerConfig::from_toml_str(
+            &format!(
+                "server_name = \"a\"\ninstance_name = \"w\"\n[database]\nurl = \"postgres://x\"\n[replication]\nredis = \"{url}\"\n"
+            ),
+            Role::Worker,
+        )
+    };
+    for url in [
+        "redis://127.0.0.1:6379",
+        "redis://localhost",
+        "redis://[::1]:6379/2",
+        "redis://:pw@cache.internal:6379",
+        "redis://user:pw@cache.internal/3",
+        "rediss://user:pw@cache.internal:6380",
+        "rediss://127.0.0.1",
+    ] {
+        worker(url).unwrap_or_else(|err| panic!("{url}: {err}"));
+    }
+    for url in ["redis://cache.internal", "rediss://user@cache.internal", "redis://10.0.0.5:6379"] {
+        let err = worker(url).expect_err(url).to_string();
+        assert!(err.contains("without a password"), "{url}: {err}");
+    }
+}
+
+#[test]
+fn secrets_never_reach_debug_or_errors() {
+    let text = "server_name = \"a\"\ninstance_name = \"w\"\nworker_replication_secret = \"hunter2\"\n\
+                [database]\nurl = \"postgres://u:dbpass@h/d?password=qpass\"\n\
+                [replication]\nredis = \"redis://:redispass@cache.internal:6379\"\n";
+    let config = ServerConfig::from_toml_str(text, Role::Worker).expect("valid");
+    let shown = format!("{config:?}");
+    for secret in ["hunter2", "dbpass", "qpass", "redispass"] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+    let overrides =
+        Overrides { database_url: Some("postgres://u:dbpass@h/d".to_owned()), ..Overrides::default() };
+    assert!(!format!("{overrides:?}").contains("dbpass"));
+    let refused = text.replace(":redispass@", "@");
+    let err = ServerConfig::from_toml_str(&refused, Role::Worker).expect_err("no password").to_string();
+    assert!(!err.contains("hunter2") && !err.contains("dbpass"), "{err}");
+}
+
+#[test]
+fn urls_are_redacted_in_user_info_and_query() {
+    let cases = [
+        ("postgres://alice:s3cret@db:5432/synapse", "postgres://alice:***@db:5432/synapse"),
+        ("postgres://alice@db/synapse", "postgres://alice@db/synapse"),
+        ("postgres://db/synapse?user=a", "postgres://db/synapse?user=a"),
+        ("postgres://db/synapse?user=a&password=s3cret", "postgres://db/synapse?user=a&password=***"),
+        ("postgres://db/synapse?PASSWORD=s3cret&x=1", "postgres://db/synapse?PASSWORD=***&x=1"),
+        ("sqlite://data/homeserver.db", "sqlite://data/homeserver.db"),
+        ("sqlite::memory:", "sqlite::memory:"),
+        ("postgres://a:b@c@host/db", "postgres://a:***@c@host/db"),
+        ("postgres://u:pa/ss?x@db/x", "postgres://u:***@db/x"),
+        ("rediss://:pw@cache:6380/0", "rediss://:***@cache:6380/0"),
+    ];
+    for (url, expected) in cases {
+        assert_eq!(redact_url(url), expected, "{url}");
+    }
 }

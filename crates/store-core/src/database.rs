@@ -441,35 +441,7 @@ fn sqlite_target(url: &str) -> String {
     Path::new(path).display().to_string()
 }
 
-/// Hides the password of a URL: `postgres://user:secret@host` → `postgres://user:***@host`.
+/// Hides the passwords of a URL, for messages and logs.
 pub(crate) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    // Drivers take the credentials up to the first `@`, even when the password
-    // holds `/`, `?` or `#`, so look for it before cutting the path off.
-    let Some((userinfo, after)) = rest.split_once('@') else { return url.to_owned() };
-    match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:***@{after}"),
-        None => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    #[test]
-    fn passwords_never_reach_messages() {
-        let cases = [
-            ("postgres://alice:s3cret@db:5432/synapse", "postgres://alice:***@db:5432/synapse"),
-            ("postgres://alice@db/synapse", "postgres://alice@db/synapse"),
-            ("postgres://db/synapse?user=a", "postgres://db/synapse?user=a"),
-            ("sqlite://data/homeserver.db", "sqlite://data/homeserver.db"),
-            ("sqlite::memory:", "sqlite::memory:"),
-            ("postgres://a:b@c@host/db", "postgres://a:***@c@host/db"),
-            ("postgres://u:pa/ss?x@db/x", "postgres://u:***@db/x"),
-        ];
-        for (url, expected) in cases {
-            assert_eq!(redact_url(url), expected);
-        }
-    }
+    server_config::redact_url(url)
 }
