@@ -189,6 +189,8 @@ struct Inner {
     factor: i64,
     /// Whether this process may allocate.
     may_allocate: bool,
+    /// The configured writers; empty means any instance (the `caches` stream).
+    writers: Vec<String>,
     /// `Some` when this process is one of a non-empty writers list, and so
     /// records its position in `stream_positions`.
     positions_table: Option<PositionsTable>,
@@ -323,6 +325,13 @@ impl MultiWriterIdGenerator {
     /// Every writer's position as known here.
     pub fn get_positions(&self) -> BTreeMap<String, i64> {
         self.inner.get_positions()
+    }
+
+    /// Whether `instance` is one of the stream's configured writers (any
+    /// instance, when the config lists none): replication takes positions only
+    /// from them.
+    pub fn is_writer(&self, instance: &str) -> bool {
+        self.inner.writers.is_empty() || self.inner.writers.iter().any(|writer| writer == instance)
     }
 
     /// Records another writer's position, learned from replication. Positions

@@ -175,6 +175,7 @@ impl Inner {
             instance_name: config.instance_name.clone(),
             factor,
             may_allocate: config.writers.is_empty() || is_writer,
+            writers: config.writers.clone(),
             positions_table,
             source,
             tracker: Mutex::new(tracker),
