@@ -161,6 +161,30 @@ fn replication(state: &AppState, text: &mut Text) {
     );
     text.sample("homeserver_replication_catch_up_fetches_total", &[], hub.inbound().catch_up_fetches());
     text.family(
+        "homeserver_replication_catch_up_failures_total",
+        "counter",
+        "Catch-up attempts that failed; each is retried with backoff until it succeeds.",
+    );
+    text.sample("homeserver_replication_catch_up_failures_total", &[], hub.inbound().catch_up_failures());
+    text.family(
+        "homeserver_replication_catch_ups_retrying",
+        "gauge",
+        "Catch-ups waiting to try again after a failure.",
+    );
+    text.sample("homeserver_replication_catch_ups_retrying", &[], hub.inbound().catch_ups_retrying());
+    text.family(
+        "homeserver_replication_refused_total",
+        "counter",
+        "Replication commands and connections refused, by transport and reason.",
+    );
+    for ((transport, reason), count) in hub.refusals() {
+        text.sample(
+            "homeserver_replication_refused_total",
+            &[("transport", transport), ("reason", reason.as_str())],
+            count,
+        );
+    }
+    text.family(
         "homeserver_replication_catch_up_backlog",
         "gauge",
         "Positions the catch-ups in progress still have to read.",

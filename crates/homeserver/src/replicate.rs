@@ -49,11 +49,14 @@ impl Replication {
         } else {
             // Missed typing rows live only in the writer's memory: fetch them over
             // HTTP when the deployment has a secret to ask with.
+            // `check_stream_writers` made sure typing has exactly one writer.
+            let writer = config.writers_for(TYPING_STREAM).into_iter().next().unwrap_or_default();
             let follower = match &config.worker_replication_secret {
-                Some(secret) => {
-                    TypingFollower::fetching_from(HttpFetcher::new(config.instance_map.clone(), secret))
-                }
-                None => TypingFollower::new(),
+                Some(secret) => TypingFollower::fetching_from(
+                    &writer,
+                    HttpFetcher::new(config.instance_map.clone(), secret),
+                ),
+                None => TypingFollower::new(&writer),
             };
             let typing = Arc::new(TypingStream::Follower(follower));
             followed.register(Arc::clone(&typing) as Arc<dyn Stream>);
@@ -69,6 +72,7 @@ impl Replication {
             Outbound::new(&config.instance_name, written),
             // The TCP server relays between its clients, so writers reach each other.
             config.replication.listen.is_some(),
+            config.worker_replication_secret.as_deref(),
         );
         for generator in generators {
             hub.wake_on(generator.subscribe());

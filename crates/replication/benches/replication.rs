@@ -25,6 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 type BenchResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 const TASKS: usize = 8;
+/// What TCP peers authenticate with.
+const SECRET: &str = "bench secret";
 /// A line about as long as a receipts RDATA line.
 const PAYLOAD: &str =
     r#"["!room:example.com","m.read","@someone:example.com","$event:example.com",null,{"ts":1490197670513}]"#;
@@ -277,6 +279,7 @@ fn main() -> BenchResult {
                     [Arc::new(ReceiptsStream(writer.shared_reader())) as Arc<dyn replication::Stream>],
                 ),
                 transport == "tcp",
+                Some(SECRET),
             );
             master_hub.wake_on(writer.reader().stream().subscribe());
             let master_task = tokio::spawn(Arc::clone(&master_hub).run_streamer());
@@ -287,6 +290,7 @@ fn main() -> BenchResult {
                 Inbound::new("worker1", registry),
                 Outbound::new("worker1", []),
                 false,
+                Some(SECRET),
             );
             let mut tasks = Vec::new();
             if transport == "tcp" {

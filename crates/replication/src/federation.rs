@@ -269,6 +269,11 @@ impl Stream for FederationStream {
 
     fn advance(&self, _writer: &str, _token: i64) {}
 
+    fn is_writer(&self, instance: &str) -> bool {
+        // The queue lives on the master.
+        instance == server_config::MASTER_INSTANCE
+    }
+
     fn can_discard_position(&self) -> bool {
         false
     }

@@ -1,15 +1,29 @@
 //! [`Hub`]: one process's replication: its connections, what it sends and what
-//! it applies. Transports (`tcp`) only move lines; the hub decides.
+//! it applies, and who may speak for which writer. Transports (`tcp`, `redis`)
+//! only move lines; the hub decides.
+//!
+//! **Who may speak for a writer.** A process takes `RDATA` and `POSITION` for
+//! writer W of stream S only when W is one of S's writers (its configured
+//! writers; any instance for `caches`; the single writer of an in-memory
+//! stream) and the token lies within what S has handed out. On TCP the master
+//! also requires that the connection authenticated (`AUTH <secret>`) and named
+//! itself W (`NAME W`); a worker takes what its master sends, since the master
+//! relays only what it accepted itself. Anything else is refused: on TCP with
+//! `ERROR` and a closed connection, over Redis dropped, logged once per writer
+//! name and counted.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use replication_proto::{Command, CommandName, Side};
+use replication_proto::{Command, CommandName, Secret, Side};
 use tokio::sync::{Notify, mpsc};
 
+use crate::inbound::{InboundError, Link};
 use crate::lock;
+use crate::stream::Stream;
 use crate::{Inbound, Outbound};
 
 /// Timings and limits of connections, Synapse's by default.
@@ -17,12 +31,19 @@ use crate::{Inbound, Outbound};
 pub struct Settings {
     /// Send a `PING` when nothing was sent for this long.
     pub ping_interval: Duration,
-    /// Once the peer has sent a `PING`, close the connection when nothing valid
-    /// arrived for this long.
+    /// Once the peer has pinged, close the connection when nothing valid
+    /// arrived for this long; a connection that never sent a valid command is
+    /// closed after it too.
     pub ping_timeout: Duration,
-    /// Commands queued for one connection before it counts as unable to keep up
-    /// and is closed (it reconnects and catches up from the database).
+    /// Commands queued for one connection, in either direction, before it
+    /// counts as unable to keep up and is closed (it reconnects and catches up
+    /// from the database).
     pub max_pending: usize,
+    /// Bytes of received commands queued for one connection before it is
+    /// closed (TCP) or its commands are dropped (Redis).
+    pub max_inbound_bytes: usize,
+    /// The most TCP connections the listener keeps open at once.
+    pub max_connections: usize,
     /// Poll the streams at least this often, even with no local write (an idle
     /// writer's position moves when others write).
     pub poll_interval: Duration,
@@ -35,6 +56,7 @@ impl Settings {
             ping_interval: Duration::from_millis(config.ping_interval_ms),
             ping_timeout: Duration::from_millis(config.ping_timeout_ms),
             max_pending: config.max_pending,
+            max_connections: config.max_connections,
             ..Settings::default()
         }
     }
@@ -46,6 +68,8 @@ impl Default for Settings {
             ping_interval: Duration::from_secs(5),
             ping_timeout: Duration::from_secs(25),
             max_pending: 10_000,
+            max_inbound_bytes: 16 << 20,
+            max_connections: 256,
             poll_interval: Duration::from_secs(1),
         }
     }
@@ -79,9 +103,9 @@ pub(crate) struct Peer {
     pub(crate) pending: AtomicUsize,
     pub(crate) congested: Notify,
     pub(crate) name: Mutex<String>,
-    /// Streams whose `POSITION` this connection has fully processed: only their
-    /// `RDATA` is applied (before it, a catch-up will fetch the rows anyway).
-    pub(crate) connected: Mutex<HashSet<String>>,
+    /// Set once the peer proved it holds the secret (TCP server side); the
+    /// transport closes a connection that stays unauthenticated too long.
+    pub(crate) authenticated: AtomicBool,
     /// When the last valid command arrived (or the connection opened).
     last_received: Mutex<Instant>,
     /// Notified to end the connection in order (at shutdown, once drained).
@@ -97,11 +121,186 @@ impl Peer {
             pending: AtomicUsize::new(0),
             congested: Notify::new(),
             name: Mutex::new(name),
-            connected: Mutex::new(HashSet::new()),
+            authenticated: AtomicBool::new(false),
             last_received: Mutex::new(Instant::now()),
             close: Notify::new(),
         };
         (Arc::new(peer), outgoing)
+    }
+}
+
+/// How a connection reaches this process, which decides what it may say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    /// A worker connected to this process's listener (the master): it must
+    /// authenticate, and speaks only for the instance it named.
+    TcpServer {
+        /// Where it connects from, to slow down failed authentications.
+        address: Option<SocketAddr>,
+    },
+    /// This process's connection to the master, which relays the others.
+    TcpClient,
+    /// The Redis channel: every process publishes there.
+    Redis,
+}
+
+impl Transport {
+    /// The label `/metrics` counts refusals under.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Transport::TcpServer { .. } | Transport::TcpClient => "tcp",
+            Transport::Redis => "redis",
+        }
+    }
+
+    /// The side of the line protocol this process is on.
+    pub(crate) fn side(self) -> Side {
+        match self {
+            Transport::TcpServer { .. } => Side::Server,
+            Transport::TcpClient | Transport::Redis => Side::Client,
+        }
+    }
+}
+
+/// Why a command was refused, as `/metrics` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum RefusalReason {
+    /// A TCP client spoke before authenticating.
+    Unauthenticated,
+    /// A TCP client presented the wrong secret.
+    BadSecret,
+    /// The command names an instance that does not write the stream.
+    NotAWriter,
+    /// A TCP client spoke for an instance other than the one it named.
+    Impersonation,
+    /// A token past anything the stream has handed out.
+    TokenNotHandedOut,
+    /// A command that breaks the protocol's rules (a negative token, a
+    /// position going backwards, a row that does not decode, a second `NAME`).
+    Malformed,
+    /// A connection passed one of its bounds (queue, held rows, unknown names,
+    /// the listener's connection cap).
+    OverBound,
+}
+
+impl RefusalReason {
+    /// The label `/metrics` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::Unauthenticated => "unauthenticated",
+            RefusalReason::BadSecret => "bad_secret",
+            RefusalReason::NotAWriter => "not_a_writer",
+            RefusalReason::Impersonation => "impersonation",
+            RefusalReason::TokenNotHandedOut => "token_not_handed_out",
+            RefusalReason::Malformed => "malformed",
+            RefusalReason::OverBound => "over_bound",
+        }
+    }
+}
+
+/// A refused command: on TCP the connection closes with `ERROR <message>`.
+#[derive(Debug, Clone)]
+pub(crate) struct Refusal {
+    pub(crate) reason: RefusalReason,
+    pub(crate) message: String,
+    /// The writer the command spoke for, to log a Redis refusal once per name.
+    pub(crate) writer: Option<String>,
+}
+
+impl Refusal {
+    fn new(reason: RefusalReason, message: impl Into<String>) -> Refusal {
+        Refusal { reason, message: message.into(), writer: None }
+    }
+
+    fn for_writer(reason: RefusalReason, writer: &str, message: impl Into<String>) -> Refusal {
+        Refusal { reason, message: message.into(), writer: Some(writer.to_owned()) }
+    }
+}
+
+/// One connection as the hub tracks it: who the peer is and what it told us.
+/// Owned by the task that handles the connection's commands, one at a time.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) id: u64,
+    pub(crate) transport: Transport,
+    pub(crate) peer: Arc<Peer>,
+    authenticated: bool,
+    /// The instance a TCP client named itself (`NAME`).
+    name: Option<String>,
+    link: Link,
+}
+
+impl Session {
+    /// Forgets which writers this connection is in sequence with: some of its
+    /// commands were dropped, so the next ones may not follow.
+    pub(crate) fn lose_sequence(&mut self) {
+        self.link.lose_sequence();
+    }
+}
+
+/// Received commands waiting for a connection's handler, bounded in number and
+/// bytes: a peer that sends faster than this process applies (or floods it)
+/// passes the bound instead of growing memory.
+pub(crate) fn inbound_queue(settings: &Settings) -> (InboundSender, InboundReceiver) {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let load = Arc::new(QueueLoad { commands: AtomicUsize::new(0), bytes: AtomicUsize::new(0) });
+    let limits = (settings.max_pending, settings.max_inbound_bytes);
+    (InboundSender { sender, load: Arc::clone(&load), limits }, InboundReceiver { receiver, load })
+}
+
+#[derive(Debug)]
+struct QueueLoad {
+    commands: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+/// The transport's end of an [`inbound_queue`].
+#[derive(Debug)]
+pub(crate) struct InboundSender {
+    sender: mpsc::UnboundedSender<(Command, usize)>,
+    load: Arc<QueueLoad>,
+    /// (commands, bytes).
+    limits: (usize, usize),
+}
+
+/// Why a received command was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum QueueError {
+    /// The queue is at its bound.
+    Full,
+    /// The handler has stopped.
+    Closed,
+}
+
+impl InboundSender {
+    /// Queues `command`, which took `size` bytes on the wire.
+    pub(crate) fn try_send(&self, command: Command, size: usize) -> Result<(), QueueError> {
+        let commands = self.load.commands.load(Ordering::Acquire);
+        let bytes = self.load.bytes.load(Ordering::Acquire);
+        if commands >= self.limits.0 || bytes.saturating_add(size) > self.limits.1 {
+            return Err(QueueError::Full);
+        }
+        self.load.commands.fetch_add(1, Ordering::AcqRel);
+        self.load.bytes.fetch_add(size, Ordering::AcqRel);
+        self.sender.send((command, size)).map_err(|_| QueueError::Closed)
+    }
+}
+
+/// The handler's end of an [`inbound_queue`].
+#[derive(Debug)]
+pub(crate) struct InboundReceiver {
+    receiver: mpsc::UnboundedReceiver<(Command, usize)>,
+    load: Arc<QueueLoad>,
+}
+
+impl InboundReceiver {
+    /// The next command; `None` once the transport has stopped.
+    pub(crate) async fn recv(&mut self) -> Option<Command> {
+        let (command, size) = self.receiver.recv().await?;
+        self.load.commands.fetch_sub(1, Ordering::AcqRel);
+        self.load.bytes.fetch_sub(size, Ordering::AcqRel);
+        Some(command)
     }
 }
 
@@ -124,32 +323,68 @@ impl CommandCounters {
     }
 }
 
+/// Writer names whose Redis refusals were logged: each once, up to this many.
+const MAX_LOGGED_REFUSALS: usize = 1_000;
+
+/// Addresses whose failed authentications are remembered, to slow them down.
+const MAX_AUTH_FAILURE_ADDRESSES: usize = 4_096;
+
+/// How long a failed authentication is remembered.
+const AUTH_FAILURE_MEMORY: Duration = Duration::from_secs(600);
+
+/// The first and the longest pause before answering a failed authentication.
+const AUTH_PAUSE_FIRST: Duration = Duration::from_millis(250);
+const AUTH_PAUSE_MAX: Duration = Duration::from_secs(8);
+
 /// One process's replication.
 #[derive(Debug)]
 pub struct Hub {
     pub(crate) instance_name: String,
     pub(crate) server_name: String,
     pub(crate) settings: Settings,
+    /// What TCP clients must present, and what this process presents to its
+    /// master. `None`: a listener refuses every client.
+    secret: Option<Secret>,
     inbound: Inbound,
     outbound: Outbound,
     /// Whether commands from one connection are passed on to the others: the
     /// TCP server (the master) relays, so workers that write reach each other.
     relay: bool,
+    /// Connections that may receive replication (authenticated ones).
     peers: Mutex<HashMap<u64, Arc<Peer>>>,
+    /// On the TCP server: which connection speaks for each instance name.
+    names: Mutex<HashMap<String, u64>>,
     next_peer: AtomicU64,
+    /// Held while the streamer reads and queues what changed, and while a
+    /// connection is registered and told this process's positions: so a new
+    /// connection's first word from this process is a position, never a row
+    /// past one it has not been told.
+    sending: tokio::sync::Mutex<()>,
+    /// On the relaying server: the token of the last command relayed for each
+    /// (stream, writer), which it announces on the writer's behalf, so a
+    /// newcomer is in sequence with exactly what follows.
+    relayed: Mutex<HashMap<(&'static str, String), i64>>,
     /// Valid commands received and commands queued for sending, by name.
     received: CommandCounters,
     sent: CommandCounters,
+    /// Refused commands by transport and reason.
+    refused: Mutex<BTreeMap<(&'static str, RefusalReason), u64>>,
+    /// Redis refusals already logged, by reason and writer name.
+    logged_refusals: Mutex<HashSet<(RefusalReason, String)>>,
+    /// Failed authentications by address: how many, and the last.
+    auth_failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
     /// Poked when local writes may have finished.
     pub(crate) wake_streamer: Notify,
     /// Connections this process opened again after losing one.
     reconnects: AtomicU64,
     /// Set by [`Hub::shut_down`]: connections end and are not reopened.
-    shutting_down: std::sync::atomic::AtomicBool,
+    shutting_down: AtomicBool,
 }
 
 impl Hub {
-    /// The replication of `instance_name` on homeserver `server_name`.
+    /// The replication of `instance_name` on homeserver `server_name`; TCP
+    /// peers authenticate with `secret` (the deployment's
+    /// `worker_replication_secret`).
     pub fn new(
         instance_name: &str,
         server_name: &str,
@@ -157,21 +392,29 @@ impl Hub {
         inbound: Inbound,
         outbound: Outbound,
         relay: bool,
+        secret: Option<&str>,
     ) -> Arc<Hub> {
         Arc::new(Hub {
             instance_name: instance_name.to_owned(),
             server_name: server_name.to_owned(),
             settings,
+            secret: secret.map(Secret::new),
             inbound,
             outbound,
             relay,
             peers: Mutex::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
             next_peer: AtomicU64::new(0),
+            sending: tokio::sync::Mutex::new(()),
+            relayed: Mutex::new(HashMap::new()),
             received: CommandCounters::default(),
             sent: CommandCounters::default(),
+            refused: Mutex::new(BTreeMap::new()),
+            logged_refusals: Mutex::new(HashSet::new()),
+            auth_failures: Mutex::new(HashMap::new()),
             wake_streamer: Notify::new(),
             reconnects: AtomicU64::new(0),
-            shutting_down: std::sync::atomic::AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
         })
     }
 
@@ -179,14 +422,54 @@ impl Hub {
         lock(&self.peers)
     }
 
-    pub(crate) fn add_peer(&self, peer: Arc<Peer>) -> u64 {
+    /// The secret this process presents to its master.
+    pub(crate) fn secret(&self) -> Option<&Secret> {
+        self.secret.as_ref()
+    }
+
+    /// Opens a session for a new connection and queues `hello` on it. A TCP
+    /// client of ours (the listener's side) is not registered for replication
+    /// until it authenticates; every other connection is registered at once,
+    /// and told this process's positions right after `hello`, before any row
+    /// the streamer sends: a writer that (re)connects announces itself, since
+    /// the others cannot know it did.
+    pub(crate) async fn open_session(
+        &self,
+        transport: Transport,
+        peer: Arc<Peer>,
+        hello: &[Command],
+    ) -> Session {
         let id = self.next_peer.fetch_add(1, Ordering::Relaxed);
         if self.is_shutting_down() {
             // Opened during shutdown: ends at once, like the others.
             peer.close.notify_one();
         }
-        self.peers().insert(id, peer);
-        id
+        let authenticated = !matches!(transport, Transport::TcpServer { .. });
+        let session = Session { id, transport, peer, authenticated, name: None, link: Link::default() };
+        if authenticated {
+            session.peer.authenticated.store(true, Ordering::Release);
+            self.register(&session, hello).await;
+        } else {
+            self.send_all_to(&session.peer, hello);
+        }
+        session
+    }
+
+    /// Adds the session's connection to those that receive replication, and
+    /// queues `hello` then this process's positions on it, with no streamed row
+    /// in between.
+    async fn register(&self, session: &Session, hello: &[Command]) {
+        let _sending = self.sending.lock().await;
+        self.send_all_to(&session.peer, hello);
+        self.announce_to(&session.peer);
+        self.peers().insert(session.id, Arc::clone(&session.peer));
+    }
+
+    /// Ends session `id`: its connection receives nothing more, and no longer
+    /// speaks for the name it took.
+    pub(crate) fn close_session(&self, id: u64) {
+        self.peers().remove(&id);
+        lock(&self.names).retain(|_, speaker| *speaker != id);
     }
 
     /// Whether [`Hub::shut_down`] has begun: transports stop reconnecting.
@@ -194,13 +477,9 @@ impl Hub {
         self.shutting_down.load(Ordering::Acquire)
     }
 
-    pub(crate) fn remove_peer(&self, id: u64) {
-        self.peers().remove(&id);
-    }
-
     /// The stream called `name`, if this process writes it: what the internal
     /// HTTP endpoint serves to followers of in-memory streams.
-    pub fn source(&self, name: &str) -> Option<&Arc<dyn crate::Stream>> {
+    pub fn source(&self, name: &str) -> Option<&Arc<dyn Stream>> {
         self.outbound.source(name)
     }
 
@@ -209,7 +488,7 @@ impl Hub {
         self.outbound.is_caught_up()
     }
 
-    /// How many connections are up.
+    /// How many connections receive replication.
     pub fn connections(&self) -> usize {
         self.peers().len()
     }
@@ -247,6 +526,29 @@ impl Hub {
     /// Connections opened again after one was lost, since start-up.
     pub fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Commands refused since start-up, by transport (`tcp`, `redis`) and
+    /// reason.
+    pub fn refusals(&self) -> BTreeMap<(&'static str, RefusalReason), u64> {
+        lock(&self.refused).clone()
+    }
+
+    /// Counts a refusal; over Redis, also logs it, once per reason and writer.
+    pub(crate) fn count_refusal(&self, transport: Transport, refusal: &Refusal) {
+        *lock(&self.refused).entry((transport.label(), refusal.reason)).or_insert(0) += 1;
+        if transport == Transport::Redis {
+            let writer = refusal.writer.clone().unwrap_or_default();
+            let mut logged = lock(&self.logged_refusals);
+            if logged.len() < MAX_LOGGED_REFUSALS && logged.insert((refusal.reason, writer.clone())) {
+                tracing::warn!(
+                    reason = refusal.reason.as_str(),
+                    writer,
+                    "ignoring replication from Redis: {} (logged once per writer)",
+                    refusal.message
+                );
+            }
+        }
     }
 
     /// Says goodbye before the process exits: a worker (`clear_user_sync`)
@@ -294,6 +596,12 @@ impl Hub {
         }
     }
 
+    fn send_all_to(&self, peer: &Peer, commands: &[Command]) {
+        for command in commands {
+            self.send_to(peer, command);
+        }
+    }
+
     fn queue(&self, peer: &Peer, outgoing: Outgoing) {
         self.sent.count(outgoing.name);
         if peer.pending.fetch_add(1, Ordering::AcqRel) >= self.settings.max_pending {
@@ -327,12 +635,9 @@ impl Hub {
         }
     }
 
-    /// Queues this process's positions for one peer: what a process says when
-    /// it (re)connects, since the others cannot know it did.
-    pub(crate) fn announce_to(&self, peer: &Peer) {
-        for position in self.outbound.announce() {
-            self.send_to(peer, &position);
-        }
+    /// Queues this process's positions for one peer.
+    fn announce_to(&self, peer: &Peer) {
+        self.send_all_to(peer, &self.outbound.announce());
     }
 
     /// Wakes the streamer: a local write may have finished.
@@ -353,9 +658,21 @@ impl Hub {
         });
     }
 
-    /// Handles one valid command from connection `from`. Returns an error text
-    /// when the connection must close.
-    pub(crate) async fn handle(&self, from: u64, side: Side, command: Command) -> Result<(), String> {
+    /// Handles one command from a session's connection, in order. A refusal
+    /// closes a TCP connection; over Redis the transport counts it and goes on.
+    pub(crate) async fn handle(&self, session: &mut Session, command: Command) -> Result<(), Refusal> {
+        if !session.authenticated {
+            return match command {
+                Command::Auth { secret } => self.authenticate(session, &secret).await,
+                other => Err(Refusal::new(
+                    RefusalReason::Unauthenticated,
+                    format!(
+                        "authentication required: the first line must be AUTH <worker_replication_secret>, not {}",
+                        other.name()
+                    ),
+                )),
+            };
+        }
         if let Command::Rdata { instance, .. } | Command::Position { instance, .. } = &command
             && *instance == self.instance_name
         {
@@ -363,106 +680,302 @@ impl Hub {
             return Ok(());
         }
         self.received.count(command.name());
-        if let Some(peer) = self.peers().get(&from) {
-            *lock(&peer.last_received) = Instant::now();
-        }
-        match &command {
+        *lock(&session.peer.last_received) = Instant::now();
+        match command {
+            Command::Auth { .. } => {
+                if matches!(session.transport, Transport::TcpServer { .. }) {
+                    return Err(Refusal::new(RefusalReason::Malformed, "AUTH sent twice"));
+                }
+                // Nobody publishes AUTH on Redis; a stray one means nothing.
+            }
             Command::Server { server_name } => {
-                if side == Side::Client && *server_name != self.server_name {
-                    return Err("Wrong remote".to_owned());
+                if session.transport == Transport::TcpClient && server_name != self.server_name {
+                    return Err(Refusal::new(RefusalReason::Malformed, "Wrong remote"));
                 }
             }
-            Command::Name { name } => {
-                if let Some(peer) = self.peers().get(&from) {
-                    *lock(&peer.name) = name.clone();
-                }
-            }
-            Command::Replicate => {
-                // Announce what has been sent so far; every writer answers so.
-                self.broadcast_all(&self.outbound.announce(), None);
-                // Clients cannot receive REPLICATE, so the relaying server answers
-                // for the other writers it follows: everything up to the position
-                // it knows for each is committed, so the newcomer catches up from
-                // the database to there.
-                if self.relay
-                    && let Some(peer) = self.peers().get(&from).cloned()
-                {
-                    for stream in self.inbound.streams().iter() {
-                        for (writer, position) in stream.writer_positions() {
-                            if writer != self.instance_name {
-                                let command = Command::Position {
-                                    stream: stream.name().to_owned(),
-                                    instance: writer,
-                                    prev_token: position,
-                                    new_token: position,
-                                };
-                                self.send_to(&peer, &command);
-                            }
-                        }
-                    }
-                }
-            }
-            Command::Rdata { stream, .. } => {
-                if self.relay {
-                    self.broadcast(&command, Some(from));
-                }
-                let connected =
-                    self.peers().get(&from).is_some_and(|peer| lock(&peer.connected).contains(stream));
-                if !connected {
-                    // No POSITION yet on this connection: the catch-up it triggers
-                    // will read this row from the database.
-                    tracing::trace!(stream, "dropping a row of a stream not yet connected");
-                } else if let Err(err) = self.inbound.handle(&command).await {
-                    // The stream is behind now; the next POSITION catches it up.
-                    tracing::warn!("failed to apply replication: {err}");
-                }
-            }
-            Command::Position { stream, instance, new_token, .. } => {
-                if self.relay {
-                    self.broadcast(&command, Some(from));
-                }
-                // A redundant POSITION on a connected stream changes nothing; it
-                // must not disconnect the stream on the other connections either.
-                let connected_here =
-                    self.peers().get(&from).is_some_and(|peer| lock(&peer.connected).contains(stream));
-                let redundant = self
-                    .inbound
-                    .streams()
-                    .get(stream)
-                    .is_some_and(|followed| followed.position_is_redundant(instance, *new_token));
-                if connected_here && redundant {
-                    return Ok(());
-                }
-                // Until this catch-up ends, rows arriving on any connection would
-                // race it.
-                for peer in self.peers().values() {
-                    lock(&peer.connected).remove(stream);
-                }
-                match self.inbound.handle(&command).await {
-                    Ok(()) => {
-                        if let Some(peer) = self.peers().get(&from) {
-                            lock(&peer.connected).insert(stream.clone());
-                        }
-                    }
-                    Err(err) => tracing::warn!("failed to apply replication: {err}"),
-                }
+            Command::Name { name } => self.name_session(session, name)?,
+            Command::Replicate => self.answer_replicate(session).await,
+            command @ (Command::Rdata { .. } | Command::Position { .. }) => {
+                self.replicate(session, command).await?;
             }
             Command::FederationAck { instance, token } => {
-                self.outbound.acknowledge(crate::federation::FEDERATION_STREAM, instance, *token);
+                self.outbound.acknowledge(crate::federation::FEDERATION_STREAM, &instance, token);
             }
             Command::Error { message } => {
-                tracing::warn!(peer = from, message, "replication peer reported an error")
+                tracing::warn!(peer = session.id, message, "replication peer reported an error")
             }
             Command::Ping { .. } => {}
-            _ => {
+            other => {
                 // Only what clients may receive is passed on (REMOTE_SERVER_UP,
                 // LOCK_RELEASED); the rest is for the server alone.
-                if self.relay && command.name().accepted_by(Side::Client) {
-                    self.broadcast(&command, Some(from));
+                if self.relay && other.name().accepted_by(Side::Client) {
+                    self.broadcast(&other, Some(session.id));
                 }
             }
         }
         Ok(())
+    }
+
+    /// `AUTH <secret>` from a TCP client: compared in constant time; a wrong
+    /// one is answered only after a pause that grows with the address's
+    /// failures, so guessing is slow.
+    async fn authenticate(&self, session: &mut Session, presented: &Secret) -> Result<(), Refusal> {
+        let address = match session.transport {
+            Transport::TcpServer { address } => address.map(|address| address.ip()),
+            Transport::TcpClient | Transport::Redis => None,
+        };
+        let accepted = self.secret.as_ref().is_some_and(|secret| {
+            crate::http::secrets_match(secret.expose().as_bytes(), presented.expose().as_bytes())
+        });
+        if !accepted {
+            let pause = self.auth_failure_pause(address);
+            tracing::warn!(?address, "a replication client failed to authenticate");
+            tokio::time::sleep(pause).await;
+            return Err(Refusal::new(RefusalReason::BadSecret, "authentication failed"));
+        }
+        if let Some(address) = address {
+            lock(&self.auth_failures).remove(&address);
+        }
+        self.received.count(CommandName::Auth);
+        *lock(&session.peer.last_received) = Instant::now();
+        session.authenticated = true;
+        session.peer.authenticated.store(true, Ordering::Release);
+        self.register(session, &[]).await;
+        Ok(())
+    }
+
+    /// Records a failed authentication from `address` and returns how long to
+    /// wait before answering it.
+    fn auth_failure_pause(&self, address: Option<IpAddr>) -> Duration {
+        let Some(address) = address else { return AUTH_PAUSE_MAX };
+        let now = Instant::now();
+        let mut failures = lock(&self.auth_failures);
+        if failures.len() >= MAX_AUTH_FAILURE_ADDRESSES {
+            failures.retain(|_, (_, last)| now.duration_since(*last) < AUTH_FAILURE_MEMORY);
+            if failures.len() >= MAX_AUTH_FAILURE_ADDRESSES {
+                // Too many addresses failing at once: everyone waits the longest.
+                return AUTH_PAUSE_MAX;
+            }
+        }
+        let entry = failures.entry(address).or_insert((0, now));
+        if now.duration_since(entry.1) >= AUTH_FAILURE_MEMORY {
+            entry.0 = 0;
+        }
+        entry.0 = entry.0.saturating_add(1);
+        entry.1 = now;
+        let doublings = entry.0.saturating_sub(1).min(16);
+        AUTH_PAUSE_FIRST.saturating_mul(1 << doublings).min(AUTH_PAUSE_MAX)
+    }
+
+    /// `NAME <instance>` from a TCP client: the one instance this connection
+    /// may speak for. A newer connection with the same name replaces the older
+    /// (a writer that reconnected before its old connection timed out).
+    fn name_session(&self, session: &mut Session, name: String) -> Result<(), Refusal> {
+        if !matches!(session.transport, Transport::TcpServer { .. }) {
+            return Ok(());
+        }
+        if session.name.is_some() {
+            return Err(Refusal::new(RefusalReason::Malformed, "NAME sent twice"));
+        }
+        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Refusal::new(RefusalReason::Malformed, "an instance name holds no spaces"));
+        }
+        if name == self.instance_name {
+            return Err(Refusal::for_writer(
+                RefusalReason::Impersonation,
+                &name,
+                format!("a client cannot be named `{name}`: that is this process"),
+            ));
+        }
+        *lock(&session.peer.name) = name.clone();
+        let replaced = lock(&self.names).insert(name.clone(), session.id);
+        session.name = Some(name);
+        if let Some(old) = replaced.filter(|old| *old != session.id)
+            && let Some(peer) = self.peers().remove(&old)
+        {
+            let message = "replaced by a newer connection with the same name".to_owned();
+            self.send_to(&peer, &Command::Error { message });
+        }
+        Ok(())
+    }
+
+    /// Whether a TCP client's session is the connection that speaks for
+    /// `writer`: it named itself so, and no newer connection took the name.
+    fn speaks_for(&self, session: &Session, writer: &str) -> bool {
+        session.name.as_deref() == Some(writer) && lock(&self.names).get(writer) == Some(&session.id)
+    }
+
+    /// `REPLICATE`: this process's positions for the streams it writes, and on
+    /// the relaying server, those it relays for the other writers.
+    async fn answer_replicate(&self, session: &Session) {
+        let _sending = self.sending.lock().await;
+        self.announce_to(&session.peer);
+        if self.relay {
+            for position in self.relayed_positions(session.name.as_deref()) {
+                self.send_to(&session.peer, &position);
+            }
+        }
+    }
+
+    /// What the relaying server announces for every writer but itself and
+    /// `except`: the token of the last command it relayed for the writer,
+    /// which what it relays next follows; for a writer it never relayed, the
+    /// position it knows (that writer's next connection starts with its own
+    /// position).
+    fn relayed_positions(&self, except: Option<&str>) -> Vec<Command> {
+        let relayed = lock(&self.relayed);
+        let mut positions = Vec::new();
+        for stream in self.inbound.streams().iter() {
+            let mut writers: BTreeMap<String, i64> = stream
+                .writer_positions()
+                .into_iter()
+                .filter(|(writer, _)| stream.is_writer(writer))
+                .collect();
+            for ((name, writer), token) in relayed.iter() {
+                if *name == stream.name() {
+                    writers.insert(writer.clone(), *token);
+                }
+            }
+            for (writer, position) in writers {
+                if writer == self.instance_name || Some(writer.as_str()) == except {
+                    continue;
+                }
+                positions.push(Command::Position {
+                    stream: stream.name().to_owned(),
+                    instance: writer,
+                    prev_token: position,
+                    new_token: position,
+                });
+            }
+        }
+        positions
+    }
+
+    /// `RDATA` and `POSITION`: checked (see the module docs), relayed when this
+    /// process relays, then applied.
+    async fn replicate(&self, session: &mut Session, command: Command) -> Result<(), Refusal> {
+        let (stream_name, writer) = match &command {
+            Command::Rdata { stream, instance, .. } | Command::Position { stream, instance, .. } => {
+                (stream.as_str(), instance.as_str())
+            }
+            _ => return Ok(()),
+        };
+        let Some(stream) = self.inbound.streams().get(stream_name).cloned() else {
+            // Not ours to check; `Inbound` logs it once, within the bound.
+            return self
+                .inbound
+                .handle(&mut session.link, command)
+                .await
+                .map_err(|err| inbound_refusal(None, err));
+        };
+        let name = stream.name();
+        if !stream.is_writer(writer) {
+            return Err(Refusal::for_writer(
+                RefusalReason::NotAWriter,
+                writer,
+                format!("`{writer}` does not write `{name}`"),
+            ));
+        }
+        if matches!(session.transport, Transport::TcpServer { .. }) && !self.speaks_for(session, writer) {
+            let named = session.name.as_deref().unwrap_or("unnamed");
+            return Err(Refusal::for_writer(
+                RefusalReason::Impersonation,
+                writer,
+                format!("this connection is `{named}` and cannot speak for `{writer}`"),
+            ));
+        }
+        let token = match &command {
+            // Held until its token arrives, and checked then.
+            Command::Rdata { token: None, .. } => None,
+            Command::Rdata { token: Some(token), .. } => Some(*token),
+            Command::Position { prev_token, new_token, .. } => {
+                check_token(writer, name, *prev_token)?;
+                if prev_token > new_token {
+                    return Err(Refusal::for_writer(
+                        RefusalReason::Malformed,
+                        writer,
+                        format!("`{writer}`'s `{name}` position goes back from {prev_token} to {new_token}"),
+                    ));
+                }
+                Some(*new_token)
+            }
+            _ => None,
+        };
+        if let Some(token) = token {
+            check_token(writer, name, token)?;
+            self.check_handed_out(stream.as_ref(), writer, token).await?;
+            if self.relay {
+                self.relay_to_others(session, name, writer, token, &command);
+            }
+        }
+        let writer = writer.to_owned();
+        self.inbound
+            .handle(&mut session.link, command)
+            .await
+            .map_err(|err| inbound_refusal(Some(&writer), err))
+    }
+
+    /// Asks the stream whether `token` was handed out; a database failure is
+    /// retried, since refusing would drop a legitimate peer.
+    async fn check_handed_out(&self, stream: &dyn Stream, writer: &str, token: i64) -> Result<(), Refusal> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match stream.is_handed_out(token).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    return Err(Refusal::for_writer(
+                        RefusalReason::TokenNotHandedOut,
+                        writer,
+                        format!(
+                            "`{writer}`'s `{}` token {token} is past anything the stream has handed out",
+                            stream.name()
+                        ),
+                    ));
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        stream = stream.name(),
+                        "cannot check a replicated token yet; retrying: {err}"
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Relays a writer's checked command to the other connections; for a row,
+    /// with the batch held before it, as one run, so a connection that joins
+    /// never sees half a batch and nothing refused is ever relayed.
+    fn relay_to_others(
+        &self,
+        session: &Session,
+        stream: &'static str,
+        writer: &str,
+        token: i64,
+        command: &Command,
+    ) {
+        let mut commands: Vec<Command> = session
+            .link
+            .held(stream, writer)
+            .iter()
+            .map(|row| Command::Rdata {
+                stream: stream.to_owned(),
+                instance: writer.to_owned(),
+                token: None,
+                row: row.clone(),
+            })
+            .collect();
+        if matches!(command, Command::Position { .. }) {
+            // A position ends any batch: the held rows are dropped, not relayed.
+            commands.clear();
+        }
+        commands.push(command.clone());
+        // One critical section with `relayed_positions`: what a newcomer is told
+        // is exactly what the relayed commands that follow continue from.
+        let mut relayed = lock(&self.relayed);
+        self.broadcast_all(&commands, Some(session.id));
+        relayed.insert((stream, writer.to_owned()), token);
     }
 
     /// Runs the streamer until the hub is dropped: on every local write (and at
@@ -477,7 +990,11 @@ impl Hub {
                 () = hub.wake_streamer.notified() => {}
                 () = tokio::time::sleep(interval) => {}
             }
+            let _sending = hub.sending.lock().await;
             if hub.connections() == 0 {
+                // Nobody to tell: each connection that opens is told the
+                // position first, and its followers read the rest from the
+                // database.
                 hub.outbound.skip_to_current();
                 continue;
             }
@@ -488,3 +1005,27 @@ impl Hub {
         }
     }
 }
+
+/// Tokens on the wire are never negative (backfill's are negated to be
+/// positive), and a negative one would corrupt the stream's bookkeeping.
+fn check_token(writer: &str, stream: &str, token: i64) -> Result<(), Refusal> {
+    if token < 0 {
+        return Err(Refusal::for_writer(
+            RefusalReason::Malformed,
+            writer,
+            format!("`{writer}`'s `{stream}` token {token} is negative"),
+        ));
+    }
+    Ok(())
+}
+
+fn inbound_refusal(writer: Option<&str>, err: InboundError) -> Refusal {
+    let reason = match err {
+        InboundError::Row { .. } => RefusalReason::Malformed,
+        InboundError::OverBound(_) => RefusalReason::OverBound,
+    };
+    Refusal { reason, message: err.to_string(), writer: writer.map(str::to_owned) }
+}
+
+#[cfg(test)]
+mod tests;

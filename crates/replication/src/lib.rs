@@ -16,7 +16,6 @@ mod hub;
 mod inbound;
 mod outbound;
 pub mod redis;
-mod resp;
 mod stream;
 mod streams;
 pub mod tcp;
@@ -24,8 +23,8 @@ pub mod transports;
 pub mod typing;
 
 pub use federation::FederationStream;
-pub use hub::{Hub, Settings};
-pub use inbound::{Inbound, InboundError};
+pub use hub::{Hub, RefusalReason, Settings};
+pub use inbound::{Inbound, InboundError, Link, MAX_HELD_ROWS, MAX_UNKNOWN_STREAMS};
 pub use outbound::{Outbound, ROWS_PER_POLL};
 pub use stream::{Stream, StreamRegistry};
 pub use streams::{AccountDataStream, BackfillStream, CachesStreamAdapter, EventsStream, ReceiptsStream};

@@ -8,54 +8,120 @@
 //! and announces its own; anything missed in between is caught up from the
 //! database when the positions arrive. A silent or half-open connection is
 //! noticed by pinging and replaced, forever, with backoff.
+//!
+//! The client is the `redis` crate (redis-rs): it parses `redis://` and
+//! `rediss://` URLs (ACL user and password, database number), authenticates,
+//! and speaks TLS with the system's roots. Reconnecting stays ours, because a
+//! new subscription must be followed by this process's positions, in order.
+//!
+//! Redis access is replication access, as in Synapse: whoever can publish on
+//! the channel can say anything a process may say. A process still refuses
+//! what no process may say (a writer that does not write the stream, a token
+//! past what the stream handed out): such messages are dropped, logged once per
+//! writer and counted.
 
+use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use replication_proto::{Command, CommandName, Side};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use futures_util::StreamExt as _;
+use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use replication_proto::{Command, CommandName};
 use tokio::sync::{Notify, mpsc};
 
-use crate::hub::{Hub, Outgoing, Peer};
-use crate::resp::{RespDecoder, RespValue, encode};
+use crate::hub::{
+    Hub, Outgoing, Peer, QueueError, Refusal, RefusalReason, Session, Transport, inbound_queue,
+};
 
-/// Where Redis is, from a `redis://[[user]:password@]host[:port][/db]` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How long connecting, subscribing and each publication may take.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Commands published in one pipelined round trip at most.
+const PUBLISH_BATCH: usize = 256;
+
+/// Where Redis is, from a `redis://` or `rediss://` URL with optional
+/// `user:password@` and database number. Neither its `Debug` nor any message
+/// built from it shows the password.
+#[derive(Clone)]
 pub struct RedisAddress {
-    /// `host:port`.
-    pub host_port: String,
-    /// The user for `AUTH`, if any.
-    pub username: Option<String>,
-    /// The password for `AUTH`, if any.
-    pub password: Option<String>,
+    client: redis::Client,
+    /// `host:port`, for logs.
+    host_port: String,
+}
+
+impl fmt::Debug for RedisAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisAddress").field("host_port", &self.host_port).finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for RedisAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.host_port)
+    }
 }
 
 impl RedisAddress {
-    /// Parses a `redis://` URL; `rediss://` (TLS) is not supported.
+    /// Parses a `redis://` or `rediss://` URL.
     pub fn parse(url: &str) -> Result<RedisAddress, String> {
-        let rest = url
-            .strip_prefix("redis://")
-            .ok_or_else(|| "the URL does not start with redis:// (TLS is not supported)".to_owned())?;
-        let authority = rest.split(['/', '?']).next().unwrap_or_default();
-        let (credentials, host_port) = match authority.rsplit_once('@') {
-            Some((credentials, host_port)) => (Some(credentials), host_port),
-            None => (None, authority),
-        };
-        if host_port.is_empty() {
-            return Err("the URL names no host".to_owned());
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err("the URL does not start with redis:// or rediss://".to_owned());
         }
-        let host_port =
-            if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:6379") };
-        let (username, password) = match credentials.map(|c| c.split_once(':').unwrap_or(("", c))) {
-            Some((user, password)) => (
-                (!user.is_empty()).then(|| user.to_owned()),
-                (!password.is_empty()).then(|| password.to_owned()),
-            ),
-            None => (None, None),
+        // redis-rs's messages may quote the URL: say what is wrong in our words.
+        let client = redis::Client::open(url).map_err(|_| "the URL is not a valid Redis URL".to_owned())?;
+        let host_port = client.get_connection_info().addr().to_string();
+        Ok(RedisAddress { client, host_port })
+    }
+
+    /// `host:port`.
+    pub fn host_port(&self) -> &str {
+        &self.host_port
+    }
+
+    fn connection_config() -> redis::AsyncConnectionConfig {
+        redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT))
+    }
+
+    /// A connection for commands, named `name` (visible in Redis's `CLIENT
+    /// LIST`, which operators use to find a connection).
+    async fn command_connection(&self, name: &str) -> Result<MultiplexedConnection, String> {
+        let mut connection = self
+            .client
+            .get_multiplexed_async_connection_with_config(&RedisAddress::connection_config())
+            .await
+            .map_err(|err| describe(&err))?;
+        let name: String = name.chars().map(|c| if c.is_ascii_graphic() { c } else { '_' }).collect();
+        redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(name)
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|err| format!("CLIENT SETNAME refused: {}", describe(&err)))?;
+        Ok(connection)
+    }
+
+    /// A subscription to `channels`, confirmed by Redis.
+    async fn subscription(&self, channels: &[&str]) -> Result<(PubSubSink, PubSubStream), String> {
+        let open = async {
+            let pubsub = self.client.get_async_pubsub().await.map_err(|err| describe(&err))?;
+            let (mut sink, stream) = pubsub.split();
+            sink.subscribe(channels).await.map_err(|err| format!("SUBSCRIBE failed: {}", describe(&err)))?;
+            Ok((sink, stream))
         };
-        Ok(RedisAddress { host_port, username, password })
+        tokio::time::timeout(REDIS_TIMEOUT, open).await.map_err(|_| "no answer within 10 s".to_owned())?
+    }
+}
+
+/// What went wrong talking to Redis, without anything from the URL.
+fn describe(err: &redis::RedisError) -> String {
+    match err.kind() {
+        redis::ErrorKind::AuthenticationFailed => "authentication refused".to_owned(),
+        _ if err.is_timeout() => "no answer in time".to_owned(),
+        _ if err.is_io_error() => format!("cannot connect: {}", err.category()),
+        kind => format!("{kind:?}: {}", err.detail().unwrap_or_else(|| err.category())),
     }
 }
 
@@ -74,10 +140,8 @@ pub async fn run_forever(hub: Arc<Hub>, address: RedisAddress) {
             return;
         }
         match ended {
-            Ok(()) => tracing::warn!(redis = %address.host_port, "Redis connection lost; reconnecting"),
-            Err(err) => {
-                tracing::warn!(redis = %address.host_port, "Redis replication failed: {err}; reconnecting")
-            }
+            Ok(()) => tracing::warn!(redis = %address, "Redis connection lost; reconnecting"),
+            Err(err) => tracing::warn!(redis = %address, "Redis replication failed: {err}; reconnecting"),
         }
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);
@@ -91,184 +155,15 @@ pub async fn run_forever(hub: Arc<Hub>, address: RedisAddress) {
 /// at start-up, an unreachable Redis is a configuration error to report, not
 /// an outage to wait out.
 pub async fn check_reachable(address: &RedisAddress) -> Result<(), String> {
-    match tokio::time::timeout(Duration::from_secs(5), open(address, "startup-check")).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(err)) => Err(format!("Redis at {}: {err}", address.host_port)),
-        Err(_) => Err(format!("Redis at {}: no answer within 5 s", address.host_port)),
+    let check = async {
+        let mut connection = address.command_connection("startup-check").await?;
+        redis::cmd("PING").query_async::<()>(&mut connection).await.map_err(|err| describe(&err))
+    };
+    match tokio::time::timeout(Duration::from_secs(5), check).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(format!("Redis at {address}: {err}")),
+        Err(_) => Err(format!("Redis at {address}: no answer within 5 s")),
     }
-}
-
-/// Opens a connection, authenticates, and names it `name` (visible in Redis's
-/// `CLIENT LIST`, which operators use to find a stuck subscriber).
-async fn open(address: &RedisAddress, name: &str) -> Result<(TcpStream, RespDecoder), String> {
-    let mut stream =
-        TcpStream::connect(&address.host_port).await.map_err(|err| format!("cannot connect: {err}"))?;
-    let _ = stream.set_nodelay(true);
-    let mut decoder = RespDecoder::default();
-    if let Some(password) = &address.password {
-        let auth = match &address.username {
-            Some(user) => encode(&[b"AUTH", user.as_bytes(), password.as_bytes()]),
-            None => encode(&[b"AUTH", password.as_bytes()]),
-        };
-        stream.write_all(&auth).await.map_err(|err| err.to_string())?;
-        match read_value(&mut stream, &mut decoder).await? {
-            RespValue::Simple(_) => {}
-            other => return Err(format!("AUTH refused: {other:?}")),
-        }
-    }
-    let name: String = name.chars().map(|c| if c.is_ascii_graphic() { c } else { '_' }).collect();
-    stream
-        .write_all(&encode(&[b"CLIENT", b"SETNAME", name.as_bytes()]))
-        .await
-        .map_err(|err| err.to_string())?;
-    match read_value(&mut stream, &mut decoder).await? {
-        RespValue::Simple(_) => {}
-        other => return Err(format!("CLIENT SETNAME refused: {other:?}")),
-    }
-    Ok((stream, decoder))
-}
-
-async fn read_value(stream: &mut TcpStream, decoder: &mut RespDecoder) -> Result<RespValue, String> {
-    let mut buffer = [0u8; 4096];
-    loop {
-        if let Some(value) = decoder.next_value() {
-            return value.map_err(|err| err.to_string());
-        }
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
-            .await
-            .map_err(|_| "Redis did not answer".to_owned())?
-            .map_err(|err| err.to_string())?;
-        if n == 0 {
-            return Err("Redis closed the connection".to_owned());
-        }
-        decoder.push(&buffer[..n]);
-    }
-}
-
-/// Whether `parts` is Redis's confirmation of a subscription to `channel`.
-fn is_subscribed_to(parts: &[RespValue], channel: &str) -> bool {
-    matches!(parts, [RespValue::Bulk(Some(kind)), RespValue::Bulk(Some(name)), _]
-        if kind == b"subscribe" && name == channel.as_bytes())
-}
-
-/// One connected session: subscribe, then announce, then follow, until the
-/// connection fails.
-async fn session(hub: &Arc<Hub>, address: &RedisAddress) -> Result<(), String> {
-    let (mut subscriber, mut decoder) =
-        open(address, &format!("{}-{}-sub", hub.server_name, hub.instance_name)).await?;
-    let base = hub.server_name.clone();
-    // The extra channel first, then the base one, whose confirmation ends the
-    // wait (Redis confirms in order).
-    let user_ip = user_ip_channel(&base);
-    subscriber
-        .write_all(&encode(&[b"SUBSCRIBE", user_ip.as_bytes(), base.as_bytes()]))
-        .await
-        .map_err(|err| err.to_string())?;
-    // Nothing is announced until the subscription is live: a REPLICATE sent
-    // before it could be answered while we were not yet listening.
-    loop {
-        match read_value(&mut subscriber, &mut decoder).await? {
-            RespValue::Array(Some(parts)) if is_subscribed_to(&parts, &base) => break,
-            other => tracing::debug!(?other, "waiting for the subscription to be confirmed"),
-        }
-    }
-    let (publisher, _) = open(address, &format!("{}-{}-pub", hub.server_name, hub.instance_name)).await?;
-
-    let (peer, outgoing) = Peer::new(format!("redis {}", address.host_port));
-    let id = hub.add_peer(Arc::clone(&peer));
-    let failed = Arc::new(Notify::new());
-    let publisher_task =
-        tokio::spawn(publish(Arc::clone(hub), Arc::clone(&peer), publisher, outgoing, Arc::clone(&failed)));
-
-    hub.send_to(&peer, &Command::Replicate);
-    hub.announce_to(&peer);
-    let result = follow(hub, id, &mut subscriber, decoder, &failed).await;
-    hub.remove_peer(id);
-    // A connection that was up is lost; failed attempts are not counted.
-    hub.count_reconnect();
-    publisher_task.abort();
-    result
-}
-
-/// Publishes queued commands and drains Redis's replies.
-async fn publish(
-    hub: Arc<Hub>,
-    peer: Arc<Peer>,
-    publisher: TcpStream,
-    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
-    failed: Arc<Notify>,
-) {
-    let (mut replies, mut writer) = publisher.into_split();
-    let user_ip_channel = user_ip_channel(&hub.server_name);
-    // Aborted with this function (also when this task itself is aborted), so a
-    // half-open connection's reader cannot outlive the session.
-    let mut drain = AbortOnDrop(tokio::spawn({
-        let failed = Arc::clone(&failed);
-        async move {
-            let mut buffer = [0u8; 4096];
-            let mut decoder = RespDecoder::default();
-            loop {
-                match replies.read(&mut buffer).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        decoder.push(&buffer[..n]);
-                        while let Some(value) = decoder.next_value() {
-                            match value {
-                                Ok(RespValue::Error(message)) => {
-                                    tracing::warn!(message, "Redis refused a publication");
-                                }
-                                Ok(_) => {}
-                                Err(err) => {
-                                    tracing::warn!("unreadable reply from Redis: {err}");
-                                    failed.notify_one();
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            failed.notify_one();
-        }
-    }));
-    loop {
-        tokio::select! {
-            command = outgoing.recv() => {
-                let Some(command) = command else { break };
-                // `USER_IP` has a channel of its own; everything else shares one.
-                let channel = if command.name == CommandName::UserIp { &user_ip_channel } else { &hub.server_name };
-                let request = encode(&[b"PUBLISH", channel.as_bytes(), command.line.as_bytes()]);
-                // A Redis that stopped reading blocks this write: congestion must
-                // still end the session.
-                tokio::select! {
-                    written = writer.write_all(&request) => {
-                        if written.is_err() {
-                            break;
-                        }
-                        // Counted as sent once written, so a shutdown that waits
-                        // for the queues to drain waits for the writes.
-                        peer.pending.fetch_sub(1, Ordering::AcqRel);
-                    }
-                    () = peer.congested.notified() => {
-                        tracing::warn!("Redis stopped taking publications; reconnecting");
-                        break;
-                    }
-                }
-            }
-            () = peer.close.notified() => {
-                // Shutting down: end the connection in order, so that nothing
-                // written is lost to a reset, and let Redis answer the rest.
-                let _ = writer.shutdown().await;
-                let _ = tokio::time::timeout(Duration::from_secs(1), &mut drain.0).await;
-                break;
-            }
-            () = peer.congested.notified() => {
-                tracing::warn!("cannot publish fast enough to Redis; reconnecting");
-                break;
-            }
-        }
-    }
-    failed.notify_one();
 }
 
 /// Aborts a task when dropped.
@@ -280,95 +175,167 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Applies what arrives on the subscription and pings Redis, until the
-/// connection fails or goes silent.
+/// One connected session: subscribe, then announce, then follow, until the
+/// connection fails.
+async fn session(hub: &Arc<Hub>, address: &RedisAddress) -> Result<(), String> {
+    let base = hub.server_name.clone();
+    let user_ip = user_ip_channel(&base);
+    // Nothing is announced until the subscription is live: a REPLICATE sent
+    // before it could be answered while we were not yet listening.
+    let (sink, messages) = address.subscription(&[user_ip.as_str(), base.as_str()]).await?;
+    let publisher = address.command_connection(&format!("{base}-{}-pub", hub.instance_name)).await?;
+
+    let (peer, outgoing) = Peer::new(format!("redis {address}"));
+    let failed = Arc::new(Notify::new());
+    let _publisher = AbortOnDrop(tokio::spawn(publish(
+        Arc::clone(hub),
+        Arc::clone(&peer),
+        publisher,
+        outgoing,
+        Arc::clone(&failed),
+    )));
+    let _pinger = AbortOnDrop(tokio::spawn(ping(hub.settings, sink, Arc::clone(&failed))));
+
+    let session = hub.open_session(Transport::Redis, peer, &[Command::Replicate]).await;
+    let id = session.id;
+    let result = follow(hub, session, messages, &failed).await;
+    hub.close_session(id);
+    // A connection that was up is lost; failed attempts are not counted.
+    hub.count_reconnect();
+    result
+}
+
+/// Pings Redis on the subscription every ping interval: its answer, within the
+/// ping timeout, proves the connection is alive even when nobody publishes.
+async fn ping(settings: crate::Settings, mut sink: PubSubSink, failed: Arc<Notify>) {
+    loop {
+        tokio::time::sleep(settings.ping_interval).await;
+        match tokio::time::timeout(settings.ping_timeout, sink.ping::<redis::Value>()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!("Redis did not answer a PING: {}", describe(&err));
+                break;
+            }
+            Err(_) => {
+                tracing::warn!("Redis went silent");
+                break;
+            }
+        }
+    }
+    failed.notify_one();
+}
+
+/// Publishes queued commands, as many as are waiting in one pipelined round
+/// trip, in order.
+async fn publish(
+    hub: Arc<Hub>,
+    peer: Arc<Peer>,
+    mut connection: MultiplexedConnection,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    failed: Arc<Notify>,
+) {
+    let user_ip_channel = user_ip_channel(&hub.server_name);
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    loop {
+        tokio::select! {
+            count = outgoing.recv_many(&mut batch, PUBLISH_BATCH) => {
+                if count == 0 {
+                    break;
+                }
+                let mut pipeline = redis::pipe();
+                for command in &batch {
+                    // `USER_IP` has a channel of its own; everything else shares one.
+                    let channel =
+                        if command.name == CommandName::UserIp { &user_ip_channel } else { &hub.server_name };
+                    pipeline.cmd("PUBLISH").arg(channel).arg(command.line.as_bytes()).ignore();
+                }
+                // A Redis that stopped answering blocks this round trip:
+                // congestion must still end the session.
+                tokio::select! {
+                    published = pipeline.query_async::<()>(&mut connection) => {
+                        if let Err(err) = published {
+                            tracing::warn!("cannot publish to Redis: {}", describe(&err));
+                            break;
+                        }
+                        // Counted as sent once Redis took them, so a shutdown that
+                        // waits for the queues to drain waits for the publications.
+                        peer.pending.fetch_sub(batch.len(), Ordering::AcqRel);
+                        batch.clear();
+                    }
+                    () = peer.congested.notified() => {
+                        tracing::warn!("Redis stopped taking publications; reconnecting");
+                        break;
+                    }
+                }
+            }
+            // Shutting down, with everything queued already published.
+            () = peer.close.notified() => break,
+            () = peer.congested.notified() => {
+                tracing::warn!("cannot publish fast enough to Redis; reconnecting");
+                break;
+            }
+        }
+    }
+    failed.notify_one();
+}
+
+/// Applies what arrives on the subscription, until the connection fails or
+/// goes silent.
 async fn follow(
     hub: &Arc<Hub>,
-    id: u64,
-    subscriber: &mut TcpStream,
-    mut decoder: RespDecoder,
+    mut session: Session,
+    mut messages: PubSubStream,
     failed: &Notify,
 ) -> Result<(), String> {
-    let (inbox, mut commands) = mpsc::unbounded_channel::<Command>();
+    let (inbox, mut commands) = inbound_queue(&hub.settings);
+    // Set when a message had to be dropped because the handler fell behind.
+    let lost = Arc::new(AtomicBool::new(false));
     let _processor = AbortOnDrop(tokio::spawn({
-        let hub = Arc::clone(hub);
+        let (hub, lost) = (Arc::clone(hub), Arc::clone(&lost));
         async move {
             while let Some(command) = commands.recv().await {
-                if let Err(reason) = hub.handle(id, Side::Server, command).await {
-                    tracing::warn!(reason, "ignoring a replication message");
+                if lost.swap(false, Ordering::AcqRel) {
+                    // Commands of some writers were dropped: the next ones may not
+                    // follow, so catch up from the database and ask everyone again.
+                    session.lose_sequence();
+                    hub.send_to(&session.peer, &Command::Replicate);
+                }
+                if let Err(refusal) = hub.handle(&mut session, command).await {
+                    hub.count_refusal(Transport::Redis, &refusal);
                 }
             }
         }
     }));
-    let settings = hub.settings;
-    let mut buffer = vec![0u8; 16 * 1024];
-    let mut last_received = Instant::now();
-    let mut keepalive = tokio::time::interval(settings.ping_interval);
     loop {
         tokio::select! {
-            read = subscriber.read(&mut buffer) => {
-                let n = read.map_err(|err| err.to_string())?;
-                if n == 0 {
-                    return Ok(());
-                }
-                last_received = Instant::now();
-                decoder.push(&buffer[..n]);
-                while let Some(value) = decoder.next_value() {
-                    let value = value.map_err(|err| err.to_string())?;
-                    let RespValue::Array(Some(parts)) = value else { continue };
-                    let [RespValue::Bulk(Some(kind)), _, RespValue::Bulk(Some(payload))] = parts.as_slice() else { continue };
-                    if kind != b"message" {
-                        continue;
-                    }
-                    let Ok(line) = std::str::from_utf8(payload) else {
-                        tracing::warn!("ignoring a replication message that is not UTF-8");
-                        continue;
-                    };
-                    match Command::parse(line) {
-                        // No sides over Redis: every command is accepted. Applied by
-                        // a task of its own, so a long catch-up never stops this loop
-                        // from reading and pinging.
-                        Ok(command) => {
-                            if inbox.send(command).is_err() {
-                                return Err("the command processor stopped".to_owned());
-                            }
+            message = messages.next() => {
+                let Some(message) = message else { return Ok(()) };
+                let Ok(line) = std::str::from_utf8(message.get_payload_bytes()) else {
+                    tracing::warn!("ignoring a replication message that is not UTF-8");
+                    continue;
+                };
+                match Command::parse(line) {
+                    // No sides over Redis: every command is accepted. Applied by a
+                    // task of its own, so a long catch-up never stops this loop
+                    // from reading.
+                    Ok(command) => match inbox.try_send(command, line.len()) {
+                        Ok(()) => {}
+                        Err(QueueError::Full) => {
+                            let refusal = Refusal {
+                                reason: RefusalReason::OverBound,
+                                message: "too many commands waiting to be applied".to_owned(),
+                                writer: None,
+                            };
+                            hub.count_refusal(Transport::Redis, &refusal);
+                            lost.store(true, Ordering::Release);
                         }
-                        // A bad message affects nobody else: log it and go on.
-                        Err(err) => tracing::warn!("ignoring an unparsable replication message: {err}"),
-                    }
+                        Err(QueueError::Closed) => return Err("the command processor stopped".to_owned()),
+                    },
+                    // A bad message affects nobody else: log it and go on.
+                    Err(err) => tracing::warn!("ignoring an unparsable replication message: {err}"),
                 }
             }
-            _ = keepalive.tick() => {
-                if last_received.elapsed() > settings.ping_timeout {
-                    return Err("Redis went silent".to_owned());
-                }
-                // PING is allowed on a subscribed connection; its answer proves the
-                // connection is alive even when nobody publishes.
-                subscriber.write_all(&encode(&[b"PING"])).await.map_err(|err| err.to_string())?;
-            }
-            () = failed.notified() => return Err("the publishing connection failed".to_owned()),
+            () = failed.notified() => return Err("the Redis connection failed".to_owned()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::RedisAddress;
-
-    #[test]
-    fn urls_parse() {
-        let parse = |url: &str| RedisAddress::parse(url);
-        assert_eq!(parse("redis://127.0.0.1:6379").unwrap().host_port, "127.0.0.1:6379");
-        assert_eq!(parse("redis://localhost").unwrap().host_port, "localhost:6379");
-        let with_password = parse("redis://:s3cret@db:7000/2").unwrap();
-        assert_eq!(
-            (with_password.host_port.as_str(), with_password.password.as_deref()),
-            ("db:7000", Some("s3cret"))
-        );
-        assert_eq!(with_password.username, None);
-        let with_user = parse("redis://me:pw@db").unwrap();
-        assert_eq!((with_user.username.as_deref(), with_user.password.as_deref()), (Some("me"), Some("pw")));
-        assert!(parse("rediss://db").is_err());
-        assert!(parse("redis://").is_err());
     }
 }

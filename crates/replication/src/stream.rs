@@ -60,6 +60,20 @@ pub trait Stream: Send + Sync + fmt::Debug {
         Vec::new()
     }
 
+    /// Whether `instance` is one of this stream's writers: a process takes
+    /// `RDATA` and `POSITION` for a writer only when this holds (the configured
+    /// writers; any instance for `caches`; the one writer of an in-memory
+    /// stream).
+    fn is_writer(&self, instance: &str) -> bool;
+
+    /// Whether a peer's `token` (wire form) lies within what the stream has
+    /// handed out: a token past the sequence can only be forged, and taking it
+    /// would put every later real row below the followers' tokens. In-memory
+    /// streams have no sequence to ask and answer yes.
+    fn is_handed_out(&self, _token: i64) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(std::future::ready(Ok(true)))
+    }
+
     /// A follower acknowledged handling everything up to `token`
     /// (`FEDERATION_ACK`); only the federation queue cares.
     fn acknowledge(&self, _follower: &str, _token: i64) {}

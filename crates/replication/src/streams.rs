@@ -102,6 +102,9 @@ macro_rules! multi_writer_stream {
             fn generator(&self) -> Option<&MultiWriterIdGenerator> {
                 Some(self.0.$generator())
             }
+            fn is_writer(&self, instance: &str) -> bool {
+                self.0.$generator().is_writer(instance)
+            }
         }
     };
 }
@@ -195,6 +198,10 @@ impl Stream for CachesStreamAdapter {
     }
     fn generator(&self) -> Option<&MultiWriterIdGenerator> {
         self.0.generator()
+    }
+    fn is_writer(&self, _instance: &str) -> bool {
+        // Every process invalidates caches.
+        true
     }
     fn announces_moves_without_rows(&self) -> bool {
         // Every process writes `caches`: a move by others alone is not worth an

@@ -1,35 +1,73 @@
 //! The TCP transport: the master listens, workers connect; both ends speak the
 //! line protocol with keepalive, congestion control and strict parsing.
+//!
+//! A client's first line is `AUTH <worker_replication_secret>` (our extension;
+//! Synapse's TCP replication had none): until it authenticates, a connection
+//! receives nothing but the server's greeting, and one that does not within the
+//! ping timeout, or presents the wrong secret, is closed. The listener keeps at
+//! most [`Settings::max_connections`](crate::Settings) connections open.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use replication_proto::{Command, CommandName, LineDecoder, Side};
+use replication_proto::{Command, CommandName, LineDecoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 
-use crate::hub::{Hub, Peer};
+use crate::hub::{Hub, Peer, QueueError, Refusal, RefusalReason, Transport, inbound_queue};
 use crate::lock;
 
 fn now_ms() -> String {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis()).to_string()
 }
 
-/// Accepts workers on `listener` until the task is dropped.
+/// Accepts workers on `listener` until the task is dropped, keeping at most
+/// `max_connections` open: one past the cap is told so and closed at once.
 pub async fn serve(hub: Arc<Hub>, listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(hub.settings.max_connections));
     loop {
         match listener.accept().await {
-            Ok((stream, address)) => {
-                tracing::info!(%address, "replication client connected");
-                tokio::spawn(drive(Arc::clone(&hub), Side::Server, stream));
-            }
+            Ok((stream, address)) => match Arc::clone(&slots).try_acquire_owned() {
+                Ok(slot) => {
+                    tracing::info!(%address, "replication client connected");
+                    let hub = Arc::clone(&hub);
+                    tokio::spawn(async move {
+                        drive(hub, Transport::TcpServer { address: Some(address) }, stream).await;
+                        drop(slot);
+                    });
+                }
+                Err(_) => {
+                    let refusal = Refusal {
+                        reason: RefusalReason::OverBound,
+                        message: "too many replication connections".to_owned(),
+                        writer: None,
+                    };
+                    hub.count_refusal(Transport::TcpServer { address: Some(address) }, &refusal);
+                    tracing::warn!(%address, "refusing a replication connection: {}", refusal.message);
+                    tokio::spawn(refuse(stream, address, refusal.message));
+                }
+            },
             Err(err) => {
                 tracing::warn!("failed to accept a replication connection: {err}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// Tells a connection past the cap why, and closes it, spending at most a
+/// second on a peer that does not read.
+async fn refuse(mut stream: TcpStream, address: SocketAddr, message: String) {
+    let line = format!("ERROR {message}\n");
+    let goodbye = async {
+        stream.write_all(line.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    if let Err(err) = tokio::time::timeout(Duration::from_secs(1), goodbye).await.unwrap_or(Ok(())) {
+        tracing::debug!(%address, "could not tell a refused connection why: {err}");
     }
 }
 
@@ -42,7 +80,7 @@ pub async fn connect_forever(hub: Arc<Hub>, address: String) {
             Ok(stream) => {
                 tracing::info!(%address, "connected to the replication server");
                 backoff = Duration::from_millis(100);
-                drive(Arc::clone(&hub), Side::Client, stream).await;
+                drive(Arc::clone(&hub), Transport::TcpClient, stream).await;
                 if hub.is_shutting_down() {
                     return;
                 }
@@ -56,12 +94,34 @@ pub async fn connect_forever(hub: Arc<Hub>, address: String) {
     }
 }
 
+/// What this end says first: the server greets; a client authenticates, names
+/// itself and asks for positions (the hub then announces its own).
+fn hello(hub: &Hub, transport: Transport) -> Vec<Command> {
+    match transport {
+        Transport::TcpServer { .. } => {
+            vec![Command::Server { server_name: hub.server_name.clone() }, Command::Ping { data: now_ms() }]
+        }
+        Transport::TcpClient | Transport::Redis => {
+            let mut hello = Vec::with_capacity(4);
+            if let Some(secret) = hub.secret() {
+                hello.push(Command::Auth { secret: secret.clone() });
+            }
+            hello.extend([
+                Command::Name { name: hub.instance_name.clone() },
+                Command::Ping { data: now_ms() },
+                Command::Replicate,
+            ]);
+            hello
+        }
+    }
+}
+
 /// Runs one connection to its end.
-pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
+pub(crate) async fn drive(hub: Arc<Hub>, transport: Transport, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    let side = transport.side();
     let (mut reader, mut writer) = stream.into_split();
     let (peer, mut outgoing) = Peer::new(String::new());
-    let id = hub.add_peer(Arc::clone(&peer));
     let last_sent = Arc::new(Mutex::new(Instant::now()));
     // Whoever ends the connection first tells the other half.
     let closing = Arc::new(Notify::new());
@@ -111,30 +171,20 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
         })
     };
 
-    let hello: Vec<Command> = match side {
-        Side::Server => {
-            vec![Command::Server { server_name: hub.server_name.clone() }, Command::Ping { data: now_ms() }]
-        }
-        Side::Client => vec![
-            Command::Name { name: hub.instance_name.clone() },
-            Command::Ping { data: now_ms() },
-            Command::Replicate,
-        ],
-    };
-    for command in hello {
-        hub.send_to(&peer, &command);
-    }
+    let mut session = hub.open_session(transport, Arc::clone(&peer), &hello(&hub, transport)).await;
+    let id = session.id;
 
     // Commands are applied by a task of their own, in order: a long catch-up
     // must not stop this loop from reading, pinging and noticing a dead peer.
-    let (inbox, mut commands) = mpsc::unbounded_channel::<Command>();
+    let (inbox, mut commands) = inbound_queue(&hub.settings);
     let (close, mut close_requests) = mpsc::unbounded_channel::<String>();
     let processor = {
         let hub = Arc::clone(&hub);
         tokio::spawn(async move {
             while let Some(command) = commands.recv().await {
-                if let Err(reason) = hub.handle(id, side, command).await {
-                    let _ = close.send(reason);
+                if let Err(refusal) = hub.handle(&mut session, command).await {
+                    hub.count_refusal(transport, &refusal);
+                    let _ = close.send(refusal.message);
                     break;
                 }
             }
@@ -146,6 +196,7 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
     let mut buffer = vec![0u8; 8192];
     let mut last_received = Instant::now();
     let mut seen_ping = false;
+    let mut received_any = false;
     let mut keepalive = tokio::time::interval(settings.ping_interval.min(settings.ping_timeout) / 2);
     let close_reason = 'connection: loop {
         tokio::select! {
@@ -168,16 +219,31 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
                         break 'connection Some(format!("invalid command: {}", command.name()));
                     }
                     last_received = Instant::now();
+                    received_any = true;
                     if matches!(command, Command::Ping { .. }) {
                         seen_ping = true;
                     }
-                    if inbox.send(command).is_err() {
-                        break 'connection None;
+                    match inbox.try_send(command, line.len()) {
+                        Ok(()) => {}
+                        Err(QueueError::Full) => {
+                            let refusal = Refusal {
+                                reason: RefusalReason::OverBound,
+                                message: "too many commands waiting to be applied".to_owned(),
+                                writer: None,
+                            };
+                            hub.count_refusal(transport, &refusal);
+                            break 'connection Some(refusal.message);
+                        }
+                        Err(QueueError::Closed) => break 'connection None,
                     }
                 }
             }
             _ = keepalive.tick() => {
-                if seen_ping && last_received.elapsed() > settings.ping_timeout {
+                // Timeouts arm once the peer pinged (so a person at netcat is not
+                // cut off mid-thought), and at once for a peer that has not
+                // authenticated or never said anything valid.
+                let armed = seen_ping || !received_any || !peer.authenticated.load(Ordering::Acquire);
+                if armed && last_received.elapsed() > settings.ping_timeout {
                     break 'connection Some("ping timeout".to_owned());
                 }
                 let idle = lock(&last_sent).elapsed();
@@ -199,7 +265,7 @@ pub(crate) async fn drive(hub: Arc<Hub>, side: Side, stream: TcpStream) {
         }
     };
     processor.abort();
-    hub.remove_peer(id);
+    hub.close_session(id);
     if let Some(reason) = close_reason {
         tracing::warn!(peer = %lock(&peer.name), reason, "closing a replication connection");
         hub.send_to(&peer, &Command::Error { message: reason });

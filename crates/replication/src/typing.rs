@@ -76,7 +76,8 @@ impl TypingWriter {
     }
 
     fn bump(&self, state: &mut WriterState, room_id: &str) {
-        state.latest += 1;
+        // Never wraps to a negative token; 2^63 changes are out of reach anyway.
+        state.latest = state.latest.saturating_add(1);
         let serial = state.latest;
         state.rooms.entry(room_id.to_owned()).or_default().0 = serial;
         self.changes.entity_has_changed(room_id, serial);
@@ -191,6 +192,8 @@ type RoomTyping = (i64, BTreeSet<String>);
 /// What a follower knows of typing, only from the rows it applied.
 #[derive(Debug, Default)]
 pub struct TypingFollower {
+    /// The instance that writes typing: the only one whose rows are taken.
+    writer: String,
     /// The token of the last rows applied, and room → (token of its last
     /// change, who is typing there).
     state: Mutex<(i64, HashMap<String, RoomTyping>)>,
@@ -201,14 +204,19 @@ pub struct TypingFollower {
 }
 
 impl TypingFollower {
-    /// A follower that knows nothing yet and cannot fetch what it misses.
-    pub fn new() -> Arc<TypingFollower> {
-        Arc::new(TypingFollower::default())
+    /// A follower of `writer`'s typing that knows nothing yet and cannot fetch
+    /// what it misses.
+    pub fn new(writer: &str) -> Arc<TypingFollower> {
+        Arc::new(TypingFollower { writer: writer.to_owned(), ..TypingFollower::default() })
     }
 
-    /// A follower that fetches what it misses from `remote`.
-    pub fn fetching_from(remote: Arc<dyn RemoteUpdates>) -> Arc<TypingFollower> {
-        Arc::new(TypingFollower { remote: Some(remote), ..TypingFollower::default() })
+    /// A follower of `writer`'s typing that fetches what it misses from `remote`.
+    pub fn fetching_from(writer: &str, remote: Arc<dyn RemoteUpdates>) -> Arc<TypingFollower> {
+        Arc::new(TypingFollower {
+            writer: writer.to_owned(),
+            remote: Some(remote),
+            ..TypingFollower::default()
+        })
     }
 
     /// Who is typing in `room_id`, as last told.
@@ -317,6 +325,13 @@ impl Stream for TypingStream {
         false
     }
 
+    fn is_writer(&self, instance: &str) -> bool {
+        match self {
+            TypingStream::Writer(writer) => writer.instance_name == instance,
+            TypingStream::Follower(follower) => follower.writer == instance,
+        }
+    }
+
     fn get_updates_since<'a>(
         &'a self,
         writer: &'a str,
@@ -414,7 +429,7 @@ mod tests {
 
     #[test]
     fn a_follower_resets_when_the_writer_restarts() {
-        let follower = TypingFollower::new();
+        let follower = TypingFollower::new("master");
         follower.apply(101, &[TypingRow { room_id: "!a".into(), user_ids: vec!["@u".into()] }]);
         assert_eq!(follower.typing_in("!a"), ["@u"]);
         follower.apply(1, &[TypingRow { room_id: "!b".into(), user_ids: vec!["@v".into()] }]);
@@ -435,9 +450,11 @@ mod tests {
     async fn a_position_from_a_restarted_writer_resets_the_follower() {
         use std::sync::Arc;
 
-        use crate::{Inbound, StreamRegistry, TypingStream};
+        use replication_proto::Command;
 
-        let follower = TypingFollower::new();
+        use crate::{Inbound, Link, StreamRegistry, TypingStream};
+
+        let follower = TypingFollower::new("master");
         let mut registry = StreamRegistry::new();
         registry.register(Arc::new(TypingStream::Follower(Arc::clone(&follower))));
         let inbound = Inbound::new("worker1", registry);
@@ -448,14 +465,27 @@ mod tests {
             })
             .unwrap()
         };
-        inbound.on_position("typing", "master", 0, 0).await.unwrap();
-        inbound.on_rdata("typing", "master", Some(101), row("!a")).unwrap();
+        let position = |token: i64| Command::Position {
+            stream: "typing".into(),
+            instance: "master".into(),
+            prev_token: token,
+            new_token: token,
+        };
+        let rdata = |token: i64, room: &str| Command::Rdata {
+            stream: "typing".into(),
+            instance: "master".into(),
+            token: Some(token),
+            row: row(room),
+        };
+        let mut link = Link::default();
+        inbound.handle(&mut link, position(0)).await.unwrap();
+        inbound.handle(&mut link, rdata(101, "!a")).await.unwrap();
         assert_eq!(follower.typing_in("!a"), ["@u"]);
         // The writer restarted: its token is 0 again.
-        inbound.on_position("typing", "master", 0, 0).await.unwrap();
+        inbound.handle(&mut link, position(0)).await.unwrap();
         assert_eq!(follower.latest(), 0);
         assert!(follower.typing_in("!a").is_empty());
-        inbound.on_rdata("typing", "master", Some(1), row("!b")).unwrap();
+        inbound.handle(&mut link, rdata(1, "!b")).await.unwrap();
         assert_eq!(follower.typing_in("!b"), ["@u"]);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use replication::{CachesStreamAdapter, EventsStream, Inbound, ReceiptsStream, StreamRegistry};
+use replication::{CachesStreamAdapter, EventsStream, Inbound, Link, ReceiptsStream, StreamRegistry};
 use replication_proto::{Command, RowJson};
 use server_config::{Role, ServerConfig};
 use store_core::{CacheRegistry, CachesStream, Database, Engine, StoreError};
@@ -12,6 +12,8 @@ use store_receipts::{ReceiptRow, ReceiptsReader, ReceiptsWriter};
 use store_test_support::{TestDb, TestResult};
 
 const ROOM: &str = "!room:example.com";
+/// The deployment's `worker_replication_secret`, which TCP peers present.
+const SECRET: &str = "replication test secret";
 
 fn config(url: &str, instance: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
     let role = if instance == "master" { Role::Master } else { Role::Worker };
@@ -98,12 +100,15 @@ async fn a_position_past_a_gap_catches_up_from_the_database() -> TestResult {
     // As in answer to REPLICATE: the writer's last sent position, twice.
     worker
         .inbound
-        .handle(&Command::Position {
-            stream: "events".into(),
-            instance: "master".into(),
-            prev_token: position,
-            new_token: position,
-        })
+        .handle(
+            &mut Link::default(),
+            Command::Position {
+                stream: "events".into(),
+                instance: "master".into(),
+                prev_token: position,
+                new_token: position,
+            },
+        )
         .await?;
     let events = worker.registry.get("events").ok_or("registered")?;
     assert_eq!(events.current_token("master"), position);
@@ -123,7 +128,10 @@ async fn a_position_without_a_gap_only_advances() -> TestResult {
     master.events.persist_events(ROOM, &[member("$a", "@a:example.com")]).await?;
     let position = master.events.reader().events_stream().get_current_token_for_writer("master");
     // prev ≤ current: nothing was missed, so nothing is read.
-    worker.inbound.on_position("events", "master", current, position).await?;
+    worker
+        .inbound
+        .handle(&mut Link::default(), position_command("events", "master", current, position))
+        .await?;
     assert_eq!(events.current_token("master"), position);
     Ok(())
 }
@@ -148,9 +156,12 @@ async fn batched_rows_wait_for_their_token_and_old_rows_are_dropped() -> TestRes
     let updates = master.receipts.reader().get_receipts_updates("master", from, to, 10).await?;
     let (token, row) = updates.rows.into_iter().next().ok_or("one row")?;
     let row = RowJson::from_row(&row)?;
-    worker.inbound.on_rdata("receipts", "master", None, row.clone())?;
+    // In sequence with the writer, as after the POSITION a connection starts with.
+    let mut link = Link::default();
+    worker.inbound.handle(&mut link, position_command("receipts", "master", from, from)).await?;
+    worker.inbound.handle(&mut link, rdata("receipts", "master", None, row.clone())).await?;
     assert_eq!(receipts.current_token("master"), from, "a batch row waits for its token");
-    worker.inbound.on_rdata("receipts", "master", Some(token), row.clone())?;
+    worker.inbound.handle(&mut link, rdata("receipts", "master", Some(token), row.clone())).await?;
     assert_eq!(receipts.current_token("master"), token);
     assert_eq!(
         reader_view.get_last_receipt_event_id_for_user("@u", ROOM, "m.read").await?.as_deref(),
@@ -159,9 +170,17 @@ async fn batched_rows_wait_for_their_token_and_old_rows_are_dropped() -> TestRes
 
     // The same row again (say, after a catch-up got there first) is dropped.
     let before = reader_view.get_last_receipt_event_id_for_user("@u", ROOM, "m.read").await?;
-    worker.inbound.on_rdata("receipts", "master", Some(token), row)?;
+    worker.inbound.handle(&mut link, rdata("receipts", "master", Some(token), row)).await?;
     assert_eq!(reader_view.get_last_receipt_event_id_for_user("@u", ROOM, "m.read").await?, before);
     Ok(())
+}
+
+fn position_command(stream: &str, instance: &str, prev_token: i64, new_token: i64) -> Command {
+    Command::Position { stream: stream.into(), instance: instance.into(), prev_token, new_token }
+}
+
+fn rdata(stream: &str, instance: &str, token: Option<i64>, row: RowJson) -> Command {
+    Command::Rdata { stream: stream.into(), instance: instance.into(), token, row }
 }
 
 fn receipt(event: &str) -> ReceiptRow {
@@ -181,15 +200,23 @@ async fn echoes_unknown_streams_and_bad_rows() -> TestResult {
     let events = worker.registry.get("events").ok_or("registered")?;
     let before = events.current_token("worker1");
     // Our own position, echoed back: ignored.
-    worker.inbound.on_position("events", "worker1", before + 10, before + 10).await?;
+    let mut link = Link::default();
+    worker.inbound.handle(&mut link, position_command("events", "worker1", before + 10, before + 10)).await?;
     assert_eq!(events.current_token("worker1"), before);
     // A stream this process does not know: ignored.
-    worker.inbound.on_position("presence", "master", 5, 9).await?;
-    worker.inbound.on_rdata("presence", "master", Some(9), RowJson::new("[1]")?)?;
-    // A row that is not an events row: an error, and nothing moves.
-    let token = events.current_token("master") + 1;
+    worker.inbound.handle(&mut link, position_command("presence", "master", 5, 9)).await?;
+    worker.inbound.handle(&mut link, rdata("presence", "master", Some(9), RowJson::new("[1]")?)).await?;
+    // A row that is not an events row, from a writer in sequence: an error, and
+    // nothing moves.
+    let current = events.current_token("master");
+    worker.inbound.handle(&mut link, position_command("events", "master", current, current)).await?;
+    let token = current + 1;
     assert!(
-        worker.inbound.on_rdata("events", "master", Some(token), RowJson::new(r#"["nope",[]]"#)?).is_err()
+        worker
+            .inbound
+            .handle(&mut link, rdata("events", "master", Some(token), RowJson::new(r#"["nope",[]]"#)?))
+            .await
+            .is_err()
     );
     assert!(events.current_token("master") < token);
     Ok(())
@@ -202,11 +229,12 @@ mod outbound {
     use super::*;
     use replication::Outbound;
 
-    /// Sends `commands` as lines, as a transport would, and applies them.
-    async fn deliver(worker: &Worker, commands: &[Command]) -> TestResult {
+    /// Sends `commands` as lines, as a transport would, and applies them as
+    /// one connection delivered them.
+    async fn deliver(worker: &Worker, link: &mut Link, commands: &[Command]) -> TestResult {
         for command in commands {
             let line = command.to_line()?;
-            worker.inbound.handle(&Command::parse(&line)?).await?;
+            worker.inbound.handle(link, Command::parse(&line)?).await?;
         }
         Ok(())
     }
@@ -214,6 +242,7 @@ mod outbound {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn new_rows_go_out_as_rdata_and_reach_the_worker() -> TestResult {
         let (_db, master, worker) = setup().await?;
+        let mut link = Link::default();
         // Written before the outbound side started: never sent as RDATA.
         master.events.persist_events(ROOM, &[member("$early", "@early:example.com")]).await?;
         let outbound = Outbound::new(
@@ -225,7 +254,7 @@ mod outbound {
             matches!(&announced[..], [Command::Position { prev_token, new_token, .. }] if prev_token == new_token)
         );
         // The worker connects: the announcement makes it catch up from the database.
-        deliver(&worker, &announced).await?;
+        deliver(&worker, &mut link, &announced).await?;
         assert_eq!(*worker.events.get_users_in_room(ROOM).await?, ["@early:example.com"]);
 
         master
@@ -239,7 +268,7 @@ mod outbound {
         assert!(lines[0].starts_with("RDATA events master batch [\"ev\""), "{}", lines[0]);
         assert!(lines[1].starts_with("RDATA events master ") && lines[1].contains("[\"state\""));
         assert!(!lines[1].contains(" batch "));
-        deliver(&worker, &commands).await?;
+        deliver(&worker, &mut link, &commands).await?;
         let position = master.events.reader().events_stream().get_current_token_for_writer("master");
         assert_eq!(worker.registry.get("events").ok_or("registered")?.current_token("master"), position);
         assert_eq!(
@@ -256,6 +285,7 @@ mod outbound {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn more_rows_than_one_poll_end_with_a_position() -> TestResult {
         let (_db, master, worker) = setup().await?;
+        let mut link = Link::default();
         let outbound = Outbound::new(
             "master",
             [Arc::new(ReceiptsStream(master.receipts.shared_reader())) as Arc<dyn replication::Stream>],
@@ -280,7 +310,7 @@ mod outbound {
                 new_token: position
             })
         );
-        deliver(&worker, &commands).await?;
+        deliver(&worker, &mut link, &commands).await?;
         assert!(outbound.poll().await?.is_empty(), "nothing left to stream");
         assert_eq!(worker.registry.get("receipts").ok_or("registered")?.current_token("master"), position);
         Ok(())
@@ -289,11 +319,12 @@ mod outbound {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_row_too_long_for_a_line_is_read_from_the_database() -> TestResult {
         let (_db, master, worker) = setup().await?;
+        let mut link = Link::default();
         let outbound = Outbound::new(
             "master",
             [Arc::new(ReceiptsStream(master.receipts.shared_reader())) as Arc<dyn replication::Stream>],
         );
-        deliver(&worker, &outbound.announce()).await?;
+        deliver(&worker, &mut link, &outbound.announce()).await?;
         let huge = ReceiptRow { data: serde_json::json!({ "note": "x".repeat(20_000) }), ..receipt("$big") };
         master.receipts.insert_receipt(&huge).await?;
         let commands = outbound.poll().await?;
@@ -307,7 +338,7 @@ mod outbound {
                 new_token: target
             }]
         );
-        deliver(&worker, &commands).await?;
+        deliver(&worker, &mut link, &commands).await?;
         assert_eq!(worker.registry.get("receipts").ok_or("registered")?.current_token("master"), target);
         assert_eq!(
             worker.receipts.get_last_receipt_event_id_for_user("@u", ROOM, "m.read").await?.as_deref(),
@@ -346,7 +377,7 @@ mod tcp {
 
     use std::time::Duration;
 
-    use replication::{Hub, Outbound, Settings, tcp};
+    use replication::{Hub, Outbound, RefusalReason, Settings, tcp};
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -360,6 +391,7 @@ mod tcp {
             // Longer than the test waits: only the generators' changes wake the
             // streamer in time.
             poll_interval: Duration::from_secs(30),
+            ..Settings::default()
         }
     }
 
@@ -378,6 +410,7 @@ mod tcp {
             Inbound::new("master", StreamRegistry::new()),
             Outbound::new("master", sources),
             true,
+            Some(SECRET),
         );
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?.to_string();
@@ -385,6 +418,30 @@ mod tcp {
         tokio::spawn(Arc::clone(&hub).run_streamer());
         hub.wake_on(master.events.reader().events_stream().subscribe());
         hub.wake_on(master.receipts.reader().stream().subscribe());
+        Ok((hub, address))
+    }
+
+    /// A master that follows typing, written by `persister1`, and listens.
+    async fn master_hub_following(
+        _master: &Master,
+        settings: Settings,
+    ) -> Result<(Arc<Hub>, String), Box<dyn std::error::Error>> {
+        let mut followed = StreamRegistry::new();
+        followed.register(Arc::new(replication::TypingStream::Follower(
+            replication::typing::TypingFollower::new("persister1"),
+        )));
+        let hub = Hub::new(
+            "master",
+            "test",
+            settings,
+            Inbound::new("master", followed),
+            Outbound::new("master", []),
+            true,
+            Some(SECRET),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        tokio::spawn(tcp::serve(Arc::clone(&hub), listener));
         Ok((hub, address))
     }
 
@@ -405,8 +462,15 @@ mod tcp {
         // Written before the worker connects: it catches up from the database.
         master.events.persist_events(ROOM, &[member("$early", "@early:example.com")]).await?;
         let (master_hub, address) = master_hub(&master, quick()).await?;
-        let worker_hub =
-            Hub::new("worker1", "test", quick(), worker.inbound, Outbound::new("worker1", []), false);
+        let worker_hub = Hub::new(
+            "worker1",
+            "test",
+            quick(),
+            worker.inbound,
+            Outbound::new("worker1", []),
+            false,
+            Some(SECRET),
+        );
         tokio::spawn(tcp::connect_forever(Arc::clone(&worker_hub), address));
         let events = worker.registry.get("events").ok_or("registered")?.clone();
         let target = master.events.reader().events_stream().get_current_token_for_writer("master");
@@ -436,7 +500,8 @@ mod tcp {
         let mut hubs = Vec::new();
         for (name, worker) in [("worker1", first), ("worker2", second)] {
             let events = worker.registry.get("events").ok_or("registered")?.clone();
-            let hub = Hub::new(name, "test", quick(), worker.inbound, Outbound::new(name, []), false);
+            let hub =
+                Hub::new(name, "test", quick(), worker.inbound, Outbound::new(name, []), false, Some(SECRET));
             tokio::spawn(tcp::connect_forever(Arc::clone(&hub), address.clone()));
             hubs.push((hub, events));
         }
@@ -467,8 +532,15 @@ mod tcp {
         // lost across the drop, not how fast a wake-up travels.
         let settings = Settings { poll_interval: Duration::from_secs(1), ..quick() };
         let (master_hub, address) = master_hub(&master, settings).await?;
-        let worker_hub =
-            Hub::new("worker1", "test", quick(), worker.inbound, Outbound::new("worker1", []), false);
+        let worker_hub = Hub::new(
+            "worker1",
+            "test",
+            quick(),
+            worker.inbound,
+            Outbound::new("worker1", []),
+            false,
+            Some(SECRET),
+        );
         tokio::spawn(tcp::connect_forever(Arc::clone(&worker_hub), address));
         eventually("the connection", async || master_hub.connections() == 1).await?;
         // Far more than the queue limit at once: the master drops the worker.
@@ -509,15 +581,17 @@ mod tcp {
         Ok((BufReader::new(read).lines(), write))
     }
 
-    /// Reads lines until the peer closes; returns them.
+    /// Reads lines until the peer closes, for at most 10 s; returns them.
     async fn until_closed(
         lines: &mut tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
     ) -> Result<Vec<String>, Box<dyn std::error::Error>> {
         let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            match tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await? {
-                Ok(Some(line)) => seen.push(line),
-                Ok(None) | Err(_) => return Ok(seen),
+            match tokio::time::timeout_at(deadline, lines.next_line()).await {
+                Ok(Ok(Some(line))) => seen.push(line),
+                Ok(Ok(None) | Err(_)) => return Ok(seen),
+                Err(_) => return Err(format!("still open after 10 s, having sent {seen:?}").into()),
             }
         }
     }
@@ -546,7 +620,7 @@ mod tcp {
         let (_db, master, _worker) = setup().await?;
         let (_hub, address) = master_hub(&master, quick()).await?;
         let (mut lines, mut write) = raw(&address).await?;
-        write.write_all(b"NAME silent\nPING 1\n").await?;
+        write.write_all(format!("AUTH {SECRET}\nNAME silent\nPING 1\n").as_bytes()).await?;
         let started = std::time::Instant::now();
         let seen = until_closed(&mut lines).await?;
         assert!(seen.iter().any(|line| line == "ERROR ping timeout"), "{seen:?}");
@@ -559,11 +633,135 @@ mod tcp {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_never_says_anything_valid_is_closed_after_the_ping_timeout() -> TestResult {
+        let (_db, master, _worker) = setup().await?;
+        let (hub, address) = master_hub(&master, quick()).await?;
+        let (mut lines, _write) = raw(&address).await?;
+        let started = std::time::Instant::now();
+        let seen = until_closed(&mut lines).await?;
+        assert!(seen.iter().any(|line| line == "ERROR ping timeout"), "{seen:?}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(hub.connections(), 0, "never registered");
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_without_the_secret_gets_nothing_and_moves_nothing() -> TestResult {
+        let (_db, master, worker) = setup().await?;
+        // A real worker follows, so a forged position would show on it.
+        let (hub, address) = master_hub(&master, quick()).await?;
+        let events = worker.registry.get("events").ok_or("registered")?.clone();
+        let worker_hub = Hub::new(
+            "worker1",
+            "test",
+            quick(),
+            worker.inbound,
+            Outbound::new("worker1", []),
+            false,
+            Some(SECRET),
+        );
+        tokio::spawn(tcp::connect_forever(Arc::clone(&worker_hub), address.clone()));
+        eventually("the worker to connect", async || hub.connections() == 1).await?;
+        let before = events.current_token("master");
+        master.events.persist_events(ROOM, &[member("$a", "@a:example.com")]).await?;
+        let forged = "POSITION events master 1 999999999\nRDATA events master 999999999 [\"ev\",[]]\n";
+        for hello in [String::new(), "AUTH wrong secret\n".to_owned(), "NAME rogue\n".to_owned()] {
+            let (mut lines, mut write) = raw(&address).await?;
+            write.write_all(format!("{hello}{forged}").as_bytes()).await?;
+            let seen = until_closed(&mut lines).await?;
+            assert_eq!(seen.first().map(String::as_str), Some("SERVER test"), "{seen:?}");
+            assert!(seen.iter().any(|line| line.starts_with("ERROR ")), "{hello:?} got {seen:?}");
+            assert!(
+                !seen.iter().any(|line| line.starts_with("RDATA") || line.starts_with("POSITION")),
+                "an unauthenticated peer is told nothing: {seen:?}"
+            );
+        }
+        let target = master.events.reader().events_stream().get_current_token_for_writer("master");
+        eventually("the worker to follow the real writer", async || events.current_token("master") == target)
+            .await?;
+        assert!(target > before && target < 999_999_999);
+        let refused = hub.refusals();
+        assert!(refused.contains_key(&("tcp", RefusalReason::Unauthenticated)), "{refused:?}");
+        assert!(refused.contains_key(&("tcp", RefusalReason::BadSecret)), "{refused:?}");
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_with_the_secret_speaks_only_for_the_writer_it_named() -> TestResult {
+        let (_db, master, _worker) = setup().await?;
+        let (hub, address) = master_hub_following(&master, quick()).await?;
+        let cases = [
+            // The master's own name is taken.
+            ("master", "PING 1", RefusalReason::Impersonation),
+            // A real writer, but not this connection.
+            ("rogue", "POSITION typing persister1 1 2", RefusalReason::Impersonation),
+            // This connection, but not a writer of the stream.
+            ("rogue", "POSITION typing rogue 1 2", RefusalReason::NotAWriter),
+        ];
+        for (name, said, reason) in cases {
+            let (mut lines, mut write) = raw(&address).await?;
+            write.write_all(format!("AUTH {SECRET}\nNAME {name}\n{said}\n").as_bytes()).await?;
+            let seen = until_closed(&mut lines).await?;
+            assert!(seen.iter().any(|line| line.starts_with("ERROR ")), "{name}: {seen:?}");
+            assert!(hub.refusals().contains_key(&("tcp", reason)), "{name} {said}: {:?}", hub.refusals());
+        }
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_past_the_cap_are_closed_at_once() -> TestResult {
+        let (_db, master, _worker) = setup().await?;
+        let (hub, address) = master_hub(&master, Settings { max_connections: 2, ..quick() }).await?;
+        let mut kept = Vec::new();
+        for name in ["a", "b"] {
+            let (mut lines, mut write) = raw(&address).await?;
+            write.write_all(format!("AUTH {SECRET}\nNAME {name}\n").as_bytes()).await?;
+            assert_eq!(lines.next_line().await?.as_deref(), Some("SERVER test"));
+            kept.push((lines, write));
+        }
+        let (mut lines, _write) = raw(&address).await?;
+        let seen = until_closed(&mut lines).await?;
+        assert_eq!(seen, ["ERROR too many replication connections"]);
+        // The first ones still work.
+        for (_, write) in &mut kept {
+            write.write_all(b"PING 1\n").await?;
+        }
+        assert_eq!(hub.connections(), 2);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_batch_rows_or_unknown_streams_is_dropped() -> TestResult {
+        let (_db, master, _worker) = setup().await?;
+        let (hub, address) = master_hub_following(&master, quick()).await?;
+        let row = r#"["!r",["@u"]]"#;
+        let floods = [
+            (0..replication::MAX_HELD_ROWS + 1)
+                .map(|_| format!("RDATA typing persister1 batch {row}\n"))
+                .collect::<String>(),
+            (0..replication::MAX_UNKNOWN_STREAMS + 1)
+                .map(|n| format!("POSITION s{n} persister1 1 1\n"))
+                .collect(),
+        ];
+        for flood in floods {
+            let (mut lines, mut write) = raw(&address).await?;
+            write.write_all(format!("AUTH {SECRET}\nNAME persister1\n").as_bytes()).await?;
+            // The peer may be gone before it has written everything.
+            let _ = write.write_all(flood.as_bytes()).await;
+            let seen = until_closed(&mut lines).await?;
+            assert!(seen.iter().any(|line| line.starts_with("ERROR ")), "{seen:?}");
+        }
+        assert!(hub.refusals().get(&("tcp", RefusalReason::OverBound)).is_some_and(|n| *n >= 2));
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_that_cannot_keep_up_is_disconnected() -> TestResult {
         let (_db, master, _worker) = setup().await?;
         let (hub, address) = master_hub(&master, quick()).await?;
-        // Connects, never reads.
-        let _stalled = TcpStream::connect(&address).await?;
+        // Authenticates, then never reads.
+        let mut stalled = TcpStream::connect(&address).await?;
+        stalled.write_all(format!("AUTH {SECRET}\nNAME stalled\nPING 1\n").as_bytes()).await?;
         eventually("the connection", async || hub.connections() == 1).await?;
         let bulk = Command::Ping { data: "x".repeat(8_000) };
         for _ in 0..5_000 {
@@ -578,60 +776,67 @@ mod tcp {
         let (_db, _master, worker) = setup().await?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?.to_string();
-        let worker_hub =
-            Hub::new("worker1", "test", quick(), worker.inbound, Outbound::new("worker1", []), false);
+        let worker_hub = Hub::new(
+            "worker1",
+            "test",
+            quick(),
+            worker.inbound,
+            Outbound::new("worker1", []),
+            false,
+            Some(SECRET),
+        );
         tokio::spawn(tcp::connect_forever(worker_hub, address));
         let (stream, _) = listener.accept().await?;
         let (read, mut write) = stream.into_split();
         write.write_all(b"SERVER someone.else\n").await?;
         let mut lines = BufReader::new(read).lines();
         let seen = until_closed(&mut lines).await?;
-        assert_eq!(&seen[..3], ["NAME worker1".to_owned(), seen[1].clone(), "REPLICATE ".to_owned()]);
-        assert!(seen[1].starts_with("PING "));
+        assert_eq!(
+            &seen[..4],
+            [format!("AUTH {SECRET}"), "NAME worker1".to_owned(), seen[2].clone(), "REPLICATE ".to_owned()]
+        );
+        assert!(seen[2].starts_with("PING "));
         assert!(seen.iter().any(|line| line == "ERROR Wrong remote"), "{seen:?}");
         Ok(())
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn rows_are_applied_only_once_the_stream_is_connected() -> TestResult {
+    async fn rows_of_a_writer_not_in_sequence_are_read_from_the_database() -> TestResult {
         let (_db, master, worker) = setup().await?;
         let receipts = worker.registry.get("receipts").ok_or("registered")?.clone();
         let from = receipts.current_token("master");
         master.receipts.insert_receipt(&receipt("$1")).await?;
         let to = master.receipts.reader().stream().get_current_token_for_writer("master");
         let updates = master.receipts.reader().get_receipts_updates("master", from, to, 10).await?;
-        let (token, row) = updates.rows.into_iter().next().ok_or("one row")?;
+        let (token, _row) = updates.rows.into_iter().next().ok_or("one row")?;
+        // The row as this connection delivers it differs from what the database
+        // holds: taken as it is, it would show.
         let rdata = Command::Rdata {
             stream: "receipts".into(),
             instance: "master".into(),
             token: Some(token),
-            row: RowJson::from_row(&row)?,
+            row: RowJson::from_row(&receipt("$not-what-was-written"))?,
         };
 
         // A fake server: the worker connects to it.
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?.to_string();
-        let worker_hub =
-            Hub::new("worker1", "test", quick(), worker.inbound, Outbound::new("worker1", []), false);
+        let worker_hub = Hub::new(
+            "worker1",
+            "test",
+            quick(),
+            worker.inbound,
+            Outbound::new("worker1", []),
+            false,
+            Some(SECRET),
+        );
         tokio::spawn(tcp::connect_forever(worker_hub, address));
         let (stream, _) = listener.accept().await?;
-        let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
+        let (_read, mut write) = stream.into_split();
         write.write_all(b"SERVER test\n").await?;
+        // No POSITION first on this connection: the writer is not in sequence, so
+        // the worker reads up to the token from the database instead.
         write.write_all(format!("{}\n", rdata.to_line()?).as_bytes()).await?;
-        // Let the worker read it; nothing may move: no POSITION yet on this connection.
-        assert_eq!(lines.next_line().await?.as_deref(), Some("NAME worker1"));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(receipts.current_token("master"), from);
-
-        // The POSITION connects the stream (catching up from the database)...
-        let position = Command::Position {
-            stream: "receipts".into(),
-            instance: "master".into(),
-            prev_token: token,
-            new_token: token,
-        };
-        write.write_all(format!("{}\n", position.to_line()?).as_bytes()).await?;
         eventually("the catch-up", async || receipts.current_token("master") == token).await?;
         assert_eq!(
             worker.receipts.get_last_receipt_event_id_for_user("@u", ROOM, "m.read").await?.as_deref(),
@@ -648,8 +853,6 @@ mod redis {
 
     use replication::redis::{RedisAddress, run_forever};
     use replication::{Hub, Outbound, Settings};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
 
     use super::*;
 
@@ -659,6 +862,7 @@ mod redis {
             ping_timeout: Duration::from_secs(2),
             max_pending: 10_000,
             poll_interval: Duration::from_secs(30),
+            ..Settings::default()
         }
     }
 
@@ -670,19 +874,6 @@ mod redis {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Err(format!("timed out waiting for {what}").into())
-    }
-
-    /// Sends one command to Redis on a fresh connection and returns the raw reply.
-    async fn redis_command(args: &[&str]) -> Result<String, Box<dyn std::error::Error>> {
-        let mut stream = TcpStream::connect("127.0.0.1:6379").await?;
-        let mut request = format!("*{}\r\n", args.len());
-        for arg in args {
-            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
-        }
-        stream.write_all(request.as_bytes()).await?;
-        let mut reply = vec![0u8; 64 * 1024];
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut reply)).await??;
-        Ok(String::from_utf8_lossy(&reply[..n]).into_owned())
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -702,13 +893,26 @@ mod redis {
             Inbound::new("master", StreamRegistry::new()),
             Outbound::new("master", sources),
             false,
+            Some(SECRET),
         );
         tokio::spawn(Arc::clone(&master_hub).run_streamer());
         master_hub.wake_on(master.events.reader().events_stream().subscribe());
         tokio::spawn(run_forever(Arc::clone(&master_hub), address.clone()));
-        let worker_hub =
-            Hub::new("worker1", &channel, settings(), worker.inbound, Outbound::new("worker1", []), false);
-        tokio::spawn(run_forever(Arc::clone(&worker_hub), address));
+        // The worker reaches Redis through a proxy the test can cut.
+        let proxy = crate::proxy::Proxy::start("127.0.0.1:6379").await?;
+        let through_proxy =
+            RedisAddress::parse(&format!("redis://{}", proxy.address())).map_err(|err| err.to_string())?;
+        let worker_hub = Hub::new(
+            "worker1",
+            &channel,
+            settings(),
+            worker.inbound,
+            Outbound::new("worker1", []),
+            false,
+            Some(SECRET),
+        );
+        tokio::spawn(run_forever(Arc::clone(&worker_hub), through_proxy));
+        drop(address);
 
         let events = worker.registry.get("events").ok_or("registered")?.clone();
         let target = master.events.reader().events_stream().get_current_token_for_writer("master");
@@ -719,23 +923,73 @@ mod redis {
         let target = master.events.reader().events_stream().get_current_token_for_writer("master");
         eventually("the RDATA", async || events.current_token("master") >= target).await?;
 
-        // Redis drops the worker's subscription (a timeout, a restart): it must
+        // Redis drops the worker's connections (a timeout, a restart): it must
         // notice, resubscribe, and catch up on what it missed meanwhile.
-        let clients = redis_command(&["CLIENT", "LIST"]).await?;
-        let subscriber = format!("name={channel}-worker1-sub");
-        let id = clients
-            .lines()
-            .find(|line| line.split(' ').any(|field| field == subscriber))
-            .and_then(|line| line.split(' ').find_map(|field| field.strip_prefix("id=")))
-            .ok_or("the worker's subscriber is listed by name")?
-            .to_owned();
-        let killed = redis_command(&["CLIENT", "KILL", "ID", &id]).await?;
-        assert_eq!(killed.trim(), ":1", "{killed}");
+        proxy.cut();
         master.events.persist_events(ROOM, &[member("$after", "@after:example.com")]).await?;
         let target = master.events.reader().events_stream().get_current_token_for_writer("master");
         eventually("the worker to recover", async || events.current_token("master") >= target).await?;
         assert_eq!(worker.events.get_users_in_room(ROOM).await?.len(), 3);
         Ok(())
+    }
+}
+
+mod proxy {
+    //! A TCP proxy a test can cut: every connection through it closes at once,
+    //! as when a network path or a server drops them; new ones go through.
+
+    use std::sync::{Arc, Mutex};
+
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::task::JoinHandle;
+
+    pub(crate) struct Proxy {
+        address: String,
+        connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+        accept: JoinHandle<()>,
+    }
+
+    impl Proxy {
+        /// Listens on a free port and forwards each connection to `target`.
+        pub(crate) async fn start(target: &str) -> Result<Proxy, std::io::Error> {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let address = listener.local_addr()?.to_string();
+            let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+            let target = target.to_owned();
+            let accept = tokio::spawn({
+                let connections = Arc::clone(&connections);
+                async move {
+                    while let Ok((mut inbound, _)) = listener.accept().await {
+                        let target = target.clone();
+                        let forward = tokio::spawn(async move {
+                            if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            }
+                        });
+                        connections.lock().expect("not poisoned").push(forward);
+                    }
+                }
+            });
+            Ok(Proxy { address, connections, accept })
+        }
+
+        pub(crate) fn address(&self) -> &str {
+            &self.address
+        }
+
+        /// Closes every connection open through the proxy.
+        pub(crate) fn cut(&self) {
+            for connection in self.connections.lock().expect("not poisoned").drain(..) {
+                connection.abort();
+            }
+        }
+    }
+
+    impl Drop for Proxy {
+        fn drop(&mut self) {
+            self.accept.abort();
+            self.cut();
+        }
     }
 }
 
@@ -763,6 +1017,7 @@ mod backlog {
             Inbound::new("master", StreamRegistry::new()),
             Outbound::new("master", sources),
             true,
+            Some(SECRET),
         );
         master_hub.wake_on(master.receipts.reader().stream().subscribe());
         tokio::spawn(Arc::clone(&master_hub).run_streamer());
@@ -799,8 +1054,15 @@ mod backlog {
         }
         assert!(master_hub.is_caught_up());
 
-        let worker_hub =
-            Hub::new("worker1", "test", settings, worker.inbound, Outbound::new("worker1", []), false);
+        let worker_hub = Hub::new(
+            "worker1",
+            "test",
+            settings,
+            worker.inbound,
+            Outbound::new("worker1", []),
+            false,
+            Some(SECRET),
+        );
         tokio::spawn(tcp::connect_forever(Arc::clone(&worker_hub), address));
         let receipts = worker.registry.get("receipts").ok_or("registered")?.clone();
         for _ in 0..1_000 {
@@ -923,6 +1185,7 @@ mod federation {
                 [Arc::new(FederationStream::Queue(Arc::clone(&queue))) as Arc<dyn replication::Stream>],
             ),
             true,
+            Some(SECRET),
         );
         master_hub.wake_on(queue.subscribe());
         tokio::spawn(Arc::clone(&master_hub).run_streamer());
@@ -944,6 +1207,7 @@ mod federation {
             Inbound::new("sender1", registry),
             Outbound::new("sender1", []),
             false,
+            Some(SECRET),
         );
         tokio::spawn(tcp::connect_forever(Arc::clone(&sender_hub), address));
         while master_hub.connections() == 0 {
@@ -1084,6 +1348,7 @@ mod redis_faults {
             ping_timeout: Duration::from_millis(400),
             max_pending: 50,
             poll_interval: Duration::from_secs(30),
+            ..Settings::default()
         }
     }
 
@@ -1095,6 +1360,7 @@ mod redis_faults {
             Inbound::new("worker1", StreamRegistry::new()),
             Outbound::new("worker1", []),
             false,
+            Some(SECRET),
         )
     }
 
@@ -1151,12 +1417,20 @@ mod redis_faults {
             Inbound::new("master", StreamRegistry::new()),
             Outbound::new("master", sources),
             false,
+            Some(SECRET),
         );
         tokio::spawn(Arc::clone(&master_hub).run_streamer());
         master_hub.wake_on(master.events.reader().events_stream().subscribe());
         tokio::spawn(run_forever(Arc::clone(&master_hub), address.clone()));
-        let worker_hub =
-            Hub::new("worker1", &channel, settings(), worker.inbound, Outbound::new("worker1", []), false);
+        let worker_hub = Hub::new(
+            "worker1",
+            &channel,
+            settings(),
+            worker.inbound,
+            Outbound::new("worker1", []),
+            false,
+            Some(SECRET),
+        );
         tokio::spawn(run_forever(Arc::clone(&worker_hub), address));
         while master_hub.connections() == 0 || worker_hub.connections() == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1210,6 +1484,7 @@ mod configured {
             Inbound::new(name, StreamRegistry::new()),
             Outbound::new(name, []),
             name == "master",
+            Some(SECRET),
         )
     }
 
@@ -1217,13 +1492,15 @@ mod configured {
     async fn the_config_picks_the_transports() -> TestResult {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let master = ServerConfig::from_toml_str(
-            &format!("server_name = \"cfg\"\n[replication]\nlisten = \"127.0.0.1:{port}\"\n"),
+            &format!(
+                "server_name = \"cfg\"\nworker_replication_secret = \"{SECRET}\"\n[replication]\nlisten = \"127.0.0.1:{port}\"\n"
+            ),
             Role::Master,
         )?;
         let worker = ServerConfig::from_toml_str(
             &format!(
-                "server_name = \"cfg\"\ninstance_name = \"w\"\n[database]\nurl = \"postgres://x\"\n\
-                 [replication]\nmaster = \"127.0.0.1:{port}\"\n"
+                "server_name = \"cfg\"\ninstance_name = \"w\"\nworker_replication_secret = \"{SECRET}\"\n\
+                 [database]\nurl = \"postgres://x\"\n[replication]\nmaster = \"127.0.0.1:{port}\"\n"
             ),
             Role::Worker,
         )?;
@@ -1278,7 +1555,9 @@ mod configured {
         let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
         let address = taken.local_addr()?.to_string();
         let config = ServerConfig::from_toml_str(
-            &format!("server_name = \"cfg\"\n[replication]\nlisten = \"{address}\"\n"),
+            &format!(
+                "server_name = \"cfg\"\nworker_replication_secret = \"{SECRET}\"\n[replication]\nlisten = \"{address}\"\n"
+            ),
             Role::Master,
         )?;
         let err = transports::start(&hub("master", "cfg"), &config.replication).await.expect_err("in use");
@@ -1323,6 +1602,7 @@ mod http_catch_up {
             Inbound::new("master", StreamRegistry::new()),
             Outbound::new("master", sources),
             true,
+            Some(SECRET),
         )
     }
 
@@ -1350,7 +1630,7 @@ mod http_catch_up {
         assert!(hub.is_caught_up());
 
         let fetcher = HttpFetcher::new(BTreeMap::from([("master".to_owned(), http)]), SECRET);
-        let follower = TypingFollower::fetching_from(fetcher.clone());
+        let follower = TypingFollower::fetching_from("master", fetcher.clone());
         let (handled_tx, mut handled) = tokio::sync::mpsc::unbounded_channel::<Vec<FederationRow>>();
         let handler: FederationHandler = Arc::new(move |_, rows: &[FederationRow]| {
             let _ = handled_tx.send(rows.to_vec());
@@ -1365,6 +1645,7 @@ mod http_catch_up {
             Inbound::new("worker1", registry),
             Outbound::new("worker1", []),
             false,
+            Some(SECRET),
         );
         tokio::spawn(tcp::connect_forever(Arc::clone(&worker), replication_address));
 
