@@ -127,11 +127,36 @@ struct State<K, V> {
 }
 
 /// A load in progress, from [`Cache::begin_fill`].
-#[derive(Debug)]
+///
+/// Dropping it abandons the load like [`Cache::cancel_fill`]: a load whose
+/// future is dropped half-way (the client hung up) must not leave its ticket in
+/// the cache, where one per distinct key would pile up for ever.
 #[must_use = "hand the loaded value to Cache::finish_fill"]
-pub struct FillTicket<K> {
+pub struct FillTicket<'cache, K: Eq + Hash, V> {
+    cache: &'cache Cache<K, V>,
     key: K,
     ticket: u64,
+    /// Cleared once the ticket was handed back, so that dropping it does not
+    /// take the lock a second time.
+    outstanding: bool,
+}
+
+impl<K: Eq + Hash + fmt::Debug, V> fmt::Debug for FillTicket<'_, K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FillTicket")
+            .field("cache", &self.cache.name)
+            .field("key", &self.key)
+            .field("ticket", &self.ticket)
+            .finish()
+    }
+}
+
+impl<K: Eq + Hash, V> Drop for FillTicket<'_, K, V> {
+    fn drop(&mut self) {
+        if self.outstanding {
+            self.cache.release(&self.key, self.ticket);
+        }
+    }
 }
 
 impl<K, V> fmt::Debug for Cache<K, V> {
@@ -140,6 +165,23 @@ impl<K, V> fmt::Debug for Cache<K, V> {
             .field("name", &self.name)
             .field("capacity", &self.capacity)
             .finish_non_exhaustive()
+    }
+}
+
+impl<K: Eq + Hash, V> Cache<K, V> {
+    fn state(&self) -> MutexGuard<'_, State<K, V>> {
+        // Every critical section is panic-free bookkeeping; a poisoned lock still
+        // holds a consistent map.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets `ticket` of `key`, unless an invalidation or a later load already
+    /// replaced it.
+    fn release(&self, key: &K, ticket: u64) {
+        let mut state = self.state();
+        if state.pending.get(key) == Some(&ticket) {
+            state.pending.remove(key);
+        }
     }
 }
 
@@ -158,12 +200,6 @@ impl<K: CacheKey, V: Clone + Send + Sync + 'static> Cache<K, V> {
             }),
             counters: Counters::default(),
         })
-    }
-
-    fn state(&self) -> MutexGuard<'_, State<K, V>> {
-        // Every critical section is panic-free bookkeeping; a poisoned lock still
-        // holds a consistent map.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The cache's name, as on the `caches` stream.
@@ -192,33 +228,38 @@ impl<K: CacheKey, V: Clone + Send + Sync + 'static> Cache<K, V> {
     }
 
     /// Starts a load of `key`; only [`Cache::finish_fill`] with this ticket, and
-    /// no invalidation of `key` in between, puts the value in.
-    pub fn begin_fill(&self, key: &K) -> FillTicket<K> {
+    /// no invalidation of `key` in between, puts the value in. Dropping the
+    /// ticket abandons the load.
+    pub fn begin_fill(&self, key: &K) -> FillTicket<'_, K, V> {
         let mut state = self.state();
         state.next_ticket += 1;
         let ticket = state.next_ticket;
         state.pending.insert(key.clone(), ticket);
-        FillTicket { key: key.clone(), ticket }
+        FillTicket { cache: self, key: key.clone(), ticket, outstanding: true }
     }
 
     /// Puts a loaded value in, unless the key was invalidated (or loaded again)
-    /// since the ticket was taken. Returns whether it was stored.
-    pub fn finish_fill(&self, ticket: FillTicket<K>, value: V) -> bool {
+    /// since the ticket was taken, or the ticket is another cache's. Returns
+    /// whether it was stored.
+    pub fn finish_fill(&self, mut ticket: FillTicket<'_, K, V>, value: V) -> bool {
+        if !std::ptr::eq(ticket.cache, self) {
+            return false;
+        }
+        ticket.outstanding = false;
         let mut state = self.state();
         if state.pending.get(&ticket.key) != Some(&ticket.ticket) {
             return false;
         }
-        state.pending.remove(&ticket.key);
-        self.insert_locked(&mut state, ticket.key, value);
+        // The map's copy of the key moves into the entry: no clone for the fill.
+        let Some((key, _)) = state.pending.remove_entry(&ticket.key) else { return false };
+        self.insert_locked(&mut state, key, value);
         true
     }
 
-    /// Abandons a load (it found nothing worth caching, or failed).
-    pub fn cancel_fill(&self, ticket: FillTicket<K>) {
-        let mut state = self.state();
-        if state.pending.get(&ticket.key) == Some(&ticket.ticket) {
-            state.pending.remove(&ticket.key);
-        }
+    /// Abandons a load (it found nothing worth caching, or failed); the same as
+    /// dropping the ticket.
+    pub fn cancel_fill(&self, ticket: FillTicket<'_, K, V>) {
+        drop(ticket);
     }
 
     fn insert_locked(&self, state: &mut State<K, V>, key: K, value: V) {
@@ -280,6 +321,12 @@ impl<K: CacheKey, V: Clone + Send + Sync + 'static> Cache<K, V> {
     /// How many entries are cached.
     pub fn len(&self) -> usize {
         self.state().entries.len()
+    }
+
+    /// How many loads have a ticket outstanding (taken by [`Cache::begin_fill`]
+    /// and not yet finished, cancelled or voided).
+    pub fn loads_in_progress(&self) -> usize {
+        self.state().pending.len()
     }
 
     /// Whether nothing is cached.

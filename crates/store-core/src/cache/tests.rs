@@ -1,7 +1,9 @@
 //! The cache's LRU bound, counters, and the invalidation race.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use server_config::CacheConfig;
 
@@ -133,4 +135,52 @@ fn magic_names_expand_into_their_caches() {
     assert_eq!(by_user.get(&key("@b")), Some(1));
     assert_eq!(*seen_token.lock().unwrap(), Some(9));
     assert!(registry.register_expansion("cs_cache_fake", Arc::new(|_, _, _| {})).is_err());
+}
+
+#[tokio::test]
+async fn cancelled_loads_leave_nothing_behind() {
+    let cache = Cache::<String, u32>::new("test", 10);
+    for n in 0..1_000 {
+        // A client hangs up while the load waits on the database.
+        let load = cache.get_or_load(format!("!room{n}"), std::future::pending::<Result<u32, Infallible>>);
+        let outcome = tokio::time::timeout(Duration::from_millis(0), load).await;
+        assert!(outcome.is_err(), "the load never finishes");
+    }
+    assert_eq!(cache.loads_in_progress(), 0, "every cancelled load gave its ticket back");
+    assert!(cache.is_empty());
+}
+
+#[tokio::test]
+async fn a_load_dropped_in_a_select_leaves_nothing_behind() {
+    let cache = Cache::<String, u32>::new("test", 10);
+    for n in 0..100 {
+        let load = cache.get_or_load(format!("@user{n}"), std::future::pending::<Result<u32, Infallible>>);
+        tokio::select! {
+            _ = load => unreachable!("the load never finishes"),
+            () = tokio::task::yield_now() => {}
+        }
+    }
+    assert_eq!(cache.loads_in_progress(), 0);
+}
+
+#[test]
+fn dropping_a_superseded_ticket_leaves_the_newer_load_alone() {
+    let cache = Cache::<String, u32>::new("test", 10);
+    let older = cache.begin_fill(&key("k"));
+    let newer = cache.begin_fill(&key("k"));
+    drop(older);
+    assert_eq!(cache.loads_in_progress(), 1);
+    assert!(cache.finish_fill(newer, 2), "the older load's cancellation must not void the newer one");
+    assert_eq!(cache.loads_in_progress(), 0);
+    assert_eq!(cache.get(&key("k")), Some(2));
+}
+
+#[test]
+fn a_ticket_fills_only_the_cache_that_issued_it() {
+    let issuer = Cache::<String, u32>::new("issuer", 10);
+    let other = Cache::<String, u32>::new("other", 10);
+    let ticket = issuer.begin_fill(&key("k"));
+    assert!(!other.finish_fill(ticket, 1));
+    assert!(other.is_empty() && issuer.is_empty());
+    assert_eq!(issuer.loads_in_progress(), 0, "the refused ticket was still given back to its issuer");
 }

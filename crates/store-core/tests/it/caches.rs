@@ -1,8 +1,10 @@
 //! The `caches` stream: local invalidation after commit, rows for other processes
 //! (PostgreSQL deployments of several processes only), catch-up, replay on a
-//! worker, the batched current-state poke, and pruning.
+//! worker, the batched current-state poke, and pruning; and the caches' own
+//! bounds on real reads.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use server_config::{Overrides, Role, ServerConfig};
 use store_core::{
@@ -261,4 +263,35 @@ fn caches_rows_match_the_wire_vectors() {
         assert_eq!(serde_json::to_string(&row).expect("serialises"), json);
     }
     assert!(serde_json::from_str::<CachesRow>(r#"["f",["a"]]"#).is_err());
+}
+
+/// A cached read of the database cut off mid-query (the client hung up) gives
+/// its ticket back, and nothing fills the cache once the query would have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_cancelled_mid_query_leave_nothing_behind() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let cache = Cache::<String, i64>::new("get_slow_value", 100);
+    let read = |key: String, sql: &'static str| {
+        let db = test_db.db.clone();
+        cache.get_or_load(key, move || async move {
+            db.run_autocommit("get_slow_value", move |txn| {
+                Box::pin(async move { txn.query_one(sql, &[]).await?.get(0) })
+            })
+            .await
+        })
+    };
+    for n in 0..20 {
+        let slow = read(format!("@user{n}:example.com"), "SELECT 1::BIGINT FROM pg_sleep(0.5)");
+        let outcome = tokio::time::timeout(Duration::from_millis(50), slow).await;
+        assert!(outcome.is_err(), "the read was cut off before it ended");
+    }
+    assert_eq!(cache.loads_in_progress(), 0, "every cut-off read gave its ticket back");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(cache.is_empty(), "nothing fills after the queries would have ended");
+
+    // The cache still works: a read that runs to its end is cached.
+    assert_eq!(read("@user0:example.com".to_owned(), "SELECT 7::BIGINT").await?, 7);
+    assert_eq!(cache.get(&"@user0:example.com".to_owned()), Some(7));
+    assert_eq!(cache.loads_in_progress(), 0);
+    Ok(())
 }
