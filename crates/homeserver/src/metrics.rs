@@ -212,10 +212,14 @@ type CacheCounter = fn(&store_core::CacheStats) -> u64;
 
 fn caches(state: &AppState, text: &mut Text) {
     let stats = state.store.caches().registry().stats();
-    let families: [(&str, &str, CacheCounter); 4] = [
+    let families: [(&str, &str, CacheCounter); 6] = [
         ("homeserver_cache_hits_total", "Reads answered from the cache.", |s| s.hits),
         ("homeserver_cache_misses_total", "Reads that loaded from the database.", |s| s.misses),
-        ("homeserver_cache_evictions_total", "Entries dropped to stay within the size.", |s| s.evictions),
+        ("homeserver_cache_evictions_total", "Entries dropped for the size or budget.", |s| s.evictions),
+        ("homeserver_cache_weight_evictions_total", "Evictions forced by the budget.", |s| {
+            s.weight_evictions
+        }),
+        ("homeserver_cache_oversized_total", "Values too big for the budget, not cached.", |s| s.oversized),
         ("homeserver_cache_invalidations_total", "Invalidations applied.", |s| s.invalidations),
     ];
     for (family, help, field) in families {

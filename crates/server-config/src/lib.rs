@@ -247,7 +247,7 @@ fn default_max_connections() -> usize {
     256
 }
 
-/// The `[caches]` section: sizes in entries.
+/// The `[caches]` section: sizes in entries, and budgets in bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
@@ -257,6 +257,13 @@ pub struct CacheConfig {
     /// Cache name → size, overriding `default_size`.
     #[serde(default)]
     pub sizes: BTreeMap<String, usize>,
+    /// The most bytes (estimated) each cache not named in `max_bytes` holds.
+    /// Default 64 MiB.
+    #[serde(default = "default_cache_max_bytes")]
+    pub default_max_bytes: usize,
+    /// Cache name → byte budget, overriding `default_max_bytes`.
+    #[serde(default)]
+    pub max_bytes: BTreeMap<String, usize>,
     /// How many days rows of the `caches` stream are kept for processes that
     /// catch up after a disconnect. Default 7.
     #[serde(default = "default_invalidation_retention_days")]
@@ -268,6 +275,8 @@ impl Default for CacheConfig {
         CacheConfig {
             default_size: default_cache_size(),
             sizes: BTreeMap::new(),
+            default_max_bytes: default_cache_max_bytes(),
+            max_bytes: BTreeMap::new(),
             invalidation_retention_days: default_invalidation_retention_days(),
         }
     }
@@ -278,6 +287,11 @@ impl CacheConfig {
     pub fn size_of(&self, name: &str) -> usize {
         self.sizes.get(name).copied().unwrap_or(self.default_size)
     }
+
+    /// The configured byte budget of the cache called `name`.
+    pub fn max_bytes_of(&self, name: &str) -> usize {
+        self.max_bytes.get(name).copied().unwrap_or(self.default_max_bytes)
+    }
 }
 
 fn default_pool_size() -> usize {
@@ -286,6 +300,15 @@ fn default_pool_size() -> usize {
 
 fn default_cache_size() -> usize {
     10_000
+}
+
+/// Entries of ordinary size stay well under this (an event is about a
+/// kilobyte, so the default 10 000 of them about 10 MiB): it bites only on the
+/// outsized values a peer or client can make, such as member lists of huge
+/// rooms or giant account data. The nine caches of a process at their full
+/// budgets come to 576 MiB, about what a busy Synapse worker uses.
+fn default_cache_max_bytes() -> usize {
+    64 * 1024 * 1024
 }
 
 fn default_invalidation_retention_days() -> u32 {
@@ -495,6 +518,12 @@ impl ServerConfig {
         }
         if self.caches.invalidation_retention_days == 0 {
             return Err("`[caches] invalidation_retention_days` must be at least 1".to_owned());
+        }
+        if self.caches.default_max_bytes == 0 {
+            return Err("`[caches] default_max_bytes` must be at least 1".to_owned());
+        }
+        if let Some((name, _)) = self.caches.max_bytes.iter().find(|(_, bytes)| **bytes == 0) {
+            return Err(format!("`[caches] max_bytes.{name}` must be at least 1"));
         }
         if self.database.pool_size == 0 {
             return Err("`[database] pool_size` must be at least 1".to_owned());

@@ -166,6 +166,27 @@ fn bad_files_give_one_clear_line() {
 }
 
 #[test]
+fn cache_byte_budgets_default_override_and_refuse_zero() {
+    let config = ServerConfig::from_toml_str("server_name = \"a\"", Role::Master).unwrap();
+    assert_eq!(config.caches.max_bytes_of("anything"), 64 * 1024 * 1024);
+    let text = "server_name = \"a\"\n[caches]\ndefault_max_bytes = 1000\nmax_bytes = { get_event = 5000 }\n";
+    let config = ServerConfig::from_toml_str(text, Role::Master).unwrap();
+    assert_eq!(config.caches.max_bytes_of("get_event"), 5000);
+    assert_eq!(config.caches.max_bytes_of("other"), 1000);
+    // Zero would make a cache that caches nothing: a typo, not a choice.
+    check_err(
+        Role::Master,
+        "server_name = \"a\"\n[caches]\ndefault_max_bytes = 0\n",
+        "`[caches] default_max_bytes` must be at least 1",
+    );
+    check_err(
+        Role::Master,
+        "server_name = \"a\"\n[caches]\nmax_bytes = { get_event = 0 }\n",
+        "`[caches] max_bytes.get_event` must be at least 1",
+    );
+}
+
+#[test]
 fn duplicate_writer_is_refused() {
     let text = format!(
         "{WORKER_BASE}\n[stream_writers]\nevents = [\"worker1\", \"worker1\"]\n[instance_map]\nworker1 = \"h:1\"\n"

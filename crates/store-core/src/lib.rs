@@ -35,8 +35,8 @@ mod transaction;
 mod value;
 
 pub use cache::{
-    CURRENT_STATE_POKE, Cache, CacheKey, CacheRegistry, CacheStats, CachesRow, CachesStream, DynCache,
-    Expansion, FillTicket, MEMBERS_PER_POKE_ROW, StreamChangeCache,
+    CURRENT_STATE_POKE, Cache, CacheKey, CacheRegistry, CacheStats, CacheWeight, CachesRow, CachesStream,
+    DynCache, Expansion, FillTicket, MEMBERS_PER_POKE_ROW, StreamChangeCache,
 };
 pub use database::{BoxFuture, Database, DatabaseOptions, Engine, InteractionStats};
 pub use error::{DbError, StoreError};

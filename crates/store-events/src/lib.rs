@@ -16,6 +16,8 @@ mod reader;
 pub mod rows;
 mod writer;
 
+use store_core::CacheWeight;
+
 pub use reader::{
     CURRENT_STATE_CACHES_BY_MEMBER, CURRENT_STATE_CACHES_BY_ROOM, EventsReader, MembershipChange, StateMap,
     WriterFilter,
@@ -58,6 +60,14 @@ impl NewEvent {
     }
 }
 
+// Both destructure, so that a new field cannot be left out of the weight.
+impl CacheWeight for NewEvent {
+    fn weight(&self) -> usize {
+        let NewEvent { event_id, event_type, state_key, sender, origin_server_ts: _, content } = self;
+        event_id.weight() + event_type.weight() + state_key.weight() + sender.weight() + content.weight()
+    }
+}
+
 /// A persisted event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -69,4 +79,11 @@ pub struct Event {
     pub room_id: String,
     /// The event itself.
     pub event: NewEvent,
+}
+
+impl CacheWeight for Event {
+    fn weight(&self) -> usize {
+        let Event { stream_ordering: _, instance_name, room_id, event } = self;
+        instance_name.weight() + room_id.weight() + event.weight()
+    }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use store_core::{
-    Cache, CacheRegistry, CachesStream, Database, MultiWriterConfig, MultiWriterIdGenerator,
+    Cache, CacheRegistry, CacheWeight, CachesStream, Database, MultiWriterConfig, MultiWriterIdGenerator,
     MultiWriterToken, Row, ServerConfig, StoreError, StreamChangeCache, StreamTable, StreamUpdates,
     Transaction,
 };
@@ -57,6 +57,19 @@ impl From<ReceiptTuple> for ReceiptRow {
 impl From<ReceiptRow> for ReceiptTuple {
     fn from(row: ReceiptRow) -> Self {
         (row.room_id, row.receipt_type, row.user_id, row.event_id, row.thread_id, row.data)
+    }
+}
+
+impl CacheWeight for ReceiptRow {
+    fn weight(&self) -> usize {
+        // Destructured so that a new field cannot be left out of the weight.
+        let ReceiptRow { room_id, receipt_type, user_id, event_id, thread_id, data } = self;
+        room_id.weight()
+            + receipt_type.weight()
+            + user_id.weight()
+            + event_id.weight()
+            + thread_id.weight()
+            + data.weight()
     }
 }
 

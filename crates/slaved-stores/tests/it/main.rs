@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use replication::Inbound;
+use replication::{Inbound, Link};
 use server_config::{Overrides, Role, ServerConfig};
 use slaved_stores::{DataStore, WorkerStore, check_stream_writers};
 use store_core::{Engine, StoreError, build_store};
@@ -34,9 +34,11 @@ fn join(user: &str) -> NewEvent {
 /// gap does: reading the rows from the database.
 async fn follow(follower: &WorkerStore, master: &DataStore) -> TestResult {
     let inbound = Inbound::new("worker1", follower.replication_streams());
+    let mut link = Link::default();
     for stream in master.written_streams() {
         let position = stream.current_token("master");
-        inbound.on_position(stream.name(), "master", position, position).await?;
+        let followed = inbound.streams().get(stream.name()).ok_or("the follower follows every stream")?;
+        inbound.on_position(&mut link, followed.as_ref(), "master", position, position).await?;
     }
     Ok(())
 }

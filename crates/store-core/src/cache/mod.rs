@@ -1,11 +1,13 @@
 //! In-process caches in front of the database, and the machinery that keeps
 //! every process's caches right.
 //!
-//! - [`Cache`]: a bounded LRU map with hit/miss/eviction counters, whose reads
-//!   cannot race an invalidation (a read that started before an invalidation never
-//!   puts its old value into the cache afterwards).
+//! - [`Cache`]: an LRU map bounded by entries and by bytes ([`CacheWeight`]), with
+//!   hit/miss/eviction counters, whose reads cannot race an invalidation (a read
+//!   that started before an invalidation never puts its old value into the cache
+//!   afterwards).
 //! - [`CacheRegistry`]: every cache of a process by name (the name that travels on
-//!   the `caches` stream), with sizes from config and the *expansions* domain
+//!   the `caches` stream), with sizes and byte budgets from config and the
+//!   *expansions* domain
 //!   crates register for magic names such as `cs_cache_fake`.
 //! - [`StreamChangeCache`]: "has this entity changed since position P?".
 //! - [`CachesStream`]: invalidations made in a transaction, applied locally after
@@ -15,6 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::Hash;
+use std::mem::size_of;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
@@ -24,12 +27,14 @@ use crate::StoreError;
 
 mod caches_stream;
 mod stream_change;
+mod weight;
 
 pub use caches_stream::{CURRENT_STATE_POKE, CachesRow, CachesStream, MEMBERS_PER_POKE_ROW};
 pub use stream_change::StreamChangeCache;
+pub use weight::CacheWeight;
 
 /// A cache key: a tuple of strings, as it travels on the `caches` stream.
-pub trait CacheKey: Clone + Eq + Hash + Send + Sync + fmt::Debug + 'static {
+pub trait CacheKey: CacheWeight + Clone + Eq + Hash + Send + Sync + fmt::Debug + 'static {
     /// The key's parts, in order.
     fn to_parts(&self) -> Vec<String>;
     /// The key from its parts; `None` if they do not fit this key type.
@@ -79,8 +84,14 @@ pub struct CacheStats {
     pub hits: u64,
     /// Reads that had to load.
     pub misses: u64,
-    /// Entries dropped to stay within the size.
+    /// Entries dropped to stay within the size or the byte budget.
     pub evictions: u64,
+    /// Of `evictions`, those the byte budget forced (the entries were within
+    /// the size): many means the budget, not the size, is what limits the cache.
+    pub weight_evictions: u64,
+    /// Loaded values not cached because each alone weighs more than the byte
+    /// budget; their readers got them all the same.
+    pub oversized: u64,
     /// Invalidations (of one key, or of everything).
     pub invalidations: u64,
 }
@@ -90,16 +101,25 @@ struct Counters {
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: AtomicU64,
+    weight_evictions: AtomicU64,
+    oversized: AtomicU64,
     invalidations: AtomicU64,
 }
 
-/// A bounded LRU cache from `K` to `V` (clone-cheap values: wrap big ones in `Arc`).
+/// An LRU cache from `K` to `V` (clone-cheap values: wrap big ones in `Arc`),
+/// bounded by entries and by bytes: values come from the database, where a peer
+/// or a client may have made them arbitrarily big, so a count of entries alone
+/// does not bound its memory.
+///
+/// Each entry is weighed once, when it is filled ([`CacheWeight`] of key and
+/// value, plus the cache's own bookkeeping); the least recently used entries go
+/// until both bounds hold.
 ///
 /// ```
 /// # async fn example() -> Result<(), store_core::StoreError> {
 /// use store_core::Cache;
 ///
-/// let cache = Cache::<String, u32>::new("get_answer", 100);
+/// let cache = Cache::<String, u32>::new("get_answer", 100, 1 << 20);
 /// let value = cache.get_or_load("q".to_owned(), || async { Ok::<_, store_core::StoreError>(42) }).await?;
 /// assert_eq!(value, 42);
 /// assert_eq!(cache.get(&"q".to_owned()), Some(42));
@@ -111,15 +131,37 @@ struct Counters {
 pub struct Cache<K, V> {
     name: &'static str,
     capacity: usize,
+    max_bytes: usize,
     state: Mutex<State<K, V>>,
     counters: Counters,
 }
 
+struct Entry<V> {
+    value: V,
+    /// When it was last used: its key in `State::order`.
+    tick: u64,
+    /// Its weight, kept so that removing it needs no second walk of the value.
+    weight: usize,
+}
+
+/// What the cache keeps for an entry besides its key's and value's own heap:
+/// the hash table's control byte and the use-order tree's share of a node, the
+/// tick and the weight. An estimate, like every weight.
+const ENTRY_OVERHEAD: usize = 48;
+
+/// What an entry of `key` and `value` costs the cache's byte budget.
+fn entry_weight<K: CacheWeight, V: CacheWeight>(key: &K, value: &V) -> usize {
+    // The key is held twice, in the entries and in the use order.
+    2 * (size_of::<K>() + key.weight()) + size_of::<V>() + value.weight() + ENTRY_OVERHEAD
+}
+
 struct State<K, V> {
-    entries: HashMap<K, (V, u64)>,
+    entries: HashMap<K, Entry<V>>,
     /// Use tick → key, oldest first.
     order: BTreeMap<u64, K>,
     tick: u64,
+    /// The sum of the entries' weights.
+    bytes: usize,
     /// Loads in progress: key → the ticket that may fill it. An invalidation
     /// removes the key, so a load that started before it cannot fill afterwards.
     pending: HashMap<K, u64>,
@@ -127,11 +169,36 @@ struct State<K, V> {
 }
 
 /// A load in progress, from [`Cache::begin_fill`].
-#[derive(Debug)]
+///
+/// Dropping it abandons the load like [`Cache::cancel_fill`]: a load whose
+/// future is dropped half-way (the client hung up) must not leave its ticket in
+/// the cache, where one per distinct key would pile up for ever.
 #[must_use = "hand the loaded value to Cache::finish_fill"]
-pub struct FillTicket<K> {
+pub struct FillTicket<'cache, K: Eq + Hash, V> {
+    cache: &'cache Cache<K, V>,
     key: K,
     ticket: u64,
+    /// Cleared once the ticket was handed back, so that dropping it does not
+    /// take the lock a second time.
+    outstanding: bool,
+}
+
+impl<K: Eq + Hash + fmt::Debug, V> fmt::Debug for FillTicket<'_, K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FillTicket")
+            .field("cache", &self.cache.name)
+            .field("key", &self.key)
+            .field("ticket", &self.ticket)
+            .finish()
+    }
+}
+
+impl<K: Eq + Hash, V> Drop for FillTicket<'_, K, V> {
+    fn drop(&mut self) {
+        if self.outstanding {
+            self.cache.release(&self.key, self.ticket);
+        }
+    }
 }
 
 impl<K, V> fmt::Debug for Cache<K, V> {
@@ -139,31 +206,46 @@ impl<K, V> fmt::Debug for Cache<K, V> {
         f.debug_struct("Cache")
             .field("name", &self.name)
             .field("capacity", &self.capacity)
+            .field("max_bytes", &self.max_bytes)
             .finish_non_exhaustive()
     }
 }
 
-impl<K: CacheKey, V: Clone + Send + Sync + 'static> Cache<K, V> {
-    /// An empty cache holding at most `capacity` entries (at least one).
-    pub fn new(name: &'static str, capacity: usize) -> Arc<Cache<K, V>> {
+impl<K: Eq + Hash, V> Cache<K, V> {
+    fn state(&self) -> MutexGuard<'_, State<K, V>> {
+        // Every critical section is panic-free bookkeeping; a poisoned lock still
+        // holds a consistent map.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets `ticket` of `key`, unless an invalidation or a later load already
+    /// replaced it.
+    fn release(&self, key: &K, ticket: u64) {
+        let mut state = self.state();
+        if state.pending.get(key) == Some(&ticket) {
+            state.pending.remove(key);
+        }
+    }
+}
+
+impl<K: CacheKey, V: CacheWeight + Clone + Send + Sync + 'static> Cache<K, V> {
+    /// An empty cache holding at most `capacity` entries (at least one) that
+    /// weigh at most `max_bytes` together.
+    pub fn new(name: &'static str, capacity: usize, max_bytes: usize) -> Arc<Cache<K, V>> {
         Arc::new(Cache {
             name,
             capacity: capacity.max(1),
+            max_bytes,
             state: Mutex::new(State {
                 entries: HashMap::new(),
                 order: BTreeMap::new(),
                 tick: 0,
+                bytes: 0,
                 pending: HashMap::new(),
                 next_ticket: 0,
             }),
             counters: Counters::default(),
         })
-    }
-
-    fn state(&self) -> MutexGuard<'_, State<K, V>> {
-        // Every critical section is panic-free bookkeeping; a poisoned lock still
-        // holds a consistent map.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The cache's name, as on the `caches` stream.
@@ -176,13 +258,13 @@ impl<K: CacheKey, V: Clone + Send + Sync + 'static> Cache<K, V> {
         let mut state = self.state();
         let state = &mut *state;
         match state.entries.get_mut(key) {
-            Some((value, tick)) => {
+            Some(entry) => {
                 state.tick += 1;
-                state.order.remove(tick);
-                *tick = state.tick;
+                state.order.remove(&entry.tick);
+                entry.tick = state.tick;
                 state.order.insert(state.tick, key.clone());
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                Some(value.clone())
+                Some(entry.value.clone())
             }
             None => {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
@@ -192,46 +274,79 @@ impl<K: CacheKey, V: Clone + Send + Sync + 'static> Cache<K, V> {
     }
 
     /// Starts a load of `key`; only [`Cache::finish_fill`] with this ticket, and
-    /// no invalidation of `key` in between, puts the value in.
-    pub fn begin_fill(&self, key: &K) -> FillTicket<K> {
+    /// no invalidation of `key` in between, puts the value in. Dropping the
+    /// ticket abandons the load.
+    pub fn begin_fill(&self, key: &K) -> FillTicket<'_, K, V> {
         let mut state = self.state();
         state.next_ticket += 1;
         let ticket = state.next_ticket;
         state.pending.insert(key.clone(), ticket);
-        FillTicket { key: key.clone(), ticket }
+        FillTicket { cache: self, key: key.clone(), ticket, outstanding: true }
     }
 
     /// Puts a loaded value in, unless the key was invalidated (or loaded again)
-    /// since the ticket was taken. Returns whether it was stored.
-    pub fn finish_fill(&self, ticket: FillTicket<K>, value: V) -> bool {
+    /// since the ticket was taken, the ticket is another cache's, or the value
+    /// alone weighs more than the byte budget (then any older entry of the key
+    /// goes too, and it is counted in [`CacheStats::oversized`]). Returns whether
+    /// it was stored.
+    pub fn finish_fill(&self, mut ticket: FillTicket<'_, K, V>, value: V) -> bool {
+        if !std::ptr::eq(ticket.cache, self) {
+            return false;
+        }
+        ticket.outstanding = false;
         let mut state = self.state();
         if state.pending.get(&ticket.key) != Some(&ticket.ticket) {
             return false;
         }
-        state.pending.remove(&ticket.key);
-        self.insert_locked(&mut state, ticket.key, value);
+        // The map's copy of the key moves into the entry: no clone for the fill.
+        let Some((key, _)) = state.pending.remove_entry(&ticket.key) else { return false };
+        self.insert_locked(&mut state, key, value)
+    }
+
+    /// Abandons a load (it found nothing worth caching, or failed); the same as
+    /// dropping the ticket.
+    pub fn cancel_fill(&self, ticket: FillTicket<'_, K, V>) {
+        drop(ticket);
+    }
+
+    fn insert_locked(&self, state: &mut State<K, V>, key: K, value: V) -> bool {
+        let weight = entry_weight(&key, &value);
+        if weight > self.max_bytes {
+            // Room for it would mean evicting everything and still breaking the
+            // budget; the reader has the value anyway. An older value of the key
+            // is superseded by this one, so it must not stay either.
+            Self::remove_locked(state, &key);
+            self.counters.oversized.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        state.tick += 1;
+        let tick = state.tick;
+        if let Some(old) = state.entries.insert(key.clone(), Entry { value, tick, weight }) {
+            state.order.remove(&old.tick);
+            state.bytes -= old.weight;
+        }
+        state.bytes += weight;
+        state.order.insert(tick, key);
+        // The new entry is the most recent and fits the budget on its own, so
+        // the loop stops before reaching it.
+        while state.entries.len() > self.capacity || state.bytes > self.max_bytes {
+            let within_size = state.entries.len() <= self.capacity;
+            let Some((_, oldest)) = state.order.pop_first() else { break };
+            if let Some(evicted) = state.entries.remove(&oldest) {
+                state.bytes -= evicted.weight;
+            }
+            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+            if within_size {
+                self.counters.weight_evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         true
     }
 
-    /// Abandons a load (it found nothing worth caching, or failed).
-    pub fn cancel_fill(&self, ticket: FillTicket<K>) {
-        let mut state = self.state();
-        if state.pending.get(&ticket.key) == Some(&ticket.ticket) {
-            state.pending.remove(&ticket.key);
-        }
-    }
-
-    fn insert_locked(&self, state: &mut State<K, V>, key: K, value: V) {
-        state.tick += 1;
-        let tick = state.tick;
-        if let Some((_, old_tick)) = state.entries.insert(key.clone(), (value, tick)) {
-            state.order.remove(&old_tick);
-        }
-        state.order.insert(tick, key);
-        while state.entries.len() > self.capacity {
-            let Some((_, oldest)) = state.order.pop_first() else { break };
-            state.entries.remove(&oldest);
-            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+    fn remove_locked(state: &mut State<K, V>, key: &K) {
+        if let Some(entry) = state.entries.remove(key) {
+            state.order.remove(&entry.tick);
+            state.bytes -= entry.weight;
         }
     }
 
@@ -262,9 +377,7 @@ impl<K: CacheKey, V: Clone + Send + Sync + 'static> Cache<K, V> {
     pub fn invalidate(&self, key: &K) {
         let mut state = self.state();
         state.pending.remove(key);
-        if let Some((_, tick)) = state.entries.remove(key) {
-            state.order.remove(&tick);
-        }
+        Self::remove_locked(&mut state, key);
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -273,6 +386,7 @@ impl<K: CacheKey, V: Clone + Send + Sync + 'static> Cache<K, V> {
         let mut state = self.state();
         state.entries.clear();
         state.order.clear();
+        state.bytes = 0;
         state.pending.clear();
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
     }
@@ -280,6 +394,17 @@ impl<K: CacheKey, V: Clone + Send + Sync + 'static> Cache<K, V> {
     /// How many entries are cached.
     pub fn len(&self) -> usize {
         self.state().entries.len()
+    }
+
+    /// The estimated bytes the entries hold, at most the byte budget.
+    pub fn weight(&self) -> usize {
+        self.state().bytes
+    }
+
+    /// How many loads have a ticket outstanding (taken by [`Cache::begin_fill`]
+    /// and not yet finished, cancelled or voided).
+    pub fn loads_in_progress(&self) -> usize {
+        self.state().pending.len()
     }
 
     /// Whether nothing is cached.
@@ -293,6 +418,8 @@ impl<K: CacheKey, V: Clone + Send + Sync + 'static> Cache<K, V> {
             hits: self.counters.hits.load(Ordering::Relaxed),
             misses: self.counters.misses.load(Ordering::Relaxed),
             evictions: self.counters.evictions.load(Ordering::Relaxed),
+            weight_evictions: self.counters.weight_evictions.load(Ordering::Relaxed),
+            oversized: self.counters.oversized.load(Ordering::Relaxed),
             invalidations: self.counters.invalidations.load(Ordering::Relaxed),
         }
     }
@@ -313,7 +440,7 @@ pub trait DynCache: Send + Sync + fmt::Debug {
     fn entries(&self) -> usize;
 }
 
-impl<K: CacheKey, V: Clone + Send + Sync + 'static> DynCache for Cache<K, V> {
+impl<K: CacheKey, V: CacheWeight + Clone + Send + Sync + 'static> DynCache for Cache<K, V> {
     fn name(&self) -> &'static str {
         self.name
     }
@@ -357,7 +484,7 @@ impl fmt::Debug for CacheRegistry {
 }
 
 impl CacheRegistry {
-    /// An empty registry; caches take their sizes from `config`.
+    /// An empty registry; caches take their sizes and byte budgets from `config`.
     pub fn new(config: CacheConfig) -> Arc<CacheRegistry> {
         Arc::new(CacheRegistry {
             config,
@@ -370,9 +497,10 @@ impl CacheRegistry {
         self.caches.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Creates the cache called `name`, sized from config. A name is registered
-    /// once per process: two caches answering to one name would leave one stale.
-    pub fn register<K: CacheKey, V: Clone + Send + Sync + 'static>(
+    /// Creates the cache called `name`, sized and budgeted from config. A name is
+    /// registered once per process: two caches answering to one name would leave
+    /// one stale.
+    pub fn register<K: CacheKey, V: CacheWeight + Clone + Send + Sync + 'static>(
         &self,
         name: &'static str,
     ) -> Result<Arc<Cache<K, V>>, StoreError> {
@@ -380,7 +508,7 @@ impl CacheRegistry {
         if caches.contains_key(name) {
             return Err(StoreError::Misconfigured(format!("the cache `{name}` is registered twice")));
         }
-        let cache = Cache::<K, V>::new(name, self.config.size_of(name));
+        let cache = Cache::<K, V>::new(name, self.config.size_of(name), self.config.max_bytes_of(name));
         caches.insert(name, Arc::clone(&cache) as Arc<dyn DynCache>);
         Ok(cache)
     }

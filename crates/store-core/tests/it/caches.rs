@@ -1,8 +1,11 @@
 //! The `caches` stream: local invalidation after commit, rows for other processes
 //! (PostgreSQL deployments of several processes only), catch-up, replay on a
-//! worker, the batched current-state poke, and pruning.
+//! worker, the batched current-state poke, and pruning; and the caches' own
+//! bounds on real reads.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use server_config::{Overrides, Role, ServerConfig};
 use store_core::{
@@ -56,7 +59,14 @@ async fn count_rows(db: &Database) -> Result<i64, StoreError> {
     .await
 }
 
-engine_tests!(invalidation_applies_after_commit_only, a_single_process_records_no_rows);
+engine_tests!(
+    invalidation_applies_after_commit_only,
+    a_single_process_records_no_rows,
+    heavy_rows_stay_within_the_byte_budget,
+    a_key_in_use_outlives_colder_entries_under_either_bound,
+    a_row_heavier_than_the_budget_is_read_but_not_cached,
+    a_read_across_an_invalidation_fills_nothing_under_a_budget
+);
 
 async fn invalidation_applies_after_commit_only(test_db: TestDb) -> TestResult {
     let config = single_process_config(&test_db.url)?;
@@ -261,4 +271,196 @@ fn caches_rows_match_the_wire_vectors() {
         assert_eq!(serde_json::to_string(&row).expect("serialises"), json);
     }
     assert!(serde_json::from_str::<CachesRow>(r#"["f",["a"]]"#).is_err());
+}
+
+/// A cached read of the database cut off mid-query (the client hung up) gives
+/// its ticket back, and nothing fills the cache once the query would have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_cancelled_mid_query_leave_nothing_behind() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let cache = Cache::<String, i64>::new("get_slow_value", 100, 1 << 20);
+    let read = |key: String, sql: &'static str| {
+        let db = test_db.db.clone();
+        cache.get_or_load(key, move || async move {
+            db.run_autocommit("get_slow_value", move |txn| {
+                Box::pin(async move { txn.query_one(sql, &[]).await?.get(0) })
+            })
+            .await
+        })
+    };
+    for n in 0..20 {
+        let slow = read(format!("@user{n}:example.com"), "SELECT 1::BIGINT FROM pg_sleep(0.5)");
+        let outcome = tokio::time::timeout(Duration::from_millis(50), slow).await;
+        assert!(outcome.is_err(), "the read was cut off before it ended");
+    }
+    assert_eq!(cache.loads_in_progress(), 0, "every cut-off read gave its ticket back");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(cache.is_empty(), "nothing fills after the queries would have ended");
+
+    // The cache still works: a read that runs to its end is cached.
+    assert_eq!(read("@user0:example.com".to_owned(), "SELECT 7::BIGINT").await?, 7);
+    assert_eq!(cache.get(&"@user0:example.com".to_owned()), Some(7));
+    assert_eq!(cache.loads_in_progress(), 0);
+    Ok(())
+}
+
+/// A process alone on `url`, with `caches` as its `[caches]` section.
+fn budgeted_config(url: &str, caches: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
+    let text = format!("server_name = \"test\"\n[database]\nurl = \"{url}\"\n[caches]\n{caches}\n");
+    Ok(ServerConfig::from_toml_str(&text, Role::Master)?)
+}
+
+/// Rows of `blobs`: `key` → a text of `bytes` bytes, as a client could make one.
+async fn create_blobs(db: &Database, blobs: &[(String, usize)]) -> Result<(), StoreError> {
+    let blobs = blobs.to_vec();
+    db.run_interaction("create_blobs", move |txn| {
+        let blobs = blobs.clone();
+        Box::pin(async move {
+            txn.execute_batch("CREATE TABLE blobs (k TEXT PRIMARY KEY, v TEXT NOT NULL)").await?;
+            for (key, bytes) in &blobs {
+                txn.execute("INSERT INTO blobs (k, v) VALUES ($1, $2)", &[key, &"x".repeat(*bytes)]).await?;
+            }
+            Ok(())
+        })
+    })
+    .await
+}
+
+/// Reads `key` of `blobs` through `cache`, counting the loads in `loads`.
+async fn get_blob(
+    db: &Database,
+    cache: &Cache<String, Arc<String>>,
+    loads: &AtomicUsize,
+    key: &str,
+) -> Result<Arc<String>, StoreError> {
+    cache
+        .get_or_load(key.to_owned(), || async {
+            loads.fetch_add(1, Ordering::SeqCst);
+            let key = key.to_owned();
+            let text: String = db
+                .run_autocommit("get_blob", move |txn| {
+                    let key = key.clone();
+                    Box::pin(async move {
+                        txn.query_one("SELECT v FROM blobs WHERE k = $1", &[&key]).await?.get(0)
+                    })
+                })
+                .await?;
+            Ok(Arc::new(text))
+        })
+        .await
+}
+
+async fn heavy_rows_stay_within_the_byte_budget(test_db: TestDb) -> TestResult {
+    let budget = 12_000;
+    let config = budgeted_config(&test_db.url, &format!("max_bytes = {{ get_blob = {budget} }}"))?;
+    let registry = CacheRegistry::new(config.caches.clone());
+    let cache = registry.register::<String, Arc<String>>("get_blob")?;
+    let keys: Vec<String> = (0..40).map(|n| format!("!room{n:02}:example.com")).collect();
+    create_blobs(&test_db.db, &keys.iter().map(|key| (key.clone(), 2_000)).collect::<Vec<_>>()).await?;
+
+    let loads = AtomicUsize::new(0);
+    for key in &keys {
+        assert_eq!(get_blob(&test_db.db, &cache, &loads, key).await?.len(), 2_000);
+        assert!(cache.weight() <= budget, "{} bytes cached after reading {key}", cache.weight());
+    }
+    let kept = cache.len();
+    assert!((1..10).contains(&kept), "the budget, not the size of 10000, holds the cache to {kept}");
+    let stats = cache.stats();
+    assert_eq!(stats.evictions, 40 - u64::try_from(kept)?);
+    assert_eq!(stats.weight_evictions, stats.evictions, "every eviction was the budget's");
+
+    // The most recent reads are the ones kept.
+    for key in &keys[40 - kept..] {
+        get_blob(&test_db.db, &cache, &loads, key).await?;
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 40, "the newest {kept} were hits");
+    get_blob(&test_db.db, &cache, &loads, &keys[0]).await?;
+    assert_eq!(loads.load(Ordering::SeqCst), 41, "the oldest was evicted");
+    Ok(())
+}
+
+async fn a_key_in_use_outlives_colder_entries_under_either_bound(test_db: TestDb) -> TestResult {
+    // Three entries, or 4000 bytes: the hot key and a heavy row fit, a second
+    // heavy row breaks the budget, a small row after two heavy ones the size.
+    let config = budgeted_config(&test_db.url, "sizes = { get_blob = 3 }\nmax_bytes = { get_blob = 4000 }")?;
+    let registry = CacheRegistry::new(config.caches.clone());
+    let cache = registry.register::<String, Arc<String>>("get_blob")?;
+    let mut blobs = vec![("hot".to_owned(), 100)];
+    blobs.extend((0..30).map(|n| (format!("cold{n}"), if n % 3 == 0 { 10 } else { 2_000 })));
+    create_blobs(&test_db.db, &blobs).await?;
+
+    let (hot_loads, cold_loads) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    for (key, _) in &blobs[1..] {
+        get_blob(&test_db.db, &cache, &hot_loads, "hot").await?;
+        get_blob(&test_db.db, &cache, &cold_loads, key).await?;
+        assert!(cache.len() <= 3 && cache.weight() <= 4_000);
+    }
+    assert_eq!(hot_loads.load(Ordering::SeqCst), 1, "the key read between every other stayed cached");
+    let stats = cache.stats();
+    assert!(stats.weight_evictions > 0, "heavy rows were evicted for the budget: {stats:?}");
+    assert!(stats.evictions > stats.weight_evictions, "small rows were evicted for the size: {stats:?}");
+    Ok(())
+}
+
+async fn a_row_heavier_than_the_budget_is_read_but_not_cached(test_db: TestDb) -> TestResult {
+    let config = budgeted_config(&test_db.url, "default_max_bytes = 10000")?;
+    let registry = CacheRegistry::new(config.caches.clone());
+    let cache = registry.register::<String, Arc<String>>("get_blob")?;
+    create_blobs(&test_db.db, &[("small".to_owned(), 100), ("huge".to_owned(), 20_000)]).await?;
+
+    let loads = AtomicUsize::new(0);
+    get_blob(&test_db.db, &cache, &loads, "small").await?;
+    for _ in 0..2 {
+        assert_eq!(get_blob(&test_db.db, &cache, &loads, "huge").await?.len(), 20_000, "read whole");
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 3, "the huge row was read from the database both times");
+    assert_eq!(cache.len(), 1);
+    get_blob(&test_db.db, &cache, &loads, "small").await?;
+    assert_eq!(loads.load(Ordering::SeqCst), 3, "nothing was evicted to make room for it");
+    let stats = cache.stats();
+    assert_eq!((stats.oversized, stats.evictions), (2, 0));
+    Ok(())
+}
+
+async fn a_read_across_an_invalidation_fills_nothing_under_a_budget(test_db: TestDb) -> TestResult {
+    let config = budgeted_config(&test_db.url, "default_max_bytes = 100000")?;
+    let registry = CacheRegistry::new(config.caches.clone());
+    let cache = registry.register::<String, Arc<String>>("get_blob")?;
+    let mut conn = test_db.db.begin("build_caches").await?;
+    let stream = Arc::new(CachesStream::new(test_db.db.clone(), &mut conn, &config, registry).await?);
+    conn.commit().await?;
+    create_blobs(&test_db.db, &[("a".to_owned(), 1_000), ("b".to_owned(), 1_000)]).await?;
+    let loads = AtomicUsize::new(0);
+    get_blob(&test_db.db, &cache, &loads, "b").await?;
+    let weight_of_b = cache.weight();
+
+    // A read of `a` is in flight while a write changes it and commits.
+    let read = cache.begin_fill(&"a".to_owned());
+    let stale = Arc::new("x".repeat(1_000));
+    test_db
+        .db
+        .run_interaction("write_a", |txn| {
+            let stream = Arc::clone(&stream);
+            Box::pin(async move {
+                txn.execute("UPDATE blobs SET v = 'new' WHERE k = 'a'", &[]).await?;
+                stream.invalidate_in_txn(txn, "get_blob", Some(vec!["a".to_owned()])).await
+            })
+        })
+        .await?;
+    assert!(!cache.finish_fill(read, stale), "the invalidation voided the read's ticket");
+    assert_eq!((cache.len(), cache.weight(), cache.loads_in_progress()), (1, weight_of_b, 0));
+    assert_eq!(get_blob(&test_db.db, &cache, &loads, "a").await?.as_str(), "new");
+
+    // Dropping the whole cache gives back all its weight, and voids reads too.
+    let read = cache.begin_fill(&"b".to_owned());
+    test_db
+        .db
+        .run_interaction("drop_all", |txn| {
+            let stream = Arc::clone(&stream);
+            Box::pin(async move { stream.invalidate_in_txn(txn, "get_blob", None).await })
+        })
+        .await?;
+    assert!(!cache.finish_fill(read, Arc::new("old".to_owned())));
+    assert_eq!((cache.len(), cache.weight(), cache.loads_in_progress()), (0, 0, 0));
+    Ok(())
 }
