@@ -2,7 +2,9 @@
 //! positions every process tracks for each writer.
 //!
 //! [`MultiWriterIdGenerator`] takes IDs from a PostgreSQL sequence (on SQLite, an
-//! in-process counter: SQLite serves one process). Writers finish IDs out of
+//! in-process counter: SQLite serves one process). A counter keeps its
+//! high-water mark in `stream_id_high_water`, so that, like a sequence, it never
+//! hands an ID out twice, even across restarts. Writers finish IDs out of
 //! order; a stream's current token is the largest ID such that every ID at or
 //! below it is finished, and positions never move backwards. After each
 //! successful write a writer records its position in `stream_positions`, so a
@@ -10,7 +12,7 @@
 //! writes share upserts (one in flight, the latest queued).
 //!
 //! [`SingleWriterIdGenerator`] is the in-process counter alone, for streams one
-//! process writes and nobody needs to resume exactly.
+//! process writes.
 //!
 //! Both implement [`StreamIdGenerator`], the view replication and stores use.
 //!
@@ -159,9 +161,10 @@ pub struct MultiWriterIdGenerator {
     inner: Arc<Inner>,
 }
 
-/// A stream whose IDs come from an in-process counter, loaded at start-up from
-/// the largest ID in its tables. Only one process may write such a stream, and
-/// IDs allocated but never written may be handed out again after a restart.
+/// A stream whose IDs come from an in-process counter, which starts above the
+/// largest ID in its tables and above every ID it handed out before a restart
+/// (its high-water mark in `stream_id_high_water`). Only one process may write
+/// such a stream.
 #[derive(Clone)]
 pub struct SingleWriterIdGenerator {
     inner: Arc<Inner>,
@@ -176,9 +179,142 @@ enum IdSource {
         next_one: Arc<str>,
         /// `n` IDs in one statement.
         next_many: Arc<str>,
+        /// The sequence's state: what it has handed out.
+        read_last: Arc<str>,
     },
-    /// The last ID handed out; `None` until the first allocation.
-    Counter(Mutex<Option<i64>>),
+    /// Shared with the background writes of abandoned IDs' high-water mark.
+    Counter(Arc<Counter>),
+}
+
+impl IdSource {
+    fn sequence(name: &str) -> IdSource {
+        IdSource::Sequence {
+            name: name.to_owned(),
+            next_one: format!("SELECT nextval('{name}')").into(),
+            next_many: format!("SELECT nextval('{name}') FROM generate_series(1, $1)").into(),
+            read_last: format!("SELECT last_value, is_called FROM {name}").into(),
+        }
+    }
+}
+
+/// An in-process counter (SQLite, and [`SingleWriterIdGenerator`]), with the
+/// highest ID it ever handed out kept in `stream_id_high_water`.
+///
+/// A stream's position must never pass an ID whose high-water mark is not
+/// durable: a client may be handed a token covering it, and a restart would
+/// then hand the ID out again for a row that client never receives. Committed
+/// IDs are covered by the upsert in their own transaction (one statement, no
+/// extra commit); abandoned ones (a rollback, a dropped guard) by a small
+/// transaction of their own before they count as finished.
+struct Counter {
+    db: Database,
+    stream_name: String,
+    /// 1 for positive streams, −1 for backwards ones.
+    factor: i64,
+    /// The last ID handed out (internal); `None` until the first allocation.
+    last: Mutex<Option<i64>>,
+    /// The highest ID known to be recorded in `stream_id_high_water` (internal).
+    durable: AtomicI64,
+    /// Held while a high-water mark is written on its own: one at a time, and
+    /// each writes the last ID handed out, covering everyone queued behind it.
+    writing: tokio::sync::Mutex<()>,
+}
+
+/// Moves a stream's high-water mark away from zero, never back. The same on
+/// both engines.
+const UPSERT_HIGH_WATER: &str = "INSERT INTO stream_id_high_water (stream_name, stream_id) VALUES ($1, $2) \
+     ON CONFLICT (stream_name) DO UPDATE SET stream_id = EXCLUDED.stream_id \
+     WHERE ABS(stream_id_high_water.stream_id) < ABS(EXCLUDED.stream_id)";
+
+/// How far a counter's high-water mark runs ahead of the IDs it covers: a
+/// restart skips at most that many IDs, and a busy writer writes the mark once
+/// per that many IDs instead of once per transaction (which cost SQLite a
+/// fifth of its commit rate).
+const HIGH_WATER_LEAD: i64 = 100;
+
+/// The first pause before an abandoned ID's high-water mark is written again,
+/// doubling up to [`HIGH_WATER_MAX_BACKOFF`].
+const HIGH_WATER_FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// The longest pause between two attempts: the stream's position waits meanwhile.
+const HIGH_WATER_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Counter {
+    fn new(db: &Database, config: &MultiWriterConfig) -> Counter {
+        Counter {
+            db: db.clone(),
+            stream_name: config.stream_name.clone(),
+            factor: if config.positive { 1 } else { -1 },
+            last: Mutex::new(None),
+            durable: AtomicI64::new(0),
+            writing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn lock_last(&self) -> MutexGuard<'_, Option<i64>> {
+        // Updated in one assignment: a poisoned lock still holds a valid value.
+        self.last.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes `n` fresh IDs, starting above `floor()` (the highest ID seen) and
+    /// the high-water mark the first time.
+    fn next(&self, n: usize, floor: impl FnOnce() -> i64) -> Result<Vec<i64>, StoreError> {
+        let n =
+            i64::try_from(n).map_err(|_| StoreError::Misconfigured("too many IDs asked for".to_owned()))?;
+        let mut last = self.lock_last();
+        let start = last.unwrap_or_else(|| floor().max(self.durable.load(Ordering::Acquire)));
+        *last = Some(start + n);
+        Ok((start + 1..=start + n).collect())
+    }
+
+    /// The last ID handed out in this process's life, 0 before the first.
+    fn last_handed_out(&self) -> i64 {
+        self.lock_last().unwrap_or(0)
+    }
+
+    fn is_durable(&self, id: i64) -> bool {
+        self.durable.load(Ordering::Acquire) >= id
+    }
+
+    /// Records a mark covering `highest` in `txn`, the transaction its row goes
+    /// in: durable exactly when the row is. The mark runs
+    /// [`HIGH_WATER_LEAD`] IDs ahead, so only one write in that many pays the
+    /// statement. Returns the mark written, to pass to [`Counter::committed`].
+    async fn record_in(&self, txn: &mut Transaction, highest: i64) -> Result<Option<i64>, StoreError> {
+        if self.is_durable(highest) {
+            return Ok(None);
+        }
+        let mark = highest.saturating_add(HIGH_WATER_LEAD);
+        txn.execute(UPSERT_HIGH_WATER, &[&self.stream_name, &(mark * self.factor)]).await?;
+        Ok(Some(mark))
+    }
+
+    /// Called after the transaction of [`Counter::record_in`] committed.
+    fn committed(&self, mark: i64) {
+        self.durable.fetch_max(mark, Ordering::AcqRel);
+    }
+
+    /// Makes the high-water mark cover `highest`, in a transaction of its own.
+    async fn make_durable(&self, highest: i64) -> Result<(), StoreError> {
+        if self.is_durable(highest) {
+            return Ok(());
+        }
+        let _writing = self.writing.lock().await;
+        if self.is_durable(highest) {
+            return Ok(());
+        }
+        let latest = self.last_handed_out().max(highest).saturating_add(HIGH_WATER_LEAD);
+        let (stream_name, signed) = (self.stream_name.clone(), latest * self.factor);
+        self.db
+            .run_autocommit("record_stream_id_high_water", move |txn| {
+                let stream_name = stream_name.clone();
+                Box::pin(
+                    async move { txn.execute(UPSERT_HIGH_WATER, &[&stream_name, &signed]).await.map(|_| ()) },
+                )
+            })
+            .await?;
+        self.durable.fetch_max(latest, Ordering::AcqRel);
+        Ok(())
+    }
 }
 
 struct Inner {
@@ -196,6 +332,13 @@ struct Inner {
     positions_table: Option<PositionsTable>,
     source: IdSource,
     tracker: Mutex<PositionTracker>,
+    /// The highest ID (internal) the source is known to have handed out, from
+    /// what start-up read and the last read of the sequence; the tracker knows
+    /// the rest.
+    handed_out: AtomicI64,
+    /// Held while the sequence is read for [`MultiWriterIdGenerator::is_handed_out`],
+    /// so that concurrent callers share one read.
+    reading_sequence: tokio::sync::Mutex<()>,
     /// Bumped whenever a position may have moved (a finish, an advance), so the
     /// replication streamer and anyone waiting on a position wake up.
     changes: tokio::sync::watch::Sender<u64>,
@@ -280,13 +423,8 @@ impl MultiWriterIdGenerator {
     ) -> Result<MultiWriterIdGenerator, StoreError> {
         startup::validate(&config)?;
         let source = match db.engine() {
-            Engine::Postgres => IdSource::Sequence {
-                name: config.sequence_name.clone(),
-                next_one: format!("SELECT nextval('{}')", config.sequence_name).into(),
-                next_many: format!("SELECT nextval('{}') FROM generate_series(1, $1)", config.sequence_name)
-                    .into(),
-            },
-            Engine::Sqlite => IdSource::Counter(Mutex::new(None)),
+            Engine::Postgres => IdSource::sequence(&config.sequence_name),
+            Engine::Sqlite => IdSource::Counter(Arc::new(Counter::new(db, &config))),
         };
         let (inner, background) = Inner::load(db, conn, &config, source).await?;
         let inner = Arc::new(inner);
@@ -362,9 +500,56 @@ impl MultiWriterIdGenerator {
     /// Like [`MultiWriterIdGenerator::get_next_txn`], for `n` IDs.
     pub async fn get_next_mult_txn(&self, txn: &mut Transaction, n: usize) -> Result<Vec<i64>, StoreError> {
         let guard = Inner::allocate(&self.inner, n, Some(txn)).await?;
+        let mut mark = None;
+        if let (IdSource::Counter(counter), Some(highest)) = (&self.inner.source, guard.highest_internal()) {
+            // Should this fail, or the future be dropped, the guard's drop
+            // records the IDs on their own before finishing them.
+            mark = counter.record_in(txn, highest).await?;
+        }
         let ids = guard.ids().to_vec();
-        guard.finish_with_transaction(txn);
+        guard.finish_with_transaction(txn, mark);
         Ok(ids)
+    }
+
+    /// Whether `position` (signed like [`MultiWriterIdGenerator::advance`]'s:
+    /// negative on backwards streams) has been handed out by the stream's
+    /// sequence, by any process: replication refuses a token beyond that.
+    ///
+    /// Answers without a query when the position is at or below the highest ID
+    /// this generator already knows of (allocated here, advanced to, loaded at
+    /// start-up, or read before). Otherwise, on PostgreSQL, it reads the
+    /// sequence (one read at a time; callers waiting meanwhile share its
+    /// answer) and remembers what it read. On SQLite the counter is this
+    /// process's own, so what it knows is the whole answer. Zero and positions
+    /// of the other direction are never handed out.
+    pub async fn is_handed_out(&self, position: i64) -> Result<bool, StoreError> {
+        let Some(internal) = position.checked_mul(self.inner.factor).filter(|internal| *internal >= 1) else {
+            return Ok(false);
+        };
+        if internal <= self.inner.known_handed_out() {
+            return Ok(true);
+        }
+        let IdSource::Sequence { read_last, .. } = &self.inner.source else { return Ok(false) };
+        let _reading = self.inner.reading_sequence.lock().await;
+        if internal <= self.inner.known_handed_out() {
+            return Ok(true);
+        }
+        let sql = Arc::clone(read_last);
+        let last_handed_out = self
+            .inner
+            .db
+            .run_autocommit("read_stream_sequence", move |txn| {
+                let sql = Arc::clone(&sql);
+                Box::pin(async move {
+                    let row = txn.query_one(&sql, &[]).await?;
+                    let (last_value, is_called): (i64, bool) = (row.get(0)?, row.get(1)?);
+                    // Not yet called: `last_value` is the next value, not handed out.
+                    Ok(if is_called { last_value } else { last_value - 1 })
+                })
+            })
+            .await?;
+        self.inner.handed_out.fetch_max(last_handed_out, Ordering::AcqRel);
+        Ok(internal <= last_handed_out)
     }
 
     /// Records this writer's current position now, including positions finished
@@ -452,8 +637,8 @@ impl SingleWriterIdGenerator {
         };
         startup::validate(&config)?;
         let mut conn = db.begin("load_stream_ids").await?;
-        let (inner, _no_positions) =
-            Inner::load(db, &mut conn, &config, IdSource::Counter(Mutex::new(None))).await?;
+        let source = IdSource::Counter(Arc::new(Counter::new(db, &config)));
+        let (inner, _no_positions) = Inner::load(db, &mut conn, &config, source).await?;
         conn.commit().await?;
         Ok(SingleWriterIdGenerator { inner: Arc::new(inner) })
     }
@@ -530,6 +715,16 @@ impl Inner {
         self.tracker().persisted_upto() * self.factor
     }
 
+    /// The highest ID (internal) known here to have been handed out.
+    fn known_handed_out(&self) -> i64 {
+        let seen = self.tracker().max_seen_allocated();
+        let counted = match &self.source {
+            IdSource::Counter(counter) => counter.last_handed_out(),
+            IdSource::Sequence { .. } => 0,
+        };
+        seen.max(counted).max(self.handed_out.load(Ordering::Acquire))
+    }
+
     fn get_current_token_for_writer(&self, writer: &str) -> i64 {
         self.tracker().position_for_writer(writer) * self.factor
     }
@@ -587,16 +782,9 @@ impl Inner {
     /// Takes `n` fresh IDs (internal, ascending) from the sequence or counter.
     async fn next_ids(&self, n: usize, txn: Option<&mut Transaction>) -> Result<Vec<i64>, StoreError> {
         match &self.source {
-            IdSource::Counter(counter) => {
-                let mut last = counter.lock().unwrap_or_else(PoisonError::into_inner);
-                // Start above everything seen, so no ID is ever handed out twice in
-                // this process's life.
-                let start = last.unwrap_or_else(|| self.tracker().max_seen_allocated());
-                let n = i64::try_from(n)
-                    .map_err(|_| StoreError::Misconfigured("too many IDs asked for".to_owned()))?;
-                *last = Some(start + n);
-                Ok((start + 1..=start + n).collect())
-            }
+            // Start above everything seen and the high-water mark, so no ID is ever
+            // handed out twice.
+            IdSource::Counter(counter) => counter.next(n, || self.tracker().max_seen_allocated()),
             IdSource::Sequence { next_one, next_many, .. } => {
                 let n = i64::try_from(n)
                     .map_err(|_| StoreError::Misconfigured("too many IDs asked for".to_owned()))?;
@@ -618,6 +806,42 @@ impl Inner {
                     }
                 }
             }
+        }
+    }
+
+    /// Makes the high-water mark of a counter cover `internal_ids`, so they may
+    /// count as finished; nothing to do for a sequence.
+    async fn make_durable(&self, internal_ids: &[i64]) -> Result<(), StoreError> {
+        match (&self.source, internal_ids.iter().copied().max()) {
+            (IdSource::Counter(counter), Some(highest)) => counter.make_durable(highest).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Marks IDs finished that were abandoned (rolled back, or their guard
+    /// dropped), once a counter's high-water mark covers them: until then a
+    /// restart could hand them out again, so the position must not pass them.
+    /// That write happens in the background, retried until it succeeds.
+    fn abandon(inner: &Arc<Inner>, internal_ids: Vec<i64>) {
+        let pending = match (&inner.source, internal_ids.iter().copied().max()) {
+            (IdSource::Counter(counter), Some(highest)) if !counter.is_durable(highest) => {
+                Some((Arc::clone(counter), highest))
+            }
+            _ => None,
+        };
+        let Some((counter, highest)) = pending else {
+            inner.mark_finished(&internal_ids);
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(finish_when_durable(Arc::downgrade(inner), counter, internal_ids, highest));
+            }
+            Err(_) => tracing::warn!(
+                stream = %inner.stream_name,
+                ?internal_ids,
+                "no runtime to record abandoned stream IDs in; the stream's position stays below them"
+            ),
         }
     }
 
@@ -689,6 +913,35 @@ async fn record_in_background(
     }
 }
 
+/// Finishes abandoned IDs once the counter's high-water mark covers them; see
+/// [`Inner::abandon`].
+async fn finish_when_durable(
+    inner: Weak<Inner>,
+    counter: Arc<Counter>,
+    internal_ids: Vec<i64>,
+    highest: i64,
+) {
+    let mut pause = HIGH_WATER_FIRST_BACKOFF;
+    while let Err(err) = counter.make_durable(highest).await {
+        if inner.strong_count() == 0 {
+            // Nothing can move the generator's position past these IDs any more,
+            // so no token covers them: handing them out again is harmless.
+            tracing::debug!(stream = %counter.stream_name, "gave up recording abandoned stream IDs of a dropped generator: {err}");
+            return;
+        }
+        tracing::warn!(
+            stream = %counter.stream_name,
+            ?pause,
+            "failed to record abandoned stream IDs; the stream's position waits for them: {err}"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(HIGH_WATER_MAX_BACKOFF);
+    }
+    if let Some(inner) = inner.upgrade() {
+        inner.mark_finished(&internal_ids);
+    }
+}
+
 async fn fetch_sequence_ids(txn: &mut Transaction, sql: &str, n: i64) -> Result<Vec<i64>, StoreError> {
     let rows = if n == 1 { txn.query(sql, &[]).await? } else { txn.query(sql, &[&n]).await? };
     let mut ids = rows.iter().map(|row| row.get::<i64>(0)).collect::<Result<Vec<_>, _>>()?;
@@ -732,7 +985,9 @@ impl Drop for FetchGuard<'_> {
 /// [`StreamIdsGuard::finish`] after the rows are committed: the IDs count as
 /// finished and this writer's position is recorded. Dropping the guard instead
 /// (the write failed) marks them finished without recording anything: a
-/// rolled-back ID is finished too, so it cannot hold the stream back.
+/// rolled-back ID is finished too, so it cannot hold the stream back. (From an
+/// in-process counter, either way only once its high-water mark covers them,
+/// which dropping the guard writes in the background.)
 #[must_use = "finish the guard after committing, or drop it when the write failed"]
 pub struct StreamIdsGuard {
     inner: Arc<Inner>,
@@ -756,9 +1011,20 @@ impl StreamIdsGuard {
         &self.ids
     }
 
+    /// The highest of the IDs, as an internal magnitude.
+    fn highest_internal(&self) -> Option<i64> {
+        self.internal_ids.iter().copied().max()
+    }
+
     /// Marks the IDs finished after a successful write and records this writer's
     /// position in `stream_positions` (shared with concurrent finishes).
+    ///
+    /// From an in-process counter, the high-water mark is written first; if that
+    /// fails, so does this, and the IDs finish as a dropped guard's do.
     pub async fn finish(mut self) -> Result<(), StoreError> {
+        // The guard may not have carried a row; should the write fail, or this
+        // future be dropped, the guard's drop covers the IDs in the background.
+        self.inner.make_durable(&self.internal_ids).await?;
         self.done = true;
         let wanted = self.inner.mark_finished(&self.internal_ids);
         match wanted {
@@ -769,11 +1035,15 @@ impl StreamIdsGuard {
 
     /// Hands the finishing to `txn`: on commit, finish and record in the
     /// background; on rollback, finish only.
-    fn finish_with_transaction(mut self, txn: &mut Transaction) {
+    /// `mark` is the high-water mark written in `txn`, if any.
+    fn finish_with_transaction(mut self, txn: &mut Transaction, mark: Option<i64>) {
         self.done = true;
         let (inner, internal_ids) = (Arc::clone(&self.inner), std::mem::take(&mut self.internal_ids));
         let (on_failure, failed_ids) = (Arc::clone(&inner), internal_ids.clone());
         txn.call_after_position(move || {
+            if let (IdSource::Counter(counter), Some(mark)) = (&inner.source, mark) {
+                counter.committed(mark);
+            }
             let Some(wanted) = inner.mark_finished(&internal_ids) else { return };
             if let Some(table) = &inner.positions_table {
                 table.background.send_if_modified(|latest| {
@@ -783,16 +1053,14 @@ impl StreamIdsGuard {
                 });
             }
         });
-        txn.call_on_exception(move || {
-            on_failure.mark_finished(&failed_ids);
-        });
+        txn.call_on_exception(move || Inner::abandon(&on_failure, failed_ids));
     }
 }
 
 impl Drop for StreamIdsGuard {
     fn drop(&mut self) {
         if !self.done {
-            self.inner.mark_finished(&self.internal_ids);
+            Inner::abandon(&self.inner, std::mem::take(&mut self.internal_ids));
         }
     }
 }

@@ -1,8 +1,9 @@
-//! Building a generator: checking its configuration, repairing the sequence, and
-//! loading every writer's position without scanning the stream's tables.
+//! Building a generator: checking its configuration, repairing the sequence (or
+//! reading the counter's high-water mark), and loading every writer's position
+//! without scanning the stream's tables.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use super::{
     IdSource, Inner, MultiWriterConfig, PositionTracker, PositionsTable, UPSERT_NEGATIVE, UPSERT_POSITIVE,
@@ -52,7 +53,13 @@ impl Inner {
     ) -> Result<(Inner, Option<tokio::sync::watch::Receiver<i64>>), StoreError> {
         let factor = if config.positive { 1 } else { -1 };
         let is_writer = config.writers.contains(&config.instance_name);
-        let own_from_sequence = match &source {
+        let may_allocate = config.writers.is_empty() || is_writer;
+        // `counted_up_to`: for a generator that counts IDs itself, the highest ID
+        // its counter handed out in earlier lives. SQLite serves one process, so
+        // nothing is in flight while it starts: every one of those IDs is
+        // committed or died with the old process, and clients may hold tokens up
+        // to it. (A generator that does not allocate leaves it to the writer.)
+        let (own_from_sequence, counted_up_to, handed_out) = match &source {
             IdSource::Sequence { name, .. } => {
                 if name.is_empty() {
                     return Err(StoreError::Misconfigured(format!(
@@ -61,9 +68,13 @@ impl Inner {
                     )));
                 }
                 let last_allocated = repair_sequence(conn, config, name, factor).await?;
-                is_writer.then_some(last_allocated)
+                (is_writer.then_some(last_allocated), 0, last_allocated)
             }
-            IdSource::Counter(_) => None,
+            IdSource::Counter(counter) => {
+                let high_water = load_high_water(conn, config, factor).await?;
+                counter.durable.store(high_water, Ordering::Release);
+                (None, if may_allocate { high_water } else { 0 }, high_water)
+            }
         };
 
         let mut tracker = PositionTracker::new(&config.instance_name);
@@ -83,13 +94,17 @@ impl Inner {
             // stale (after a rollback of the software).
             tracker.load_position(&config.instance_name, own);
         }
+        if is_writer && counted_up_to > stored_own {
+            // Like the sequence's value above: our IDs up to the mark are finished.
+            tracker.load_position(&config.instance_name, counted_up_to);
+        }
 
         let mut highest_row = 0;
         let mut own_highest_row = 0;
         match tracker.positions().values().copied().min() {
             None => {
                 let table_max = tables_max(conn, config, factor).await?;
-                tracker.load_persisted_upto(table_max.max(1));
+                tracker.load_persisted_upto(table_max.max(counted_up_to).max(1));
             }
             Some(min_position) => {
                 tracker.load_persisted_upto(min_position);
@@ -114,7 +129,7 @@ impl Inner {
             // another writer's ID still in flight, so it served only to bound the
             // stream's position above; our own claim is what we recorded or wrote,
             // or the stream's position.
-            let mut claim = stored_own.max(own_highest_row).max(persisted_upto);
+            let mut claim = stored_own.max(own_highest_row).max(persisted_upto).max(counted_up_to);
             if let (Some(sequence_value), IdSource::Sequence { name, .. }) = (own_from_sequence, &source)
                 && claim < sequence_value
             {
@@ -136,7 +151,8 @@ impl Inner {
                 tracker.load_position(writer, persisted_upto);
             }
         }
-        tracker.finish_loading(highest_row);
+        // The counter then starts above the mark (and everything else seen).
+        tracker.finish_loading(highest_row.max(counted_up_to));
         if config.writers.is_empty() {
             tracker.load_position(&config.instance_name, persisted_upto);
         }
@@ -174,11 +190,13 @@ impl Inner {
             stream_name: config.stream_name.clone(),
             instance_name: config.instance_name.clone(),
             factor,
-            may_allocate: config.writers.is_empty() || is_writer,
+            may_allocate,
             writers: config.writers.clone(),
             positions_table,
             source,
             tracker: Mutex::new(tracker),
+            handed_out: AtomicI64::new(handed_out),
+            reading_sequence: tokio::sync::Mutex::new(()),
             changes: tokio::sync::watch::channel(0).0,
         };
         Ok((inner, background))
@@ -219,6 +237,29 @@ async fn load_stored_positions(
         positions.push((writer, internal));
     }
     Ok(positions)
+}
+
+/// The counter's high-water mark (as a magnitude): the highest ID it ever handed
+/// out, 0 when it never did (or before the table existed).
+async fn load_high_water(
+    conn: &mut Transaction,
+    config: &MultiWriterConfig,
+    factor: i64,
+) -> Result<i64, StoreError> {
+    let row = conn
+        .query_opt(
+            "SELECT stream_id FROM stream_id_high_water WHERE stream_name = $1",
+            &[&config.stream_name],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(0) };
+    let stream_id: i64 = row.get(0)?;
+    let internal = stream_id.saturating_mul(factor);
+    if internal < 1 {
+        tracing::warn!(stream = %config.stream_name, stream_id, "ignoring a stream ID high-water mark of the wrong sign");
+        return Ok(0);
+    }
+    Ok(internal)
 }
 
 /// The largest ID (as a magnitude) in any of the stream's tables, 0 when empty.

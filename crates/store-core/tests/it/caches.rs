@@ -181,6 +181,27 @@ async fn rows_reach_a_worker_which_invalidates_then_advances() -> TestResult {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_knows_what_the_caches_sequence_handed_out() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let master = Arc::new(process(&test_db.db, &deployment_config(&test_db.url, "master")?).await?);
+    let worker_db = test_db.reconnect().await?;
+    let worker = process(&worker_db, &deployment_config(&test_db.url, "worker1")?).await?;
+    test_db
+        .db
+        .run_interaction("invalidate", |txn| {
+            let master = Arc::clone(&master);
+            Box::pin(async move { master.stream.invalidate_in_txn(txn, "get_user", None).await })
+        })
+        .await?;
+    let written = master.stream.current_token("master");
+    // The stream has no writers list; its generator still asks the sequence.
+    let generator = worker.stream.generator().ok_or("PostgreSQL has a caches generator")?;
+    assert!(generator.is_handed_out(written).await?, "the master took {written} from the sequence");
+    assert!(!generator.is_handed_out(written + 1).await?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_current_state_change_is_one_row_per_fifty_members() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
     let master = Arc::new(process(&test_db.db, &deployment_config(&test_db.url, "master")?).await?);

@@ -2,8 +2,10 @@
 
 mod caches;
 mod connect;
+mod handed_out;
 mod id_generator_properties;
 mod id_generators;
+mod id_reuse;
 mod interactions;
 mod migrations;
 mod mixins;
