@@ -105,6 +105,9 @@ macro_rules! multi_writer_stream {
             fn is_writer(&self, instance: &str) -> bool {
                 self.0.$generator().is_writer(instance)
             }
+            fn is_handed_out(&self, token: i64) -> BoxFuture<'_, Result<bool, StoreError>> {
+                Box::pin(self.0.$generator().is_handed_out(token.saturating_mul(Self::SIGN)))
+            }
         }
     };
 }
@@ -202,6 +205,13 @@ impl Stream for CachesStreamAdapter {
     fn is_writer(&self, _instance: &str) -> bool {
         // Every process invalidates caches.
         true
+    }
+    fn is_handed_out(&self, token: i64) -> BoxFuture<'_, Result<bool, StoreError>> {
+        match self.0.generator() {
+            Some(generator) => Box::pin(generator.is_handed_out(token)),
+            // SQLite serves one process: no other writer sends positions.
+            None => Box::pin(std::future::ready(Ok(true))),
+        }
     }
     fn announces_moves_without_rows(&self) -> bool {
         // Every process writes `caches`: a move by others alone is not worth an

@@ -1247,7 +1247,7 @@ mod redis_faults {
     use std::time::Duration;
 
     use replication::redis::{RedisAddress, run_forever};
-    use replication::{Hub, Outbound, Settings};
+    use replication::{Hub, Outbound, RefusalReason, Settings};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -1462,6 +1462,43 @@ mod redis_faults {
         }
         assert_eq!(events.current_token("master"), target, "the worker still follows");
         assert_eq!(worker_hub.connections(), 1, "and kept its connection");
+
+        // Anyone who can publish on the channel can name a real writer; a token
+        // past anything the sequence handed out can only be forged, and taking
+        // it would put every later real event below the clients' tokens.
+        let before = events.current_token("master");
+        for forged in [
+            "POSITION events master 1 999999999".to_owned(),
+            "RDATA events master 999999998 [\"ev\",[]]".to_owned(),
+        ] {
+            let request = format!(
+                "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{channel}\r\n${}\r\n{forged}\r\n",
+                channel.len(),
+                forged.len()
+            );
+            raw.write_all(request.as_bytes()).await?;
+        }
+        let refused = async || {
+            worker_hub.refusals().get(&("redis", RefusalReason::TokenNotHandedOut)).copied().unwrap_or(0)
+        };
+        for _ in 0..250 {
+            if refused().await >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(refused().await, 2, "both forgeries are refused and counted");
+        assert_eq!(events.current_token("master"), before, "no position moved");
+        master.events.persist_events(ROOM, &[member("$b", "@b:example.com")]).await?;
+        let target = master.events.reader().events_stream().get_current_token_for_writer("master");
+        for _ in 0..250 {
+            if events.current_token("master") >= target {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(events.current_token("master"), target, "real events still arrive");
+        assert_eq!(worker.events.get_users_in_room(ROOM).await?.len(), 2);
         Ok(())
     }
 }
