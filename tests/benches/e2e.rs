@@ -13,6 +13,12 @@
 //!
 //! Deployments: the monolith on SQLite and on PostgreSQL (the baselines), and
 //! four processes (master, two event writers, a sync worker) over Redis.
+//!
+//! And, over TCP replication (master, one event writer, a follower): the
+//! median time of a send through the master, which forwards it to the writer
+//! and answers once it has seen the write come back over replication, against
+//! a send through the writer itself (the baseline). A master that ignored its
+//! TCP clients' rows would wait out its 5 s read-your-writes timeout on each.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,13 +36,15 @@ mod deployment;
 mod process;
 
 use client::{Client, register};
-use deployment::{Deployment, base_urls};
+use deployment::{Deployment, Transport, base_urls};
 use process::{Binary, Server};
 
 const SENDERS: usize = 4;
 const EVENTS_PER_SENDER: usize = 250;
 const ROOMS: usize = 8;
 const PROBES: usize = 200;
+/// Sends timed through each process over TCP.
+const TCP_SENDS: usize = 20;
 
 struct Figures {
     events_per_second: f64,
@@ -151,6 +159,31 @@ fn four_processes() -> Figures {
     measure(&base_urls(&servers), 1, 3)
 }
 
+/// Median send times over TCP replication, in ms: through the master, and
+/// through the room's writer itself.
+fn sends_over_tcp() -> (f64, f64) {
+    let deployment = Deployment::new(Transport::Tcp, &["persister1", "follower1"], &["persister1"]);
+    let master = deployment.start("master");
+    let writer = deployment.start("persister1");
+    let _follower = deployment.start("follower1");
+    let sender = register(&writer.base_url, "tcp-sender");
+    let room = sender.create_room();
+    let median_ms = |through: &Client, label: &str| {
+        let mut times_ms: Vec<f64> = (0..TCP_SENDS)
+            .map(|n| {
+                let started = Instant::now();
+                through.send(&room, &format!("{label}-{n}"), "timed");
+                started.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        times_ms.sort_by(f64::total_cmp);
+        percentile(&times_ms, 0.5)
+    };
+    let through_writer = median_ms(&sender, "writer");
+    let through_master = median_ms(&sender.on(&master.base_url), "master");
+    (through_master, through_writer)
+}
+
 #[expect(clippy::print_stdout, reason = "a benchmark's output is its report")]
 fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
@@ -160,6 +193,7 @@ fn main() {
     let sqlite = monolith(None);
     let monolith_postgres = monolith(Some(&postgres.url));
     let deployment = four_processes();
+    let (through_master, through_writer) = sends_over_tcp();
     println!(
         "e2e/client API: {SENDERS} clients x {EVENTS_PER_SENDER} sends over {ROOMS} rooms; {PROBES} probes send→sync on another process"
     );
@@ -187,4 +221,8 @@ fn main() {
             percentile(&figures.trips_ms, 0.99) / percentile(&monolith_postgres.trips_ms, 0.99),
         );
     }
+    println!("e2e/sends over TCP replication: {TCP_SENDS} sends through each process, one at a time");
+    println!("  {:<32} send p50 {through_writer:.2} ms", "through the writer (baseline)");
+    println!("  {:<32} send p50 {through_master:.2} ms", "through the master");
+    println!("  ratio master / writer: send p50 {:.3}", through_master / through_writer);
 }

@@ -1,9 +1,9 @@
 //! A deployment of real processes on a fresh PostgreSQL database, and the
 //! calls tests and benchmarks make on it: writes through the writers' internal
 //! endpoint, positions from `/admin/v1/streams`, counters from `/metrics`.
-//! Shared by the `topology` tests and the `topology` benchmark.
+//! Shared by the end-to-end tests and the `topology` and `e2e` benchmarks.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -14,7 +14,9 @@ use store_test_support::EmptyDb;
 
 use crate::process::{Binary, Server, http_request, run_to_exit};
 
-pub(crate) const SECRET: &str = "e2e shared secret";
+/// One word, so that `AUTH <secret>` on the replication listener reads the
+/// same however its argument is split.
+pub(crate) const SECRET: &str = "e2e-shared-secret";
 pub(crate) const REDIS: &str = "redis://127.0.0.1:6379";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +38,13 @@ pub(crate) struct Deployment {
     /// Every instance's HTTP port, `master` first.
     instances: Vec<(String, u16)>,
     pub(crate) event_writers: Vec<String>,
+    /// The Redis every process uses (with `Transport::Redis`).
+    redis_url: String,
+    /// Instances whose replication goes to another `HOST:PORT` than the
+    /// deployment's Redis or master listener (a fault-injecting proxy).
+    replication_via: BTreeMap<String, String>,
+    /// Instances that connect to the database with another URL (another role).
+    database_urls: BTreeMap<String, String>,
 }
 
 pub(crate) fn free_port() -> u16 {
@@ -79,13 +88,58 @@ impl Deployment {
             replication_port: free_port(),
             instances,
             event_writers: event_writers.iter().map(|name| (*name).to_owned()).collect(),
+            redis_url: REDIS.to_owned(),
+            replication_via: BTreeMap::new(),
+            database_urls: BTreeMap::new(),
         }
     }
 
     /// The client API's reference topology over Redis: `master`, the event
     /// writers `writer1` and `writer2`, and the sync worker `syncer`.
     pub(crate) fn for_clients() -> Deployment {
-        Deployment::new(Transport::Redis, &["writer1", "writer2", "syncer"], &["writer1", "writer2"])
+        Deployment::for_clients_over(Transport::Redis)
+    }
+
+    /// The client API's reference topology over `transport`.
+    pub(crate) fn for_clients_over(transport: Transport) -> Deployment {
+        Deployment::new(transport, &["writer1", "writer2", "syncer"], &["writer1", "writer2"])
+    }
+
+    /// Every process uses the Redis at `url` instead of the shared one (a
+    /// dedicated server a test may stop). Set before starting any process.
+    pub(crate) fn set_redis_url(&mut self, url: &str) {
+        url.clone_into(&mut self.redis_url);
+    }
+
+    /// `instance` replicates through `address` (`HOST:PORT`, a proxy in front
+    /// of the deployment's Redis or of the master's listener) instead of
+    /// connecting directly. Not for the master over TCP, which listens.
+    pub(crate) fn replicate_via(&mut self, instance: &str, address: &str) {
+        assert!(
+            !(self.transport == Transport::Tcp && instance == "master"),
+            "the master listens for TCP replication; it connects nowhere"
+        );
+        self.replication_via.insert(instance.to_owned(), address.to_owned());
+    }
+
+    /// `instance` connects to the database with `url` (another role, say).
+    pub(crate) fn set_database_url(&mut self, instance: &str, url: &str) {
+        self.database_urls.insert(instance.to_owned(), url.to_owned());
+    }
+
+    /// The homeserver's name: also the Redis channel of the deployment.
+    pub(crate) fn server_name(&self) -> &str {
+        &self.server_name
+    }
+
+    /// Where the deployment's Redis listens, as `HOST:PORT`.
+    pub(crate) fn redis_address(&self) -> String {
+        self.redis_url.trim_start_matches("redis://").to_owned()
+    }
+
+    /// Where the master's TCP replication listener listens, as `HOST:PORT`.
+    pub(crate) fn replication_listener(&self) -> String {
+        format!("127.0.0.1:{}", self.replication_port)
     }
 
     /// Starts every instance, master first; the servers in that order.
@@ -96,11 +150,18 @@ impl Deployment {
     /// The config of `instance`, with `events` as its list of event writers.
     pub(crate) fn config_with_writers(&self, instance: &str, event_writers: &[String]) -> String {
         let port = self.port(instance);
+        let via = self.replication_via.get(instance);
         let replication = match (self.transport, instance) {
-            (Transport::Redis, _) => format!("redis = \"{REDIS}\""),
-            (Transport::Tcp, "master") => format!("listen = \"127.0.0.1:{}\"", self.replication_port),
-            (Transport::Tcp, _) => format!("master = \"127.0.0.1:{}\"", self.replication_port),
+            (Transport::Redis, _) => match via {
+                Some(address) => format!("redis = \"redis://{address}\""),
+                None => format!("redis = \"{}\"", self.redis_url),
+            },
+            (Transport::Tcp, "master") => format!("listen = \"{}\"", self.replication_listener()),
+            (Transport::Tcp, _) => {
+                format!("master = \"{}\"", via.cloned().unwrap_or_else(|| self.replication_listener()))
+            }
         };
+        let database_url = self.database_urls.get(instance).unwrap_or(&self.db.url);
         let writers: Vec<String> = event_writers.iter().map(|writer| format!("\"{writer}\"")).collect();
         let map: Vec<String> =
             self.instances.iter().map(|(name, port)| format!("{name} = \"127.0.0.1:{port}\"")).collect();
@@ -110,7 +171,7 @@ impl Deployment {
              [replication]\n{replication}\nping_interval_ms = 1000\nping_timeout_ms = 5000\n\
              [stream_writers]\nevents = [{}]\n[instance_map]\n{}\n",
             self.server_name,
-            self.db.url,
+            database_url,
             writers.join(", "),
             map.join("\n"),
         )
@@ -135,10 +196,19 @@ impl Deployment {
         if instance == "master" { Binary::Master } else { Binary::Worker }
     }
 
+    /// The deployment's config of `instance`.
+    pub(crate) fn config(&self, instance: &str) -> String {
+        self.config_with_writers(instance, &self.event_writers)
+    }
+
     /// Starts `instance` with the deployment's config.
     pub(crate) fn start(&self, instance: &str) -> Server {
-        let path = self.write_config(instance, &self.config_with_writers(instance, &self.event_writers));
-        let path = path.display().to_string();
+        self.start_with_config(instance, &self.config(instance))
+    }
+
+    /// Starts `instance` with `config` (the deployment's, edited).
+    pub(crate) fn start_with_config(&self, instance: &str, config: &str) -> Server {
+        let path = self.write_config(instance, config).display().to_string();
         Server::start(Deployment::binary(instance), &["--config", &path], self.dir.path())
     }
 
@@ -234,6 +304,50 @@ pub(crate) fn metric(metrics: &str, name_and_labels: &str) -> f64 {
         .filter(|line| line.starts_with(name_and_labels))
         .filter_map(|line| line.rsplit_once(' ').and_then(|(_, value)| value.parse::<f64>().ok()))
         .sum()
+}
+
+/// Reads metric `name` summed over the label sets that include every one of
+/// `labels`, in whatever order the exporter writes them.
+pub(crate) fn metric_with(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((series_name, rest)) => (series_name, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            let has_all = labels.iter().all(|(label, wanted)| {
+                series_labels.split(',').any(|pair| pair == format!("{label}=\"{wanted}\""))
+            });
+            (series_name == name && has_all).then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// Whether no process of `servers` (named) reports `writer` past the
+/// position the writer itself reports, on `events`: the writer's own word is
+/// the truth, and a position past it came from someone else.
+pub(crate) fn no_position_past_the_writer(
+    servers: &[(&str, &Server)],
+    writer_name: &str,
+    writer: &Server,
+) -> Result<(), String> {
+    let known: Vec<(&str, Value)> =
+        servers.iter().map(|(name, server)| (*name, events_stream(server))).collect();
+    // Read last: positions only grow, so one the others reported earlier can
+    // only be past this by someone else's word.
+    let truth = own_position(writer);
+    for (name, known) in known {
+        let position = known["writers"][writer_name].as_i64().unwrap_or(i64::MIN);
+        let token = known["current_token"].as_i64().unwrap_or(i64::MIN);
+        if position > truth || token > truth {
+            return Err(format!(
+                "{name} has {writer_name} at {position} (events token {token}), past {writer_name}'s own position {truth}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `instance`'s recorded position on `stream`, read from `stream_positions`.

@@ -1,8 +1,14 @@
-//! Exactly-once, in-order delivery through the client API while a writer dies:
-//! 4 clients send 2,000 events to 20 rooms through every process while one of
-//! the two event writers is killed (`kill -9`) and restarted twice. Every event
-//! acknowledged with 200 must reach each member's sync exactly once, in stream
-//! order within its room, and no sync token may go backwards.
+//! Exactly-once, in-order delivery through the client API while something
+//! dies: 4 clients send 2,000 events to 20 rooms through every process while
+//! a victim is stopped and restarted twice. Every event acknowledged with 200
+//! must reach each member's sync exactly once, in stream order within its
+//! room, and no sync token may go backwards.
+//!
+//! The victims: one of the two event writers (`kill -9`), the master
+//! (`kill -9`), over Redis and over TCP; and, over Redis, the Redis server
+//! itself (a dedicated one, killed and started again on its port). Syncs go
+//! to the processes that stay up; sends go everywhere, retried on the next
+//! process while one is down.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,11 +18,14 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::client::{Client, register};
-use crate::deployment::{Deployment, base_urls};
+use crate::deployment::{Deployment, Transport, base_urls, eventually, knows_final_positions, metric};
+use crate::redis_server::RedisServer;
 
 const CLIENTS: usize = 4;
 const ROOMS: usize = 20;
 const EVENTS: usize = 2_000;
+/// How long the deployment may take to settle once the load is over.
+const SETTLE: Duration = Duration::from_secs(15);
 /// Marks the messages of this test in the timelines.
 const PREFIX: &str = "eo-";
 
@@ -140,14 +149,56 @@ fn orderings(url: &str) -> HashMap<String, i64> {
     })
 }
 
-#[test]
-fn every_acknowledged_event_arrives_once_in_order_while_a_writer_is_killed_twice() {
-    let deployment = Deployment::for_clients();
+/// What is stopped and restarted twice under load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Victim {
+    /// `writer1`, one of the two event writers.
+    EventWriter,
+    /// The master.
+    Master,
+    /// The Redis server every process replicates through.
+    Redis,
+}
+
+/// Every process's servers index: master, writer1, writer2, syncer.
+const MASTER: usize = 0;
+const WRITER1: usize = 1;
+
+/// Before the load: a message sent through each process reaches every
+/// process's sync, so the deployment replicates at all.
+fn replicates_everywhere(clients: &[Client], urls: &[String], room: &str) {
+    let warm: Vec<String> = urls
+        .iter()
+        .enumerate()
+        .map(|(n, url)| clients[0].on(url).send(room, &format!("warm-{n}"), "warm"))
+        .collect();
+    for url in urls {
+        eventually(&format!("the warm-up messages in the sync of {url}"), Duration::from_secs(15), || {
+            let sync = clients[1].on(url).sync(None, Duration::ZERO);
+            let timeline = crate::client::timeline_ids(&sync, "join", room);
+            let missing: Vec<&String> = warm.iter().filter(|id| !timeline.contains(id)).collect();
+            if missing.is_empty() { Ok(()) } else { Err(format!("missing {missing:?}")) }
+        });
+    }
+}
+
+fn every_acknowledged_event_arrives_once_in_order(transport: Transport, victim: Victim) {
+    // Declared first, so dropped after the processes that use it.
+    let mut redis = (victim == Victim::Redis).then(RedisServer::start);
+    let mut deployment = Deployment::for_clients_over(transport);
+    if let Some(redis) = &redis {
+        deployment.set_redis_url(&redis.url());
+    }
     // master, writer1, writer2, syncer.
     let mut servers = deployment.start_all();
     let urls = base_urls(&servers);
     // Syncs go to the processes that stay up; sends go everywhere.
-    let sync_urls: Vec<String> = [0, 2, 3].iter().map(|index| urls[*index].clone()).collect();
+    let staying_up: &[usize] = match victim {
+        Victim::EventWriter => &[MASTER, 2, 3],
+        Victim::Master => &[WRITER1, 2, 3],
+        Victim::Redis => &[MASTER, WRITER1, 2, 3],
+    };
+    let sync_urls: Vec<String> = staying_up.iter().map(|index| urls[*index].clone()).collect();
 
     let clients: Vec<Client> = (0..CLIENTS).map(|n| register(&urls[n], &format!("user{n}"))).collect();
     let rooms: Vec<String> = (0..ROOMS).map(|n| clients[0].on(&urls[n % urls.len()]).create_room()).collect();
@@ -156,6 +207,7 @@ fn every_acknowledged_event_arrives_once_in_order_while_a_writer_is_killed_twice
             client.on(&urls[(n + r) % urls.len()]).join(room);
         }
     }
+    replicates_everywhere(&clients, &urls, &rooms[0]);
     let starts: Vec<String> = clients
         .iter()
         .map(|client| {
@@ -206,15 +258,23 @@ fn every_acknowledged_event_arrives_once_in_order_while_a_writer_is_killed_twice
         })
         .collect();
 
-    // Kill writer1 twice while the clients send.
+    // Stop the victim twice while the clients send.
     for threshold in [EVENTS / 4, EVENTS * 5 / 8] {
         while sent.load(Ordering::SeqCst) < threshold {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let killed = servers.remove(1).stop_with("KILL");
-        assert!(!killed.status.success(), "kill -9 ends the writer");
-        std::thread::sleep(Duration::from_millis(500));
-        servers.insert(1, deployment.start("writer1"));
+        if let Some(redis) = redis.as_mut() {
+            redis.kill();
+            std::thread::sleep(Duration::from_secs(1));
+            redis.start_again();
+        } else {
+            let (index, name) =
+                if victim == Victim::Master { (MASTER, "master") } else { (WRITER1, "writer1") };
+            let killed = servers.remove(index).stop_with("KILL");
+            assert!(!killed.status.success(), "kill -9 ends {name}");
+            std::thread::sleep(Duration::from_millis(500));
+            servers.insert(index, deployment.start(name));
+        }
     }
     for sender in senders {
         sender.join().expect("a sending thread");
@@ -222,7 +282,20 @@ fn every_acknowledged_event_arrives_once_in_order_while_a_writer_is_killed_twice
     let received: Vec<Received> =
         followers.into_iter().map(|f| f.join().expect("a syncing thread")).collect();
 
-    assert!(refused.load(Ordering::SeqCst) > 0, "the kills interrupted some sends");
+    if victim == Victim::Redis {
+        // Sends wait out the outage instead of being refused; the processes
+        // noticed it.
+        for server in &servers {
+            let metrics = server.get("/metrics").1;
+            assert!(
+                metric(&metrics, "homeserver_replication_reconnects_total") >= 1.0,
+                "{} reconnected to Redis:\n{metrics}",
+                server.base_url
+            );
+        }
+    } else {
+        assert!(refused.load(Ordering::SeqCst) > 0, "the kills interrupted some sends");
+    }
     let acknowledged = acknowledged.lock().expect("not poisoned").clone();
     assert_eq!(acknowledged.len(), EVENTS);
     let orderings = orderings(&deployment.db.url);
@@ -251,6 +324,39 @@ fn every_acknowledged_event_arrives_once_in_order_while_a_writer_is_killed_twice
             );
         }
     }
+    // And the deployment settles: every process, the restarted victim
+    // included, knows each writer where the writer says it is.
+    let writers = [("writer1", &servers[WRITER1]), ("writer2", &servers[2])];
+    for server in &servers {
+        eventually(&format!("{} to know both writers' final positions", server.base_url), SETTLE, || {
+            knows_final_positions(server, &writers)
+        });
+    }
+}
+
+#[test]
+fn every_acknowledged_event_arrives_once_in_order_while_a_writer_is_killed_twice() {
+    every_acknowledged_event_arrives_once_in_order(Transport::Redis, Victim::EventWriter);
+}
+
+#[test]
+fn every_acknowledged_event_arrives_once_in_order_while_a_writer_is_killed_twice_over_tcp() {
+    every_acknowledged_event_arrives_once_in_order(Transport::Tcp, Victim::EventWriter);
+}
+
+#[test]
+fn every_acknowledged_event_arrives_once_in_order_while_the_master_is_killed_twice() {
+    every_acknowledged_event_arrives_once_in_order(Transport::Redis, Victim::Master);
+}
+
+#[test]
+fn every_acknowledged_event_arrives_once_in_order_while_the_master_is_killed_twice_over_tcp() {
+    every_acknowledged_event_arrives_once_in_order(Transport::Tcp, Victim::Master);
+}
+
+#[test]
+fn every_acknowledged_event_arrives_once_in_order_while_redis_restarts_twice() {
+    every_acknowledged_event_arrives_once_in_order(Transport::Redis, Victim::Redis);
 }
 
 #[cfg(test)]

@@ -123,6 +123,18 @@ impl Server {
         self.child.id()
     }
 
+    /// The process's resident memory (`VmRSS` of `/proc/<pid>/status`), in bytes.
+    pub(crate) fn resident_memory(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_else(|err| panic!("read /proc/{}/status: {err}", self.pid()));
+        let kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in /proc/{}/status:\n{status}", self.pid()));
+        kib * 1024
+    }
+
     /// `GET path`: the status code and body.
     pub(crate) fn get(&self, path: &str) -> (u16, String) {
         http_get(&self.base_url, path)
