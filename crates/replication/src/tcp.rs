@@ -234,7 +234,9 @@ pub(crate) async fn drive(hub: Arc<Hub>, transport: Transport, stream: TcpStream
                             hub.count_refusal(transport, &refusal);
                             break 'connection Some(refusal.message);
                         }
-                        Err(QueueError::Closed) => break 'connection None,
+                        // The processor stopped, most likely refusing a command:
+                        // its reason goes to the peer.
+                        Err(QueueError::Closed) => break 'connection close_requests.try_recv().ok(),
                     }
                 }
             }
@@ -275,6 +277,11 @@ pub(crate) async fn drive(hub: Arc<Hub>, transport: Transport, stream: TcpStream
         if tokio::time::timeout(Duration::from_secs(1), writer_task).await.is_err() {
             abort.abort();
         }
+        // Closing with unread input resets the connection, and a reset can
+        // discard the ERROR before the peer reads it: read what a peer still
+        // sends (a flood, often) for a moment and throw it away.
+        let drain = async { while matches!(reader.read(&mut buffer).await, Ok(n) if n > 0) {} };
+        let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
     } else {
         writer_task.abort();
     }
