@@ -209,8 +209,13 @@ pub(crate) struct Refusal {
 }
 
 impl Refusal {
-    fn new(reason: RefusalReason, message: impl Into<String>) -> Refusal {
+    pub(crate) fn new(reason: RefusalReason, message: impl Into<String>) -> Refusal {
         Refusal { reason, message: message.into(), writer: None }
+    }
+
+    /// A peer sent commands faster than this process applies them.
+    pub(crate) fn too_many_waiting() -> Refusal {
+        Refusal::new(RefusalReason::OverBound, "too many commands waiting to be applied")
     }
 
     fn for_writer(reason: RefusalReason, writer: &str, message: impl Into<String>) -> Refusal {

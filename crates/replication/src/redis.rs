@@ -30,9 +30,7 @@ use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
 use replication_proto::{Command, CommandName};
 use tokio::sync::{Notify, mpsc};
 
-use crate::hub::{
-    Hub, Outgoing, Peer, QueueError, Refusal, RefusalReason, Session, Transport, inbound_queue,
-};
+use crate::hub::{Hub, Outgoing, Peer, QueueError, Refusal, Session, Transport, inbound_queue};
 
 /// How long connecting, subscribing and each publication may take.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -321,12 +319,7 @@ async fn follow(
                     Ok(command) => match inbox.try_send(command, line.len()) {
                         Ok(()) => {}
                         Err(QueueError::Full) => {
-                            let refusal = Refusal {
-                                reason: RefusalReason::OverBound,
-                                message: "too many commands waiting to be applied".to_owned(),
-                                writer: None,
-                            };
-                            hub.count_refusal(Transport::Redis, &refusal);
+                            hub.count_refusal(Transport::Redis, &Refusal::too_many_waiting());
                             lost.store(true, Ordering::Release);
                         }
                         Err(QueueError::Closed) => return Err("the command processor stopped".to_owned()),

@@ -40,11 +40,7 @@ pub async fn serve(hub: Arc<Hub>, listener: TcpListener) {
                     });
                 }
                 Err(_) => {
-                    let refusal = Refusal {
-                        reason: RefusalReason::OverBound,
-                        message: "too many replication connections".to_owned(),
-                        writer: None,
-                    };
+                    let refusal = Refusal::new(RefusalReason::OverBound, "too many replication connections");
                     hub.count_refusal(Transport::TcpServer { address: Some(address) }, &refusal);
                     tracing::warn!(%address, "refusing a replication connection: {}", refusal.message);
                     tokio::spawn(refuse(stream, address, refusal.message));
@@ -226,11 +222,7 @@ pub(crate) async fn drive(hub: Arc<Hub>, transport: Transport, stream: TcpStream
                     match inbox.try_send(command, line.len()) {
                         Ok(()) => {}
                         Err(QueueError::Full) => {
-                            let refusal = Refusal {
-                                reason: RefusalReason::OverBound,
-                                message: "too many commands waiting to be applied".to_owned(),
-                                writer: None,
-                            };
+                            let refusal = Refusal::too_many_waiting();
                             hub.count_refusal(transport, &refusal);
                             break 'connection Some(refusal.message);
                         }
