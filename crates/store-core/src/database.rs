@@ -199,6 +199,12 @@ impl Database {
     /// database. Any other error rolls back and is returned at once. The name is
     /// logged with the duration and counted in [`Database::interaction_stats`].
     ///
+    /// A COMMIT whose outcome is in doubt (the connection broke while it ran) is
+    /// read back before this returns: committed, the value is returned and `f` is
+    /// not run again; rolled back, the error is returned. Once COMMIT is to be
+    /// sent, dropping this future no longer stops the commit or its callbacks
+    /// (see [`Transaction::commit`]).
+    ///
     /// `f` returns a boxed future so it can borrow the transaction: write
     /// `|txn| Box::pin(async move { … })`.
     pub async fn run_interaction<T, F>(&self, interaction: &'static str, f: F) -> Result<T, StoreError>

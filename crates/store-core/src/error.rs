@@ -139,6 +139,9 @@ enum DbErrorKind {
     Postgres(tokio_postgres::Error),
     Pool(deadpool_postgres::PoolError),
     Sqlx(sqlx::Error),
+    /// A COMMIT failed in a way that left its outcome open, and the outcome
+    /// could not be read back: what happened, in words.
+    CommitOutcomeUnknown(String),
 }
 
 /// SQLSTATE of a PostgreSQL serialization failure.
@@ -168,6 +171,29 @@ impl DbError {
         DbError { kind: DbErrorKind::Sqlx(err) }
     }
 
+    pub(crate) fn commit_outcome_unknown(what_happened: String) -> DbError {
+        DbError { kind: DbErrorKind::CommitOutcomeUnknown(what_happened) }
+    }
+
+    /// Whether a COMMIT that failed with this error may have committed all the
+    /// same. On PostgreSQL an ERROR is the server refusing the COMMIT (a
+    /// serialization failure, a deferred constraint): the transaction rolled back
+    /// and the connection lives on. A broken connection, or a FATAL or PANIC sent
+    /// as the server process ends (`pg_terminate_backend`, a crash, a shutdown),
+    /// may have come before or after the commit record was written. SQLite works
+    /// on a local file and reports a failed COMMIT exactly: never in doubt.
+    pub(crate) fn leaves_commit_in_doubt(&self) -> bool {
+        match &self.kind {
+            DbErrorKind::Postgres(err) => err.as_db_error().is_none_or(|db| !is_plain_error(db)),
+            DbErrorKind::Pool(_) | DbErrorKind::Sqlx(_) | DbErrorKind::CommitOutcomeUnknown(_) => false,
+        }
+    }
+
+    /// Whether this is the pool refusing connections because it was closed.
+    pub(crate) fn is_pool_closed(&self) -> bool {
+        matches!(self.kind, DbErrorKind::Pool(deadpool_postgres::PoolError::Closed))
+    }
+
     /// The error code the database reported: a SQLSTATE on PostgreSQL, the
     /// (extended) result code on SQLite. `None` for connection-level failures.
     pub fn code(&self) -> Option<&str> {
@@ -182,7 +208,7 @@ impl DbError {
                     std::borrow::Cow::Owned(code) => known_sqlite_code(&code).unwrap_or("unknown"),
                 })
             }
-            DbErrorKind::Sqlx(_) => None,
+            DbErrorKind::Sqlx(_) | DbErrorKind::CommitOutcomeUnknown(_) => None,
         }
     }
 
@@ -193,7 +219,9 @@ impl DbError {
                 matches!(self.code(), Some(SERIALIZATION_FAILURE | DEADLOCK_DETECTED))
             }
             DbErrorKind::Sqlx(_) => self.code().is_some_and(|code| SQLITE_BUSY_CODES.contains(&code)),
-            DbErrorKind::Pool(_) => false,
+            // Running a write again whose first run may have committed could
+            // apply it twice.
+            DbErrorKind::Pool(_) | DbErrorKind::CommitOutcomeUnknown(_) => false,
         }
     }
 
@@ -202,8 +230,19 @@ impl DbError {
         match &self.kind {
             DbErrorKind::Postgres(_) => self.code() == Some(UNIQUE_VIOLATION),
             DbErrorKind::Sqlx(_) => self.code().is_some_and(|code| SQLITE_UNIQUE_CODES.contains(&code)),
-            DbErrorKind::Pool(_) => false,
+            DbErrorKind::Pool(_) | DbErrorKind::CommitOutcomeUnknown(_) => false,
         }
+    }
+}
+
+/// Whether the server reported `err` at severity ERROR: the statement failed
+/// and the session goes on (FATAL and PANIC end it).
+fn is_plain_error(err: &tokio_postgres::error::DbError) -> bool {
+    match err.parsed_severity() {
+        Some(severity) => severity == tokio_postgres::error::Severity::Error,
+        // Servers before 9.6 send only the localized severity; English is the
+        // best guess there.
+        None => err.severity() == "ERROR",
     }
 }
 
@@ -236,6 +275,9 @@ impl fmt::Display for DbError {
             },
             DbErrorKind::Pool(err) => write!(f, "{err}"),
             DbErrorKind::Sqlx(err) => write!(f, "{err}"),
+            DbErrorKind::CommitOutcomeUnknown(what_happened) => {
+                write!(f, "the outcome of COMMIT is unknown: {what_happened}")
+            }
         }
     }
 }
@@ -245,7 +287,7 @@ impl std::error::Error for DbError {
         match &self.kind {
             // The Display above already folds the causes in; repeating them as a
             // source would print them twice in `{:#}` chains.
-            DbErrorKind::Postgres(_) | DbErrorKind::Pool(_) => None,
+            DbErrorKind::Postgres(_) | DbErrorKind::Pool(_) | DbErrorKind::CommitOutcomeUnknown(_) => None,
             DbErrorKind::Sqlx(err) => err.source(),
         }
     }

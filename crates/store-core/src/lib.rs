@@ -4,7 +4,9 @@
 //!   deployments of several processes) and SQLite (sqlx, the embedded default).
 //! - Named interactions: [`Database::run_interaction`] runs a closure in one
 //!   [`Transaction`], retries serialization failures and deadlocks, logs and counts
-//!   each run by name, and runs `call_after` / `call_on_exception` callbacks.
+//!   each run by name, and runs `call_after` (invalidations),
+//!   `call_after_position` and `call_on_exception` callbacks, reading back the
+//!   outcome of a COMMIT whose connection broke before they run.
 //! - One SQL dialect: stores write PostgreSQL's `$1` placeholders; SQLite gets them
 //!   translated here.
 //! - Migrations from `migrations/<engine>/`, applied once at connect.

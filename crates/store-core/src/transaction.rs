@@ -1,15 +1,42 @@
 //! The handle a store's queries run on: one transaction (or one autocommit
-//! connection) inside a named interaction.
+//! connection) inside a named interaction, and how it ends: the COMMIT, the
+//! callbacks that follow it, and, when the connection fails while COMMIT is in
+//! flight, reading the outcome back from the database.
 
 use std::fmt;
+use std::future::Future;
+use std::time::Duration;
 
 use crate::database::Isolation;
 use crate::error::{DbError, StoreError};
 use crate::value::{PgParam, Row, ToSqlValue, bind_sqlite};
 use crate::{BoxFuture, Engine, sql};
 
-/// A callback run once the outcome of a transaction is known.
+/// An invalidation, registered with [`Transaction::call_after`]: `Fn`, because
+/// a commit whose outcome was in doubt runs it twice.
+type Invalidation = Box<dyn Fn() + Send>;
+
+/// A callback run once, when the outcome of a transaction is known.
 type Callback = Box<dyn FnOnce() + Send>;
+
+/// The transaction's top-level ID, if it has one (PostgreSQL 13+). The
+/// `_if_assigned` form never assigns one: a transaction that changed nothing
+/// would otherwise have to write (and flush) a commit record.
+const CURRENT_XID_SQL: &str = "SELECT pg_current_xact_id_if_assigned()::text::bigint";
+
+/// How transaction `$1` ended, asked from another connection: its status in the
+/// commit log, and whether a new snapshot still sees it running. The commit log
+/// says committed from the moment the commit record is written, before the
+/// transaction leaves the list of running ones (and `pg_xact_status` of some
+/// releases reports that moment as committed); until it leaves, its rows are
+/// invisible to new snapshots, so it does not count as committed here.
+const OUTCOME_SQL: &str = "SELECT pg_xact_status(xid), pg_visible_in_snapshot(xid, pg_current_snapshot()) \
+     FROM (SELECT $1::bigint::text::xid8 AS xid) AS asked";
+
+/// The first pause between two readings of an outcome still in doubt; each next
+/// pause doubles, up to [`MAX_READ_BACK_PAUSE`].
+const FIRST_READ_BACK_PAUSE: Duration = Duration::from_millis(10);
+const MAX_READ_BACK_PAUSE: Duration = Duration::from_secs(1);
 
 pub(crate) enum Conn {
     Postgres(deadpool_postgres::Object),
@@ -36,16 +63,28 @@ enum State {
 /// [`Database::run_autocommit`](crate::Database::run_autocommit), or, for the
 /// start-up reads of store constructors, [`Database::begin`](crate::Database::begin).
 ///
+/// Three kinds of callbacks follow the outcome:
+///
+/// | outcome of COMMIT | [`call_after`](Self::call_after) (invalidations) | [`call_after_position`](Self::call_after_position) | [`call_on_exception`](Self::call_on_exception) |
+/// |---|---|---|---|
+/// | committed | once | once, after them | never |
+/// | rolled back, refused, or never sent | never | never | once |
+/// | in doubt, read back as committed | at once, and again once known | once, after the second run | never |
+/// | in doubt, read back as rolled back | at once | never | once, once known |
+/// | in doubt and never known (pool closed) | at once | never | never |
+/// | in doubt, but nothing was written | as committed | as committed | never |
+///
 /// Dropped without being committed (for example when the future running it is
 /// cancelled), it counts as failed: its `call_on_exception` callbacks run and its
 /// connection is closed rather than returned to the pool half-way through a
-/// transaction.
+/// transaction. Once [`Transaction::commit`] has been called, dropping its
+/// future changes nothing: the commit and its callbacks run to the end.
 pub struct Transaction {
     interaction: &'static str,
     engine: Engine,
     conn: Option<Conn>,
     state: State,
-    after_callbacks: Vec<Callback>,
+    invalidations: Vec<Invalidation>,
     position_callbacks: Vec<Callback>,
     exception_callbacks: Vec<Callback>,
     /// A statement failed while the transaction was open. PostgreSQL then
@@ -53,6 +92,10 @@ pub struct Transaction {
     /// rollback; both engines treat the transaction as failed, so callers see
     /// the same outcome everywhere.
     poisoned: bool,
+    /// PostgreSQL: the transaction's top-level ID, learnt in the round trip of
+    /// the first statement that wrote (see [`may_write`]). What a COMMIT whose
+    /// answer was lost is read back by; `None` while nothing has been written.
+    xid: Option<i64>,
 }
 
 impl fmt::Debug for Transaction {
@@ -61,7 +104,9 @@ impl fmt::Debug for Transaction {
             .field("interaction", &self.interaction)
             .field("engine", &self.engine())
             .field("state", &self.state)
-            .field("after_callbacks", &self.after_callbacks.len())
+            .field("xid", &self.xid)
+            .field("invalidations", &self.invalidations.len())
+            .field("position_callbacks", &self.position_callbacks.len())
             .field("exception_callbacks", &self.exception_callbacks.len())
             .finish()
     }
@@ -83,10 +128,11 @@ impl Transaction {
             conn: Some(conn),
             // Until BEGIN succeeds there is nothing to roll back.
             state: State::Autocommit,
-            after_callbacks: Vec::new(),
+            invalidations: Vec::new(),
             position_callbacks: Vec::new(),
             exception_callbacks: Vec::new(),
             poisoned: false,
+            xid: None,
         };
         if let Some(isolation) = isolation {
             let begin = match (txn.engine(), isolation) {
@@ -100,7 +146,7 @@ impl Transaction {
                 (Engine::Sqlite, _) => "BEGIN IMMEDIATE",
             };
             txn.state = State::Beginning;
-            txn.execute_batch(begin).await?;
+            txn.run_batch(begin).await?;
             txn.state = State::Open;
         }
         Ok(txn)
@@ -117,27 +163,48 @@ impl Transaction {
         self.engine
     }
 
-    /// Runs `f` after this transaction commits, and never if it fails.
+    /// Registers an invalidation: `f` runs once this transaction may have
+    /// committed, and never after a failure known to have rolled it back.
+    ///
+    /// `f` must only make caches forget (drop entries, mark change caches), so
+    /// that running it when nothing changed, or twice, is harmless: when the
+    /// connection fails while COMMIT is in flight, `f` runs at once, because the
+    /// write may already be visible, and again once the commit is read back as
+    /// committed, because a read made in between may have cached what the write
+    /// replaced (see the table on [`Transaction`]). Anything that must happen
+    /// exactly once after a commit, or that announces the write, belongs in
+    /// [`Transaction::call_after_position`].
     ///
     /// If the interaction is retried, each attempt is its own transaction: the
     /// failed attempt's `call_on_exception` callbacks run and its `call_after`
     /// callbacks are dropped, and the retried closure registers its own.
-    pub fn call_after(&mut self, f: impl FnOnce() + Send + 'static) {
-        self.after_callbacks.push(Box::new(f));
+    pub fn call_after(&mut self, f: impl Fn() + Send + 'static) {
+        self.invalidations.push(Box::new(f));
     }
 
-    /// Like [`Transaction::call_after`], for callbacks that publish stream
-    /// positions: they run after every `call_after` callback, so everything a new
-    /// position promises (cache invalidations, change caches) is in place before
-    /// anyone can see the position move.
+    /// Runs `f` once this transaction is known to have committed, after every
+    /// `call_after` invalidation: for callbacks that publish stream positions, so
+    /// everything a new position promises is in place before anyone can see the
+    /// position move. While a COMMIT's outcome is in doubt, `f` waits for it.
     pub fn call_after_position(&mut self, f: impl FnOnce() + Send + 'static) {
         self.position_callbacks.push(Box::new(f));
     }
 
-    /// Runs `f` if this transaction rolls back or fails (including when it is
-    /// dropped without committing), and never after a commit.
+    /// Runs `f` once this transaction is known to have rolled back or failed
+    /// (including when it is dropped without committing, and a COMMIT in doubt
+    /// read back as rolled back), and never after a commit.
     pub fn call_on_exception(&mut self, f: impl FnOnce() + Send + 'static) {
         self.exception_callbacks.push(Box::new(f));
+    }
+
+    /// Whether the statement `sql` is to learn the transaction's ID: on
+    /// PostgreSQL, inside a transaction, until a write has given it one.
+    fn learns_xid(&self, sql: &str) -> bool {
+        self.engine == Engine::Postgres
+            && self.state == State::Open
+            && self.xid.is_none()
+            && !self.poisoned
+            && may_write(sql)
     }
 
     fn db_error(&mut self, source: DbError) -> StoreError {
@@ -154,44 +221,51 @@ impl Transaction {
     /// Runs one statement and returns the number of rows it changed.
     pub async fn execute(&mut self, sql: &str, params: &[&dyn ToSqlValue]) -> Result<u64, StoreError> {
         let interaction = self.interaction;
+        let learn_xid = self.learns_xid(sql);
         let result = match self.conn() {
             Conn::Postgres(client) => {
                 let result = async {
                     let statement = client.prepare_cached(sql).await?;
+                    let xid_statement = prepare_xid_statement(client, learn_xid).await?;
                     let params = pg_params(params);
-                    client.execute(&statement, &pg_refs(&params)).await
+                    let refs = pg_refs(&params);
+                    with_xid(client, xid_statement.as_ref(), client.execute(&statement, &refs)).await
                 }
                 .await;
                 result.map_err(DbError::postgres)
             }
             Conn::Sqlite(conn) => {
                 let sql = sql::to_sqlite(sql).map_err(|message| StoreError::Sql { interaction, message })?;
-                sqlite_execute(conn, &sql, params).await.map_err(DbError::sqlx)
+                sqlite_execute(conn, &sql, params).await.map(|changed| (changed, None)).map_err(DbError::sqlx)
             }
         };
-        result.map_err(|source| self.db_error(source))
+        self.learned(result)
     }
 
     /// Runs a query and returns all its rows.
     pub async fn query(&mut self, sql: &str, params: &[&dyn ToSqlValue]) -> Result<Vec<Row>, StoreError> {
         let interaction = self.interaction;
+        let learn_xid = self.learns_xid(sql);
         let result = match self.conn() {
             Conn::Postgres(client) => {
                 let result = async {
                     let statement = client.prepare_cached(sql).await?;
+                    let xid_statement = prepare_xid_statement(client, learn_xid).await?;
                     let params = pg_params(params);
-                    let rows = client.query(&statement, &pg_refs(&params)).await?;
-                    Row::from_postgres_rows(&rows)
+                    let refs = pg_refs(&params);
+                    let (rows, xid) =
+                        with_xid(client, xid_statement.as_ref(), client.query(&statement, &refs)).await?;
+                    Ok((Row::from_postgres_rows(&rows)?, xid))
                 }
                 .await;
                 result.map_err(DbError::postgres)
             }
             Conn::Sqlite(conn) => {
                 let sql = sql::to_sqlite(sql).map_err(|message| StoreError::Sql { interaction, message })?;
-                sqlite_query(conn, &sql, params).await.map_err(DbError::sqlx)
+                sqlite_query(conn, &sql, params).await.map(|rows| (rows, None)).map_err(DbError::sqlx)
             }
         };
-        result.map_err(|source| self.db_error(source))
+        self.learned(result)
     }
 
     /// Runs a query that must return exactly one row.
@@ -219,6 +293,39 @@ impl Transaction {
 
     /// Runs several `;`-separated statements without parameters (DDL, `SET`).
     pub async fn execute_batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        // Any statement of the batch may write, whatever the first one is.
+        let learn_xid = self.learns_xid("");
+        let result = match self.conn() {
+            Conn::Postgres(client) => {
+                let result = async {
+                    let xid_statement = prepare_xid_statement(client, learn_xid).await?;
+                    with_xid(client, xid_statement.as_ref(), client.batch_execute(sql)).await
+                }
+                .await;
+                result.map_err(DbError::postgres)
+            }
+            Conn::Sqlite(conn) => {
+                sqlite_execute_batch(conn, sql).await.map(|()| ((), None)).map_err(DbError::sqlx)
+            }
+        };
+        self.learned(result)
+    }
+
+    /// Keeps the transaction ID a statement learnt, and turns its failure into
+    /// the interaction's error.
+    fn learned<T>(&mut self, result: Result<(T, Option<i64>), DbError>) -> Result<T, StoreError> {
+        match result {
+            Ok((value, xid)) => {
+                self.xid = self.xid.or(xid);
+                Ok(value)
+            }
+            Err(source) => Err(self.db_error(source)),
+        }
+    }
+
+    /// Runs `BEGIN`, `ROLLBACK` and the like: statements of our own, which
+    /// write nothing.
+    async fn run_batch(&mut self, sql: &str) -> Result<(), StoreError> {
         let result = match self.conn() {
             Conn::Postgres(client) => client.batch_execute(sql).await.map_err(DbError::postgres),
             Conn::Sqlite(conn) => sqlite_execute_batch(conn, sql).await.map_err(DbError::sqlx),
@@ -226,32 +333,161 @@ impl Transaction {
         result.map_err(|source| self.db_error(source))
     }
 
-    /// Commits, then runs the `call_after` callbacks. If the commit fails, the
-    /// `call_on_exception` callbacks run instead.
+    /// Commits, then runs the callbacks: the `call_after` invalidations, then the
+    /// `call_after_position` ones. If the commit fails, the `call_on_exception`
+    /// callbacks run instead; if the connection fails while COMMIT is in flight,
+    /// the outcome is read back first (see the table on [`Transaction`]).
+    ///
+    /// Once called, it runs to the end even if the future awaiting it is dropped
+    /// (a client hanging up makes axum drop its handler): COMMIT may reach the
+    /// server whatever the caller does next, so what follows it must not depend
+    /// on anyone still waiting. Returns `Ok` once the transaction is known to
+    /// have committed.
     pub async fn commit(mut self) -> Result<(), StoreError> {
         if self.poisoned {
             let interaction = self.interaction;
             self.rollback().await;
             return Err(StoreError::Aborted { interaction });
         }
-        if self.state == State::Open
-            && let Err(err) = self.execute_batch("COMMIT").await
-        {
-            self.fail_and_close();
-            return Err(err);
+        if self.state != State::Open {
+            // Autocommit: every statement committed as it ran, and no await lies
+            // between here and the callbacks.
+            self.committed();
+            return Ok(());
         }
+        let interaction = self.interaction;
+        // A task of its own, which dropping the handle does not cancel. It costs
+        // a few microseconds next to a commit's round trip and flush.
+        match tokio::spawn(self.send_commit()).await {
+            Ok(result) => result,
+            Err(err) => match err.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // Only a runtime shutting down cancels a task that nobody aborts.
+                Err(err) => Err(StoreError::Database {
+                    interaction,
+                    source: DbError::commit_outcome_unknown(format!("the commit's task ended early: {err}")),
+                }),
+            },
+        }
+    }
+
+    /// Sends COMMIT and settles the outcome; run in a task of its own.
+    async fn send_commit(mut self) -> Result<(), StoreError> {
+        let result = match self.conn() {
+            Conn::Postgres(client) => client.batch_execute("COMMIT").await.map_err(DbError::postgres),
+            Conn::Sqlite(conn) => sqlite_execute_batch(conn, "COMMIT").await.map_err(DbError::sqlx),
+        };
+        match result {
+            Ok(()) => {
+                self.committed();
+                Ok(())
+            }
+            // Refused by PostgreSQL with an ERROR, or failed on SQLite, whose
+            // database is a local file that the library call reports on exactly:
+            // nothing was committed, and `fail_and_close` rolls back whatever
+            // is left.
+            Err(source) if !source.leaves_commit_in_doubt() => {
+                self.fail_and_close();
+                Err(StoreError::Database { interaction: self.interaction, source })
+            }
+            Err(source) => self.settle_commit_in_doubt(source).await,
+        }
+    }
+
+    /// The commit succeeded: invalidations, then positions.
+    fn committed(&mut self) {
         self.state = State::Finished;
         self.exception_callbacks.clear();
-        let position_callbacks = std::mem::take(&mut self.position_callbacks);
-        for callback in std::mem::take(&mut self.after_callbacks).into_iter().chain(position_callbacks) {
+        self.run_invalidations();
+        self.invalidations.clear();
+        for callback in std::mem::take(&mut self.position_callbacks) {
             callback();
         }
-        Ok(())
+    }
+
+    fn run_invalidations(&self) {
+        for invalidation in &self.invalidations {
+            invalidation();
+        }
+    }
+
+    /// The connection failed while COMMIT was in flight (PostgreSQL only): the
+    /// transaction may have committed, may still be committing on the server, or
+    /// may have rolled back. Invalidates at once, then reads the outcome back on
+    /// another connection and finishes as that outcome says.
+    async fn settle_commit_in_doubt(mut self, source: DbError) -> Result<(), StoreError> {
+        let interaction = self.interaction;
+        let pool = self.discard_connection();
+        let Some(xid) = self.xid else {
+            // No statement gave the transaction an ID, so it wrote nothing:
+            // committed or not, its reads stand and nothing is lost.
+            tracing::debug!(interaction, error = %source, "COMMIT of a transaction that wrote nothing failed");
+            self.committed();
+            return Ok(());
+        };
+        // Invalidating too much is safe, too little is not: the write may be
+        // visible to others already.
+        self.run_invalidations();
+        tracing::warn!(
+            interaction,
+            xid,
+            "failed to hear back from COMMIT ({source}); reading its outcome back"
+        );
+        let outcome = match pool {
+            Some(pool) => read_back_outcome(&pool, interaction, xid).await,
+            None => Outcome::Unknown("the connection pool is gone"),
+        };
+        match outcome {
+            Outcome::Committed => {
+                tracing::info!(interaction, xid, "a COMMIT in doubt was read back as committed");
+                // Again: a read made while the outcome was in doubt may have
+                // cached what this write replaced.
+                self.committed();
+                Ok(())
+            }
+            Outcome::RolledBack => {
+                tracing::info!(interaction, xid, "a COMMIT in doubt was read back as rolled back");
+                self.run_exception_callbacks();
+                Err(StoreError::Database { interaction, source })
+            }
+            Outcome::Unknown(reason) => {
+                // Neither positions nor releases: the transaction's stream IDs
+                // stay unfinished, so no position ever passes a write that may
+                // still land.
+                self.invalidations.clear();
+                self.position_callbacks.clear();
+                self.exception_callbacks.clear();
+                let what_happened = format!(
+                    "{source}; transaction {xid} could not be read back ({reason}), so its stream IDs stay unfinished"
+                );
+                Err(StoreError::Database {
+                    interaction,
+                    source: DbError::commit_outcome_unknown(what_happened),
+                })
+            }
+        }
+    }
+
+    /// Takes the connection out of the pool for good (it broke mid-COMMIT) and
+    /// returns the pool, to read the outcome back on another of its connections.
+    fn discard_connection(&mut self) -> Option<deadpool_postgres::Pool> {
+        self.state = State::Finished;
+        match self.conn.take()? {
+            Conn::Postgres(object) => {
+                let pool = deadpool_postgres::Object::pool(&object);
+                drop(deadpool_postgres::Object::take(object));
+                pool
+            }
+            Conn::Sqlite(conn) => {
+                rollback_in_background(conn);
+                None
+            }
+        }
     }
 
     /// Rolls back, then runs the `call_on_exception` callbacks.
     pub async fn rollback(mut self) {
-        if self.state == State::Open && self.execute_batch("ROLLBACK").await.is_err() {
+        if self.state == State::Open && self.run_batch("ROLLBACK").await.is_err() {
             // The connection is in an unknown state; `fail_and_close` discards it.
             self.fail_and_close();
             return;
@@ -261,7 +497,7 @@ impl Transaction {
     }
 
     fn run_exception_callbacks(&mut self) {
-        self.after_callbacks.clear();
+        self.invalidations.clear();
         self.position_callbacks.clear();
         for callback in std::mem::take(&mut self.exception_callbacks) {
             callback();
@@ -311,6 +547,103 @@ fn rollback_in_background(mut conn: SqlxConn) {
     }
 }
 
+/// What reading a transaction's outcome back found.
+enum Outcome {
+    Committed,
+    RolledBack,
+    /// It cannot be found out, for the reason given.
+    Unknown(&'static str),
+}
+
+/// Asks on connections of `pool` how transaction `xid` ended, until it has: a
+/// transaction still committing (its server process alive, in a slow trigger or
+/// waiting for a standby) is waited for, and an unreachable database is asked
+/// again with growing pauses. Gives up only when the pool is closed (shutdown).
+async fn read_back_outcome(pool: &deadpool_postgres::Pool, interaction: &'static str, xid: i64) -> Outcome {
+    let mut pause = FIRST_READ_BACK_PAUSE;
+    loop {
+        match ask_outcome(pool, xid).await {
+            Ok(Some(outcome)) => return outcome,
+            Ok(None) => tracing::debug!(interaction, xid, "the transaction is still committing"),
+            Err(err) if err.is_pool_closed() => return Outcome::Unknown("the connection pool was closed"),
+            // "Transaction ID is in the future": a server that took over from
+            // another (a failover, a restored backup) and never saw it.
+            Err(err) if err.code() == Some("22023") => {
+                return Outcome::Unknown("the server has never seen the transaction");
+            }
+            Err(err) => {
+                tracing::warn!(
+                    interaction,
+                    xid,
+                    "failed to read back the outcome of a COMMIT, retrying: {err}"
+                );
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_READ_BACK_PAUSE);
+    }
+}
+
+/// One reading of transaction `xid`'s outcome; `None` while it is in progress.
+async fn ask_outcome(pool: &deadpool_postgres::Pool, xid: i64) -> Result<Option<Outcome>, DbError> {
+    let client = pool.get().await.map_err(DbError::pool)?;
+    let row = async {
+        let statement = client.prepare_cached(OUTCOME_SQL).await?;
+        client.query_one(&statement, &[&xid]).await
+    }
+    .await
+    .map_err(DbError::postgres)?;
+    let status: Option<String> = row.try_get(0).map_err(DbError::postgres)?;
+    let visible: Option<bool> = row.try_get(1).map_err(DbError::postgres)?;
+    Ok(match (status.as_deref(), visible) {
+        (Some("committed"), Some(true)) => Some(Outcome::Committed),
+        (Some("aborted"), _) => Some(Outcome::RolledBack),
+        // Too old for the commit log: impossible for a transaction that was just
+        // committing, unless the server was restored from a backup meanwhile.
+        (None, _) => Some(Outcome::Unknown("the server no longer knows the transaction")),
+        _ => None,
+    })
+}
+
+/// Whether `sql` may change rows, and so give the transaction an ID. Only a
+/// statement that starts with a keyword that cannot write is taken at its word;
+/// a `SELECT` of a function that writes rows would be missed (`nextval` and
+/// `setval` are not transactional and `set_config` writes no rows, so they do
+/// not count).
+fn may_write(sql: &str) -> bool {
+    let sql = sql.trim_start();
+    let keyword = &sql[..sql.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(sql.len())];
+    !["SELECT", "VALUES", "SHOW", "TABLE"].iter().any(|read| keyword.eq_ignore_ascii_case(read))
+}
+
+/// Prepares the statement that learns the transaction's ID, when wanted; cached
+/// per connection like every other statement.
+async fn prepare_xid_statement(
+    client: &deadpool_postgres::Object,
+    learn_xid: bool,
+) -> Result<Option<tokio_postgres::Statement>, tokio_postgres::Error> {
+    match learn_xid {
+        true => client.prepare_cached(CURRENT_XID_SQL).await.map(Some),
+        false => Ok(None),
+    }
+}
+
+/// Runs `work` and, with `xid_statement`, asks for the transaction's ID right
+/// behind it in the same round trip: tokio-postgres sends each request when its
+/// future is first polled and `biased` polls `work` first, so the ID asked for
+/// is the one `work` may just have assigned. If the question fails, so does the
+/// statement: a transaction whose ID is unknown could not be read back.
+async fn with_xid<T>(
+    client: &tokio_postgres::Client,
+    xid_statement: Option<&tokio_postgres::Statement>,
+    work: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<(T, Option<i64>), tokio_postgres::Error> {
+    let Some(xid_statement) = xid_statement else { return Ok((work.await?, None)) };
+    let (done, xid_row) = tokio::join!(biased; work, client.query_one(xid_statement, &[]));
+    let done = done?;
+    Ok((done, xid_row?.try_get(0)?))
+}
+
 // The SQLite calls are boxed at a signature with named lifetimes: sqlx's futures
 // left unboxed inside the callers' higher-ranked closures make rustc fail to
 // prove them `Send` ("implementation of `Executor` is not general enough").
@@ -358,4 +691,35 @@ fn pg_params<'a>(params: &'a [&dyn ToSqlValue]) -> Vec<PgParam<'a>> {
 
 fn pg_refs<'a>(params: &'a [PgParam<'a>]) -> Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)> {
     params.iter().map(|param| param as &(dyn tokio_postgres::types::ToSql + Sync)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_write;
+
+    #[test]
+    fn only_statements_that_cannot_write_skip_learning_the_transaction_id() {
+        for sql in [
+            "SELECT 1",
+            "  select v FROM kv",
+            "VALUES (1)",
+            "SHOW server_version",
+            "TABLE kv",
+            "SELECT nextval('s')",
+        ] {
+            assert!(!may_write(sql), "{sql}");
+        }
+        for sql in [
+            "INSERT INTO kv VALUES ('a', 1)",
+            "update kv SET v = 2",
+            "DELETE FROM kv",
+            "WITH gone AS (DELETE FROM kv RETURNING k) SELECT k FROM gone",
+            "(SELECT 1)",
+            "-- a comment\nSELECT 1",
+            "SELECTED",
+            "",
+        ] {
+            assert!(may_write(sql), "{sql}");
+        }
+    }
 }

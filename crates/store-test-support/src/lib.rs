@@ -8,6 +8,9 @@
 //! rather than being skipped, when the server is not reachable: `cargo xtask ci`
 //! starts it.
 //!
+//! [`CommitFaults`] and [`TcpProxy`] make real failures around a PostgreSQL
+//! COMMIT: a commit that sleeps, a backend killed mid-commit, a connection cut.
+//!
 //! ```ignore
 //! async fn commits_are_visible(test_db: TestDb) -> TestResult { /* … */ Ok(()) }
 //! store_test_support::engine_tests!(commits_are_visible);
@@ -18,6 +21,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use store_core::{Database, Engine};
+
+mod faults;
+
+pub use faults::{CommitFaults, TcpProxy};
 
 /// What test functions return, so they can use `?`.
 pub type TestResult = Result<(), Box<dyn std::error::Error>>;

@@ -80,7 +80,7 @@ async fn an_error_rolls_back_everything(test_db: TestDb) -> TestResult {
 struct Counter(Arc<AtomicUsize>);
 
 impl Counter {
-    fn bump(&self) -> impl FnOnce() + Send + 'static {
+    fn bump(&self) -> impl Fn() + Send + 'static {
         let count = Arc::clone(&self.0);
         move || {
             count.fetch_add(1, Ordering::SeqCst);

@@ -1,6 +1,7 @@
 //! store-core's integration tests, against real PostgreSQL and SQLite.
 
 mod caches;
+mod commit_outcome;
 mod connect;
 mod handed_out;
 mod id_generator_properties;

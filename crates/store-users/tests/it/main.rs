@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use server_config::{Overrides, Role, ServerConfig};
 use store_core::{CacheRegistry, CachesRow, CachesStream, Database, Engine, StoreError};
-use store_test_support::{TestDb, TestResult, engine_tests};
+use store_test_support::{CommitFaults, TestDb, TestResult, engine_tests};
 use store_users::{USER_BY_ACCESS_TOKEN_CACHE, UsersStore};
 
 fn single_process(url: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
@@ -168,5 +168,44 @@ async fn a_logout_reaches_another_process_through_the_caches_stream() -> TestRes
     let before = hits(&worker_caches);
     assert_eq!(worker.get_user_by_access_token(&kept).await?.as_deref(), Some("@a:x"));
     assert_eq!(hits(&worker_caches), before + 1);
+    Ok(())
+}
+
+/// A client that hangs up during its logout (axum then drops the handler's
+/// future) must not keep the token working on this process: once COMMIT is on
+/// the server, the invalidation runs whether or not anyone still waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_cancelled_during_its_commit_still_invalidates_the_token() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let (caches, users) = build(&test_db.db, &deployment(&test_db.url, "master")?).await?;
+    users.register("@a:x").await?;
+    let token = users.create_access_token("@a:x").await?;
+    assert_eq!(users.get_user_by_access_token(&token).await?.as_deref(), Some("@a:x"));
+    let before = hits(&caches);
+    assert_eq!(users.get_user_by_access_token(&token).await?.as_deref(), Some("@a:x"));
+    assert_eq!(hits(&caches), before + 1, "the token is cached");
+    let from = caches.current_token("master");
+
+    let faults = CommitFaults::connect(&test_db.url).await?;
+    faults.make_commits_slow("access_tokens", "DELETE", 0.5).await?;
+    tokio::select! {
+        result = users.delete_access_token(&token) => {
+            return Err(format!("the logout finished while its COMMIT sleeps: {result:?}").into());
+        }
+        pid = faults.wait_for_sleeping_commit() => { pid?; }
+    }
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while users.get_user_by_access_token(&token).await?.is_some() {
+        assert!(std::time::Instant::now() < deadline, "the logged-out token still works on this process");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let tokens_left = faults.count("SELECT COUNT(*) FROM access_tokens").await?;
+    assert_eq!(tokens_left, 0, "the logout committed");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while caches.current_token("master") <= from {
+        assert!(std::time::Instant::now() < deadline, "the invalidation's position was never published");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     Ok(())
 }
