@@ -83,7 +83,7 @@ async fn setup(test_db: &TestDb) -> Result<(MultiWriterIdGenerator, Arc<Cache<St
     let harness = Harness::new(test_db, &["foobar"], true).await?;
     harness.consume_first_id().await?;
     let generator = harness.generator("w1", &["w1"]).await?;
-    let cache = Cache::new("kv_by_key", 10);
+    let cache = Cache::new("kv_by_key", 10, 1024 * 1024);
     fill(&cache, "a", 0);
     Ok((generator, cache))
 }
