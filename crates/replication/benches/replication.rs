@@ -244,6 +244,14 @@ fn report(name: &str, measured: &Figures, baseline: &Figures, baseline_name: &st
     );
 }
 
+/// How often the follower asked the sequence whether a token was handed out:
+/// the cost of refusing forged tokens.
+#[expect(clippy::print_stdout, reason = "a benchmark's output is its report")]
+fn report_sequence_reads(name: &str, follower_db: &Database, rows: usize) {
+    let reads = follower_db.interaction_stats().get("read_stream_sequence").map_or(0, |stats| stats.count);
+    println!("replication/{name}: the follower read the sequence {reads} times for {rows} rows");
+}
+
 fn main() -> BenchResult {
     let rows: usize = std::env::var("REPLICATION_ROWS").ok().and_then(|n| n.parse().ok()).unwrap_or(4_000);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -315,6 +323,7 @@ fn main() -> BenchResult {
                 (redis_baseline(rows).await?, "bare PUBLISH loop")
             };
             report(transport, &measured, &baseline, baseline_name);
+            report_sequence_reads(transport, &worker_db, rows);
             master_task.abort();
             for task in tasks {
                 task.abort();
