@@ -726,6 +726,9 @@ mod tcp {
         for (_, write) in &mut kept {
             write.write_all(b"PING 1\n").await?;
         }
+        // Each counts once its AUTH is applied, which may be after its SERVER.
+        eventually("both to be connected", async || hub.connections() == 2).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(hub.connections(), 2);
         Ok(())
     }
