@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use replication::redis::{RedisAddress, run_forever};
-use replication::{Hub, Inbound, Outbound, ReceiptsStream, Settings, StreamRegistry, tcp};
+use replication::{Hub, Inbound, Outbound, Settings, StreamRegistry, tcp};
 use server_config::{Role, ServerConfig};
 use store_core::{CacheRegistry, CachesStream, Database, Engine, StoreError};
-use store_receipts::{ReceiptRow, ReceiptsReader, ReceiptsWriter};
+use store_receipts::{ReceiptRow, ReceiptsReader, ReceiptsStream, ReceiptsWriter};
 use store_test_support::TestDb;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};

@@ -16,7 +16,7 @@ use store_core::{BoxFuture, StoreError, StreamUpdates};
 
 use crate::http::RemoteUpdates;
 use crate::lock;
-use crate::stream::Stream;
+use store_core::Stream;
 
 /// The stream's name.
 pub const FEDERATION_STREAM: &str = "federation";
@@ -248,7 +248,7 @@ impl Stream for FederationStream {
     ) -> BoxFuture<'a, Result<StreamUpdates<RowJson>, StoreError>> {
         Box::pin(async move {
             match self {
-                FederationStream::Queue(queue) => crate::streams::to_wire(queue.get_updates(from, to)),
+                FederationStream::Queue(queue) => store_core::to_wire(queue.get_updates(from, to)),
                 FederationStream::Sender { remote: Some(remote), .. } => {
                     remote.fetch(FEDERATION_STREAM, writer, from, to).await
                 }
@@ -260,7 +260,7 @@ impl Stream for FederationStream {
     }
 
     fn apply_rows(&self, _writer: &str, token: i64, rows: &[RowJson]) -> Result<(), serde_json::Error> {
-        let rows: Vec<FederationRow> = crate::streams::decode(rows)?;
+        let rows: Vec<FederationRow> = store_core::decode_rows(rows)?;
         if let FederationStream::Sender { handler, .. } = self {
             handler(token, &rows);
         }

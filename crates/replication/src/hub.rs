@@ -23,8 +23,8 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::inbound::{InboundError, Link};
 use crate::lock;
-use crate::stream::Stream;
 use crate::{Inbound, Outbound};
+use store_core::Stream;
 
 /// Timings and limits of connections, Synapse's by default.
 #[derive(Debug, Clone, Copy)]

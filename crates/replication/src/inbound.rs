@@ -19,7 +19,7 @@ use store_core::StoreError;
 
 use crate::CATCH_UP_BATCH;
 use crate::lock;
-use crate::stream::{Stream, StreamRegistry};
+use store_core::{Stream, StreamRegistry};
 
 /// Rows one connection may hold back for `batch` tokens, over all writers.
 /// A writer sends at most [`ROWS_PER_POLL`](crate::ROWS_PER_POLL) rows per poll,

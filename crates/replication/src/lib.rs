@@ -1,8 +1,9 @@
-//! Replication between processes: the [`Stream`] trait every stream implements,
-//! the [`StreamRegistry`] of a process, the database-backed streams of the store
-//! crates, the [`Outbound`] logic that tells other processes what this one
+//! Replication between processes: the [`Outbound`] logic that tells other processes what this one
 //! wrote, and the [`Inbound`] logic that applies what they send (catching up from
 //! the database when it sees a gap).
+//!
+//! Streams implement [`Stream`] (from `store-core`, re-exported here); each store
+//! crate brings its own, so this crate knows none of them.
 //!
 //! A [`Hub`] ties them together for one process; [`tcp`] and [`redis`] move its
 //! commands. [`typing`] and [`federation`] are the in-memory streams, owned by
@@ -16,8 +17,6 @@ mod hub;
 mod inbound;
 mod outbound;
 pub mod redis;
-mod stream;
-mod streams;
 pub mod tcp;
 pub mod transports;
 pub mod typing;
@@ -26,8 +25,7 @@ pub use federation::FederationStream;
 pub use hub::{Hub, RefusalReason, Settings};
 pub use inbound::{Inbound, InboundError, Link, MAX_HELD_ROWS, MAX_UNKNOWN_STREAMS};
 pub use outbound::{Outbound, ROWS_PER_POLL};
-pub use stream::{Stream, StreamRegistry};
-pub use streams::{AccountDataStream, BackfillStream, CachesStreamAdapter, EventsStream, ReceiptsStream};
+pub use store_core::{Stream, StreamRegistry};
 pub use typing::TypingStream;
 
 /// Locks `mutex`, going on past poisoning: the locks of this crate guard only

@@ -7,7 +7,7 @@ use replication_proto::Command;
 use store_core::StoreError;
 
 use crate::lock;
-use crate::stream::Stream;
+use store_core::Stream;
 
 /// How many rows one poll of a stream sends at most; the rest follow on the
 /// next poll (or the follower fetches them after the `POSITION`).

@@ -16,7 +16,7 @@ use store_core::{BoxFuture, StoreError, StreamChangeCache, StreamUpdates};
 
 use crate::http::RemoteUpdates;
 use crate::lock;
-use crate::stream::Stream;
+use store_core::Stream;
 
 /// The stream's name.
 pub const TYPING_STREAM: &str = "typing";
@@ -341,7 +341,7 @@ impl Stream for TypingStream {
     ) -> BoxFuture<'a, Result<StreamUpdates<RowJson>, StoreError>> {
         Box::pin(async move {
             match self {
-                TypingStream::Writer(writer) => crate::streams::to_wire(writer.get_updates(from, to, limit)),
+                TypingStream::Writer(writer) => store_core::to_wire(writer.get_updates(from, to, limit)),
                 TypingStream::Follower(follower) => match &follower.remote {
                     // The writer serves what we missed from memory; a restarted
                     // writer's rows carry its token back down, and applying them
@@ -360,7 +360,7 @@ impl Stream for TypingStream {
     }
 
     fn apply_rows(&self, writer: &str, token: i64, rows: &[RowJson]) -> Result<(), serde_json::Error> {
-        let rows: Vec<TypingRow> = crate::streams::decode(rows)?;
+        let rows: Vec<TypingRow> = store_core::decode_rows(rows)?;
         match self {
             TypingStream::Writer(handler) => {
                 tracing::error!(writer, own = %handler.instance_name, "typing rows reached the typing writer; ignoring them");

@@ -25,16 +25,13 @@ mod topology;
 
 use std::sync::Arc;
 
-use replication::{
-    AccountDataStream, BackfillStream, CachesStreamAdapter, EventsStream, ReceiptsStream, Stream,
-    StreamRegistry,
-};
-use store_account_data::{ACCOUNT_DATA_STREAM, AccountDataReader, AccountDataWriter};
+use store_account_data::{ACCOUNT_DATA_STREAM, AccountDataReader, AccountDataStream, AccountDataWriter};
 use store_core::{
-    CacheRegistry, CachesStream, Database, HasDatabase, ServerConfig, Store, StoreError, Transaction,
+    CacheRegistry, CachesStream, CachesStreamAdapter, Database, HasDatabase, ServerConfig, Store, StoreError,
+    Stream, StreamRegistry, Transaction,
 };
-use store_events::{EVENTS_STREAM, EventsReader, EventsWriter};
-use store_receipts::{RECEIPTS_STREAM, ReceiptsReader, ReceiptsWriter};
+use store_events::{BackfillStream, EVENTS_STREAM, EventsReader, EventsStream, EventsWriter};
+use store_receipts::{RECEIPTS_STREAM, ReceiptsReader, ReceiptsStream, ReceiptsWriter};
 use store_users::UsersStore;
 
 pub use topology::check_stream_writers;
@@ -46,7 +43,8 @@ pub use topology::check_stream_writers;
 ///
 /// where `Reader::new(db, conn, &Arc<CachesStream>, config)` builds the read
 /// half, `Writer::over(Arc<Reader>, config)` the write half, and each adapter
-/// (a `replication::Stream` over `Arc<Reader>`) is one replication stream.
+/// (a `store_core::Stream` over `Arc<Reader>`, which the store crate provides)
+/// is one replication stream.
 macro_rules! compose {
     ($(
         $(#[$doc:meta])*

@@ -369,3 +369,28 @@ impl AccountDataWriter {
             .await
     }
 }
+
+/// The `account_data` stream.
+#[derive(Debug)]
+pub struct AccountDataStream(pub Arc<AccountDataReader>);
+
+impl store_core::MultiWriterSource for AccountDataStream {
+    type Row = AccountDataRow;
+    const NAME: &'static str = ACCOUNT_DATA_STREAM;
+
+    fn id_generator(&self) -> &MultiWriterIdGenerator {
+        self.0.stream()
+    }
+    fn fetch<'a>(
+        &'a self,
+        writer: &'a str,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> store_core::BoxFuture<'a, Result<StreamUpdates<AccountDataRow>, StoreError>> {
+        Box::pin(self.0.get_account_data_updates(writer, from, to, limit))
+    }
+    fn apply(&self, writer: &str, token: i64, rows: &[AccountDataRow]) {
+        self.0.process_account_data_rows(writer, token, rows);
+    }
+}

@@ -18,6 +18,9 @@
 //! - [`MultiWriterToken`]: a position on a stream of several writers, and
 //!   [`MultiWriterIdGenerator::wait_for_token`], the wait before serving a read
 //!   at a client's token.
+//! - [`Stream`]: what replication needs from every stream, with
+//!   [`MultiWriterSource`], from which a store crate gets the [`Stream`] of its
+//!   database-backed stream in a few lines, and the [`StreamRegistry`].
 //! - [`Store`]: the uniform constructor `new(db, conn, config)` every store shares.
 //!
 //! This crate knows nothing about events, receipts or any other domain.
@@ -48,7 +51,9 @@ pub use id_generator::{
 };
 pub use migrate::{MigrationReport, latest_version};
 pub use store::{HasDatabase, Store, build_store};
-pub use stream::StreamUpdates;
+pub use stream::{
+    CachesStreamAdapter, MultiWriterSource, Stream, StreamRegistry, StreamUpdates, decode_rows, to_wire,
+};
 pub use token::{InstanceIds, MultiWriterToken, RoomToken, TokenError, TokenParseError};
 pub use transaction::Transaction;
 pub use value::{ColumnIndex, FromSqlValue, Row, SqlValue, ToSqlValue, Value};

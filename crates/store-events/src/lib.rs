@@ -14,6 +14,7 @@
 
 mod reader;
 pub mod rows;
+mod stream;
 mod writer;
 
 use store_core::CacheWeight;
@@ -22,6 +23,7 @@ pub use reader::{
     CURRENT_STATE_CACHES_BY_MEMBER, CURRENT_STATE_CACHES_BY_ROOM, EventsReader, MembershipChange, StateMap,
     WriterFilter,
 };
+pub use stream::{BackfillStream, EventsStream};
 pub use writer::{ClientTxn, EventsWriter};
 
 /// The name of the events stream, as in `[stream_writers]`, `stream_positions`

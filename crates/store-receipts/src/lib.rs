@@ -423,6 +423,31 @@ impl ReceiptsWriter {
     }
 }
 
+/// The `receipts` stream.
+#[derive(Debug)]
+pub struct ReceiptsStream(pub Arc<ReceiptsReader>);
+
+impl store_core::MultiWriterSource for ReceiptsStream {
+    type Row = ReceiptRow;
+    const NAME: &'static str = RECEIPTS_STREAM;
+
+    fn id_generator(&self) -> &MultiWriterIdGenerator {
+        self.0.stream()
+    }
+    fn fetch<'a>(
+        &'a self,
+        writer: &'a str,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> store_core::BoxFuture<'a, Result<StreamUpdates<ReceiptRow>, StoreError>> {
+        Box::pin(self.0.get_receipts_updates(writer, from, to, limit))
+    }
+    fn apply(&self, writer: &str, token: i64, rows: &[ReceiptRow]) {
+        self.0.process_receipts_rows(writer, token, rows);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::ReceiptRow;

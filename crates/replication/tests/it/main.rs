@@ -3,11 +3,14 @@
 
 use std::sync::Arc;
 
-use replication::{CachesStreamAdapter, EventsStream, Inbound, Link, ReceiptsStream, StreamRegistry};
+use replication::{Inbound, Link, StreamRegistry};
 use replication_proto::{Command, RowJson};
 use server_config::{Role, ServerConfig};
+use store_core::CachesStreamAdapter;
 use store_core::{CacheRegistry, CachesStream, Database, Engine, StoreError};
+use store_events::EventsStream;
 use store_events::{EventsReader, EventsWriter, NewEvent};
+use store_receipts::ReceiptsStream;
 use store_receipts::{ReceiptRow, ReceiptsReader, ReceiptsWriter};
 use store_test_support::{TestDb, TestResult};
 
@@ -1090,7 +1093,8 @@ mod every_stream {
     use std::time::Duration;
 
     use replication::typing::TypingWriter;
-    use replication::{BackfillStream, Outbound, TypingStream};
+    use replication::{Outbound, TypingStream};
+    use store_events::BackfillStream;
 
     use super::*;
 

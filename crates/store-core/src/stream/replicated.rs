@@ -1,12 +1,13 @@
 //! [`Stream`]: what replication needs from every stream, and the registry of a
-//! process's streams.
+//! process's streams. It lives here, below the store crates, so that each store
+//! crate brings its own stream and replication needs to know none of them.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+use crate::{BoxFuture, MultiWriterIdGenerator, StoreError, StreamUpdates};
 use replication_proto::RowJson;
-use store_core::{BoxFuture, MultiWriterIdGenerator, StoreError, StreamUpdates};
 
 /// A stream as replication sees it: tokens per writer, rows in wire form.
 ///

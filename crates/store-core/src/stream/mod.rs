@@ -1,4 +1,16 @@
-//! What every database-backed stream answers when a follower catches up.
+//! Streams as replication sees them: the [`Stream`] trait and the
+//! [`StreamRegistry`] of a process, [`StreamUpdates`] (what every
+//! database-backed stream answers when a follower catches up), and
+//! [`MultiWriterSource`], which makes a [`Stream`] of a store reader whose
+//! stream has a [`MultiWriterIdGenerator`](crate::MultiWriterIdGenerator).
+
+mod caches;
+mod multi_writer;
+mod replicated;
+
+pub use caches::CachesStreamAdapter;
+pub use multi_writer::{MultiWriterSource, decode_rows, to_wire};
+pub use replicated::{Stream, StreamRegistry};
 
 use crate::{Database, Row, StoreError};
 
