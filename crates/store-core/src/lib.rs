@@ -10,9 +10,8 @@
 //! - One SQL dialect: stores write PostgreSQL's `$1` placeholders; SQLite gets them
 //!   translated here.
 //! - Migrations from `migrations/<engine>/`, applied once at connect.
-//! - Stream ID generators: [`MultiWriterIdGenerator`] and [`SingleWriterIdGenerator`],
-//!   behind [`StreamIdGenerator`], with per-writer positions persisted in
-//!   `stream_positions`.
+//! - Stream IDs: [`MultiWriterIdGenerator`], with per-writer positions persisted
+//!   in `stream_positions`.
 //! - Caches: [`Cache`], [`CacheRegistry`], [`StreamChangeCache`], and the
 //!   [`CachesStream`] that carries invalidations to other processes.
 //! - [`MultiWriterToken`]: a position on a stream of several writers, and
@@ -47,7 +46,7 @@ pub use database::{BoxFuture, Database, DatabaseOptions, Engine, InteractionStat
 pub use error::{DbError, StoreError};
 pub use id_generator::{
     DEFAULT_BACKGROUND_RECORD_DELAY, FetchToken, MultiWriterConfig, MultiWriterIdGenerator, PositionTracker,
-    SingleWriterIdGenerator, StreamIdGenerator, StreamIdGuard, StreamIdsGuard, StreamTable,
+    StreamIdGuard, StreamIdsGuard, StreamTable,
 };
 pub use migrate::{MigrationReport, latest_version};
 pub use store::{HasDatabase, Store, build_store};

@@ -11,11 +11,6 @@
 //! restart reads that table instead of scanning the stream's tables; bursts of
 //! writes share upserts (one in flight, the latest queued).
 //!
-//! [`SingleWriterIdGenerator`] is the in-process counter alone, for streams one
-//! process writes.
-//!
-//! Both implement [`StreamIdGenerator`], the view replication and stores use.
-//!
 //! ```no_run
 //! # async fn example(db: store_core::Database) -> Result<(), store_core::StoreError> {
 //! use store_core::{MultiWriterConfig, MultiWriterIdGenerator, StreamTable};
@@ -42,7 +37,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use crate::{BoxFuture, Database, Engine, StoreError, Transaction};
+use crate::{Database, Engine, StoreError, Transaction};
 
 mod startup;
 mod tracker;
@@ -132,41 +127,11 @@ impl Default for MultiWriterConfig {
     }
 }
 
-/// The view of a stream's IDs that stores and replication use, whichever
-/// generator is behind it. Dyn-compatible: `Arc<dyn StreamIdGenerator>`.
-pub trait StreamIdGenerator: Send + Sync + fmt::Debug {
-    /// The stream's name.
-    fn stream_name(&self) -> &str;
-    /// The stream's current token: every ID at or below it is finished.
-    fn get_current_token(&self) -> i64;
-    /// The position of `writer`; for this process, the best it can claim.
-    fn get_current_token_for_writer(&self, writer: &str) -> i64;
-    /// The position of this process's last finished write.
-    fn get_minimal_local_current_token(&self) -> i64;
-    /// Every writer's position as known here.
-    fn get_positions(&self) -> BTreeMap<String, i64>;
-    /// Records another writer's position, learned from replication.
-    fn advance(&self, writer: &str, position: i64);
-    /// Allocates one ID.
-    fn get_next(&self) -> BoxFuture<'_, Result<StreamIdGuard, StoreError>>;
-    /// Allocates `n` IDs.
-    fn get_next_mult(&self, n: usize) -> BoxFuture<'_, Result<StreamIdsGuard, StoreError>>;
-}
-
 /// Allocates stream IDs for several writers and tracks every writer's position.
 ///
 /// `Send + Sync`; share it behind an `Arc`. See the module docs.
 #[derive(Clone)]
 pub struct MultiWriterIdGenerator {
-    inner: Arc<Inner>,
-}
-
-/// A stream whose IDs come from an in-process counter, which starts above the
-/// largest ID in its tables and above every ID it handed out before a restart
-/// (its high-water mark in `stream_id_high_water`). Only one process may write
-/// such a stream.
-#[derive(Clone)]
-pub struct SingleWriterIdGenerator {
     inner: Arc<Inner>,
 }
 
@@ -197,7 +162,7 @@ impl IdSource {
     }
 }
 
-/// An in-process counter (SQLite, and [`SingleWriterIdGenerator`]), with the
+/// An in-process counter (SQLite), with the
 /// highest ID it ever handed out kept in `stream_id_high_water`.
 ///
 /// A stream's position must never pass an ID whose high-water mark is not
@@ -395,12 +360,6 @@ static UPSERT_NEGATIVE: UpsertSql = UpsertSql {
 impl fmt::Debug for MultiWriterIdGenerator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.inner.fmt_debug("MultiWriterIdGenerator", f)
-    }
-}
-
-impl fmt::Debug for SingleWriterIdGenerator {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.inner.fmt_debug("SingleWriterIdGenerator", f)
     }
 }
 
@@ -617,82 +576,6 @@ impl MultiWriterIdGenerator {
         self.inner.tracker().oldest_unfinished_age(std::time::Instant::now())
     }
 }
-
-impl SingleWriterIdGenerator {
-    /// Loads the largest ID in `tables` (the stream's only writer is this
-    /// process); IDs come from an in-process counter.
-    pub async fn new(
-        db: &Database,
-        stream_name: &str,
-        instance_name: &str,
-        tables: Vec<StreamTable>,
-        positive: bool,
-    ) -> Result<SingleWriterIdGenerator, StoreError> {
-        let config = MultiWriterConfig {
-            stream_name: stream_name.to_owned(),
-            instance_name: instance_name.to_owned(),
-            tables,
-            positive,
-            ..MultiWriterConfig::default()
-        };
-        startup::validate(&config)?;
-        let mut conn = db.begin("load_stream_ids").await?;
-        let source = IdSource::Counter(Arc::new(Counter::new(db, &config)));
-        let (inner, _no_positions) = Inner::load(db, &mut conn, &config, source).await?;
-        conn.commit().await?;
-        Ok(SingleWriterIdGenerator { inner: Arc::new(inner) })
-    }
-
-    /// The stream's current token.
-    pub fn get_current_token(&self) -> i64 {
-        self.inner.get_current_token()
-    }
-
-    /// Allocates one ID.
-    pub async fn get_next(&self) -> Result<StreamIdGuard, StoreError> {
-        Inner::allocate(&self.inner, 1, None).await.map(StreamIdGuard::from_single)
-    }
-
-    /// Allocates `n` IDs at once.
-    pub async fn get_next_mult(&self, n: usize) -> Result<StreamIdsGuard, StoreError> {
-        Inner::allocate(&self.inner, n, None).await
-    }
-}
-
-macro_rules! impl_stream_id_generator {
-    ($ty:ty) => {
-        impl StreamIdGenerator for $ty {
-            fn stream_name(&self) -> &str {
-                &self.inner.stream_name
-            }
-            fn get_current_token(&self) -> i64 {
-                self.inner.get_current_token()
-            }
-            fn get_current_token_for_writer(&self, writer: &str) -> i64 {
-                self.inner.get_current_token_for_writer(writer)
-            }
-            fn get_minimal_local_current_token(&self) -> i64 {
-                self.inner.get_minimal_local_current_token()
-            }
-            fn get_positions(&self) -> BTreeMap<String, i64> {
-                self.inner.get_positions()
-            }
-            fn advance(&self, writer: &str, position: i64) {
-                self.inner.advance(writer, position);
-            }
-            fn get_next(&self) -> BoxFuture<'_, Result<StreamIdGuard, StoreError>> {
-                Box::pin(async move {
-                    Inner::allocate(&self.inner, 1, None).await.map(StreamIdGuard::from_single)
-                })
-            }
-            fn get_next_mult(&self, n: usize) -> BoxFuture<'_, Result<StreamIdsGuard, StoreError>> {
-                Box::pin(Inner::allocate(&self.inner, n, None))
-            }
-        }
-    };
-}
-impl_stream_id_generator!(MultiWriterIdGenerator);
-impl_stream_id_generator!(SingleWriterIdGenerator);
 
 impl Inner {
     fn fmt_debug(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -6,8 +6,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use store_core::{
-    Database, Engine, MultiWriterConfig, MultiWriterIdGenerator, MultiWriterToken, SingleWriterIdGenerator,
-    StoreError, StreamTable,
+    Database, Engine, MultiWriterConfig, MultiWriterIdGenerator, MultiWriterToken, StoreError, StreamTable,
 };
 use store_test_support::{TestDb, TestResult, engine_tests};
 
@@ -274,7 +273,6 @@ engine_tests!(
     stale_writers_are_forgotten,
     only_writers_may_allocate,
     a_stream_without_writers_never_touches_stream_positions,
-    the_single_writer_generator_counts_from_the_table,
     a_burst_of_finishes_shares_its_upserts,
     a_restart_never_moves_a_position_backwards,
     flush_records_what_the_background_has_not_yet,
@@ -482,33 +480,6 @@ async fn a_stream_without_writers_never_touches_stream_positions(test_db: TestDb
     assert_eq!(generator.get_current_token(), 43);
     assert!(harness.stored_positions().await?.is_empty());
     assert_eq!(generator.stream_positions_writes(), 0);
-    Ok(())
-}
-
-async fn the_single_writer_generator_counts_from_the_table(test_db: TestDb) -> TestResult {
-    let harness = Harness::new(&test_db, &["foobar"], true).await?;
-    harness.insert_row("foobar", "master", 123, false).await?;
-    let generator = SingleWriterIdGenerator::new(
-        &harness.db,
-        "test_stream",
-        "master",
-        vec![StreamTable::new("foobar", "instance_name", "stream_id")],
-        true,
-    )
-    .await?;
-    assert_eq!(generator.get_current_token(), 123);
-    let mut guards = BTreeMap::new();
-    for expected in [124, 125, 126] {
-        let guard = generator.get_next().await?;
-        assert_eq!(guard.id(), expected);
-        guards.insert(expected, guard);
-    }
-    assert_eq!(generator.get_current_token(), 123);
-    for (id, expected) in [(126, 123), (124, 124), (125, 126)] {
-        guards.remove(&id).ok_or("allocated")?.finish().await?;
-        assert_eq!(generator.get_current_token(), expected, "after finishing {id}");
-    }
-    assert!(harness.stored_positions().await?.is_empty());
     Ok(())
 }
 

@@ -3,8 +3,7 @@
 //! never handed out again once a token may cover it.
 //!
 //! On PostgreSQL the sequence has always guaranteed this; these tests pin it. On
-//! SQLite (and for [`SingleWriterIdGenerator`] on both engines) IDs come from an
-//! in-process counter, whose high-water mark is what makes it true. A restart is
+//! SQLite IDs come from an in-process counter, whose high-water mark is what makes it true. A restart is
 //! simulated by dropping the generator and building a new one on a fresh
 //! `Database`, over the same file.
 
@@ -13,10 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proptest::prelude::*;
-use store_core::{
-    Database, Engine, MultiWriterConfig, MultiWriterIdGenerator, SingleWriterIdGenerator, StoreError,
-    StreamIdsGuard, StreamTable,
-};
+use store_core::{Database, Engine, MultiWriterConfig, MultiWriterIdGenerator, StoreError, StreamIdsGuard};
 use store_test_support::{TestDb, TestResult, engine_tests};
 
 use crate::id_generators::Harness;
@@ -26,7 +22,6 @@ engine_tests!(
     an_id_committed_without_a_row_is_never_handed_out_again,
     a_dropped_guard_is_never_handed_out_again,
     a_backwards_stream_never_hands_out_a_rolled_back_id_again,
-    the_single_writer_generator_never_hands_out_a_dropped_id_again,
 );
 
 /// Allocates `n` IDs inside a transaction that then fails; returns them.
@@ -153,27 +148,6 @@ async fn a_backwards_stream_never_hands_out_a_rolled_back_id_again(test_db: Test
     assert!(restarted.get_current_token() <= written_id - 2, "a token a client may hold is not taken back");
     let next = restarted.get_next().await?;
     assert!(next.id() < written_id - 2, "ID {} handed out again", next.id());
-    next.finish().await?;
-    Ok(())
-}
-
-async fn the_single_writer_generator_never_hands_out_a_dropped_id_again(test_db: TestDb) -> TestResult {
-    let harness = Harness::new(&test_db, &["foobar"], true).await?;
-    harness.insert_row("foobar", "master", 123, false).await?;
-    let tables = || vec![StreamTable::new("foobar", "instance_name", "stream_id")];
-    let generator =
-        SingleWriterIdGenerator::new(&harness.db, "test_stream", "master", tables(), true).await?;
-    let dropped = generator.get_next().await?;
-    assert_eq!(dropped.id(), 124);
-    drop(dropped);
-    wait_for_token(|| generator.get_current_token(), 124).await?;
-    drop(generator);
-
-    let db = test_db.reconnect().await?;
-    let restarted = SingleWriterIdGenerator::new(&db, "test_stream", "master", tables(), true).await?;
-    assert!(restarted.get_current_token() >= 124, "a token a client may hold is not taken back");
-    let next = restarted.get_next().await?;
-    assert!(next.id() > 124, "ID {} handed out again", next.id());
     next.finish().await?;
     Ok(())
 }
