@@ -7,19 +7,17 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use replication::{Hub, TypingStream};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use server_config::ServerConfig;
 use slaved_stores::DataStore;
 use store_core::InstanceIds;
-use store_events::NewEvent;
 
-use crate::client::{ClientError, RoomLocks, detached, require_secret};
+use crate::client::{ClientError, RoomLocks, require_secret};
 
 use crate::metrics;
 
@@ -39,19 +37,17 @@ pub(crate) struct AppState {
     pub(crate) shutting_down: tokio::sync::watch::Receiver<bool>,
 }
 
-/// Where a process that does not write events sends them.
-pub(crate) const PERSIST_EVENTS_PATH: &str = "/_synapse/replication/persist_events";
-
 pub(crate) fn router(state: AppState) -> Router {
     let internal =
         replication::http::router(Arc::clone(&state.hub), state.config.worker_replication_secret.as_deref());
-    Router::new()
+    let own = Router::new()
         .route("/health", get(health))
         .route("/admin/v1/streams", get(streams))
         .route("/admin/v1/rooms/{room_id}/state", get(room_state))
-        .route("/metrics", get(metrics))
-        .route(PERSIST_EVENTS_PATH, post(persist_events))
-        .with_state(state.clone())
+        .route("/metrics", get(metrics));
+    #[cfg(feature = "test-endpoints")]
+    let own = own.merge(crate::test_endpoints::routes());
+    own.with_state(state.clone())
         .merge(crate::client::router(state))
         .merge(internal)
         .fallback(crate::client::unrecognized)
@@ -98,70 +94,6 @@ async fn streams(State(state): State<AppState>) -> Json<Value> {
 async fn metrics(State(state): State<AppState>) -> Response {
     let body = metrics::render(&state);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
-}
-
-/// An event as the internal endpoint takes it.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EventJson {
-    event_id: String,
-    #[serde(rename = "type")]
-    event_type: String,
-    #[serde(default)]
-    state_key: Option<String>,
-    sender: String,
-    origin_server_ts: i64,
-    content: Value,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PersistEvents {
-    room_id: String,
-    events: Vec<EventJson>,
-}
-
-/// `POST /_synapse/replication/persist_events`: persists a batch of one room's
-/// events on this process, which must be one of the `events` writers.
-/// Answers `{"stream_orderings": […]}` once they are committed.
-async fn persist_events(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Json<PersistEvents>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Value>, ClientError> {
-    require_secret(&state, &headers)?;
-    let Json(request) = body.map_err(|rejection| ClientError::bad_json(rejection.body_text()))?;
-    if state.store.writers().events.is_none() {
-        return Err(ClientError::new(
-            StatusCode::BAD_REQUEST,
-            "M_UNKNOWN",
-            format!("`{}` does not write events", state.config.instance_name),
-        ));
-    }
-    let events: Vec<NewEvent> = request
-        .events
-        .into_iter()
-        .map(|event| NewEvent {
-            event_id: event.event_id,
-            event_type: event.event_type,
-            state_key: event.state_key,
-            sender: event.sender,
-            origin_server_ts: event.origin_server_ts,
-            content: event.content.to_string(),
-        })
-        .collect();
-    // In line with the client API's writes of the same room.
-    let orderings = detached("the events could not be persisted", async move {
-        let _room = state.room_locks.lock(&request.room_id).await;
-        let writer = state.store.writers().events.as_ref();
-        let writer = writer.ok_or_else(|| ClientError::internal("persist events", "no events writer"))?;
-        writer
-            .persist_events(&request.room_id, &events)
-            .await
-            .map_err(|err| ClientError::internal("the events could not be persisted", err))
-    })
-    .await?;
-    Ok(Json(json!({"stream_orderings": orderings})))
 }
 
 /// `GET /admin/v1/rooms/{room_id}/state`: the room's current state and joined

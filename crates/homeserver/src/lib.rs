@@ -25,6 +25,8 @@ mod client;
 mod http;
 mod metrics;
 mod replicate;
+#[cfg(feature = "test-endpoints")]
+mod test_endpoints;
 
 /// The command line both binaries accept.
 #[derive(Debug, Parser)]
