@@ -906,18 +906,27 @@ impl Hub {
             }
             _ => None,
         };
+        let mut relay = None;
         if let Some(token) = token {
             check_token(writer, name, token)?;
             self.check_handed_out(stream.as_ref(), writer, token).await?;
             if self.relay {
-                self.relay_to_others(session, name, writer, token, &command);
+                relay = Some((token, self.relayed_run(session, name, writer, &command)));
             }
         }
         let writer = writer.to_owned();
         self.inbound
             .handle(&mut session.link, command)
             .await
-            .map_err(|err| inbound_refusal(Some(&writer), err))
+            .map_err(|err| inbound_refusal(Some(&writer), err))?;
+        // Relayed only once applied here: a peer that learns a writer's token
+        // from us can announce it back as its own position, and that must not
+        // reach this process before the rows it covers, or this process would
+        // take them for applied and drop them.
+        if let Some((token, commands)) = relay {
+            self.relay_to_others(session.id, name, &writer, token, &commands);
+        }
+        Ok(())
     }
 
     /// Asks the stream whether `token` was handed out; a database failure is
@@ -949,17 +958,16 @@ impl Hub {
         }
     }
 
-    /// Relays a writer's checked command to the other connections; for a row,
-    /// with the batch held before it, as one run, so a connection that joins
-    /// never sees half a batch and nothing refused is ever relayed.
-    fn relay_to_others(
+    /// What relaying a writer's checked `command` sends: for a row, the batch
+    /// held before it and the row, as one run, so a connection that joins never
+    /// sees half a batch.
+    fn relayed_run(
         &self,
         session: &Session,
         stream: &'static str,
         writer: &str,
-        token: i64,
         command: &Command,
-    ) {
+    ) -> Vec<Command> {
         let mut commands: Vec<Command> = session
             .link
             .held(stream, writer)
@@ -976,10 +984,23 @@ impl Hub {
             commands.clear();
         }
         commands.push(command.clone());
+        commands
+    }
+
+    /// Relays a run of commands from connection `from` to the others; only
+    /// what this process took itself, so nothing refused is ever relayed.
+    fn relay_to_others(
+        &self,
+        from: u64,
+        stream: &'static str,
+        writer: &str,
+        token: i64,
+        commands: &[Command],
+    ) {
         // One critical section with `relayed_positions`: what a newcomer is told
         // is exactly what the relayed commands that follow continue from.
         let mut relayed = lock(&self.relayed);
-        self.broadcast_all(&commands, Some(session.id));
+        self.broadcast_all(commands, Some(from));
         relayed.insert((stream, writer.to_owned()), token);
     }
 

@@ -23,12 +23,20 @@ const HANDED_OUT: i64 = 100;
 #[derive(Debug)]
 struct FakeStream {
     positions: Mutex<BTreeMap<String, i64>>,
+    /// A connection's queue to look into when rows are applied, and the lines
+    /// that were already in it then.
+    watched: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<super::Outgoing>>>,
+    queued_before_applied: Mutex<Vec<String>>,
 }
 
 impl FakeStream {
     fn new() -> Arc<FakeStream> {
         let positions = WRITERS.iter().map(|writer| ((*writer).to_owned(), 10)).collect();
-        Arc::new(FakeStream { positions: Mutex::new(positions) })
+        Arc::new(FakeStream {
+            positions: Mutex::new(positions),
+            watched: Mutex::new(None),
+            queued_before_applied: Mutex::new(Vec::new()),
+        })
     }
 
     fn positions(&self) -> BTreeMap<String, i64> {
@@ -56,6 +64,11 @@ impl Stream for FakeStream {
         Box::pin(std::future::ready(Ok(StreamUpdates::empty(to))))
     }
     fn apply_rows(&self, writer: &str, token: i64, _rows: &[RowJson]) -> Result<(), serde_json::Error> {
+        if let Some(watched) = crate::lock(&self.watched).as_mut() {
+            while let Ok(outgoing) = watched.try_recv() {
+                crate::lock(&self.queued_before_applied).push(outgoing.line.to_string());
+            }
+        }
         self.advance(writer, token);
         Ok(())
     }
@@ -287,6 +300,50 @@ fn a_writer_speaks_for_itself_and_is_relayed_to_the_others() {
         let (mut master, _) = fixture.client().await;
         let refused = fixture.feed(&mut master, vec![auth(), Command::Name { name: "master".into() }]).await;
         assert_eq!(refused, Some(RefusalReason::Impersonation));
+    });
+}
+
+/// A peer that learns a writer's row from the master may announce that token
+/// back as its own position; if that could reach the master before the master
+/// applied the row, the master would take the row for applied and drop it.
+#[test]
+fn a_row_is_applied_here_before_it_is_relayed() {
+    paused(async {
+        let fixture = Fixture::new();
+        let auth = || Command::Auth { secret: Secret::new(SECRET) };
+        let (mut other, mut other_out) = fixture.client().await;
+        assert_eq!(
+            fixture.feed(&mut other, vec![auth(), Command::Name { name: "persister2".into() }]).await,
+            None
+        );
+        let (mut writer, _writer_out) = fixture.client().await;
+        // Connected and announced, so its rows are applied as they come.
+        let hello = vec![
+            auth(),
+            Command::Name { name: "persister1".into() },
+            Command::Position {
+                stream: "events".into(),
+                instance: "persister1".into(),
+                prev_token: 10,
+                new_token: 10,
+            },
+        ];
+        assert_eq!(fixture.feed(&mut writer, hello).await, None);
+        while other_out.try_recv().is_ok() {}
+        *crate::lock(&fixture.events.watched) = Some(other_out);
+
+        let row = RowJson::new(r#"["ev",["$e","!r"]]"#).expect("valid JSON");
+        let rdata =
+            Command::Rdata { stream: "events".into(), instance: "persister1".into(), token: Some(11), row };
+        assert_eq!(fixture.feed(&mut writer, vec![rdata]).await, None);
+        assert_eq!(fixture.events.positions()["persister1"], 11);
+        assert_eq!(*crate::lock(&fixture.events.queued_before_applied), Vec::<String>::new());
+        let mut other_out = crate::lock(&fixture.events.watched).take().expect("still watched");
+        let relayed = other_out.try_recv().map(|outgoing| outgoing.line.to_string());
+        assert!(
+            relayed.as_deref().is_ok_and(|line| line.starts_with("RDATA events persister1 11 ")),
+            "{relayed:?}"
+        );
     });
 }
 
