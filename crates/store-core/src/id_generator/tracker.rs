@@ -132,6 +132,7 @@ impl PositionTracker {
             }
             None => debug_assert!(false, "a fetch token was ended twice"),
         }
+        self.settle_own_position();
         if ids.is_empty() && !self.has_outstanding() {
             // A failed or abandoned fetch may have been all that held our position
             // back: let the others' positions through now rather than at the next
@@ -160,6 +161,19 @@ impl PositionTracker {
             self.unfinished.remove(id);
             self.finished.insert(*id);
         }
+        self.settle_own_position();
+        for id in ids {
+            self.add_persisted_position(*id);
+        }
+    }
+
+    /// Moves this process's own position over the finished IDs that nothing
+    /// pending holds back any more. Runs when an ID finishes and when a fetch
+    /// ends: an ID finished while a fetch that started below it was open waits
+    /// for that fetch, and must count once it is over, or the position a
+    /// writer's streamer reads its own rows up to lags behind the one it
+    /// announces, and the rows in between are never sent.
+    fn settle_own_position(&mut self) {
         let new_position = if let Some(lowest_pending) = self.lowest_pending() {
             let below = self.finished.range(..lowest_pending).next_back().copied();
             self.finished = self.finished.split_off(&lowest_pending);
@@ -173,9 +187,6 @@ impl PositionTracker {
             let old = self.positions.get(&self.instance_name).copied().unwrap_or(0);
             self.positions.insert(self.instance_name.clone(), old.max(new_position));
             self.max_local = self.max_local.max(old).max(new_position);
-        }
-        for id in ids {
-            self.add_persisted_position(*id);
         }
     }
 

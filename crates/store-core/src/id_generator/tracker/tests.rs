@@ -159,3 +159,21 @@ fn the_oldest_unfinished_id_ages_until_it_finishes() {
     tracker.mark_finished(&[5]);
     assert_eq!(tracker.oldest_unfinished_age(later), None);
 }
+
+#[test]
+fn an_id_finished_while_an_earlier_fetch_was_open_counts_once_that_fetch_ends() {
+    // Two sends at once: the second fetch starts before the first one's ID is
+    // known, so the first ID, finished, waits for the second fetch to end.
+    let mut tracker = loaded("writer1", &[("writer1", 7), ("writer2", 7)], 7);
+    let second = tracker.begin_fetch();
+    allocate(&mut tracker, &[8]);
+    tracker.mark_finished(&[8]);
+    assert_eq!(tracker.minimal_local(), 7, "the open fetch may still return 8's neighbours");
+    tracker.end_fetch(second, &[10]);
+    assert_eq!(tracker.minimal_local(), 8, "with the fetch over, nothing holds 8 back");
+    assert_eq!(tracker.position_for_writer("writer1"), 8);
+    // Another writer's 9 lets the stream through to just below our 10.
+    tracker.advance("writer2", 9);
+    assert_eq!(tracker.persisted_upto(), 9);
+    assert!(tracker.minimal_local() >= 8 && tracker.position_for_writer("writer1") <= 9);
+}
