@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use replication::{Inbound, Link, StreamRegistry};
+use replication::{Hub, Inbound, Link, Outbound, Settings, StreamRegistry};
 use replication_proto::{Command, RowJson};
 use server_config::{Role, ServerConfig};
 use store_core::CachesStreamAdapter;
@@ -17,6 +17,11 @@ use store_test_support::{TestDb, TestResult};
 const ROOM: &str = "!room:example.com";
 /// The deployment's `worker_replication_secret`, which TCP peers present.
 const SECRET: &str = "replication test secret";
+
+/// A hub that writes nothing and relays nothing: a follower.
+fn follower_hub(instance: &str, server: &str, settings: Settings, inbound: Inbound) -> Arc<Hub> {
+    Hub::new(instance, server, settings, inbound, Outbound::new(instance, []), false, Some(SECRET))
+}
 
 fn config(url: &str, instance: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
     let role = if instance == "master" { Role::Master } else { Role::Worker };
@@ -465,15 +470,7 @@ mod tcp {
         // Written before the worker connects: it catches up from the database.
         master.events.persist_events(ROOM, &[member("$early", "@early:example.com")]).await?;
         let (master_hub, address) = master_hub(&master, quick()).await?;
-        let worker_hub = Hub::new(
-            "worker1",
-            "test",
-            quick(),
-            worker.inbound,
-            Outbound::new("worker1", []),
-            false,
-            Some(SECRET),
-        );
+        let worker_hub = follower_hub("worker1", "test", quick(), worker.inbound);
         tokio::spawn(tcp::connect_forever(Arc::clone(&worker_hub), address));
         let events = worker.registry.get("events").ok_or("registered")?.clone();
         let target = master.events.reader().events_stream().get_current_token_for_writer("master");
@@ -535,15 +532,7 @@ mod tcp {
         // lost across the drop, not how fast a wake-up travels.
         let settings = Settings { poll_interval: Duration::from_secs(1), ..quick() };
         let (master_hub, address) = master_hub(&master, settings).await?;
-        let worker_hub = Hub::new(
-            "worker1",
-            "test",
-            quick(),
-            worker.inbound,
-            Outbound::new("worker1", []),
-            false,
-            Some(SECRET),
-        );
+        let worker_hub = follower_hub("worker1", "test", quick(), worker.inbound);
         tokio::spawn(tcp::connect_forever(Arc::clone(&worker_hub), address));
         eventually("the connection", async || master_hub.connections() == 1).await?;
         // Far more than the queue limit at once: the master drops the worker.
@@ -654,15 +643,7 @@ mod tcp {
         // A real worker follows, so a forged position would show on it.
         let (hub, address) = master_hub(&master, quick()).await?;
         let events = worker.registry.get("events").ok_or("registered")?.clone();
-        let worker_hub = Hub::new(
-            "worker1",
-            "test",
-            quick(),
-            worker.inbound,
-            Outbound::new("worker1", []),
-            false,
-            Some(SECRET),
-        );
+        let worker_hub = follower_hub("worker1", "test", quick(), worker.inbound);
         tokio::spawn(tcp::connect_forever(Arc::clone(&worker_hub), address.clone()));
         eventually("the worker to connect", async || hub.connections() == 1).await?;
         let before = events.current_token("master");
@@ -782,15 +763,7 @@ mod tcp {
         let (_db, _master, worker) = setup().await?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?.to_string();
-        let worker_hub = Hub::new(
-            "worker1",
-            "test",
-            quick(),
-            worker.inbound,
-            Outbound::new("worker1", []),
-            false,
-            Some(SECRET),
-        );
+        let worker_hub = follower_hub("worker1", "test", quick(), worker.inbound);
         tokio::spawn(tcp::connect_forever(worker_hub, address));
         let (stream, _) = listener.accept().await?;
         let (read, mut write) = stream.into_split();
@@ -827,15 +800,7 @@ mod tcp {
         // A fake server: the worker connects to it.
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?.to_string();
-        let worker_hub = Hub::new(
-            "worker1",
-            "test",
-            quick(),
-            worker.inbound,
-            Outbound::new("worker1", []),
-            false,
-            Some(SECRET),
-        );
+        let worker_hub = follower_hub("worker1", "test", quick(), worker.inbound);
         tokio::spawn(tcp::connect_forever(worker_hub, address));
         let (stream, _) = listener.accept().await?;
         let (_read, mut write) = stream.into_split();
@@ -908,15 +873,7 @@ mod redis {
         let proxy = crate::proxy::Proxy::start("127.0.0.1:6379").await?;
         let through_proxy =
             RedisAddress::parse(&format!("redis://{}", proxy.address())).map_err(|err| err.to_string())?;
-        let worker_hub = Hub::new(
-            "worker1",
-            &channel,
-            settings(),
-            worker.inbound,
-            Outbound::new("worker1", []),
-            false,
-            Some(SECRET),
-        );
+        let worker_hub = follower_hub("worker1", &channel, settings(), worker.inbound);
         tokio::spawn(run_forever(Arc::clone(&worker_hub), through_proxy));
         drop(address);
 
@@ -1060,15 +1017,7 @@ mod backlog {
         }
         assert!(master_hub.is_caught_up());
 
-        let worker_hub = Hub::new(
-            "worker1",
-            "test",
-            settings,
-            worker.inbound,
-            Outbound::new("worker1", []),
-            false,
-            Some(SECRET),
-        );
+        let worker_hub = follower_hub("worker1", "test", settings, worker.inbound);
         tokio::spawn(tcp::connect_forever(Arc::clone(&worker_hub), address));
         let receipts = worker.registry.get("receipts").ok_or("registered")?.clone();
         for _ in 0..1_000 {
@@ -1207,15 +1156,7 @@ mod federation {
             });
         let mut registry = StreamRegistry::new();
         registry.register(Arc::new(FederationStream::Sender { handler, remote: None }));
-        let sender_hub = Hub::new(
-            "sender1",
-            "test",
-            settings,
-            Inbound::new("sender1", registry),
-            Outbound::new("sender1", []),
-            false,
-            Some(SECRET),
-        );
+        let sender_hub = follower_hub("sender1", "test", settings, Inbound::new("sender1", registry));
         tokio::spawn(tcp::connect_forever(Arc::clone(&sender_hub), address));
         while master_hub.connections() == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1360,15 +1301,7 @@ mod redis_faults {
     }
 
     fn idle_hub() -> Arc<Hub> {
-        Hub::new(
-            "worker1",
-            "fake",
-            settings(),
-            Inbound::new("worker1", StreamRegistry::new()),
-            Outbound::new("worker1", []),
-            false,
-            Some(SECRET),
-        )
+        follower_hub("worker1", "fake", settings(), Inbound::new("worker1", StreamRegistry::new()))
     }
 
     async fn wait_for(subscriptions: &AtomicUsize, at_least: usize) -> TestResult {
@@ -1429,15 +1362,7 @@ mod redis_faults {
         tokio::spawn(Arc::clone(&master_hub).run_streamer());
         master_hub.wake_on(master.events.reader().events_stream().subscribe());
         tokio::spawn(run_forever(Arc::clone(&master_hub), address.clone()));
-        let worker_hub = Hub::new(
-            "worker1",
-            &channel,
-            settings(),
-            worker.inbound,
-            Outbound::new("worker1", []),
-            false,
-            Some(SECRET),
-        );
+        let worker_hub = follower_hub("worker1", &channel, settings(), worker.inbound);
         tokio::spawn(run_forever(Arc::clone(&worker_hub), address));
         while master_hub.connections() == 0 || worker_hub.connections() == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1625,8 +1550,6 @@ mod http_catch_up {
 
     use super::*;
 
-    const SECRET: &str = "s3cret";
-
     async fn serve_http(hub: &Arc<Hub>, secret: Option<&str>) -> Result<String, std::io::Error> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?.to_string();
@@ -1682,15 +1605,7 @@ mod http_catch_up {
         let mut registry = StreamRegistry::new();
         registry.register(Arc::new(TypingStream::Follower(Arc::clone(&follower))));
         registry.register(Arc::new(FederationStream::Sender { handler, remote: Some(fetcher) }));
-        let worker = Hub::new(
-            "worker1",
-            "test",
-            Settings::default(),
-            Inbound::new("worker1", registry),
-            Outbound::new("worker1", []),
-            false,
-            Some(SECRET),
-        );
+        let worker = follower_hub("worker1", "test", Settings::default(), Inbound::new("worker1", registry));
         tokio::spawn(tcp::connect_forever(Arc::clone(&worker), replication_address));
 
         let rows =
