@@ -88,21 +88,42 @@ async fn setup(test_db: &TestDb) -> Result<(MultiWriterIdGenerator, Arc<Cache<St
     Ok((generator, cache))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_commit_cut_off_by_the_network_is_read_back_as_committed() -> TestResult {
-    let test_db = TestDb::new(Engine::Postgres).await?;
-    let (generator, cache) = setup(&test_db).await?;
+/// A tracked insert whose connection runs through a proxy the test can cut,
+/// caught while the server sleeps `commit_seconds` inside its COMMIT.
+struct CommitThroughProxy {
+    generator: MultiWriterIdGenerator,
+    cache: Arc<Cache<String, i64>>,
+    proxy: TcpProxy,
+    db: Database,
+    /// The stream's token before the insert.
+    before: i64,
+    events: Events,
+    interaction: tokio::task::JoinHandle<Result<i64, StoreError>>,
+}
+
+async fn commit_through_proxy(
+    test_db: &TestDb,
+    commit_seconds: f64,
+) -> Result<CommitThroughProxy, Box<dyn std::error::Error>> {
+    let (generator, cache) = setup(test_db).await?;
     let faults = CommitFaults::connect(&test_db.url).await?;
-    faults.make_commits_slow("kv", "INSERT", 1.5).await?;
+    faults.make_commits_slow("kv", "INSERT", commit_seconds).await?;
     let proxy = TcpProxy::start(&test_db.url).await?;
     let options = DatabaseOptions { pool_size: 4, run_migrations: false };
     let db = Database::connect_with(&proxy.url_through(&test_db.url), &options).await?;
     let before = generator.get_current_token();
     let events = Events::default();
-
     let interaction =
         tokio::spawn(insert_tracked(db.clone(), generator.clone(), Arc::clone(&cache), events.clone()));
     faults.wait_for_sleeping_commit().await?;
+    Ok(CommitThroughProxy { generator, cache, proxy, db, before, events, interaction })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_cut_off_by_the_network_is_read_back_as_committed() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let CommitThroughProxy { generator, cache, proxy, db: _db, before, events, interaction } =
+        commit_through_proxy(&test_db, 1.5).await?;
     // The network fails while the server is inside COMMIT: the server goes on and
     // commits once its trigger wakes up, the client only sees the connection close.
     proxy.sever_all();
@@ -226,18 +247,8 @@ async fn a_commit_refused_by_the_server_is_a_rollback() -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_in_doubt_at_shutdown_leaves_its_ids_unfinished() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
-    let (generator, cache) = setup(&test_db).await?;
-    let faults = CommitFaults::connect(&test_db.url).await?;
-    faults.make_commits_slow("kv", "INSERT", 1.0).await?;
-    let proxy = TcpProxy::start(&test_db.url).await?;
-    let options = DatabaseOptions { pool_size: 4, run_migrations: false };
-    let db = Database::connect_with(&proxy.url_through(&test_db.url), &options).await?;
-    let before = generator.get_current_token();
-    let events = Events::default();
-
-    let interaction =
-        tokio::spawn(insert_tracked(db.clone(), generator.clone(), Arc::clone(&cache), events.clone()));
-    faults.wait_for_sleeping_commit().await?;
+    let CommitThroughProxy { generator, cache, proxy, db, before, events, interaction } =
+        commit_through_proxy(&test_db, 1.0).await?;
     // The process shuts down while the outcome is being read back.
     db.close().await;
     proxy.sever_all();
