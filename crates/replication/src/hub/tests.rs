@@ -148,6 +148,21 @@ fn paused<F: std::future::Future<Output = ()>>(test: F) {
     runtime.block_on(test);
 }
 
+/// What a worker says first: the secret, then its name.
+fn hello(name: &str) -> Vec<Command> {
+    vec![Command::Auth { secret: Secret::new(SECRET) }, Command::Name { name: name.to_owned() }]
+}
+
+/// `POSITION events <writer> <prev> <new>`.
+fn events_position(writer: &str, prev_token: i64, new_token: i64) -> Command {
+    Command::Position { stream: "events".into(), instance: writer.to_owned(), prev_token, new_token }
+}
+
+/// The lines queued for a connection so far.
+fn queued(outgoing: &mut tokio::sync::mpsc::UnboundedReceiver<super::Outgoing>) -> Vec<String> {
+    std::iter::from_fn(|| outgoing.try_recv().ok()).map(|outgoing| outgoing.line.to_string()).collect()
+}
+
 fn row() -> impl Strategy<Value = RowJson> {
     prop_oneof![Just("[]"), Just(r#"["ev",["$e","!r"]]"#), Just(r#"["!r",["@u"]]"#), Just("{}")]
         .prop_map(|text| RowJson::new(text).expect("valid JSON"))
@@ -250,55 +265,26 @@ fn a_writer_speaks_for_itself_and_is_relayed_to_the_others() {
     paused(async {
         let fixture = Fixture::new();
         let (mut follower, mut follower_out) = fixture.client().await;
-        let auth = || Command::Auth { secret: Secret::new(SECRET) };
-        assert_eq!(
-            fixture.feed(&mut follower, vec![auth(), Command::Name { name: "follower".into() }]).await,
-            None
-        );
+        assert_eq!(fixture.feed(&mut follower, hello("follower")).await, None);
         let (mut writer, _writer_out) = fixture.client().await;
-        let said = vec![
-            auth(),
-            Command::Name { name: "persister1".into() },
-            Command::Position {
-                stream: "events".into(),
-                instance: "persister1".into(),
-                prev_token: 10,
-                new_token: 20,
-            },
-        ];
+        let said = [hello("persister1"), vec![events_position("persister1", 10, 20)]].concat();
         assert_eq!(fixture.feed(&mut writer, said).await, None);
         assert_eq!(fixture.events.positions()["persister1"], 20);
-        let mut relayed = Vec::new();
-        while let Ok(outgoing) = follower_out.try_recv() {
-            relayed.push(outgoing.line.to_string());
-        }
+        let relayed = queued(&mut follower_out);
         assert!(relayed.contains(&"POSITION events persister1 10 20".to_owned()), "{relayed:?}");
 
         // A newcomer's REPLICATE is answered with what was relayed last.
         let (mut newcomer, mut newcomer_out) = fixture.client().await;
-        let hello = vec![auth(), Command::Name { name: "syncer".into() }, Command::Replicate];
-        assert_eq!(fixture.feed(&mut newcomer, hello).await, None);
-        let mut answer = Vec::new();
-        while let Ok(outgoing) = newcomer_out.try_recv() {
-            answer.push(outgoing.line.to_string());
-        }
+        let said = [hello("syncer"), vec![Command::Replicate]].concat();
+        assert_eq!(fixture.feed(&mut newcomer, said).await, None);
+        let answer = queued(&mut newcomer_out);
         assert!(answer.contains(&"POSITION events persister1 20 20".to_owned()), "{answer:?}");
 
         // The writer cannot speak for the other writer, nor take the master's name.
-        let refused = fixture
-            .feed(
-                &mut writer,
-                vec![Command::Position {
-                    stream: "events".into(),
-                    instance: "persister2".into(),
-                    prev_token: 10,
-                    new_token: 11,
-                }],
-            )
-            .await;
+        let refused = fixture.feed(&mut writer, vec![events_position("persister2", 10, 11)]).await;
         assert_eq!(refused, Some(RefusalReason::Impersonation));
         let (mut master, _) = fixture.client().await;
-        let refused = fixture.feed(&mut master, vec![auth(), Command::Name { name: "master".into() }]).await;
+        let refused = fixture.feed(&mut master, hello("master")).await;
         assert_eq!(refused, Some(RefusalReason::Impersonation));
     });
 }
@@ -310,26 +296,13 @@ fn a_writer_speaks_for_itself_and_is_relayed_to_the_others() {
 fn a_row_is_applied_here_before_it_is_relayed() {
     paused(async {
         let fixture = Fixture::new();
-        let auth = || Command::Auth { secret: Secret::new(SECRET) };
         let (mut other, mut other_out) = fixture.client().await;
-        assert_eq!(
-            fixture.feed(&mut other, vec![auth(), Command::Name { name: "persister2".into() }]).await,
-            None
-        );
+        assert_eq!(fixture.feed(&mut other, hello("persister2")).await, None);
         let (mut writer, _writer_out) = fixture.client().await;
         // Connected and announced, so its rows are applied as they come.
-        let hello = vec![
-            auth(),
-            Command::Name { name: "persister1".into() },
-            Command::Position {
-                stream: "events".into(),
-                instance: "persister1".into(),
-                prev_token: 10,
-                new_token: 10,
-            },
-        ];
-        assert_eq!(fixture.feed(&mut writer, hello).await, None);
-        while other_out.try_recv().is_ok() {}
+        let said = [hello("persister1"), vec![events_position("persister1", 10, 10)]].concat();
+        assert_eq!(fixture.feed(&mut writer, said).await, None);
+        queued(&mut other_out);
         *crate::lock(&fixture.events.watched) = Some(other_out);
 
         let row = RowJson::new(r#"["ev",["$e","!r"]]"#).expect("valid JSON");
