@@ -4,6 +4,7 @@
 //! The client API (`crate::client`) is merged in here. `docs/http.md` documents
 //! the endpoints.
 
+use slaved_stores::prelude::*;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -71,13 +72,7 @@ async fn streams(State(state): State<AppState>) -> Json<Value> {
             .into_iter()
             .map(|(writer, position)| (writer, json!(position)))
             .collect();
-        let configured = match stream.name() {
-            // Every process writes `caches`; `backfill` follows `events`.
-            store_core::CachesStream::STREAM_NAME => vec![],
-            store_events::BACKFILL_STREAM => state.config.writers_for(store_events::EVENTS_STREAM),
-            name => state.config.writers_for(name),
-        };
-        for writer in configured {
+        for writer in stream.spec().writers(state.store.context().settings()) {
             let position = stream.current_token(&writer);
             writers.entry(writer).or_insert(json!(position));
         }

@@ -10,6 +10,7 @@
 //! and the defaults. Which streams a process writes comes from the config, not
 //! from the binary.
 
+use slaved_stores::prelude::*;
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -118,12 +119,16 @@ async fn run(role: Role, cli: Cli) -> anyhow::Result<()> {
     tracing::debug!(url = %config.database.url, "connecting to the database");
     let options = DatabaseOptions { pool_size: config.database.pool_size, ..DatabaseOptions::default() };
     let db = Database::connect_with(&config.database.url, &options).await.context("open the database")?;
+    let store =
+        Arc::new(build_store::<DataStore>(&db, &config.store_settings()).await.context("build the stores")?);
     let migrations = db.migrations();
-    if !migrations.applied_now.is_empty() {
-        tracing::info!(applied = ?migrations.applied_now, "applied database migrations");
+    if !migrations.applied_now.is_empty() || !migrations.adopted_now.is_empty() {
+        tracing::info!(
+            applied = ?migrations.applied_now,
+            adopted = ?migrations.adopted_now,
+            "applied database migrations"
+        );
     }
-
-    let store = Arc::new(build_store::<DataStore>(&db, &config).await.context("build the stores")?);
     let replication = replicate::Replication::start(&config, &store).await?;
 
     let address = listener.local_addr().context("read the HTTP listener's address")?;

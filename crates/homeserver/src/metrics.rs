@@ -7,9 +7,8 @@
 //! in-flight write (`homeserver_stream_oldest_in_flight_seconds`), how long each
 //! replication peer has been silent, and the catch-up backlog.
 
+use slaved_stores::prelude::*;
 use std::fmt::Write as _;
-
-use store_core::HasDatabase as _;
 
 use crate::http::AppState;
 
@@ -211,7 +210,7 @@ fn replication(state: &AppState, text: &mut Text) {
 type CacheCounter = fn(&store_core::CacheStats) -> u64;
 
 fn caches(state: &AppState, text: &mut Text) {
-    let stats = state.store.caches().registry().stats();
+    let stats = state.store.context().caches().registry().stats();
     let families: [(&str, &str, CacheCounter); 6] = [
         ("homeserver_cache_hits_total", "Reads answered from the cache.", |s| s.hits),
         ("homeserver_cache_misses_total", "Reads that loaded from the database.", |s| s.misses),

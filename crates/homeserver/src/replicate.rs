@@ -2,6 +2,7 @@
 //! its stores, plus the in-memory ones), the streams it writes, the hub, and
 //! the transports `[replication]` asks for.
 
+use slaved_stores::prelude::*;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,8 +88,8 @@ impl Replication {
                 .map_err(anyhow::Error::msg)
                 .context("start replication")?,
         );
-        if store.caches().is_recording() {
-            tasks.push(store.caches().prune_forever());
+        if store.context().caches().is_recording() {
+            tasks.push(store.context().caches().prune_forever());
         }
         let is_worker = config.instance_name != server_config::MASTER_INSTANCE;
         Ok(Replication { hub, typing, is_worker, tasks })

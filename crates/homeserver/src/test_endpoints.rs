@@ -7,6 +7,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use slaved_stores::prelude::*;
 use store_events::NewEvent;
 
 use crate::client::{ClientError, detached, require_secret};
@@ -55,7 +56,7 @@ async fn persist_events(
 ) -> Result<Json<Value>, ClientError> {
     require_secret(&state, &headers)?;
     let Json(request) = body.map_err(|rejection| ClientError::bad_json(rejection.body_text()))?;
-    if state.store.writers().events.is_none() {
+    if state.store.events_writer().is_none() {
         return Err(ClientError::new(
             StatusCode::BAD_REQUEST,
             "M_UNKNOWN",
@@ -77,7 +78,7 @@ async fn persist_events(
     // In line with the client API's writes of the same room.
     let orderings = detached("the events could not be persisted", async move {
         let _room = state.room_locks.lock(&request.room_id).await;
-        let writer = state.store.writers().events.as_ref();
+        let writer = state.store.events_writer();
         let writer = writer.ok_or_else(|| ClientError::internal("persist events", "no events writer"))?;
         writer
             .persist_events(&request.room_id, &events)

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use replication::redis::{RedisAddress, run_forever};
 use replication::{Hub, Inbound, Outbound, Settings, StreamRegistry, tcp};
-use server_config::{Role, ServerConfig};
-use store_core::{CacheRegistry, CachesStream, Database, Engine, StoreError};
+
+use store_core::{Database, Engine, StoreError, StoreSettings};
 use store_receipts::{ReceiptRow, ReceiptsReader, ReceiptsStream, ReceiptsWriter};
-use store_test_support::TestDb;
+use store_test_support::{TestDb, build_alone};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -30,25 +30,6 @@ const SECRET: &str = "bench secret";
 /// A line about as long as a receipts RDATA line.
 const PAYLOAD: &str =
     r#"["!room:example.com","m.read","@someone:example.com","$event:example.com",null,{"ts":1490197670513}]"#;
-
-fn config(url: &str, instance: &str) -> BenchResult<ServerConfig> {
-    let role = if instance == "master" { Role::Master } else { Role::Worker };
-    Ok(ServerConfig::from_toml_str(
-        &format!(
-            "server_name = \"bench\"\ninstance_name = \"{instance}\"\n[database]\nurl = \"{url}\"\npool_size = 12\n\
-             [replication]\nredis = \"redis://127.0.0.1:6379\"\n"
-        ),
-        role,
-    )?)
-}
-
-async fn caches(
-    db: &Database,
-    conn: &mut store_core::Transaction,
-    config: &ServerConfig,
-) -> Result<CachesStream, StoreError> {
-    CachesStream::new(db.clone(), conn, config, CacheRegistry::new(config.caches.clone())).await
-}
 
 struct Figures {
     rows_per_second: f64,
@@ -257,23 +238,13 @@ fn main() -> BenchResult {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         let test_db = TestDb::new(Engine::Postgres).await?;
-        let master_config = config(&test_db.url, "master")?;
-        let mut conn = test_db.db.begin("build_master").await?;
-        let master_caches = caches(&test_db.db, &mut conn, &master_config).await?;
-        let writer = Arc::new(
-            ReceiptsWriter::new(test_db.db.clone(), &mut conn, &master_caches, &master_config).await?,
-        );
-        conn.commit().await?;
+        let writer: Arc<ReceiptsWriter> =
+            Arc::new(build_alone(&test_db.db, &StoreSettings::in_deployment("master")).await?);
 
         for transport in ["tcp", "redis"] {
             let worker_db = test_db.reconnect().await?;
-            let worker_config = config(&test_db.url, "worker1")?;
-            let mut conn = worker_db.begin("build_worker").await?;
-            let worker_caches = caches(&worker_db, &mut conn, &worker_config).await?;
-            let follower = Arc::new(
-                ReceiptsReader::new(worker_db.clone(), &mut conn, &worker_caches, &worker_config).await?,
-            );
-            conn.commit().await?;
+            let follower: Arc<ReceiptsReader> =
+                Arc::new(build_alone(&worker_db, &StoreSettings::in_deployment("worker1")).await?);
             let mut registry = StreamRegistry::new();
             registry.register(Arc::new(ReceiptsStream(Arc::clone(&follower))));
             let channel = format!("bench-{transport}-{}", std::process::id());

@@ -21,6 +21,10 @@ use store_core::Stream;
 /// The stream's name.
 pub const FEDERATION_STREAM: &str = "federation";
 
+/// The `federation` stream: the master's outgoing queue.
+pub const FEDERATION: store_core::StreamSpec =
+    store_core::StreamSpec::new(FEDERATION_STREAM, store_core::WriterRule::Master);
+
 /// A row: `[type, data]`, type `pd` (presence to destinations), `k` (a keyed
 /// EDU, which replaces the previous one of its key) or `e` (a plain EDU).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,8 +228,8 @@ impl std::fmt::Debug for FederationStream {
 }
 
 impl Stream for FederationStream {
-    fn name(&self) -> &'static str {
-        FEDERATION_STREAM
+    fn spec(&self) -> store_core::StreamSpec {
+        FEDERATION
     }
 
     fn current_token(&self, _writer: &str) -> i64 {

@@ -21,6 +21,11 @@ use store_core::Stream;
 /// The stream's name.
 pub const TYPING_STREAM: &str = "typing";
 
+/// The `typing` stream: its state lives in one process's memory, so it has
+/// exactly one writer.
+pub const TYPING: store_core::StreamSpec =
+    store_core::StreamSpec::new(TYPING_STREAM, store_core::WriterRule::Single);
+
 /// A row: who is typing in a room now; on the wire `[room_id, [user_id, …]]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "(String, Vec<String>)", into = "(String, Vec<String>)")]
@@ -305,8 +310,8 @@ impl TypingStream {
 }
 
 impl Stream for TypingStream {
-    fn name(&self) -> &'static str {
-        TYPING_STREAM
+    fn spec(&self) -> store_core::StreamSpec {
+        TYPING
     }
 
     fn current_token(&self, _writer: &str) -> i64 {

@@ -40,7 +40,7 @@ use serde::Deserialize;
 
 /// The instance name of the main process; it writes every stream not listed in
 /// `[stream_writers]`.
-pub const MASTER_INSTANCE: &str = "master";
+pub use store_core::MASTER_INSTANCE;
 
 /// Where the master keeps its data when no database is configured.
 pub const DEFAULT_SQLITE_URL: &str = "sqlite://data/homeserver.db";
@@ -193,43 +193,7 @@ impl fmt::Debug for ReplicationConfig {
     }
 }
 
-/// Hides the passwords of a URL, in its user info and in a `password` query
-/// parameter: `postgres://user:secret@host` → `postgres://user:***@host`,
-/// `postgres://host/db?password=secret` → `postgres://host/db?password=***`.
-///
-/// ```
-/// assert_eq!(server_config::redact_url("redis://:pw@db:6379/0"), "redis://:***@db:6379/0");
-/// assert_eq!(
-///     server_config::redact_url("postgres://db/x?user=a&password=b"),
-///     "postgres://db/x?user=a&password=***"
-/// );
-/// ```
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return redact_query(url) };
-    // Drivers take the credentials up to the first `@`, even when the password
-    // holds `/`, `?` or `#`, so look for it before cutting the path off.
-    let rest = match rest.split_once('@') {
-        Some((userinfo, after)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{after}"),
-            None => rest.to_owned(),
-        },
-        None => rest.to_owned(),
-    };
-    format!("{scheme}://{}", redact_query(&rest))
-}
-
-/// Hides the value of every `password=` parameter of a query string.
-fn redact_query(text: &str) -> String {
-    let Some((before, query)) = text.split_once('?') else { return text.to_owned() };
-    let query: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
-            _ => pair.to_owned(),
-        })
-        .collect();
-    format!("{before}?{}", query.join("&"))
-}
+pub use store_core::redact_url;
 
 fn default_ping_interval_ms() -> u64 {
     5_000
@@ -247,72 +211,10 @@ fn default_max_connections() -> usize {
     256
 }
 
-/// The `[caches]` section: sizes in entries, and budgets in bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CacheConfig {
-    /// The size of every cache not named in `sizes`.
-    #[serde(default = "default_cache_size")]
-    pub default_size: usize,
-    /// Cache name → size, overriding `default_size`.
-    #[serde(default)]
-    pub sizes: BTreeMap<String, usize>,
-    /// The most bytes (estimated) each cache not named in `max_bytes` holds.
-    /// Default 64 MiB.
-    #[serde(default = "default_cache_max_bytes")]
-    pub default_max_bytes: usize,
-    /// Cache name → byte budget, overriding `default_max_bytes`.
-    #[serde(default)]
-    pub max_bytes: BTreeMap<String, usize>,
-    /// How many days rows of the `caches` stream are kept for processes that
-    /// catch up after a disconnect. Default 7.
-    #[serde(default = "default_invalidation_retention_days")]
-    pub invalidation_retention_days: u32,
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        CacheConfig {
-            default_size: default_cache_size(),
-            sizes: BTreeMap::new(),
-            default_max_bytes: default_cache_max_bytes(),
-            max_bytes: BTreeMap::new(),
-            invalidation_retention_days: default_invalidation_retention_days(),
-        }
-    }
-}
-
-impl CacheConfig {
-    /// The configured size of the cache called `name`.
-    pub fn size_of(&self, name: &str) -> usize {
-        self.sizes.get(name).copied().unwrap_or(self.default_size)
-    }
-
-    /// The configured byte budget of the cache called `name`.
-    pub fn max_bytes_of(&self, name: &str) -> usize {
-        self.max_bytes.get(name).copied().unwrap_or(self.default_max_bytes)
-    }
-}
+pub use store_core::CacheConfig;
 
 fn default_pool_size() -> usize {
     10
-}
-
-fn default_cache_size() -> usize {
-    10_000
-}
-
-/// Entries of ordinary size stay well under this (an event is about a
-/// kilobyte, so the default 10 000 of them about 10 MiB): it bites only on the
-/// outsized values a peer or client can make, such as member lists of huge
-/// rooms or giant account data. The nine caches of a process at their full
-/// budgets come to 576 MiB, about what a busy Synapse worker uses.
-fn default_cache_max_bytes() -> usize {
-    64 * 1024 * 1024
-}
-
-fn default_invalidation_retention_days() -> u32 {
-    7
 }
 
 /// Values given on the command line; each one replaces the file's.
@@ -666,6 +568,17 @@ impl ServerConfig {
         match self.stream_writers.get(stream) {
             Some(writers) => writers.contains(&self.instance_name),
             None => self.instance_name == MASTER_INSTANCE,
+        }
+    }
+
+    /// What the stores of this process take from the config: the config file
+    /// becomes store-core's types here, at the boundary.
+    pub fn store_settings(&self) -> store_core::StoreSettings {
+        store_core::StoreSettings {
+            instance_name: self.instance_name.clone(),
+            stream_writers: self.stream_writers.clone(),
+            caches: self.caches.clone(),
+            has_other_processes: self.has_other_processes(),
         }
     }
 }

@@ -1,154 +1,76 @@
-//! The compositions of the store crates (Synapse's "slaved stores" and its
-//! `DataStore`): what one process builds, with the uniform constructor, from
-//! the config.
+//! The reference compositions of the store crates (Synapse's "slaved stores"
+//! and its `DataStore`): what one process of the reference server builds with
+//! `build_store`. They are ordinary structs, written by hand through the public
+//! API only: a crate outside this workspace composes its own the same way (see
+//! `docs/extending.md`).
 //!
-//! - [`WorkerStore`]: every store crate's read half plus its worker-side row
-//!   application. Every process builds one; a process that writes nothing needs
-//!   nothing else. It is the sink of the replication client: rows of each stream
-//!   go to the reader of the crate that owns the stream.
-//! - [`DataStore`]: a [`WorkerStore`] plus the [`Writers`] of exactly the
-//!   streams this instance is configured to write (`[stream_writers]`), each
-//!   built over the reader already there, so a stream has one generator per
-//!   process.
+//! - [`WorkerStore`]: every store crate's read half. A process that writes
+//!   nothing needs nothing else; it implements every read mixin, so a handler
+//!   written against those serves it like the master.
+//! - [`DataStore`]: the read halves plus the write half of exactly the streams
+//!   this instance is configured to write (`[stream_writers]`), each built over
+//!   the reader already there, so a stream has one generator per process.
 //!
-//! Both are generated from one list, the invocation of `compose!` below: adding a
-//! store crate is one entry there (see `docs/ARCHITECTURE.md`). A store crate
-//! that owns no stream (`store-users`) has no reader/writer split and no rows to
-//! apply, so it is a hand-written field of [`WorkerStore`] instead.
-//!
-//! **Invariant:** a process holds a `*Writer` only for the streams the config
-//! says it writes; the generators of every other stream refuse to allocate.
+//! **Invariant:** a process holds a `*Writer` only for the streams its settings
+//! say it writes; the generators of every other stream refuse to allocate.
 
 #![warn(missing_docs)]
 
-mod topology;
-
 use std::sync::Arc;
 
-use store_account_data::{ACCOUNT_DATA_STREAM, AccountDataReader, AccountDataStream, AccountDataWriter};
-use store_core::{
-    CacheRegistry, CachesStream, CachesStreamAdapter, Database, HasDatabase, ServerConfig, Store, StoreError,
-    Stream, StreamRegistry, Transaction,
+use store_account_data::{
+    ACCOUNT_DATA, AccountDataReader, AccountDataStore, AccountDataStream, AccountDataWriteStore,
+    AccountDataWriter,
 };
-use store_events::{BackfillStream, EVENTS_STREAM, EventsReader, EventsStream, EventsWriter};
-use store_receipts::{RECEIPTS_STREAM, ReceiptsReader, ReceiptsStream, ReceiptsWriter};
-use store_users::UsersStore;
+use store_core::{
+    Composition, Database, HasDatabase, Migrations, Store, StoreContext, StoreError, Stream, StreamSpec,
+    Transaction,
+};
+use store_events::{
+    BACKFILL, BackfillStream, EVENTS, EventsReader, EventsStore, EventsStream, EventsWriteStore, EventsWriter,
+};
+use store_receipts::{
+    RECEIPTS, ReceiptsReader, ReceiptsStore, ReceiptsStream, ReceiptsWriteStore, ReceiptsWriter,
+};
+use store_users::{HasUsers, UsersStore};
 
-pub use topology::check_stream_writers;
-
-/// Generates [`WorkerStore`], [`Writers`] and [`WRITABLE_STREAMS`] from one
-/// entry per store crate:
-///
-/// `field: Reader => Writer, writes STREAM_NAME, streams [Adapter, …];`
-///
-/// where `Reader::new(db, conn, &Arc<CachesStream>, config)` builds the read
-/// half, `Writer::over(Arc<Reader>, config)` the write half, and each adapter
-/// (a `store_core::Stream` over `Arc<Reader>`, which the store crate provides)
-/// is one replication stream.
-macro_rules! compose {
-    ($(
-        $(#[$doc:meta])*
-        $field:ident: $reader:ty => $writer:ty, writes $stream:expr, streams [$($adapter:ident),+ $(,)?];
-    )*) => {
-        /// The streams `[stream_writers]` may name. `backfill` follows `events`;
-        /// every process writes `caches`; `typing` has exactly one writer.
-        pub const WRITABLE_STREAMS: &[&str] = &[$($stream,)* replication::typing::TYPING_STREAM];
-
-        /// The read side of every store crate, as every process composes it.
-        ///
-        /// A handler that only reads takes `&WorkerStore`, and so serves the
-        /// master, the writers and the followers alike.
-        #[derive(Debug, Clone)]
-        pub struct WorkerStore {
-            db: Database,
-            caches: Arc<CachesStream>,
-            $($field: Arc<$reader>,)*
-            // Not a stream, so not an entry of `compose!`: no writer, no rows.
-            users: Arc<UsersStore>,
-        }
-
-        impl Store for WorkerStore {
-            async fn new(db: Database, conn: &mut Transaction, config: &ServerConfig) -> Result<Self, StoreError> {
-                // Before any generator loads (and in the same snapshot): a
-                // generator deletes the recorded positions of writers its config
-                // does not list, which a process with a conflicting config must
-                // never do to the others.
-                check_stream_writers(config).map_err(StoreError::Misconfigured)?;
-                topology::agree_on_writers(conn, config).await?;
-                let registry = CacheRegistry::new(config.caches.clone());
-                let caches = Arc::new(CachesStream::new(db.clone(), conn, config, registry).await?);
-                $(let $field = Arc::new(<$reader>::new(db.clone(), conn, &caches, config).await?);)*
-                let users = Arc::new(UsersStore::new(db.clone(), conn, &caches, config).await?);
-                Ok(WorkerStore { db, caches, $($field,)* users })
-            }
-        }
-
-        impl WorkerStore {
-            $(
-                $(#[$doc])*
-                pub fn $field(&self) -> &Arc<$reader> {
-                    &self.$field
-                }
-            )*
-
-            /// Accounts and access tokens. Every process reads and writes them
-            /// directly; a revoked token reaches the others' caches through the
-            /// `caches` stream.
-            pub fn users(&self) -> &Arc<UsersStore> {
-                &self.users
-            }
-
-            /// Every database-backed stream, for the replication client to apply
-            /// what it receives: each stream's rows reach the crate that owns it.
-            /// A stream missing here is logged once by the client and ignored.
-            pub fn replication_streams(&self) -> StreamRegistry {
-                let mut streams = StreamRegistry::new();
-                streams.register(Arc::new(CachesStreamAdapter(Arc::clone(&self.caches))));
-                $($(streams.register(Arc::new($adapter(Arc::clone(&self.$field))));)+)*
-                streams
-            }
-        }
-
-        /// The write halves of one process: `Some` for exactly the streams the
-        /// config says it writes.
-        #[derive(Debug)]
-        pub struct Writers {
-            $(
-                $(#[$doc])*
-                pub $field: Option<$writer>,
-            )*
-        }
-
-        impl Writers {
-            fn new(worker: &WorkerStore, config: &ServerConfig) -> Result<Writers, StoreError> {
-                Ok(Writers {
-                    $($field: if config.is_writer_for($stream) {
-                        Some(<$writer>::over(Arc::clone(&worker.$field), config)?)
-                    } else {
-                        None
-                    },)*
-                })
-            }
-
-            /// The replication streams these writers write.
-            fn streams(&self, worker: &WorkerStore) -> Vec<Arc<dyn Stream>> {
-                let mut streams: Vec<Arc<dyn Stream>> = Vec::new();
-                $(if self.$field.is_some() {
-                    $(streams.push(Arc::new($adapter(Arc::clone(&worker.$field))));)+
-                })*
-                streams
-            }
-        }
-    };
+/// The read side of every store crate, as every process composes it.
+#[derive(Debug, Clone)]
+pub struct WorkerStore {
+    db: Database,
+    ctx: StoreContext,
+    events: Arc<EventsReader>,
+    receipts: Arc<ReceiptsReader>,
+    account_data: Arc<AccountDataReader>,
+    users: Arc<UsersStore>,
 }
 
-compose! {
-    /// Events, room state and memberships.
-    events: EventsReader => EventsWriter, writes EVENTS_STREAM, streams [EventsStream, BackfillStream];
-    /// Read receipts.
-    receipts: ReceiptsReader => ReceiptsWriter, writes RECEIPTS_STREAM, streams [ReceiptsStream];
-    /// Per-user account data.
-    account_data: AccountDataReader => AccountDataWriter, writes ACCOUNT_DATA_STREAM, streams [AccountDataStream];
+impl Store for WorkerStore {
+    fn migrations() -> Vec<&'static Migrations> {
+        vec![
+            &store_events::MIGRATIONS,
+            &store_receipts::MIGRATIONS,
+            &store_account_data::MIGRATIONS,
+            &store_users::MIGRATIONS,
+        ]
+    }
+
+    fn stream_specs() -> Vec<StreamSpec> {
+        // Typing lives in the binaries' memory, not in a store, but its writer
+        // is configured and agreed on like the others'.
+        vec![EVENTS, BACKFILL, RECEIPTS, ACCOUNT_DATA, replication::typing::TYPING]
+    }
+
+    async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
+        Ok(WorkerStore {
+            events: Arc::new(EventsReader::new(db.clone(), conn, ctx).await?),
+            receipts: Arc::new(ReceiptsReader::new(db.clone(), conn, ctx).await?),
+            account_data: Arc::new(AccountDataReader::new(db.clone(), conn, ctx).await?),
+            users: Arc::new(UsersStore::new(db.clone(), conn, ctx).await?),
+            ctx: ctx.clone(),
+            db,
+        })
+    }
 }
 
 impl HasDatabase for WorkerStore {
@@ -157,71 +79,158 @@ impl HasDatabase for WorkerStore {
     }
 }
 
-impl WorkerStore {
-    /// The cache invalidations of this process and the cache registry.
-    pub fn caches(&self) -> &Arc<CachesStream> {
-        &self.caches
+impl Composition for WorkerStore {
+    fn context(&self) -> &StoreContext {
+        &self.ctx
+    }
+
+    fn streams(&self) -> Vec<Arc<dyn Stream>> {
+        vec![
+            Arc::new(EventsStream(Arc::clone(&self.events))),
+            Arc::new(BackfillStream(Arc::clone(&self.events))),
+            Arc::new(ReceiptsStream(Arc::clone(&self.receipts))),
+            Arc::new(AccountDataStream(Arc::clone(&self.account_data))),
+        ]
     }
 }
 
-/// A [`WorkerStore`] plus the write halves of the streams this instance writes.
+impl EventsStore for WorkerStore {
+    fn events(&self) -> &Arc<EventsReader> {
+        &self.events
+    }
+}
+
+impl ReceiptsStore for WorkerStore {
+    fn receipts(&self) -> &Arc<ReceiptsReader> {
+        &self.receipts
+    }
+}
+
+impl AccountDataStore for WorkerStore {
+    fn account_data(&self) -> &Arc<AccountDataReader> {
+        &self.account_data
+    }
+}
+
+impl HasUsers for WorkerStore {
+    fn users(&self) -> &Arc<UsersStore> {
+        &self.users
+    }
+}
+
+/// The read halves plus the write halves of the streams this instance writes.
 #[derive(Debug)]
 pub struct DataStore {
-    worker: WorkerStore,
-    writers: Writers,
+    read: WorkerStore,
+    events: Option<EventsWriter>,
+    receipts: Option<ReceiptsWriter>,
+    account_data: Option<AccountDataWriter>,
+}
+
+/// The write half over `reader` when this instance writes `stream`.
+fn writer_if<R, W>(
+    ctx: &StoreContext,
+    stream: StreamSpec,
+    reader: &Arc<R>,
+    over: fn(Arc<R>, &StoreContext) -> Result<W, StoreError>,
+) -> Result<Option<W>, StoreError> {
+    if !ctx.settings().is_writer_for(stream.name) {
+        return Ok(None);
+    }
+    over(Arc::clone(reader), ctx).map(Some)
 }
 
 impl Store for DataStore {
-    async fn new(db: Database, conn: &mut Transaction, config: &ServerConfig) -> Result<Self, StoreError> {
-        let worker = WorkerStore::new(db, conn, config).await?;
-        let writers = Writers::new(&worker, config)?;
-        Ok(DataStore { worker, writers })
+    fn migrations() -> Vec<&'static Migrations> {
+        WorkerStore::migrations()
+    }
+
+    fn stream_specs() -> Vec<StreamSpec> {
+        WorkerStore::stream_specs()
+    }
+
+    async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
+        let read = WorkerStore::new(db, conn, ctx).await?;
+        Ok(DataStore {
+            events: writer_if(ctx, EVENTS, &read.events, EventsWriter::over)?,
+            receipts: writer_if(ctx, RECEIPTS, &read.receipts, ReceiptsWriter::over)?,
+            account_data: writer_if(ctx, ACCOUNT_DATA, &read.account_data, AccountDataWriter::over)?,
+            read,
+        })
+    }
+}
+
+impl DataStore {
+    /// The read side, as a worker that writes nothing has it.
+    pub fn worker(&self) -> &WorkerStore {
+        &self.read
     }
 }
 
 impl HasDatabase for DataStore {
     fn database(&self) -> &Database {
-        &self.worker.db
+        &self.read.db
     }
 }
 
-impl std::ops::Deref for DataStore {
-    type Target = WorkerStore;
+impl Composition for DataStore {
+    fn context(&self) -> &StoreContext {
+        &self.read.ctx
+    }
 
-    /// Everything a process reads, whatever it writes.
-    fn deref(&self) -> &WorkerStore {
-        &self.worker
+    fn streams(&self) -> Vec<Arc<dyn Stream>> {
+        self.read.streams()
     }
 }
 
-impl DataStore {
-    /// The read side.
-    pub fn worker(&self) -> &WorkerStore {
-        &self.worker
+impl EventsStore for DataStore {
+    fn events(&self) -> &Arc<EventsReader> {
+        &self.read.events
     }
+}
 
-    /// The write side: `Some` for the streams this instance writes.
-    pub fn writers(&self) -> &Writers {
-        &self.writers
+impl EventsWriteStore for DataStore {
+    fn events_writer(&self) -> Option<&EventsWriter> {
+        self.events.as_ref()
     }
+}
 
-    /// The streams this process writes, for the replication streamer to
-    /// announce. `caches` is always among them: every process invalidates.
-    pub fn written_streams(&self) -> Vec<Arc<dyn Stream>> {
-        let mut streams: Vec<Arc<dyn Stream>> =
-            vec![Arc::new(CachesStreamAdapter(Arc::clone(&self.worker.caches)))];
-        streams.extend(self.writers.streams(&self.worker));
-        streams
+impl ReceiptsStore for DataStore {
+    fn receipts(&self) -> &Arc<ReceiptsReader> {
+        &self.read.receipts
     }
+}
 
-    /// Records every written stream's final position: the last step of a clean
-    /// shutdown, once no write is in flight.
-    pub async fn flush_positions(&self) -> Result<(), StoreError> {
-        for stream in self.written_streams() {
-            if let Some(generator) = stream.generator() {
-                generator.flush().await?;
-            }
-        }
-        Ok(())
+impl ReceiptsWriteStore for DataStore {
+    fn receipts_writer(&self) -> Option<&ReceiptsWriter> {
+        self.receipts.as_ref()
     }
+}
+
+impl AccountDataStore for DataStore {
+    fn account_data(&self) -> &Arc<AccountDataReader> {
+        &self.read.account_data
+    }
+}
+
+impl AccountDataWriteStore for DataStore {
+    fn account_data_writer(&self) -> Option<&AccountDataWriter> {
+        self.account_data.as_ref()
+    }
+}
+
+impl HasUsers for DataStore {
+    fn users(&self) -> &Arc<UsersStore> {
+        &self.read.users
+    }
+}
+
+/// The mixin traits of the reference compositions, for handlers to call their
+/// accessors: `use slaved_stores::prelude::*;`.
+pub mod prelude {
+    pub use store_account_data::{AccountDataStore, AccountDataWriteStore};
+    pub use store_core::{Composition, HasDatabase};
+    pub use store_events::{EventsStore, EventsWriteStore};
+    pub use store_receipts::{ReceiptsStore, ReceiptsWriteStore};
+    pub use store_users::HasUsers;
 }

@@ -17,13 +17,24 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use store_core::{
-    Cache, CacheRegistry, CachesStream, Database, MultiWriterConfig, MultiWriterIdGenerator, Row,
-    ServerConfig, StoreError, StreamChangeCache, StreamTable, StreamUpdates, Transaction,
+    Cache, CacheRegistry, Database, MultiWriterIdGenerator, Row, StoreContext, StoreError, StreamChangeCache,
+    StreamSpec, StreamTable, StreamUpdates, Transaction, WriterRule,
 };
+
+/// This crate's tables (`account_data` and `account_data_sequence`), for both engines: what a
+/// composition including this crate lists in `Store::migrations`.
+pub static MIGRATIONS: store_core::Migrations = store_core::Migrations::new(
+    env!("CARGO_PKG_NAME"),
+    sqlx::migrate!("migrations/postgres"),
+    sqlx::migrate!("migrations/sqlite"),
+);
 
 /// The name of the stream this crate owns, as it appears in `[stream_writers]`,
 /// in `stream_positions` and on the wire.
 pub const ACCOUNT_DATA_STREAM: &str = "account_data";
+
+/// The `account_data` stream: written by its configured writers.
+pub const ACCOUNT_DATA: StreamSpec = StreamSpec::new(ACCOUNT_DATA_STREAM, WriterRule::Configured);
 
 /// The cache of a user's global account data, keyed by user.
 const GLOBAL_CACHE: &str = "get_global_account_data_for_user";
@@ -103,14 +114,13 @@ impl AccountDataReader {
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
-        caches: &CachesStream,
-        config: &ServerConfig,
+
+        ctx: &StoreContext,
     ) -> Result<AccountDataReader, StoreError> {
         let tables = vec![StreamTable::new("account_data", "instance_name", "stream_id")];
-        let generator_config =
-            MultiWriterConfig::for_stream(config, ACCOUNT_DATA_STREAM, tables, "account_data_sequence");
+        let generator_config = ctx.generator_config(ACCOUNT_DATA_STREAM, tables, "account_data_sequence");
         let ids = MultiWriterIdGenerator::new_in(&db, conn, generator_config).await?;
-        let registry = Arc::clone(caches.registry());
+        let registry = Arc::clone(ctx.registry());
         // Prefilled from the newest rows, which may lie above the current token:
         // a cache that started empty would deny changes it never saw.
         let user_changes = StreamChangeCache::load_newest(
@@ -124,7 +134,7 @@ impl AccountDataReader {
             global_data: registry.register(GLOBAL_CACHE)?,
             room_data: registry.register(ROOM_CACHE)?,
             user_changes: Arc::new(user_changes),
-            instance_name: config.instance_name.clone(),
+            instance_name: ctx.instance_name().to_owned(),
             registry,
             db,
             ids,
@@ -259,44 +269,31 @@ pub struct AccountDataWriter {
     reader: Arc<AccountDataReader>,
 }
 
-/// Refuses an instance that does not write `account_data`.
-fn check_writer(config: &ServerConfig) -> Result<(), StoreError> {
-    if config.is_writer_for(ACCOUNT_DATA_STREAM) {
-        return Ok(());
-    }
-    Err(StoreError::NotAWriter {
-        stream: ACCOUNT_DATA_STREAM.to_owned(),
-        instance: config.instance_name.clone(),
-    })
-}
-
 impl AccountDataWriter {
     /// Checks that this instance writes `account_data`, then builds the reader
     /// half.
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
-        caches: &CachesStream,
-        config: &ServerConfig,
+
+        ctx: &StoreContext,
     ) -> Result<AccountDataWriter, StoreError> {
         // Checked before the reader registers its caches, so that a caller can
         // fall back to a plain reader on the same registry.
-        check_writer(config)?;
-        let reader = AccountDataReader::new(db, conn, caches, config).await?;
-        AccountDataWriter::over(Arc::new(reader), config)
+        ctx.require_writer(ACCOUNT_DATA_STREAM)?;
+        let reader = AccountDataReader::new(db, conn, ctx).await?;
+        AccountDataWriter::over(Arc::new(reader), ctx)
     }
 
     /// The writer over an already-built reader half, so that a process keeps one
     /// generator per stream. `reader` must have been built with `config`.
-    pub fn over(
-        reader: Arc<AccountDataReader>,
-        config: &ServerConfig,
-    ) -> Result<AccountDataWriter, StoreError> {
-        check_writer(config)?;
-        if reader.instance_name != config.instance_name {
+    pub fn over(reader: Arc<AccountDataReader>, ctx: &StoreContext) -> Result<AccountDataWriter, StoreError> {
+        ctx.require_writer(ACCOUNT_DATA_STREAM)?;
+        if reader.instance_name != ctx.instance_name() {
             return Err(StoreError::Misconfigured(format!(
                 "an `{ACCOUNT_DATA_STREAM}` writer for `{}` over a reader built for `{}`",
-                config.instance_name, reader.instance_name
+                ctx.instance_name(),
+                reader.instance_name
             )));
         }
         Ok(AccountDataWriter { reader })
@@ -376,7 +373,7 @@ pub struct AccountDataStream(pub Arc<AccountDataReader>);
 
 impl store_core::MultiWriterSource for AccountDataStream {
     type Row = AccountDataRow;
-    const NAME: &'static str = ACCOUNT_DATA_STREAM;
+    const SPEC: StreamSpec = ACCOUNT_DATA;
 
     fn id_generator(&self) -> &MultiWriterIdGenerator {
         self.0.stream()
@@ -392,5 +389,51 @@ impl store_core::MultiWriterSource for AccountDataStream {
     }
     fn apply(&self, writer: &str, token: i64, rows: &[AccountDataRow]) {
         self.0.process_account_data_rows(writer, token, rows);
+    }
+}
+
+/// The account data mixin's read side: a composition that reads account data says where
+/// its reader is, and handlers written against this trait serve a master's
+/// store and a worker's alike.
+pub trait AccountDataStore: Send + Sync {
+    /// The read half of account data.
+    fn account_data(&self) -> &Arc<AccountDataReader>;
+}
+
+/// The account data mixin's write side: `Some` on the stream's writers.
+pub trait AccountDataWriteStore: AccountDataStore {
+    /// The write half, on the instances configured to write the stream.
+    fn account_data_writer(&self) -> Option<&AccountDataWriter>;
+}
+
+impl store_core::Store for AccountDataReader {
+    fn migrations() -> Vec<&'static store_core::Migrations> {
+        vec![&MIGRATIONS]
+    }
+    fn stream_specs() -> Vec<store_core::StreamSpec> {
+        vec![ACCOUNT_DATA]
+    }
+    async fn new(
+        db: store_core::Database,
+        conn: &mut store_core::Transaction,
+        ctx: &store_core::StoreContext,
+    ) -> Result<Self, store_core::StoreError> {
+        AccountDataReader::new(db, conn, ctx).await
+    }
+}
+
+impl store_core::Store for AccountDataWriter {
+    fn migrations() -> Vec<&'static store_core::Migrations> {
+        vec![&MIGRATIONS]
+    }
+    fn stream_specs() -> Vec<store_core::StreamSpec> {
+        vec![ACCOUNT_DATA]
+    }
+    async fn new(
+        db: store_core::Database,
+        conn: &mut store_core::Transaction,
+        ctx: &store_core::StoreContext,
+    ) -> Result<Self, store_core::StoreError> {
+        AccountDataWriter::new(db, conn, ctx).await
     }
 }

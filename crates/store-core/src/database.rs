@@ -15,8 +15,9 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+use crate::config::redact_url;
 use crate::error::{DbError, StoreError};
-use crate::migrate::{self, MigrationReport};
+use crate::migrate::{CORE_MIGRATIONS, MigrationReport};
 use crate::transaction::{Conn, Transaction};
 
 /// A boxed, `Send` future borrowing from `'a`: what interaction closures return.
@@ -57,7 +58,8 @@ pub struct DatabaseOptions {
     /// SQLite database always has exactly one, or each connection would see its
     /// own empty database).
     pub pool_size: usize,
-    /// Whether to apply pending migrations while connecting.
+    /// Whether to apply `store-core`'s pending migrations while connecting
+    /// ([`crate::CORE_MIGRATIONS`]; the store crates' come with `build_store`).
     pub run_migrations: bool,
 }
 
@@ -119,7 +121,8 @@ struct Inner {
     pool: EnginePool,
     /// The URL with the password hidden, for messages.
     display_url: String,
-    migrations: MigrationReport,
+    /// Every migration step this handle ran, summed.
+    migrations: Mutex<MigrationReport>,
     stats: Mutex<BTreeMap<&'static str, InteractionStats>>,
 }
 
@@ -161,17 +164,18 @@ impl Database {
         } else {
             return Err(invalid("expected postgres://…, sqlite://PATH or sqlite::memory:".to_owned()));
         };
-        let migrations = if options.run_migrations {
-            match &pool {
-                EnginePool::Postgres(_) => migrate::run_postgres(url).await?,
-                EnginePool::Sqlite(pool) => migrate::run_sqlite(pool).await?,
-            }
-        } else {
-            MigrationReport::default()
+        let db = Database {
+            inner: Arc::new(Inner {
+                pool,
+                display_url,
+                migrations: Mutex::new(MigrationReport::default()),
+                stats: Mutex::new(BTreeMap::new()),
+            }),
         };
-        Ok(Database {
-            inner: Arc::new(Inner { pool, display_url, migrations, stats: Mutex::new(BTreeMap::new()) }),
-        })
+        if options.run_migrations {
+            db.migrate(&[&CORE_MIGRATIONS]).await?;
+        }
+        Ok(db)
     }
 
     /// The engine this database runs on.
@@ -187,9 +191,14 @@ impl Database {
         &self.inner.display_url
     }
 
-    /// What the migration step did while connecting.
-    pub fn migrations(&self) -> &MigrationReport {
-        &self.inner.migrations
+    /// What the migration steps run through this handle did (at connect, and
+    /// every [`Database::migrate`] since), summed.
+    pub fn migrations(&self) -> MigrationReport {
+        self.inner.migrations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub(crate) fn record_migrations(&self, report: &MigrationReport) {
+        self.inner.migrations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).absorb(report);
     }
 
     /// Runs `f` in one transaction named `interaction`, and commits.
@@ -445,9 +454,4 @@ fn sqlite_target(url: &str) -> String {
     let path = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
     let path = path.split('?').next().unwrap_or(path);
     Path::new(path).display().to_string()
-}
-
-/// Hides the passwords of a URL, for messages and logs.
-pub(crate) fn redact_url(url: &str) -> String {
-    server_config::redact_url(url)
 }

@@ -28,18 +28,41 @@ pub enum StoreError {
     },
     /// The database was migrated by a newer version of this software.
     #[error(
-        "the database schema is newer than this binary: the database has migration {database_version}, \
-         this binary knows migrations up to {binary_version}; run the newer release or restore a backup"
+        "the database schema of `{owner}` is newer than this binary: the database has its migration \
+         {database_version}, this binary knows its migrations up to {binary_version}; run the newer \
+         release or restore a backup"
     )]
     SchemaTooNew {
-        /// The newest migration applied to the database.
+        /// The store crate whose tables are newer.
+        owner: String,
+        /// The newest of its migrations applied to the database.
         database_version: i64,
-        /// The newest migration this binary carries.
+        /// The newest of its migrations this binary carries.
         binary_version: i64,
     },
-    /// Applying the migrations failed.
-    #[error("cannot migrate the database schema: {0}")]
-    Migration(#[source] sqlx::migrate::MigrateError),
+    /// A migration recorded as applied no longer matches its file: files are
+    /// never edited once released (add a migration instead).
+    #[error(
+        "migration {version} of `{owner}` was changed after the database applied it; \
+         restore the file as it was released and add a new migration instead"
+    )]
+    MigrationChanged {
+        /// The store crate it belongs to.
+        owner: String,
+        /// Its version.
+        version: i64,
+    },
+    /// Applying a migration failed; nothing of it was applied.
+    #[error("cannot apply migration {version} of `{owner}`: {source}")]
+    Migration {
+        /// The store crate it belongs to.
+        owner: String,
+        /// Its version.
+        version: i64,
+        /// Why it failed.
+        #[source]
+        source: Box<StoreError>,
+    },
     /// The database rejected a statement or the connection broke.
     #[error("database error in interaction `{interaction}`: {source}")]
     Database {

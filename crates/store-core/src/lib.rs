@@ -9,7 +9,8 @@
 //!   outcome of a COMMIT whose connection broke before they run.
 //! - One SQL dialect: stores write PostgreSQL's `$1` placeholders; SQLite gets them
 //!   translated here.
-//! - Migrations from `migrations/<engine>/`, applied once at connect.
+//! - [`Migrations`]: each store crate's schema, applied in order and recorded per
+//!   crate ([`Database::migrate`]); `store-core`'s own ([`CORE_MIGRATIONS`]) at connect.
 //! - Stream IDs: [`MultiWriterIdGenerator`], with per-writer positions persisted
 //!   in `stream_positions`.
 //! - Caches: [`Cache`], [`CacheRegistry`], [`StreamChangeCache`], and the
@@ -20,13 +21,16 @@
 //! - [`Stream`]: what replication needs from every stream, with
 //!   [`MultiWriterSource`], from which a store crate gets the [`Stream`] of its
 //!   database-backed stream in a few lines, and the [`StreamRegistry`].
-//! - [`Store`]: the uniform constructor `new(db, conn, config)` every store shares.
+//! - [`Store`]: the uniform constructor `new(db, conn, ctx)` every store half
+//!   shares, with the [`StoreContext`] built from [`StoreSettings`], the config
+//!   as store-core's own types.
 //!
 //! This crate knows nothing about events, receipts or any other domain.
 
 #![warn(missing_docs)]
 
 mod cache;
+mod config;
 mod database;
 mod error;
 mod id_generator;
@@ -42,21 +46,19 @@ pub use cache::{
     CURRENT_STATE_POKE, Cache, CacheKey, CacheRegistry, CacheStats, CacheWeight, CachesRow, CachesStream,
     DynCache, Expansion, FillTicket, MEMBERS_PER_POKE_ROW, StreamChangeCache,
 };
+pub use config::{CacheConfig, MASTER_INSTANCE, StoreSettings, redact_url};
 pub use database::{BoxFuture, Database, DatabaseOptions, Engine, InteractionStats};
 pub use error::{DbError, StoreError};
 pub use id_generator::{
     DEFAULT_BACKGROUND_RECORD_DELAY, FetchToken, MultiWriterConfig, MultiWriterIdGenerator, PositionTracker,
     StreamIdGuard, StreamIdsGuard, StreamTable,
 };
-pub use migrate::{MigrationReport, latest_version};
-pub use store::{HasDatabase, Store, build_store};
+pub use migrate::{CORE_MIGRATIONS, MigrationId, MigrationReport, Migrations};
+pub use store::{Composition, HasDatabase, Store, StoreContext, build_store};
 pub use stream::{
-    CachesStreamAdapter, MultiWriterSource, Stream, StreamRegistry, StreamUpdates, decode_rows, to_wire,
+    CachesStreamAdapter, MultiWriterSource, Stream, StreamRegistry, StreamSpec, StreamUpdates, WriterRule,
+    agree_on_writers, check_stream_writers, decode_rows, to_wire,
 };
 pub use token::{InstanceIds, MultiWriterToken, RoomToken, TokenError, TokenParseError};
 pub use transaction::Transaction;
 pub use value::{ColumnIndex, FromSqlValue, Row, SqlValue, ToSqlValue, Value};
-
-/// The server configuration stores are built with, re-exported so store crates
-/// need not depend on `server-config` themselves.
-pub use server_config::ServerConfig;

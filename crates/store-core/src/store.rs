@@ -1,39 +1,159 @@
-//! The uniform store constructor, and the accessor every mixin builds on.
+//! The uniform store constructor, the context every store half is built with,
+//! and the accessor every mixin builds on.
 //!
-//! Every store (a component of one domain, or a composition of components) is
-//! built the same way: `Store::new(db, conn, config)`. `conn` is the start-up
-//! transaction that all constructors share, so they read one consistent snapshot;
-//! the composition root commits it once every store is built. Because the shape
-//! never varies, a composition root can build any set of components without
-//! knowing what each needs.
+//! Every store (one half of one domain, or a composition of halves) is built
+//! the same way: `Store::new(db, conn, ctx)`. `conn` is the start-up transaction
+//! that all constructors share, so they read one consistent snapshot; the
+//! composition root commits it once every store is built. `ctx` is the
+//! [`StoreContext`]: the settings taken from the config, and the process's one
+//! cache registry and invalidation stream. Because the shape never varies, a
+//! composition can build any set of halves without knowing what each needs.
 //!
 //! Mixins are traits: a *read* trait has default methods written against a
 //! required accessor ([`HasDatabase::database`], or a component accessor), and a
 //! *write* trait adds the writing methods for the processes that write a stream.
 //! A master store and a worker store implement the same read traits; only the
-//! master (or the stream's writer) implements the write trait. See
-//! `docs/ARCHITECTURE.md` and the `mixins` integration test for a worked example.
+//! stream's writers implement the write trait. See `docs/ARCHITECTURE.md`.
 
+use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 
-use server_config::ServerConfig;
+use crate::{
+    BoxFuture, CacheRegistry, CachesStream, CachesStreamAdapter, Database, Migrations, MultiWriterConfig,
+    StoreError, StoreSettings, Stream, StreamRegistry, StreamSpec, StreamTable, Transaction, WriterRule,
+    agree_on_writers, check_stream_writers,
+};
 
-use crate::{Database, StoreError, Transaction};
+/// What every store half is built with besides the database and the start-up
+/// transaction: the settings from the config, and the process's shared cache
+/// registry and invalidation stream. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StoreContext {
+    settings: Arc<StoreSettings>,
+    caches: Arc<CachesStream>,
+}
+
+impl StoreContext {
+    /// Builds the process's cache registry and invalidation stream (loading the
+    /// stream's positions on `conn`), the parts every store half shares.
+    pub async fn new(
+        db: &Database,
+        conn: &mut Transaction,
+        settings: StoreSettings,
+    ) -> Result<StoreContext, StoreError> {
+        let registry = CacheRegistry::new(settings.caches.clone());
+        let caches = Arc::new(CachesStream::new(db.clone(), conn, &settings, registry).await?);
+        Ok(StoreContext { settings: Arc::new(settings), caches })
+    }
+
+    /// What the config says about this process and its deployment.
+    pub fn settings(&self) -> &StoreSettings {
+        &self.settings
+    }
+
+    /// This process's name.
+    pub fn instance_name(&self) -> &str {
+        &self.settings.instance_name
+    }
+
+    /// The invalidations of this process, and through them the cache registry.
+    pub fn caches(&self) -> &Arc<CachesStream> {
+        &self.caches
+    }
+
+    /// Every cache of this process, by name.
+    pub fn registry(&self) -> &Arc<CacheRegistry> {
+        self.caches.registry()
+    }
+
+    /// The generator settings of `stream`: this instance and the stream's
+    /// configured writers.
+    pub fn generator_config(
+        &self,
+        stream: &str,
+        tables: Vec<StreamTable>,
+        sequence_name: &str,
+    ) -> MultiWriterConfig {
+        MultiWriterConfig::for_stream(&self.settings, stream, tables, sequence_name)
+    }
+
+    /// Refuses, with [`StoreError::NotAWriter`], to build a write half of
+    /// `stream` on an instance that does not write it.
+    pub fn require_writer(&self, stream: &str) -> Result<(), StoreError> {
+        if self.settings.is_writer_for(stream) {
+            return Ok(());
+        }
+        Err(StoreError::NotAWriter {
+            stream: stream.to_owned(),
+            instance: self.settings.instance_name.clone(),
+        })
+    }
+}
 
 /// A store built with the one constructor shape every store shares.
 pub trait Store: Sized + Send + Sync {
+    /// The schema of every store crate this store reads or writes, applied by
+    /// [`build_store`] before anything is built. `store-core`'s own tables are
+    /// always there ([`Database::connect`] applies them).
+    fn migrations() -> Vec<&'static Migrations> {
+        Vec::new()
+    }
+
+    /// Every stream this store runs (its crates' and any the process keeps in
+    /// memory, such as typing), known before anything is built: [`build_store`]
+    /// checks the settings' writers against them and agrees on them with the
+    /// deployment before any generator loads.
+    fn stream_specs() -> Vec<StreamSpec> {
+        Vec::new()
+    }
+
     /// Builds the store: keeps `db` for later queries, does its start-up reads
-    /// (current stream positions, say) on `conn`, and takes its settings (cache
-    /// sizes, which streams this process writes) from `config`.
+    /// (current stream positions, say) on `conn`, and takes its settings, cache
+    /// registry and invalidation stream from `ctx`.
     ///
     /// `conn` is never stored: the composition root commits it after building
     /// every store.
     fn new(
         db: Database,
         conn: &mut Transaction,
-        config: &ServerConfig,
+        ctx: &StoreContext,
     ) -> impl Future<Output = Result<Self, StoreError>> + Send;
 }
+
+/// The context itself, so that a test or a small tool can take it out of
+/// [`build_store`] beside the halves it builds: `build_store::<(StoreContext,
+/// SomeReader)>`.
+impl Store for StoreContext {
+    async fn new(_db: Database, _conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
+        Ok(ctx.clone())
+    }
+}
+
+/// Several stores built on one start-up transaction and context, in order.
+macro_rules! tuple_store {
+    ($($part:ident),+) => {
+        impl<$($part: Store),+> Store for ($($part,)+) {
+            fn migrations() -> Vec<&'static Migrations> {
+                let mut migrations = Vec::new();
+                $(migrations.extend($part::migrations());)+
+                migrations
+            }
+            fn stream_specs() -> Vec<StreamSpec> {
+                let mut streams = Vec::new();
+                $(streams.extend($part::stream_specs());)+
+                streams
+            }
+            async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
+                Ok(($($part::new(db.clone(), conn, ctx).await?,)+))
+            }
+        }
+    };
+}
+
+tuple_store!(A, B);
+tuple_store!(A, B, C);
+tuple_store!(A, B, C, D);
 
 /// The accessor the read mixins' default methods are written against.
 pub trait HasDatabase: Send + Sync {
@@ -41,17 +161,85 @@ pub trait HasDatabase: Send + Sync {
     fn database(&self) -> &Database;
 }
 
-/// Builds a store of type `S` on a fresh start-up transaction and commits it.
+/// Applies `S`'s migrations, then builds a store of type `S` on a fresh start-up
+/// transaction and commits it.
 ///
 /// This is the composition root's one call per process: `S` is the master's or a
-/// worker's top-level store, whose constructor builds its components on the same
-/// `conn`. Like any interaction it is retried on a serialization failure (two
-/// processes recording their positions at once), building everything afresh.
-pub async fn build_store<S: Store>(db: &Database, config: &ServerConfig) -> Result<S, StoreError> {
-    let config = config.clone();
+/// worker's top-level store, whose constructor builds its halves on the same
+/// `conn` with the same [`StoreContext`]. Like any interaction it is retried on
+/// a serialization failure (two processes recording their positions at once),
+/// building everything afresh.
+pub async fn build_store<S: Store>(db: &Database, settings: &StoreSettings) -> Result<S, StoreError> {
+    let streams = S::stream_specs();
+    check_stream_writers(settings, &streams).map_err(StoreError::Misconfigured)?;
+    db.migrate(&S::migrations()).await?;
     db.run_interaction("build_stores", move |conn| {
-        let (db, config) = (db.clone(), config.clone());
-        Box::pin(async move { S::new(db, conn, &config).await })
+        let (db, settings, streams) = (db.clone(), settings.clone(), streams.clone());
+        Box::pin(async move {
+            // First in the snapshot, before any generator loads: a generator
+            // deletes the recorded positions of writers its settings do not
+            // list, which a process at odds with the deployment must never do.
+            agree_on_writers(conn, &settings, &streams).await?;
+            let ctx = StoreContext::new(&db, conn, settings).await?;
+            S::new(db, conn, &ctx).await
+        })
     })
     .await
+}
+
+/// What a process runs on its top-level store: the streams it follows and
+/// writes. A composition (an ordinary struct holding the halves of its store
+/// crates) implements it by listing the streams of its crates; the rest
+/// follows.
+pub trait Composition: HasDatabase + fmt::Debug + 'static {
+    /// The context the composition was built with.
+    fn context(&self) -> &StoreContext;
+
+    /// The database-backed streams of its store crates, each over the half
+    /// that owns it (`caches` comes with the context and is not listed).
+    fn streams(&self) -> Vec<Arc<dyn Stream>>;
+
+    /// Every stream this process follows: `caches`, then [`Composition::streams`].
+    /// Replication applies each stream's rows through it, so they reach the
+    /// crate that owns the stream.
+    fn replication_streams(&self) -> StreamRegistry {
+        let mut registry = StreamRegistry::new();
+        for stream in all_streams(self) {
+            registry.register(stream);
+        }
+        registry
+    }
+
+    /// The streams this process writes, for the streamer to announce:
+    /// `caches` always, and each stream whose writers include this instance.
+    fn written_streams(&self) -> Vec<Arc<dyn Stream>> {
+        let settings = self.context().settings();
+        all_streams(self)
+            .into_iter()
+            .filter(|stream| {
+                let spec = stream.spec();
+                spec.writers == WriterRule::EveryProcess
+                    || spec.writers(settings).contains(&settings.instance_name)
+            })
+            .collect()
+    }
+
+    /// Records every written stream's final position: the last step of a clean
+    /// shutdown, once no write is in flight.
+    fn flush_positions(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            for stream in self.written_streams() {
+                if let Some(generator) = stream.generator() {
+                    generator.flush().await?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// `caches` followed by the composition's own streams.
+fn all_streams<C: Composition + ?Sized>(composition: &C) -> Vec<Arc<dyn Stream>> {
+    let caches: Arc<dyn Stream> = Arc::new(CachesStreamAdapter(Arc::clone(composition.context().caches())));
+    std::iter::once(caches).chain(composition.streams()).collect()
 }

@@ -13,39 +13,25 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use server_config::{Role, ServerConfig};
-use store_core::{CacheRegistry, CachesRow, CachesStream, Database, Engine, StoreError};
+use store_core::{CachesRow, CachesStream, Database, Engine, StoreContext, StoreError, StoreSettings};
 use store_events::{CURRENT_STATE_CACHES_BY_MEMBER, CURRENT_STATE_CACHES_BY_ROOM, EventsWriter, NewEvent};
-use store_test_support::TestDb;
+use store_test_support::{TestDb, build_alone};
 
 type BenchResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 const WRITERS: [&str; 2] = ["persister1", "persister2"];
 const TASKS_PER_WRITER: usize = 8;
 
-fn config(url: &str, instance: &str) -> BenchResult<ServerConfig> {
-    let role = if instance == "master" { Role::Master } else { Role::Worker };
-    Ok(ServerConfig::from_toml_str(
-        &format!(
-            "server_name = \"bench\"\ninstance_name = \"{instance}\"\n[database]\nurl = \"{url}\"\npool_size = 10\n\
-             [replication]\nredis = \"redis://127.0.0.1:6379\"\n[stream_writers]\nevents = {WRITERS:?}\n\
-             [instance_map]\npersister1 = \"127.0.0.1:8101\"\npersister2 = \"127.0.0.1:8102\"\n"
-        ),
-        role,
-    )?)
+fn config(instance: &str) -> StoreSettings {
+    StoreSettings::in_deployment(instance).with_writers("events", &WRITERS)
 }
 
 async fn writer(
     db: &Database,
-    config: &ServerConfig,
+    settings: &StoreSettings,
 ) -> Result<(Arc<CachesStream>, EventsWriter), StoreError> {
-    let mut conn = db.begin("build_stores").await?;
-    let caches = Arc::new(
-        CachesStream::new(db.clone(), &mut conn, config, CacheRegistry::new(config.caches.clone())).await?,
-    );
-    let writer = EventsWriter::new(db.clone(), &mut conn, &caches, config).await?;
-    conn.commit().await?;
-    Ok((caches, writer))
+    let (ctx, writer) = build_alone::<(StoreContext, EventsWriter)>(db, settings).await?;
+    Ok((Arc::clone(ctx.caches()), writer))
 }
 
 fn message(id: String) -> NewEvent {
@@ -97,7 +83,7 @@ async fn persist(test_db: &TestDb) -> BenchResult {
     let mut writers = Vec::new();
     for instance in WRITERS {
         let db = test_db.reconnect().await?;
-        writers.push((db.clone(), Arc::new(writer(&db, &config(&test_db.url, instance)?).await?.1)));
+        writers.push((db.clone(), Arc::new(writer(&db, &config(instance)).await?.1)));
     }
     let mut store_rates = Vec::new();
     let mut raw_rates = Vec::new();
@@ -212,7 +198,7 @@ fn unbatched_rows(room: &str, members_changed: &[String]) -> Vec<CachesRow> {
 #[expect(clippy::print_stdout, reason = "a benchmark's output is its report")]
 async fn caches_rows(test_db: &TestDb) -> BenchResult {
     let db = test_db.reconnect().await?;
-    let (caches, writer) = writer(&db, &config(&test_db.url, "persister1")?).await?;
+    let (caches, writer) = writer(&db, &config("persister1")).await?;
     let room = "!hundred:example.com";
     let members: Vec<String> = (0..100).map(|n| format!("@member{n:03}:example.com")).collect();
     let joins: Vec<NewEvent> =
@@ -267,7 +253,7 @@ async fn caches_rows(test_db: &TestDb) -> BenchResult {
 #[expect(clippy::print_stdout, reason = "a benchmark's output is its report")]
 async fn cache_hit(test_db: &TestDb) -> BenchResult {
     let db = test_db.reconnect().await?;
-    let (caches, writer) = writer(&db, &config(&test_db.url, "persister2")?).await?;
+    let (caches, writer) = writer(&db, &config("persister2")).await?;
     let room = "!cached:example.com";
     let joins: Vec<NewEvent> =
         (0..20).map(|n| member(format!("$cj{n}"), &format!("@c{n}:example.com"), "join")).collect();

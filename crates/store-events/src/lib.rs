@@ -17,7 +17,7 @@ pub mod rows;
 mod stream;
 mod writer;
 
-use store_core::CacheWeight;
+use store_core::{CacheWeight, StreamSpec, WriterRule};
 
 pub use reader::{
     CURRENT_STATE_CACHES_BY_MEMBER, CURRENT_STATE_CACHES_BY_ROOM, EventsReader, MembershipChange, StateMap,
@@ -26,12 +26,26 @@ pub use reader::{
 pub use stream::{BackfillStream, EventsStream};
 pub use writer::{ClientTxn, EventsWriter};
 
+/// This crate's tables (`events`, `current_state_events`, `room_memberships`, `event_txn_id` and the two streams' sequences), for both engines: what a
+/// composition including this crate lists in `Store::migrations`.
+pub static MIGRATIONS: store_core::Migrations = store_core::Migrations::new(
+    env!("CARGO_PKG_NAME"),
+    sqlx::migrate!("migrations/postgres"),
+    sqlx::migrate!("migrations/sqlite"),
+);
+
 /// The name of the events stream, as in `[stream_writers]`, `stream_positions`
 /// and on the wire.
 pub const EVENTS_STREAM: &str = "events";
 
 /// The name of the backfill stream.
 pub const BACKFILL_STREAM: &str = "backfill";
+
+/// The `events` stream: written by its configured writers, each room by one.
+pub const EVENTS: StreamSpec = StreamSpec::new(EVENTS_STREAM, WriterRule::Configured);
+
+/// The `backfill` stream: written by the writers of `events`.
+pub const BACKFILL: StreamSpec = StreamSpec::new(BACKFILL_STREAM, WriterRule::Follows(EVENTS_STREAM));
 
 /// An event to persist.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,4 +102,18 @@ impl CacheWeight for Event {
         let Event { stream_ordering: _, instance_name, room_id, event } = self;
         instance_name.weight() + room_id.weight() + event.weight()
     }
+}
+
+/// The events mixin's read side: a composition that reads events, room state and memberships says where
+/// its reader is, and handlers written against this trait serve a master's
+/// store and a worker's alike.
+pub trait EventsStore: Send + Sync {
+    /// The read half of events, room state and memberships.
+    fn events(&self) -> &std::sync::Arc<EventsReader>;
+}
+
+/// The events mixin's write side: `Some` on the stream's writers.
+pub trait EventsWriteStore: EventsStore {
+    /// The write half, on the instances configured to write the stream.
+    fn events_writer(&self) -> Option<&EventsWriter>;
 }

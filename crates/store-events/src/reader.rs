@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use store_core::{
     CURRENT_STATE_POKE, Cache, CacheRegistry, CachesStream, Database, MultiWriterConfig,
-    MultiWriterIdGenerator, Row, ServerConfig, StoreError, StreamChangeCache, StreamTable, StreamUpdates,
+    MultiWriterIdGenerator, Row, StoreContext, StoreError, StreamChangeCache, StreamTable, StreamUpdates,
     Transaction,
 };
 
@@ -71,17 +71,16 @@ pub struct EventsReader {
 }
 
 fn generator_config(
-    config: &ServerConfig,
+    ctx: &StoreContext,
     stream: &str,
     table_sequence: &str,
     positive: bool,
 ) -> MultiWriterConfig {
     MultiWriterConfig {
         // Backfill is written by the events writers.
-        writers: config.writers_for(EVENTS_STREAM),
+        writers: ctx.settings().writers_for(EVENTS_STREAM),
         positive,
-        ..MultiWriterConfig::for_stream(
-            config,
+        ..ctx.generator_config(
             stream,
             vec![StreamTable::new("events", "instance_name", "stream_ordering")],
             table_sequence,
@@ -95,22 +94,22 @@ impl EventsReader {
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
-        caches: &Arc<CachesStream>,
-        config: &ServerConfig,
+
+        ctx: &StoreContext,
     ) -> Result<EventsReader, StoreError> {
         let events_ids = MultiWriterIdGenerator::new_in(
             &db,
             conn,
-            generator_config(config, EVENTS_STREAM, "events_stream_seq", true),
+            generator_config(ctx, EVENTS_STREAM, "events_stream_seq", true),
         )
         .await?;
         let backfill_ids = MultiWriterIdGenerator::new_in(
             &db,
             conn,
-            generator_config(config, BACKFILL_STREAM, "events_backfill_stream_seq", false),
+            generator_config(ctx, BACKFILL_STREAM, "events_backfill_stream_seq", false),
         )
         .await?;
-        let registry = Arc::clone(caches.registry());
+        let registry = Arc::clone(ctx.registry());
         let current = events_ids.get_current_token();
         let reader = EventsReader {
             // The change caches are prefilled from the newest rows, which may lie
@@ -126,7 +125,7 @@ impl EventsReader {
             db,
             events_ids,
             backfill_ids,
-            caches: Arc::clone(caches),
+            caches: Arc::clone(ctx.caches()),
         };
         let (membership_changes, state_changes) =
             (Arc::clone(&reader.membership_changes), Arc::clone(&reader.state_changes));
@@ -650,5 +649,21 @@ pub(crate) fn event_row(event: &Event) -> EventRow {
         membership: event.event.membership(),
         rejected: false,
         outlier: false,
+    }
+}
+
+impl store_core::Store for EventsReader {
+    fn migrations() -> Vec<&'static store_core::Migrations> {
+        vec![&crate::MIGRATIONS]
+    }
+    fn stream_specs() -> Vec<store_core::StreamSpec> {
+        vec![crate::EVENTS, crate::BACKFILL]
+    }
+    async fn new(
+        db: store_core::Database,
+        conn: &mut store_core::Transaction,
+        ctx: &store_core::StoreContext,
+    ) -> Result<Self, store_core::StoreError> {
+        EventsReader::new(db, conn, ctx).await
     }
 }

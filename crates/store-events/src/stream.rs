@@ -2,10 +2,12 @@
 
 use std::sync::Arc;
 
-use store_core::{BoxFuture, MultiWriterIdGenerator, MultiWriterSource, StoreError, StreamUpdates};
+use store_core::{
+    BoxFuture, MultiWriterIdGenerator, MultiWriterSource, StoreError, StreamSpec, StreamUpdates,
+};
 
 use crate::rows::{BackfillRow, EventsStreamRow};
-use crate::{BACKFILL_STREAM, EVENTS_STREAM, EventsReader};
+use crate::{BACKFILL, EVENTS, EventsReader};
 
 /// The `events` stream.
 #[derive(Debug)]
@@ -13,7 +15,7 @@ pub struct EventsStream(pub Arc<EventsReader>);
 
 impl MultiWriterSource for EventsStream {
     type Row = EventsStreamRow;
-    const NAME: &'static str = EVENTS_STREAM;
+    const SPEC: StreamSpec = EVENTS;
 
     fn id_generator(&self) -> &MultiWriterIdGenerator {
         self.0.events_stream()
@@ -38,7 +40,7 @@ pub struct BackfillStream(pub Arc<EventsReader>);
 
 impl MultiWriterSource for BackfillStream {
     type Row = BackfillRow;
-    const NAME: &'static str = BACKFILL_STREAM;
+    const SPEC: StreamSpec = BACKFILL;
     const SIGN: i64 = -1;
 
     fn id_generator(&self) -> &MultiWriterIdGenerator {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use store_core::{CachesStream, Database, ServerConfig, StoreError, Transaction};
+use store_core::{Database, StoreContext, StoreError, Transaction};
 
 use crate::reader::EventsReader;
 use crate::{EVENTS_STREAM, NewEvent};
@@ -31,34 +31,26 @@ pub struct ClientTxn {
     pub txn_id: String,
 }
 
-/// Refuses an instance that does not write `events`.
-fn check_writer(config: &ServerConfig) -> Result<(), StoreError> {
-    if config.is_writer_for(EVENTS_STREAM) {
-        return Ok(());
-    }
-    Err(StoreError::NotAWriter { stream: EVENTS_STREAM.to_owned(), instance: config.instance_name.clone() })
-}
-
 impl EventsWriter {
     /// Checks that this instance writes `events`, then builds the reader half.
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
-        caches: &Arc<CachesStream>,
-        config: &ServerConfig,
+
+        ctx: &StoreContext,
     ) -> Result<EventsWriter, StoreError> {
         // Checked before the reader registers its caches, so that a caller can
         // fall back to a plain reader on the same registry.
-        check_writer(config)?;
-        let reader = EventsReader::new(db, conn, caches, config).await?;
-        EventsWriter::over(Arc::new(reader), config)
+        ctx.require_writer(EVENTS_STREAM)?;
+        let reader = EventsReader::new(db, conn, ctx).await?;
+        EventsWriter::over(Arc::new(reader), ctx)
     }
 
     /// The writer over an already-built reader half, so that a process keeps one
     /// generator per stream. `reader` must have been built with `config`.
-    pub fn over(reader: Arc<EventsReader>, config: &ServerConfig) -> Result<EventsWriter, StoreError> {
-        check_writer(config)?;
-        Ok(EventsWriter { reader, instance_name: config.instance_name.clone() })
+    pub fn over(reader: Arc<EventsReader>, ctx: &StoreContext) -> Result<EventsWriter, StoreError> {
+        ctx.require_writer(EVENTS_STREAM)?;
+        Ok(EventsWriter { reader, instance_name: ctx.instance_name().to_owned() })
     }
 
     /// The read half, shared with every process.
@@ -244,4 +236,20 @@ async fn upsert_current_state(
     )
     .await?;
     Ok(())
+}
+
+impl store_core::Store for EventsWriter {
+    fn migrations() -> Vec<&'static store_core::Migrations> {
+        vec![&crate::MIGRATIONS]
+    }
+    fn stream_specs() -> Vec<store_core::StreamSpec> {
+        vec![crate::EVENTS, crate::BACKFILL]
+    }
+    async fn new(
+        db: store_core::Database,
+        conn: &mut store_core::Transaction,
+        ctx: &store_core::StoreContext,
+    ) -> Result<Self, store_core::StoreError> {
+        EventsWriter::new(db, conn, ctx).await
+    }
 }

@@ -15,14 +15,16 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use store_core::{
-    Cache, CacheRegistry, CacheWeight, CachesStream, Database, MultiWriterConfig, MultiWriterIdGenerator,
-    MultiWriterToken, Row, ServerConfig, StoreError, StreamChangeCache, StreamTable, StreamUpdates,
-    Transaction,
+    Cache, CacheRegistry, CacheWeight, Database, MultiWriterIdGenerator, MultiWriterToken, Row, StoreContext,
+    StoreError, StreamChangeCache, StreamSpec, StreamTable, StreamUpdates, Transaction, WriterRule,
 };
 
 /// The name of the stream this crate owns, as it appears in `[stream_writers]`,
 /// in `stream_positions` and on the wire.
 pub const RECEIPTS_STREAM: &str = "receipts";
+
+/// The `receipts` stream: written by its configured writers.
+pub const RECEIPTS: StreamSpec = StreamSpec::new(RECEIPTS_STREAM, WriterRule::Configured);
 
 /// A cache key: (room, receipt type).
 type RoomAndType = (String, String);
@@ -112,14 +114,13 @@ impl ReceiptsReader {
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
-        caches: &CachesStream,
-        config: &ServerConfig,
+
+        ctx: &StoreContext,
     ) -> Result<ReceiptsReader, StoreError> {
         let tables = vec![StreamTable::new("receipts_linearized", "instance_name", "stream_id")];
-        let generator_config =
-            MultiWriterConfig::for_stream(config, RECEIPTS_STREAM, tables, "receipts_sequence");
+        let generator_config = ctx.generator_config(RECEIPTS_STREAM, tables, "receipts_sequence");
         let ids = MultiWriterIdGenerator::new_in(&db, conn, generator_config).await?;
-        let registry = Arc::clone(caches.registry());
+        let registry = Arc::clone(ctx.registry());
         // Prefilled from the newest rows, which may lie above the current token:
         // a cache that started empty would deny changes it never saw.
         let room_changes = StreamChangeCache::load_newest(
@@ -328,34 +329,26 @@ pub struct ReceiptsWriter {
     instance_name: String,
 }
 
-/// Refuses an instance that does not write `receipts`.
-fn check_writer(config: &ServerConfig) -> Result<(), StoreError> {
-    if config.is_writer_for(RECEIPTS_STREAM) {
-        return Ok(());
-    }
-    Err(StoreError::NotAWriter { stream: RECEIPTS_STREAM.to_owned(), instance: config.instance_name.clone() })
-}
-
 impl ReceiptsWriter {
     /// Checks that this instance writes `receipts`, then builds the reader half.
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
-        caches: &CachesStream,
-        config: &ServerConfig,
+
+        ctx: &StoreContext,
     ) -> Result<ReceiptsWriter, StoreError> {
         // Checked before the reader registers its caches, so that a caller can
         // fall back to a plain reader on the same registry.
-        check_writer(config)?;
-        let reader = ReceiptsReader::new(db, conn, caches, config).await?;
-        ReceiptsWriter::over(Arc::new(reader), config)
+        ctx.require_writer(RECEIPTS_STREAM)?;
+        let reader = ReceiptsReader::new(db, conn, ctx).await?;
+        ReceiptsWriter::over(Arc::new(reader), ctx)
     }
 
     /// The writer over an already-built reader half, so that a process keeps one
     /// generator per stream. `reader` must have been built with `config`.
-    pub fn over(reader: Arc<ReceiptsReader>, config: &ServerConfig) -> Result<ReceiptsWriter, StoreError> {
-        check_writer(config)?;
-        Ok(ReceiptsWriter { reader, instance_name: config.instance_name.clone() })
+    pub fn over(reader: Arc<ReceiptsReader>, ctx: &StoreContext) -> Result<ReceiptsWriter, StoreError> {
+        ctx.require_writer(RECEIPTS_STREAM)?;
+        Ok(ReceiptsWriter { reader, instance_name: ctx.instance_name().to_owned() })
     }
 
     /// The read half.
@@ -429,7 +422,7 @@ pub struct ReceiptsStream(pub Arc<ReceiptsReader>);
 
 impl store_core::MultiWriterSource for ReceiptsStream {
     type Row = ReceiptRow;
-    const NAME: &'static str = RECEIPTS_STREAM;
+    const SPEC: StreamSpec = RECEIPTS;
 
     fn id_generator(&self) -> &MultiWriterIdGenerator {
         self.0.stream()
@@ -445,6 +438,60 @@ impl store_core::MultiWriterSource for ReceiptsStream {
     }
     fn apply(&self, writer: &str, token: i64, rows: &[ReceiptRow]) {
         self.0.process_receipts_rows(writer, token, rows);
+    }
+}
+
+/// This crate's tables (`receipts_linearized` and `receipts_sequence`), for both engines: what a
+/// composition including this crate lists in `Store::migrations`.
+pub static MIGRATIONS: store_core::Migrations = store_core::Migrations::new(
+    env!("CARGO_PKG_NAME"),
+    sqlx::migrate!("migrations/postgres"),
+    sqlx::migrate!("migrations/sqlite"),
+);
+
+/// The receipts mixin's read side: a composition that reads read receipts says where
+/// its reader is, and handlers written against this trait serve a master's
+/// store and a worker's alike.
+pub trait ReceiptsStore: Send + Sync {
+    /// The read half of read receipts.
+    fn receipts(&self) -> &Arc<ReceiptsReader>;
+}
+
+/// The receipts mixin's write side: `Some` on the stream's writers.
+pub trait ReceiptsWriteStore: ReceiptsStore {
+    /// The write half, on the instances configured to write the stream.
+    fn receipts_writer(&self) -> Option<&ReceiptsWriter>;
+}
+
+impl store_core::Store for ReceiptsReader {
+    fn migrations() -> Vec<&'static store_core::Migrations> {
+        vec![&MIGRATIONS]
+    }
+    fn stream_specs() -> Vec<store_core::StreamSpec> {
+        vec![RECEIPTS]
+    }
+    async fn new(
+        db: store_core::Database,
+        conn: &mut store_core::Transaction,
+        ctx: &store_core::StoreContext,
+    ) -> Result<Self, store_core::StoreError> {
+        ReceiptsReader::new(db, conn, ctx).await
+    }
+}
+
+impl store_core::Store for ReceiptsWriter {
+    fn migrations() -> Vec<&'static store_core::Migrations> {
+        vec![&MIGRATIONS]
+    }
+    fn stream_specs() -> Vec<store_core::StreamSpec> {
+        vec![RECEIPTS]
+    }
+    async fn new(
+        db: store_core::Database,
+        conn: &mut store_core::Transaction,
+        ctx: &store_core::StoreContext,
+    ) -> Result<Self, store_core::StoreError> {
+        ReceiptsWriter::new(db, conn, ctx).await
     }
 }
 

@@ -20,7 +20,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use store_core::{Database, Engine};
+use store_core::{Database, Engine, Store, StoreContext, StoreError, StoreSettings};
 
 mod faults;
 
@@ -97,6 +97,19 @@ impl TestDb {
     pub async fn reconnect(&self) -> Result<Database, store_core::StoreError> {
         Database::connect(&self.url).await
     }
+}
+
+/// Builds `S` as `store_core::build_store` does (its migrations, then one
+/// start-up transaction and context), without checking the settings' writers
+/// or agreeing on them with the deployment: for tests of one half seen from an
+/// instance the master has not recorded.
+pub async fn build_alone<S: Store>(db: &Database, settings: &StoreSettings) -> Result<S, StoreError> {
+    db.migrate(&S::migrations()).await?;
+    let mut conn = db.begin("build_stores").await?;
+    let ctx = StoreContext::new(db, &mut conn, settings.clone()).await?;
+    let store = S::new(db.clone(), &mut conn, &ctx).await?;
+    conn.commit().await?;
+    Ok(store)
 }
 
 /// An empty database (no migrations applied), removed when dropped.

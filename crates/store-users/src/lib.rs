@@ -18,7 +18,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
 use rand::distributions::Alphanumeric;
-use store_core::{Cache, CachesStream, Database, ServerConfig, StoreError, Transaction};
+use store_core::{Cache, CachesStream, Database, StoreContext, StoreError, Transaction};
+
+/// This crate's tables (`users` and `access_tokens`), for both engines: what a
+/// composition including this crate lists in `Store::migrations`.
+pub static MIGRATIONS: store_core::Migrations = store_core::Migrations::new(
+    env!("CARGO_PKG_NAME"),
+    sqlx::migrate!("migrations/postgres"),
+    sqlx::migrate!("migrations/sqlite"),
+);
 
 /// The cache of the user an access token belongs to, keyed by the token. The
 /// name travels on the `caches` stream, so it is Synapse's.
@@ -68,11 +76,11 @@ impl UsersStore {
     pub async fn new(
         db: Database,
         _conn: &mut Transaction,
-        caches: &Arc<CachesStream>,
-        _config: &ServerConfig,
+
+        ctx: &StoreContext,
     ) -> Result<UsersStore, StoreError> {
-        let users_by_token = caches.registry().register(USER_BY_ACCESS_TOKEN_CACHE)?;
-        Ok(UsersStore { db, caches: Arc::clone(caches), users_by_token })
+        let users_by_token = ctx.registry().register(USER_BY_ACCESS_TOKEN_CACHE)?;
+        Ok(UsersStore { db, caches: Arc::clone(ctx.caches()), users_by_token })
     }
 
     /// Creates the account `user_id`; `false` when the name is already taken.
@@ -191,5 +199,28 @@ impl UsersStore {
                 })
             })
             .await
+    }
+}
+
+/// The accounts mixin: a composition that serves accounts says where its
+/// [`UsersStore`] is (every process reads and writes accounts directly).
+pub trait HasUsers: Send + Sync {
+    /// Accounts and access tokens.
+    fn users(&self) -> &Arc<UsersStore>;
+}
+
+impl store_core::Store for UsersStore {
+    fn migrations() -> Vec<&'static store_core::Migrations> {
+        vec![&MIGRATIONS]
+    }
+    fn stream_specs() -> Vec<store_core::StreamSpec> {
+        vec![]
+    }
+    async fn new(
+        db: store_core::Database,
+        conn: &mut store_core::Transaction,
+        ctx: &store_core::StoreContext,
+    ) -> Result<Self, store_core::StoreError> {
+        UsersStore::new(db, conn, ctx).await
     }
 }

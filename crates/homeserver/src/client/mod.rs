@@ -15,6 +15,7 @@ mod rooms;
 mod sync;
 mod writes;
 
+use slaved_stores::prelude::*;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;

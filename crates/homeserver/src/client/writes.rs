@@ -13,6 +13,7 @@
 //! has itself seen the write's position, so the client reads its own writes
 //! from the process it wrote through.
 
+use slaved_stores::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -227,7 +228,7 @@ async fn persist_receipt_detached(state: &AppState, receipt: ReceiptRow) -> Resu
 
 /// The checks and the persist, on the room's writer.
 async fn persist_room_write(state: &AppState, write: RoomWrite) -> Result<Written, ClientError> {
-    let Some(writer) = &state.store.writers().events else {
+    let Some(writer) = state.store.events_writer() else {
         return Err(ClientError::internal(
             "a room write reached a process that does not write events",
             &state.config.instance_name,
@@ -365,7 +366,7 @@ async fn check_room_write(state: &AppState, write: &RoomWrite) -> Result<(), Cli
 }
 
 async fn persist_receipt(state: &AppState, receipt: &ReceiptRow) -> Result<Written, ClientError> {
-    let Some(writer) = &state.store.writers().receipts else {
+    let Some(writer) = state.store.receipts_writer() else {
         return Err(ClientError::internal(
             "a receipt reached a process that does not write receipts",
             &state.config.instance_name,

@@ -45,8 +45,8 @@ impl FakeStream {
 }
 
 impl Stream for FakeStream {
-    fn name(&self) -> &'static str {
-        "events"
+    fn spec(&self) -> store_core::StreamSpec {
+        store_core::StreamSpec::new("events", store_core::WriterRule::Configured)
     }
     fn current_token(&self, writer: &str) -> i64 {
         crate::lock(&self.positions).get(writer).copied().unwrap_or(0)

@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use replication::{Hub, Inbound, Link, Outbound, Settings, StreamRegistry};
 use replication_proto::{Command, RowJson};
-use server_config::{Role, ServerConfig};
+use server_config::Role;
 use store_core::CachesStreamAdapter;
-use store_core::{CacheRegistry, CachesStream, Database, Engine, StoreError};
+use store_core::{Database, Engine, StoreContext, StoreError, StoreSettings};
 use store_events::EventsStream;
 use store_events::{EventsReader, EventsWriter, NewEvent};
 use store_receipts::ReceiptsStream;
 use store_receipts::{ReceiptRow, ReceiptsReader, ReceiptsWriter};
-use store_test_support::{TestDb, TestResult};
+use store_test_support::{TestDb, TestResult, build_alone};
 
 const ROOM: &str = "!room:example.com";
 /// The deployment's `worker_replication_secret`, which TCP peers present.
@@ -23,15 +23,8 @@ fn follower_hub(instance: &str, server: &str, settings: Settings, inbound: Inbou
     Hub::new(instance, server, settings, inbound, Outbound::new(instance, []), false, Some(SECRET))
 }
 
-fn config(url: &str, instance: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
-    let role = if instance == "master" { Role::Master } else { Role::Worker };
-    Ok(ServerConfig::from_toml_str(
-        &format!(
-            "server_name = \"test\"\ninstance_name = \"{instance}\"\n[database]\nurl = \"{url}\"\n\
-             [replication]\nredis = \"redis://127.0.0.1:6379\"\n"
-        ),
-        role,
-    )?)
+fn config(instance: &str) -> StoreSettings {
+    StoreSettings::in_deployment(instance)
 }
 
 struct Master {
@@ -46,25 +39,15 @@ struct Worker {
     registry: StreamRegistry,
 }
 
-async fn master(db: &Database, config: &ServerConfig) -> Result<Master, StoreError> {
-    let mut conn = db.begin("build_master").await?;
-    let caches = Arc::new(
-        CachesStream::new(db.clone(), &mut conn, config, CacheRegistry::new(config.caches.clone())).await?,
-    );
-    let events = EventsWriter::new(db.clone(), &mut conn, &caches, config).await?;
-    let receipts = ReceiptsWriter::new(db.clone(), &mut conn, &caches, config).await?;
-    conn.commit().await?;
+async fn master(db: &Database, settings: &StoreSettings) -> Result<Master, StoreError> {
+    let (events, receipts) = build_alone::<(EventsWriter, ReceiptsWriter)>(db, settings).await?;
     Ok(Master { events, receipts })
 }
 
-async fn worker(db: &Database, config: &ServerConfig) -> Result<Worker, StoreError> {
-    let mut conn = db.begin("build_worker").await?;
-    let caches = Arc::new(
-        CachesStream::new(db.clone(), &mut conn, config, CacheRegistry::new(config.caches.clone())).await?,
-    );
-    let events = Arc::new(EventsReader::new(db.clone(), &mut conn, &caches, config).await?);
-    let receipts = Arc::new(ReceiptsReader::new(db.clone(), &mut conn, &caches, config).await?);
-    conn.commit().await?;
+async fn worker(db: &Database, config: &StoreSettings) -> Result<Worker, StoreError> {
+    let (ctx, events, receipts) =
+        build_alone::<(StoreContext, EventsReader, ReceiptsReader)>(db, config).await?;
+    let (events, receipts, caches) = (Arc::new(events), Arc::new(receipts), Arc::clone(ctx.caches()));
     let mut registry = StreamRegistry::new();
     registry.register(Arc::new(EventsStream(Arc::clone(&events))));
     registry.register(Arc::new(CachesStreamAdapter(caches)));
@@ -86,9 +69,9 @@ fn member(id: &str, user: &str) -> NewEvent {
 
 async fn setup() -> Result<(TestDb, Master, Worker), Box<dyn std::error::Error>> {
     let test_db = TestDb::new(Engine::Postgres).await?;
-    let master = master(&test_db.db, &config(&test_db.url, "master")?).await?;
+    let master = master(&test_db.db, &config("master")).await?;
     let worker_db = test_db.reconnect().await?;
-    let worker = worker(&worker_db, &config(&test_db.url, "worker1")?).await?;
+    let worker = worker(&worker_db, &config("worker1")).await?;
     Ok((test_db, master, worker))
 }
 
@@ -495,7 +478,7 @@ mod tcp {
     async fn two_workers_stay_connected_and_both_follow() -> TestResult {
         let (test_db, master, first) = setup().await?;
         let second_db = test_db.reconnect().await?;
-        let second = worker(&second_db, &config(&test_db.url, "worker2")?).await?;
+        let second = worker(&second_db, &config("worker2")).await?;
         let (master_hub, address) = master_hub(&master, quick()).await?;
         let mut hubs = Vec::new();
         for (name, worker) in [("worker1", first), ("worker2", second)] {
@@ -1060,25 +1043,16 @@ mod every_stream {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_stream_announces_its_advances() -> TestResult {
         let test_db = TestDb::new(Engine::Postgres).await?;
-        let config = config(&test_db.url, "master")?;
-        let mut conn = test_db.db.begin("build").await?;
-        let caches = Arc::new(
-            CachesStream::new(
-                test_db.db.clone(),
-                &mut conn,
-                &config,
-                CacheRegistry::new(config.caches.clone()),
-            )
-            .await?,
-        );
-        let events = EventsWriter::new(test_db.db.clone(), &mut conn, &caches, &config).await?;
-        let receipts = ReceiptsWriter::new(test_db.db.clone(), &mut conn, &caches, &config).await?;
-        conn.commit().await?;
+        let (ctx, events, receipts) = build_alone::<(StoreContext, EventsWriter, ReceiptsWriter)>(
+            &test_db.db,
+            &StoreSettings::in_deployment("master"),
+        )
+        .await?;
         let typing = TypingWriter::new("master");
         let streams: Vec<Arc<dyn replication::Stream>> = vec![
             Arc::new(EventsStream(events.shared_reader())),
             Arc::new(BackfillStream(events.shared_reader())),
-            Arc::new(CachesStreamAdapter(Arc::clone(&caches))),
+            Arc::new(CachesStreamAdapter(Arc::clone(ctx.caches()))),
             Arc::new(ReceiptsStream(receipts.shared_reader())),
             Arc::new(TypingStream::Writer(Arc::clone(&typing))),
         ];

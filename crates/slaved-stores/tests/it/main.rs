@@ -6,8 +6,9 @@ use std::collections::BTreeSet;
 
 use replication::{Inbound, Link};
 use server_config::{Overrides, Role, ServerConfig};
-use slaved_stores::{DataStore, WorkerStore, check_stream_writers};
-use store_core::{Engine, StoreError, build_store};
+use slaved_stores::prelude::*;
+use slaved_stores::{DataStore, WorkerStore};
+use store_core::{Engine, Store, StoreError, build_store};
 use store_events::NewEvent;
 use store_receipts::ReceiptRow;
 use store_test_support::{TestDb, TestResult, engine_tests};
@@ -47,16 +48,17 @@ engine_tests!(a_process_writes_exactly_its_streams_and_a_follower_applies_them);
 
 async fn a_process_writes_exactly_its_streams_and_a_follower_applies_them(test_db: TestDb) -> TestResult {
     let config = single_process(&test_db.url)?;
-    let master: DataStore = build_store(&test_db.db, &config).await?;
+    let master: DataStore = build_store(&test_db.db, &config.store_settings()).await?;
     let written: BTreeSet<&str> = master.written_streams().iter().map(|stream| stream.name()).collect();
     assert_eq!(written, BTreeSet::from(["account_data", "backfill", "caches", "events", "receipts"]));
 
     // Same deployment, another instance: it follows every stream, writes none.
     let mut follower_config = config.clone();
     follower_config.instance_name = "worker1".to_owned();
-    let follower_data: DataStore = build_store(&test_db.reconnect().await?, &follower_config).await?;
-    assert!(follower_data.writers().events.is_none() && follower_data.writers().receipts.is_none());
-    assert!(follower_data.writers().account_data.is_none());
+    let follower_data: DataStore =
+        build_store(&test_db.reconnect().await?, &follower_config.store_settings()).await?;
+    assert!(follower_data.events_writer().is_none() && follower_data.receipts_writer().is_none());
+    assert!(follower_data.account_data_writer().is_none());
     let written: Vec<&str> = follower_data.written_streams().iter().map(|stream| stream.name()).collect();
     assert_eq!(written, ["caches"], "every process writes only cache invalidations unless configured");
     let followed: BTreeSet<&str> =
@@ -68,9 +70,9 @@ async fn a_process_writes_exactly_its_streams_and_a_follower_applies_them(test_d
     assert!(follower.events().get_users_in_room(ROOM).await?.is_empty());
     assert!(follower.account_data().get_global_account_data_for_user("@a:test").await?.is_empty());
 
-    let events = master.writers().events.as_ref().ok_or("the master writes events")?;
+    let events = master.events_writer().ok_or("the master writes events")?;
     events.persist_events(ROOM, &[join("@a:test"), join("@b:test")]).await?;
-    let receipts = master.writers().receipts.as_ref().ok_or("the master writes receipts")?;
+    let receipts = master.receipts_writer().ok_or("the master writes receipts")?;
     receipts
         .insert_receipt(&ReceiptRow {
             room_id: ROOM.to_owned(),
@@ -81,7 +83,7 @@ async fn a_process_writes_exactly_its_streams_and_a_follower_applies_them(test_d
             data: serde_json::json!({"ts": 1}),
         })
         .await?;
-    let account_data = master.writers().account_data.as_ref().ok_or("the master writes account data")?;
+    let account_data = master.account_data_writer().ok_or("the master writes account data")?;
     account_data.add_account_data("@a:test", None, "m.push_rules", &serde_json::json!({"rules": 1})).await?;
 
     follow(follower, &master).await?;
@@ -136,26 +138,29 @@ async fn the_master_decides_the_writers_and_the_others_must_agree() -> TestResul
     // Before the master has recorded anything, a worker cannot know whether its
     // writers are right, and its generators would delete others' positions.
     expect_conflict(
-        build_store(&test_db.db, &deployment_config(&url, "p1", &["p1", "p2"])?).await,
+        build_store(&test_db.db, &deployment_config(&url, "p1", &["p1", "p2"])?.store_settings()).await,
         "the master has not recorded the deployment's writers of `events` in this database yet; start the master first",
     )?;
 
     let _master: DataStore =
-        build_store(&test_db.db, &deployment_config(&url, "master", &["p1", "p2"])?).await?;
-    let _p1: DataStore = build_store(&test_db.db, &deployment_config(&url, "p1", &["p1", "p2"])?).await?;
+        build_store(&test_db.db, &deployment_config(&url, "master", &["p1", "p2"])?.store_settings()).await?;
+    let _p1: DataStore =
+        build_store(&test_db.db, &deployment_config(&url, "p1", &["p1", "p2"])?.store_settings()).await?;
     // The order matters too: it is how writes are sharded.
     expect_conflict(
-        build_store(&test_db.db, &deployment_config(&url, "p2", &["p2", "p1"])?).await,
+        build_store(&test_db.db, &deployment_config(&url, "p2", &["p2", "p1"])?.store_settings()).await,
         r#"`[stream_writers] events` is ["p2","p1"] here but ["p1","p2"] for the deployment (as the master recorded it)"#,
     )?;
 
     // A master restarted with new writers replaces the record.
-    let _master: DataStore = build_store(&test_db.db, &deployment_config(&url, "master", &["p1"])?).await?;
+    let _master: DataStore =
+        build_store(&test_db.db, &deployment_config(&url, "master", &["p1"])?.store_settings()).await?;
     expect_conflict(
-        build_store(&test_db.db, &deployment_config(&url, "p2", &["p1", "p2"])?).await,
+        build_store(&test_db.db, &deployment_config(&url, "p2", &["p1", "p2"])?.store_settings()).await,
         r#"is ["p1","p2"] here but ["p1"] for the deployment"#,
     )?;
-    let _agreeing: DataStore = build_store(&test_db.db, &deployment_config(&url, "p2", &["p1"])?).await?;
+    let _agreeing: DataStore =
+        build_store(&test_db.db, &deployment_config(&url, "p2", &["p1"])?.store_settings()).await?;
     Ok(())
 }
 
@@ -164,11 +169,11 @@ async fn processes_starting_together_on_a_recorded_deployment_all_start() -> Tes
     let test_db = TestDb::new(Engine::Postgres).await?;
     let url = test_db.url.clone();
     let _master: DataStore =
-        build_store(&test_db.db, &deployment_config(&url, "master", &["p1", "p2"])?).await?;
+        build_store(&test_db.db, &deployment_config(&url, "master", &["p1", "p2"])?.store_settings()).await?;
     let mut starts = tokio::task::JoinSet::new();
     for instance in ["master", "p1", "p2", "p1", "p2"] {
         let (db, config) = (test_db.reconnect().await?, deployment_config(&url, instance, &["p1", "p2"])?);
-        starts.spawn(async move { build_store::<DataStore>(&db, &config).await.map(drop) });
+        starts.spawn(async move { build_store::<DataStore>(&db, &config.store_settings()).await.map(drop) });
     }
     while let Some(started) = starts.join_next().await {
         started??;
@@ -183,9 +188,12 @@ async fn a_logout_on_one_process_reaches_the_others_through_replication() -> Tes
     let test_db = TestDb::new(Engine::Postgres).await?;
     let url = test_db.url.clone();
     let master: DataStore =
-        build_store(&test_db.db, &deployment_config(&url, "master", &["master"])?).await?;
-    let follower: DataStore =
-        build_store(&test_db.reconnect().await?, &deployment_config(&url, "p1", &["master"])?).await?;
+        build_store(&test_db.db, &deployment_config(&url, "master", &["master"])?.store_settings()).await?;
+    let follower: DataStore = build_store(
+        &test_db.reconnect().await?,
+        &deployment_config(&url, "p1", &["master"])?.store_settings(),
+    )
+    .await?;
     assert!(master.users().register("@a:test").await?);
     assert!(!follower.users().register("@a:test").await?, "one database, one namespace of users");
     let token = follower.users().create_access_token("@a:test").await?;
@@ -204,6 +212,7 @@ async fn a_logout_on_one_process_reaches_the_others_through_replication() -> Tes
 
 #[test]
 fn unknown_streams_and_several_typing_writers_are_refused() -> TestResult {
+    use store_core::check_stream_writers;
     let config = |writers: &str| {
         ServerConfig::from_toml_str(
             &format!(
@@ -212,12 +221,22 @@ fn unknown_streams_and_several_typing_writers_are_refused() -> TestResult {
             Role::Master,
         )
     };
-    let error = check_stream_writers(&config("evnts = [\"master\"]")?).err().ok_or("evnts is refused")?;
-    assert!(error.contains("`[stream_writers] evnts`: no such stream; the streams with configurable writers are events, receipts, account_data, typing"), "{error}");
     let error =
-        check_stream_writers(&config("typing = [\"master\", \"w\"]")?).err().ok_or("two typing writers")?;
+        check_stream_writers(&config("evnts = [\"master\"]")?.store_settings(), &DataStore::stream_specs())
+            .err()
+            .ok_or("evnts is refused")?;
+    assert!(error.contains("`[stream_writers] evnts`: no such stream; the streams with configurable writers are events, receipts, account_data, typing"), "{error}");
+    let error = check_stream_writers(
+        &config("typing = [\"master\", \"w\"]")?.store_settings(),
+        &DataStore::stream_specs(),
+    )
+    .err()
+    .ok_or("two typing writers")?;
     assert!(error.contains("typing has exactly one"), "{error}");
-    check_stream_writers(&config("events = [\"master\", \"w\"]\ntyping = [\"w\"]")?)?;
+    check_stream_writers(
+        &config("events = [\"master\", \"w\"]\ntyping = [\"w\"]")?.store_settings(),
+        &DataStore::stream_specs(),
+    )?;
     Ok(())
 }
 
@@ -225,13 +244,15 @@ fn unknown_streams_and_several_typing_writers_are_refused() -> TestResult {
 /// that a deployment started from them starts.
 #[test]
 fn the_example_configs_form_one_deployment() -> TestResult {
+    use store_core::check_stream_writers;
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples");
     let mut writers = Vec::new();
     for (file, role) in
         [("master.toml", Role::Master), ("persister.toml", Role::Worker), ("worker.toml", Role::Worker)]
     {
         let config = ServerConfig::load(&examples.join(file), role, &Overrides::default())?;
-        check_stream_writers(&config).map_err(|err| format!("docs/examples/{file}: {err}"))?;
+        check_stream_writers(&config.store_settings(), &DataStore::stream_specs())
+            .map_err(|err| format!("docs/examples/{file}: {err}"))?;
         writers.push((file, config.stream_writers));
     }
     for (file, stream_writers) in &writers[1..] {

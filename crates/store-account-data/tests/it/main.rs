@@ -3,51 +3,28 @@
 use std::sync::Arc;
 
 use serde_json::json;
-use server_config::{Overrides, Role, ServerConfig};
 use store_account_data::{AccountDataReader, AccountDataRow, AccountDataWriter};
-use store_core::{CacheRegistry, CachesStream, Database, Engine, StoreError, Transaction};
-use store_test_support::{TestDb, TestResult, engine_tests};
-
-fn single_process(url: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
-    let overrides = Overrides { database_url: Some(url.to_owned()), ..Overrides::default() };
-    Ok(ServerConfig::defaults(Role::Master, &overrides)?)
-}
+use store_core::{CachesStream, Database, Engine, StoreContext, StoreError, StoreSettings};
+use store_test_support::{TestDb, TestResult, build_alone, engine_tests};
 
 /// Another process of the same deployment, which does not write `account_data`.
-/// Built from the master's config rather than parsed as a worker's, because a
-/// worker's config refuses SQLite and these tests run on both engines.
-fn follower(url: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
-    Ok(ServerConfig { instance_name: "worker1".to_owned(), ..single_process(url)? })
-}
-
-async fn caches(
-    db: &Database,
-    conn: &mut Transaction,
-    config: &ServerConfig,
-) -> Result<CachesStream, StoreError> {
-    CachesStream::new(db.clone(), conn, config, CacheRegistry::new(config.caches.clone())).await
+fn follower() -> StoreSettings {
+    StoreSettings::single_process().with_instance("worker1")
 }
 
 async fn build_writer(
     db: &Database,
-    config: &ServerConfig,
+    settings: &StoreSettings,
 ) -> Result<(Arc<CachesStream>, AccountDataWriter), StoreError> {
-    let mut conn = db.begin("build_stores").await?;
-    let caches = Arc::new(caches(db, &mut conn, config).await?);
-    let writer = AccountDataWriter::new(db.clone(), &mut conn, &caches, config).await?;
-    conn.commit().await?;
-    Ok((caches, writer))
+    let (ctx, writer) = build_alone::<(StoreContext, AccountDataWriter)>(db, settings).await?;
+    Ok((Arc::clone(ctx.caches()), writer))
 }
 
 async fn build_reader(
     db: &Database,
-    config: &ServerConfig,
-) -> Result<(Arc<CachesStream>, AccountDataReader), StoreError> {
-    let mut conn = db.begin("build_stores").await?;
-    let caches = Arc::new(caches(db, &mut conn, config).await?);
-    let reader = AccountDataReader::new(db.clone(), &mut conn, &caches, config).await?;
-    conn.commit().await?;
-    Ok((caches, reader))
+    settings: &StoreSettings,
+) -> Result<(StoreContext, AccountDataReader), StoreError> {
+    build_alone::<(StoreContext, AccountDataReader)>(db, settings).await
 }
 
 fn hits(caches: &CachesStream, name: &str) -> u64 {
@@ -74,7 +51,7 @@ engine_tests!(
 );
 
 async fn global_data_is_cached_and_fresh_after_overwrite(test_db: TestDb) -> TestResult {
-    let (caches, writer) = build_writer(&test_db.db, &single_process(&test_db.url)?).await?;
+    let (caches, writer) = build_writer(&test_db.db, &StoreSettings::single_process()).await?;
     let reader = writer.reader();
     let first = writer.add_account_data("@a:x", None, "m.push_rules", &json!({"v": 1})).await?;
     writer.add_account_data("@a:x", None, "m.direct", &json!({"@b:x": ["!r"]})).await?;
@@ -105,7 +82,7 @@ async fn global_data_is_cached_and_fresh_after_overwrite(test_db: TestDb) -> Tes
 }
 
 async fn room_data_is_per_room_and_apart_from_global_data(test_db: TestDb) -> TestResult {
-    let (caches, writer) = build_writer(&test_db.db, &single_process(&test_db.url)?).await?;
+    let (caches, writer) = build_writer(&test_db.db, &StoreSettings::single_process()).await?;
     let reader = writer.reader();
     writer.add_account_data("@a:x", Some("!r1"), "m.tag", &json!({"tags": {}})).await?;
     writer.add_account_data("@a:x", Some("!r2"), "m.tag", &json!({"tags": {"u.work": {}}})).await?;
@@ -140,9 +117,9 @@ async fn room_data_is_per_room_and_apart_from_global_data(test_db: TestDb) -> Te
 }
 
 async fn a_follower_applying_rows_serves_fresh_data(test_db: TestDb) -> TestResult {
-    let (_master_caches, writer) = build_writer(&test_db.db, &single_process(&test_db.url)?).await?;
+    let (_master_caches, writer) = build_writer(&test_db.db, &StoreSettings::single_process()).await?;
     let worker_db = test_db.reconnect().await?;
-    let (_worker_caches, reader) = build_reader(&worker_db, &follower(&test_db.url)?).await?;
+    let (_worker_caches, reader) = build_reader(&worker_db, &follower()).await?;
     assert!(matches!(reader.stream().get_next().await, Err(StoreError::NotAWriter { .. })));
 
     writer.add_account_data("@a:x", None, "m.push_rules", &json!({"v": 1})).await?;
@@ -165,7 +142,7 @@ async fn a_follower_applying_rows_serves_fresh_data(test_db: TestDb) -> TestResu
 }
 
 async fn catch_up_is_cut_at_the_limit(test_db: TestDb) -> TestResult {
-    let (_caches, writer) = build_writer(&test_db.db, &single_process(&test_db.url)?).await?;
+    let (_caches, writer) = build_writer(&test_db.db, &StoreSettings::single_process()).await?;
     let reader = writer.reader();
     let start = reader.stream().get_current_token();
     let a = writer.add_account_data("@a:x", None, "m.direct", &json!({})).await?;
@@ -214,25 +191,25 @@ async fn catch_up_is_cut_at_the_limit(test_db: TestDb) -> TestResult {
 }
 
 async fn a_non_writer_is_refused_by_both_constructors(test_db: TestDb) -> TestResult {
-    let config = follower(&test_db.url)?;
+    let config = follower();
     let refused = build_writer(&test_db.db, &config).await;
     assert!(
         matches!(&refused, Err(StoreError::NotAWriter { stream, instance }) if stream == "account_data" && instance == "worker1"),
         "{refused:?}"
     );
-    let (_caches, reader) = build_reader(&test_db.db, &config).await?;
-    let refused = AccountDataWriter::over(Arc::new(reader), &config);
+    let (ctx, reader) = build_reader(&test_db.db, &config).await?;
+    let refused = AccountDataWriter::over(Arc::new(reader), &ctx);
     assert!(matches!(refused, Err(StoreError::NotAWriter { .. })), "{refused:?}");
 
     // A writer's config over a reader built for another instance would stamp rows
     // with the wrong writer.
-    let (_caches, reader) = build_reader(&test_db.db, &config).await?;
-    let refused = AccountDataWriter::over(Arc::new(reader), &single_process(&test_db.url)?);
+    let (_ctx, reader) = build_reader(&test_db.db, &config).await?;
+    let master_ctx: StoreContext = build_alone(&test_db.db, &StoreSettings::single_process()).await?;
+    let refused = AccountDataWriter::over(Arc::new(reader), &master_ctx);
     assert!(matches!(refused, Err(StoreError::Misconfigured(_))), "{refused:?}");
 
     // The writer's own config is accepted, and the writer shares the reader.
-    let master = single_process(&test_db.url)?;
-    let (_caches, reader) = build_reader(&test_db.db, &master).await?;
+    let (master, reader) = build_reader(&test_db.db, &StoreSettings::single_process()).await?;
     let reader = Arc::new(reader);
     let writer = AccountDataWriter::over(Arc::clone(&reader), &master)?;
     assert!(Arc::ptr_eq(&writer.shared_reader(), &reader));
@@ -244,7 +221,7 @@ async fn a_non_writer_is_refused_by_both_constructors(test_db: TestDb) -> TestRe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_of_one_key_leave_the_latest() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
-    let (_caches, writer) = build_writer(&test_db.db, &single_process(&test_db.url)?).await?;
+    let (_caches, writer) = build_writer(&test_db.db, &StoreSettings::single_process()).await?;
     let writer = Arc::new(writer);
     let mut tasks = tokio::task::JoinSet::new();
     // Enough writers of one key that, under a snapshot isolation, some would

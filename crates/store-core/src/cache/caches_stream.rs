@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use server_config::ServerConfig;
 
 use super::CacheRegistry;
 use crate::{
@@ -76,11 +75,15 @@ impl CachesStream {
     /// The stream's name on the wire.
     pub const STREAM_NAME: &'static str = "caches";
 
+    /// The stream: every process invalidates.
+    pub const SPEC: crate::StreamSpec =
+        crate::StreamSpec::new(Self::STREAM_NAME, crate::WriterRule::EveryProcess);
+
     /// Loads the stream's positions (PostgreSQL) on the start-up connection.
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
-        config: &ServerConfig,
+        config: &crate::StoreSettings,
         registry: Arc<CacheRegistry>,
     ) -> Result<CachesStream, StoreError> {
         let generator = match db.engine() {
@@ -101,7 +104,7 @@ impl CachesStream {
                 .await?,
             ),
         };
-        let recording = generator.is_some() && config.has_other_processes();
+        let recording = generator.is_some() && config.has_other_processes;
         let retention = Duration::from_secs(u64::from(config.caches.invalidation_retention_days) * 24 * 3600);
         Ok(CachesStream {
             db,

@@ -21,7 +21,7 @@ use std::mem::size_of;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
-use server_config::CacheConfig;
+use crate::CacheConfig;
 
 use crate::StoreError;
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use server_config::CacheConfig;
+use crate::CacheConfig;
 
 use super::{Cache, CacheRegistry, CacheWeight, entry_weight};
 

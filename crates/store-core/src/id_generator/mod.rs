@@ -94,20 +94,20 @@ pub struct MultiWriterConfig {
 }
 
 impl MultiWriterConfig {
-    /// The generator of `stream` for the process `config` describes: its
-    /// instance name, and the stream's writers from `[stream_writers]`.
+    /// The generator of `stream` for the process `settings` describes: its
+    /// instance name, and the stream's configured writers.
     pub fn for_stream(
-        config: &server_config::ServerConfig,
+        settings: &crate::StoreSettings,
         stream: &str,
         tables: Vec<StreamTable>,
         sequence_name: &str,
     ) -> MultiWriterConfig {
         MultiWriterConfig {
             stream_name: stream.to_owned(),
-            instance_name: config.instance_name.clone(),
+            instance_name: settings.instance_name.clone(),
             tables,
             sequence_name: sequence_name.to_owned(),
-            writers: config.writers_for(stream),
+            writers: settings.writers_for(stream),
             ..MultiWriterConfig::default()
         }
     }

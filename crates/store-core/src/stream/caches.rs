@@ -5,15 +5,17 @@ use std::sync::Arc;
 use replication_proto::RowJson;
 
 use super::multi_writer::{decode_rows, positions, to_wire};
-use crate::{BoxFuture, CachesRow, CachesStream, MultiWriterIdGenerator, StoreError, Stream, StreamUpdates};
+use crate::{
+    BoxFuture, CachesRow, CachesStream, MultiWriterIdGenerator, StoreError, Stream, StreamSpec, StreamUpdates,
+};
 
 /// The `caches` stream. Its token is 0 on SQLite, where nothing is replicated.
 #[derive(Debug)]
 pub struct CachesStreamAdapter(pub Arc<CachesStream>);
 
 impl Stream for CachesStreamAdapter {
-    fn name(&self) -> &'static str {
-        CachesStream::STREAM_NAME
+    fn spec(&self) -> StreamSpec {
+        CachesStream::SPEC
     }
     fn current_token(&self, writer: &str) -> i64 {
         self.0.current_token(writer)

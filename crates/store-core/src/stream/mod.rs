@@ -7,10 +7,12 @@
 mod caches;
 mod multi_writer;
 mod replicated;
+mod spec;
 
 pub use caches::CachesStreamAdapter;
 pub use multi_writer::{MultiWriterSource, decode_rows, to_wire};
 pub use replicated::{Stream, StreamRegistry};
+pub use spec::{StreamSpec, WriterRule, agree_on_writers, check_stream_writers};
 
 use crate::{Database, Row, StoreError};
 

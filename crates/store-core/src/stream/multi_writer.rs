@@ -7,7 +7,7 @@ use replication_proto::RowJson;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::{BoxFuture, MultiWriterIdGenerator, StoreError, Stream, StreamUpdates};
+use crate::{BoxFuture, MultiWriterIdGenerator, StoreError, Stream, StreamSpec, StreamUpdates};
 
 /// A database-backed stream of several writers, as its store crate describes
 /// it: every such type is a [`Stream`].
@@ -20,7 +20,9 @@ use crate::{BoxFuture, MultiWriterIdGenerator, StoreError, Stream, StreamUpdates
 /// use std::sync::Arc;
 ///
 /// use serde::{Deserialize, Serialize};
-/// use store_core::{BoxFuture, MultiWriterIdGenerator, MultiWriterSource, StoreError, StreamUpdates};
+/// use store_core::{
+///     BoxFuture, MultiWriterIdGenerator, MultiWriterSource, StoreError, StreamSpec, StreamUpdates, WriterRule,
+/// };
 ///
 /// #[derive(Serialize, Deserialize)]
 /// struct NoteRow {
@@ -40,7 +42,7 @@ use crate::{BoxFuture, MultiWriterIdGenerator, StoreError, Stream, StreamUpdates
 ///
 /// impl MultiWriterSource for NotesStream {
 ///     type Row = NoteRow;
-///     const NAME: &'static str = "notes";
+///     const SPEC: StreamSpec = StreamSpec::new("notes", WriterRule::Configured);
 ///
 ///     fn id_generator(&self) -> &MultiWriterIdGenerator {
 ///         &self.0.stream
@@ -65,8 +67,8 @@ pub trait MultiWriterSource: Send + Sync + fmt::Debug {
     /// The rows of the stream, in the JSON form they take on the wire.
     type Row: Serialize + DeserializeOwned;
 
-    /// The stream's name on the wire.
-    const NAME: &'static str;
+    /// The stream's name on the wire, and who writes it.
+    const SPEC: StreamSpec;
 
     /// −1 where wire tokens are the negated stream IDs (backfill); the fetch
     /// takes wire tokens as they are.
@@ -90,8 +92,8 @@ pub trait MultiWriterSource: Send + Sync + fmt::Debug {
 }
 
 impl<S: MultiWriterSource> Stream for S {
-    fn name(&self) -> &'static str {
-        S::NAME
+    fn spec(&self) -> StreamSpec {
+        S::SPEC
     }
     fn current_token(&self, writer: &str) -> i64 {
         S::SIGN * self.id_generator().get_current_token_for_writer(writer)

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::{BoxFuture, MultiWriterIdGenerator, StoreError, StreamUpdates};
+use crate::{BoxFuture, MultiWriterIdGenerator, StoreError, StreamSpec, StreamUpdates};
 use replication_proto::RowJson;
 
 /// A stream as replication sees it: tokens per writer, rows in wire form.
@@ -15,8 +15,13 @@ use replication_proto::RowJson;
 /// keep in step. Dyn-compatible (`Arc<dyn Stream>`), with the one async method
 /// returning a boxed future.
 pub trait Stream: Send + Sync + fmt::Debug {
+    /// The stream's name and who writes it.
+    fn spec(&self) -> StreamSpec;
+
     /// The stream's name on the wire.
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &'static str {
+        self.spec().name
+    }
 
     /// `writer`'s position as this process knows it; always a valid token.
     fn current_token(&self, writer: &str) -> i64;

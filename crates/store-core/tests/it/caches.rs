@@ -40,7 +40,7 @@ async fn process(db: &Database, config: &ServerConfig) -> Result<Process, StoreE
     let registry = CacheRegistry::new(config.caches.clone());
     let users = registry.register::<String, u32>("get_user")?;
     let mut conn = db.begin("build_caches").await?;
-    let stream = CachesStream::new(db.clone(), &mut conn, config, registry).await?;
+    let stream = CachesStream::new(db.clone(), &mut conn, &config.store_settings(), registry).await?;
     conn.commit().await?;
     Ok(Process { stream, users })
 }
@@ -448,7 +448,8 @@ async fn a_read_across_an_invalidation_fills_nothing_under_a_budget(test_db: Tes
     let registry = CacheRegistry::new(config.caches.clone());
     let cache = registry.register::<String, Arc<String>>("get_blob")?;
     let mut conn = test_db.db.begin("build_caches").await?;
-    let stream = Arc::new(CachesStream::new(test_db.db.clone(), &mut conn, &config, registry).await?);
+    let stream =
+        Arc::new(CachesStream::new(test_db.db.clone(), &mut conn, &config.store_settings(), registry).await?);
     conn.commit().await?;
     create_blobs(&test_db.db, &[("a".to_owned(), 1_000), ("b".to_owned(), 1_000)]).await?;
     let loads = AtomicUsize::new(0);

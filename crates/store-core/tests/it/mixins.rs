@@ -3,13 +3,14 @@
 //! A read mixin (default methods over a required accessor) and a write mixin are
 //! composed once into a master store and once into a worker store; the worker
 //! reuses the read mixin unchanged and has no way to write. Both are built with
-//! the one constructor shape, `Store::new(db, conn, config)`.
+//! the one constructor shape, `Store::new(db, conn, ctx)`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 
+use server_config::ServerConfig;
 use server_config::{Overrides, Role};
-use store_core::{Database, Engine, HasDatabase, ServerConfig, Store, StoreError, Transaction, build_store};
+use store_core::{Database, Engine, HasDatabase, Store, StoreContext, StoreError, Transaction, build_store};
 use store_test_support::{TestDb, TestResult, engine_tests};
 
 /// Read mixin: everything here is written once, against `database()`.
@@ -94,14 +95,14 @@ struct WorkerStore {
 }
 
 impl Store for MasterStore {
-    async fn new(db: Database, conn: &mut Transaction, config: &ServerConfig) -> Result<Self, StoreError> {
+    async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
         let positions_at_startup = read_positions(conn, "events").await?;
-        Ok(MasterStore { db, instance_name: config.instance_name.clone(), positions_at_startup })
+        Ok(MasterStore { db, instance_name: ctx.instance_name().to_owned(), positions_at_startup })
     }
 }
 
 impl Store for WorkerStore {
-    async fn new(db: Database, conn: &mut Transaction, _config: &ServerConfig) -> Result<Self, StoreError> {
+    async fn new(db: Database, conn: &mut Transaction, _ctx: &StoreContext) -> Result<Self, StoreError> {
         let positions_at_startup = read_positions(conn, "events").await?;
         Ok(WorkerStore { db, positions_at_startup })
     }
@@ -153,7 +154,7 @@ engine_tests!(master_and_worker_share_the_read_mixin);
 
 async fn master_and_worker_share_the_read_mixin(test_db: TestDb) -> TestResult {
     let master_config = config_for(Role::Master, &test_db.url, "master")?;
-    let master: MasterStore = build_store(&test_db.db, &master_config).await?;
+    let master: MasterStore = build_store(&test_db.db, &master_config.store_settings()).await?;
     assert!(master.positions_at_startup.is_empty());
 
     master.update_stream_position("events", 5).await?;
@@ -171,7 +172,7 @@ async fn master_and_worker_share_the_read_mixin(test_db: TestDb) -> TestResult {
         Engine::Postgres => config_for(Role::Worker, &test_db.url, "worker1")?,
         Engine::Sqlite => master_config.clone(),
     };
-    let worker: WorkerStore = build_store(&worker_db, &worker_config).await?;
+    let worker: WorkerStore = build_store(&worker_db, &worker_config.store_settings()).await?;
     assert_eq!(worker.positions_at_startup.get("master"), Some(&5), "start-up reads go through `conn`");
     assert_eq!(events_position_of(&worker, "master").await?, Some(5));
 

@@ -4,34 +4,16 @@
 
 use std::sync::Arc;
 
-use server_config::{Overrides, Role, ServerConfig};
-use store_core::{CacheRegistry, CachesRow, CachesStream, Database, Engine, StoreError};
+use store_core::{CachesRow, CachesStream, Database, Engine, StoreContext, StoreError, StoreSettings};
 use store_events::rows::EventsStreamRow;
 use store_events::{ClientTxn, EventsReader, EventsWriter, NewEvent, WriterFilter};
-use store_test_support::{TestDb, TestResult, engine_tests};
+use store_test_support::{TestDb, TestResult, build_alone, engine_tests};
 
 const ROOM: &str = "!room:example.com";
 
-fn single_process(url: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
-    let overrides = Overrides { database_url: Some(url.to_owned()), ..Overrides::default() };
-    Ok(ServerConfig::defaults(Role::Master, &overrides)?)
-}
-
-/// A deployment where `writers` write events and every process talks over Redis.
-fn deployment(
-    url: &str,
-    instance: &str,
-    writers: &[&str],
-) -> Result<ServerConfig, Box<dyn std::error::Error>> {
-    let role = if instance == "master" { Role::Master } else { Role::Worker };
-    let mut text = format!(
-        "server_name = \"test\"\ninstance_name = \"{instance}\"\n[database]\nurl = \"{url}\"\n\
-         [replication]\nredis = \"redis://127.0.0.1:6379\"\n[stream_writers]\nevents = {writers:?}\n[instance_map]\n"
-    );
-    for (port, writer) in writers.iter().enumerate() {
-        text.push_str(&format!("{writer} = \"127.0.0.1:{}\"\n", 8100 + port));
-    }
-    Ok(ServerConfig::from_toml_str(&text, role)?)
+/// A deployment where `writers` write events.
+fn deployment(instance: &str, writers: &[&str]) -> StoreSettings {
+    StoreSettings::in_deployment(instance).with_writers("events", writers)
 }
 
 struct Process {
@@ -53,18 +35,14 @@ impl Process {
     }
 }
 
-async fn start(db: &Database, config: &ServerConfig) -> Result<Process, StoreError> {
-    let registry = CacheRegistry::new(config.caches.clone());
-    let mut conn = db.begin("build_stores").await?;
-    let caches = Arc::new(CachesStream::new(db.clone(), &mut conn, config, registry).await?);
-    let process = if config.is_writer_for("events") {
-        let writer = EventsWriter::new(db.clone(), &mut conn, &caches, config).await?;
-        Process { caches, reader: None, writer: Some(writer) }
+async fn start(db: &Database, settings: &StoreSettings) -> Result<Process, StoreError> {
+    let process = if settings.is_writer_for("events") {
+        let (ctx, writer) = build_alone::<(StoreContext, EventsWriter)>(db, settings).await?;
+        Process { caches: Arc::clone(ctx.caches()), reader: None, writer: Some(writer) }
     } else {
-        let reader = EventsReader::new(db.clone(), &mut conn, &caches, config).await?;
-        Process { caches, reader: Some(reader), writer: None }
+        let (ctx, reader) = build_alone::<(StoreContext, EventsReader)>(db, settings).await?;
+        Process { caches: Arc::clone(ctx.caches()), reader: Some(reader), writer: None }
     };
-    conn.commit().await?;
     Ok(process)
 }
 
@@ -112,7 +90,7 @@ engine_tests!(
 /// What the client API reads: a room's events by writer, a client
 /// transaction's event, and a user's membership history.
 async fn client_reads_by_writer_transaction_and_membership(test_db: TestDb) -> TestResult {
-    let process = start(&test_db.db, &single_process(&test_db.url)?).await?;
+    let process = start(&test_db.db, &StoreSettings::single_process()).await?;
     let writer = process.writer();
     let before = writer.reader().events_stream().get_current_token();
     let txn = ClientTxn { user_id: "@alice:example.com".to_owned(), txn_id: "t1".to_owned() };
@@ -182,7 +160,7 @@ async fn client_reads_by_writer_transaction_and_membership(test_db: TestDb) -> T
 }
 
 async fn persisted_events_read_back(test_db: TestDb) -> TestResult {
-    let process = start(&test_db.db, &single_process(&test_db.url)?).await?;
+    let process = start(&test_db.db, &StoreSettings::single_process()).await?;
     let writer = process.writer();
     let before = writer.reader().events_stream().get_current_token();
     let ids = writer
@@ -222,7 +200,7 @@ async fn persisted_events_read_back(test_db: TestDb) -> TestResult {
 }
 
 async fn catch_up_queries_cut_at_the_limit(test_db: TestDb) -> TestResult {
-    let process = start(&test_db.db, &single_process(&test_db.url)?).await?;
+    let process = start(&test_db.db, &StoreSettings::single_process()).await?;
     let writer = process.writer();
     let before = writer.reader().events_stream().get_current_token();
     let ids = writer
@@ -259,7 +237,7 @@ async fn catch_up_queries_cut_at_the_limit(test_db: TestDb) -> TestResult {
 }
 
 async fn writes_invalidate_the_caches_they_make_stale(test_db: TestDb) -> TestResult {
-    let process = start(&test_db.db, &single_process(&test_db.url)?).await?;
+    let process = start(&test_db.db, &StoreSettings::single_process()).await?;
     let writer = process.writer();
     let reader = writer.reader();
     writer.persist_events(ROOM, &[member("$a", "@alice:example.com", "join"), topic("$t1", "one")]).await?;
@@ -289,7 +267,7 @@ async fn writes_invalidate_the_caches_they_make_stale(test_db: TestDb) -> TestRe
 }
 
 async fn backfilled_events_count_down(test_db: TestDb) -> TestResult {
-    let process = start(&test_db.db, &single_process(&test_db.url)?).await?;
+    let process = start(&test_db.db, &StoreSettings::single_process()).await?;
     let writer = process.writer();
     let ids = writer
         .persist_backfilled_events(
@@ -314,9 +292,9 @@ async fn backfilled_events_count_down(test_db: TestDb) -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_applying_rows_serves_fresh_state() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
-    let master = start(&test_db.db, &deployment(&test_db.url, "master", &["master"])?).await?;
+    let master = start(&test_db.db, &deployment("master", &["master"])).await?;
     let worker_db = test_db.reconnect().await?;
-    let worker = start(&worker_db, &deployment(&test_db.url, "worker1", &["master"])?).await?;
+    let worker = start(&worker_db, &deployment("worker1", &["master"])).await?;
     let writer = master.writer();
     writer.persist_events(ROOM, &[member("$a", "@alice:example.com", "join")]).await?;
     let reader = worker.reader();
@@ -363,7 +341,7 @@ async fn two_writers_persist_into_one_stream_at_once() -> TestResult {
     let mut processes = Vec::new();
     for writer in writers {
         let db = test_db.reconnect().await?;
-        processes.push(Arc::new(start(&db, &deployment(&test_db.url, writer, &writers)?).await?));
+        processes.push(Arc::new(start(&db, &deployment(writer, &writers)).await?));
     }
     let mut tasks = tokio::task::JoinSet::new();
     for (index, process) in processes.iter().enumerate() {
@@ -408,9 +386,9 @@ async fn two_writers_persist_into_one_stream_at_once() -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_rows_invalidate_the_worker_caches_before_advancing() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
-    let master = start(&test_db.db, &deployment(&test_db.url, "master", &["master"])?).await?;
+    let master = start(&test_db.db, &deployment("master", &["master"])).await?;
     let worker_db = test_db.reconnect().await?;
-    let worker = start(&worker_db, &deployment(&test_db.url, "worker1", &["master"])?).await?;
+    let worker = start(&worker_db, &deployment("worker1", &["master"])).await?;
     let writer = master.writer();
     writer
         .persist_events(
@@ -458,15 +436,13 @@ async fn events_rows_invalidate_the_worker_caches_before_advancing() -> TestResu
 async fn change_caches_know_rows_above_the_current_token_at_start_up() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
     let writers = ["persister1", "persister2"];
-    let first =
-        start(&test_db.reconnect().await?, &deployment(&test_db.url, "persister1", &writers)?).await?;
-    let second =
-        start(&test_db.reconnect().await?, &deployment(&test_db.url, "persister2", &writers)?).await?;
+    let first = start(&test_db.reconnect().await?, &deployment("persister1", &writers)).await?;
+    let second = start(&test_db.reconnect().await?, &deployment("persister2", &writers)).await?;
     // persister1 holds an ID in flight; persister2 writes past it.
     let held = first.reader().events_stream().get_next().await?;
     second.writer().persist_events(ROOM, &[member("$b", "@b:example.com", "join")]).await?;
 
-    let worker = start(&test_db.reconnect().await?, &deployment(&test_db.url, "worker1", &writers)?).await?;
+    let worker = start(&test_db.reconnect().await?, &deployment("worker1", &writers)).await?;
     let reader = worker.reader();
     let current = reader.events_stream().get_current_token();
     assert!(current < held.id(), "the stream's token stays below the ID in flight");

@@ -2,43 +2,16 @@
 
 use std::sync::Arc;
 
-use server_config::{Overrides, Role, ServerConfig};
-use store_core::{CacheRegistry, CachesStream, Database, Engine, StoreError};
+use store_core::{CachesStream, Database, Engine, StoreContext, StoreError, StoreSettings, build_store};
 use store_receipts::{ReceiptRow, ReceiptsReader, ReceiptsWriter};
 use store_test_support::{TestDb, TestResult, engine_tests};
 
-fn single_process(url: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
-    let overrides = Overrides { database_url: Some(url.to_owned()), ..Overrides::default() };
-    Ok(ServerConfig::defaults(Role::Master, &overrides)?)
-}
-
-fn worker_config(url: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
-    Ok(ServerConfig::from_toml_str(
-        &format!(
-            "server_name = \"test\"\ninstance_name = \"worker1\"\n[database]\nurl = \"{url}\"\n\
-             [replication]\nredis = \"redis://127.0.0.1:6379\"\n"
-        ),
-        Role::Worker,
-    )?)
-}
-
-async fn caches(
-    db: &Database,
-    conn: &mut store_core::Transaction,
-    config: &ServerConfig,
-) -> Result<CachesStream, StoreError> {
-    CachesStream::new(db.clone(), conn, config, CacheRegistry::new(config.caches.clone())).await
-}
-
 async fn writer(
     db: &Database,
-    config: &ServerConfig,
+    settings: &StoreSettings,
 ) -> Result<(Arc<CachesStream>, ReceiptsWriter), StoreError> {
-    let mut conn = db.begin("build_stores").await?;
-    let caches = Arc::new(caches(db, &mut conn, config).await?);
-    let writer = ReceiptsWriter::new(db.clone(), &mut conn, &caches, config).await?;
-    conn.commit().await?;
-    Ok((caches, writer))
+    let (ctx, writer) = build_store::<(StoreContext, ReceiptsWriter)>(db, settings).await?;
+    Ok((Arc::clone(ctx.caches()), writer))
 }
 
 fn receipt(room: &str, user: &str, event: &str, thread: Option<&str>) -> ReceiptRow {
@@ -63,7 +36,7 @@ engine_tests!(
 );
 
 async fn one_current_receipt_per_user_type_and_thread(test_db: TestDb) -> TestResult {
-    let (_caches, writer) = writer(&test_db.db, &single_process(&test_db.url)?).await?;
+    let (_caches, writer) = writer(&test_db.db, &StoreSettings::single_process()).await?;
     let first = writer.insert_receipt(&receipt("!r", "@a", "$1", None)).await?;
     let second = writer.insert_receipt(&receipt("!r", "@a", "$2", None)).await?;
     writer.insert_receipt(&receipt("!r", "@a", "$t1", Some("$thread"))).await?;
@@ -78,7 +51,7 @@ async fn one_current_receipt_per_user_type_and_thread(test_db: TestDb) -> TestRe
 }
 
 async fn writes_invalidate_exactly_the_stale_caches(test_db: TestDb) -> TestResult {
-    let (caches, writer) = writer(&test_db.db, &single_process(&test_db.url)?).await?;
+    let (caches, writer) = writer(&test_db.db, &StoreSettings::single_process()).await?;
     let reader = writer.reader();
     writer.insert_receipt(&receipt("!r", "@a", "$1", None)).await?;
     writer.insert_receipt(&receipt("!other", "@a", "$9", None)).await?;
@@ -98,7 +71,7 @@ async fn writes_invalidate_exactly_the_stale_caches(test_db: TestDb) -> TestResu
 }
 
 async fn changed_rooms_and_catch_up(test_db: TestDb) -> TestResult {
-    let (_caches, writer) = writer(&test_db.db, &single_process(&test_db.url)?).await?;
+    let (_caches, writer) = writer(&test_db.db, &StoreSettings::single_process()).await?;
     let reader = writer.reader();
     let start = reader.stream().get_current_token();
     let a = writer.insert_receipt(&receipt("!a", "@u", "$1", None)).await?;
@@ -120,13 +93,9 @@ async fn changed_rooms_and_catch_up(test_db: TestDb) -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_applying_rows_serves_fresh_receipts() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
-    let (_master_caches, writer) = writer(&test_db.db, &single_process(&test_db.url)?).await?;
+    let (_master_caches, writer) = writer(&test_db.db, &StoreSettings::single_process()).await?;
     let worker_db = test_db.reconnect().await?;
-    let config = worker_config(&test_db.url)?;
-    let mut conn = worker_db.begin("build_worker").await?;
-    let worker_caches = caches(&worker_db, &mut conn, &config).await?;
-    let reader = ReceiptsReader::new(worker_db.clone(), &mut conn, &worker_caches, &config).await?;
-    conn.commit().await?;
+    let reader: ReceiptsReader = build_store(&worker_db, &StoreSettings::in_deployment("worker1")).await?;
     assert!(matches!(reader.stream().get_next().await, Err(StoreError::NotAWriter { .. })));
 
     writer.insert_receipt(&receipt("!r", "@a", "$1", None)).await?;
@@ -152,7 +121,7 @@ async fn a_worker_applying_rows_serves_fresh_receipts() -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_receipts_written_at_once_leave_one_row() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
-    let (_caches, writer) = writer(&test_db.db, &single_process(&test_db.url)?).await?;
+    let (_caches, writer) = writer(&test_db.db, &StoreSettings::single_process()).await?;
     let writer = Arc::new(writer);
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..8 {

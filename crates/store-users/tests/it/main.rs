@@ -4,36 +4,18 @@
 
 use std::sync::Arc;
 
-use server_config::{Overrides, Role, ServerConfig};
-use store_core::{CacheRegistry, CachesRow, CachesStream, Database, Engine, StoreError};
+use store_core::{
+    CachesRow, CachesStream, Database, Engine, StoreContext, StoreError, StoreSettings, build_store,
+};
 use store_test_support::{CommitFaults, TestDb, TestResult, engine_tests};
 use store_users::{USER_BY_ACCESS_TOKEN_CACHE, UsersStore};
 
-fn single_process(url: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
-    let overrides = Overrides { database_url: Some(url.to_owned()), ..Overrides::default() };
-    Ok(ServerConfig::defaults(Role::Master, &overrides)?)
-}
-
-/// A process of a deployment of several, so that its invalidations are recorded
-/// for the others (only on PostgreSQL).
-fn deployment(url: &str, instance: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
-    let role = if instance == "master" { Role::Master } else { Role::Worker };
-    Ok(ServerConfig::from_toml_str(
-        &format!(
-            "server_name = \"test\"\ninstance_name = \"{instance}\"\n[database]\nurl = \"{url}\"\n\
-             [replication]\nredis = \"redis://127.0.0.1:6379\"\n"
-        ),
-        role,
-    )?)
-}
-
-async fn build(db: &Database, config: &ServerConfig) -> Result<(Arc<CachesStream>, UsersStore), StoreError> {
-    let mut conn = db.begin("build_stores").await?;
-    let registry = CacheRegistry::new(config.caches.clone());
-    let caches = Arc::new(CachesStream::new(db.clone(), &mut conn, config, registry).await?);
-    let users = UsersStore::new(db.clone(), &mut conn, &caches, config).await?;
-    conn.commit().await?;
-    Ok((caches, users))
+async fn build(
+    db: &Database,
+    settings: &StoreSettings,
+) -> Result<(Arc<CachesStream>, UsersStore), StoreError> {
+    let (ctx, users) = build_store::<(StoreContext, UsersStore)>(db, settings).await?;
+    Ok((Arc::clone(ctx.caches()), users))
 }
 
 /// Lookups answered by the token cache so far.
@@ -49,7 +31,7 @@ engine_tests!(
 );
 
 async fn a_name_registers_once(test_db: TestDb) -> TestResult {
-    let (_caches, users) = build(&test_db.db, &single_process(&test_db.url)?).await?;
+    let (_caches, users) = build(&test_db.db, &StoreSettings::single_process()).await?;
     assert!(!users.user_exists("@a:x").await?);
     assert!(users.register("@a:x").await?);
     assert!(users.user_exists("@a:x").await?);
@@ -60,7 +42,7 @@ async fn a_name_registers_once(test_db: TestDb) -> TestResult {
 }
 
 async fn tokens_are_distinct_and_resolve_to_their_user(test_db: TestDb) -> TestResult {
-    let (caches, users) = build(&test_db.db, &single_process(&test_db.url)?).await?;
+    let (caches, users) = build(&test_db.db, &StoreSettings::single_process()).await?;
     users.register("@a:x").await?;
     users.register("@b:x").await?;
     let a1 = users.create_access_token("@a:x").await?;
@@ -84,7 +66,7 @@ async fn tokens_are_distinct_and_resolve_to_their_user(test_db: TestDb) -> TestR
 }
 
 async fn an_unknown_token_resolves_to_none_and_is_not_remembered(test_db: TestDb) -> TestResult {
-    let (_caches, users) = build(&test_db.db, &single_process(&test_db.url)?).await?;
+    let (_caches, users) = build(&test_db.db, &StoreSettings::single_process()).await?;
     users.register("@a:x").await?;
     assert_eq!(users.get_user_by_access_token("syt_unknown").await?, None);
     assert_eq!(users.get_user_by_access_token("").await?, None);
@@ -108,7 +90,7 @@ async fn an_unknown_token_resolves_to_none_and_is_not_remembered(test_db: TestDb
 }
 
 async fn a_deleted_token_no_longer_resolves(test_db: TestDb) -> TestResult {
-    let (caches, users) = build(&test_db.db, &single_process(&test_db.url)?).await?;
+    let (caches, users) = build(&test_db.db, &StoreSettings::single_process()).await?;
     users.register("@a:x").await?;
     let token = users.create_access_token("@a:x").await?;
     let kept = users.create_access_token("@a:x").await?;
@@ -134,9 +116,9 @@ async fn a_deleted_token_no_longer_resolves(test_db: TestDb) -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_logout_reaches_another_process_through_the_caches_stream() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
-    let (master_caches, master) = build(&test_db.db, &deployment(&test_db.url, "master")?).await?;
+    let (master_caches, master) = build(&test_db.db, &StoreSettings::in_deployment("master")).await?;
     let worker_db = test_db.reconnect().await?;
-    let (worker_caches, worker) = build(&worker_db, &deployment(&test_db.url, "worker1")?).await?;
+    let (worker_caches, worker) = build(&worker_db, &StoreSettings::in_deployment("worker1")).await?;
     assert!(master_caches.is_recording());
 
     master.register("@a:x").await?;
@@ -177,7 +159,7 @@ async fn a_logout_reaches_another_process_through_the_caches_stream() -> TestRes
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_logout_cancelled_during_its_commit_still_invalidates_the_token() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
-    let (caches, users) = build(&test_db.db, &deployment(&test_db.url, "master")?).await?;
+    let (caches, users) = build(&test_db.db, &StoreSettings::in_deployment("master")).await?;
     users.register("@a:x").await?;
     let token = users.create_access_token("@a:x").await?;
     assert_eq!(users.get_user_by_access_token(&token).await?.as_deref(), Some("@a:x"));
