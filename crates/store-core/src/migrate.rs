@@ -143,6 +143,11 @@ impl Database {
         self.run_interaction_read_committed("create_schema_migrations", |txn| {
             Box::pin(async move {
                 lock(txn).await?;
+                if txn.engine() == Engine::Postgres {
+                    // `IF NOT EXISTS` draws a NOTICE on every start once the table
+                    // exists, which the driver logs: noise, not news.
+                    txn.execute_batch("SET LOCAL client_min_messages = warning").await?;
+                }
                 txn.execute_batch(CREATE_RECORD_TABLE).await
             })
         })
@@ -291,7 +296,7 @@ enum Applied {
 async fn lock(txn: &mut Transaction) -> Result<(), StoreError> {
     // SQLite's `BEGIN IMMEDIATE` already holds the database's one write lock.
     if txn.engine() == Engine::Postgres {
-        txn.query("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+        txn.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     }
     Ok(())
 }
