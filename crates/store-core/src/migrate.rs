@@ -121,7 +121,7 @@ impl MigrationReport {
 /// The PostgreSQL advisory lock every migrating transaction takes, so that
 /// processes starting together apply each migration once. Any constant would
 /// do; this one spells "schema".
-const MIGRATION_LOCK: i64 = 0x0073_6368_656d_61;
+const MIGRATION_LOCK: i64 = 0x7363_6865_6d61;
 
 const CREATE_RECORD_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (\
     owner TEXT NOT NULL, \
