@@ -1,6 +1,6 @@
 //! A Matrix client of the API under test: one user, talking to one process,
-//! or to another with the same access token. Shared by the `client_api` tests
-//! and the `e2e` benchmark.
+//! or to another with the same access token. Used by the client API tests and
+//! the `e2e` benchmark.
 
 use std::time::Duration;
 

@@ -1,7 +1,8 @@
 //! A deployment of real processes on a fresh PostgreSQL database, and the
 //! calls tests and benchmarks make on it: writes through the writers' internal
 //! endpoint, positions from `/admin/v1/streams`, counters from `/metrics`.
-//! Shared by the end-to-end tests and the `topology` and `e2e` benchmarks.
+//! Shared by the end-to-end tests, the `topology` and `e2e` benchmarks and the
+//! demo.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
