@@ -68,10 +68,9 @@ impl Failure {
     fn of_process(instance: &str, failure: process::Failure) -> Failure {
         let lines: Vec<&str> = failure.stderr.lines().collect();
         let tail = lines[lines.len().saturating_sub(STDERR_TAIL_LINES)..].join("\n");
-        Failure {
-            error: format_err!("`{instance}` {}", failure.reason),
-            stderr_tail: Some((instance.to_owned(), tail)),
-        }
+        // A process that never ran has nothing to show.
+        let stderr_tail = (!tail.is_empty()).then(|| (instance.to_owned(), tail));
+        Failure { error: format_err!("`{instance}` {}", failure.reason), stderr_tail }
     }
 }
 
