@@ -25,19 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-#[path = "../tests/it/client.rs"]
-#[allow(dead_code, reason = "shared with the tests, which use more of it")]
-mod client;
-#[path = "../tests/it/deployment.rs"]
-#[allow(dead_code, reason = "shared with the tests, which use more of it")]
-mod deployment;
-#[path = "../tests/it/process.rs"]
-#[allow(dead_code, reason = "shared with the tests, which use more of it")]
-mod process;
-
-use client::{Client, register};
-use deployment::{Deployment, Transport, base_urls};
-use process::{Binary, Server};
+use tests::client::{self, Client, register};
+use tests::deployment::{Deployment, Transport, base_urls};
+use tests::process::{Binary, Server};
 
 const SENDERS: usize = 4;
 const EVENTS_PER_SENDER: usize = 250;

@@ -9,15 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-#[path = "../tests/it/deployment.rs"]
-#[allow(dead_code, reason = "shared with the tests, which use more of it")]
-mod deployment;
-#[path = "../tests/it/process.rs"]
-#[allow(dead_code, reason = "shared with the tests, which use more of it")]
-mod process;
-
-use deployment::{Deployment, Transport, events_stream, join, persist};
-use process::Server;
+use tests::deployment::{Deployment, Transport, events_stream, join, persist};
+use tests::process::Server;
 
 const CLIENTS: usize = 8;
 const EVENTS_PER_CLIENT: usize = 300;

@@ -4,7 +4,7 @@
 //!   `services`, `fmt`, `clippy`, `test`, `docs`, `tidy`, `deps`.
 //! - `cargo xtask services`: start PostgreSQL and Redis when they are not running.
 //! - `cargo xtask demo`: a four-process deployment, two users talking through it,
-//!   and what each process saw (`demo`).
+//!   and what each process saw (the `tests` package's `demo` binary).
 //! - `cargo xtask bench idgen|stores|replication|topology|e2e`: the benchmarks, printed as
 //!   ratios against baselines measured in the same run.
 //! - `cargo xtask new-migration CRATE NAME`: create the next numbered migration for both
@@ -16,8 +16,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, format_err};
 use xshell::{Shell, cmd};
-
-mod demo;
 
 const STEPS: &[&str] = &["services", "fmt", "clippy", "test", "docs", "tidy", "deps"];
 const POSTGRES_ADDRESS: &str = "127.0.0.1:5432";
@@ -37,7 +35,7 @@ fn main() -> anyhow::Result<()> {
         }
         ["ci", step] => run_step(&sh, step),
         ["services"] => services(&sh),
-        ["demo"] => demo::run(&sh),
+        ["demo"] => demo(&sh),
         ["new-migration", krate, name] => new_migration(krate, name),
         ["bench", target] => bench(&sh, target),
         _ => {
@@ -73,6 +71,24 @@ fn run_step(sh: &Shell, step: &str) -> anyhow::Result<()> {
         other => bail!("unknown CI step `{other}`; the steps are {}", STEPS.join(", ")),
     }
     eprintln!("xtask: {step} passed in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Runs the demo, `tests/src/bin/demo.rs`, on the services it needs. It lives in
+/// the `tests` package, beside the harness it drives the processes with, so
+/// that xtask depends on no crate of the workspace and stays quick to build.
+fn demo(sh: &Shell) -> anyhow::Result<()> {
+    services(sh)?;
+    eprintln!(
+        "xtask: building the demo and the binaries it runs (dev profile: quick to build, fast enough for a demo)"
+    );
+    // The demo runs `e2e-master` and `e2e-worker`, which `cargo run` alone would
+    // not build.
+    cmd!(sh, "cargo build --quiet -p tests --bins").run().context("build the demo and its binaries")?;
+    // The demo has reported its failure, and cleaned up, by the time it exits.
+    if cmd!(sh, "cargo run --quiet -p tests --bin demo").run().is_err() {
+        std::process::exit(1);
+    }
     Ok(())
 }
 

@@ -12,9 +12,9 @@ use std::io::Write;
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use crate::deployment::{Deployment, SECRET, Transport, events_stream, eventually, metric_with};
-use crate::process::Server;
-use crate::raw_peer::{Ending, RawPeer};
+use tests::deployment::{Deployment, SECRET, Transport, events_stream, eventually, metric_with};
+use tests::process::Server;
+use tests::raw_peer::{Ending, RawPeer};
 
 /// How much the master's resident memory may grow while a peer misbehaves.
 const FLAT: u64 = 20 * 1024 * 1024;

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::client::{Client, call, encode, register, timeline_ids};
-use crate::deployment::{Deployment, SECRET, base_urls, eventually};
-use crate::process::{Binary, Server, http_request};
+use tests::client::{Client, call, encode, register, timeline_ids};
+use tests::deployment::{Deployment, SECRET, base_urls, eventually};
+use tests::process::{Binary, Server, http_request};
 
 /// How soon a change made through one process shows on every other.
 const VISIBLE_WITHIN: Duration = Duration::from_secs(1);

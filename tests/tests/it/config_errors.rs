@@ -1,6 +1,6 @@
 //! Bad config and bad database URLs: one clear line on stderr and a non-zero exit.
 
-use crate::process::{Binary, run_to_exit};
+use tests::process::{Binary, run_to_exit};
 
 /// Runs `binary` with `args` (and `config` written to `homeserver.toml`, if
 /// given) and checks it fails with exactly one line containing `expected`.

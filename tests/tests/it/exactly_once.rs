@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::client::{Client, register};
-use crate::deployment::{Deployment, Transport, base_urls, eventually, knows_final_positions, metric};
-use crate::redis_server::RedisServer;
+use ::tests::client::{Client, register};
+use ::tests::deployment::{Deployment, Transport, base_urls, eventually, knows_final_positions, metric};
+use ::tests::redis_server::RedisServer;
 
 const CLIENTS: usize = 4;
 const ROOMS: usize = 20;
@@ -175,7 +175,7 @@ fn replicates_everywhere(clients: &[Client], urls: &[String], room: &str) {
     for url in urls {
         eventually(&format!("the warm-up messages in the sync of {url}"), Duration::from_secs(15), || {
             let sync = clients[1].on(url).sync(None, Duration::ZERO);
-            let timeline = crate::client::timeline_ids(&sync, "join", room);
+            let timeline = ::tests::client::timeline_ids(&sync, "join", room);
             let missing: Vec<&String> = warm.iter().filter(|id| !timeline.contains(id)).collect();
             if missing.is_empty() { Ok(()) } else { Err(format!("missing {missing:?}")) }
         });

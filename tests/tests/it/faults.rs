@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::client::{Client, register};
-use crate::db_role::DbRole;
-use crate::deployment::{Deployment, Transport, eventually, metric_with};
-use crate::process::Server;
-use crate::proxy::Proxy;
+use tests::client::{Client, register};
+use tests::db_role::DbRole;
+use tests::deployment::{Deployment, Transport, eventually, metric_with};
+use tests::process::Server;
+use tests::proxy::Proxy;
 
 /// How long a follower may take to deliver what it missed once the fault is
 /// over: reconnecting backs off up to 5 s, catching up is a few queries.

@@ -5,7 +5,7 @@ use std::os::unix::process::ExitStatusExt as _;
 use store_core::Engine;
 use store_test_support::{TestDb, TestResult};
 
-use crate::process::{Binary, Finished, Server, run_to_exit};
+use tests::process::{Binary, Finished, Server, run_to_exit};
 
 fn assert_clean_exit(finished: &Finished) {
     assert!(

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::deployment::{
+use tests::deployment::{
     Deployment, REDIS, Transport, events_stream, eventually, join, joined_members, knows_final_positions,
     metric, own_position, persist, recorded_position,
 };
@@ -264,7 +264,7 @@ fn conflicting_or_unknown_writers_and_an_unreachable_redis_refuse_to_start() {
         Deployment::new(Transport::Redis, &["persister1", "persister2"], &["persister1", "persister2"]);
     let _master = deployment.start("master");
 
-    let one_line = |finished: &crate::process::Finished, expected: &str| {
+    let one_line = |finished: &tests::process::Finished, expected: &str| {
         assert_eq!(finished.status.code(), Some(1), "stderr:\n{}", finished.stderr);
         let lines: Vec<&str> = finished.stderr.lines().filter(|line| !line.trim().is_empty()).collect();
         assert_eq!(lines.len(), 1, "one line on stderr, got:\n{}", finished.stderr);

@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::client::{Client, register, timeline_ids};
-use crate::deployment::{
+use tests::client::{Client, register, timeline_ids};
+use tests::deployment::{
     Deployment, SECRET, Transport, events_stream, eventually, metric_with, no_position_past_the_writer,
     own_position,
 };
-use crate::process::Server;
-use crate::raw_peer::{Ending, RawPeer};
-use crate::redis_server::redis_command;
+use tests::process::Server;
+use tests::raw_peer::{Ending, RawPeer};
+use tests::redis_server::redis_command;
 
 /// How soon a writer's rows and a worker's cache invalidations reach the
 /// master over TCP, as over Redis.

@@ -14,7 +14,7 @@ use crate::process::PROCESS_TIMEOUT;
 /// A `redis-server` of one test, on a port of its own, persisting nothing;
 /// killed when dropped.
 #[derive(Debug)]
-pub(crate) struct RedisServer {
+pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -22,7 +22,7 @@ pub(crate) struct RedisServer {
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers `PING`.
-    pub(crate) fn start() -> RedisServer {
+    pub fn start() -> RedisServer {
         let mut server = RedisServer {
             port: free_port(),
             dir: tempfile::tempdir().expect("a temporary directory"),
@@ -33,17 +33,17 @@ impl RedisServer {
     }
 
     /// `redis://127.0.0.1:PORT`.
-    pub(crate) fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://{}", self.address())
     }
 
     /// `127.0.0.1:PORT`.
-    pub(crate) fn address(&self) -> String {
+    pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
     /// Starts the server (again) on the same port.
-    pub(crate) fn start_again(&mut self) {
+    pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "the dedicated Redis is already running");
         let child = spawn(self.port, self.dir.path());
         self.child = Some(child);
@@ -60,7 +60,7 @@ impl RedisServer {
 
     /// Kills the server (`kill -9`: no goodbye to its clients) and waits for
     /// it to exit.
-    pub(crate) fn kill(&mut self) {
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -88,7 +88,7 @@ fn spawn(port: u16, dir: &Path) -> Child {
 
 /// Sends one command to the Redis at `address` on a fresh connection; its
 /// reply's first line (`+PONG`, `:3`, `-ERR …`).
-pub(crate) fn redis_command(address: &str, args: &[&str]) -> std::io::Result<String> {
+pub fn redis_command(address: &str, args: &[&str]) -> std::io::Result<String> {
     let mut stream = TcpStream::connect(address)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut request = format!("*{}\r\n", args.len());

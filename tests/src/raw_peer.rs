@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 /// How a wait for the server's lines ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Ending {
+pub enum Ending {
     /// The server closed the connection (or reset it).
     Closed,
     /// The server kept it open past the wait.
@@ -18,31 +18,31 @@ pub(crate) enum Ending {
 
 /// One raw connection to a replication listener.
 #[derive(Debug)]
-pub(crate) struct RawPeer {
+pub struct RawPeer {
     stream: TcpStream,
     /// Bytes received after the last complete line.
     partial: Vec<u8>,
     /// Every line received so far, for failure messages.
-    pub(crate) received: Vec<String>,
+    pub received: Vec<String>,
     closed: bool,
 }
 
 impl RawPeer {
     /// Connects to `address` (`HOST:PORT`).
-    pub(crate) fn connect(address: &str) -> RawPeer {
+    pub fn connect(address: &str) -> RawPeer {
         let stream = TcpStream::connect(address).unwrap_or_else(|err| panic!("connect to {address}: {err}"));
         let _ = stream.set_nodelay(true);
         RawPeer { stream, partial: Vec::new(), received: Vec::new(), closed: false }
     }
 
     /// Sends `line` and its newline; an error once the server has closed.
-    pub(crate) fn send(&mut self, line: &str) -> std::io::Result<()> {
+    pub fn send(&mut self, line: &str) -> std::io::Result<()> {
         self.stream.write_all(format!("{line}\n").as_bytes())
     }
 
     /// Sends each of `lines`, stopping at the first that cannot be written
     /// (the server closed: what it said is then in `received`).
-    pub(crate) fn send_all(&mut self, lines: &[&str]) {
+    pub fn send_all(&mut self, lines: &[&str]) {
         for line in lines {
             if self.send(line).is_err() {
                 return;
@@ -52,7 +52,7 @@ impl RawPeer {
 
     /// The next line from the server within `within`: `None` when it closed
     /// or the wait ended first.
-    pub(crate) fn next_line(&mut self, within: Duration) -> Option<String> {
+    pub fn next_line(&mut self, within: Duration) -> Option<String> {
         let deadline = Instant::now() + within;
         let mut buffer = [0u8; 8192];
         loop {
@@ -82,7 +82,7 @@ impl RawPeer {
     }
 
     /// Reads until the server closes the connection or `within` passes.
-    pub(crate) fn read_to_end(&mut self, within: Duration) -> Ending {
+    pub fn read_to_end(&mut self, within: Duration) -> Ending {
         let deadline = Instant::now() + within;
         while !self.closed && Instant::now() < deadline {
             self.next_line(deadline.saturating_duration_since(Instant::now()));
@@ -93,7 +93,7 @@ impl RawPeer {
     /// Reads until a line starting with `prefix` arrives; an error, naming
     /// everything received, if the server closes, says `ERROR`, or stays
     /// silent for `within` first.
-    pub(crate) fn wait_for(&mut self, prefix: &str, within: Duration) -> Result<String, String> {
+    pub fn wait_for(&mut self, prefix: &str, within: Duration) -> Result<String, String> {
         let deadline = Instant::now() + within;
         loop {
             match self.next_line(deadline.saturating_duration_since(Instant::now())) {
@@ -120,19 +120,19 @@ impl RawPeer {
 
     /// A second handle on the socket, to write from another thread while this
     /// one reads.
-    pub(crate) fn writer(&self) -> TcpStream {
+    pub fn writer(&self) -> TcpStream {
         self.stream.try_clone().expect("clone the socket")
     }
 
     /// Whether some line received so far starts with `ERROR`.
-    pub(crate) fn got_error(&self) -> bool {
+    pub fn got_error(&self) -> bool {
         self.received.iter().any(|line| line.starts_with("ERROR"))
     }
 
     /// Authenticates with `secret`, names itself `name` and asks to replicate,
     /// as a worker does; an error unless the server answers `REPLICATE` (with
     /// a `POSITION`) instead of refusing.
-    pub(crate) fn join_as(&mut self, secret: &str, name: &str) -> Result<(), String> {
+    pub fn join_as(&mut self, secret: &str, name: &str) -> Result<(), String> {
         self.send_all(&[&format!("AUTH {secret}"), &format!("NAME {name}"), "PING 0", "REPLICATE"]);
         self.wait_for("POSITION", Duration::from_secs(5)).map(drop).map_err(|err| {
             format!("the listener did not accept `AUTH <the secret>` then `NAME {name}`: {err}")

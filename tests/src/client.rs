@@ -1,6 +1,6 @@
 //! A Matrix client of the API under test: one user, talking to one process,
-//! or to another with the same access token. Shared by the `client_api` tests
-//! and the `e2e` benchmark.
+//! or to another with the same access token. Used by the client API tests and
+//! the `e2e` benchmark.
 
 use std::time::Duration;
 
@@ -10,14 +10,17 @@ use crate::process::http_request;
 
 /// A registered user and the process it talks to.
 #[derive(Debug, Clone)]
-pub(crate) struct Client {
-    pub(crate) base_url: String,
-    pub(crate) user_id: String,
-    pub(crate) token: String,
+pub struct Client {
+    /// The process it talks to, `http://IP:PORT`.
+    pub base_url: String,
+    /// `@name:server`.
+    pub user_id: String,
+    /// The access token `register` handed out.
+    pub token: String,
 }
 
 /// `POST /register`; panics unless it succeeds.
-pub(crate) fn register(base_url: &str, username: &str) -> Client {
+pub fn register(base_url: &str, username: &str) -> Client {
     let (status, body) =
         call(base_url, "POST", "/_matrix/client/v3/register", None, Some(&json!({"username": username})));
     assert_eq!(status, 200, "register {username}: {body}");
@@ -30,7 +33,7 @@ pub(crate) fn register(base_url: &str, username: &str) -> Client {
 
 /// One request; the status and the JSON answer (`null` when not JSON). A
 /// connection failure comes back as status 0.
-pub(crate) fn call(
+pub fn call(
     base_url: &str,
     method: &str,
     path: &str,
@@ -45,7 +48,7 @@ pub(crate) fn call(
 }
 
 /// Percent-encodes a path segment or query value.
-pub(crate) fn encode(text: &str) -> String {
+pub fn encode(text: &str) -> String {
     text.bytes()
         .map(|byte| match byte {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
@@ -58,11 +61,12 @@ pub(crate) fn encode(text: &str) -> String {
 
 impl Client {
     /// The same user, talking to another process.
-    pub(crate) fn on(&self, base_url: &str) -> Client {
+    pub fn on(&self, base_url: &str) -> Client {
         Client { base_url: base_url.to_owned(), ..self.clone() }
     }
 
-    pub(crate) fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    /// One request as this user; the status and the JSON answer, as [`call`].
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
         call(&self.base_url, method, path, Some(&self.token), body)
     }
 
@@ -73,34 +77,37 @@ impl Client {
         answer
     }
 
-    pub(crate) fn create_room(&self) -> String {
+    /// `POST createRoom`; the new room's ID.
+    pub fn create_room(&self) -> String {
         let answer = self.ok("POST", "/_matrix/client/v3/createRoom", Some(&json!({})));
         answer["room_id"].as_str().expect("a room_id").to_owned()
     }
 
-    pub(crate) fn join(&self, room: &str) {
+    /// `POST rooms/{room}/join`, which must answer 200.
+    pub fn join(&self, room: &str) {
         self.ok("POST", &format!("/_matrix/client/v3/rooms/{}/join", encode(room)), None);
     }
 
-    pub(crate) fn leave(&self, room: &str) {
+    /// `POST rooms/{room}/leave`, which must answer 200.
+    pub fn leave(&self, room: &str) {
         self.ok("POST", &format!("/_matrix/client/v3/rooms/{}/leave", encode(room)), None);
     }
 
     /// `PUT send/m.room.message/{txn}`: the status and the answer.
-    pub(crate) fn try_send(&self, room: &str, txn: &str, body: &str) -> (u16, Value) {
+    pub fn try_send(&self, room: &str, txn: &str, body: &str) -> (u16, Value) {
         let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{}", encode(room), encode(txn));
         self.call("PUT", &path, Some(&json!({"msgtype": "m.text", "body": body})))
     }
 
     /// Sends a message; its event ID.
-    pub(crate) fn send(&self, room: &str, txn: &str, body: &str) -> String {
+    pub fn send(&self, room: &str, txn: &str, body: &str) -> String {
         let (status, answer) = self.try_send(room, txn, body);
         assert_eq!(status, 200, "{} sends to {room} on {}: {answer}", self.user_id, self.base_url);
         answer["event_id"].as_str().expect("an event_id").to_owned()
     }
 
     /// `GET sync`: the status and the answer.
-    pub(crate) fn try_sync(&self, since: Option<&str>, timeout: Duration, limit: usize) -> (u16, Value) {
+    pub fn try_sync(&self, since: Option<&str>, timeout: Duration, limit: usize) -> (u16, Value) {
         let filter = encode(&json!({"room": {"timeline": {"limit": limit}}}).to_string());
         let mut path = format!("/_matrix/client/v3/sync?timeout={}&filter={filter}", timeout.as_millis());
         if let Some(since) = since {
@@ -109,20 +116,22 @@ impl Client {
         self.call("GET", &path, None)
     }
 
-    pub(crate) fn sync(&self, since: Option<&str>, timeout: Duration) -> Value {
+    /// `GET sync` with a timeline limit of 100, which must answer 200; the answer.
+    pub fn sync(&self, since: Option<&str>, timeout: Duration) -> Value {
         let (status, answer) = self.try_sync(since, timeout, 100);
         assert_eq!(status, 200, "{} syncs on {}: {answer}", self.user_id, self.base_url);
         answer
     }
 
-    pub(crate) fn joined_members(&self, room: &str) -> (u16, Value) {
+    /// `GET rooms/{room}/joined_members`: the status and the answer.
+    pub fn joined_members(&self, room: &str) -> (u16, Value) {
         self.call("GET", &format!("/_matrix/client/v3/rooms/{}/joined_members", encode(room)), None)
     }
 }
 
 /// The event IDs of `room`'s timeline in a sync answer, under `section`
 /// (`join` or `leave`).
-pub(crate) fn timeline_ids(sync: &Value, section: &str, room: &str) -> Vec<String> {
+pub fn timeline_ids(sync: &Value, section: &str, room: &str) -> Vec<String> {
     sync["rooms"][section][room]["timeline"]["events"]
         .as_array()
         .into_iter()

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 
 /// A running proxy to one `HOST:PORT`.
 #[derive(Debug)]
-pub(crate) struct Proxy {
+pub struct Proxy {
     address: String,
     shared: Arc<Shared>,
     acceptor: Option<JoinHandle<()>>,
@@ -49,7 +49,7 @@ impl Shared {
 
 impl Proxy {
     /// A proxy on a free loopback port, forwarding to `target` (`HOST:PORT`).
-    pub(crate) fn start(target: &str) -> Proxy {
+    pub fn start(target: &str) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
         let address = listener.local_addr().expect("the proxy's address").to_string();
         let shared = Arc::new(Shared {
@@ -68,30 +68,30 @@ impl Proxy {
     }
 
     /// Where the proxy listens, as `HOST:PORT`.
-    pub(crate) fn address(&self) -> &str {
+    pub fn address(&self) -> &str {
         &self.address
     }
 
     /// Closes every connection through the proxy and refuses new ones until
     /// [`Proxy::restore`].
-    pub(crate) fn cut(&self) {
+    pub fn cut(&self) {
         self.shared.cut.store(true, Ordering::SeqCst);
         self.shared.close_all();
     }
 
     /// Lets connections through again.
-    pub(crate) fn restore(&self) {
+    pub fn restore(&self) {
         self.shared.cut.store(false, Ordering::SeqCst);
     }
 
     /// Connections through the proxy now.
-    pub(crate) fn connections(&self) -> usize {
+    pub fn connections(&self) -> usize {
         self.shared.connections().len()
     }
 
     /// Connections accepted while cut (and closed at once): the process behind
     /// the proxy tried to reconnect.
-    pub(crate) fn refused(&self) -> u64 {
+    pub fn refused(&self) -> u64 {
         self.shared.refused.load(Ordering::SeqCst)
     }
 }

@@ -1,7 +1,8 @@
 //! A deployment of real processes on a fresh PostgreSQL database, and the
 //! calls tests and benchmarks make on it: writes through the writers' internal
 //! endpoint, positions from `/admin/v1/streams`, counters from `/metrics`.
-//! Shared by the end-to-end tests and the `topology` and `e2e` benchmarks.
+//! Shared by the end-to-end tests, the `topology` and `e2e` benchmarks and the
+//! demo.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
@@ -12,32 +13,39 @@ use serde_json::{Value, json};
 use store_core::Engine;
 use store_test_support::EmptyDb;
 
-use crate::process::{Binary, Server, http_request, run_to_exit};
+use crate::process::{Binary, Failure, Finished, Server, http_request, run_to_exit};
 
 /// One word, so that `AUTH <secret>` on the replication listener reads the
 /// same however its argument is split.
-pub(crate) const SECRET: &str = "e2e-shared-secret";
-pub(crate) const REDIS: &str = "redis://127.0.0.1:6379";
+pub const SECRET: &str = "e2e-shared-secret";
+/// The shared Redis every test and benchmark replicates through (`cargo xtask
+/// services` starts it), one channel per deployment.
+pub const REDIS: &str = "redis://127.0.0.1:6379";
 
+/// How the processes of a deployment replicate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Transport {
+pub enum Transport {
+    /// Through Redis pub/sub, one channel per deployment.
     Redis,
+    /// Over TCP to the master's replication listener.
     Tcp,
 }
 
 /// The configs of one deployment on a fresh database; processes are started
 /// from them by name.
-pub(crate) struct Deployment {
+#[derive(Debug)]
+pub struct Deployment {
     dir: tempfile::TempDir,
     /// Removed last: the processes, killed on drop, are the callers' locals
     /// and go first.
-    pub(crate) db: EmptyDb,
+    pub db: EmptyDb,
     server_name: String,
     transport: Transport,
     replication_port: u16,
     /// Every instance's HTTP port, `master` first.
     instances: Vec<(String, u16)>,
-    pub(crate) event_writers: Vec<String>,
+    /// The instances that write `events`, in the order every config lists them.
+    pub event_writers: Vec<String>,
     /// The Redis every process uses (with `Transport::Redis`).
     redis_url: String,
     /// Instances whose replication goes to another `HOST:PORT` than the
@@ -47,7 +55,9 @@ pub(crate) struct Deployment {
     database_urls: BTreeMap<String, String>,
 }
 
-pub(crate) fn free_port() -> u16 {
+/// A loopback port nothing listens on, for a process of the deployment (or a
+/// server of a test's own) to bind.
+pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     // Below Linux's ephemeral range (32768 and up), where outgoing connections
     // take their local ports, so a port found free here stays free until the
@@ -70,7 +80,7 @@ pub(crate) fn free_port() -> u16 {
 impl Deployment {
     /// A deployment with `instances` besides the master, of which
     /// `event_writers` write events.
-    pub(crate) fn new(transport: Transport, instances: &[&str], event_writers: &[&str]) -> Deployment {
+    pub fn new(transport: Transport, instances: &[&str], event_writers: &[&str]) -> Deployment {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
         let db =
             runtime.block_on(store_test_support::TestDb::new_empty(Engine::Postgres)).expect("a database");
@@ -96,25 +106,32 @@ impl Deployment {
 
     /// The client API's reference topology over Redis: `master`, the event
     /// writers `writer1` and `writer2`, and the sync worker `syncer`.
-    pub(crate) fn for_clients() -> Deployment {
+    pub fn for_clients() -> Deployment {
         Deployment::for_clients_over(Transport::Redis)
     }
 
     /// The client API's reference topology over `transport`.
-    pub(crate) fn for_clients_over(transport: Transport) -> Deployment {
+    pub fn for_clients_over(transport: Transport) -> Deployment {
         Deployment::new(transport, &["writer1", "writer2", "syncer"], &["writer1", "writer2"])
     }
 
     /// Every process uses the Redis at `url` instead of the shared one (a
     /// dedicated server a test may stop). Set before starting any process.
-    pub(crate) fn set_redis_url(&mut self, url: &str) {
+    pub fn set_redis_url(&mut self, url: &str) {
         url.clone_into(&mut self.redis_url);
+    }
+
+    /// Names the homeserver (and so the Redis channel) `name` instead of the
+    /// unique name the deployment picked: it must be as unique. Set before
+    /// starting any process.
+    pub fn set_server_name(&mut self, name: &str) {
+        name.clone_into(&mut self.server_name);
     }
 
     /// `instance` replicates through `address` (`HOST:PORT`, a proxy in front
     /// of the deployment's Redis or of the master's listener) instead of
     /// connecting directly. Not for the master over TCP, which listens.
-    pub(crate) fn replicate_via(&mut self, instance: &str, address: &str) {
+    pub fn replicate_via(&mut self, instance: &str, address: &str) {
         assert!(
             !(self.transport == Transport::Tcp && instance == "master"),
             "the master listens for TCP replication; it connects nowhere"
@@ -123,32 +140,32 @@ impl Deployment {
     }
 
     /// `instance` connects to the database with `url` (another role, say).
-    pub(crate) fn set_database_url(&mut self, instance: &str, url: &str) {
+    pub fn set_database_url(&mut self, instance: &str, url: &str) {
         self.database_urls.insert(instance.to_owned(), url.to_owned());
     }
 
     /// The homeserver's name: also the Redis channel of the deployment.
-    pub(crate) fn server_name(&self) -> &str {
+    pub fn server_name(&self) -> &str {
         &self.server_name
     }
 
     /// Where the deployment's Redis listens, as `HOST:PORT`.
-    pub(crate) fn redis_address(&self) -> String {
+    pub fn redis_address(&self) -> String {
         self.redis_url.trim_start_matches("redis://").to_owned()
     }
 
     /// Where the master's TCP replication listener listens, as `HOST:PORT`.
-    pub(crate) fn replication_listener(&self) -> String {
+    pub fn replication_listener(&self) -> String {
         format!("127.0.0.1:{}", self.replication_port)
     }
 
     /// Starts every instance, master first; the servers in that order.
-    pub(crate) fn start_all(&self) -> Vec<Server> {
+    pub fn start_all(&self) -> Vec<Server> {
         self.instances.iter().map(|(name, _)| self.start(name)).collect()
     }
 
     /// The config of `instance`, with `events` as its list of event writers.
-    pub(crate) fn config_with_writers(&self, instance: &str, event_writers: &[String]) -> String {
+    pub fn config_with_writers(&self, instance: &str, event_writers: &[String]) -> String {
         let port = self.port(instance);
         let via = self.replication_via.get(instance);
         let replication = match (self.transport, instance) {
@@ -186,7 +203,7 @@ impl Deployment {
     }
 
     /// Writes `config` for `instance` and returns the path.
-    pub(crate) fn write_config(&self, instance: &str, config: &str) -> PathBuf {
+    pub fn write_config(&self, instance: &str, config: &str) -> PathBuf {
         let path = self.dir.path().join(format!("{instance}.toml"));
         std::fs::write(&path, config).expect("write a config");
         path
@@ -197,35 +214,42 @@ impl Deployment {
     }
 
     /// The deployment's config of `instance`.
-    pub(crate) fn config(&self, instance: &str) -> String {
+    pub fn config(&self, instance: &str) -> String {
         self.config_with_writers(instance, &self.event_writers)
     }
 
     /// Starts `instance` with the deployment's config.
-    pub(crate) fn start(&self, instance: &str) -> Server {
+    pub fn start(&self, instance: &str) -> Server {
         self.start_with_config(instance, &self.config(instance))
     }
 
+    /// Starts `instance` with the deployment's config; why not, if it does not
+    /// start.
+    pub fn try_start(&self, instance: &str) -> Result<Server, Failure> {
+        let path = self.write_config(instance, &self.config(instance)).display().to_string();
+        Server::try_start(Deployment::binary(instance), &["--config", &path], self.dir.path())
+    }
+
     /// Starts `instance` with `config` (the deployment's, edited).
-    pub(crate) fn start_with_config(&self, instance: &str, config: &str) -> Server {
+    pub fn start_with_config(&self, instance: &str, config: &str) -> Server {
         let path = self.write_config(instance, config).display().to_string();
         Server::start(Deployment::binary(instance), &["--config", &path], self.dir.path())
     }
 
     /// Runs `instance` with `config`, expecting it to fail at start-up.
-    pub(crate) fn fail_to_start(&self, instance: &str, config: &str) -> crate::process::Finished {
+    pub fn fail_to_start(&self, instance: &str, config: &str) -> Finished {
         let path = self.write_config(instance, config).display().to_string();
         run_to_exit(Deployment::binary(instance), &["--config", &path], self.dir.path())
     }
 }
 
 /// The servers' `http://IP:PORT`s, in order.
-pub(crate) fn base_urls(servers: &[Server]) -> Vec<String> {
+pub fn base_urls(servers: &[Server]) -> Vec<String> {
     servers.iter().map(|server| server.base_url.clone()).collect()
 }
 
 /// `GET path` as JSON.
-pub(crate) fn get_json(server: &Server, path: &str) -> Value {
+pub fn get_json(server: &Server, path: &str) -> Value {
     let (status, body) = http_request(&server.base_url, "GET", path, Some(SECRET), None)
         .unwrap_or_else(|err| panic!("GET {path}: {err}"));
     assert_eq!(status, 200, "GET {path}: {body}");
@@ -233,16 +257,17 @@ pub(crate) fn get_json(server: &Server, path: &str) -> Value {
 }
 
 /// The `events` stream as `server` reports it.
-pub(crate) fn events_stream(server: &Server) -> Value {
+pub fn events_stream(server: &Server) -> Value {
     get_json(server, "/admin/v1/streams")["streams"]["events"].clone()
 }
 
-pub(crate) fn own_position(writer: &Server) -> i64 {
+/// The position `writer` reports for itself on `events`.
+pub fn own_position(writer: &Server) -> i64 {
     events_stream(writer)["own_position"].as_i64().expect("a writer reports its own position")
 }
 
 /// A join of `user` to a room, as the internal endpoint takes it.
-pub(crate) fn join(user: &str) -> Value {
+pub fn join(user: &str) -> Value {
     json!({
         "event_id": format!("$join-{user}"),
         "type": "m.room.member",
@@ -254,7 +279,7 @@ pub(crate) fn join(user: &str) -> Value {
 }
 
 /// Persists `events` of `room` on `base_url`; the stream orderings, or why not.
-pub(crate) fn persist(base_url: &str, room: &str, events: &[Value]) -> Result<Vec<i64>, String> {
+pub fn persist(base_url: &str, room: &str, events: &[Value]) -> Result<Vec<i64>, String> {
     let body = json!({"room_id": room, "events": events}).to_string();
     let (status, answer) =
         http_request(base_url, "POST", "/_synapse/replication/persist_events", Some(SECRET), Some(&body))
@@ -266,7 +291,8 @@ pub(crate) fn persist(base_url: &str, room: &str, events: &[Value]) -> Result<Ve
     Ok(answer["stream_orderings"].as_array().into_iter().flatten().filter_map(Value::as_i64).collect())
 }
 
-pub(crate) fn joined_members(server: &Server, room: &str) -> BTreeSet<String> {
+/// The joined members of `room` as `server` knows them (its admin endpoint).
+pub fn joined_members(server: &Server, room: &str) -> BTreeSet<String> {
     let path = format!("/admin/v1/rooms/{room}/state");
     get_json(server, &path)["joined_members"]
         .as_array()
@@ -278,7 +304,7 @@ pub(crate) fn joined_members(server: &Server, room: &str) -> BTreeSet<String> {
 
 /// Polls `check` until it holds or `within` passes; the panic shows the last
 /// mismatch `check` reported.
-pub(crate) fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> Result<(), String>) {
+pub fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> Result<(), String>) {
     let deadline = Instant::now() + within;
     while let Err(mismatch) = check() {
         assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}: {mismatch}");
@@ -287,7 +313,7 @@ pub(crate) fn eventually(what: &str, within: Duration, mut check: impl FnMut() -
 }
 
 /// Whether `follower` knows every writer at the position the writer reports.
-pub(crate) fn knows_final_positions(follower: &Server, writers: &[(&str, &Server)]) -> Result<(), String> {
+pub fn knows_final_positions(follower: &Server, writers: &[(&str, &Server)]) -> Result<(), String> {
     let expected: Vec<i64> = writers.iter().map(|(_, writer)| own_position(writer)).collect();
     let known = events_stream(follower);
     let all_known = writers
@@ -298,7 +324,7 @@ pub(crate) fn knows_final_positions(follower: &Server, writers: &[(&str, &Server
 }
 
 /// Reads a counter (summed over its label sets) from Prometheus text.
-pub(crate) fn metric(metrics: &str, name_and_labels: &str) -> f64 {
+pub fn metric(metrics: &str, name_and_labels: &str) -> f64 {
     metrics
         .lines()
         .filter(|line| line.starts_with(name_and_labels))
@@ -308,7 +334,7 @@ pub(crate) fn metric(metrics: &str, name_and_labels: &str) -> f64 {
 
 /// Reads metric `name` summed over the label sets that include every one of
 /// `labels`, in whatever order the exporter writes them.
-pub(crate) fn metric_with(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub fn metric_with(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     metrics
         .lines()
         .filter_map(|line| {
@@ -328,7 +354,7 @@ pub(crate) fn metric_with(metrics: &str, name: &str, labels: &[(&str, &str)]) ->
 /// Whether no process of `servers` (named) reports `writer` past the
 /// position the writer itself reports, on `events`: the writer's own word is
 /// the truth, and a position past it came from someone else.
-pub(crate) fn no_position_past_the_writer(
+pub fn no_position_past_the_writer(
     servers: &[(&str, &Server)],
     writer_name: &str,
     writer: &Server,
@@ -350,8 +376,19 @@ pub(crate) fn no_position_past_the_writer(
     Ok(())
 }
 
+/// The events writer of `room_id` among `writers`, computed as every process
+/// computes it: FNV-1a of the room ID, modulo the number of writers, in config
+/// order. The demo says it before the writers' `/metrics` confirm it.
+pub fn writer_for_room<'a>(room_id: &str, writers: &[&'a str]) -> &'a str {
+    let hash = room_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let index = usize::try_from(hash % writers.len() as u64).expect("an index below the number of writers");
+    writers[index]
+}
+
 /// `instance`'s recorded position on `stream`, read from `stream_positions`.
-pub(crate) fn recorded_position(url: &str, stream: &str, instance: &str) -> Option<i64> {
+pub fn recorded_position(url: &str, stream: &str, instance: &str) -> Option<i64> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
     runtime.block_on(async {
         let db = store_core::Database::connect(url).await.expect("connect to the deployment's database");
@@ -374,4 +411,18 @@ pub(crate) fn recorded_position(url: &str, stream: &str, instance: &str) -> Opti
         db.close().await;
         position
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::writer_for_room;
+
+    #[test]
+    fn rooms_hash_to_the_writer_the_server_picks() {
+        // The same rooms and answers as the server's `the_hash_is_fixed_across_releases`.
+        let writers = ["w0", "w1", "w2"];
+        let picked: Vec<&str> =
+            ["!a:b", "!b:b", "!c:b", "!d:b"].iter().map(|room| writer_for_room(room, &writers)).collect();
+        assert_eq!(picked, ["w2", "w1", "w2", "w0"]);
+    }
 }

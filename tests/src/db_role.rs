@@ -12,7 +12,7 @@ const ROLE_PREFIX: &str = "e2e_role_";
 /// A `LOGIN` role with what a process needs on one database; dropped with
 /// its privileges when this is dropped.
 #[derive(Debug)]
-pub(crate) struct DbRole {
+pub struct DbRole {
     name: String,
     /// The database, as the superuser that created it.
     admin_url: String,
@@ -55,7 +55,7 @@ impl DbRole {
     /// its superuser, after the master has created the tables), everything a
     /// process needs: all privileges on every table and sequence of `public`
     /// and the use of the schema.
-    pub(crate) fn create(database_url: &str) -> DbRole {
+    pub fn create(database_url: &str) -> DbRole {
         drop_abandoned_roles();
         let name = format!("{ROLE_PREFIX}{}_{}", std::process::id(), crate::deployment::free_port());
         let role = DbRole { name, admin_url: database_url.to_owned() };
@@ -71,17 +71,17 @@ impl DbRole {
     }
 
     /// The role's name, for `GRANT` and `REVOKE`.
-    pub(crate) fn name(&self) -> &str {
+    pub fn name(&self) -> &str {
         &self.name
     }
 
     /// The database's URL, connecting as this role.
-    pub(crate) fn url(&self) -> String {
+    pub fn url(&self) -> String {
         with_user(&self.admin_url, &self.name)
     }
 
     /// Runs `sql` on the database as its superuser (`REVOKE`, `GRANT`).
-    pub(crate) fn as_superuser(&self, sql: &str) {
+    pub fn as_superuser(&self, sql: &str) {
         execute(&self.admin_url, sql).unwrap_or_else(|err| panic!("{sql}: {err}"));
     }
 }
