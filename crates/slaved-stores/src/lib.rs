@@ -8,8 +8,9 @@
 //!   nothing needs nothing else; it implements every read mixin, so a handler
 //!   written against those serves it like the master.
 //! - [`DataStore`]: the read halves plus the write half of exactly the streams
-//!   this instance is configured to write (`[stream_writers]`), each built over
-//!   the reader already there, so a stream has one generator per process.
+//!   this instance is configured to write (`[stream_writers]`), each over the
+//!   one read half of its stream the context holds, so a stream has one
+//!   generator per process.
 //!
 //! **Invariant:** a process holds a `*Writer` only for the streams its settings
 //! say it writes; the generators of every other stream refuse to allocate.
@@ -63,10 +64,10 @@ impl Store for WorkerStore {
 
     async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
         Ok(WorkerStore {
-            events: Arc::new(EventsReader::new(db.clone(), conn, ctx).await?),
-            receipts: Arc::new(ReceiptsReader::new(db.clone(), conn, ctx).await?),
-            account_data: Arc::new(AccountDataReader::new(db.clone(), conn, ctx).await?),
-            users: Arc::new(UsersStore::new(db.clone(), conn, ctx).await?),
+            events: ctx.component(&db, conn).await?,
+            receipts: ctx.component(&db, conn).await?,
+            account_data: ctx.component(&db, conn).await?,
+            users: ctx.component(&db, conn).await?,
             ctx: ctx.clone(),
             db,
         })
@@ -127,17 +128,18 @@ pub struct DataStore {
     account_data: Option<AccountDataWriter>,
 }
 
-/// The write half over `reader` when this instance writes `stream`.
-fn writer_if<R, W>(
+/// `W` when this instance writes `stream`, built over the read half the
+/// context already holds.
+async fn writer_if<W: Store>(
+    db: &Database,
+    conn: &mut Transaction,
     ctx: &StoreContext,
     stream: StreamSpec,
-    reader: &Arc<R>,
-    over: fn(Arc<R>, &StoreContext) -> Result<W, StoreError>,
 ) -> Result<Option<W>, StoreError> {
     if !ctx.settings().is_writer_for(stream.name) {
         return Ok(None);
     }
-    over(Arc::clone(reader), ctx).map(Some)
+    W::new(db.clone(), conn, ctx).await.map(Some)
 }
 
 impl Store for DataStore {
@@ -150,12 +152,11 @@ impl Store for DataStore {
     }
 
     async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
-        let read = WorkerStore::new(db, conn, ctx).await?;
         Ok(DataStore {
-            events: writer_if(ctx, EVENTS, &read.events, EventsWriter::over)?,
-            receipts: writer_if(ctx, RECEIPTS, &read.receipts, ReceiptsWriter::over)?,
-            account_data: writer_if(ctx, ACCOUNT_DATA, &read.account_data, AccountDataWriter::over)?,
-            read,
+            events: writer_if(&db, conn, ctx, EVENTS).await?,
+            receipts: writer_if(&db, conn, ctx, RECEIPTS).await?,
+            account_data: writer_if(&db, conn, ctx, ACCOUNT_DATA).await?,
+            read: WorkerStore::new(db, conn, ctx).await?,
         })
     }
 }

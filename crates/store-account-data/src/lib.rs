@@ -270,32 +270,16 @@ pub struct AccountDataWriter {
 }
 
 impl AccountDataWriter {
-    /// Checks that this instance writes `account_data`, then builds the reader
-    /// half.
+    /// The write half: refused unless this instance writes `account_data`; it
+    /// allocates from the read half's generator, which it shares with the
+    /// rest of the process through `ctx`.
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
-
         ctx: &StoreContext,
     ) -> Result<AccountDataWriter, StoreError> {
-        // Checked before the reader registers its caches, so that a caller can
-        // fall back to a plain reader on the same registry.
         ctx.require_writer(ACCOUNT_DATA_STREAM)?;
-        let reader = AccountDataReader::new(db, conn, ctx).await?;
-        AccountDataWriter::over(Arc::new(reader), ctx)
-    }
-
-    /// The writer over an already-built reader half, so that a process keeps one
-    /// generator per stream. `reader` must have been built with `config`.
-    pub fn over(reader: Arc<AccountDataReader>, ctx: &StoreContext) -> Result<AccountDataWriter, StoreError> {
-        ctx.require_writer(ACCOUNT_DATA_STREAM)?;
-        if reader.instance_name != ctx.instance_name() {
-            return Err(StoreError::Misconfigured(format!(
-                "an `{ACCOUNT_DATA_STREAM}` writer for `{}` over a reader built for `{}`",
-                ctx.instance_name(),
-                reader.instance_name
-            )));
-        }
+        let reader = ctx.component::<AccountDataReader>(&db, conn).await?;
         Ok(AccountDataWriter { reader })
     }
 

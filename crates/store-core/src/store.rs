@@ -15,9 +15,11 @@
 //! A master store and a worker store implement the same read traits; only the
 //! stream's writers implement the write trait. See `docs/ARCHITECTURE.md`.
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::{
     BoxFuture, CacheRegistry, CachesStream, CachesStreamAdapter, Database, Migrations, MultiWriterConfig,
@@ -26,12 +28,28 @@ use crate::{
 };
 
 /// What every store half is built with besides the database and the start-up
-/// transaction: the settings from the config, and the process's shared cache
-/// registry and invalidation stream. Cheap to clone.
-#[derive(Debug, Clone)]
+/// transaction: the settings from the config, the process's shared cache
+/// registry and invalidation stream, and the halves built so far. Cheap to
+/// clone; clones share everything.
+///
+/// A half that needs another (a stream's write half needs its read half, whose
+/// generator it allocates from) asks the context for it with
+/// [`StoreContext::component`]: each half is built once per process, whoever
+/// asks first, as each of Synapse's mixins is initialised once.
+#[derive(Clone)]
 pub struct StoreContext {
     settings: Arc<StoreSettings>,
     caches: Arc<CachesStream>,
+    components: Arc<Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
+}
+
+impl fmt::Debug for StoreContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreContext")
+            .field("instance", &self.settings.instance_name)
+            .field("components", &self.lock_components().len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl StoreContext {
@@ -44,7 +62,42 @@ impl StoreContext {
     ) -> Result<StoreContext, StoreError> {
         let registry = CacheRegistry::new(settings.caches.clone());
         let caches = Arc::new(CachesStream::new(db.clone(), conn, &settings, registry).await?);
-        Ok(StoreContext { settings: Arc::new(settings), caches })
+        Ok(StoreContext { settings: Arc::new(settings), caches, components: Arc::default() })
+    }
+
+    /// The one `T` of this process, built with `new(db, conn, self)` the first
+    /// time any half asks for it and shared from then on.
+    ///
+    /// ```ignore
+    /// // A write half over the read half the composition also holds:
+    /// let reader: Arc<ReceiptsReader> = ctx.component(&db, conn).await?;
+    /// ```
+    pub async fn component<T: Store + 'static>(
+        &self,
+        db: &Database,
+        conn: &mut Transaction,
+    ) -> Result<Arc<T>, StoreError> {
+        if let Some(built) = self.built::<T>() {
+            return Ok(built);
+        }
+        // Built outside the lock: the constructor may ask for components of
+        // its own. `conn` is exclusive, so no one else builds meanwhile.
+        let built = Arc::new(T::new(db.clone(), conn, self).await?);
+        let mut components = self.lock_components();
+        let shared =
+            components.entry(TypeId::of::<T>()).or_insert_with(|| built as Arc<dyn Any + Send + Sync>);
+        Arc::clone(shared).downcast::<T>().map_err(|_| {
+            StoreError::Misconfigured("a store component is registered under another type".to_owned())
+        })
+    }
+
+    fn built<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
+        let component = self.lock_components().get(&TypeId::of::<T>()).cloned()?;
+        component.downcast::<T>().ok()
+    }
+
+    fn lock_components(&self) -> std::sync::MutexGuard<'_, HashMap<TypeId, Arc<dyn Any + Send + Sync>>> {
+        self.components.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// What the config says about this process and its deployment.
@@ -131,6 +184,9 @@ impl Store for StoreContext {
 }
 
 /// Several stores built on one start-up transaction and context, in order.
+/// Each part is built with its own `new`; a half that shares another (a
+/// writer its reader) takes it from [`StoreContext::component`], so list the
+/// writer rather than both.
 macro_rules! tuple_store {
     ($($part:ident),+) => {
         impl<$($part: Store),+> Store for ($($part,)+) {

@@ -32,24 +32,16 @@ pub struct ClientTxn {
 }
 
 impl EventsWriter {
-    /// Checks that this instance writes `events`, then builds the reader half.
+    /// The write half: refused unless this instance writes `events`; it
+    /// allocates from the read half's generator, which it shares with the
+    /// rest of the process through `ctx`.
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
-
         ctx: &StoreContext,
     ) -> Result<EventsWriter, StoreError> {
-        // Checked before the reader registers its caches, so that a caller can
-        // fall back to a plain reader on the same registry.
         ctx.require_writer(EVENTS_STREAM)?;
-        let reader = EventsReader::new(db, conn, ctx).await?;
-        EventsWriter::over(Arc::new(reader), ctx)
-    }
-
-    /// The writer over an already-built reader half, so that a process keeps one
-    /// generator per stream. `reader` must have been built with `config`.
-    pub fn over(reader: Arc<EventsReader>, ctx: &StoreContext) -> Result<EventsWriter, StoreError> {
-        ctx.require_writer(EVENTS_STREAM)?;
+        let reader = ctx.component::<EventsReader>(&db, conn).await?;
         Ok(EventsWriter { reader, instance_name: ctx.instance_name().to_owned() })
     }
 

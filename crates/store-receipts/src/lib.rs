@@ -330,24 +330,16 @@ pub struct ReceiptsWriter {
 }
 
 impl ReceiptsWriter {
-    /// Checks that this instance writes `receipts`, then builds the reader half.
+    /// The write half: refused unless this instance writes `receipts`; it
+    /// allocates from the read half's generator, which it shares with the
+    /// rest of the process through `ctx`.
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
-
         ctx: &StoreContext,
     ) -> Result<ReceiptsWriter, StoreError> {
-        // Checked before the reader registers its caches, so that a caller can
-        // fall back to a plain reader on the same registry.
         ctx.require_writer(RECEIPTS_STREAM)?;
-        let reader = ReceiptsReader::new(db, conn, ctx).await?;
-        ReceiptsWriter::over(Arc::new(reader), ctx)
-    }
-
-    /// The writer over an already-built reader half, so that a process keeps one
-    /// generator per stream. `reader` must have been built with `config`.
-    pub fn over(reader: Arc<ReceiptsReader>, ctx: &StoreContext) -> Result<ReceiptsWriter, StoreError> {
-        ctx.require_writer(RECEIPTS_STREAM)?;
+        let reader = ctx.component::<ReceiptsReader>(&db, conn).await?;
         Ok(ReceiptsWriter { reader, instance_name: ctx.instance_name().to_owned() })
     }
 

@@ -47,7 +47,7 @@ engine_tests!(
     room_data_is_per_room_and_apart_from_global_data,
     a_follower_applying_rows_serves_fresh_data,
     catch_up_is_cut_at_the_limit,
-    a_non_writer_is_refused_by_both_constructors
+    a_non_writer_is_refused_and_a_writer_shares_the_processs_reader
 );
 
 async fn global_data_is_cached_and_fresh_after_overwrite(test_db: TestDb) -> TestResult {
@@ -190,28 +190,21 @@ async fn catch_up_is_cut_at_the_limit(test_db: TestDb) -> TestResult {
     Ok(())
 }
 
-async fn a_non_writer_is_refused_by_both_constructors(test_db: TestDb) -> TestResult {
-    let config = follower();
-    let refused = build_writer(&test_db.db, &config).await;
+async fn a_non_writer_is_refused_and_a_writer_shares_the_processs_reader(test_db: TestDb) -> TestResult {
+    let refused = build_writer(&test_db.db, &follower()).await;
     assert!(
         matches!(&refused, Err(StoreError::NotAWriter { stream, instance }) if stream == "account_data" && instance == "worker1"),
         "{refused:?}"
     );
-    let (ctx, reader) = build_reader(&test_db.db, &config).await?;
-    let refused = AccountDataWriter::over(Arc::new(reader), &ctx);
-    assert!(matches!(refused, Err(StoreError::NotAWriter { .. })), "{refused:?}");
 
-    // A writer's config over a reader built for another instance would stamp rows
-    // with the wrong writer.
-    let (_ctx, reader) = build_reader(&test_db.db, &config).await?;
-    let master_ctx: StoreContext = build_alone(&test_db.db, &StoreSettings::single_process()).await?;
-    let refused = AccountDataWriter::over(Arc::new(reader), &master_ctx);
-    assert!(matches!(refused, Err(StoreError::Misconfigured(_))), "{refused:?}");
-
-    // The writer's own config is accepted, and the writer shares the reader.
-    let (master, reader) = build_reader(&test_db.db, &StoreSettings::single_process()).await?;
-    let reader = Arc::new(reader);
-    let writer = AccountDataWriter::over(Arc::clone(&reader), &master)?;
+    // The writer allocates from the one reader of the process, the one the
+    // context hands every half that asks for it.
+    let db = &test_db.db;
+    let (ctx, writer) =
+        build_alone::<(StoreContext, AccountDataWriter)>(db, &StoreSettings::single_process()).await?;
+    let mut conn = db.begin("ask_for_the_reader").await?;
+    let reader: Arc<AccountDataReader> = ctx.component(db, &mut conn).await?;
+    conn.commit().await?;
     assert!(Arc::ptr_eq(&writer.shared_reader(), &reader));
     let id = writer.add_account_data("@a:x", None, "m.direct", &json!({})).await?;
     assert_eq!(reader.stream().get_current_token(), id);
