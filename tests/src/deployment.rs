@@ -53,6 +53,8 @@ pub struct Deployment {
     replication_via: BTreeMap<String, String>,
     /// Instances that connect to the database with another URL (another role).
     database_urls: BTreeMap<String, String>,
+    /// What the master and the other instances run.
+    binaries: (Binary, Binary),
 }
 
 /// A loopback port nothing listens on, for a process of the deployment (or a
@@ -101,7 +103,17 @@ impl Deployment {
             redis_url: REDIS.to_owned(),
             replication_via: BTreeMap::new(),
             database_urls: BTreeMap::new(),
+            binaries: (Binary::Master, Binary::Worker),
         }
+    }
+
+    /// The same deployment running `master` for the master and `worker` for
+    /// every other instance: a server built on these crates with store crates
+    /// of its own.
+    #[must_use]
+    pub fn running(mut self, master: Binary, worker: Binary) -> Deployment {
+        self.binaries = (master, worker);
+        self
     }
 
     /// The client API's reference topology over Redis: `master`, the event
@@ -209,8 +221,8 @@ impl Deployment {
         path
     }
 
-    fn binary(instance: &str) -> Binary {
-        if instance == "master" { Binary::Master } else { Binary::Worker }
+    fn binary(&self, instance: &str) -> Binary {
+        if instance == "master" { self.binaries.0 } else { self.binaries.1 }
     }
 
     /// The deployment's config of `instance`.
@@ -227,19 +239,19 @@ impl Deployment {
     /// start.
     pub fn try_start(&self, instance: &str) -> Result<Server, Failure> {
         let path = self.write_config(instance, &self.config(instance)).display().to_string();
-        Server::try_start(Deployment::binary(instance), &["--config", &path], self.dir.path())
+        Server::try_start(self.binary(instance), &["--config", &path], self.dir.path())
     }
 
     /// Starts `instance` with `config` (the deployment's, edited).
     pub fn start_with_config(&self, instance: &str, config: &str) -> Server {
         let path = self.write_config(instance, config).display().to_string();
-        Server::start(Deployment::binary(instance), &["--config", &path], self.dir.path())
+        Server::start(self.binary(instance), &["--config", &path], self.dir.path())
     }
 
     /// Runs `instance` with `config`, expecting it to fail at start-up.
     pub fn fail_to_start(&self, instance: &str, config: &str) -> Finished {
         let path = self.write_config(instance, config).display().to_string();
-        run_to_exit(Deployment::binary(instance), &["--config", &path], self.dir.path())
+        run_to_exit(self.binary(instance), &["--config", &path], self.dir.path())
     }
 }
 

@@ -12,13 +12,17 @@ use std::time::{Duration, Instant};
 /// How long a process may take to start or to stop.
 pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Which binary to run: the package's `e2e-master` or `e2e-worker`.
+/// Which binary to run: the package's `e2e-master` or `e2e-worker`, or
+/// another built into the same target directory (a downstream server's).
 #[derive(Debug, Clone, Copy)]
 pub enum Binary {
     /// `e2e-master`, the `master` entry point.
     Master,
     /// `e2e-worker`, the `worker` entry point.
     Worker,
+    /// A binary of another package, by name, built beside the running test
+    /// (a package's tests are built after its binaries).
+    Named(&'static str),
 }
 
 impl Binary {
@@ -32,6 +36,7 @@ impl Binary {
         let name = match self {
             Binary::Master => "e2e-master",
             Binary::Worker => "e2e-worker",
+            Binary::Named(name) => name,
         };
         let exe = std::env::current_exe().expect("the path of the running executable");
         let mut dir = exe.parent().expect("an executable lives in a directory");

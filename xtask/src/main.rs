@@ -226,7 +226,7 @@ fn deps(sh: &Shell) -> anyhow::Result<()> {
 fn tidy() -> anyhow::Result<()> {
     let root = project_root();
     let mut missing_docs = Vec::new();
-    for dir in ["crates", "xtask", "tests"] {
+    for dir in ["crates", "examples", "xtask", "tests"] {
         visit_rust_files(&root.join(dir), &mut |path| {
             let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
             if !text.trim_start().starts_with("//!") {
@@ -248,13 +248,16 @@ fn tidy() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every `migrations/` folder of a crate: each store crate owns its schema.
+/// Every `migrations/` folder of a crate (ours and the examples'): each store
+/// crate owns its schema.
 fn migration_dirs(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut dirs = Vec::new();
-    for entry in std::fs::read_dir(root.join("crates")).context("read crates/")? {
-        let dir = entry?.path().join("migrations");
-        if dir.is_dir() {
-            dirs.push(dir);
+    for parent in ["crates", "examples"] {
+        for entry in std::fs::read_dir(root.join(parent)).with_context(|| format!("read {parent}/"))? {
+            let dir = entry?.path().join("migrations");
+            if dir.is_dir() {
+                dirs.push(dir);
+            }
         }
     }
     dirs.sort();

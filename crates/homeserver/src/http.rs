@@ -4,7 +4,6 @@
 //! The client API (`crate::client`) is merged in here. `docs/http.md` documents
 //! the endpoints.
 
-use slaved_stores::prelude::*;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -15,7 +14,6 @@ use axum::{Json, Router};
 use replication::{Hub, TypingStream};
 use serde_json::{Value, json};
 use server_config::ServerConfig;
-use slaved_stores::DataStore;
 use store_core::InstanceIds;
 
 use crate::client::{ClientError, RoomLocks, require_secret};
@@ -26,7 +24,7 @@ use crate::metrics;
 #[derive(Debug, Clone)]
 pub(crate) struct AppState {
     pub(crate) config: Arc<ServerConfig>,
-    pub(crate) store: Arc<DataStore>,
+    pub(crate) store: Arc<dyn crate::ServerStore>,
     pub(crate) hub: Arc<Hub>,
     /// Who types where.
     pub(crate) typing: Arc<TypingStream>,
@@ -38,7 +36,9 @@ pub(crate) struct AppState {
     pub(crate) shutting_down: tokio::sync::watch::Receiver<bool>,
 }
 
-pub(crate) fn router(state: AppState) -> Router {
+/// The listener's routes: ours, the client API, the internal endpoints, and
+/// `extra` (what a server with store crates of its own adds).
+pub(crate) fn router(state: AppState, extra: Router) -> Router {
     let internal =
         replication::http::router(Arc::clone(&state.hub), state.config.worker_replication_secret.as_deref());
     let own = Router::new()
@@ -51,6 +51,7 @@ pub(crate) fn router(state: AppState) -> Router {
     own.with_state(state.clone())
         .merge(crate::client::router(state))
         .merge(internal)
+        .merge(extra)
         .fallback(crate::client::unrecognized)
 }
 

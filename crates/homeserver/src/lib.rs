@@ -1,14 +1,17 @@
 //! What the `master` and `worker` binaries run: parse the command line and config,
-//! connect to the database (applying migrations), build the stores
-//! (`slaved_stores::DataStore`: the read side of every stream, the write side of
-//! the streams this instance writes), start replication, serve HTTP until SIGINT
-//! or SIGTERM, then shut down cleanly: finish the requests in flight, record the
-//! final positions, send them and `CLEAR_USER_SYNC`, close.
+//! connect to the database, build the stores (applying their migrations), start
+//! replication, serve HTTP until SIGINT or SIGTERM, then shut down cleanly:
+//! finish the requests in flight, record the final positions, send them and
+//! `CLEAR_USER_SYNC`, close.
 //!
-//! Both binaries are one call to [`main`] with their [`Role`]; the role changes
-//! only a few config rules (a worker needs PostgreSQL and a replication transport)
-//! and the defaults. Which streams a process writes comes from the config, not
-//! from the binary.
+//! Both reference binaries are one call to [`main`] with their [`Role`], on the
+//! reference composition `slaved_stores::DataStore`. A server with store crates
+//! of its own calls [`main_with`] instead, with its own composition (any
+//! [`ServerStore`]) and the routes that serve its crates: every stream of the
+//! composition is then replicated, reported and recorded like ours. The role
+//! changes only a few config rules (a worker needs PostgreSQL and a replication
+//! transport) and the defaults. Which streams a process writes comes from the
+//! config, not from the binary.
 
 use slaved_stores::prelude::*;
 use std::io::IsTerminal as _;
@@ -20,7 +23,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use server_config::{DEFAULT_SQLITE_URL, Overrides, Role, ServerConfig};
 use slaved_stores::DataStore;
-use store_core::{Database, DatabaseOptions, build_store};
+use store_core::{Composition, Database, DatabaseOptions, Store, build_store};
 
 mod client;
 mod http;
@@ -56,9 +59,48 @@ pub struct Cli {
     pub http_listen: Option<String>,
 }
 
-/// Runs a process to completion and turns the outcome into an exit code: 0 after
-/// a clean shutdown, 1 with one `error: …` line on stderr otherwise.
+/// What the reference server needs of a process's top-level store: the streams
+/// it runs ([`Composition`]), and the events, receipts and accounts the client
+/// API serves. A composition with more store crates than ours is one too.
+pub trait ServerStore: Composition + EventsWriteStore + ReceiptsWriteStore + HasUsers {}
+
+impl<S: Composition + EventsWriteStore + ReceiptsWriteStore + HasUsers> ServerStore for S {}
+
+/// Re-exported so that routes added through [`main_with`] are built with the
+/// same axum as the listener they join.
+pub use axum;
+
+/// Runs a reference process (`slaved_stores::DataStore`) to completion and
+/// turns the outcome into an exit code: 0 after a clean shutdown, 1 with one
+/// `error: …` line on stderr otherwise.
 pub fn main(role: Role) -> ExitCode {
+    main_with::<DataStore, _>(role, |_store, _config| axum::Router::new())
+}
+
+/// Runs a process on the composition `S` to completion, like [`main`]: `S` is
+/// built with `build_store` (its crates' migrations first), every stream it
+/// lists is followed, and those this instance writes are announced; `routes`
+/// gets the built store and the config and returns what the process serves
+/// beyond the reference server's endpoints, merged into the same listener.
+///
+/// ```no_run
+/// use std::process::ExitCode;
+///
+/// use homeserver::axum::{Router, routing::get};
+/// use server_config::Role;
+/// use slaved_stores::DataStore;
+///
+/// fn main() -> ExitCode {
+///     homeserver::main_with::<DataStore, _>(Role::Master, |_store, _config| {
+///         Router::new().route("/hello", get(|| async { "hello" }))
+///     })
+/// }
+/// ```
+pub fn main_with<S, R>(role: Role, routes: R) -> ExitCode
+where
+    S: Store + ServerStore,
+    R: FnOnce(Arc<S>, &ServerConfig) -> axum::Router + Send + 'static,
+{
     let cli = Cli::parse();
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -68,7 +110,7 @@ pub fn main(role: Role) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(role, cli)) {
+    match runtime.block_on(run::<S, R>(role, cli, routes)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // `{:#}` joins the context chain on one line: one clear line per failure.
@@ -103,7 +145,11 @@ pub fn load_config(role: Role, cli: &Cli) -> anyhow::Result<ServerConfig> {
     Ok(config)
 }
 
-async fn run(role: Role, cli: Cli) -> anyhow::Result<()> {
+async fn run<S, R>(role: Role, cli: Cli, routes: R) -> anyhow::Result<()>
+where
+    S: Store + ServerStore,
+    R: FnOnce(Arc<S>, &ServerConfig) -> axum::Router,
+{
     let config = load_config(role, &cli)?;
     // Every process serves the client API, which forwards writes to their writers.
     config.check_client_forwarding()?;
@@ -119,8 +165,9 @@ async fn run(role: Role, cli: Cli) -> anyhow::Result<()> {
     tracing::debug!(url = %config.database.url, "connecting to the database");
     let options = DatabaseOptions { pool_size: config.database.pool_size, ..DatabaseOptions::default() };
     let db = Database::connect_with(&config.database.url, &options).await.context("open the database")?;
-    let store =
-        Arc::new(build_store::<DataStore>(&db, &config.store_settings()).await.context("build the stores")?);
+    let store = Arc::new(build_store::<S>(&db, &config.store_settings()).await.context("build the stores")?);
+    let extra_routes = routes(Arc::clone(&store), &config);
+    let store: Arc<dyn ServerStore> = store;
     let migrations = db.migrations();
     if !migrations.applied_now.is_empty() || !migrations.adopted_now.is_empty() {
         tracing::info!(
@@ -129,7 +176,7 @@ async fn run(role: Role, cli: Cli) -> anyhow::Result<()> {
             "applied database migrations"
         );
     }
-    let replication = replicate::Replication::start(&config, &store).await?;
+    let replication = replicate::Replication::start(&config, store.as_ref()).await?;
 
     let address = listener.local_addr().context("read the HTTP listener's address")?;
     let signals = listen_for_shutdown()?;
@@ -137,15 +184,18 @@ async fn run(role: Role, cli: Cli) -> anyhow::Result<()> {
 
     let config = Arc::new(config);
     let (shutdown_started, shutting_down) = tokio::sync::watch::channel(false);
-    let app = http::router(http::AppState {
-        config: Arc::clone(&config),
-        store: Arc::clone(&store),
-        hub: Arc::clone(&replication.hub),
-        typing: Arc::clone(&replication.typing),
-        instance_ids: Arc::new(store_core::InstanceIds::new(db.clone())),
-        room_locks: Arc::default(),
-        shutting_down,
-    });
+    let app = http::router(
+        http::AppState {
+            config: Arc::clone(&config),
+            store: Arc::clone(&store),
+            hub: Arc::clone(&replication.hub),
+            typing: Arc::clone(&replication.typing),
+            instance_ids: Arc::new(store_core::InstanceIds::new(db.clone())),
+            room_locks: Arc::default(),
+            shutting_down,
+        },
+        extra_routes,
+    );
     // Graceful: requests in flight (writes among them) finish first.
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal(signals, shutdown_started))

@@ -7,7 +7,6 @@
 //! in-flight write (`homeserver_stream_oldest_in_flight_seconds`), how long each
 //! replication peer has been silent, and the catch-up backlog.
 
-use slaved_stores::prelude::*;
 use std::fmt::Write as _;
 
 use crate::http::AppState;

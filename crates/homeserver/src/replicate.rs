@@ -2,7 +2,6 @@
 //! its stores, plus the in-memory ones), the streams it writes, the hub, and
 //! the transports `[replication]` asks for.
 
-use slaved_stores::prelude::*;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +10,6 @@ use replication::http::HttpFetcher;
 use replication::typing::{TYPING_STREAM, TypingFollower, TypingWriter};
 use replication::{Hub, Inbound, Outbound, Settings, Stream, TypingStream};
 use server_config::ServerConfig;
-use slaved_stores::DataStore;
 use tokio::task::JoinHandle;
 
 /// How often expired typing notifications are cleared on the typing writer.
@@ -31,7 +29,10 @@ pub(crate) struct Replication {
 impl Replication {
     /// Builds the hub over `store`'s streams and starts the streamer and the
     /// transports.
-    pub(crate) async fn start(config: &ServerConfig, store: &DataStore) -> anyhow::Result<Replication> {
+    pub(crate) async fn start(
+        config: &ServerConfig,
+        store: &dyn crate::ServerStore,
+    ) -> anyhow::Result<Replication> {
         let mut followed = store.replication_streams();
         let mut written = store.written_streams();
         let typing_writer = if config.is_writer_for(TYPING_STREAM) {

@@ -7,7 +7,6 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use slaved_stores::prelude::*;
 use store_events::NewEvent;
 
 use crate::client::{ClientError, detached, require_secret};

@@ -128,20 +128,6 @@ pub struct DataStore {
     account_data: Option<AccountDataWriter>,
 }
 
-/// `W` when this instance writes `stream`, built over the read half the
-/// context already holds.
-async fn writer_if<W: Store>(
-    db: &Database,
-    conn: &mut Transaction,
-    ctx: &StoreContext,
-    stream: StreamSpec,
-) -> Result<Option<W>, StoreError> {
-    if !ctx.settings().is_writer_for(stream.name) {
-        return Ok(None);
-    }
-    W::new(db.clone(), conn, ctx).await.map(Some)
-}
-
 impl Store for DataStore {
     fn migrations() -> Vec<&'static Migrations> {
         WorkerStore::migrations()
@@ -153,9 +139,9 @@ impl Store for DataStore {
 
     async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
         Ok(DataStore {
-            events: writer_if(&db, conn, ctx, EVENTS).await?,
-            receipts: writer_if(&db, conn, ctx, RECEIPTS).await?,
-            account_data: writer_if(&db, conn, ctx, ACCOUNT_DATA).await?,
+            events: ctx.writer(&db, conn, EVENTS).await?,
+            receipts: ctx.writer(&db, conn, RECEIPTS).await?,
+            account_data: ctx.writer(&db, conn, ACCOUNT_DATA).await?,
             read: WorkerStore::new(db, conn, ctx).await?,
         })
     }

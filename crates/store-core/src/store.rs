@@ -91,6 +91,20 @@ impl StoreContext {
         })
     }
 
+    /// The write half `W` of `stream` when this instance writes it, `None`
+    /// otherwise: what a composition holds for each stream it may write.
+    pub async fn writer<W: Store>(
+        &self,
+        db: &Database,
+        conn: &mut Transaction,
+        stream: StreamSpec,
+    ) -> Result<Option<W>, StoreError> {
+        if !stream.writers(&self.settings).contains(&self.settings.instance_name) {
+            return Ok(None);
+        }
+        W::new(db.clone(), conn, self).await.map(Some)
+    }
+
     fn built<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
         let component = self.lock_components().get(&TypeId::of::<T>()).cloned()?;
         component.downcast::<T>().ok()

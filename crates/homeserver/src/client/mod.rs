@@ -15,7 +15,6 @@ mod rooms;
 mod sync;
 mod writes;
 
-use slaved_stores::prelude::*;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;

@@ -8,7 +8,6 @@ use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use slaved_stores::prelude::*;
 use store_core::MultiWriterToken;
 use store_events::Event;
 use store_receipts::ReceiptRow;

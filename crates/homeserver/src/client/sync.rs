@@ -9,7 +9,6 @@
 //! (below another writer's position, after it was announced) comes in a later
 //! sync: never skipped, never twice.
 
-use slaved_stores::prelude::*;
 use std::collections::BTreeMap;
 use std::time::Duration;
 

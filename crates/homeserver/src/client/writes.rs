@@ -13,7 +13,6 @@
 //! has itself seen the write's position, so the client reads its own writes
 //! from the process it wrote through.
 
-use slaved_stores::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

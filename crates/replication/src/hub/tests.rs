@@ -173,7 +173,7 @@ fn instance() -> impl Strategy<Value = String> {
 }
 
 fn stream_name() -> impl Strategy<Value = String> {
-    prop::sample::select(vec!["events", TYPING_STREAM, "caches", "presence"]).prop_map(str::to_owned)
+    prop::sample::select(vec!["events", TYPING_STREAM, "caches", "device_lists"]).prop_map(str::to_owned)
 }
 
 fn token() -> impl Strategy<Value = i64> {

@@ -195,8 +195,8 @@ async fn echoes_unknown_streams_and_bad_rows() -> TestResult {
     worker.inbound.handle(&mut link, position_command("events", "worker1", before + 10, before + 10)).await?;
     assert_eq!(events.current_token("worker1"), before);
     // A stream this process does not know: ignored.
-    worker.inbound.handle(&mut link, position_command("presence", "master", 5, 9)).await?;
-    worker.inbound.handle(&mut link, rdata("presence", "master", Some(9), RowJson::new("[1]")?)).await?;
+    worker.inbound.handle(&mut link, position_command("device_lists", "master", 5, 9)).await?;
+    worker.inbound.handle(&mut link, rdata("device_lists", "master", Some(9), RowJson::new("[1]")?)).await?;
     // A row that is not an events row, from a writer in sequence: an error, and
     // nothing moves.
     let current = events.current_token("master");
