@@ -40,6 +40,20 @@ fn cache_counter(server: &Server, family: &str) -> f64 {
     metric_with(&server.get("/metrics").1, family, &[("cache", "get_presence")])
 }
 
+/// Until `follower` knows the master's position on `presence` to be where the
+/// master says it is.
+fn applied_the_masters_presence(master: &Server, follower: &Server) {
+    let position = get_json(master, "/admin/v1/streams")["streams"]["presence"]["own_position"].clone();
+    let position = position.as_i64().expect("the master writes presence");
+    eventually("the follower applies the master's presence", Duration::from_secs(5), || {
+        let known = get_json(follower, "/admin/v1/streams")["streams"]["presence"]["writers"]["master"].clone();
+        match known.as_i64() {
+            Some(known) if known >= position => Ok(()),
+            _ => Err(format!("at {known}, the master at {position}")),
+        }
+    });
+}
+
 /// The stream in `/admin/v1/streams`, with `master` as its writer, and in
 /// `/metrics`.
 fn reports_the_stream(server: &Server) {
@@ -62,6 +76,9 @@ fn presence_reaches_the_worker_and_its_cache(transport: Transport) {
     let alice_on_worker = alice.on(&worker.base_url);
 
     set(&alice, "online", "at lunch");
+    // Once the worker has applied the row, a read fills its cache (before
+    // that, a read may fill it with what the row then invalidates).
+    applied_the_masters_presence(&master, &worker);
     sees(&alice_on_worker, "online", "at lunch");
     // Read again: answered by the worker's cache.
     let hits = cache_counter(&worker, "homeserver_cache_hits_total");
