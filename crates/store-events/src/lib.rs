@@ -17,6 +17,11 @@ pub mod rows;
 mod stream;
 mod writer;
 
+#[cfg(test)]
+mod tests;
+
+use std::sync::OnceLock;
+
 use store_core::{CacheWeight, StreamSpec, WriterRule};
 
 pub use reader::{
@@ -67,13 +72,24 @@ pub struct NewEvent {
 impl NewEvent {
     /// For `m.room.member` events, the membership (`join`, `leave`, …) from the
     /// content; `None` otherwise or when the content has none.
+    ///
+    /// This parses the content on every call: a persisted [`Event`] keeps the
+    /// result, so code holding one should ask [`Event::membership`] instead.
     pub fn membership(&self) -> Option<String> {
-        if self.event_type != "m.room.member" {
-            return None;
-        }
-        let content: serde_json::Value = serde_json::from_str(&self.content).ok()?;
-        content.get("membership")?.as_str().map(str::to_owned)
+        parse_membership(&self.event_type, &self.content)
     }
+}
+
+/// The one reading of a membership from an event's content: `None` unless the
+/// type is `m.room.member` (checked first, so other events are never parsed)
+/// and the content is a JSON object whose `membership` is a string. Content
+/// that is not JSON is treated as having no membership, never as an error.
+fn parse_membership(event_type: &str, content: &str) -> Option<String> {
+    if event_type != "m.room.member" {
+        return None;
+    }
+    let content: serde_json::Value = serde_json::from_str(content).ok()?;
+    content.get("membership")?.as_str().map(str::to_owned)
 }
 
 // Both destructure, so that a new field cannot be left out of the weight.
@@ -85,7 +101,14 @@ impl CacheWeight for NewEvent {
 }
 
 /// A persisted event.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// It remembers its membership ([`Event::membership`]) once parsed, or as the
+/// writer recorded it: the event cache hands out the same `Arc<Event>` to every
+/// reader, and the replication catch-up needs the membership of every member
+/// event it sends, so the content is parsed at most once per loaded event, and
+/// only when asked. The memory follows the content as loaded: code that
+/// changes `event` of an `Event` must not ask it for its membership after.
+#[derive(Clone, Eq)]
 pub struct Event {
     /// Its position on the `events` stream (negative when backfilled).
     pub stream_ordering: i64,
@@ -95,11 +118,64 @@ pub struct Event {
     pub room_id: String,
     /// The event itself.
     pub event: NewEvent,
+    /// [`NewEvent::membership`] of `event`, filled on first use. Derived from
+    /// `event`, so equality and `Debug` leave it out.
+    membership: OnceLock<Option<String>>,
+}
+
+impl Event {
+    /// The event as loaded from the database; its membership is parsed later,
+    /// if ever asked for.
+    pub(crate) fn new(stream_ordering: i64, instance_name: String, room_id: String, event: NewEvent) -> Self {
+        Event { stream_ordering, instance_name, room_id, event, membership: OnceLock::new() }
+    }
+
+    /// Records `membership`, read elsewhere from this same content (the writer's
+    /// `room_memberships` row), so that [`Event::membership`] does not parse it.
+    /// Does nothing if the event already knows its membership.
+    pub(crate) fn remember_membership(&self, membership: String) {
+        // Already set means already read from the same content: same value.
+        let _already_known = self.membership.set(Some(membership));
+    }
+
+    /// For `m.room.member` events, the membership from the content, as
+    /// [`NewEvent::membership`] reads it, parsed on the first call only.
+    pub fn membership(&self) -> Option<&str> {
+        self.membership
+            .get_or_init(|| parse_membership(&self.event.event_type, &self.event.content))
+            .as_deref()
+    }
+}
+
+// By hand, to leave out the remembered membership: two loads of one event are
+// equal whether or not either was asked for its membership.
+impl PartialEq for Event {
+    fn eq(&self, other: &Self) -> bool {
+        let Event { stream_ordering, instance_name, room_id, event, membership: _ } = self;
+        *stream_ordering == other.stream_ordering
+            && *instance_name == other.instance_name
+            && *room_id == other.room_id
+            && *event == other.event
+    }
+}
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Event { stream_ordering, instance_name, room_id, event, membership: _ } = self;
+        f.debug_struct("Event")
+            .field("stream_ordering", stream_ordering)
+            .field("instance_name", instance_name)
+            .field("room_id", room_id)
+            .field("event", event)
+            .finish()
+    }
 }
 
 impl CacheWeight for Event {
     fn weight(&self) -> usize {
-        let Event { stream_ordering: _, instance_name, room_id, event } = self;
+        // The membership is at most a short word, filled after the cache
+        // weighed the entry: it is left out rather than counted late.
+        let Event { stream_ordering: _, instance_name, room_id, event, membership: _ } = self;
         instance_name.weight() + room_id.weight() + event.weight()
     }
 }

@@ -436,11 +436,13 @@ impl EventsReader {
             .await
     }
 
-    /// At most `limit` of `writer`'s events matching `range_sql`, a condition
-    /// (with its `ORDER BY`) on the bounds bound to `$2` and `$3`.
+    /// At most `limit` of `writer`'s events selected by `select_sql` (whose rows
+    /// `from_row` reads) and matching `range_sql`, a condition (with its
+    /// `ORDER BY`) on the bounds bound to `$2` and `$3`.
     async fn writer_events(
         &self,
         interaction: &'static str,
+        (select_sql, from_row): (&'static str, EventFromRow),
         range_sql: &'static str,
         writer: &str,
         (bound_2, bound_3): (i64, i64),
@@ -452,9 +454,9 @@ impl EventsReader {
             .run_autocommit(interaction, move |txn| {
                 let writer = writer.clone();
                 Box::pin(async move {
-                    let sql = format!("{SELECT_EVENT} WHERE instance_name = $1 AND {range_sql} LIMIT $4");
+                    let sql = format!("{select_sql} WHERE instance_name = $1 AND {range_sql} LIMIT $4");
                     let rows = txn.query(&sql, &[&writer, &bound_2, &bound_3, &limit]).await?;
-                    rows.iter().map(event_from_row).collect::<Result<Vec<_>, _>>()
+                    rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()
                 })
             })
             .await
@@ -476,7 +478,8 @@ impl EventsReader {
         let events = self
             .writer_events(
                 "get_events_updates",
-                "stream_ordering > $2 AND stream_ordering <= $3 ORDER BY stream_ordering",
+                (SELECT_EVENT_AND_MEMBERSHIP, event_and_membership_from_row),
+                "e.stream_ordering > $2 AND e.stream_ordering <= $3 ORDER BY e.stream_ordering",
                 writer,
                 (from, to),
                 limit,
@@ -521,6 +524,7 @@ impl EventsReader {
         let events = self
             .writer_events(
                 "get_backfill_updates",
+                (SELECT_EVENT, event_from_row),
                 "stream_ordering < $2 AND stream_ordering >= $3 ORDER BY stream_ordering DESC",
                 writer,
                 (-from, -to),
@@ -623,11 +627,11 @@ pub(crate) const SELECT_EVENT: &str = "SELECT stream_ordering, instance_name, ev
      origin_server_ts, content FROM events";
 
 pub(crate) fn event_from_row(row: &Row) -> Result<Event, StoreError> {
-    Ok(Event {
-        stream_ordering: row.get(0)?,
-        instance_name: row.get(1)?,
-        room_id: row.get(3)?,
-        event: NewEvent {
+    Ok(Event::new(
+        row.get(0)?,
+        row.get(1)?,
+        row.get(3)?,
+        NewEvent {
             event_id: row.get(2)?,
             event_type: row.get(4)?,
             state_key: row.get(5)?,
@@ -635,9 +639,37 @@ pub(crate) fn event_from_row(row: &Row) -> Result<Event, StoreError> {
             origin_server_ts: row.get(7)?,
             content: row.get(8)?,
         },
-    })
+    ))
 }
 
+/// Reads an event from a row of the query it goes with.
+type EventFromRow = fn(&Row) -> Result<Event, StoreError>;
+
+/// [`SELECT_EVENT`] and the membership the writer recorded for the event in
+/// `room_memberships` (`NULL` when it recorded none), for
+/// [`event_and_membership_from_row`]. Columns are qualified: both tables have
+/// `event_id`, `room_id`, `sender` and `stream_ordering`.
+const SELECT_EVENT_AND_MEMBERSHIP: &str = "SELECT e.stream_ordering, e.instance_name, e.event_id, e.room_id, \
+     e.type, e.state_key, e.sender, e.origin_server_ts, e.content, m.membership \
+     FROM events AS e LEFT JOIN room_memberships AS m ON m.event_id = e.event_id";
+
+/// An event of [`SELECT_EVENT_AND_MEMBERSHIP`], which already knows its
+/// membership when the writer recorded one: the writer parsed it from this very
+/// content when it persisted the event (`room_memberships.membership` is
+/// [`NewEvent::membership`]), so replicating the event does not parse it again.
+/// Without one (not a member event, an unreadable membership, a member event
+/// without a state key) the event parses its content if asked, as before.
+fn event_and_membership_from_row(row: &Row) -> Result<Event, StoreError> {
+    let event = event_from_row(row)?;
+    if let Some(membership) = row.get::<Option<String>>(9)? {
+        event.remember_membership(membership);
+    }
+    Ok(event)
+}
+
+/// The `ev` row of `event`; its membership comes from [`Event::membership`],
+/// so an event that already knows it (recorded, or asked before) is not parsed
+/// again.
 pub(crate) fn event_row(event: &Event) -> EventRow {
     EventRow {
         event_id: event.event.event_id.clone(),
@@ -646,7 +678,7 @@ pub(crate) fn event_row(event: &Event) -> EventRow {
         state_key: event.event.state_key.clone(),
         redacts: None,
         relates_to: None,
-        membership: event.event.membership(),
+        membership: event.membership().map(str::to_owned),
         rejected: false,
         outlier: false,
     }

@@ -84,7 +84,8 @@ engine_tests!(
     catch_up_queries_cut_at_the_limit,
     writes_invalidate_the_caches_they_make_stale,
     backfilled_events_count_down,
-    client_reads_by_writer_transaction_and_membership
+    client_reads_by_writer_transaction_and_membership,
+    catch_up_rows_carry_the_membership_the_content_gives
 );
 
 /// What the client API reads: a room's events by writer, a client
@@ -453,5 +454,59 @@ async fn change_caches_know_rows_above_the_current_token_at_start_up() -> TestRe
     assert!(reader.membership_changes().has_entity_changed("@b:example.com", current));
     assert!(reader.state_changes().has_entity_changed(ROOM, current));
     drop(held);
+    Ok(())
+}
+
+/// The catch-up's `ev` rows carry each event's membership as its content gives
+/// it, whether the writer recorded one (a member state event) or not (invalid
+/// content, a member event without a state key, other events).
+async fn catch_up_rows_carry_the_membership_the_content_gives(test_db: TestDb) -> TestResult {
+    let process = start(&test_db.db, &StoreSettings::single_process()).await?;
+    let writer = process.writer();
+    let before = writer.reader().events_stream().get_current_token();
+    let with_content = |id: &str, event_type: &str, state_key: Option<&str>, content: &str| NewEvent {
+        event_id: id.to_owned(),
+        event_type: event_type.to_owned(),
+        state_key: state_key.map(str::to_owned),
+        sender: "@alice:example.com".to_owned(),
+        origin_server_ts: 4,
+        content: content.to_owned(),
+    };
+    let cases = [
+        (member("$join", "@alice:example.com", "join"), Some("join")),
+        (member("$invite", "@bob:example.com", "invite"), Some("invite")),
+        (member("$ban", "@carol:example.com", "ban"), Some("ban")),
+        (member("$leave", "@bob:example.com", "leave"), Some("leave")),
+        (with_content("$missing", "m.room.member", Some("@dan:example.com"), "{}"), None),
+        (with_content("$invalid", "m.room.member", Some("@erin:example.com"), "{not json"), None),
+        (with_content("$number", "m.room.member", Some("@erin:example.com"), r#"{"membership":5}"#), None),
+        (with_content("$stateless", "m.room.member", None, r#"{"membership":"join"}"#), Some("join")),
+        (with_content("$other", "m.room.topic", Some(""), r#"{"membership":"join"}"#), None),
+        (message("$m", "@alice:example.com"), None),
+    ];
+    let events: Vec<NewEvent> = cases.iter().map(|(event, _)| event.clone()).collect();
+    writer.persist_events(ROOM, &events).await?;
+    let reader = writer.reader();
+    let current = reader.events_stream().get_current_token();
+
+    let updates = reader.get_events_updates("master", before, current, 100).await?;
+    let memberships: Vec<(&str, Option<&str>)> = updates
+        .rows
+        .iter()
+        .filter_map(|(_, row)| match row {
+            EventsStreamRow::Event(event) => Some((event.event_id.as_str(), event.membership.as_deref())),
+            _ => None,
+        })
+        .collect();
+    let expected: Vec<(&str, Option<&str>)> =
+        cases.iter().map(|(event, membership)| (event.event_id.as_str(), *membership)).collect();
+    assert_eq!(memberships, expected);
+    // The same as each event, read back, gives through either reading.
+    for (event, membership) in &cases {
+        assert_eq!(event.membership().as_deref(), *membership, "{}", event.event_id);
+        let read = reader.get_event(&event.event_id).await?.ok_or("persisted")?;
+        assert_eq!(read.membership(), *membership, "{}", event.event_id);
+        assert_eq!(read.event.membership().as_deref(), *membership, "{}", event.event_id);
+    }
     Ok(())
 }
