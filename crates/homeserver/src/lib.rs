@@ -152,7 +152,11 @@ where
 {
     let config = load_config(role, &cli)?;
     // Every process serves the client API, which forwards writes to their writers.
-    config.check_client_forwarding()?;
+    config.check_client_forwarding(&[
+        store_events::EVENTS_STREAM,
+        store_receipts::RECEIPTS_STREAM,
+        replication::typing::TYPING_STREAM,
+    ])?;
     // Claim the port first: a port in use is the cheapest failure to report, and
     // must not leave a half-migrated database behind it.
     let listener = tokio::net::TcpListener::bind(config.http.listen)

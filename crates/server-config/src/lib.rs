@@ -535,13 +535,13 @@ impl ServerConfig {
             || self.instance_map.keys().any(|instance| *instance != self.instance_name)
     }
 
-    /// What a process that serves the client API needs beyond a valid config:
-    /// it forwards client writes of `events`, `receipts` and `typing` to their
-    /// writers, so when any of them is another instance it needs the shared
-    /// secret and the writer's `[instance_map]` address. Libraries that only
-    /// store and replicate do not ask this.
-    pub fn check_client_forwarding(&self) -> Result<(), ConfigError> {
-        for stream in FORWARDED_STREAMS {
+    /// What a process that forwards client writes of `streams` to their
+    /// writers needs beyond a valid config (the reference server forwards
+    /// `events`, `receipts` and `typing`): when any writer is another instance,
+    /// the shared secret and the writer's `[instance_map]` address. Libraries
+    /// that only store and replicate do not ask this.
+    pub fn check_client_forwarding(&self, streams: &[&str]) -> Result<(), ConfigError> {
+        for stream in streams.iter().copied() {
             for writer in self.writers_for(stream) {
                 if writer == self.instance_name {
                     continue;
@@ -582,9 +582,6 @@ impl ServerConfig {
         }
     }
 }
-
-/// The streams whose client writes a process forwards to their writers.
-const FORWARDED_STREAMS: [&str; 3] = ["events", "receipts", "typing"];
 
 /// Instance names travel in replication lines, split at spaces: whitespace or
 /// a control character would change what a line says.

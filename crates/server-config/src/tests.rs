@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// The streams whose client writes the reference server forwards.
+const FORWARDED: [&str; 3] = ["events", "receipts", "typing"];
+
 const WORKER_BASE: &str = r#"
 server_name = "example.com"
 instance_name = "worker1"
@@ -244,7 +247,7 @@ fn the_example_configs_are_valid() {
             .unwrap_or_else(|err| panic!("docs/examples/{file}: {err}"));
         assert_eq!(config.server_name, "example.com");
         config
-            .check_client_forwarding()
+            .check_client_forwarding(&FORWARDED)
             .unwrap_or_else(|err| panic!("docs/examples/{file} cannot serve clients: {err}"));
     }
 }
@@ -265,11 +268,12 @@ fn serving_clients_needs_the_secret_and_the_writers_addresses() {
     ];
     for (role, text, expected) in cases {
         let config = ServerConfig::from_toml_str(text, *role).expect("valid for storage and replication");
-        let err = config.check_client_forwarding().expect_err("not enough to serve clients").to_string();
+        let err =
+            config.check_client_forwarding(&FORWARDED).expect_err("not enough to serve clients").to_string();
         assert!(err.contains(expected), "{err:?} does not contain {expected:?}");
     }
     let monolith = ServerConfig::from_toml_str("server_name = \"a\"", Role::Master).expect("valid");
-    assert!(monolith.check_client_forwarding().is_ok(), "the monolith writes everything itself");
+    assert!(monolith.check_client_forwarding(&FORWARDED).is_ok(), "the monolith writes everything itself");
 }
 
 #[test]

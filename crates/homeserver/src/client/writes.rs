@@ -316,7 +316,7 @@ pub(crate) async fn membership_of(
     let Some(event_id) = current.get(&("m.room.member".to_owned(), sender.to_owned())) else {
         return Ok(None);
     };
-    Ok(events.get_event(event_id).await?.and_then(|event| event.event.membership()))
+    Ok(events.get_event(event_id).await?.and_then(|event| event.membership().map(str::to_owned)))
 }
 
 /// Whether the room exists here (its creation is in the current state).
