@@ -46,7 +46,8 @@ fn applied_the_masters_presence(master: &Server, follower: &Server) {
     let position = get_json(master, "/admin/v1/streams")["streams"]["presence"]["own_position"].clone();
     let position = position.as_i64().expect("the master writes presence");
     eventually("the follower applies the master's presence", Duration::from_secs(5), || {
-        let known = get_json(follower, "/admin/v1/streams")["streams"]["presence"]["writers"]["master"].clone();
+        let known =
+            get_json(follower, "/admin/v1/streams")["streams"]["presence"]["writers"]["master"].clone();
         match known.as_i64() {
             Some(known) if known >= position => Ok(()),
             _ => Err(format!("at {known}, the master at {position}")),
