@@ -13,6 +13,8 @@ use store_events::NewEvent;
 use store_receipts::ReceiptRow;
 use store_test_support::{TestDb, TestResult, engine_tests};
 
+mod conformance;
+
 const ROOM: &str = "!room:test";
 
 fn single_process(url: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
