@@ -7,28 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use server_config::{Overrides, Role, ServerConfig};
 use store_core::{
-    CURRENT_STATE_POKE, Cache, CacheRegistry, CachesRow, CachesStream, Database, Engine, StoreError,
-    StreamUpdates,
+    CURRENT_STATE_POKE, Cache, CacheConfig, CacheRegistry, CachesRow, CachesStream, Database, Engine,
+    StoreError, StoreSettings, StreamUpdates,
 };
 use store_test_support::{TestDb, TestResult, engine_tests};
-
-fn single_process_config(url: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
-    let overrides = Overrides { database_url: Some(url.to_owned()), ..Overrides::default() };
-    Ok(ServerConfig::defaults(Role::Master, &overrides)?)
-}
-
-fn deployment_config(url: &str, instance: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
-    let role = if instance == "master" { Role::Master } else { Role::Worker };
-    Ok(ServerConfig::from_toml_str(
-        &format!(
-            "server_name = \"test\"\ninstance_name = \"{instance}\"\n[database]\nurl = \"{url}\"\n\
-             [replication]\nredis = \"redis://127.0.0.1:6379\"\n"
-        ),
-        role,
-    )?)
-}
 
 /// A process's caches: a registry with one cache, and its `caches` stream.
 struct Process {
@@ -36,11 +19,11 @@ struct Process {
     users: Arc<Cache<String, u32>>,
 }
 
-async fn process(db: &Database, config: &ServerConfig) -> Result<Process, StoreError> {
-    let registry = CacheRegistry::new(config.caches.clone());
+async fn process(db: &Database, settings: &StoreSettings) -> Result<Process, StoreError> {
+    let registry = CacheRegistry::new(settings.caches.clone());
     let users = registry.register::<String, u32>("get_user")?;
     let mut conn = db.begin("build_caches").await?;
-    let stream = CachesStream::new(db.clone(), &mut conn, &config.store_settings(), registry).await?;
+    let stream = CachesStream::new(db.clone(), &mut conn, settings, registry).await?;
     conn.commit().await?;
     Ok(Process { stream, users })
 }
@@ -69,8 +52,7 @@ engine_tests!(
 );
 
 async fn invalidation_applies_after_commit_only(test_db: TestDb) -> TestResult {
-    let config = single_process_config(&test_db.url)?;
-    let Process { stream, users } = process(&test_db.db, &config).await?;
+    let Process { stream, users } = process(&test_db.db, &StoreSettings::single_process()).await?;
     fill(&users, "@a", 1);
     let stream = Arc::new(stream);
     let users_inside = Arc::clone(&users);
@@ -104,8 +86,7 @@ async fn invalidation_applies_after_commit_only(test_db: TestDb) -> TestResult {
 }
 
 async fn a_single_process_records_no_rows(test_db: TestDb) -> TestResult {
-    let config = single_process_config(&test_db.url)?;
-    let Process { stream, .. } = process(&test_db.db, &config).await?;
+    let Process { stream, .. } = process(&test_db.db, &StoreSettings::single_process()).await?;
     assert!(!stream.is_recording());
     let stream = Arc::new(stream);
     test_db
@@ -122,9 +103,9 @@ async fn a_single_process_records_no_rows(test_db: TestDb) -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_reach_a_worker_which_invalidates_then_advances() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
-    let master = Arc::new(process(&test_db.db, &deployment_config(&test_db.url, "master")?).await?);
+    let master = Arc::new(process(&test_db.db, &StoreSettings::in_deployment("master")).await?);
     let worker_db = test_db.reconnect().await?;
-    let worker = process(&worker_db, &deployment_config(&test_db.url, "worker1")?).await?;
+    let worker = process(&worker_db, &StoreSettings::in_deployment("worker1")).await?;
     assert!(master.stream.is_recording());
     let before = worker.stream.current_token("master");
 
@@ -183,9 +164,9 @@ async fn rows_reach_a_worker_which_invalidates_then_advances() -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_knows_what_the_caches_sequence_handed_out() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
-    let master = Arc::new(process(&test_db.db, &deployment_config(&test_db.url, "master")?).await?);
+    let master = Arc::new(process(&test_db.db, &StoreSettings::in_deployment("master")).await?);
     let worker_db = test_db.reconnect().await?;
-    let worker = process(&worker_db, &deployment_config(&test_db.url, "worker1")?).await?;
+    let worker = process(&worker_db, &StoreSettings::in_deployment("worker1")).await?;
     test_db
         .db
         .run_interaction("invalidate", |txn| {
@@ -204,7 +185,7 @@ async fn a_worker_knows_what_the_caches_sequence_handed_out() -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_current_state_change_is_one_row_per_fifty_members() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
-    let master = Arc::new(process(&test_db.db, &deployment_config(&test_db.url, "master")?).await?);
+    let master = Arc::new(process(&test_db.db, &StoreSettings::in_deployment("master")).await?);
     let members: Vec<String> = (0..120).map(|n| format!("@user{n}:example.com")).collect();
     for members_changed in [Vec::new(), members] {
         let before = count_rows(&test_db.db).await?;
@@ -240,7 +221,7 @@ fn rows_are_magic(keys: &[Vec<String>]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_rows_are_pruned_oldest_first() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
-    let master = process(&test_db.db, &deployment_config(&test_db.url, "master")?).await?;
+    let master = process(&test_db.db, &StoreSettings::in_deployment("master")).await?;
     test_db
         .db
         .run_interaction("old_rows", |txn| {
@@ -325,10 +306,11 @@ async fn reads_cancelled_mid_query_leave_nothing_behind() -> TestResult {
     Ok(())
 }
 
-/// A process alone on `url`, with `caches` as its `[caches]` section.
-fn budgeted_config(url: &str, caches: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
-    let text = format!("server_name = \"test\"\n[database]\nurl = \"{url}\"\n[caches]\n{caches}\n");
-    Ok(ServerConfig::from_toml_str(&text, Role::Master)?)
+/// The default cache settings, changed by `change`.
+fn budgeted(change: impl FnOnce(&mut CacheConfig)) -> CacheConfig {
+    let mut caches = CacheConfig::default();
+    change(&mut caches);
+    caches
 }
 
 /// Rows of `blobs`: `key` → a text of `bytes` bytes, as a client could make one.
@@ -373,8 +355,9 @@ async fn get_blob(
 
 async fn heavy_rows_stay_within_the_byte_budget(test_db: TestDb) -> TestResult {
     let budget = 12_000;
-    let config = budgeted_config(&test_db.url, &format!("max_bytes = {{ get_blob = {budget} }}"))?;
-    let registry = CacheRegistry::new(config.caches.clone());
+    let registry = CacheRegistry::new(budgeted(|caches| {
+        caches.max_bytes.insert("get_blob".to_owned(), budget);
+    }));
     let cache = registry.register::<String, Arc<String>>("get_blob")?;
     let keys: Vec<String> = (0..40).map(|n| format!("!room{n:02}:example.com")).collect();
     create_blobs(&test_db.db, &keys.iter().map(|key| (key.clone(), 2_000)).collect::<Vec<_>>()).await?;
@@ -403,8 +386,10 @@ async fn heavy_rows_stay_within_the_byte_budget(test_db: TestDb) -> TestResult {
 async fn a_key_in_use_outlives_colder_entries_under_either_bound(test_db: TestDb) -> TestResult {
     // Three entries, or 4000 bytes: the hot key and a heavy row fit, a second
     // heavy row breaks the budget, a small row after two heavy ones the size.
-    let config = budgeted_config(&test_db.url, "sizes = { get_blob = 3 }\nmax_bytes = { get_blob = 4000 }")?;
-    let registry = CacheRegistry::new(config.caches.clone());
+    let registry = CacheRegistry::new(budgeted(|caches| {
+        caches.sizes.insert("get_blob".to_owned(), 3);
+        caches.max_bytes.insert("get_blob".to_owned(), 4000);
+    }));
     let cache = registry.register::<String, Arc<String>>("get_blob")?;
     let mut blobs = vec![("hot".to_owned(), 100)];
     blobs.extend((0..30).map(|n| (format!("cold{n}"), if n % 3 == 0 { 10 } else { 2_000 })));
@@ -424,8 +409,7 @@ async fn a_key_in_use_outlives_colder_entries_under_either_bound(test_db: TestDb
 }
 
 async fn a_row_heavier_than_the_budget_is_read_but_not_cached(test_db: TestDb) -> TestResult {
-    let config = budgeted_config(&test_db.url, "default_max_bytes = 10000")?;
-    let registry = CacheRegistry::new(config.caches.clone());
+    let registry = CacheRegistry::new(budgeted(|caches| caches.default_max_bytes = 10_000));
     let cache = registry.register::<String, Arc<String>>("get_blob")?;
     create_blobs(&test_db.db, &[("small".to_owned(), 100), ("huge".to_owned(), 20_000)]).await?;
 
@@ -444,12 +428,12 @@ async fn a_row_heavier_than_the_budget_is_read_but_not_cached(test_db: TestDb) -
 }
 
 async fn a_read_across_an_invalidation_fills_nothing_under_a_budget(test_db: TestDb) -> TestResult {
-    let config = budgeted_config(&test_db.url, "default_max_bytes = 100000")?;
-    let registry = CacheRegistry::new(config.caches.clone());
+    let registry = CacheRegistry::new(budgeted(|caches| caches.default_max_bytes = 100_000));
     let cache = registry.register::<String, Arc<String>>("get_blob")?;
     let mut conn = test_db.db.begin("build_caches").await?;
-    let stream =
-        Arc::new(CachesStream::new(test_db.db.clone(), &mut conn, &config.store_settings(), registry).await?);
+    let stream = Arc::new(
+        CachesStream::new(test_db.db.clone(), &mut conn, &StoreSettings::single_process(), registry).await?,
+    );
     conn.commit().await?;
     create_blobs(&test_db.db, &[("a".to_owned(), 1_000), ("b".to_owned(), 1_000)]).await?;
     let loads = AtomicUsize::new(0);

@@ -8,9 +8,9 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 
-use server_config::ServerConfig;
-use server_config::{Overrides, Role};
-use store_core::{Database, Engine, HasDatabase, Store, StoreContext, StoreError, Transaction, build_store};
+use store_core::{
+    Database, Engine, HasDatabase, Store, StoreContext, StoreError, StoreSettings, Transaction, build_store,
+};
 use store_test_support::{TestDb, TestResult, engine_tests};
 
 /// Read mixin: everything here is written once, against `database()`.
@@ -135,26 +135,11 @@ async fn events_position_of(
     Ok(store.get_stream_positions("events").await?.get(instance).copied())
 }
 
-fn config_for(role: Role, url: &str, instance: &str) -> Result<ServerConfig, Box<dyn std::error::Error>> {
-    let overrides = Overrides { database_url: Some(url.to_owned()), ..Overrides::default() };
-    let config = match role {
-        Role::Master => ServerConfig::defaults(role, &overrides)?,
-        Role::Worker => ServerConfig::from_toml_str(
-            &format!(
-                "server_name = \"test\"\ninstance_name = \"{instance}\"\n[database]\nurl = \"{url}\"\n\
-                 [replication]\nredis = \"redis://127.0.0.1:6379\"\n"
-            ),
-            role,
-        )?,
-    };
-    Ok(config)
-}
-
 engine_tests!(master_and_worker_share_the_read_mixin);
 
 async fn master_and_worker_share_the_read_mixin(test_db: TestDb) -> TestResult {
-    let master_config = config_for(Role::Master, &test_db.url, "master")?;
-    let master: MasterStore = build_store(&test_db.db, &master_config.store_settings()).await?;
+    let master_settings = StoreSettings::single_process();
+    let master: MasterStore = build_store(&test_db.db, &master_settings).await?;
     assert!(master.positions_at_startup.is_empty());
 
     master.update_stream_position("events", 5).await?;
@@ -168,11 +153,11 @@ async fn master_and_worker_share_the_read_mixin(test_db: TestDb) -> TestResult {
         Engine::Postgres => test_db.reconnect().await?,
         Engine::Sqlite => test_db.db.clone(),
     };
-    let worker_config = match test_db.db.engine() {
-        Engine::Postgres => config_for(Role::Worker, &test_db.url, "worker1")?,
-        Engine::Sqlite => master_config.clone(),
+    let worker_settings = match test_db.db.engine() {
+        Engine::Postgres => StoreSettings::in_deployment("worker1"),
+        Engine::Sqlite => master_settings.clone(),
     };
-    let worker: WorkerStore = build_store(&worker_db, &worker_config.store_settings()).await?;
+    let worker: WorkerStore = build_store(&worker_db, &worker_settings).await?;
     assert_eq!(worker.positions_at_startup.get("master"), Some(&5), "start-up reads go through `conn`");
     assert_eq!(events_position_of(&worker, "master").await?, Some(5));
 
