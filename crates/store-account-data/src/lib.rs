@@ -118,7 +118,7 @@ impl AccountDataReader {
         ctx: &StoreContext,
     ) -> Result<AccountDataReader, StoreError> {
         let tables = vec![StreamTable::new("account_data", "instance_name", "stream_id")];
-        let generator_config = ctx.generator_config(ACCOUNT_DATA_STREAM, tables, "account_data_sequence");
+        let generator_config = ctx.generator_config(ACCOUNT_DATA, tables, "account_data_sequence");
         let ids = MultiWriterIdGenerator::new_in(&db, conn, generator_config).await?;
         let registry = Arc::clone(ctx.registry());
         // Prefilled from the newest rows, which may lie above the current token:
@@ -278,7 +278,7 @@ impl AccountDataWriter {
         conn: &mut Transaction,
         ctx: &StoreContext,
     ) -> Result<AccountDataWriter, StoreError> {
-        ctx.require_writer(ACCOUNT_DATA_STREAM)?;
+        ctx.require_writer(ACCOUNT_DATA)?;
         let reader = ctx.component::<AccountDataReader>(&db, conn).await?;
         Ok(AccountDataWriter { reader })
     }

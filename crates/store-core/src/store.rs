@@ -99,7 +99,7 @@ impl StoreContext {
         conn: &mut Transaction,
         stream: StreamSpec,
     ) -> Result<Option<W>, StoreError> {
-        if !stream.writers(&self.settings).contains(&self.settings.instance_name) {
+        if !self.is_writer(stream) {
             return Ok(None);
         }
         W::new(db.clone(), conn, self).await.map(Some)
@@ -134,25 +134,33 @@ impl StoreContext {
         self.caches.registry()
     }
 
-    /// The generator settings of `stream`: this instance and the stream's
-    /// configured writers.
+    /// The generator settings of `stream`: this instance, and the writers the
+    /// stream's rule gives it (those of another stream, for one that follows).
     pub fn generator_config(
         &self,
-        stream: &str,
+        stream: StreamSpec,
         tables: Vec<StreamTable>,
         sequence_name: &str,
     ) -> MultiWriterConfig {
-        MultiWriterConfig::for_stream(&self.settings, stream, tables, sequence_name)
+        MultiWriterConfig {
+            writers: stream.writers(&self.settings),
+            ..MultiWriterConfig::for_stream(&self.settings, stream.name, tables, sequence_name)
+        }
+    }
+
+    /// Whether this instance writes `stream`.
+    pub fn is_writer(&self, stream: StreamSpec) -> bool {
+        stream.writers(&self.settings).contains(&self.settings.instance_name)
     }
 
     /// Refuses, with [`StoreError::NotAWriter`], to build a write half of
     /// `stream` on an instance that does not write it.
-    pub fn require_writer(&self, stream: &str) -> Result<(), StoreError> {
-        if self.settings.is_writer_for(stream) {
+    pub fn require_writer(&self, stream: StreamSpec) -> Result<(), StoreError> {
+        if self.is_writer(stream) {
             return Ok(());
         }
         Err(StoreError::NotAWriter {
-            stream: stream.to_owned(),
+            stream: stream.name.to_owned(),
             instance: self.settings.instance_name.clone(),
         })
     }

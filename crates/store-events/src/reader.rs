@@ -11,7 +11,7 @@ use store_core::{
 };
 
 use crate::rows::{BackfillRow, CurrentStateRow, EventRow, EventsStreamRow};
-use crate::{BACKFILL_STREAM, EVENTS_STREAM, Event, NewEvent};
+use crate::{Event, NewEvent};
 
 /// Caches keyed by room that depend on the room's current state. With
 /// [`CURRENT_STATE_CACHES_BY_MEMBER`], the one list both the writer (after its
@@ -70,20 +70,20 @@ pub struct EventsReader {
     pub(crate) state_changes: Arc<StreamChangeCache>,
 }
 
+/// Both streams' rows live in `events`; backfill's writers are events' (its
+/// spec says so) and its IDs count down.
 fn generator_config(
     ctx: &StoreContext,
-    stream: &str,
-    table_sequence: &str,
+    stream: store_core::StreamSpec,
+    sequence: &str,
     positive: bool,
 ) -> MultiWriterConfig {
     MultiWriterConfig {
-        // Backfill is written by the events writers.
-        writers: ctx.settings().writers_for(EVENTS_STREAM),
         positive,
         ..ctx.generator_config(
             stream,
             vec![StreamTable::new("events", "instance_name", "stream_ordering")],
-            table_sequence,
+            sequence,
         )
     }
 }
@@ -100,13 +100,13 @@ impl EventsReader {
         let events_ids = MultiWriterIdGenerator::new_in(
             &db,
             conn,
-            generator_config(ctx, EVENTS_STREAM, "events_stream_seq", true),
+            generator_config(ctx, crate::EVENTS, "events_stream_seq", true),
         )
         .await?;
         let backfill_ids = MultiWriterIdGenerator::new_in(
             &db,
             conn,
-            generator_config(ctx, BACKFILL_STREAM, "events_backfill_stream_seq", false),
+            generator_config(ctx, crate::BACKFILL, "events_backfill_stream_seq", false),
         )
         .await?;
         let registry = Arc::clone(ctx.registry());

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use store_core::{Database, StoreContext, StoreError, Transaction};
 
+use crate::NewEvent;
 use crate::reader::EventsReader;
-use crate::{EVENTS_STREAM, NewEvent};
 
 /// Persists events: built only on the instances configured as writers of the
 /// `events` stream, which is what lets them allocate its IDs.
@@ -40,7 +40,7 @@ impl EventsWriter {
         conn: &mut Transaction,
         ctx: &StoreContext,
     ) -> Result<EventsWriter, StoreError> {
-        ctx.require_writer(EVENTS_STREAM)?;
+        ctx.require_writer(crate::EVENTS)?;
         let reader = ctx.component::<EventsReader>(&db, conn).await?;
         Ok(EventsWriter { reader, instance_name: ctx.instance_name().to_owned() })
     }

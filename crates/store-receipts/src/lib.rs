@@ -118,7 +118,7 @@ impl ReceiptsReader {
         ctx: &StoreContext,
     ) -> Result<ReceiptsReader, StoreError> {
         let tables = vec![StreamTable::new("receipts_linearized", "instance_name", "stream_id")];
-        let generator_config = ctx.generator_config(RECEIPTS_STREAM, tables, "receipts_sequence");
+        let generator_config = ctx.generator_config(RECEIPTS, tables, "receipts_sequence");
         let ids = MultiWriterIdGenerator::new_in(&db, conn, generator_config).await?;
         let registry = Arc::clone(ctx.registry());
         // Prefilled from the newest rows, which may lie above the current token:
@@ -338,7 +338,7 @@ impl ReceiptsWriter {
         conn: &mut Transaction,
         ctx: &StoreContext,
     ) -> Result<ReceiptsWriter, StoreError> {
-        ctx.require_writer(RECEIPTS_STREAM)?;
+        ctx.require_writer(RECEIPTS)?;
         let reader = ctx.component::<ReceiptsReader>(&db, conn).await?;
         Ok(ReceiptsWriter { reader, instance_name: ctx.instance_name().to_owned() })
     }

@@ -109,7 +109,7 @@ impl PresenceReader {
         ctx: &StoreContext,
     ) -> Result<PresenceReader, StoreError> {
         let tables = vec![StreamTable::new("presence_stream", "instance_name", "stream_id")];
-        let generator = ctx.generator_config(PRESENCE_STREAM, tables, "presence_stream_sequence");
+        let generator = ctx.generator_config(PRESENCE, tables, "presence_stream_sequence");
         let ids = MultiWriterIdGenerator::new_in(&db, conn, generator).await?;
         let user_changes = StreamChangeCache::load_newest(
             conn,
@@ -214,7 +214,7 @@ impl PresenceWriter {
         conn: &mut Transaction,
         ctx: &StoreContext,
     ) -> Result<PresenceWriter, StoreError> {
-        ctx.require_writer(PRESENCE_STREAM)?;
+        ctx.require_writer(PRESENCE)?;
         let reader = ctx.component::<PresenceReader>(&db, conn).await?;
         Ok(PresenceWriter { reader, instance_name: ctx.instance_name().to_owned() })
     }
