@@ -319,7 +319,7 @@ impl Database {
     /// Opens a transaction outside any interaction.
     ///
     /// This exists for one job: the start-up connection handed to every store
-    /// constructor (`Store::new(db, conn, config)`), committed once all stores are
+    /// constructor (`Store::new(db, conn, ctx)`), committed once all stores are
     /// built so they read one consistent snapshot. Everything else goes through
     /// [`Database::run_interaction`], which retries and records metrics.
     pub async fn begin(&self, interaction: &'static str) -> Result<Transaction, StoreError> {

@@ -70,13 +70,11 @@ fn new_access_token() -> String {
 }
 
 impl UsersStore {
-    /// Registers the token cache in `caches`' registry. Reads nothing at start-up:
-    /// `conn` and `config` are taken for the uniform constructor's shape (cache
-    /// sizes come through the registry).
+    /// Registers the token cache in the context's registry. Reads nothing at
+    /// start-up: `conn` is taken for the uniform constructor's shape.
     pub async fn new(
         db: Database,
         _conn: &mut Transaction,
-
         ctx: &StoreContext,
     ) -> Result<UsersStore, StoreError> {
         let users_by_token = ctx.registry().register(USER_BY_ACCESS_TOKEN_CACHE)?;

@@ -374,7 +374,7 @@ impl MultiWriterIdGenerator {
     }
 
     /// Like [`MultiWriterIdGenerator::new`], on a store constructor's start-up
-    /// connection (`Store::new(db, conn, config)`); the caller commits.
+    /// connection (`Store::new(db, conn, ctx)`); the caller commits.
     pub async fn new_in(
         db: &Database,
         conn: &mut Transaction,
