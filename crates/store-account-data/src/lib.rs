@@ -114,7 +114,6 @@ impl AccountDataReader {
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
-
         ctx: &StoreContext,
     ) -> Result<AccountDataReader, StoreError> {
         let tables = vec![StreamTable::new("account_data", "instance_name", "stream_id")];

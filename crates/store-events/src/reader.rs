@@ -94,7 +94,6 @@ impl EventsReader {
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
-
         ctx: &StoreContext,
     ) -> Result<EventsReader, StoreError> {
         let events_ids = MultiWriterIdGenerator::new_in(

@@ -114,7 +114,6 @@ impl ReceiptsReader {
     pub async fn new(
         db: Database,
         conn: &mut Transaction,
-
         ctx: &StoreContext,
     ) -> Result<ReceiptsReader, StoreError> {
         let tables = vec![StreamTable::new("receipts_linearized", "instance_name", "stream_id")];
