@@ -19,10 +19,20 @@ pub struct Client {
     pub token: String,
 }
 
-/// `POST /register`; panics unless it succeeds.
+/// The password every test account is registered with.
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// `POST /register` as clients do it: the first request is answered 401 with
+/// the flows and a session, the second completes `m.login.dummy` in that
+/// session; panics unless it succeeds.
 pub fn register(base_url: &str, username: &str) -> Client {
-    let (status, body) =
-        call(base_url, "POST", "/_matrix/client/v3/register", None, Some(&json!({"username": username})));
+    let path = "/_matrix/client/v3/register";
+    let request = json!({"username": username, "password": PASSWORD});
+    let (status, flows) = call(base_url, "POST", path, None, Some(&request));
+    assert_eq!(status, 401, "register {username}: the first answer gives the flows: {flows}");
+    let mut request = request;
+    request["auth"] = json!({"type": "m.login.dummy", "session": flows["session"]});
+    let (status, body) = call(base_url, "POST", path, None, Some(&request));
     assert_eq!(status, 200, "register {username}: {body}");
     Client {
         base_url: base_url.to_owned(),

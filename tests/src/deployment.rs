@@ -196,6 +196,7 @@ impl Deployment {
             self.instances.iter().map(|(name, port)| format!("{name} = \"127.0.0.1:{port}\"")).collect();
         format!(
             "server_name = \"{}\"\ninstance_name = \"{instance}\"\nworker_replication_secret = \"{SECRET}\"\n\
+             enable_registration = true\n\
              [database]\nurl = \"{}\"\npool_size = 4\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
              [replication]\n{replication}\nping_interval_ms = 1000\nping_timeout_ms = 5000\n\
              [stream_writers]\nevents = [{}]\n[instance_map]\n{}\n",

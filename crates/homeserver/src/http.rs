@@ -32,6 +32,8 @@ pub(crate) struct AppState {
     pub(crate) instance_ids: Arc<InstanceIds>,
     /// On an events writer: one request at a time per room.
     pub(crate) room_locks: Arc<RoomLocks>,
+    /// Failed logins, per account and per address.
+    pub(crate) login_throttle: Arc<crate::client::LoginThrottle>,
     /// Turns true when the process starts shutting down: long polls answer.
     pub(crate) shutting_down: tokio::sync::watch::Receiver<bool>,
 }

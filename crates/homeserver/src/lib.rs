@@ -196,12 +196,14 @@ where
             typing: Arc::clone(&replication.typing),
             instance_ids: Arc::new(store_core::InstanceIds::new(db.clone())),
             room_locks: Arc::default(),
+            login_throttle: Arc::default(),
             shutting_down,
         },
         extra_routes,
     );
     // Graceful: requests in flight (writes among them) finish first.
-    axum::serve(listener, app)
+    // With each connection's peer address: failed logins are slowed per address.
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(shutdown_signal(signals, shutdown_started))
         .await
         .context("serve HTTP")?;

@@ -92,6 +92,10 @@ pub struct ServerConfig {
     pub instance_map: BTreeMap<String, String>,
     /// Cache sizes.
     pub caches: CacheConfig,
+    /// Whether anyone may register an account through the client API:
+    /// `enable_registration` as written, or by default only on the embedded
+    /// SQLite monolith listening on loopback (someone trying the server out).
+    pub enable_registration: bool,
 }
 
 /// The `[database]` section.
@@ -166,6 +170,7 @@ impl fmt::Debug for ServerConfig {
             .field("stream_writers", &self.stream_writers)
             .field("instance_map", &self.instance_map)
             .field("caches", &self.caches)
+            .field("enable_registration", &self.enable_registration)
             .finish()
     }
 }
@@ -288,6 +293,7 @@ struct RawConfig {
     instance_map: BTreeMap<String, String>,
     #[serde(default)]
     caches: CacheConfig,
+    enable_registration: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -334,6 +340,7 @@ impl ServerConfig {
             stream_writers: BTreeMap::new(),
             instance_map: BTreeMap::new(),
             caches: CacheConfig::default(),
+            enable_registration: None,
         };
         ServerConfig::build(raw, role, overrides, &origin)
     }
@@ -394,7 +401,13 @@ impl ServerConfig {
             stream_writers: raw.stream_writers,
             instance_map: raw.instance_map,
             caches: raw.caches,
+            enable_registration: false,
         };
+        // Open only where a person is trying the server out on their own
+        // machine, unless the file says otherwise.
+        let trying_out = config.database.url.starts_with("sqlite:") && config.http.listen.ip().is_loopback();
+        let config =
+            ServerConfig { enable_registration: raw.enable_registration.unwrap_or(trying_out), ..config };
         config.validate(role).map_err(invalid)?;
         Ok(config)
     }

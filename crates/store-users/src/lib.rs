@@ -200,6 +200,219 @@ impl UsersStore {
     }
 }
 
+impl UsersStore {
+    /// Creates the account `user_id` with `password_hash` (a PHC string made by
+    /// the caller; `None` for an account that cannot log in with a password);
+    /// `false` when the name is already taken.
+    pub async fn register_account(
+        &self,
+        user_id: &str,
+        password_hash: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let (user_id, hash, creation_ts) = (user_id.to_owned(), password_hash.map(str::to_owned), now_ms());
+        let inserted = self
+            .db
+            .run_interaction("register_account", move |txn| {
+                let (user_id, hash) = (user_id.clone(), hash.clone());
+                Box::pin(async move {
+                    txn.execute(
+                        "INSERT INTO users (name, creation_ts, password_hash) VALUES ($1, $2, $3) \
+                         ON CONFLICT (name) DO NOTHING",
+                        &[&user_id, &creation_ts, &hash],
+                    )
+                    .await
+                })
+            })
+            .await?;
+        Ok(inserted == 1)
+    }
+
+    /// The password hash of `user_id`: `None` for an unknown account or one
+    /// without a password.
+    pub async fn password_hash(&self, user_id: &str) -> Result<Option<String>, StoreError> {
+        let user_id = user_id.to_owned();
+        self.db
+            .run_autocommit("password_hash", move |txn| {
+                let user_id = user_id.clone();
+                Box::pin(async move {
+                    let row =
+                        txn.query_opt("SELECT password_hash FROM users WHERE name = $1", &[&user_id]).await?;
+                    Ok(row.map(|row| row.get::<Option<String>>(0)).transpose()?.flatten())
+                })
+            })
+            .await
+    }
+
+    /// Signs `user_id` in on `device_id` (created if new, its display name set
+    /// when one is given) and returns the device's new access token. A device
+    /// has one token: signing in on it again revokes the previous one, on
+    /// every process.
+    pub async fn create_device_token(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        display_name: Option<&str>,
+    ) -> Result<String, StoreError> {
+        let caches = Arc::clone(&self.caches);
+        let (user_id, device_id, display_name) =
+            (user_id.to_owned(), device_id.to_owned(), display_name.map(str::to_owned));
+        self.db
+            .run_interaction("create_device_token", move |txn| {
+                let caches = Arc::clone(&caches);
+                let (user_id, device_id, display_name) = (user_id.clone(), device_id.clone(), display_name.clone());
+                let (token, now) = (new_access_token(), now_ms());
+                Box::pin(async move {
+                    txn.execute(
+                        "INSERT INTO devices (user_id, device_id, display_name, last_seen_ts) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (user_id, device_id) DO UPDATE SET \
+                         display_name = COALESCE(EXCLUDED.display_name, devices.display_name), \
+                         last_seen_ts = EXCLUDED.last_seen_ts",
+                        &[&user_id, &device_id, &display_name, &now],
+                    )
+                    .await?;
+                    revoke_tokens(txn, &caches, "user_id = $1 AND device_id = $2", &[&user_id, &device_id]).await?;
+                    txn.execute(
+                        "INSERT INTO access_tokens (token, user_id, creation_ts, device_id) VALUES ($1, $2, $3, $4)",
+                        &[&token, &user_id, &now, &device_id],
+                    )
+                    .await?;
+                    Ok(token)
+                })
+            })
+            .await
+    }
+
+    /// The device `token` belongs to, if it exists and has one.
+    pub async fn device_of_token(&self, token: &str) -> Result<Option<String>, StoreError> {
+        let token = token.to_owned();
+        self.db
+            .run_autocommit("device_of_token", move |txn| {
+                let token = token.clone();
+                Box::pin(async move {
+                    let row = txn
+                        .query_opt("SELECT device_id FROM access_tokens WHERE token = $1", &[&token])
+                        .await?;
+                    Ok(row.map(|row| row.get::<Option<String>>(0)).transpose()?.flatten())
+                })
+            })
+            .await
+    }
+
+    /// `user_id`'s devices, by ID.
+    pub async fn devices(&self, user_id: &str) -> Result<Vec<Device>, StoreError> {
+        let user_id = user_id.to_owned();
+        self.db
+            .run_autocommit("devices", move |txn| {
+                let user_id = user_id.clone();
+                Box::pin(async move {
+                    let rows = txn
+                        .query(
+                            "SELECT device_id, display_name, last_seen_ts FROM devices WHERE user_id = $1",
+                            &[&user_id],
+                        )
+                        .await?;
+                    let mut devices = rows
+                        .iter()
+                        .map(|row| {
+                            Ok(Device {
+                                device_id: row.get(0)?,
+                                display_name: row.get(1)?,
+                                last_seen_ts: row.get(2)?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>, StoreError>>()?;
+                    devices.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+                    Ok(devices)
+                })
+            })
+            .await
+    }
+
+    /// Logs out the device `token` belongs to: the token, any other token of
+    /// that device, and the device itself are gone, on every process. Returns
+    /// whether the token existed.
+    pub async fn log_out(&self, token: &str) -> Result<bool, StoreError> {
+        let (caches, token) = (Arc::clone(&self.caches), token.to_owned());
+        self.db
+            .run_interaction("log_out", move |txn| {
+                let (caches, token) = (Arc::clone(&caches), token.clone());
+                Box::pin(async move {
+                    let owner = txn
+                        .query_opt("SELECT user_id, device_id FROM access_tokens WHERE token = $1", &[&token])
+                        .await?;
+                    let Some(owner) = owner else {
+                        // Gone some other way: still dropped from every cache.
+                        caches.invalidate_in_txn(txn, USER_BY_ACCESS_TOKEN_CACHE, Some(vec![token])).await?;
+                        return Ok(false);
+                    };
+                    let (user_id, device_id): (String, Option<String>) = (owner.get(0)?, owner.get(1)?);
+                    match device_id {
+                        Some(device_id) => {
+                            revoke_tokens(
+                                txn,
+                                &caches,
+                                "user_id = $1 AND device_id = $2",
+                                &[&user_id, &device_id],
+                            )
+                            .await?;
+                            txn.execute(
+                                "DELETE FROM devices WHERE user_id = $1 AND device_id = $2",
+                                &[&user_id, &device_id],
+                            )
+                            .await?;
+                        }
+                        None => revoke_tokens(txn, &caches, "token = $1", &[&token]).await?,
+                    }
+                    Ok(true)
+                })
+            })
+            .await
+    }
+
+    /// Logs out every device of `user_id`, on every process.
+    pub async fn log_out_everywhere(&self, user_id: &str) -> Result<(), StoreError> {
+        let (caches, user_id) = (Arc::clone(&self.caches), user_id.to_owned());
+        self.db
+            .run_interaction("log_out_everywhere", move |txn| {
+                let (caches, user_id) = (Arc::clone(&caches), user_id.clone());
+                Box::pin(async move {
+                    revoke_tokens(txn, &caches, "user_id = $1", &[&user_id]).await?;
+                    txn.execute("DELETE FROM devices WHERE user_id = $1", &[&user_id]).await?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+}
+
+/// Deletes the access tokens `filter` selects and records their invalidation
+/// on the `caches` stream in the same transaction.
+async fn revoke_tokens(
+    txn: &mut Transaction,
+    caches: &CachesStream,
+    filter: &str,
+    params: &[&dyn store_core::ToSqlValue],
+) -> Result<(), StoreError> {
+    let rows = txn.query(&format!("SELECT token FROM access_tokens WHERE {filter}"), params).await?;
+    let tokens = rows.iter().map(|row| row.get::<String>(0)).collect::<Result<Vec<_>, _>>()?;
+    txn.execute(&format!("DELETE FROM access_tokens WHERE {filter}"), params).await?;
+    for token in tokens {
+        caches.invalidate_in_txn(txn, USER_BY_ACCESS_TOKEN_CACHE, Some(vec![token])).await?;
+    }
+    Ok(())
+}
+
+/// One of a user's devices, as `GET /devices` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// The device's ID, chosen by the client or the server.
+    pub device_id: String,
+    /// What the user calls it.
+    pub display_name: Option<String>,
+    /// When it last signed in, in milliseconds since the epoch.
+    pub last_seen_ts: i64,
+}
+
 /// The accounts mixin: a composition that serves accounts says where its
 /// [`UsersStore`] is (every process reads and writes accounts directly).
 pub trait HasUsers: Send + Sync {

@@ -23,6 +23,8 @@ use tests::process::{self, Server, http_request};
 
 /// The processes, in the order they start: the master first, since workers
 /// refuse to start before it has recorded the deployment's writers.
+/// The demo users' password.
+const PASSWORD: &str = "correct horse battery staple";
 const INSTANCES: [&str; 4] = ["master", "writer1", "writer2", "syncer"];
 /// The `events` writers, in the order every config lists them: the order the
 /// room hash picks from.
@@ -424,7 +426,8 @@ impl Running {
             "POST",
             "/_matrix/client/v3/register",
             None,
-            Some(&json!({"username": name})),
+            // Registration's one auth stage, completed at once.
+            Some(&json!({"username": name, "password": PASSWORD, "auth": {"type": "m.login.dummy"}})),
         )?;
         let field = |key: &str| {
             answer[key]

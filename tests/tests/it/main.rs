@@ -2,6 +2,7 @@
 //! talking HTTP over loopback, on real SQLite files and a real PostgreSQL. The
 //! harness they drive them with is the package's library (`tests/src/`).
 
+mod accounts;
 mod bounds;
 mod client_api;
 mod config_errors;

@@ -2,6 +2,8 @@
 //! clients use to register, join rooms, send events, and read them back through
 //! `sync`, served by every process of a deployment.
 //!
+//! - `accounts`: registration, login and devices, logout, and what clients ask
+//!   first (`/versions`, `/capabilities`).
 //! - `rooms`: the room endpoints; each write goes to the writer of its stream
 //!   (`writes`), reads come from this process's caches and the database.
 //! - `writes`: where a write goes (a stable hash of the room over the stream's
@@ -11,13 +13,13 @@
 //! Errors are Matrix's `{"errcode": "M_…", "error": "…"}` with the matching
 //! HTTP status. `docs/http.md` documents every endpoint.
 
+mod accounts;
 mod rooms;
 mod sync;
 mod writes;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -25,22 +27,20 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use rand::Rng as _;
 use rand::distributions::Alphanumeric;
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use store_core::StoreError;
 
 use crate::http::AppState;
 
+pub(crate) use accounts::LoginThrottle;
 pub(crate) use writes::RoomLocks;
 
 /// The routes of the client API and of the internal write endpoints.
 pub(crate) fn router(state: AppState) -> Router {
     const ROOM: &str = "/_matrix/client/v3/rooms/{room_id}";
     let client = Router::new()
-        .route("/_matrix/client/v3/register", post(register))
-        .route("/_matrix/client/v3/logout", post(logout))
-        .route("/_matrix/client/v3/account/whoami", get(whoami))
+        .merge(accounts::router())
         .route("/_matrix/client/v3/createRoom", post(rooms::create_room))
         .route(&format!("{ROOM}/join"), post(rooms::join))
         .route(&format!("{ROOM}/leave"), post(rooms::leave))
@@ -108,11 +108,21 @@ pub(crate) struct ClientError {
     status: StatusCode,
     errcode: String,
     message: String,
+    /// A whole answer instead of `{"errcode", "error"}` (user-interactive auth's
+    /// flows, a rate limit's `retry_after_ms`).
+    body: Option<Value>,
 }
 
 impl ClientError {
     pub(crate) fn new(status: StatusCode, errcode: &str, message: impl Into<String>) -> ClientError {
-        ClientError { status, errcode: errcode.to_owned(), message: message.into() }
+        ClientError { status, errcode: errcode.to_owned(), message: message.into(), body: None }
+    }
+
+    /// A refusal whose answer is `body` as it is.
+    pub(crate) fn with_body(status: StatusCode, body: Value) -> ClientError {
+        let errcode = body["errcode"].as_str().unwrap_or_default().to_owned();
+        let message = body["error"].as_str().unwrap_or_default().to_owned();
+        ClientError { status, errcode, message, body: Some(body) }
     }
 
     pub(crate) fn forbidden(message: impl Into<String>) -> ClientError {
@@ -147,7 +157,8 @@ impl From<StoreError> for ClientError {
 
 impl IntoResponse for ClientError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"errcode": self.errcode, "error": self.message}))).into_response()
+        let body = self.body.unwrap_or_else(|| json!({"errcode": self.errcode, "error": self.message}));
+        (self.status, Json(body)).into_response()
     }
 }
 
@@ -205,71 +216,4 @@ pub(crate) fn now_ms() -> i64 {
 /// IDs that no two processes can both pick.
 pub(crate) fn random_string(len: usize) -> String {
     rand::thread_rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
-}
-
-#[derive(Debug, Deserialize)]
-struct Registration {
-    username: String,
-}
-
-/// A user ID's localpart: what Matrix allows in new user IDs.
-fn valid_localpart(localpart: &str) -> bool {
-    !localpart.is_empty()
-        && localpart
-            .bytes()
-            .all(|byte| matches!(byte, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'))
-}
-
-/// `POST /_matrix/client/v3/register` `{"username"}` → `{"user_id", "access_token"}`.
-async fn register(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ClientError> {
-    let Registration { username } = parse_body(&body)?;
-    let user_id = format!("@{username}:{}", state.config.server_name);
-    if !valid_localpart(&username) || user_id.len() > 255 {
-        return Err(ClientError::new(
-            StatusCode::BAD_REQUEST,
-            "M_INVALID_USERNAME",
-            "a username is 1 or more of a-z, 0-9 and ._=-/+, and the user ID at most 255 bytes",
-        ));
-    }
-    let users = state.store.users();
-    if !users.register(&user_id).await? {
-        return Err(ClientError::new(StatusCode::BAD_REQUEST, "M_USER_IN_USE", "User ID already taken."));
-    }
-    let access_token = users.create_access_token(&user_id).await?;
-    Ok(Json(
-        json!({"user_id": user_id, "access_token": access_token, "home_server": state.config.server_name}),
-    ))
-}
-
-/// `POST /_matrix/client/v3/logout`: the token stops working on every process.
-async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ClientError> {
-    authenticate(&state, &headers).await?;
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    state.store.users().delete_access_token(token).await?;
-    Ok(Json(json!({})))
-}
-
-/// `GET /_matrix/client/v3/account/whoami`.
-async fn whoami(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ClientError> {
-    let user_id = authenticate(&state, &headers).await?;
-    Ok(Json(json!({"user_id": user_id})))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::valid_localpart;
-
-    #[test]
-    fn localparts_follow_the_matrix_grammar() {
-        for good in ["alice", "a.b_c=d-e/f+g", "0"] {
-            assert!(valid_localpart(good), "{good}");
-        }
-        for bad in ["", "Alice", "a b", "a:b", "@a", "é"] {
-            assert!(!valid_localpart(bad), "{bad}");
-        }
-    }
 }

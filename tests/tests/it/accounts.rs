@@ -1,0 +1,192 @@
+//! Accounts as Matrix clients drive them, on the embedded SQLite monolith and on
+//! four processes (each step through another process than the one before):
+//! registration through user-interactive auth, password login onto devices,
+//! the devices list, logout of one device and of all, the slowdown of failed
+//! logins, and what clients ask first. And registration closed where the
+//! config closes it.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use tests::client::{Client, PASSWORD, call};
+use tests::deployment::{Deployment, base_urls, eventually};
+use tests::process::{Binary, Server};
+
+fn errcode(answer: &Value) -> &str {
+    answer["errcode"].as_str().unwrap_or("")
+}
+
+/// `POST /login` with `m.login.password` for `user` (a localpart or full ID).
+fn log_in(base_url: &str, user: &str, password: &str, device_id: Option<&str>) -> (u16, Value) {
+    let mut body = json!({
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": user},
+        "password": password,
+        "initial_device_display_name": "a test",
+    });
+    if let Some(device_id) = device_id {
+        body["device_id"] = json!(device_id);
+    }
+    call(base_url, "POST", "/_matrix/client/v3/login", None, Some(&body))
+}
+
+fn client_of(base_url: &str, answer: &Value) -> Client {
+    Client {
+        base_url: base_url.to_owned(),
+        user_id: answer["user_id"].as_str().expect("a user_id").to_owned(),
+        token: answer["access_token"].as_str().expect("an access_token").to_owned(),
+    }
+}
+
+/// Until `client`'s token is refused on its process (a logout travels by the
+/// `caches` stream to the others).
+fn refused_soon(client: &Client) {
+    eventually(&format!("{} refuses the token", client.base_url), Duration::from_secs(2), || {
+        let (status, answer) = client.call("GET", "/_matrix/client/v3/account/whoami", None);
+        match (status, errcode(&answer)) {
+            (401, "M_UNKNOWN_TOKEN") => Ok(()),
+            _ => Err(format!("{status} {answer}")),
+        }
+    });
+}
+
+fn exercise_accounts(urls: &[String]) {
+    let at = |n: usize| urls[n % urls.len()].as_str();
+
+    // What a client asks first.
+    let (status, versions) = call(at(0), "GET", "/_matrix/client/versions", None, None);
+    assert_eq!(status, 200, "{versions}");
+    assert!(versions["versions"].as_array().is_some_and(|all| all.contains(&json!("v1.1"))), "{versions}");
+    let (status, flows) = call(at(1), "GET", "/_matrix/client/v3/login", None, None);
+    assert_eq!((status, &flows["flows"][0]["type"]), (200, &json!("m.login.password")), "{flows}");
+
+    // Registration: the flows and a session first, then the dummy stage.
+    let register =
+        |n: usize, body: &Value| call(at(n), "POST", "/_matrix/client/v3/register", None, Some(body));
+    let (status, first) = register(0, &json!({"username": "dana", "password": PASSWORD}));
+    assert_eq!(status, 401, "{first}");
+    assert_eq!(first["flows"], json!([{"stages": ["m.login.dummy"]}]), "{first}");
+    let session = first["session"].as_str().expect("a session");
+    let (status, other_stage) = register(
+        1,
+        &json!({"username": "dana", "password": PASSWORD, "auth": {"type": "m.login.recaptcha", "session": session}}),
+    );
+    assert_eq!((status, errcode(&other_stage)), (400, "M_UNRECOGNIZED"), "{other_stage}");
+    let (status, registered) = register(
+        1,
+        &json!({
+            "username": "dana",
+            "password": PASSWORD,
+            "auth": {"type": "m.login.dummy", "session": session},
+            "initial_device_display_name": "dana's laptop",
+        }),
+    );
+    assert_eq!(status, 200, "{registered}");
+    let device = registered["device_id"].as_str().expect("a device_id").to_owned();
+    assert!(registered["home_server"].is_string(), "{registered}");
+    let dana = client_of(at(1), &registered);
+    let (status, taken) = register(2, &json!({"username": "dana", "password": "x"}));
+    assert_eq!((status, errcode(&taken)), (400, "M_USER_IN_USE"), "{taken}");
+    let (status, inhibited) = register(
+        2,
+        &json!({"username": "erin", "password": PASSWORD, "auth": {"type": "m.login.dummy"}, "inhibit_login": true}),
+    );
+    assert_eq!(status, 200, "{inhibited}");
+    assert!(inhibited.get("access_token").is_none() && inhibited["user_id"].is_string(), "{inhibited}");
+
+    // whoami knows the device, on another process.
+    let (status, me) = dana.on(at(2)).call("GET", "/_matrix/client/v3/account/whoami", None);
+    assert_eq!((status, &me["device_id"]), (200, &json!(device)), "{me}");
+
+    // Login, by localpart and by full ID, each on a device of its own.
+    let (status, phone) = log_in(at(3), "dana", PASSWORD, Some("PHONE"));
+    assert_eq!((status, &phone["device_id"]), (200, &json!("PHONE")), "{phone}");
+    let phone = client_of(at(3), &phone);
+    let (status, tablet) = log_in(at(0), &dana.user_id, PASSWORD, None);
+    assert_eq!(status, 200, "{tablet}");
+    let tablet = client_of(at(0), &tablet);
+    let (status, devices) = tablet.on(at(1)).call("GET", "/_matrix/client/v3/devices", None);
+    assert_eq!(status, 200, "{devices}");
+    let ids: Vec<&str> = devices["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .filter_map(|d| d["device_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 3, "{devices}");
+    assert!(ids.contains(&device.as_str()) && ids.contains(&"PHONE"), "{devices}");
+    let (status, capabilities) = phone.call("GET", "/_matrix/client/v3/capabilities", None);
+    assert_eq!(status, 200, "{capabilities}");
+    assert!(capabilities["capabilities"]["m.room_versions"].is_object(), "{capabilities}");
+
+    // Logging in again on a device replaces its token.
+    let (status, phone_again) = log_in(at(2), "dana", PASSWORD, Some("PHONE"));
+    assert_eq!(status, 200, "{phone_again}");
+    refused_soon(&phone);
+    let phone = client_of(at(2), &phone_again);
+
+    // A logout ends that device only; logout/all ends every device.
+    let (status, _) = tablet.call("POST", "/_matrix/client/v3/logout", None);
+    assert_eq!(status, 200);
+    refused_soon(&tablet.on(at(1)));
+    let (status, devices) = phone.call("GET", "/_matrix/client/v3/devices", None);
+    assert_eq!((status, devices["devices"].as_array().map(Vec::len)), (200, Some(2)), "{devices}");
+    let (status, _) = phone.call("POST", "/_matrix/client/v3/logout/all", None);
+    assert_eq!(status, 200);
+    refused_soon(&phone.on(at(3)));
+    refused_soon(&dana.on(at(0)));
+
+    // An unknown account is refused like a wrong password.
+    let (status, answer) = log_in(at(2), "nobody", PASSWORD, None);
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
+    // Wrong passwords are refused, and slowed down after three.
+    for attempt in 0..3 {
+        let (status, answer) = log_in(at(1), "dana", "not the password", None);
+        assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "attempt {attempt}: {answer}");
+    }
+    let (status, answer) = log_in(at(1), "dana", "not the password", None);
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
+    let (status, answer) = log_in(at(1), "dana", PASSWORD, None);
+    assert_eq!(
+        (status, errcode(&answer)),
+        (429, "M_LIMIT_EXCEEDED"),
+        "even the right password waits: {answer}"
+    );
+    assert!(answer["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0 && ms <= 1_000), "{answer}");
+    // Once the wait is over, the right password works again.
+    std::thread::sleep(Duration::from_millis(1_100));
+    let (status, answer) = log_in(at(1), "dana", PASSWORD, None);
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[test]
+fn accounts_on_the_sqlite_monolith() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let server = Server::start(Binary::Master, &["--http-listen", "127.0.0.1:0"], dir.path());
+    exercise_accounts(std::slice::from_ref(&server.base_url));
+}
+
+#[test]
+fn accounts_on_four_processes() {
+    let deployment = Deployment::for_clients();
+    let servers = deployment.start_all();
+    exercise_accounts(&base_urls(&servers));
+}
+
+/// Off by default anywhere but the monolith on loopback: a deployment's config
+/// must open registration, or an operator creates the accounts.
+#[test]
+fn registration_is_closed_unless_the_config_opens_it() {
+    let deployment = Deployment::new(tests::deployment::Transport::Redis, &[], &["master"]);
+    let config = deployment.config("master").replace("enable_registration = true\n", "");
+    let master = deployment.start_with_config("master", &config);
+    let (status, answer) = call(
+        &master.base_url,
+        "POST",
+        "/_matrix/client/v3/register",
+        None,
+        Some(&json!({"username": "frank", "password": PASSWORD, "auth": {"type": "m.login.dummy"}})),
+    );
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
+}
