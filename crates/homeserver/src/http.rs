@@ -55,6 +55,7 @@ pub(crate) fn router(state: AppState, extra: Router) -> Router {
         .merge(internal)
         .merge(extra)
         .fallback(crate::client::unrecognized)
+        .layer(axum::middleware::from_fn(cors))
 }
 
 /// `GET /health`: 200 `OK` while the process serves, as Synapse answers, so load
@@ -112,4 +113,29 @@ async fn room_state(
         })
         .collect();
     Ok(Json(json!({"room_id": room_id, "state": state_events, "joined_members": members.as_slice()})))
+}
+
+/// Matrix's CORS headers on every client path, and an answer to browsers'
+/// preflight `OPTIONS` there, so that a web client can talk to the server at
+/// all. The internal and operator endpoints are left alone.
+async fn cors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let is_client = request.uri().path().starts_with("/_matrix/");
+    let response = if is_client && request.method() == axum::http::Method::OPTIONS {
+        axum::http::StatusCode::OK.into_response()
+    } else {
+        next.run(request).await
+    };
+    if !is_client {
+        return response;
+    }
+    let mut response = response;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+        (header::ACCESS_CONTROL_ALLOW_METHODS, "GET, HEAD, POST, PUT, DELETE, OPTIONS"),
+        (header::ACCESS_CONTROL_ALLOW_HEADERS, "X-Requested-With, Content-Type, Authorization, Date"),
+    ] {
+        headers.insert(name, axum::http::HeaderValue::from_static(value));
+    }
+    response
 }

@@ -202,25 +202,37 @@ impl UsersStore {
 
 impl UsersStore {
     /// Creates the account `user_id` with `password_hash` (a PHC string made by
-    /// the caller; `None` for an account that cannot log in with a password);
-    /// `false` when the name is already taken.
+    /// the caller; `None` for an account that cannot log in with a password)
+    /// and its profile's `displayname`; `false` when the name is already taken.
     pub async fn register_account(
         &self,
         user_id: &str,
         password_hash: Option<&str>,
+        displayname: Option<&str>,
     ) -> Result<bool, StoreError> {
         let (user_id, hash, creation_ts) = (user_id.to_owned(), password_hash.map(str::to_owned), now_ms());
+        let displayname = displayname.map(str::to_owned);
         let inserted = self
             .db
             .run_interaction("register_account", move |txn| {
-                let (user_id, hash) = (user_id.clone(), hash.clone());
+                let (user_id, hash, displayname) = (user_id.clone(), hash.clone(), displayname.clone());
                 Box::pin(async move {
-                    txn.execute(
-                        "INSERT INTO users (name, creation_ts, password_hash) VALUES ($1, $2, $3) \
-                         ON CONFLICT (name) DO NOTHING",
-                        &[&user_id, &creation_ts, &hash],
-                    )
-                    .await
+                    let inserted = txn
+                        .execute(
+                            "INSERT INTO users (name, creation_ts, password_hash) VALUES ($1, $2, $3) \
+                             ON CONFLICT (name) DO NOTHING",
+                            &[&user_id, &creation_ts, &hash],
+                        )
+                        .await?;
+                    if inserted == 1 {
+                        txn.execute(
+                            "INSERT INTO profiles (user_id, displayname) VALUES ($1, $2) \
+                             ON CONFLICT (user_id) DO NOTHING",
+                            &[&user_id, &displayname],
+                        )
+                        .await?;
+                    }
+                    Ok(inserted)
                 })
             })
             .await?;
@@ -378,6 +390,49 @@ impl UsersStore {
                 Box::pin(async move {
                     revoke_tokens(txn, &caches, "user_id = $1", &[&user_id]).await?;
                     txn.execute("DELETE FROM devices WHERE user_id = $1", &[&user_id]).await?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+}
+
+impl UsersStore {
+    /// `user_id`'s display name: `None` for an account without a profile
+    /// (unknown), `Some(None)` for one that set none.
+    pub async fn displayname(&self, user_id: &str) -> Result<Option<Option<String>>, StoreError> {
+        let user_id = user_id.to_owned();
+        self.db
+            .run_autocommit("displayname", move |txn| {
+                let user_id = user_id.clone();
+                Box::pin(async move {
+                    // Accounts made before profiles existed have none: known, unnamed.
+                    let row = txn
+                        .query_opt(
+                            "SELECT profiles.displayname FROM users \
+                             LEFT JOIN profiles ON profiles.user_id = users.name WHERE users.name = $1",
+                            &[&user_id],
+                        )
+                        .await?;
+                    row.map(|row| row.get::<Option<String>>(0)).transpose()
+                })
+            })
+            .await
+    }
+
+    /// Sets `user_id`'s display name (`None` clears it).
+    pub async fn set_displayname(&self, user_id: &str, displayname: Option<&str>) -> Result<(), StoreError> {
+        let (user_id, displayname) = (user_id.to_owned(), displayname.map(str::to_owned));
+        self.db
+            .run_interaction("set_displayname", move |txn| {
+                let (user_id, displayname) = (user_id.clone(), displayname.clone());
+                Box::pin(async move {
+                    txn.execute(
+                        "INSERT INTO profiles (user_id, displayname) VALUES ($1, $2) \
+                         ON CONFLICT (user_id) DO UPDATE SET displayname = EXCLUDED.displayname",
+                        &[&user_id, &displayname],
+                    )
+                    .await?;
                     Ok(())
                 })
             })

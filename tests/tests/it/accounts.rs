@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use tests::client::{Client, PASSWORD, call};
+use tests::client::{Client, PASSWORD, call, encode, register};
 use tests::deployment::{Deployment, base_urls, eventually};
 use tests::process::{Binary, Server};
 
@@ -160,11 +160,117 @@ fn exercise_accounts(urls: &[String]) {
     assert_eq!(status, 200, "{answer}");
 }
 
+/// What a client asks right after signing in, besides sync: profiles, push
+/// rules, its rooms, their members and single events; and a browser's
+/// preflight.
+fn exercise_what_clients_ask_next(urls: &[String]) {
+    let at = |n: usize| urls[n % urls.len()].as_str();
+    let gail = register(at(0), "gail");
+    let hank = register(at(1), "hank");
+
+    // Profiles: the localpart until the user sets a name; one's own only.
+    let profile = format!("/_matrix/client/v3/profile/{}", encode(&gail.user_id));
+    let (status, answer) = hank.on(at(2)).call("GET", &profile, None);
+    assert_eq!((status, &answer["displayname"]), (200, &json!("gail")), "{answer}");
+    let (status, _) = gail.on(at(3)).call(
+        "PUT",
+        &format!("{profile}/displayname"),
+        Some(&json!({"displayname": "Gail G."})),
+    );
+    assert_eq!(status, 200);
+    let (status, answer) = hank.on(at(0)).call("GET", &format!("{profile}/displayname"), None);
+    assert_eq!((status, &answer["displayname"]), (200, &json!("Gail G.")), "{answer}");
+    let (status, answer) =
+        hank.call("PUT", &format!("{profile}/displayname"), Some(&json!({"displayname": "not hers"})));
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
+    let (status, answer) = hank.call("GET", "/_matrix/client/v3/profile/%40nobody%3Anowhere", None);
+    assert_eq!((status, errcode(&answer)), (404, "M_NOT_FOUND"), "{answer}");
+
+    // The default push rules.
+    let (status, rules) = gail.call("GET", "/_matrix/client/v3/pushrules/", None);
+    assert_eq!(status, 200, "{rules}");
+    let overrides = rules["global"]["override"].as_array().expect("override rules");
+    assert_eq!(overrides[0]["rule_id"], json!(".m.rule.master"), "{rules}");
+    assert_eq!(rules["global"]["content"][0]["pattern"], json!("gail"), "{rules}");
+
+    // Rooms, members and events, for members only.
+    let room = gail.on(at(1)).create_room();
+    hank.on(at(2)).join(&room);
+    let event_id = gail.on(at(3)).send(&room, "t1", "hello");
+    let rooms_path = format!("/_matrix/client/v3/rooms/{}", encode(&room));
+    eventually("everyone sees the room, its members and its event", Duration::from_secs(2), || {
+        for n in 0..urls.len() {
+            let (status, joined) = hank.on(at(n)).call("GET", "/_matrix/client/v3/joined_rooms", None);
+            if status != 200 || joined["joined_rooms"] != json!([room]) {
+                return Err(format!("joined_rooms on {}: {status} {joined}", at(n)));
+            }
+            let (status, members) = hank.on(at(n)).call("GET", &format!("{rooms_path}/members"), None);
+            let mut who: Vec<&str> = members["chunk"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["state_key"].as_str())
+                .collect();
+            who.sort_unstable();
+            if status != 200 || who != [gail.user_id.as_str(), hank.user_id.as_str()] {
+                return Err(format!("members on {}: {status} {members}", at(n)));
+            }
+            let (status, event) =
+                hank.on(at(n)).call("GET", &format!("{rooms_path}/event/{}", encode(&event_id)), None);
+            if status != 200 || event["content"]["body"] != json!("hello") {
+                return Err(format!("event on {}: {status} {event}", at(n)));
+            }
+        }
+        Ok(())
+    });
+    let ivan = register(at(2), "ivan");
+    let (status, answer) = ivan.call("GET", &format!("{rooms_path}/members"), None);
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
+    let (status, answer) = ivan.call("GET", &format!("{rooms_path}/event/{}", encode(&event_id)), None);
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
+    let (status, answer) = hank.call("GET", &format!("{rooms_path}/event/%24nothing%3Ahere"), None);
+    assert_eq!((status, errcode(&answer)), (404, "M_NOT_FOUND"), "{answer}");
+
+    // A browser's preflight, and the headers on every client answer.
+    for path in ["/_matrix/client/v3/login", "/_matrix/client/v3/sync", "/_matrix/client/versions"] {
+        let head = raw_head(at(3), "OPTIONS", path);
+        assert!(head.starts_with("HTTP/1.1 200"), "OPTIONS {path}: {head}");
+        assert!(
+            head.to_ascii_lowercase().contains("access-control-allow-origin: *"),
+            "OPTIONS {path}: {head}"
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("access-control-allow-headers: x-requested-with, content-type, authorization"),
+            "{head}"
+        );
+    }
+    let head = raw_head(at(0), "GET", "/_matrix/client/versions");
+    assert!(head.to_ascii_lowercase().contains("access-control-allow-origin: *"), "{head}");
+}
+
+/// The status line and headers of one request, as a browser would see them.
+fn raw_head(base_url: &str, method: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let authority = base_url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(authority).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("a timeout");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nOrigin: https://app.example\r\n\
+         Access-Control-Request-Method: POST\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response.split("\r\n\r\n").next().unwrap_or_default().to_owned()
+}
+
 #[test]
 fn accounts_on_the_sqlite_monolith() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let server = Server::start(Binary::Master, &["--http-listen", "127.0.0.1:0"], dir.path());
     exercise_accounts(std::slice::from_ref(&server.base_url));
+    exercise_what_clients_ask_next(std::slice::from_ref(&server.base_url));
 }
 
 #[test]
@@ -172,6 +278,7 @@ fn accounts_on_four_processes() {
     let deployment = Deployment::for_clients();
     let servers = deployment.start_all();
     exercise_accounts(&base_urls(&servers));
+    exercise_what_clients_ask_next(&base_urls(&servers));
 }
 
 /// Off by default anywhere but the monolith on loopback: a deployment's config

@@ -132,7 +132,8 @@ async fn register(State(state): State<AppState>, body: Bytes) -> Result<Json<Val
         Some(password) => Some(hash_password(password).await?),
         None => None,
     };
-    if !users.register_account(&user_id, password_hash.as_deref()).await? {
+    // Synapse's default display name: the localpart.
+    if !users.register_account(&user_id, password_hash.as_deref(), Some(&username)).await? {
         return Err(ClientError::new(StatusCode::BAD_REQUEST, "M_USER_IN_USE", "User ID already taken."));
     }
     let home_server = &state.config.server_name;

@@ -4,6 +4,7 @@
 //!
 //! - `accounts`: registration, login and devices, logout, and what clients ask
 //!   first (`/versions`, `/capabilities`).
+//! - `profile`: display names, and the default push rules clients ask for.
 //! - `rooms`: the room endpoints; each write goes to the writer of its stream
 //!   (`writes`), reads come from this process's caches and the database.
 //! - `writes`: where a write goes (a stable hash of the room over the stream's
@@ -14,6 +15,7 @@
 //! HTTP status. `docs/http.md` documents every endpoint.
 
 mod accounts;
+mod profile;
 mod rooms;
 mod sync;
 mod writes;
@@ -51,6 +53,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route(&format!("{ROOM}/state/{{event_type}}/"), put(rooms::put_state_empty_key))
         .route(&format!("{ROOM}/state"), get(rooms::get_state))
         .route(&format!("{ROOM}/joined_members"), get(rooms::joined_members))
+        .route(&format!("{ROOM}/members"), get(rooms::members))
+        .route(&format!("{ROOM}/event/{{event_id}}"), get(rooms::event))
+        .route("/_matrix/client/v3/joined_rooms", get(rooms::joined_rooms))
+        .merge(profile::router())
         .route(&format!("{ROOM}/receipt/{{receipt_type}}/{{event_id}}"), post(rooms::receipt))
         .route(&format!("{ROOM}/typing/{{user_id}}"), put(rooms::typing))
         .route("/_matrix/client/v3/sync", get(sync::sync))

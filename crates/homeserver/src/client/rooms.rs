@@ -346,3 +346,51 @@ pub(crate) async fn typing(
     writes::write_typing(&state, TypingChange { room_id, user_id, typing, timeout_ms }).await?;
     Ok(Json(json!({})))
 }
+
+/// `GET /rooms/{roomId}/members` → `{"chunk": [member events]}`: the room's
+/// current membership, for members.
+pub(crate) async fn members(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(room_id): Path<String>,
+) -> Result<Json<Value>, ClientError> {
+    let user_id = authenticate(&state, &headers).await?;
+    check_room_id(&room_id)?;
+    require_member(&state, &room_id, &user_id).await?;
+    let events = state.store.events();
+    let mut chunk = Vec::new();
+    for ((event_type, _), event_id) in events.get_current_state_ids(&room_id).await?.iter() {
+        if event_type != "m.room.member" {
+            continue;
+        }
+        if let Some(event) = events.get_event(event_id).await? {
+            chunk.push(client_event(&event));
+        }
+    }
+    Ok(Json(json!({"chunk": chunk})))
+}
+
+/// `GET /rooms/{roomId}/event/{eventId}`: one event of a room the user is in.
+pub(crate) async fn event(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((room_id, event_id)): Path<(String, String)>,
+) -> Result<Json<Value>, ClientError> {
+    let user_id = authenticate(&state, &headers).await?;
+    check_room_id(&room_id)?;
+    require_member(&state, &room_id, &user_id).await?;
+    match state.store.events().get_event(&event_id).await? {
+        Some(event) if event.room_id == room_id => Ok(Json(client_event(&event))),
+        _ => Err(ClientError::not_found(format!("no event {event_id} in {room_id}"))),
+    }
+}
+
+/// `GET /joined_rooms` → `{"joined_rooms": [roomId]}`.
+pub(crate) async fn joined_rooms(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ClientError> {
+    let user_id = authenticate(&state, &headers).await?;
+    let rooms = state.store.events().get_rooms_for_user(&user_id).await?;
+    Ok(Json(json!({"joined_rooms": rooms.as_slice()})))
+}
