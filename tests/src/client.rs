@@ -87,9 +87,10 @@ impl Client {
         answer
     }
 
-    /// `POST createRoom`; the new room's ID.
+    /// `POST createRoom` of a public room (anyone may join); the new room's ID.
     pub fn create_room(&self) -> String {
-        let answer = self.ok("POST", "/_matrix/client/v3/createRoom", Some(&json!({})));
+        let answer =
+            self.ok("POST", "/_matrix/client/v3/createRoom", Some(&json!({"preset": "public_chat"})));
         answer["room_id"].as_str().expect("a room_id").to_owned()
     }
 

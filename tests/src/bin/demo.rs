@@ -150,7 +150,7 @@ fn converse(deployment: &Running, server_name: &str) -> anyhow::Result<()> {
         "POST",
         "/_matrix/client/v3/createRoom",
         Some(&alice),
-        Some(&json!({})),
+        Some(&json!({"preset": "public_chat"})),
     )?["room_id"]
         .as_str()
         .ok_or_else(|| format_err!("createRoom answered no room_id"))?

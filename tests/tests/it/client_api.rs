@@ -135,7 +135,15 @@ fn exercise_the_api(urls: &[String]) {
         let (status, answer) = bob.on(at(2)).call("GET", &state_path, None);
         let types: BTreeSet<&str> =
             answer.as_array().into_iter().flatten().filter_map(|event| event["type"].as_str()).collect();
-        let expected: BTreeSet<&str> = ["m.room.create", "m.room.member", "m.room.topic"].into();
+        let expected: BTreeSet<&str> = [
+            "m.room.create",
+            "m.room.member",
+            "m.room.power_levels",
+            "m.room.join_rules",
+            "m.room.history_visibility",
+            "m.room.topic",
+        ]
+        .into();
         if status == 200 && types == expected { Ok(()) } else { Err(format!("{status} {answer}")) }
     });
 
@@ -147,10 +155,12 @@ fn exercise_the_api(urls: &[String]) {
     );
     let mut timeline = timeline_ids(&first, "join", &room);
     let since = first["next_batch"].as_str().expect("a next_batch");
-    let (rest, since_bob) = gather(&bob.on(at(3)), since, "join", &room, 6 - timeline.len());
+    // createRoom writes the create event, the creator's join, the power levels,
+    // the join rules and the history visibility.
+    let (rest, since_bob) = gather(&bob.on(at(3)), since, "join", &room, 9 - timeline.len());
     timeline.extend(rest);
-    assert_eq!(timeline.len(), 6, "create, 2 joins, 2 messages, topic: {timeline:?}");
-    assert_eq!(&timeline[3..], [hello.clone(), other.clone(), topic.clone()]);
+    assert_eq!(timeline.len(), 9, "createRoom's 5, bob's join, 2 messages, topic: {timeline:?}");
+    assert_eq!(&timeline[6..], [hello.clone(), other.clone(), topic.clone()]);
     // Nothing new: an empty answer at once with timeout 0, and the same events never again.
     let again = bob.on(at(0)).sync(Some(&since_bob), Duration::ZERO);
     assert!(again["rooms"]["join"].get(&room).is_none(), "{again}");

@@ -15,6 +15,7 @@
 //! HTTP status. `docs/http.md` documents every endpoint.
 
 mod accounts;
+mod auth_rules;
 mod profile;
 mod rooms;
 mod sync;
@@ -46,6 +47,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/_matrix/client/v3/createRoom", post(rooms::create_room))
         .route(&format!("{ROOM}/join"), post(rooms::join))
         .route(&format!("{ROOM}/leave"), post(rooms::leave))
+        .route(&format!("{ROOM}/invite"), post(rooms::invite))
         .route(&format!("{ROOM}/send/{{event_type}}/{{txn_id}}"), put(rooms::send))
         .route(&format!("{ROOM}/state/{{event_type}}/{{state_key}}"), put(rooms::put_state))
         // An empty state key: `…/state/{type}` and `…/state/{type}/`.

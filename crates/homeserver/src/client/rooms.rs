@@ -114,25 +114,72 @@ fn member_event(user_id: &str, membership: &str) -> EventContent {
     }
 }
 
-/// `POST /createRoom` → `{"room_id"}`: the creator is joined.
+#[derive(Debug, Default, Deserialize)]
+struct CreateRoom {
+    preset: Option<String>,
+    visibility: Option<String>,
+    name: Option<String>,
+    topic: Option<String>,
+    #[serde(default)]
+    invite: Vec<String>,
+}
+
+/// Whether `user_id` has the shape of a Matrix user ID (`@localpart:server`).
+fn is_user_id(user_id: &str) -> bool {
+    user_id.len() <= MAX_IDENTIFIER_BYTES
+        && user_id
+            .strip_prefix('@')
+            .is_some_and(|rest| rest.split_once(':').is_some_and(|(l, s)| !l.is_empty() && !s.is_empty()))
+}
+
+fn state_event(event_type: &str, content: Value) -> EventContent {
+    EventContent { event_type: event_type.to_owned(), state_key: Some(String::new()), content }
+}
+
+/// `POST /createRoom` → `{"room_id"}`: the creator is joined, with Matrix's
+/// default power levels; `preset` (`private_chat`, the default, and
+/// `trusted_private_chat`: invite only; `public_chat`, or a `"public"`
+/// visibility without a preset: anyone may join), `name`, `topic` and
+/// `invite` are honoured.
 pub(crate) async fn create_room(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ClientError> {
     let sender = authenticate(&state, &headers).await?;
-    // The options of Matrix's createRoom (name, preset, …) are not part of this
-    // subset; the body must still be JSON.
-    let _: Map<String, Value> = parse_body(&body)?;
+    let options: CreateRoom = parse_body(&body)?;
+    let preset = match (options.preset.as_deref(), options.visibility.as_deref()) {
+        (Some(preset), _) => preset,
+        (None, Some("public")) => "public_chat",
+        (None, _) => "private_chat",
+    };
+    let join_rule = match preset {
+        "private_chat" | "trusted_private_chat" => "invite",
+        "public_chat" => "public",
+        other => return Err(ClientError::invalid_param(format!("unknown preset {other:?}"))),
+    };
+    if let Some(bad) = options.invite.iter().find(|user| !is_user_id(user)) {
+        return Err(ClientError::invalid_param(format!("{bad:?} is not a user ID")));
+    }
+    let mut admins = vec![sender.as_str()];
+    if preset == "trusted_private_chat" {
+        admins.extend(options.invite.iter().map(String::as_str));
+    }
     let room_id = format!("!{}:{}", random_string(18), state.config.server_name);
-    let events = vec![
-        EventContent {
-            event_type: "m.room.create".to_owned(),
-            state_key: Some(String::new()),
-            content: json!({"creator": sender, "room_version": "10"}),
-        },
+    let mut events = vec![
+        state_event("m.room.create", json!({"creator": sender, "room_version": "10"})),
         member_event(&sender, "join"),
+        state_event("m.room.power_levels", super::auth_rules::initial_power_levels(&admins)),
+        state_event("m.room.join_rules", json!({"join_rule": join_rule})),
+        state_event("m.room.history_visibility", json!({"history_visibility": "shared"})),
     ];
+    if let Some(name) = options.name {
+        events.push(state_event("m.room.name", json!({"name": name})));
+    }
+    if let Some(topic) = options.topic {
+        events.push(state_event("m.room.topic", json!({"topic": topic})));
+    }
+    events.extend(options.invite.iter().map(|user| member_event(user, "invite")));
     let write = RoomWrite { room_id: room_id.clone(), sender, events, txn_id: None, creates_room: true };
     writes::write_room_events(&state, write).await?;
     Ok(Json(json!({"room_id": room_id})))
@@ -155,6 +202,28 @@ pub(crate) async fn leave(
     Path(room_id): Path<String>,
 ) -> Result<Json<Value>, ClientError> {
     set_own_membership(&state, &headers, &room_id, "leave").await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Debug, Deserialize)]
+struct Invite {
+    user_id: String,
+}
+
+/// `POST /rooms/{roomId}/invite` `{"user_id"}` → `{}`: a member invites.
+pub(crate) async fn invite(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(room_id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ClientError> {
+    let sender = authenticate(&state, &headers).await?;
+    check_room_id(&room_id)?;
+    let Invite { user_id } = parse_body(&body)?;
+    if !is_user_id(&user_id) {
+        return Err(ClientError::invalid_param(format!("{user_id:?} is not a user ID")));
+    }
+    write_one(&state, room_id, sender, member_event(&user_id, "invite"), None).await?;
     Ok(Json(json!({})))
 }
 

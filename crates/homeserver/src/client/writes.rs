@@ -31,6 +31,7 @@ use store_core::MultiWriterIdGenerator;
 use store_events::{ClientTxn, EVENTS_STREAM, NewEvent};
 use store_receipts::{RECEIPTS_STREAM, ReceiptRow};
 
+use super::auth_rules::{self, RoomState};
 use super::{ClientError, detached, now_ms, parse_body, random_string, require_secret};
 use crate::http::AppState;
 
@@ -352,16 +353,49 @@ async fn check_room_write(state: &AppState, write: &RoomWrite) -> Result<(), Cli
     if !room_exists(state, &write.room_id).await? {
         return Err(ClientError::not_found(format!("unknown room {}", write.room_id)));
     }
-    let joining = first.event_type == "m.room.member"
-        && first.state_key.as_deref() == Some(write.sender.as_str())
-        && first.content["membership"] == "join";
-    if joining {
-        return Ok(());
+    let mut concerned = vec![write.sender.as_str()];
+    if first.event_type == "m.room.member"
+        && let Some(target) = first.state_key.as_deref()
+    {
+        concerned.push(target);
     }
-    if membership_of(state, &write.room_id, &write.sender).await?.as_deref() != Some("join") {
-        return Err(ClientError::forbidden(format!("{} is not in the room", write.sender)));
+    let room = room_state(state, &write.room_id, &concerned).await?;
+    let proposed = auth_rules::Proposed {
+        sender: &write.sender,
+        event_type: &first.event_type,
+        state_key: first.state_key.as_deref(),
+        content: &first.content,
+    };
+    auth_rules::check(&room, proposed).map_err(ClientError::forbidden)
+}
+
+/// What the authorization rules read of `room_id`'s current state: its
+/// creator, join rules and power levels, and the memberships of `users`.
+async fn room_state(state: &AppState, room_id: &str, users: &[&str]) -> Result<RoomState, ClientError> {
+    let events = state.store.events();
+    let current = events.get_current_state_ids(room_id).await?;
+    let content_of = |event_type: &str| current.get(&(event_type.to_owned(), String::new())).cloned();
+    let mut room = RoomState::default();
+    if let Some(event_id) = content_of("m.room.create")
+        && let Some(event) = events.get_event(&event_id).await?
+    {
+        room.creator = Some(event.event.sender.clone());
     }
-    Ok(())
+    for (event_type, slot) in
+        [("m.room.join_rules", &mut room.join_rules), ("m.room.power_levels", &mut room.power_levels)]
+    {
+        if let Some(event_id) = content_of(event_type)
+            && let Some(event) = events.get_event(&event_id).await?
+        {
+            *slot = serde_json::from_str(&event.event.content).ok();
+        }
+    }
+    for user in users {
+        if let Some(membership) = membership_of(state, room_id, user).await? {
+            room.memberships.insert((*user).to_owned(), membership);
+        }
+    }
+    Ok(room)
 }
 
 async fn persist_receipt(state: &AppState, receipt: &ReceiptRow) -> Result<Written, ClientError> {
