@@ -30,6 +30,15 @@ pub enum WriterFilter {
     AllBut(Vec<String>),
 }
 
+/// Which end of a range of a room's events a read starts from.
+#[derive(Debug, Clone, Copy)]
+enum RangeEnd {
+    /// The newest events, newest first.
+    Newest,
+    /// The oldest events, oldest first.
+    Oldest,
+}
+
 /// A change of one user's membership in one room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MembershipChange {
@@ -241,14 +250,81 @@ impl EventsReader {
         to: i64,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
+        let mut events =
+            self.room_events_of_writers(room_id, writers, (from, to), limit, RangeEnd::Newest).await?;
+        events.reverse();
+        Ok(events)
+    }
+
+    /// The oldest `limit` events of `room_id` with `from < stream_ordering ≤
+    /// to`, oldest first, persisted by the writers `writers` picks: the
+    /// forward counterpart of [`EventsReader::get_room_events_of_writers`],
+    /// for paging a room's history towards the present.
+    pub async fn get_oldest_room_events_of_writers(
+        &self,
+        room_id: &str,
+        writers: &WriterFilter,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        self.room_events_of_writers(room_id, writers, (from, to), limit, RangeEnd::Oldest).await
+    }
+
+    /// The transaction IDs `user_id` sent the events of `event_ids` with, by
+    /// event ID; events sent without one (or by someone else) are absent.
+    /// What marks a client's own events as its own when they come back.
+    pub async fn get_txn_ids_of_events(
+        &self,
+        user_id: &str,
+        event_ids: &[&str],
+    ) -> Result<BTreeMap<String, String>, StoreError> {
+        if event_ids.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let user = user_id.to_owned();
+        let ids: Vec<String> = event_ids.iter().map(|id| (*id).to_owned()).collect();
+        self.db
+            .run_autocommit("get_txn_ids_of_events", move |txn| {
+                let (user, ids) = (user.clone(), ids.clone());
+                Box::pin(async move {
+                    let placeholders: Vec<String> =
+                        (0..ids.len()).map(|index| format!("${}", index + 2)).collect();
+                    let sql = format!(
+                        "SELECT event_id, txn_id FROM event_txn_id WHERE user_id = $1 AND event_id IN ({})",
+                        placeholders.join(", ")
+                    );
+                    let mut params: Vec<&dyn store_core::ToSqlValue> = vec![&user];
+                    params.extend(ids.iter().map(|id| id as &dyn store_core::ToSqlValue));
+                    let rows = txn.query(&sql, &params).await?;
+                    rows.iter().map(|row| Ok((row.get(0)?, row.get(1)?))).collect()
+                })
+            })
+            .await
+    }
+
+    /// `limit` events of `room_id` with `from < stream_ordering ≤ to` by the
+    /// writers `writers` picks, from the `end` of the range inwards: newest
+    /// first, or oldest first.
+    async fn room_events_of_writers(
+        &self,
+        room_id: &str,
+        writers: &WriterFilter,
+        (from, to): (i64, i64),
+        limit: usize,
+        end: RangeEnd,
+    ) -> Result<Vec<Event>, StoreError> {
         if to <= from || !self.room_changes.has_entity_changed(room_id, from) {
             return Ok(Vec::new());
         }
+        let (order, interaction) = match end {
+            RangeEnd::Newest => ("DESC", "get_room_events_of_writers"),
+            RangeEnd::Oldest => ("ASC", "get_oldest_room_events_of_writers"),
+        };
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let (room, writers) = (room_id.to_owned(), writers.clone());
-        let mut events = self
-            .db
-            .run_autocommit("get_room_events_of_writers", move |txn| {
+        self.db
+            .run_autocommit(interaction, move |txn| {
                 let (room, writers) = (room.clone(), writers.clone());
                 Box::pin(async move {
                     let (condition, names) = match &writers {
@@ -262,7 +338,7 @@ impl EventsReader {
                     };
                     let sql = format!(
                         "{SELECT_EVENT} WHERE room_id = $1 AND stream_ordering > $2 AND stream_ordering <= $3 \
-                         AND {condition} ORDER BY stream_ordering DESC LIMIT $4"
+                         AND {condition} ORDER BY stream_ordering {order} LIMIT $4"
                     );
                     let mut params: Vec<&dyn store_core::ToSqlValue> = vec![&room, &from, &to, &limit];
                     params.extend(names.iter().map(|name| name as &dyn store_core::ToSqlValue));
@@ -270,9 +346,7 @@ impl EventsReader {
                     rows.iter().map(event_from_row).collect::<Result<Vec<_>, _>>()
                 })
             })
-            .await?;
-        events.reverse();
-        Ok(events)
+            .await
     }
 
     /// The newest `limit` state events of `room_id` for (`event_type`,

@@ -16,6 +16,7 @@
 
 mod accounts;
 mod auth_rules;
+mod history;
 mod profile;
 mod rooms;
 mod sync;
@@ -44,6 +45,7 @@ pub(crate) fn router(state: AppState) -> Router {
     const ROOM: &str = "/_matrix/client/v3/rooms/{room_id}";
     let client = Router::new()
         .merge(accounts::router())
+        .merge(history::router())
         .route("/_matrix/client/v3/createRoom", post(rooms::create_room))
         .route(&format!("{ROOM}/join"), post(rooms::join))
         .route(&format!("{ROOM}/leave"), post(rooms::leave))

@@ -8,8 +8,15 @@
 //! covers it by its own writer's position, so an event persisted out of order
 //! (below another writer's position, after it was announced) comes in a later
 //! sync: never skipped, never twice.
+//!
+//! Each room's timeline carries a `prev_batch`, a room token (`history`
+//! pages back from it) just before its first event, by each writer; the room's
+//! `state` is the state at that token, so it never repeats what the timeline
+//! carries (but for a room joined since `since`, which comes with its whole
+//! current state).
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::time::Duration;
 
 use axum::Json;
@@ -81,7 +88,13 @@ impl SyncToken {
         ))
     }
 
-    async fn parse(text: &str, ids: &InstanceIds) -> Result<SyncToken, ClientError> {
+    /// The position on the `events` stream.
+    pub(super) fn events(&self) -> &MultiWriterToken {
+        &self.events
+    }
+
+    /// Parses what [`SyncToken::to_text`] wrote; 400 for anything else.
+    pub(super) async fn parse(text: &str, ids: &InstanceIds) -> Result<SyncToken, ClientError> {
         let invalid = || ClientError::invalid_param(format!("Invalid sync token: {text:?}"));
         let (events, receipts, typing) = split_token(text).ok_or_else(invalid)?;
         let stream = async |part: &str| match MultiWriterToken::parse(part, ids).await {
@@ -181,7 +194,17 @@ pub(crate) async fn sync(
             let rooms = changes(&state, &user_id, since.as_ref(), &next, limit).await?;
             if since.is_none() || !rooms.is_empty() || last_look {
                 let next_batch = next.to_text(&state.instance_ids).await?;
-                return Ok(Json(json!({"next_batch": next_batch, "rooms": rooms.to_json()})));
+                // Every section clients read is present, empty when this
+                // server keeps nothing for it.
+                return Ok(Json(json!({
+                    "next_batch": next_batch,
+                    "rooms": rooms.to_json(),
+                    "account_data": {"events": []},
+                    "presence": {"events": []},
+                    "to_device": {"events": []},
+                    "device_lists": {"changed": [], "left": []},
+                    "device_one_time_keys_count": {},
+                })));
             }
         }
         tokio::select! {
@@ -200,29 +223,44 @@ pub(crate) async fn sync(
 /// from a process further ahead); a token still ahead after that is not from
 /// this deployment, or not from now.
 async fn catch_up_with(state: &AppState, since: &SyncToken) -> Result<(), ClientError> {
-    let events = state.store.events().events_stream().wait_for_token(&since.events, CATCH_UP_WAIT);
-    let receipts = state.store.receipts().stream().wait_for_token(&since.receipts, CATCH_UP_WAIT);
-    let (events, receipts) = tokio::join!(events, receipts);
+    let (events, receipts) = (state.store.events().events_stream(), state.store.receipts().stream());
+    let (events, receipts) = tokio::join!(
+        catch_up_with_stream(state, &since.events, events, EVENTS_STREAM),
+        catch_up_with_stream(state, &since.receipts, receipts, RECEIPTS_STREAM),
+    );
+    events.and(receipts)
+}
+
+/// [`catch_up_with`] for a position on the `events` stream alone: what a
+/// room token from a client (`history`) is waited for with.
+pub(super) async fn catch_up_with_events(
+    state: &AppState,
+    token: &MultiWriterToken,
+) -> Result<(), ClientError> {
+    catch_up_with_stream(state, token, state.store.events().events_stream(), EVENTS_STREAM).await
+}
+
+/// Waits until this process has seen what `token` covers of `stream`.
+async fn catch_up_with_stream(
+    state: &AppState,
+    token: &MultiWriterToken,
+    generator: &MultiWriterIdGenerator,
+    stream: &str,
+) -> Result<(), ClientError> {
     let ahead =
-        || ClientError::invalid_param("the sync token is ahead of this server: it is not one of its tokens");
-    match (events, receipts) {
-        (Ok(()), Ok(())) => {}
-        (Err(StoreError::Timeout { .. }), _) | (_, Err(StoreError::Timeout { .. })) => return Err(ahead()),
-        (Err(err), _) | (_, Err(err)) => return Err(err.into()),
+        || ClientError::invalid_param("the token is ahead of this server: it is not one of its tokens");
+    match generator.wait_for_token(token, CATCH_UP_WAIT).await {
+        Ok(()) => {}
+        Err(StoreError::Timeout { .. }) => return Err(ahead()),
+        Err(err) => return Err(err.into()),
     }
-    // The waits return at once for this process's own writes. Another process
+    // The wait returns at once for this process's own writes. Another process
     // may place this writer at a position it has not announced yet (the stream
     // moved past it while it was allocating), so a token ahead of it gets a
     // moment to be caught up with; one still ahead after that was never handed
     // out by this deployment.
-    let (events, receipts) = (state.store.events().events_stream(), state.store.receipts().stream());
-    let deadline = Instant::now() + OWN_CATCH_UP_WAIT;
-    for (token, generator, stream) in
-        [(&since.events, events, EVENTS_STREAM), (&since.receipts, receipts, RECEIPTS_STREAM)]
-    {
-        if !reaches_own_position(state, token, generator, stream, deadline).await {
-            return Err(ahead());
-        }
+    if !reaches_own_position(state, token, generator, stream, Instant::now() + OWN_CATCH_UP_WAIT).await {
+        return Err(ahead());
     }
     Ok(())
 }
@@ -283,7 +321,8 @@ impl RoomChanges {
     }
 
     fn to_json(&self) -> Value {
-        json!({"join": self.join, "leave": self.leave})
+        // Invites are not listed (yet): the section is there for clients.
+        json!({"join": self.join, "invite": {}, "leave": self.leave})
     }
 }
 
@@ -326,25 +365,32 @@ async fn changes(
             (false, true) => {
                 // New to the user (or the first sync): the state and the latest events.
                 let (events, limited) = timeline(state, room_id, None, &next.events, limit).await?;
-                let state_events = state_events(state, room_id, Some(&next.events)).await?;
-                changes
-                    .join
-                    .insert(room_id.to_owned(), room_json(state, &events, limited, state_events).await?);
+                let start = timeline_start(&next.events, &events);
+                // The first sync's state is the state at the timeline's
+                // start; a room joined since `since` comes with its whole
+                // current state (`docs/http.md`).
+                let as_of = if since.is_none() { &start } else { &next.events };
+                let state_events = state_events(state, room_id, Some(as_of)).await?;
+                let room = room_json(state, user_id, &start, &events, limited, state_events).await?;
+                changes.join.insert(room_id.to_owned(), room);
                 joined_rooms.push(room_id);
             }
             (true, true) => {
                 let since = since.map(|since| &since.events);
                 let (events, limited) = timeline(state, room_id, since, &next.events, limit).await?;
-                // A gap in the timeline may hide state changes: send the state.
-                let state_events = if limited {
-                    state_events(state, room_id, Some(&next.events)).await?
-                } else {
-                    Vec::new()
+                let start = timeline_start(&next.events, &events);
+                // A gap in the timeline may hide state changes: send the state
+                // at the timeline's start, as far as the client has not seen it
+                // (what `since` covers it has).
+                let state_events = match since {
+                    Some(since) if limited => {
+                        state_events(state, room_id, Some(&start.copy_and_advance(since))).await?
+                    }
+                    _ => Vec::new(),
                 };
                 if !events.is_empty() {
-                    changes
-                        .join
-                        .insert(room_id.to_owned(), room_json(state, &events, limited, state_events).await?);
+                    let room = room_json(state, user_id, &start, &events, limited, state_events).await?;
+                    changes.join.insert(room_id.to_owned(), room);
                 }
                 joined_rooms.push(room_id);
             }
@@ -353,11 +399,11 @@ async fn changes(
                 let left_at =
                     change_at(room_changes, &next.events).map_or(i64::MAX, |change| change.stream_ordering);
                 let since = since.map(|since| &since.events);
-                let (events, limited) =
-                    timeline(state, room_id, since, &next.events.bound(left_at), limit).await?;
-                changes
-                    .leave
-                    .insert(room_id.to_owned(), room_json(state, &events, limited, Vec::new()).await?);
+                let upper = next.events.bound(left_at);
+                let (events, limited) = timeline(state, room_id, since, &upper, limit).await?;
+                let start = timeline_start(&upper, &events);
+                let room = room_json(state, user_id, &start, &events, limited, Vec::new()).await?;
+                changes.leave.insert(room_id.to_owned(), room);
             }
             (false, false) => {}
         }
@@ -412,35 +458,88 @@ async fn add_ephemeral(
                 .push(json!({"type": "m.typing", "content": {"user_ids": user_ids}}));
         }
     }
+    // A room with only ephemeral news has an empty timeline, which starts
+    // (and ends) at `next_batch`.
+    let mut empty_start: Option<String> = None;
     for (room_id, events) in ephemeral {
-        let entry = changes.join.entry(room_id.to_owned()).or_insert_with(|| {
-            json!({"timeline": {"events": [], "limited": false}, "state": {"events": []}, "ephemeral": {"events": []}})
-        });
+        let entry = match changes.join.entry(room_id.to_owned()) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let start = match &empty_start {
+                    Some(start) => start,
+                    None => empty_start
+                        .insert(RoomToken::Live(next.events.clone()).to_text(&state.instance_ids).await?),
+                };
+                entry.insert(room_shape(Vec::new(), false, start, Vec::new()))
+            }
+        };
         entry["ephemeral"]["events"] = Value::Array(events);
     }
     Ok(())
 }
 
+/// The token just before the first of `events` by every writer, within
+/// `upper` (the token the timeline was read up to): a room token `history`
+/// pages back from, through everything `upper` covers but the timeline. The
+/// timeline holds the newest events of its range, so what it left out of the
+/// range lies below its first event, whichever writer persisted it; an empty
+/// timeline starts at `upper`.
+fn timeline_start(upper: &MultiWriterToken, events: &[Event]) -> MultiWriterToken {
+    match events.first() {
+        Some(first) => upper.bound(first.stream_ordering - 1),
+        None => upper.clone(),
+    }
+}
+
+/// A room's entry in a sync: its timeline (starting at `start`), its state and
+/// no ephemeral events yet.
 async fn room_json(
     state: &AppState,
+    user_id: &str,
+    start: &MultiWriterToken,
     events: &[Event],
     limited: bool,
     state_events: Vec<Value>,
 ) -> Result<Value, ClientError> {
-    let prev_batch = match events.first() {
-        Some(first) => Some(
-            RoomToken::Live(MultiWriterToken::at(first.stream_ordering - 1))
-                .to_text(&state.instance_ids)
-                .await?,
-        ),
-        None => None,
-    };
-    let mut timeline =
-        json!({"events": events.iter().map(client_event).collect::<Vec<_>>(), "limited": limited});
-    if let Some(prev_batch) = prev_batch {
-        timeline["prev_batch"] = json!(prev_batch);
-    }
-    Ok(json!({"timeline": timeline, "state": {"events": state_events}, "ephemeral": {"events": []}}))
+    let prev_batch = RoomToken::Live(start.clone()).to_text(&state.instance_ids).await?;
+    let events = client_events(state, user_id, events).await?;
+    Ok(room_shape(events, limited, &prev_batch, state_events))
+}
+
+/// The JSON of a room's entry, every section present.
+fn room_shape(events: Vec<Value>, limited: bool, prev_batch: &str, state_events: Vec<Value>) -> Value {
+    json!({
+        "timeline": {"events": events, "limited": limited, "prev_batch": prev_batch},
+        "state": {"events": state_events},
+        "ephemeral": {"events": []},
+        "account_data": {"events": []},
+    })
+}
+
+/// `events` as clients see them; those `user_id` sent with a transaction ID
+/// carry it as `unsigned.transaction_id`, so that the client that sent them
+/// knows them for its own (in its own sync and history only).
+pub(super) async fn client_events(
+    state: &AppState,
+    user_id: &str,
+    events: &[Event],
+) -> Result<Vec<Value>, ClientError> {
+    let own: Vec<&str> = events
+        .iter()
+        .filter(|event| event.event.sender == user_id)
+        .map(|event| event.event.event_id.as_str())
+        .collect();
+    let txn_ids = state.store.events().get_txn_ids_of_events(user_id, &own).await?;
+    Ok(events
+        .iter()
+        .map(|event| {
+            let mut json = client_event(event);
+            if let Some(txn_id) = txn_ids.get(&event.event.event_id) {
+                json["unsigned"]["transaction_id"] = json!(txn_id);
+            }
+            json
+        })
+        .collect())
 }
 
 /// The room's events in `(low, high]` by each event's own writer, the newest

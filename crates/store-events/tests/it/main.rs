@@ -85,6 +85,7 @@ engine_tests!(
     writes_invalidate_the_caches_they_make_stale,
     backfilled_events_count_down,
     client_reads_by_writer_transaction_and_membership,
+    room_events_page_from_either_end_and_txn_ids_by_event,
     catch_up_rows_carry_the_membership_the_content_gives
 );
 
@@ -157,6 +158,50 @@ async fn client_reads_by_writer_transaction_and_membership(test_db: TestDb) -> T
         history.iter().map(|c| (c.membership.as_str(), c.stream_ordering)).collect();
     assert_eq!(memberships, [("join", more[0]), ("leave", more[2])]);
     assert!(history.iter().all(|change| change.instance_name == "master" && change.room_id == ROOM));
+    Ok(())
+}
+
+/// What history reads: a room's events from the oldest or the newest end of
+/// a range, and the transaction IDs of a user's own events.
+async fn room_events_page_from_either_end_and_txn_ids_by_event(test_db: TestDb) -> TestResult {
+    let process = start(&test_db.db, &StoreSettings::single_process()).await?;
+    let writer = process.writer();
+    let before = writer.reader().events_stream().get_current_token();
+    let txn = ClientTxn { user_id: "@alice:example.com".to_owned(), txn_id: "t1".to_owned() };
+    writer.persist_events_for_txn(ROOM, &[message("$m1", "@alice:example.com")], Some(&txn)).await?;
+    let more = writer
+        .persist_events(ROOM, &[message("$m2", "@alice:example.com"), message("$m3", "@bob:example.com")])
+        .await?;
+    let reader = writer.reader();
+    let last = *more.last().ok_or("persisted")?;
+    let ids_of =
+        |events: Vec<store_events::Event>| events.into_iter().map(|e| e.event.event_id).collect::<Vec<_>>();
+    let every = WriterFilter::AllBut(Vec::new());
+
+    assert_eq!(
+        ids_of(reader.get_oldest_room_events_of_writers(ROOM, &every, before, last, 2).await?),
+        ["$m1", "$m2"],
+        "the oldest, oldest first"
+    );
+    assert_eq!(
+        ids_of(reader.get_room_events_of_writers(ROOM, &every, before, last, 2).await?),
+        ["$m2", "$m3"]
+    );
+    assert_eq!(
+        ids_of(reader.get_oldest_room_events_of_writers(ROOM, &every, more[0], last, 10).await?),
+        ["$m3"]
+    );
+    let others = WriterFilter::Only("other".to_owned());
+    assert!(reader.get_oldest_room_events_of_writers(ROOM, &others, before, last, 10).await?.is_empty());
+    assert!(reader.get_oldest_room_events_of_writers(ROOM, &every, last, last, 10).await?.is_empty());
+
+    let txn_ids = reader.get_txn_ids_of_events("@alice:example.com", &["$m1", "$m2", "$m3"]).await?;
+    assert_eq!(txn_ids.into_iter().collect::<Vec<_>>(), [("$m1".to_owned(), "t1".to_owned())]);
+    assert!(
+        reader.get_txn_ids_of_events("@bob:example.com", &["$m1"]).await?.is_empty(),
+        "only its sender's"
+    );
+    assert!(reader.get_txn_ids_of_events("@alice:example.com", &[]).await?.is_empty());
     Ok(())
 }
 
