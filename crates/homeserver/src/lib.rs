@@ -60,11 +60,18 @@ pub struct Cli {
 }
 
 /// What the reference server needs of a process's top-level store: the streams
-/// it runs ([`Composition`]), and the events, receipts and accounts the client
-/// API serves. A composition with more store crates than ours is one too.
-pub trait ServerStore: Composition + EventsWriteStore + ReceiptsWriteStore + HasUsers {}
+/// it runs ([`Composition`]), and the events, receipts, account data and
+/// accounts the client API serves. A composition with more store crates than
+/// ours is one too.
+pub trait ServerStore:
+    Composition + EventsWriteStore + ReceiptsWriteStore + AccountDataWriteStore + HasUsers
+{
+}
 
-impl<S: Composition + EventsWriteStore + ReceiptsWriteStore + HasUsers> ServerStore for S {}
+impl<S: Composition + EventsWriteStore + ReceiptsWriteStore + AccountDataWriteStore + HasUsers> ServerStore
+    for S
+{
+}
 
 /// Re-exported so that routes added through [`main_with`] are built with the
 /// same axum as the listener they join.
@@ -155,6 +162,7 @@ where
     config.check_client_forwarding(&[
         store_events::EVENTS_STREAM,
         store_receipts::RECEIPTS_STREAM,
+        store_account_data::ACCOUNT_DATA_STREAM,
         replication::typing::TYPING_STREAM,
     ])?;
     // Claim the port first: a port in use is the cheapest failure to report, and

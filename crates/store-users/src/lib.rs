@@ -440,6 +440,48 @@ impl UsersStore {
     }
 }
 
+impl UsersStore {
+    /// Stores `filter_json` as one of `user_id`'s filters; returns its new ID.
+    pub async fn add_filter(&self, user_id: &str, filter_json: &str) -> Result<String, StoreError> {
+        let (user_id, filter_json) = (user_id.to_owned(), filter_json.to_owned());
+        self.db
+            .run_interaction("add_filter", move |txn| {
+                // A fresh random ID per attempt: opaque, and never shared.
+                let (user_id, filter_json) = (user_id.clone(), filter_json.clone());
+                let filter_id: String =
+                    rand::thread_rng().sample_iter(&Alphanumeric).take(12).map(char::from).collect();
+                Box::pin(async move {
+                    txn.execute(
+                        "INSERT INTO user_filters (user_id, filter_id, filter_json) VALUES ($1, $2, $3)",
+                        &[&user_id, &filter_id, &filter_json],
+                    )
+                    .await?;
+                    Ok(filter_id)
+                })
+            })
+            .await
+    }
+
+    /// `user_id`'s filter `filter_id`, as stored.
+    pub async fn get_filter(&self, user_id: &str, filter_id: &str) -> Result<Option<String>, StoreError> {
+        let (user_id, filter_id) = (user_id.to_owned(), filter_id.to_owned());
+        self.db
+            .run_autocommit("get_filter", move |txn| {
+                let (user_id, filter_id) = (user_id.clone(), filter_id.clone());
+                Box::pin(async move {
+                    let row = txn
+                        .query_opt(
+                            "SELECT filter_json FROM user_filters WHERE user_id = $1 AND filter_id = $2",
+                            &[&user_id, &filter_id],
+                        )
+                        .await?;
+                    row.map(|row| row.get(0)).transpose()
+                })
+            })
+            .await
+    }
+}
+
 /// Deletes the access tokens `filter` selects and records their invalidation
 /// on the `caches` stream in the same transaction.
 async fn revoke_tokens(

@@ -1,5 +1,6 @@
 //! A server with a store crate of its own, written as a downstream project
-//! would write it: the reference server's events, receipts and accounts plus
+//! would write it: the reference server's events, receipts, account data and
+//! accounts plus
 //! `store-presence`, composed by hand into [`PresenceServerStore`], and the
 //! endpoints that serve presence ([`routes`]). The binaries `presence-master`
 //! and `presence-worker` run it with `homeserver::main_with`, so every process
@@ -15,6 +16,10 @@ use homeserver::axum::routing::get;
 use homeserver::axum::{Json, Router};
 use serde_json::{Value, json};
 use server_config::ServerConfig;
+use store_account_data::{
+    ACCOUNT_DATA, AccountDataReader, AccountDataStore, AccountDataStream, AccountDataWriteStore,
+    AccountDataWriter,
+};
 use store_core::{
     Composition, Database, HasDatabase, Migrations, Store, StoreContext, StoreError, Stream, StreamSpec,
     Transaction,
@@ -40,6 +45,8 @@ pub struct PresenceServerStore {
     events_writer: Option<EventsWriter>,
     receipts: Arc<ReceiptsReader>,
     receipts_writer: Option<ReceiptsWriter>,
+    account_data: Arc<AccountDataReader>,
+    account_data_writer: Option<AccountDataWriter>,
     users: Arc<UsersStore>,
     presence: Arc<PresenceReader>,
     presence_writer: Option<PresenceWriter>,
@@ -50,6 +57,7 @@ impl Store for PresenceServerStore {
         vec![
             &store_events::MIGRATIONS,
             &store_receipts::MIGRATIONS,
+            &store_account_data::MIGRATIONS,
             &store_users::MIGRATIONS,
             &store_presence::MIGRATIONS,
         ]
@@ -58,7 +66,7 @@ impl Store for PresenceServerStore {
     fn stream_specs() -> Vec<StreamSpec> {
         // Typing lives in the reference server's memory, but its writer is
         // configured like the others'.
-        vec![EVENTS, BACKFILL, RECEIPTS, PRESENCE, replication::typing::TYPING]
+        vec![EVENTS, BACKFILL, RECEIPTS, ACCOUNT_DATA, PRESENCE, replication::typing::TYPING]
     }
 
     async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
@@ -67,6 +75,8 @@ impl Store for PresenceServerStore {
             events_writer: ctx.writer(&db, conn, EVENTS).await?,
             receipts: ctx.component(&db, conn).await?,
             receipts_writer: ctx.writer(&db, conn, RECEIPTS).await?,
+            account_data: ctx.component(&db, conn).await?,
+            account_data_writer: ctx.writer(&db, conn, ACCOUNT_DATA).await?,
             users: ctx.component(&db, conn).await?,
             presence: ctx.component(&db, conn).await?,
             presence_writer: ctx.writer(&db, conn, PRESENCE).await?,
@@ -92,6 +102,7 @@ impl Composition for PresenceServerStore {
             Arc::new(EventsStream(Arc::clone(&self.events))),
             Arc::new(BackfillStream(Arc::clone(&self.events))),
             Arc::new(ReceiptsStream(Arc::clone(&self.receipts))),
+            Arc::new(AccountDataStream(Arc::clone(&self.account_data))),
             Arc::new(PresenceStream(Arc::clone(&self.presence))),
         ]
     }
@@ -118,6 +129,18 @@ impl ReceiptsStore for PresenceServerStore {
 impl ReceiptsWriteStore for PresenceServerStore {
     fn receipts_writer(&self) -> Option<&ReceiptsWriter> {
         self.receipts_writer.as_ref()
+    }
+}
+
+impl AccountDataStore for PresenceServerStore {
+    fn account_data(&self) -> &Arc<AccountDataReader> {
+        &self.account_data
+    }
+}
+
+impl AccountDataWriteStore for PresenceServerStore {
+    fn account_data_writer(&self) -> Option<&AccountDataWriter> {
+        self.account_data_writer.as_ref()
     }
 }
 

@@ -231,6 +231,65 @@ fn exercise_what_clients_ask_next(urls: &[String]) {
     let (status, answer) = hank.call("GET", &format!("{rooms_path}/event/%24nothing%3Ahere"), None);
     assert_eq!((status, errcode(&answer)), (404, "M_NOT_FOUND"), "{answer}");
 
+    // Account data, global and per room, one's own only, through other processes.
+    let direct = format!("/_matrix/client/v3/user/{}/account_data/m.direct", encode(&gail.user_id));
+    let (status, answer) = gail.on(at(0)).call("GET", &direct, None);
+    assert_eq!((status, errcode(&answer)), (404, "M_NOT_FOUND"), "{answer}");
+    let (status, _) = gail.on(at(1)).call("PUT", &direct, Some(&json!({"@hank:x": ["!r:x"]})));
+    assert_eq!(status, 200);
+    let (status, answer) = gail.on(at(2)).call("GET", &direct, None);
+    assert_eq!((status, answer), (200, json!({"@hank:x": ["!r:x"]})), "read back through another process");
+    let (status, answer) = hank.call("GET", &direct, None);
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
+    let tag = format!(
+        "/_matrix/client/v3/user/{}/rooms/{}/account_data/m.tag",
+        encode(&gail.user_id),
+        encode(&room)
+    );
+    let (status, _) = gail.on(at(3)).call("PUT", &tag, Some(&json!({"tags": {"u.work": {}}})));
+    assert_eq!(status, 200);
+    let (status, answer) = gail.on(at(0)).call("GET", &tag, None);
+    assert_eq!((status, &answer["tags"]["u.work"]), (200, &json!({})), "{answer}");
+    // A first sync carries both.
+    let sync = gail.on(at(1)).sync(None, Duration::ZERO);
+    assert!(
+        sync["account_data"]["events"].as_array().into_iter().flatten().any(|e| e["type"] == "m.direct"),
+        "{sync}"
+    );
+    assert!(
+        sync["rooms"]["join"][&room]["account_data"]["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["type"] == "m.tag"),
+        "{sync}"
+    );
+
+    // Stored filters, one's own only.
+    let filters = format!("/_matrix/client/v3/user/{}/filter", encode(&gail.user_id));
+    let filter = json!({"room": {"timeline": {"limit": 3}}});
+    let (status, answer) = gail.on(at(1)).call("POST", &filters, Some(&filter));
+    assert_eq!(status, 200, "{answer}");
+    let filter_id = answer["filter_id"].as_str().expect("a filter_id").to_owned();
+    let (status, answer) = gail.on(at(2)).call("GET", &format!("{filters}/{filter_id}"), None);
+    assert_eq!((status, &answer), (200, &filter), "{answer}");
+    let (status, answer) = hank.call("GET", &format!("{filters}/{filter_id}"), None);
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
+    let (status, answer) = gail.call("GET", &format!("{filters}/nope"), None);
+    assert_eq!((status, errcode(&answer)), (404, "M_NOT_FOUND"), "{answer}");
+    // A sync may name it: a timeline of at most 3 events.
+    let (status, sync) =
+        gail.on(at(3)).call("GET", &format!("/_matrix/client/v3/sync?filter={filter_id}&timeout=0"), None);
+    assert_eq!(status, 200, "{sync}");
+    let timeline = sync["rooms"]["join"][&room]["timeline"]["events"].as_array().map(Vec::len);
+    assert_eq!(timeline, Some(3), "{sync}");
+
+    // Joining by `/join/{roomIdOrAlias}`, with a room ID.
+    let open = hank.on(at(0)).create_room();
+    let (status, answer) =
+        gail.on(at(1)).call("POST", &format!("/_matrix/client/v3/join/{}", encode(&open)), None);
+    assert_eq!((status, &answer["room_id"]), (200, &json!(open)), "{answer}");
+
     // A browser's preflight, and the headers on every client answer.
     for path in ["/_matrix/client/v3/login", "/_matrix/client/v3/sync", "/_matrix/client/versions"] {
         let head = raw_head(at(3), "OPTIONS", path);

@@ -43,6 +43,27 @@ fn exercise_permissions(urls: &[String]) {
     assert_eq!(status, 200, "{created}");
     let room = created["room_id"].as_str().expect("a room_id").to_owned();
 
+    // Carol's first sync shows the invitation, with what she may see of the
+    // room (once her process has caught up with the room's writer).
+    eventually("carol's first sync shows the invitation", Duration::from_secs(2), || {
+        let (status, sync) = carol.on(at(2)).call("GET", "/_matrix/client/v3/sync?timeout=0", None);
+        let invite_state =
+            sync["rooms"]["invite"][&room]["invite_state"]["events"].as_array().cloned().unwrap_or_default();
+        let types: Vec<&str> = invite_state.iter().filter_map(|e| e["type"].as_str()).collect();
+        let invited = invite_state.iter().any(|e| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == json!(carol.user_id)
+                && e["content"]["membership"] == "invite"
+        });
+        if status == 200 && types.contains(&"m.room.create") && types.contains(&"m.room.name") && invited {
+            Ok(())
+        } else {
+            Err(format!("{status} {sync}"))
+        }
+    });
+    let bob_since =
+        bob.on(at(3)).sync(None, Duration::ZERO)["next_batch"].as_str().expect("a token").to_owned();
+
     // Bob is not invited: his join is refused.
     let (status, answer) = bob.on(at(2)).call("POST", &room_path(&room, "join"), None);
     assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
@@ -55,6 +76,11 @@ fn exercise_permissions(urls: &[String]) {
     let (status, answer) =
         alice.on(at(1)).call("POST", &room_path(&room, "invite"), Some(&json!({"user_id": bob.user_id})));
     assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "already invited: {answer}");
+    // Bob's next sync brings the invitation, on any process.
+    eventually("bob's sync shows the invitation", Duration::from_secs(2), || {
+        let sync = bob.on(at(1)).sync(Some(&bob_since), Duration::ZERO);
+        if sync["rooms"]["invite"].get(&room).is_some() { Ok(()) } else { Err(sync.to_string()) }
+    });
     joins(&bob.on(at(2)), &room);
 
     // Power levels: members at 0 may talk but not set state (50); the creator may.

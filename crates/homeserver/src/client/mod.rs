@@ -14,8 +14,10 @@
 //! Errors are Matrix's `{"errcode": "M_…", "error": "…"}` with the matching
 //! HTTP status. `docs/http.md` documents every endpoint.
 
+mod account_data;
 mod accounts;
 mod auth_rules;
+mod filters;
 mod history;
 mod profile;
 mod rooms;
@@ -61,6 +63,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route(&format!("{ROOM}/event/{{event_id}}"), get(rooms::event))
         .route("/_matrix/client/v3/joined_rooms", get(rooms::joined_rooms))
         .merge(profile::router())
+        .merge(account_data::router())
+        .merge(filters::router())
+        // Room IDs only: this server has no aliases.
+        .route("/_matrix/client/v3/join/{room_id}", post(rooms::join))
         .route(&format!("{ROOM}/receipt/{{receipt_type}}/{{event_id}}"), post(rooms::receipt))
         .route(&format!("{ROOM}/typing/{{user_id}}"), put(rooms::typing))
         .route("/_matrix/client/v3/sync", get(sync::sync))
@@ -74,6 +80,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route(writes::SEND_EVENTS_PATH, post(writes::send_events_endpoint))
         .route(writes::SEND_RECEIPT_PATH, post(writes::send_receipt_endpoint))
         .route(writes::SET_TYPING_PATH, post(writes::set_typing_endpoint))
+        .route(writes::ADD_ACCOUNT_DATA_PATH, post(writes::add_account_data_endpoint))
         .with_state(state);
     client.merge(internal)
 }

@@ -12,8 +12,7 @@
 //! Each room's timeline carries a `prev_batch`, a room token (`history`
 //! pages back from it) just before its first event, by each writer; the room's
 //! `state` is the state at that token, so it never repeats what the timeline
-//! carries (but for a room joined since `since`, which comes with its whole
-//! current state).
+//! carries.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
@@ -128,11 +127,8 @@ pub(crate) struct SyncParams {
 /// The timeline limit from an inline filter, `{"room": {"timeline": {"limit": N}}}`.
 fn timeline_limit(filter: Option<&str>) -> Result<usize, ClientError> {
     let Some(filter) = filter else { return Ok(DEFAULT_TIMELINE_LIMIT) };
-    let not_inline = || {
-        ClientError::invalid_param(
-            "filter must be an inline JSON filter; stored filter IDs are not supported",
-        )
-    };
+    let not_inline =
+        || ClientError::invalid_param("filter must be a JSON filter object or a stored filter's ID");
     let filter: Value = serde_json::from_str(filter).map_err(|_| not_inline())?;
     if !filter.is_object() {
         return Err(not_inline());
@@ -162,7 +158,11 @@ pub(crate) async fn sync(
         ),
     }
     .min(MAX_TIMEOUT);
-    let limit = timeline_limit(params.filter.as_deref())?;
+    let filter = match params.filter.as_deref() {
+        Some(filter) => Some(super::filters::resolve(&state, &user_id, filter).await?),
+        None => None,
+    };
+    let limit = timeline_limit(filter.as_deref())?;
     let since = match params.since.as_deref() {
         Some(text) => Some(SyncToken::parse(text, &state.instance_ids).await?),
         None => None,
@@ -191,15 +191,22 @@ pub(crate) async fn sync(
         if worth_a_look {
             let current = SyncToken::current(&state);
             let next = since.as_ref().map_or_else(|| current.clone(), |since| since.advanced_to(&current));
-            let rooms = changes(&state, &user_id, since.as_ref(), &next, limit).await?;
+            let mut rooms = changes(&state, &user_id, since.as_ref(), &next, limit).await?;
             if since.is_none() || !rooms.is_empty() || last_look {
                 let next_batch = next.to_text(&state.instance_ids).await?;
+                // The first sync carries the user's account data (global, and
+                // of each joined room); later ones do not yet, as sync tokens
+                // have no part for the `account_data` stream.
+                let account_data = match since {
+                    None => initial_account_data(&state, &user_id, &mut rooms).await?,
+                    Some(_) => Vec::new(),
+                };
                 // Every section clients read is present, empty when this
                 // server keeps nothing for it.
                 return Ok(Json(json!({
                     "next_batch": next_batch,
                     "rooms": rooms.to_json(),
-                    "account_data": {"events": []},
+                    "account_data": {"events": account_data},
                     "presence": {"events": []},
                     "to_device": {"events": []},
                     "device_lists": {"changed": [], "left": []},
@@ -312,18 +319,64 @@ async fn may_have_changed(state: &AppState, user_id: &str, since: &SyncToken) ->
 #[derive(Debug, Default)]
 struct RoomChanges {
     join: BTreeMap<String, Value>,
+    invite: BTreeMap<String, Value>,
     leave: BTreeMap<String, Value>,
 }
 
 impl RoomChanges {
     fn is_empty(&self) -> bool {
-        self.join.is_empty() && self.leave.is_empty()
+        self.join.is_empty() && self.invite.is_empty() && self.leave.is_empty()
     }
 
     fn to_json(&self) -> Value {
-        // Invites are not listed (yet): the section is there for clients.
-        json!({"join": self.join, "invite": {}, "leave": self.leave})
+        json!({"join": self.join, "invite": self.invite, "leave": self.leave})
     }
+}
+
+/// The user's global account data, as sync events, and each joined room's
+/// into its entry.
+async fn initial_account_data(
+    state: &AppState,
+    user_id: &str,
+    rooms: &mut RoomChanges,
+) -> Result<Vec<Value>, ClientError> {
+    let reader = state.store.account_data();
+    let as_events = |map: &store_account_data::AccountDataMap| -> Vec<Value> {
+        map.iter().map(|(data_type, content)| json!({"type": data_type, "content": content})).collect()
+    };
+    for (room_id, room) in &mut rooms.join {
+        let events = as_events(&*reader.get_room_account_data_for_user(user_id, room_id).await?);
+        room["account_data"]["events"] = json!(events);
+    }
+    Ok(as_events(&*reader.get_global_account_data_for_user(user_id).await?))
+}
+
+/// The state types an invitation shows of its room (Matrix's stripped state).
+const INVITE_STATE_TYPES: [&str; 5] =
+    ["m.room.create", "m.room.join_rules", "m.room.name", "m.room.avatar", "m.room.canonical_alias"];
+
+/// What an invited user sees of the room before joining: a few of its state
+/// events, stripped to type, state key, sender and content, and the invitation.
+async fn invite_state(state: &AppState, room_id: &str, user_id: &str) -> Result<Value, ClientError> {
+    let events = state.store.events();
+    let current = events.get_current_state_ids(room_id).await?;
+    let mut stripped = Vec::new();
+    let keys = INVITE_STATE_TYPES
+        .iter()
+        .map(|event_type| ((*event_type).to_owned(), String::new()))
+        .chain(std::iter::once(("m.room.member".to_owned(), user_id.to_owned())));
+    for key in keys {
+        let Some(event_id) = current.get(&key) else { continue };
+        let Some(event) = events.get_event(event_id).await? else { continue };
+        let full = client_event(&event);
+        stripped.push(json!({
+            "type": full["type"],
+            "state_key": full["state_key"],
+            "sender": full["sender"],
+            "content": full["content"],
+        }));
+    }
+    Ok(json!({"invite_state": {"events": stripped}}))
 }
 
 /// The user's last membership change `token` covers (each by its own
@@ -358,6 +411,12 @@ async fn changes(
     let mut joined_rooms = Vec::new();
     for (room_id, room_changes) in &by_room {
         let room_id = *room_id;
+        let invited_now = membership_at(room_changes, &next.events) == Some("invite");
+        let invited_before =
+            since.is_some_and(|since| membership_at(room_changes, &since.events) == Some("invite"));
+        if invited_now && !invited_before {
+            changes.invite.insert(room_id.to_owned(), invite_state(state, room_id, user_id).await?);
+        }
         let joined_now = membership_at(room_changes, &next.events) == Some("join");
         let joined_before =
             since.is_some_and(|since| membership_at(room_changes, &since.events) == Some("join"));
@@ -366,11 +425,9 @@ async fn changes(
                 // New to the user (or the first sync): the state and the latest events.
                 let (events, limited) = timeline(state, room_id, None, &next.events, limit).await?;
                 let start = timeline_start(&next.events, &events);
-                // The first sync's state is the state at the timeline's
-                // start; a room joined since `since` comes with its whole
-                // current state (`docs/http.md`).
-                let as_of = if since.is_none() { &start } else { &next.events };
-                let state_events = state_events(state, room_id, Some(as_of)).await?;
+                // The state at the timeline's start: what the timeline carries
+                // is not repeated.
+                let state_events = state_events(state, room_id, Some(&start)).await?;
                 let room = room_json(state, user_id, &start, &events, limited, state_events).await?;
                 changes.join.insert(room_id.to_owned(), room);
                 joined_rooms.push(room_id);

@@ -27,6 +27,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use server_config::ServerConfig;
+use store_account_data::ACCOUNT_DATA_STREAM;
 use store_core::MultiWriterIdGenerator;
 use store_events::{ClientTxn, EVENTS_STREAM, NewEvent};
 use store_receipts::{RECEIPTS_STREAM, ReceiptRow};
@@ -41,6 +42,8 @@ pub(crate) const SEND_EVENTS_PATH: &str = "/_synapse/replication/send_events";
 pub(crate) const SEND_RECEIPT_PATH: &str = "/_synapse/replication/send_receipt";
 /// Starts or stops typing on the typing writer.
 pub(crate) const SET_TYPING_PATH: &str = "/_synapse/replication/set_typing";
+/// Sets account data on an `account_data` writer.
+pub(crate) const ADD_ACCOUNT_DATA_PATH: &str = "/_synapse/replication/add_account_data";
 
 /// The longest a client may say it keeps typing.
 pub(crate) const MAX_TYPING_TIMEOUT_MS: u64 = 120_000;
@@ -140,6 +143,60 @@ pub(crate) async fn write_receipt(state: &AppState, receipt: ReceiptRow) -> Resu
     };
     wait_to_see(state.store.receipts().stream(), &written).await;
     Ok(())
+}
+
+/// A user's account data to set, as its writer takes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct AccountDataWrite {
+    pub(crate) user_id: String,
+    pub(crate) room_id: Option<String>,
+    pub(crate) data_type: String,
+    pub(crate) content: Value,
+}
+
+/// Sets account data on its writer (the user's, by the same hash as rooms)
+/// and waits until this process has seen it.
+pub(crate) async fn write_account_data(state: &AppState, write: AccountDataWrite) -> Result<(), ClientError> {
+    let writer = writer_for_room(&state.config, ACCOUNT_DATA_STREAM, &write.user_id);
+    let written = if writer == state.config.instance_name {
+        persist_account_data_detached(state, write).await?
+    } else {
+        forward(state, &writer, ADD_ACCOUNT_DATA_PATH, &write).await?
+    };
+    wait_to_see(state.store.account_data().stream(), &written).await;
+    Ok(())
+}
+
+async fn persist_account_data_detached(
+    state: &AppState,
+    write: AccountDataWrite,
+) -> Result<Written, ClientError> {
+    let state = state.clone();
+    detached("an account data write failed", async move {
+        let Some(writer) = state.store.account_data_writer() else {
+            return Err(ClientError::internal(
+                "account data reached a process that does not write it",
+                &state.config.instance_name,
+            ));
+        };
+        let stream_id = writer
+            .add_account_data(&write.user_id, write.room_id.as_deref(), &write.data_type, &write.content)
+            .await?;
+        Ok(Written { event_ids: Vec::new(), writer: state.config.instance_name.clone(), stream_id })
+    })
+    .await
+}
+
+/// `POST /_synapse/replication/add_account_data`: an [`AccountDataWrite`] →
+/// [`Written`].
+pub(crate) async fn add_account_data_endpoint(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Written>, ClientError> {
+    require_secret(&state, &headers)?;
+    let write: AccountDataWrite = parse_body(&body)?;
+    Ok(Json(persist_account_data_detached(&state, write).await?))
 }
 
 /// A change of someone's typing, as the typing writer takes it.
