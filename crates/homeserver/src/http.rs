@@ -34,6 +34,8 @@ pub(crate) struct AppState {
     pub(crate) room_locks: Arc<RoomLocks>,
     /// Failed logins, per account and per address.
     pub(crate) login_throttle: Arc<crate::client::LoginThrottle>,
+    /// The admin registration endpoint's nonces.
+    pub(crate) registration_nonces: Arc<crate::client::RegistrationNonces>,
     /// Turns true when the process starts shutting down: long polls answer.
     pub(crate) shutting_down: tokio::sync::watch::Receiver<bool>,
 }
@@ -119,7 +121,8 @@ async fn room_state(
 /// preflight `OPTIONS` there, so that a web client can talk to the server at
 /// all. The internal and operator endpoints are left alone.
 async fn cors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let is_client = request.uri().path().starts_with("/_matrix/");
+    let path = request.uri().path();
+    let is_client = path.starts_with("/_matrix/") || path.starts_with("/.well-known/matrix/");
     let response = if is_client && request.method() == axum::http::Method::OPTIONS {
         axum::http::StatusCode::OK.into_response()
     } else {

@@ -205,6 +205,7 @@ where
             instance_ids: Arc::new(store_core::InstanceIds::new(db.clone())),
             room_locks: Arc::default(),
             login_throttle: Arc::default(),
+            registration_nonces: Arc::default(),
             shutting_down,
         },
         extra_routes,

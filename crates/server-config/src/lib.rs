@@ -92,6 +92,10 @@ pub struct ServerConfig {
     pub instance_map: BTreeMap<String, String>,
     /// Cache sizes.
     pub caches: CacheConfig,
+    /// The secret of the admin registration endpoint
+    /// (`/_synapse/admin/v1/register`), with which an operator creates accounts
+    /// when open registration is off; without it that endpoint refuses.
+    pub registration_shared_secret: Option<String>,
     /// Whether anyone may register an account through the client API:
     /// `enable_registration` as written, or by default only on the embedded
     /// SQLite monolith listening on loopback (someone trying the server out).
@@ -110,10 +114,13 @@ pub struct DatabaseConfig {
 }
 
 /// The `[http]` section.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpConfig {
     /// The address the HTTP listener binds.
     pub listen: SocketAddr,
+    /// The URL clients reach the server at, announced by
+    /// `/.well-known/matrix/client` (absent: that path answers 404).
+    pub public_baseurl: Option<String>,
 }
 
 /// The `[replication]` section. At most one of `master` and `redis` is set.
@@ -171,6 +178,7 @@ impl fmt::Debug for ServerConfig {
             .field("instance_map", &self.instance_map)
             .field("caches", &self.caches)
             .field("enable_registration", &self.enable_registration)
+            .field("registration_shared_secret", &self.registration_shared_secret.as_ref().map(|_| "***"))
             .finish()
     }
 }
@@ -294,12 +302,14 @@ struct RawConfig {
     #[serde(default)]
     caches: CacheConfig,
     enable_registration: Option<bool>,
+    registration_shared_secret: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHttpConfig {
     listen: Option<String>,
+    public_baseurl: Option<String>,
 }
 
 impl ServerConfig {
@@ -341,6 +351,7 @@ impl ServerConfig {
             instance_map: BTreeMap::new(),
             caches: CacheConfig::default(),
             enable_registration: None,
+            registration_shared_secret: None,
         };
         ServerConfig::build(raw, role, overrides, &origin)
     }
@@ -396,12 +407,13 @@ impl ServerConfig {
             instance_name,
             worker_replication_secret: raw.worker_replication_secret,
             database,
-            http: HttpConfig { listen },
+            http: HttpConfig { listen, public_baseurl: raw.http.public_baseurl.clone() },
             replication: raw.replication,
             stream_writers: raw.stream_writers,
             instance_map: raw.instance_map,
             caches: raw.caches,
             enable_registration: false,
+            registration_shared_secret: raw.registration_shared_secret,
         };
         // Open only where a person is trying the server out on their own
         // machine, unless the file says otherwise.
@@ -415,6 +427,16 @@ impl ServerConfig {
     fn validate(&self, role: Role) -> Result<(), String> {
         if self.server_name.trim().is_empty() {
             return Err("`server_name` is empty".to_owned());
+        }
+        if self.registration_shared_secret.as_deref().is_some_and(|secret| secret.trim().is_empty()) {
+            return Err(
+                "`registration_shared_secret` is empty; remove it or set a long random string".to_owned()
+            );
+        }
+        if let Some(url) = &self.http.public_baseurl
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return Err(format!("`[http] public_baseurl` {url:?} is not an http(s):// URL"));
         }
         check_instance_name(&self.instance_name).map_err(|why| format!("`instance_name` {why}"))?;
         match role {

@@ -339,3 +339,44 @@ fn urls_are_redacted_in_user_info_and_query() {
         assert_eq!(redact_url(url), expected, "{url}");
     }
 }
+
+#[test]
+fn registration_is_open_only_on_the_loopback_monolith_unless_the_file_says() {
+    let monolith = ServerConfig::from_toml_str("server_name = \"a\"", Role::Master).unwrap();
+    assert!(monolith.enable_registration, "SQLite on loopback: someone trying it out");
+    let public =
+        ServerConfig::from_toml_str("server_name = \"a\"\n[http]\nlisten = \"0.0.0.0:8008\"\n", Role::Master)
+            .unwrap();
+    assert!(!public.enable_registration);
+    let worker = ServerConfig::from_toml_str(WORKER_BASE, Role::Worker).unwrap();
+    assert!(!worker.enable_registration, "PostgreSQL: a deployment");
+    let opened =
+        ServerConfig::from_toml_str(&format!("enable_registration = true\n{WORKER_BASE}"), Role::Worker)
+            .unwrap();
+    assert!(opened.enable_registration);
+    let closed =
+        ServerConfig::from_toml_str("server_name = \"a\"\nenable_registration = false\n", Role::Master)
+            .unwrap();
+    assert!(!closed.enable_registration);
+}
+
+#[test]
+fn registration_secrets_and_public_urls_are_checked() {
+    check_err(
+        Role::Master,
+        "server_name = \"a\"\nregistration_shared_secret = \" \"\n",
+        "`registration_shared_secret` is empty",
+    );
+    check_err(
+        Role::Master,
+        "server_name = \"a\"\n[http]\npublic_baseurl = \"matrix.example\"\n",
+        "`[http] public_baseurl` \"matrix.example\" is not an http(s):// URL",
+    );
+    let config = ServerConfig::from_toml_str(
+        "server_name = \"a\"\nregistration_shared_secret = \"hush\"\n[http]\npublic_baseurl = \"https://m.example\"\n",
+        Role::Master,
+    )
+    .unwrap();
+    assert!(!format!("{config:?}").contains("hush"), "the secret stays out of Debug");
+    assert_eq!(config.http.public_baseurl.as_deref(), Some("https://m.example"));
+}

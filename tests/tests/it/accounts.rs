@@ -341,18 +341,58 @@ fn accounts_on_four_processes() {
 }
 
 /// Off by default anywhere but the monolith on loopback: a deployment's config
-/// must open registration, or an operator creates the accounts.
+/// must open registration, or an operator creates the accounts with the
+/// shared secret (Synapse's admin endpoint, HMAC over a nonce).
 #[test]
-fn registration_is_closed_unless_the_config_opens_it() {
+fn registration_is_closed_unless_the_config_opens_it_and_operators_use_the_secret() {
     let deployment = Deployment::new(tests::deployment::Transport::Redis, &[], &["master"]);
-    let config = deployment.config("master").replace("enable_registration = true\n", "");
+    let config = deployment
+        .config("master")
+        .replace("enable_registration = true\n", "registration_shared_secret = \"operator secret\"\n")
+        .replacen("[http]\n", "[http]\npublic_baseurl = \"https://matrix.example\"\n", 1);
     let master = deployment.start_with_config("master", &config);
+    let url = master.base_url.as_str();
     let (status, answer) = call(
-        &master.base_url,
+        url,
         "POST",
         "/_matrix/client/v3/register",
         None,
         Some(&json!({"username": "frank", "password": PASSWORD, "auth": {"type": "m.login.dummy"}})),
     );
     assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
+
+    let (status, well_known) = call(url, "GET", "/.well-known/matrix/client", None, None);
+    assert_eq!((status, well_known), (200, json!({"m.homeserver": {"base_url": "https://matrix.example"}})));
+
+    let admin_register = |username: &str, secret: &str, nonce: Option<&str>| {
+        let nonce = match nonce {
+            Some(nonce) => nonce.to_owned(),
+            None => {
+                let (status, answer) = call(url, "GET", "/_synapse/admin/v1/register", None, None);
+                assert_eq!(status, 200, "{answer}");
+                answer["nonce"].as_str().expect("a nonce").to_owned()
+            }
+        };
+        let mac = hex_hmac_sha1(secret, &[&nonce, username, PASSWORD, "notadmin"]);
+        let body =
+            json!({"nonce": nonce, "username": username, "password": PASSWORD, "admin": false, "mac": mac});
+        (nonce.clone(), call(url, "POST", "/_synapse/admin/v1/register", None, Some(&body)))
+    };
+    let (_, (status, answer)) = admin_register("frank", "not the secret", None);
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN"), "{answer}");
+    let (nonce, (status, answer)) = admin_register("frank", "operator secret", None);
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["access_token"].is_string() && answer["device_id"].is_string(), "{answer}");
+    let (_, (status, answer)) = admin_register("frank2", "operator secret", Some(&nonce));
+    assert_eq!((status, errcode(&answer)), (400, "M_UNKNOWN"), "a nonce serves once: {answer}");
+    let (status, answer) = log_in(url, "frank", PASSWORD, None);
+    assert_eq!(status, 200, "the account logs in: {answer}");
+}
+
+/// Synapse's MAC of the admin registration: HMAC-SHA1 of the parts joined by NUL.
+fn hex_hmac_sha1(key: &str, parts: &[&str]) -> String {
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(key.as_bytes()).expect("any key length");
+    mac.update(parts.join("\0").as_bytes());
+    mac.finalize().into_bytes().iter().map(|byte| format!("{byte:02x}")).collect()
 }

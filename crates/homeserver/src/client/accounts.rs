@@ -20,8 +20,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
+use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use sha1::Sha1;
 
 use super::{ClientError, authenticate, parse_body, random_string};
 use crate::http::AppState;
@@ -43,6 +45,133 @@ pub(super) fn router() -> Router<AppState> {
         .route("/_matrix/client/v3/account/whoami", get(whoami))
         .route("/_matrix/client/v3/devices", get(devices))
         .route("/_matrix/client/v3/capabilities", get(capabilities))
+        .route("/.well-known/matrix/client", get(well_known))
+        .route("/_synapse/admin/v1/register", get(admin_register_nonce).post(admin_register))
+}
+
+/// `GET /.well-known/matrix/client`: where clients find this server, when
+/// `[http] public_baseurl` says.
+async fn well_known(State(state): State<AppState>) -> Result<Json<Value>, ClientError> {
+    let Some(base_url) = &state.config.http.public_baseurl else {
+        return Err(ClientError::not_found("No .well-known configured"));
+    };
+    Ok(Json(json!({"m.homeserver": {"base_url": base_url}})))
+}
+
+/// How long a nonce of the admin registration endpoint stays usable.
+const NONCE_LIFETIME: Duration = Duration::from_secs(60);
+
+/// The nonces the admin registration endpoint handed out, per process (a
+/// client asks for one and registers through the same process).
+#[derive(Debug, Default)]
+pub(crate) struct RegistrationNonces {
+    issued: Mutex<HashMap<String, Instant>>,
+}
+
+impl RegistrationNonces {
+    const MAX_NONCES: usize = 10_000;
+
+    fn issue(&self) -> String {
+        let nonce = random_string(32);
+        let now = Instant::now();
+        let mut issued = self.issued.lock().unwrap_or_else(PoisonError::into_inner);
+        issued.retain(|_, at| now.duration_since(*at) < NONCE_LIFETIME);
+        if issued.len() < Self::MAX_NONCES {
+            issued.insert(nonce.clone(), now);
+        }
+        nonce
+    }
+
+    /// Whether `nonce` was handed out and is still fresh; it is spent either way.
+    fn spend(&self, nonce: &str) -> bool {
+        let issued = self.issued.lock().unwrap_or_else(PoisonError::into_inner).remove(nonce);
+        issued.is_some_and(|at| at.elapsed() < NONCE_LIFETIME)
+    }
+}
+
+/// `GET /_synapse/admin/v1/register` → `{"nonce"}`, as Synapse's.
+async fn admin_register_nonce(State(state): State<AppState>) -> Result<Json<Value>, ClientError> {
+    shared_secret(&state)?;
+    Ok(Json(json!({"nonce": state.registration_nonces.issue()})))
+}
+
+fn shared_secret(state: &AppState) -> Result<&str, ClientError> {
+    state.config.registration_shared_secret.as_deref().ok_or_else(|| {
+        ClientError::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", "Shared secret registration is not enabled")
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct AdminRegistration {
+    nonce: String,
+    username: String,
+    password: String,
+    #[serde(default)]
+    admin: bool,
+    displayname: Option<String>,
+    mac: String,
+}
+
+/// `POST /_synapse/admin/v1/register`: an account an operator creates with the
+/// shared secret, whatever `enable_registration` says. `mac` is the hex
+/// HMAC-SHA1, keyed with `registration_shared_secret`, of
+/// `nonce NUL username NUL password NUL (admin|notadmin)`, as Synapse's
+/// `register_new_matrix_user` computes it.
+async fn admin_register(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ClientError> {
+    let secret = shared_secret(&state)?;
+    let request: AdminRegistration = parse_body(&body)?;
+    if !state.registration_nonces.spend(&request.nonce) {
+        return Err(ClientError::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", "unrecognised nonce"));
+    }
+    let expected = admin_mac(secret, &request)?;
+    if decode_hex(&request.mac).is_none_or(|mac| expected.verify_slice(&mac).is_err()) {
+        return Err(ClientError::forbidden("HMAC incorrect"));
+    }
+    let user_id = format!("@{}:{}", request.username, state.config.server_name);
+    if !valid_localpart(&request.username) || user_id.len() > 255 {
+        return Err(ClientError::new(StatusCode::BAD_REQUEST, "M_INVALID_USERNAME", "invalid username"));
+    }
+    check_password_length(&request.password)?;
+    let hash = hash_password(request.password).await?;
+    let displayname = request.displayname.as_deref().unwrap_or(&request.username);
+    let users = state.store.users();
+    if !users.register_account(&user_id, Some(&hash), Some(displayname)).await? {
+        return Err(ClientError::new(StatusCode::BAD_REQUEST, "M_USER_IN_USE", "User ID already taken."));
+    }
+    let device_id = new_device_id();
+    let access_token = users.create_device_token(&user_id, &device_id, None).await?;
+    Ok(Json(json!({
+        "user_id": user_id,
+        "access_token": access_token,
+        "device_id": device_id,
+        "home_server": state.config.server_name,
+    })))
+}
+
+/// The MAC a request with the shared secret carries.
+fn admin_mac(secret: &str, request: &AdminRegistration) -> Result<Hmac<Sha1>, ClientError> {
+    let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(secret.as_bytes())
+        .map_err(|err| ClientError::internal("the shared secret is not an HMAC key", err))?;
+    for (part, last) in [
+        (request.nonce.as_bytes(), false),
+        (request.username.as_bytes(), false),
+        (request.password.as_bytes(), false),
+        (if request.admin { b"admin".as_slice() } else { b"notadmin".as_slice() }, true),
+    ] {
+        mac.update(part);
+        if !last {
+            mac.update(b"\x00");
+        }
+    }
+    Ok(mac)
+}
+
+/// Lowercase or uppercase hex to bytes; `None` for anything else.
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// `GET /_matrix/client/versions`: what clients check first.
@@ -466,6 +595,14 @@ mod tests {
         );
         throttle.succeeded(&keys[0]);
         assert!(throttle.check(&keys[..1]).is_ok());
+    }
+
+    #[test]
+    fn hex_decodes_pairs_of_digits_only() {
+        assert_eq!(super::decode_hex("00aBff"), Some(vec![0, 0xab, 0xff]));
+        assert_eq!(super::decode_hex("abc"), None);
+        assert_eq!(super::decode_hex("zz"), None);
+        assert_eq!(super::decode_hex("é0"), None);
     }
 
     #[test]

@@ -39,7 +39,7 @@ use store_core::StoreError;
 
 use crate::http::AppState;
 
-pub(crate) use accounts::LoginThrottle;
+pub(crate) use accounts::{LoginThrottle, RegistrationNonces};
 pub(crate) use writes::RoomLocks;
 
 /// The routes of the client API and of the internal write endpoints.
