@@ -265,6 +265,23 @@ fn exercise_what_clients_ask_next(urls: &[String]) {
         "{sync}"
     );
 
+    // A later sync brings a change of account data, through another process.
+    let since = gail.on(at(2)).sync(None, Duration::ZERO)["next_batch"].as_str().expect("a token").to_owned();
+    let (status, _) = gail.on(at(3)).call("PUT", &direct, Some(&json!({"@hank:x": ["!other:x"]})));
+    assert_eq!(status, 200);
+    eventually("the change of m.direct reaches a later sync", Duration::from_secs(2), || {
+        let sync = gail.on(at(0)).sync(Some(&since), Duration::from_millis(200));
+        let changed = sync["account_data"]["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["type"] == "m.direct" && e["content"]["@hank:x"] == json!(["!other:x"]));
+        if changed { Ok(()) } else { Err(sync.to_string()) }
+    });
+    let after = gail.on(at(1)).sync(None, Duration::ZERO)["next_batch"].as_str().expect("a token").to_owned();
+    let quiet = gail.on(at(1)).sync(Some(&after), Duration::ZERO);
+    assert_eq!(quiet["account_data"]["events"], json!([]), "nothing twice: {quiet}");
+
     // Stored filters, one's own only.
     let filters = format!("/_matrix/client/v3/user/{}/filter", encode(&gail.user_id));
     let filter = json!({"room": {"timeline": {"limit": 3}}});

@@ -23,6 +23,7 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use store_account_data::ACCOUNT_DATA_STREAM;
 use store_core::{
     InstanceIds, MultiWriterIdGenerator, MultiWriterToken, RoomToken, StoreError, TokenParseError,
 };
@@ -55,6 +56,7 @@ pub(crate) struct SyncToken {
     events: MultiWriterToken,
     receipts: MultiWriterToken,
     typing: i64,
+    account_data: MultiWriterToken,
 }
 
 impl SyncToken {
@@ -64,6 +66,7 @@ impl SyncToken {
             events: MultiWriterToken::from_generator(state.store.events().events_stream()),
             receipts: MultiWriterToken::from_generator(state.store.receipts().stream()),
             typing: state.typing.latest(),
+            account_data: MultiWriterToken::from_generator(state.store.account_data().stream()),
         }
     }
 
@@ -75,15 +78,17 @@ impl SyncToken {
             events: self.events.copy_and_advance(&current.events),
             receipts: self.receipts.copy_and_advance(&current.receipts),
             typing: current.typing,
+            account_data: self.account_data.copy_and_advance(&current.account_data),
         }
     }
 
     async fn to_text(&self, ids: &InstanceIds) -> Result<String, StoreError> {
         Ok(format!(
-            "s{}_{}_{}",
+            "s{}_{}_{}_{}",
             self.events.to_text(ids).await?,
             self.receipts.to_text(ids).await?,
-            self.typing
+            self.typing,
+            self.account_data.to_text(ids).await?,
         ))
     }
 
@@ -95,26 +100,43 @@ impl SyncToken {
     /// Parses what [`SyncToken::to_text`] wrote; 400 for anything else.
     pub(super) async fn parse(text: &str, ids: &InstanceIds) -> Result<SyncToken, ClientError> {
         let invalid = || ClientError::invalid_param(format!("Invalid sync token: {text:?}"));
-        let (events, receipts, typing) = split_token(text).ok_or_else(invalid)?;
+        let (events, receipts, typing, account_data) = split_token(text).ok_or_else(invalid)?;
         let stream = async |part: &str| match MultiWriterToken::parse(part, ids).await {
             Ok(token) => Ok(token),
             Err(TokenParseError::Store(err)) => Err(ClientError::from(err)),
             Err(_) => Err(invalid()),
         };
-        Ok(SyncToken { events: stream(events).await?, receipts: stream(receipts).await?, typing })
+        // Tokens handed out before sync followed account data have no part
+        // for it: from the start, so the client gets it all once.
+        let account_data = match account_data {
+            Some(part) => stream(part).await?,
+            None => MultiWriterToken::at(0),
+        };
+        Ok(SyncToken {
+            events: stream(events).await?,
+            receipts: stream(receipts).await?,
+            typing,
+            account_data,
+        })
     }
 }
 
 /// A sync token's text split into its events and receipts parts (parsed by
-/// `MultiWriterToken::parse`) and its typing serial; `None` when malformed.
-/// Total: any text from a client gives an answer, never a panic.
-fn split_token(text: &str) -> Option<(&str, &str, i64)> {
+/// `MultiWriterToken::parse`), its typing serial and its account data part
+/// (absent from tokens made before sync followed account data); `None` when
+/// malformed. Total: any text from a client gives an answer, never a panic.
+fn split_token(text: &str) -> Option<(&str, &str, i64, Option<&str>)> {
     let mut parts = text.strip_prefix('s')?.split('_');
     let (events, receipts, typing) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || typing.is_empty() || !typing.bytes().all(|byte| byte.is_ascii_digit()) {
+    let account_data = parts.next();
+    if parts.next().is_some()
+        || account_data.is_some_and(str::is_empty)
+        || typing.is_empty()
+        || !typing.bytes().all(|byte| byte.is_ascii_digit())
+    {
         return None;
     }
-    Some((events, receipts, typing.parse().ok()?))
+    Some((events, receipts, typing.parse().ok()?, account_data))
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,15 +214,9 @@ pub(crate) async fn sync(
             let current = SyncToken::current(&state);
             let next = since.as_ref().map_or_else(|| current.clone(), |since| since.advanced_to(&current));
             let mut rooms = changes(&state, &user_id, since.as_ref(), &next, limit).await?;
-            if since.is_none() || !rooms.is_empty() || last_look {
+            let account_data = account_data(&state, &user_id, since.as_ref(), &next, &mut rooms).await?;
+            if since.is_none() || !rooms.is_empty() || !account_data.is_empty() || last_look {
                 let next_batch = next.to_text(&state.instance_ids).await?;
-                // The first sync carries the user's account data (global, and
-                // of each joined room); later ones do not yet, as sync tokens
-                // have no part for the `account_data` stream.
-                let account_data = match since {
-                    None => initial_account_data(&state, &user_id, &mut rooms).await?,
-                    Some(_) => Vec::new(),
-                };
                 // Every section clients read is present, empty when this
                 // server keeps nothing for it.
                 return Ok(Json(json!({
@@ -231,11 +247,13 @@ pub(crate) async fn sync(
 /// this deployment, or not from now.
 async fn catch_up_with(state: &AppState, since: &SyncToken) -> Result<(), ClientError> {
     let (events, receipts) = (state.store.events().events_stream(), state.store.receipts().stream());
-    let (events, receipts) = tokio::join!(
+    let account_data = state.store.account_data().stream();
+    let (events, receipts, account_data) = tokio::join!(
         catch_up_with_stream(state, &since.events, events, EVENTS_STREAM),
         catch_up_with_stream(state, &since.receipts, receipts, RECEIPTS_STREAM),
+        catch_up_with_stream(state, &since.account_data, account_data, ACCOUNT_DATA_STREAM),
     );
-    events.and(receipts)
+    events.and(receipts).and(account_data)
 }
 
 /// [`catch_up_with`] for a position on the `events` stream alone: what a
@@ -302,7 +320,9 @@ async fn reaches_own_position(
 /// rooms costs no queries. Conservative: a yes may still find nothing.
 async fn may_have_changed(state: &AppState, user_id: &str, since: &SyncToken) -> Result<bool, ClientError> {
     let events = state.store.events();
-    if events.membership_changes().has_entity_changed(user_id, since.events.stream()) {
+    if events.membership_changes().has_entity_changed(user_id, since.events.stream())
+        || state.store.account_data().user_changes().has_entity_changed(user_id, since.account_data.stream())
+    {
         return Ok(true);
     }
     let rooms = events.get_rooms_for_user(user_id).await?;
@@ -333,22 +353,54 @@ impl RoomChanges {
     }
 }
 
-/// The user's global account data, as sync events, and each joined room's
-/// into its entry.
-async fn initial_account_data(
+/// The user's account data that changed since `since` (all of it on a first
+/// sync), as sync events: the global ones returned, each joined room's put in
+/// its entry (made for it when the room has no other news).
+async fn account_data(
     state: &AppState,
     user_id: &str,
+    since: Option<&SyncToken>,
+    next: &SyncToken,
     rooms: &mut RoomChanges,
 ) -> Result<Vec<Value>, ClientError> {
-    let reader = state.store.account_data();
-    let as_events = |map: &store_account_data::AccountDataMap| -> Vec<Value> {
-        map.iter().map(|(data_type, content)| json!({"type": data_type, "content": content})).collect()
-    };
-    for (room_id, room) in &mut rooms.join {
-        let events = as_events(&*reader.get_room_account_data_for_user(user_id, room_id).await?);
-        room["account_data"]["events"] = json!(events);
+    let changed = state
+        .store
+        .account_data()
+        .get_account_data_between(user_id, since.map(|since| &since.account_data), &next.account_data)
+        .await?;
+    // The latest of each (room, type): a change replaces the one before.
+    let mut latest: BTreeMap<(Option<String>, String), Value> = BTreeMap::new();
+    for (room_id, data_type, content) in changed {
+        latest.insert((room_id, data_type), content);
     }
-    Ok(as_events(&*reader.get_global_account_data_for_user(user_id).await?))
+    let joined = state.store.events().get_rooms_for_user(user_id).await?;
+    let mut global = Vec::new();
+    let mut empty_start: Option<String> = None;
+    for ((room_id, data_type), content) in latest {
+        let event = json!({"type": data_type, "content": content});
+        let Some(room_id) = room_id else {
+            global.push(event);
+            continue;
+        };
+        if !joined.contains(&room_id) {
+            continue;
+        }
+        let entry = match rooms.join.entry(room_id) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let start = match &empty_start {
+                    Some(start) => start,
+                    None => empty_start
+                        .insert(RoomToken::Live(next.events.clone()).to_text(&state.instance_ids).await?),
+                };
+                entry.insert(room_shape(Vec::new(), false, start, Vec::new()))
+            }
+        };
+        if let Some(events) = entry["account_data"]["events"].as_array_mut() {
+            events.push(event);
+        }
+    }
+    Ok(global)
 }
 
 /// The state types an invitation shows of its room (Matrix's stripped state).
@@ -652,10 +704,22 @@ mod tests {
     use super::{DEFAULT_TIMELINE_LIMIT, split_token, timeline_limit};
 
     #[test]
-    fn tokens_split_into_three_parts() {
-        assert_eq!(split_token("s5_3_0"), Some(("5", "3", 0)));
-        assert_eq!(split_token("sm5~1.6_3_12"), Some(("m5~1.6", "3", 12)));
-        for bad in ["", "s", "5_3_0", "s5_3", "s5_3_0_1", "s5_3_-1", "s5_3_", "s5_3_99999999999999999999"] {
+    fn tokens_split_into_their_parts() {
+        assert_eq!(split_token("s5_3_0_7"), Some(("5", "3", 0, Some("7"))));
+        assert_eq!(split_token("sm5~1.6_3_12_m4~2.5"), Some(("m5~1.6", "3", 12, Some("m4~2.5"))));
+        // Tokens from before sync followed account data.
+        assert_eq!(split_token("s5_3_0"), Some(("5", "3", 0, None)));
+        for bad in [
+            "",
+            "s",
+            "5_3_0",
+            "s5_3",
+            "s5_3_0_1_2",
+            "s5_3_0_",
+            "s5_3_-1",
+            "s5_3_",
+            "s5_3_99999999999999999999",
+        ] {
             assert_eq!(split_token(bad), None, "{bad:?}");
         }
     }
@@ -671,9 +735,13 @@ mod tests {
             events in "[0-9]{1,6}|m[0-9]{1,6}(~[0-9]{1,3}\\.[0-9]{1,6}){0,3}",
             receipts in "[0-9]{1,6}",
             typing in 0..i64::MAX,
+            account_data in "[0-9]{1,6}|m[0-9]{1,6}(~[0-9]{1,3}\\.[0-9]{1,6}){0,3}",
         ) {
-            let text = format!("s{events}_{receipts}_{typing}");
-            prop_assert_eq!(split_token(&text), Some((events.as_str(), receipts.as_str(), typing)));
+            let text = format!("s{events}_{receipts}_{typing}_{account_data}");
+            prop_assert_eq!(
+                split_token(&text),
+                Some((events.as_str(), receipts.as_str(), typing, Some(account_data.as_str())))
+            );
         }
     }
 
