@@ -8,6 +8,7 @@ mod client_api;
 mod config_errors;
 mod exactly_once;
 mod faults;
+mod first_client;
 mod history;
 mod permissions;
 mod startup;
