@@ -452,9 +452,11 @@ async fn devices(State(state): State<AppState>, headers: HeaderMap) -> Result<Js
         .await?
         .into_iter()
         .map(|device| {
+            // `last_seen_ip` is not kept; clients (matrix-nio) want the key.
             json!({
                 "device_id": device.device_id,
                 "display_name": device.display_name,
+                "last_seen_ip": null,
                 "last_seen_ts": device.last_seen_ts,
             })
         })
