@@ -22,7 +22,8 @@ use serde_json::{Value, json};
 use store_core::{MultiWriterToken, RoomToken, TokenParseError};
 use store_events::{Event, WriterFilter};
 
-use super::sync::{SyncToken, catch_up_with_events, client_events};
+use super::rooms::check_room_id;
+use super::sync::{SyncToken, catch_up_with_events, client_events, listed_writers};
 use super::{ClientError, authenticate, writes};
 use crate::http::AppState;
 
@@ -116,14 +117,6 @@ async fn messages(
         answer["end"] = json!(RoomToken::Live(end).to_text(ids).await?);
     }
     Ok(Json(answer))
-}
-
-/// Refuses what is not a room ID (`!opaque:server`).
-fn check_room_id(room_id: &str) -> Result<(), ClientError> {
-    match room_id.strip_prefix('!').and_then(|rest| rest.split_once(':')) {
-        Some((opaque, server)) if !opaque.is_empty() && !server.is_empty() => Ok(()),
-        _ => Err(ClientError::invalid_param(format!("{room_id:?} is not a room ID"))),
-    }
 }
 
 /// The page size: `limit`, and an inline filter's `limit` (the smaller when
@@ -265,14 +258,7 @@ async fn read_range(
     direction: Direction,
 ) -> Result<Vec<Event>, ClientError> {
     let reader = state.store.events();
-    let mut listed: Vec<String> = high
-        .instance_map()
-        .keys()
-        .chain(low.into_iter().flat_map(|low| low.instance_map().keys()))
-        .cloned()
-        .collect();
-    listed.sort();
-    listed.dedup();
+    let listed = listed_writers(low, high);
     let after = |writer: Option<&str>| {
         low.map_or(0, |low| writer.map_or(low.stream(), |writer| low.pos_for(writer))).max(0)
     };

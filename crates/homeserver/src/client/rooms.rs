@@ -23,7 +23,7 @@ const MAX_CONTENT_BYTES: usize = 65_536;
 const MAX_IDENTIFIER_BYTES: usize = 255;
 
 /// Refuses what is not a room ID (`!opaque:server`).
-fn check_room_id(room_id: &str) -> Result<(), ClientError> {
+pub(super) fn check_room_id(room_id: &str) -> Result<(), ClientError> {
     match room_id.strip_prefix('!').and_then(|rest| rest.split_once(':')) {
         Some((opaque, server)) if !opaque.is_empty() && !server.is_empty() => Ok(()),
         _ => Err(ClientError::invalid_param(format!("{room_id:?} is not a room ID"))),

@@ -351,6 +351,23 @@ impl RoomChanges {
     fn to_json(&self) -> Value {
         json!({"join": self.join, "invite": self.invite, "leave": self.leave})
     }
+
+    /// The joined room's entry; a room with no news of its timeline gets one
+    /// with an empty timeline, which starts (and ends) at `next_batch`.
+    async fn joined_entry(
+        &mut self,
+        state: &AppState,
+        room_id: &str,
+        next: &SyncToken,
+    ) -> Result<&mut Value, ClientError> {
+        Ok(match self.join.entry(room_id.to_owned()) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let start = RoomToken::Live(next.events.clone()).to_text(&state.instance_ids).await?;
+                entry.insert(room_shape(Vec::new(), false, &start, Vec::new()))
+            }
+        })
+    }
 }
 
 /// The user's account data that changed since `since` (all of it on a first
@@ -375,7 +392,6 @@ async fn account_data(
     }
     let joined = state.store.events().get_rooms_for_user(user_id).await?;
     let mut global = Vec::new();
-    let mut empty_start: Option<String> = None;
     for ((room_id, data_type), content) in latest {
         let event = json!({"type": data_type, "content": content});
         let Some(room_id) = room_id else {
@@ -385,17 +401,7 @@ async fn account_data(
         if !joined.contains(&room_id) {
             continue;
         }
-        let entry = match rooms.join.entry(room_id) {
-            Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => {
-                let start = match &empty_start {
-                    Some(start) => start,
-                    None => empty_start
-                        .insert(RoomToken::Live(next.events.clone()).to_text(&state.instance_ids).await?),
-                };
-                entry.insert(room_shape(Vec::new(), false, start, Vec::new()))
-            }
-        };
+        let entry = rooms.joined_entry(state, &room_id, next).await?;
         if let Some(events) = entry["account_data"]["events"].as_array_mut() {
             events.push(event);
         }
@@ -567,21 +573,8 @@ async fn add_ephemeral(
                 .push(json!({"type": "m.typing", "content": {"user_ids": user_ids}}));
         }
     }
-    // A room with only ephemeral news has an empty timeline, which starts
-    // (and ends) at `next_batch`.
-    let mut empty_start: Option<String> = None;
     for (room_id, events) in ephemeral {
-        let entry = match changes.join.entry(room_id.to_owned()) {
-            Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => {
-                let start = match &empty_start {
-                    Some(start) => start,
-                    None => empty_start
-                        .insert(RoomToken::Live(next.events.clone()).to_text(&state.instance_ids).await?),
-                };
-                entry.insert(room_shape(Vec::new(), false, start, Vec::new()))
-            }
-        };
+        let entry = changes.joined_entry(state, room_id, next).await?;
         entry["ephemeral"]["events"] = Value::Array(events);
     }
     Ok(())
@@ -651,6 +644,21 @@ pub(super) async fn client_events(
         .collect())
 }
 
+/// The writers either token lists apart from its stream position, once each
+/// and sorted: a range of the room's events is read per listed writer, and one
+/// for all the others.
+pub(super) fn listed_writers(low: Option<&MultiWriterToken>, high: &MultiWriterToken) -> Vec<String> {
+    let mut listed: Vec<String> = high
+        .instance_map()
+        .keys()
+        .chain(low.into_iter().flat_map(|low| low.instance_map().keys()))
+        .cloned()
+        .collect();
+    listed.sort();
+    listed.dedup();
+    listed
+}
+
 /// The room's events in `(low, high]` by each event's own writer, the newest
 /// `limit` of them, oldest first; and whether more were left out.
 ///
@@ -667,14 +675,7 @@ async fn timeline(
     limit: usize,
 ) -> Result<(Vec<Event>, bool), ClientError> {
     let reader = state.store.events();
-    let mut listed: Vec<String> = high
-        .instance_map()
-        .keys()
-        .chain(low.into_iter().flat_map(|low| low.instance_map().keys()))
-        .cloned()
-        .collect();
-    listed.sort();
-    listed.dedup();
+    let listed = listed_writers(low, high);
     // Backfilled history (negative orderings) is not part of the live timeline.
     let after = |writer: Option<&str>| {
         low.map_or(0, |low| writer.map_or(low.stream(), |writer| low.pos_for(writer))).max(0)
