@@ -34,6 +34,9 @@ pub(crate) struct AppState {
     pub(crate) room_locks: Arc<RoomLocks>,
     /// Failed logins, per account and per address.
     pub(crate) login_throttle: Arc<crate::client::LoginThrottle>,
+    /// Keep-alive connections to the other processes' internal endpoints, for
+    /// forwarded writes.
+    pub(crate) internal_client: replication::http::InternalClient,
     /// The admin registration endpoint's nonces.
     pub(crate) registration_nonces: Arc<crate::client::RegistrationNonces>,
     /// Turns true when the process starts shutting down: long polls answer.

@@ -206,6 +206,7 @@ where
             room_locks: Arc::default(),
             login_throttle: Arc::default(),
             registration_nonces: Arc::default(),
+            internal_client: replication::http::InternalClient::new(),
             shutting_down,
         },
         extra_routes,

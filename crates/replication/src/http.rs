@@ -18,10 +18,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use replication_proto::RowJson;
 use serde::Deserialize;
 use store_core::{BoxFuture, StoreError, StreamUpdates};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::Hub;
 
@@ -144,6 +148,7 @@ pub trait RemoteUpdates: Send + Sync + std::fmt::Debug {
 pub struct HttpFetcher {
     addresses: BTreeMap<String, String>,
     secret: String,
+    client: InternalClient,
 }
 
 impl std::fmt::Debug for HttpFetcher {
@@ -157,70 +162,90 @@ impl HttpFetcher {
     /// A fetcher for the writers of `addresses` (instance → `HOST:PORT`),
     /// authenticating with the shared `secret`.
     pub fn new(addresses: BTreeMap<String, String>, secret: &str) -> Arc<HttpFetcher> {
-        Arc::new(HttpFetcher { addresses, secret: secret.to_owned() })
+        Arc::new(HttpFetcher { addresses, secret: secret.to_owned(), client: InternalClient::new() })
     }
 
     async fn get(&self, address: &str, path: &str) -> Result<(u16, String), String> {
-        internal_request(address, "GET", path, &self.secret, None).await
+        self.client.request(address, "GET", path, &self.secret, None).await
     }
 }
 
-/// Calls another process's internal endpoint at `address` (`HOST:PORT`) with
-/// the shared `secret`, and a JSON `body` when given; answers the status and
-/// the body, or why no answer came. One connection per call: these are the
-/// rare paths (catch-up, forwarded writes), and a writer that restarts must
-/// not leave pooled connections behind it.
-pub async fn internal_request(
-    address: &str,
-    method: &str,
-    path: &str,
-    secret: &str,
-    body: Option<&str>,
-) -> Result<(u16, String), String> {
-    let mut stream = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(address))
-        .await
-        .map_err(|_| "timed out connecting".to_owned())?
-        .map_err(|err| err.to_string())?;
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {secret}\r\nConnection: close\r\n"
-    );
-    if let Some(body) = body {
-        request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ));
-    } else {
-        request.push_str("\r\n");
-    }
-    stream.write_all(request.as_bytes()).await.map_err(|err| err.to_string())?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response))
-        .await
-        .map_err(|_| "timed out reading the answer".to_owned())?
-        .map_err(|err| err.to_string())?;
-    let response = String::from_utf8(response).map_err(|_| "the answer is not UTF-8".to_owned())?;
-    let (head, body) = response.split_once("\r\n\r\n").ok_or("the answer has no body")?;
-    let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).ok_or("no status")?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        unchunk(body)?
-    } else {
-        body.to_owned()
-    };
-    Ok((status, body))
+/// How long connecting to another process may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a call may take, from sending to the whole answer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an unused connection is kept open.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Unused connections kept per process called.
+const MAX_IDLE_PER_PROCESS: usize = 32;
+
+/// Calls other processes' internal endpoints over keep-alive connections, kept
+/// in a bounded pool (hyper's). A connection the other side closed (a writer
+/// that restarted) is noticed before it is used, or the call is retried on a
+/// new one when it failed before anything was sent, so a write is never sent
+/// twice; past that, a failure is the caller's to handle (forwarded writes
+/// carry what makes a retry safe, such as a client's `txn_id`). Cheap to
+/// clone; clones share the pool.
+#[derive(Clone)]
+pub struct InternalClient {
+    client: Client<HttpConnector, Full<Bytes>>,
 }
 
-/// Decodes a chunked body.
-fn unchunk(mut body: &str) -> Result<String, String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").ok_or("a malformed chunk")?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| "a malformed chunk size")?;
-        if size == 0 {
-            return Ok(out);
+impl std::fmt::Debug for InternalClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InternalClient").finish_non_exhaustive()
+    }
+}
+
+impl Default for InternalClient {
+    fn default() -> Self {
+        InternalClient::new()
+    }
+}
+
+impl InternalClient {
+    /// An empty pool.
+    pub fn new() -> InternalClient {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .pool_max_idle_per_host(MAX_IDLE_PER_PROCESS)
+            .retry_canceled_requests(true)
+            .build(connector);
+        InternalClient { client }
+    }
+
+    /// Calls the internal endpoint `path` of the process at `address`
+    /// (`HOST:PORT`) with the shared `secret`, and a JSON `body` when given;
+    /// answers the status and the body, or why no answer came.
+    pub async fn request(
+        &self,
+        address: &str,
+        method: &str,
+        path: &str,
+        secret: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, String), String> {
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://{address}{path}"))
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {secret}"));
+        if body.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
         }
-        out.push_str(rest.get(..size).ok_or("a truncated chunk")?);
-        body = rest.get(size + 2..).ok_or("a truncated chunk")?;
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default().to_owned())))
+            .map_err(|err| err.to_string())?;
+        let call = async {
+            let response = self.client.request(request).await.map_err(|err| err.to_string())?;
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.map_err(|err| err.to_string())?.to_bytes();
+            let body = String::from_utf8(body.to_vec()).map_err(|_| "the answer is not UTF-8".to_owned())?;
+            Ok((status, body))
+        };
+        tokio::time::timeout(CALL_TIMEOUT, call).await.map_err(|_| "timed out".to_owned())?
     }
 }
 

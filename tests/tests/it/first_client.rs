@@ -139,3 +139,46 @@ fn a_first_client_on_four_processes() {
     let servers = deployment.start_all();
     the_flow(&base_urls(&servers));
 }
+
+/// Writes forwarded over pooled keep-alive connections keep working when the
+/// writer they go to restarts: the pool notices the closed connections, and
+/// nothing reaches the writer twice.
+#[test]
+fn forwarded_writes_survive_the_writer_restarting() {
+    let deployment = Deployment::for_clients();
+    let mut servers = deployment.start_all();
+    let urls = base_urls(&servers);
+    let syncer = urls[3].clone();
+    let ann = register(&syncer, "ann");
+    let room = ann.create_room();
+    let writer = tests::deployment::writer_for_room(&room, &["writer1", "writer2"]);
+    let index = if writer == "writer1" { 1 } else { 2 };
+    let send = |txn: &str| {
+        ann.call(
+            "PUT",
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", encode(&room)),
+            Some(&json!({"body": txn})),
+        )
+    };
+    // Several forwarded writes: the syncer now holds connections to the writer.
+    for n in 0..5 {
+        let (status, answer) = send(&format!("before{n}"));
+        assert_eq!(status, 200, "{answer}");
+    }
+    let stopped = servers.remove(index).stop_with("TERM");
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    servers.insert(index, deployment.start(writer));
+    for n in 0..5 {
+        let (status, answer) = send(&format!("after{n}"));
+        assert_eq!(status, 200, "a forwarded write after the restart: {answer}");
+    }
+    // Each write once: ten messages, each body once.
+    let sync = ann.sync(None, Duration::ZERO);
+    let timeline = sync["rooms"]["join"][&room]["timeline"]["events"].as_array().cloned().unwrap_or_default();
+    let mut messages = bodies(&timeline);
+    messages.sort();
+    let mut expected: Vec<String> =
+        (0..5).flat_map(|n| [format!("after{n}"), format!("before{n}")]).collect();
+    expected.sort();
+    assert_eq!(messages, expected, "{sync}");
+}

@@ -246,7 +246,9 @@ async fn forward<B: Serialize, A: DeserializeOwned>(
     // The config refuses to start without a secret when writers are elsewhere.
     let secret = state.config.worker_replication_secret.as_deref().unwrap_or_default();
     let body = serde_json::to_string(body).map_err(|err| ClientError::internal("encode a write", err))?;
-    let (status, answer) = replication::http::internal_request(address, "POST", path, secret, Some(&body))
+    let (status, answer) = state
+        .internal_client
+        .request(address, "POST", path, secret, Some(&body))
         .await
         .map_err(|why| unavailable(&why))?;
     if status == 200 {
