@@ -134,7 +134,12 @@ fn measure(urls: &[String], send: usize, sync: usize) -> Figures {
 
 fn monolith(database_url: Option<&str>) -> Figures {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut args = vec!["--http-listen", "127.0.0.1:0"];
+    // Registration is open by default only on SQLite: the clients register.
+    let config = dir.path().join("master.toml");
+    std::fs::write(&config, "server_name = \"localhost\"\nenable_registration = true\n")
+        .expect("write a config");
+    let config = config.display().to_string();
+    let mut args = vec!["--config", config.as_str(), "--http-listen", "127.0.0.1:0"];
     if let Some(url) = database_url {
         args.extend(["--database-url", url]);
     }
