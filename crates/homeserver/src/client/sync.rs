@@ -385,6 +385,9 @@ async fn account_data(
         .account_data()
         .get_account_data_between(user_id, since.map(|since| &since.account_data), &next.account_data)
         .await?;
+    if changed.is_empty() {
+        return Ok(Vec::new());
+    }
     // The latest of each (room, type): a change replaces the one before.
     let mut latest: BTreeMap<(Option<String>, String), Value> = BTreeMap::new();
     for (room_id, data_type, content) in changed {
