@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use server_config::ServerConfig;
 use store_account_data::ACCOUNT_DATA_STREAM;
 use store_core::MultiWriterIdGenerator;
-use store_events::{ClientTxn, EVENTS_STREAM, NewEvent};
+use store_events::{ClientTxn, EVENTS_STREAM, Event, NewEvent};
 use store_receipts::{RECEIPTS_STREAM, ReceiptRow};
 
 use super::auth_rules::{self, RoomState};
@@ -409,16 +409,15 @@ async fn check_room_write(state: &AppState, write: &RoomWrite) -> Result<(), Cli
     if first.event_type == "m.room.create" {
         return Err(ClientError::forbidden("a room is created once, by createRoom"));
     }
-    if !room_exists(state, &write.room_id).await? {
-        return Err(ClientError::not_found(format!("unknown room {}", write.room_id)));
-    }
     let mut concerned = vec![write.sender.as_str()];
     if first.event_type == "m.room.member"
         && let Some(target) = first.state_key.as_deref()
     {
         concerned.push(target);
     }
-    let room = room_state(state, &write.room_id, &concerned).await?;
+    let Some(room) = room_state(state, &write.room_id, &concerned).await? else {
+        return Err(ClientError::not_found(format!("unknown room {}", write.room_id)));
+    };
     let proposed = auth_rules::Proposed {
         sender: &write.sender,
         event_type: &first.event_type,
@@ -428,33 +427,39 @@ async fn check_room_write(state: &AppState, write: &RoomWrite) -> Result<(), Cli
     auth_rules::check(&room, proposed).map_err(ClientError::forbidden)
 }
 
-/// What the authorization rules read of `room_id`'s current state: its
-/// creator, join rules and power levels, and the memberships of `users`.
-async fn room_state(state: &AppState, room_id: &str, users: &[&str]) -> Result<RoomState, ClientError> {
+/// What the authorization rules read of `room_id`'s current state, from one
+/// read of it: its creator, join rules and power levels, and the memberships
+/// of `users`; `None` for a room that does not exist here.
+async fn room_state(
+    state: &AppState,
+    room_id: &str,
+    users: &[&str],
+) -> Result<Option<RoomState>, ClientError> {
     let events = state.store.events();
     let current = events.get_current_state_ids(room_id).await?;
-    let content_of = |event_type: &str| current.get(&(event_type.to_owned(), String::new())).cloned();
-    let mut room = RoomState::default();
-    if let Some(event_id) = content_of("m.room.create")
-        && let Some(event) = events.get_event(&event_id).await?
+    let event_at = async |event_type: &str, state_key: &str| match current
+        .get(&(event_type.to_owned(), state_key.to_owned()))
     {
-        room.creator = Some(event.event.sender.clone());
-    }
+        Some(event_id) => events.get_event(event_id).await,
+        None => Ok(None),
+    };
+    let Some(create) = event_at("m.room.create", "").await? else { return Ok(None) };
+    let mut room = RoomState { creator: Some(create.event.sender.clone()), ..RoomState::default() };
     for (event_type, slot) in
         [("m.room.join_rules", &mut room.join_rules), ("m.room.power_levels", &mut room.power_levels)]
     {
-        if let Some(event_id) = content_of(event_type)
-            && let Some(event) = events.get_event(&event_id).await?
-        {
+        if let Some(event) = event_at(event_type, "").await? {
             *slot = serde_json::from_str(&event.event.content).ok();
         }
     }
     for user in users {
-        if let Some(membership) = membership_of(state, room_id, user).await? {
-            room.memberships.insert((*user).to_owned(), membership);
+        if let Some(membership) =
+            event_at("m.room.member", user).await?.as_deref().and_then(Event::membership)
+        {
+            room.memberships.insert((*user).to_owned(), membership.to_owned());
         }
     }
-    Ok(room)
+    Ok(Some(room))
 }
 
 async fn persist_receipt(state: &AppState, receipt: &ReceiptRow) -> Result<Written, ClientError> {
