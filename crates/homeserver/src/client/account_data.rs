@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::writes::{self, AccountDataWrite};
-use super::{ClientError, authenticate, parse_body};
+use super::{ClientError, authenticate, parse_body, require_self};
 use crate::http::AppState;
 
 /// Matrix's limit on an event's size, applied to account data too.
@@ -27,13 +27,6 @@ pub(super) fn router() -> Router<AppState> {
         )
 }
 
-fn own(me: &str, user_id: &str) -> Result<(), ClientError> {
-    if me == user_id {
-        return Ok(());
-    }
-    Err(ClientError::forbidden("you can only use your own account data"))
-}
-
 fn found(map: &store_account_data::AccountDataMap, data_type: &str) -> Result<Json<Value>, ClientError> {
     map.get(data_type).cloned().map(Json).ok_or_else(|| ClientError::not_found("Account data not found"))
 }
@@ -43,7 +36,7 @@ async fn get_global(
     headers: HeaderMap,
     Path((user_id, data_type)): Path<(String, String)>,
 ) -> Result<Json<Value>, ClientError> {
-    own(&authenticate(&state, &headers).await?, &user_id)?;
+    require_self(&authenticate(&state, &headers).await?, &user_id, "use your own account data")?;
     found(&*state.store.account_data().get_global_account_data_for_user(&user_id).await?, &data_type)
 }
 
@@ -52,7 +45,7 @@ async fn get_room(
     headers: HeaderMap,
     Path((user_id, room_id, data_type)): Path<(String, String, String)>,
 ) -> Result<Json<Value>, ClientError> {
-    own(&authenticate(&state, &headers).await?, &user_id)?;
+    require_self(&authenticate(&state, &headers).await?, &user_id, "use your own account data")?;
     found(&*state.store.account_data().get_room_account_data_for_user(&user_id, &room_id).await?, &data_type)
 }
 
@@ -82,7 +75,7 @@ async fn put(
     data_type: String,
     body: &Bytes,
 ) -> Result<Json<Value>, ClientError> {
-    own(&authenticate(state, headers).await?, &user_id)?;
+    require_self(&authenticate(state, headers).await?, &user_id, "use your own account data")?;
     if body.len() > MAX_CONTENT_BYTES {
         return Err(ClientError::new(
             axum::http::StatusCode::PAYLOAD_TOO_LARGE,

@@ -8,7 +8,7 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::{ClientError, authenticate, parse_body};
+use super::{ClientError, authenticate, parse_body, require_self};
 use crate::http::AppState;
 
 /// The largest filter stored, in bytes of JSON.
@@ -21,13 +21,6 @@ pub(super) fn router() -> Router<AppState> {
         .route("/_matrix/client/v3/user/{user_id}/filter/{filter_id}", get(get_filter))
 }
 
-fn own(me: &str, user_id: &str) -> Result<(), ClientError> {
-    if me == user_id {
-        return Ok(());
-    }
-    Err(ClientError::forbidden("you can only use your own filters"))
-}
-
 /// `POST /user/{userId}/filter` with a filter object → `{"filter_id"}`.
 async fn add_filter(
     State(state): State<AppState>,
@@ -36,7 +29,7 @@ async fn add_filter(
     body: Bytes,
 ) -> Result<Json<Value>, ClientError> {
     let me = authenticate(&state, &headers).await?;
-    own(&me, &user_id)?;
+    require_self(&me, &user_id, "use your own filters")?;
     let filter: Value = parse_body(&body)?;
     if !filter.is_object() {
         return Err(ClientError::bad_json("a filter is a JSON object"));
@@ -56,7 +49,7 @@ async fn get_filter(
     Path((user_id, filter_id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ClientError> {
     let me = authenticate(&state, &headers).await?;
-    own(&me, &user_id)?;
+    require_self(&me, &user_id, "use your own filters")?;
     let text = state
         .store
         .users()

@@ -222,6 +222,15 @@ pub(crate) async fn authenticate(state: &AppState, headers: &HeaderMap) -> Resul
     state.store.users().get_user_by_access_token(token).await?.ok_or_else(unknown)
 }
 
+/// Refuses, as 403, a caller acting for another user where one may only
+/// `what` (e.g. "use your own filters").
+pub(crate) fn require_self(me: &str, user_id: &str, what: &str) -> Result<(), ClientError> {
+    if me == user_id {
+        return Ok(());
+    }
+    Err(ClientError::forbidden(format!("you can only {what}")))
+}
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ClientError, authenticate, parse_body};
+use super::{ClientError, authenticate, parse_body, require_self};
 use crate::http::AppState;
 
 /// The longest display name taken, in bytes.
@@ -72,9 +72,7 @@ async fn set_displayname(
     body: Bytes,
 ) -> Result<Json<Value>, ClientError> {
     let me = authenticate(&state, &headers).await?;
-    if me != user_id {
-        return Err(ClientError::forbidden("you can only set your own display name"));
-    }
+    require_self(&me, &user_id, "set your own display name")?;
     let Displayname { displayname } = parse_body(&body)?;
     if displayname.as_ref().is_some_and(|name| name.len() > MAX_DISPLAYNAME_BYTES) {
         return Err(ClientError::invalid_param(format!(

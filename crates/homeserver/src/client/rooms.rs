@@ -13,7 +13,7 @@ use store_events::Event;
 use store_receipts::ReceiptRow;
 
 use super::writes::{self, EventContent, MAX_TYPING_TIMEOUT_MS, RoomWrite, TypingChange};
-use super::{ClientError, authenticate, now_ms, parse_body, random_string};
+use super::{ClientError, authenticate, now_ms, parse_body, random_string, require_self};
 use crate::http::AppState;
 
 /// Matrix's limit on the size of an event, applied to its content.
@@ -81,6 +81,14 @@ pub(crate) fn client_event(event: &Event) -> Value {
         json["state_key"] = json!(state_key);
     }
     json
+}
+
+/// Refuses, as a member-only read must, a caller who is not signed in or not
+/// joined to `room_id` (a room ID).
+async fn member_of_room(state: &AppState, headers: &HeaderMap, room_id: &str) -> Result<(), ClientError> {
+    let user_id = authenticate(state, headers).await?;
+    check_room_id(room_id)?;
+    require_member(state, room_id, &user_id).await
 }
 
 /// Refuses a user who is not joined to the room, as this process knows it.
@@ -305,9 +313,7 @@ pub(crate) async fn get_state(
     headers: HeaderMap,
     Path(room_id): Path<String>,
 ) -> Result<Json<Value>, ClientError> {
-    let user_id = authenticate(&state, &headers).await?;
-    check_room_id(&room_id)?;
-    require_member(&state, &room_id, &user_id).await?;
+    member_of_room(&state, &headers, &room_id).await?;
     Ok(Json(Value::Array(state_events(&state, &room_id, None).await?)))
 }
 
@@ -351,9 +357,7 @@ pub(crate) async fn joined_members(
     headers: HeaderMap,
     Path(room_id): Path<String>,
 ) -> Result<Json<Value>, ClientError> {
-    let user_id = authenticate(&state, &headers).await?;
-    check_room_id(&room_id)?;
-    require_member(&state, &room_id, &user_id).await?;
+    member_of_room(&state, &headers, &room_id).await?;
     let members = state.store.events().get_users_in_room(&room_id).await?;
     let joined: Map<String, Value> = members.iter().map(|member| (member.clone(), json!({}))).collect();
     Ok(Json(json!({"joined": joined})))
@@ -406,9 +410,7 @@ pub(crate) async fn typing(
     }
     let user_id = authenticate(&state, &headers).await?;
     check_room_id(&room_id)?;
-    if typing_user != user_id {
-        return Err(ClientError::forbidden("you can only set your own typing"));
-    }
+    require_self(&user_id, &typing_user, "set your own typing")?;
     let TypingBody { typing, timeout } = parse_body(&body)?;
     require_member(&state, &room_id, &user_id).await?;
     let timeout_ms = timeout.unwrap_or(30_000).min(MAX_TYPING_TIMEOUT_MS);
@@ -423,9 +425,7 @@ pub(crate) async fn members(
     headers: HeaderMap,
     Path(room_id): Path<String>,
 ) -> Result<Json<Value>, ClientError> {
-    let user_id = authenticate(&state, &headers).await?;
-    check_room_id(&room_id)?;
-    require_member(&state, &room_id, &user_id).await?;
+    member_of_room(&state, &headers, &room_id).await?;
     let events = state.store.events();
     let mut chunk = Vec::new();
     for ((event_type, _), event_id) in events.get_current_state_ids(&room_id).await?.iter() {
@@ -445,9 +445,7 @@ pub(crate) async fn event(
     headers: HeaderMap,
     Path((room_id, event_id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ClientError> {
-    let user_id = authenticate(&state, &headers).await?;
-    check_room_id(&room_id)?;
-    require_member(&state, &room_id, &user_id).await?;
+    member_of_room(&state, &headers, &room_id).await?;
     match state.store.events().get_event(&event_id).await? {
         Some(event) if event.room_id == room_id => Ok(Json(client_event(&event))),
         _ => Err(ClientError::not_found(format!("no event {event_id} in {room_id}"))),
