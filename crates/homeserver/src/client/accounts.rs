@@ -134,18 +134,10 @@ async fn admin_register(State(state): State<AppState>, body: Bytes) -> Result<Js
     check_password_length(&request.password)?;
     let hash = hash_password(request.password).await?;
     let displayname = request.displayname.as_deref().unwrap_or(&request.username);
-    let users = state.store.users();
-    if !users.register_account(&user_id, Some(&hash), Some(displayname)).await? {
+    if !state.store.users().register_account(&user_id, Some(&hash), Some(displayname)).await? {
         return Err(ClientError::new(StatusCode::BAD_REQUEST, "M_USER_IN_USE", "User ID already taken."));
     }
-    let device_id = new_device_id();
-    let access_token = users.create_device_token(&user_id, &device_id, None).await?;
-    Ok(Json(json!({
-        "user_id": user_id,
-        "access_token": access_token,
-        "device_id": device_id,
-        "home_server": state.config.server_name,
-    })))
+    sign_in(&state, &user_id, None, None).await
 }
 
 /// The MAC a request with the shared secret carries.
@@ -269,15 +261,25 @@ async fn register(State(state): State<AppState>, body: Bytes) -> Result<Json<Val
     if request.inhibit_login {
         return Ok(Json(json!({"user_id": user_id, "home_server": home_server})));
     }
-    let device_id = request.device_id.unwrap_or_else(new_device_id);
-    let access_token = users
-        .create_device_token(&user_id, &device_id, request.initial_device_display_name.as_deref())
-        .await?;
+    sign_in(&state, &user_id, request.device_id, request.initial_device_display_name.as_deref()).await
+}
+
+/// Signs `user_id` in on `device_id` (a new device when `None`) and answers as
+/// registration and login do: `{"user_id", "access_token", "device_id",
+/// "home_server"}`.
+async fn sign_in(
+    state: &AppState,
+    user_id: &str,
+    device_id: Option<String>,
+    display_name: Option<&str>,
+) -> Result<Json<Value>, ClientError> {
+    let device_id = device_id.unwrap_or_else(new_device_id);
+    let access_token = state.store.users().create_device_token(user_id, &device_id, display_name).await?;
     Ok(Json(json!({
         "user_id": user_id,
         "access_token": access_token,
         "device_id": device_id,
-        "home_server": home_server,
+        "home_server": state.config.server_name,
     })))
 }
 
@@ -395,18 +397,7 @@ async fn login(
         return Err(ClientError::forbidden("Invalid username or password"));
     }
     state.login_throttle.succeeded(&keys[0]);
-    let device_id = request.device_id.unwrap_or_else(new_device_id);
-    let access_token = state
-        .store
-        .users()
-        .create_device_token(&user_id, &device_id, request.initial_device_display_name.as_deref())
-        .await?;
-    Ok(Json(json!({
-        "user_id": user_id,
-        "access_token": access_token,
-        "device_id": device_id,
-        "home_server": server_name,
-    })))
+    sign_in(&state, &user_id, request.device_id, request.initial_device_display_name.as_deref()).await
 }
 
 /// The request's access token, once [`authenticate`] has accepted it.
