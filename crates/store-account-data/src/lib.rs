@@ -109,37 +109,6 @@ fn map_from_rows(rows: &[Row]) -> Result<AccountDataMap, StoreError> {
 }
 
 impl AccountDataReader {
-    /// Loads the stream's positions on the start-up connection and registers the
-    /// caches.
-    pub async fn new(
-        db: Database,
-        conn: &mut Transaction,
-        ctx: &StoreContext,
-    ) -> Result<AccountDataReader, StoreError> {
-        let tables = vec![StreamTable::new("account_data", "instance_name", "stream_id")];
-        let generator_config = ctx.generator_config(ACCOUNT_DATA, tables, "account_data_sequence");
-        let ids = MultiWriterIdGenerator::new_in(&db, conn, generator_config).await?;
-        let registry = Arc::clone(ctx.registry());
-        // Prefilled from the newest rows, which may lie above the current token:
-        // a cache that started empty would deny changes it never saw.
-        let user_changes = StreamChangeCache::load_newest(
-            conn,
-            "account_data_user_changes",
-            "SELECT user_id, stream_id FROM account_data ORDER BY stream_id DESC LIMIT $1",
-            ids.get_current_token(),
-        )
-        .await?;
-        Ok(AccountDataReader {
-            global_data: registry.register(GLOBAL_CACHE)?,
-            room_data: registry.register(ROOM_CACHE)?,
-            user_changes: Arc::new(user_changes),
-            instance_name: ctx.instance_name().to_owned(),
-            registry,
-            db,
-            ids,
-        })
-    }
-
     /// The stream's positions, as this process knows them.
     pub fn stream(&self) -> &MultiWriterIdGenerator {
         &self.ids
@@ -315,19 +284,6 @@ pub struct AccountDataWriter {
 }
 
 impl AccountDataWriter {
-    /// The write half: refused unless this instance writes `account_data`; it
-    /// allocates from the read half's generator, which it shares with the
-    /// rest of the process through `ctx`.
-    pub async fn new(
-        db: Database,
-        conn: &mut Transaction,
-        ctx: &StoreContext,
-    ) -> Result<AccountDataWriter, StoreError> {
-        ctx.require_writer(ACCOUNT_DATA)?;
-        let reader = ctx.component::<AccountDataReader>(&db, conn).await?;
-        Ok(AccountDataWriter { reader })
-    }
-
     /// The read half.
     pub fn reader(&self) -> &AccountDataReader {
         &self.reader
@@ -442,27 +398,47 @@ impl store_core::Store for AccountDataReader {
     fn stream_specs() -> Vec<store_core::StreamSpec> {
         vec![ACCOUNT_DATA]
     }
-    async fn new(
-        db: store_core::Database,
-        conn: &mut store_core::Transaction,
-        ctx: &store_core::StoreContext,
-    ) -> Result<Self, store_core::StoreError> {
-        AccountDataReader::new(db, conn, ctx).await
+    /// Loads the stream's positions on the start-up connection and registers the
+    /// caches.
+    async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
+        let tables = vec![StreamTable::new("account_data", "instance_name", "stream_id")];
+        let generator_config = ctx.generator_config(ACCOUNT_DATA, tables, "account_data_sequence");
+        let ids = MultiWriterIdGenerator::new_in(&db, conn, generator_config).await?;
+        let registry = Arc::clone(ctx.registry());
+        // Prefilled from the newest rows, which may lie above the current token:
+        // a cache that started empty would deny changes it never saw.
+        let user_changes = StreamChangeCache::load_newest(
+            conn,
+            "account_data_user_changes",
+            "SELECT user_id, stream_id FROM account_data ORDER BY stream_id DESC LIMIT $1",
+            ids.get_current_token(),
+        )
+        .await?;
+        Ok(AccountDataReader {
+            global_data: registry.register(GLOBAL_CACHE)?,
+            room_data: registry.register(ROOM_CACHE)?,
+            user_changes: Arc::new(user_changes),
+            instance_name: ctx.instance_name().to_owned(),
+            registry,
+            db,
+            ids,
+        })
     }
 }
 
 impl store_core::Store for AccountDataWriter {
     fn migrations() -> Vec<&'static store_core::Migrations> {
-        vec![&MIGRATIONS]
+        <AccountDataReader as store_core::Store>::migrations()
     }
     fn stream_specs() -> Vec<store_core::StreamSpec> {
-        vec![ACCOUNT_DATA]
+        <AccountDataReader as store_core::Store>::stream_specs()
     }
-    async fn new(
-        db: store_core::Database,
-        conn: &mut store_core::Transaction,
-        ctx: &store_core::StoreContext,
-    ) -> Result<Self, store_core::StoreError> {
-        AccountDataWriter::new(db, conn, ctx).await
+    /// The write half: refused unless this instance writes `account_data`; it
+    /// allocates from the read half's generator, which it shares with the
+    /// rest of the process through `ctx`.
+    async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
+        ctx.require_writer(ACCOUNT_DATA)?;
+        let reader = ctx.component::<AccountDataReader>(&db, conn).await?;
+        Ok(AccountDataWriter { reader })
     }
 }

@@ -98,61 +98,6 @@ fn generator_config(
 }
 
 impl EventsReader {
-    /// Loads the streams' positions on the start-up connection and registers the
-    /// caches (and the `cs_cache_fake` expansion) in the process's registry.
-    pub async fn new(
-        db: Database,
-        conn: &mut Transaction,
-        ctx: &StoreContext,
-    ) -> Result<EventsReader, StoreError> {
-        let events_ids = MultiWriterIdGenerator::new_in(
-            &db,
-            conn,
-            generator_config(ctx, crate::EVENTS, "events_stream_seq", true),
-        )
-        .await?;
-        let backfill_ids = MultiWriterIdGenerator::new_in(
-            &db,
-            conn,
-            generator_config(ctx, crate::BACKFILL, "events_backfill_stream_seq", false),
-        )
-        .await?;
-        let registry = Arc::clone(ctx.registry());
-        let current = events_ids.get_current_token();
-        let reader = EventsReader {
-            // The change caches are prefilled from the newest rows, which may lie
-            // above the current token (another writer's rows past a gap): a cache
-            // that started empty would deny changes it never saw.
-            event_cache: registry.register("get_event")?,
-            current_state_cache: registry.register("get_current_state_ids")?,
-            users_in_room_cache: registry.register("get_users_in_room")?,
-            rooms_for_user_cache: registry.register("get_rooms_for_user")?,
-            room_changes: Arc::new(StreamChangeCache::load_newest(conn, "events_room_changes", "SELECT room_id, stream_ordering FROM events WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
-            membership_changes: Arc::new(StreamChangeCache::load_newest(conn, "membership_changes", "SELECT user_id, stream_ordering FROM room_memberships WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
-            state_changes: Arc::new(StreamChangeCache::load_newest(conn, "current_state_changes", "SELECT room_id, stream_ordering FROM current_state_events WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
-            db,
-            events_ids,
-            backfill_ids,
-            caches: Arc::clone(ctx.caches()),
-        };
-        let (membership_changes, state_changes) =
-            (Arc::clone(&reader.membership_changes), Arc::clone(&reader.state_changes));
-        registry.register_expansion(
-            CURRENT_STATE_POKE,
-            Arc::new(move |registry: &CacheRegistry, keys: &[String], token: Option<i64>| {
-                let Some((room_id, members)) = keys.split_first() else { return };
-                invalidate_current_state(registry, room_id, members);
-                if let Some(token) = token {
-                    state_changes.entity_has_changed(room_id, token);
-                    for member in members {
-                        membership_changes.entity_has_changed(member, token);
-                    }
-                }
-            }),
-        )?;
-        Ok(reader)
-    }
-
     /// The `events` stream's positions, as this process knows them.
     pub fn events_stream(&self) -> &MultiWriterIdGenerator {
         &self.events_ids
@@ -764,11 +709,54 @@ impl store_core::Store for EventsReader {
     fn stream_specs() -> Vec<store_core::StreamSpec> {
         vec![crate::EVENTS, crate::BACKFILL]
     }
-    async fn new(
-        db: store_core::Database,
-        conn: &mut store_core::Transaction,
-        ctx: &store_core::StoreContext,
-    ) -> Result<Self, store_core::StoreError> {
-        EventsReader::new(db, conn, ctx).await
+    /// Loads the streams' positions on the start-up connection and registers the
+    /// caches (and the `cs_cache_fake` expansion) in the process's registry.
+    async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
+        let events_ids = MultiWriterIdGenerator::new_in(
+            &db,
+            conn,
+            generator_config(ctx, crate::EVENTS, "events_stream_seq", true),
+        )
+        .await?;
+        let backfill_ids = MultiWriterIdGenerator::new_in(
+            &db,
+            conn,
+            generator_config(ctx, crate::BACKFILL, "events_backfill_stream_seq", false),
+        )
+        .await?;
+        let registry = Arc::clone(ctx.registry());
+        let current = events_ids.get_current_token();
+        let reader = EventsReader {
+            // The change caches are prefilled from the newest rows, which may lie
+            // above the current token (another writer's rows past a gap): a cache
+            // that started empty would deny changes it never saw.
+            event_cache: registry.register("get_event")?,
+            current_state_cache: registry.register("get_current_state_ids")?,
+            users_in_room_cache: registry.register("get_users_in_room")?,
+            rooms_for_user_cache: registry.register("get_rooms_for_user")?,
+            room_changes: Arc::new(StreamChangeCache::load_newest(conn, "events_room_changes", "SELECT room_id, stream_ordering FROM events WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
+            membership_changes: Arc::new(StreamChangeCache::load_newest(conn, "membership_changes", "SELECT user_id, stream_ordering FROM room_memberships WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
+            state_changes: Arc::new(StreamChangeCache::load_newest(conn, "current_state_changes", "SELECT room_id, stream_ordering FROM current_state_events WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
+            db,
+            events_ids,
+            backfill_ids,
+            caches: Arc::clone(ctx.caches()),
+        };
+        let (membership_changes, state_changes) =
+            (Arc::clone(&reader.membership_changes), Arc::clone(&reader.state_changes));
+        registry.register_expansion(
+            CURRENT_STATE_POKE,
+            Arc::new(move |registry: &CacheRegistry, keys: &[String], token: Option<i64>| {
+                let Some((room_id, members)) = keys.split_first() else { return };
+                invalidate_current_state(registry, room_id, members);
+                if let Some(token) = token {
+                    state_changes.entity_has_changed(room_id, token);
+                    for member in members {
+                        membership_changes.entity_has_changed(member, token);
+                    }
+                }
+            }),
+        )?;
+        Ok(reader)
     }
 }

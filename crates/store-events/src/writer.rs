@@ -32,19 +32,6 @@ pub struct ClientTxn {
 }
 
 impl EventsWriter {
-    /// The write half: refused unless this instance writes `events`; it
-    /// allocates from the read half's generator, which it shares with the
-    /// rest of the process through `ctx`.
-    pub async fn new(
-        db: Database,
-        conn: &mut Transaction,
-        ctx: &StoreContext,
-    ) -> Result<EventsWriter, StoreError> {
-        ctx.require_writer(crate::EVENTS)?;
-        let reader = ctx.component::<EventsReader>(&db, conn).await?;
-        Ok(EventsWriter { reader, instance_name: ctx.instance_name().to_owned() })
-    }
-
     /// The read half, shared with every process.
     pub fn reader(&self) -> &EventsReader {
         &self.reader
@@ -232,16 +219,17 @@ async fn upsert_current_state(
 
 impl store_core::Store for EventsWriter {
     fn migrations() -> Vec<&'static store_core::Migrations> {
-        vec![&crate::MIGRATIONS]
+        <crate::EventsReader as store_core::Store>::migrations()
     }
     fn stream_specs() -> Vec<store_core::StreamSpec> {
-        vec![crate::EVENTS, crate::BACKFILL]
+        <crate::EventsReader as store_core::Store>::stream_specs()
     }
-    async fn new(
-        db: store_core::Database,
-        conn: &mut store_core::Transaction,
-        ctx: &store_core::StoreContext,
-    ) -> Result<Self, store_core::StoreError> {
-        EventsWriter::new(db, conn, ctx).await
+    /// The write half: refused unless this instance writes `events`; it
+    /// allocates from the read half's generator, which it shares with the
+    /// rest of the process through `ctx`.
+    async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
+        ctx.require_writer(crate::EVENTS)?;
+        let reader = ctx.component::<EventsReader>(&db, conn).await?;
+        Ok(EventsWriter { reader, instance_name: ctx.instance_name().to_owned() })
     }
 }

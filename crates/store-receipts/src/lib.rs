@@ -109,36 +109,6 @@ fn receipt_from_row(row: &Row) -> Result<(i64, ReceiptRow), StoreError> {
 }
 
 impl ReceiptsReader {
-    /// Loads the stream's positions on the start-up connection and registers the
-    /// caches.
-    pub async fn new(
-        db: Database,
-        conn: &mut Transaction,
-        ctx: &StoreContext,
-    ) -> Result<ReceiptsReader, StoreError> {
-        let tables = vec![StreamTable::new("receipts_linearized", "instance_name", "stream_id")];
-        let generator_config = ctx.generator_config(RECEIPTS, tables, "receipts_sequence");
-        let ids = MultiWriterIdGenerator::new_in(&db, conn, generator_config).await?;
-        let registry = Arc::clone(ctx.registry());
-        // Prefilled from the newest rows, which may lie above the current token:
-        // a cache that started empty would deny changes it never saw.
-        let room_changes = StreamChangeCache::load_newest(
-            conn,
-            "receipts_room_changes",
-            "SELECT room_id, stream_id FROM receipts_linearized ORDER BY stream_id DESC LIMIT $1",
-            ids.get_current_token(),
-        )
-        .await?;
-        Ok(ReceiptsReader {
-            room_receipts: registry.register("get_receipts_for_room")?,
-            last_receipt: registry.register("get_last_receipt_event_id_for_user")?,
-            room_changes: Arc::new(room_changes),
-            registry,
-            db,
-            ids,
-        })
-    }
-
     /// The stream's positions, as this process knows them.
     pub fn stream(&self) -> &MultiWriterIdGenerator {
         &self.ids
@@ -329,19 +299,6 @@ pub struct ReceiptsWriter {
 }
 
 impl ReceiptsWriter {
-    /// The write half: refused unless this instance writes `receipts`; it
-    /// allocates from the read half's generator, which it shares with the
-    /// rest of the process through `ctx`.
-    pub async fn new(
-        db: Database,
-        conn: &mut Transaction,
-        ctx: &StoreContext,
-    ) -> Result<ReceiptsWriter, StoreError> {
-        ctx.require_writer(RECEIPTS)?;
-        let reader = ctx.component::<ReceiptsReader>(&db, conn).await?;
-        Ok(ReceiptsWriter { reader, instance_name: ctx.instance_name().to_owned() })
-    }
-
     /// The read half.
     pub fn reader(&self) -> &ReceiptsReader {
         &self.reader
@@ -461,28 +418,47 @@ impl store_core::Store for ReceiptsReader {
     fn stream_specs() -> Vec<store_core::StreamSpec> {
         vec![RECEIPTS]
     }
-    async fn new(
-        db: store_core::Database,
-        conn: &mut store_core::Transaction,
-        ctx: &store_core::StoreContext,
-    ) -> Result<Self, store_core::StoreError> {
-        ReceiptsReader::new(db, conn, ctx).await
+    /// Loads the stream's positions on the start-up connection and registers the
+    /// caches.
+    async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
+        let tables = vec![StreamTable::new("receipts_linearized", "instance_name", "stream_id")];
+        let generator_config = ctx.generator_config(RECEIPTS, tables, "receipts_sequence");
+        let ids = MultiWriterIdGenerator::new_in(&db, conn, generator_config).await?;
+        let registry = Arc::clone(ctx.registry());
+        // Prefilled from the newest rows, which may lie above the current token:
+        // a cache that started empty would deny changes it never saw.
+        let room_changes = StreamChangeCache::load_newest(
+            conn,
+            "receipts_room_changes",
+            "SELECT room_id, stream_id FROM receipts_linearized ORDER BY stream_id DESC LIMIT $1",
+            ids.get_current_token(),
+        )
+        .await?;
+        Ok(ReceiptsReader {
+            room_receipts: registry.register("get_receipts_for_room")?,
+            last_receipt: registry.register("get_last_receipt_event_id_for_user")?,
+            room_changes: Arc::new(room_changes),
+            registry,
+            db,
+            ids,
+        })
     }
 }
 
 impl store_core::Store for ReceiptsWriter {
     fn migrations() -> Vec<&'static store_core::Migrations> {
-        vec![&MIGRATIONS]
+        <ReceiptsReader as store_core::Store>::migrations()
     }
     fn stream_specs() -> Vec<store_core::StreamSpec> {
-        vec![RECEIPTS]
+        <ReceiptsReader as store_core::Store>::stream_specs()
     }
-    async fn new(
-        db: store_core::Database,
-        conn: &mut store_core::Transaction,
-        ctx: &store_core::StoreContext,
-    ) -> Result<Self, store_core::StoreError> {
-        ReceiptsWriter::new(db, conn, ctx).await
+    /// The write half: refused unless this instance writes `receipts`; it
+    /// allocates from the read half's generator, which it shares with the
+    /// rest of the process through `ctx`.
+    async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
+        ctx.require_writer(RECEIPTS)?;
+        let reader = ctx.component::<ReceiptsReader>(&db, conn).await?;
+        Ok(ReceiptsWriter { reader, instance_name: ctx.instance_name().to_owned() })
     }
 }
 

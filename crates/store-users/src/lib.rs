@@ -70,17 +70,6 @@ fn new_access_token() -> String {
 }
 
 impl UsersStore {
-    /// Registers the token cache in the context's registry. Reads nothing at
-    /// start-up: `conn` is taken for the uniform constructor's shape.
-    pub async fn new(
-        db: Database,
-        _conn: &mut Transaction,
-        ctx: &StoreContext,
-    ) -> Result<UsersStore, StoreError> {
-        let users_by_token = ctx.registry().register(USER_BY_ACCESS_TOKEN_CACHE)?;
-        Ok(UsersStore { db, caches: Arc::clone(ctx.caches()), users_by_token })
-    }
-
     /// Creates the account `user_id`; `false` when the name is already taken.
     pub async fn register(&self, user_id: &str) -> Result<bool, StoreError> {
         let (user_id, creation_ts) = (user_id.to_owned(), now_ms());
@@ -524,11 +513,10 @@ impl store_core::Store for UsersStore {
     fn stream_specs() -> Vec<store_core::StreamSpec> {
         vec![]
     }
-    async fn new(
-        db: store_core::Database,
-        conn: &mut store_core::Transaction,
-        ctx: &store_core::StoreContext,
-    ) -> Result<Self, store_core::StoreError> {
-        UsersStore::new(db, conn, ctx).await
+    /// Registers the token cache in the context's registry. Reads nothing at
+    /// start-up: `conn` is taken for the uniform constructor's shape.
+    async fn new(db: Database, _conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
+        let users_by_token = ctx.registry().register(USER_BY_ACCESS_TOKEN_CACHE)?;
+        Ok(UsersStore { db, caches: Arc::clone(ctx.caches()), users_by_token })
     }
 }

@@ -100,14 +100,16 @@ pub struct PresenceReader {
     user_changes: Arc<StreamChangeCache>,
 }
 
-impl PresenceReader {
+impl Store for PresenceReader {
+    fn migrations() -> Vec<&'static store_core::Migrations> {
+        vec![&MIGRATIONS]
+    }
+    fn stream_specs() -> Vec<StreamSpec> {
+        vec![PRESENCE]
+    }
     /// Loads the stream's positions on the start-up connection and registers
     /// the cache.
-    pub async fn new(
-        db: Database,
-        conn: &mut Transaction,
-        ctx: &StoreContext,
-    ) -> Result<PresenceReader, StoreError> {
+    async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
         let tables = vec![StreamTable::new("presence_stream", "instance_name", "stream_id")];
         let generator = ctx.generator_config(PRESENCE, tables, "presence_stream_sequence");
         let ids = MultiWriterIdGenerator::new_in(&db, conn, generator).await?;
@@ -127,7 +129,9 @@ impl PresenceReader {
             ids,
         })
     }
+}
 
+impl PresenceReader {
     /// The stream's positions, as this process knows them.
     pub fn stream(&self) -> &MultiWriterIdGenerator {
         &self.ids
@@ -206,19 +210,23 @@ pub struct PresenceWriter {
     instance_name: String,
 }
 
-impl PresenceWriter {
+impl Store for PresenceWriter {
+    fn migrations() -> Vec<&'static store_core::Migrations> {
+        <PresenceReader as store_core::Store>::migrations()
+    }
+    fn stream_specs() -> Vec<StreamSpec> {
+        <PresenceReader as store_core::Store>::stream_specs()
+    }
     /// The write half: refused unless this instance writes `presence`; it
     /// allocates from the process's one read half, which `ctx` shares.
-    pub async fn new(
-        db: Database,
-        conn: &mut Transaction,
-        ctx: &StoreContext,
-    ) -> Result<PresenceWriter, StoreError> {
+    async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
         ctx.require_writer(PRESENCE)?;
         let reader = ctx.component::<PresenceReader>(&db, conn).await?;
         Ok(PresenceWriter { reader, instance_name: ctx.instance_name().to_owned() })
     }
+}
 
+impl PresenceWriter {
     /// Records `presence` as its user's current one; returns its stream ID.
     /// The user's cache entry is invalidated after the commit, before the
     /// position moves, here and (through replication) on every other process.
@@ -300,30 +308,6 @@ pub trait PresenceStore: Send + Sync {
 pub trait PresenceWriteStore: PresenceStore {
     /// The write half, on the instances configured to write the stream.
     fn presence_writer(&self) -> Option<&PresenceWriter>;
-}
-
-impl Store for PresenceReader {
-    fn migrations() -> Vec<&'static store_core::Migrations> {
-        vec![&MIGRATIONS]
-    }
-    fn stream_specs() -> Vec<StreamSpec> {
-        vec![PRESENCE]
-    }
-    async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
-        PresenceReader::new(db, conn, ctx).await
-    }
-}
-
-impl Store for PresenceWriter {
-    fn migrations() -> Vec<&'static store_core::Migrations> {
-        vec![&MIGRATIONS]
-    }
-    fn stream_specs() -> Vec<StreamSpec> {
-        vec![PRESENCE]
-    }
-    async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
-        PresenceWriter::new(db, conn, ctx).await
-    }
 }
 
 #[cfg(test)]
