@@ -120,29 +120,50 @@ impl RoomLocks {
     }
 }
 
+/// Where a write of a sharded stream goes, and how it is made.
+struct Route<'a> {
+    /// The stream, whose writers the write is sharded over.
+    stream: &'a str,
+    /// What picks the writer: the room, or the user.
+    shard: &'a str,
+    /// The writer's internal endpoint, for a writer elsewhere.
+    path: &'a str,
+    /// The stream's positions here, to wait on after the write.
+    generator: &'a MultiWriterIdGenerator,
+}
+
+/// Makes `body` on its writer, through `here` when that is this process and
+/// forwarded to the writer's endpoint otherwise, and waits until this process
+/// has seen it (read-your-writes).
+async fn write_through<B: Serialize>(
+    state: &AppState,
+    route: Route<'_>,
+    body: B,
+    here: impl AsyncFnOnce(&AppState, B) -> Result<Written, ClientError>,
+) -> Result<Written, ClientError> {
+    let writer = writer_for_room(&state.config, route.stream, route.shard);
+    let written = if writer == state.config.instance_name {
+        here(state, body).await?
+    } else {
+        forward(state, &writer, route.path, &body).await?
+    };
+    wait_to_see(route.generator, &written).await;
+    Ok(written)
+}
+
 /// Persists `write` on the room's writer, here or there, and waits until this
 /// process has seen it.
 pub(crate) async fn write_room_events(state: &AppState, write: RoomWrite) -> Result<Written, ClientError> {
-    let writer = writer_for_room(&state.config, EVENTS_STREAM, &write.room_id);
-    let written = if writer == state.config.instance_name {
-        persist_room_write_detached(state, write).await?
-    } else {
-        forward(state, &writer, SEND_EVENTS_PATH, &write).await?
-    };
-    wait_to_see(state.store.events().events_stream(), &written).await;
-    Ok(written)
+    let (shard, generator) = (write.room_id.clone(), state.store.events().events_stream());
+    let route = Route { stream: EVENTS_STREAM, shard: &shard, path: SEND_EVENTS_PATH, generator };
+    write_through(state, route, write, persist_room_write_detached).await
 }
 
 /// Persists a receipt on its writer and waits until this process has seen it.
 pub(crate) async fn write_receipt(state: &AppState, receipt: ReceiptRow) -> Result<(), ClientError> {
-    let writer = writer_for_room(&state.config, RECEIPTS_STREAM, &receipt.room_id);
-    let written = if writer == state.config.instance_name {
-        persist_receipt_detached(state, receipt).await?
-    } else {
-        forward(state, &writer, SEND_RECEIPT_PATH, &receipt).await?
-    };
-    wait_to_see(state.store.receipts().stream(), &written).await;
-    Ok(())
+    let (shard, generator) = (receipt.room_id.clone(), state.store.receipts().stream());
+    let route = Route { stream: RECEIPTS_STREAM, shard: &shard, path: SEND_RECEIPT_PATH, generator };
+    write_through(state, route, receipt, persist_receipt_detached).await.map(drop)
 }
 
 /// A user's account data to set, as its writer takes it.
@@ -157,14 +178,9 @@ pub(crate) struct AccountDataWrite {
 /// Sets account data on its writer (the user's, by the same hash as rooms)
 /// and waits until this process has seen it.
 pub(crate) async fn write_account_data(state: &AppState, write: AccountDataWrite) -> Result<(), ClientError> {
-    let writer = writer_for_room(&state.config, ACCOUNT_DATA_STREAM, &write.user_id);
-    let written = if writer == state.config.instance_name {
-        persist_account_data_detached(state, write).await?
-    } else {
-        forward(state, &writer, ADD_ACCOUNT_DATA_PATH, &write).await?
-    };
-    wait_to_see(state.store.account_data().stream(), &written).await;
-    Ok(())
+    let (shard, generator) = (write.user_id.clone(), state.store.account_data().stream());
+    let route = Route { stream: ACCOUNT_DATA_STREAM, shard: &shard, path: ADD_ACCOUNT_DATA_PATH, generator };
+    write_through(state, route, write, persist_account_data_detached).await.map(drop)
 }
 
 async fn persist_account_data_detached(
