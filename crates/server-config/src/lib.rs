@@ -557,7 +557,7 @@ impl ServerConfig {
 
     /// The instances that write `stream`; `["master"]` when the stream is not listed.
     pub fn writers_for(&self, stream: &str) -> Vec<String> {
-        self.stream_writers.get(stream).cloned().unwrap_or_else(|| vec![MASTER_INSTANCE.to_owned()])
+        store_core::writers_for(&self.stream_writers, stream)
     }
 
     /// Whether the deployment has processes besides this one, which then need
@@ -600,10 +600,7 @@ impl ServerConfig {
 
     /// Whether this process is one of `stream`'s writers.
     pub fn is_writer_for(&self, stream: &str) -> bool {
-        match self.stream_writers.get(stream) {
-            Some(writers) => writers.contains(&self.instance_name),
-            None => self.instance_name == MASTER_INSTANCE,
-        }
+        store_core::is_writer_for(&self.stream_writers, &self.instance_name, stream)
     }
 
     /// What the stores of this process take from the config: the config file

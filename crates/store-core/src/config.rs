@@ -77,15 +77,27 @@ impl StoreSettings {
 
     /// The instances that write `stream`; `["master"]` when none are configured.
     pub fn writers_for(&self, stream: &str) -> Vec<String> {
-        self.stream_writers.get(stream).cloned().unwrap_or_else(|| vec![MASTER_INSTANCE.to_owned()])
+        writers_for(&self.stream_writers, stream)
     }
 
     /// Whether this process writes `stream`.
     pub fn is_writer_for(&self, stream: &str) -> bool {
-        match self.stream_writers.get(stream) {
-            Some(writers) => writers.contains(&self.instance_name),
-            None => self.instance_name == MASTER_INSTANCE,
-        }
+        is_writer_for(&self.stream_writers, &self.instance_name, stream)
+    }
+}
+
+/// The instances `stream_writers` (`[stream_writers]`, stream → writers) gives
+/// `stream`: its list, or `["master"]` when it has none. The one rule, for the
+/// config file's crate too.
+pub fn writers_for(stream_writers: &BTreeMap<String, Vec<String>>, stream: &str) -> Vec<String> {
+    stream_writers.get(stream).cloned().unwrap_or_else(|| vec![MASTER_INSTANCE.to_owned()])
+}
+
+/// Whether `instance` is one of the writers `stream_writers` gives `stream`.
+pub fn is_writer_for(stream_writers: &BTreeMap<String, Vec<String>>, instance: &str, stream: &str) -> bool {
+    match stream_writers.get(stream) {
+        Some(writers) => writers.iter().any(|writer| writer == instance),
+        None => instance == MASTER_INSTANCE,
     }
 }
 
