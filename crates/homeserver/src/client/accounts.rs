@@ -16,7 +16,7 @@ use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha1::Sha1;
 
-use super::{ClientError, authenticate, parse_body, random_string};
+use super::{ClientError, authenticate, bearer, parse_body, random_string};
 use crate::http::AppState;
 
 /// The Matrix versions whose client API shapes these endpoints follow.
@@ -400,19 +400,10 @@ async fn login(
     sign_in(&state, &user_id, request.device_id, request.initial_device_display_name.as_deref()).await
 }
 
-/// The request's access token, once [`authenticate`] has accepted it.
-fn bearer(headers: &HeaderMap) -> &str {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .unwrap_or_default()
-}
-
 /// `POST /_matrix/client/v3/logout`: the device and its token end on every process.
 async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ClientError> {
     authenticate(&state, &headers).await?;
-    state.store.users().log_out(bearer(&headers)).await?;
+    state.store.users().log_out(bearer(&headers).unwrap_or_default()).await?;
     Ok(Json(json!({})))
 }
 
@@ -427,7 +418,8 @@ async fn logout_all(State(state): State<AppState>, headers: HeaderMap) -> Result
 async fn whoami(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ClientError> {
     let user_id = authenticate(&state, &headers).await?;
     let mut answer = json!({"user_id": user_id, "is_guest": false});
-    if let Some(device_id) = state.store.users().device_of_token(bearer(&headers)).await? {
+    if let Some(device_id) = state.store.users().device_of_token(bearer(&headers).unwrap_or_default()).await?
+    {
         answer["device_id"] = json!(device_id);
     }
     Ok(Json(answer))

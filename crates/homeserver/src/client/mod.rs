@@ -211,14 +211,19 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ClientE
     serde_json::from_value(value).map_err(|err| ClientError::bad_json(err.to_string()))
 }
 
+/// The access token of a request's `Authorization: Bearer` header.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+}
+
 /// The user a request's `Authorization: Bearer` token belongs to.
 pub(crate) async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<String, ClientError> {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
+    if !headers.contains_key(header::AUTHORIZATION) {
         return Err(ClientError::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token"));
-    };
+    }
     let unknown =
         || ClientError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "Unrecognised access token");
-    let token = value.to_str().ok().and_then(|value| value.strip_prefix("Bearer ")).ok_or_else(unknown)?;
+    let token = bearer(headers).ok_or_else(unknown)?;
     state.store.users().get_user_by_access_token(token).await?.ok_or_else(unknown)
 }
 
