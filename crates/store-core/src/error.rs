@@ -118,6 +118,15 @@ pub enum StoreError {
         /// Where the writer was when the wait gave up.
         reached: i64,
     },
+    /// A write was not run, or its outcome never reached its caller: its
+    /// writer shut down, or a write it depended on failed.
+    #[error("interaction `{interaction}` was abandoned: {reason}")]
+    Abandoned {
+        /// The name of the writer's queue or interaction.
+        interaction: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// A component was set up with values that cannot work.
     #[error("misconfigured: {0}")]
     Misconfigured(String),

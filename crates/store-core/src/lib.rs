@@ -33,6 +33,7 @@ mod cache;
 mod config;
 mod database;
 mod error;
+mod group_commit;
 mod id_generator;
 mod migrate;
 mod sql;
@@ -49,6 +50,7 @@ pub use cache::{
 pub use config::{CacheConfig, MASTER_INSTANCE, StoreSettings, is_writer_for, redact_url, writers_for};
 pub use database::{BoxFuture, Database, DatabaseOptions, Engine, InteractionStats};
 pub use error::{DbError, StoreError};
+pub use group_commit::{GroupCommit, GroupCommitStats};
 pub use id_generator::{
     DEFAULT_BACKGROUND_RECORD_DELAY, FetchToken, MultiWriterConfig, MultiWriterIdGenerator, PositionTracker,
     StreamIdGuard, StreamIdsGuard, StreamTable,
