@@ -29,7 +29,7 @@ pub use reader::{
     WriterFilter,
 };
 pub use stream::{BackfillStream, EventsStream};
-pub use writer::{ClientTxn, EventsWriter};
+pub use writer::{ClientTxn, EventsWriter, Persisted};
 
 /// This crate's tables (`events`, `current_state_events`, `room_memberships`, `event_txn_id` and the two streams' sequences), for both engines: what a
 /// composition including this crate lists in `Store::migrations`.

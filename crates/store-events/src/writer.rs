@@ -1,8 +1,11 @@
 //! [`EventsWriter`]: persisting events, on the instances that write the stream.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
-use store_core::{Database, StoreContext, StoreError, Transaction};
+use store_core::{
+    Database, GroupCommit, GroupCommitStats, StoreContext, StoreError, ToSqlValue, Transaction,
+};
 
 use crate::NewEvent;
 use crate::reader::EventsReader;
@@ -10,16 +13,28 @@ use crate::reader::EventsReader;
 /// Persists events: built only on the instances configured as writers of the
 /// `events` stream, which is what lets them allocate its IDs.
 ///
-/// Every batch is one transaction: the events, the room's current state, the
-/// memberships, and (when current state changed) one `cs_cache_fake` row per 50
-/// changed members for the other processes. Several writers may persist at once,
-/// even into one room: a current-state entry is only replaced by an event with a
-/// later stream ordering, whatever order the transactions commit in.
+/// Writes go through one queue ([`GroupCommit`]): those that arrive while a
+/// commit is in flight are persisted together by the next one, in their order
+/// of arrival, so a room's events take stream orderings in the order they
+/// were queued. Each commit is one transaction: the events, the rooms'
+/// current state, the memberships, and (for each room whose current state
+/// changed) one `cs_cache_fake` row per 50 changed members for the other
+/// processes. Several writers may persist at once, even into one room: a
+/// current-state entry is only replaced by an event with a later stream
+/// ordering, whatever order the transactions commit in.
 #[derive(Debug)]
 pub struct EventsWriter {
     reader: Arc<EventsReader>,
-    instance_name: String,
+    instance_name: Arc<str>,
+    queue: GroupCommit<RoomBatch, Persisted>,
 }
+
+/// The most writes one commit takes.
+const MAX_GROUP: usize = 128;
+
+/// The most events one `INSERT` carries (9 parameters each, well under both
+/// engines' limits on parameters).
+const EVENTS_PER_INSERT: usize = 200;
 
 /// A client's transaction: `PUT …/send/{type}/{txnId}` is idempotent per user
 /// and transaction ID.
@@ -29,6 +44,29 @@ pub struct ClientTxn {
     pub user_id: String,
     /// The client's transaction ID.
     pub txn_id: String,
+}
+
+/// What persisting one batch of a room's events came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Persisted {
+    /// The events' stream orderings, in order.
+    Events(Vec<i64>),
+    /// Nothing was persisted: the batch's client transaction was already
+    /// recorded, by an earlier attempt or by a batch of another room
+    /// ([`EventsReader::get_event_id_for_txn`] says which event it made).
+    TxnAlreadyUsed,
+}
+
+/// One queued write: a batch of one room's events.
+#[derive(Debug, Clone)]
+struct RoomBatch {
+    room_id: String,
+    events: Vec<NewEvent>,
+    txn: Option<ClientTxn>,
+}
+
+fn room_of(batch: &RoomBatch) -> &str {
+    &batch.room_id
 }
 
 impl EventsWriter {
@@ -42,102 +80,47 @@ impl EventsWriter {
         Arc::clone(&self.reader)
     }
 
+    /// How this writer's commits grouped writes so far.
+    pub fn group_stats(&self) -> GroupCommitStats {
+        self.queue.stats()
+    }
+
     /// Persists `events` of `room_id` in one transaction, in order; returns their
     /// stream orderings.
     pub async fn persist_events(&self, room_id: &str, events: &[NewEvent]) -> Result<Vec<i64>, StoreError> {
-        self.persist_events_for_txn(room_id, events, None).await
+        match self.persist_events_for_txn(room_id, events, None).await? {
+            Persisted::Events(ids) => Ok(ids),
+            Persisted::TxnAlreadyUsed => Err(StoreError::Abandoned {
+                interaction: "persist_events",
+                reason: "a batch without a client transaction was refused as a retry".to_owned(),
+            }),
+        }
     }
 
-    /// Like [`EventsWriter::persist_events`], and records that `txn`, a client's
-    /// transaction, produced the first of `events`, in the same database
-    /// transaction: a retry of the client's request then finds it
-    /// ([`EventsReader::get_event_id_for_txn`]) whether or not the process
-    /// crashed after the commit.
-    pub async fn persist_events_for_txn(
+    /// Queues `events` of `room_id` (before the returned future is first
+    /// polled: batches queued one after another are persisted in that order)
+    /// and, with `txn`, records that this client transaction produced the first
+    /// of them, in the same database transaction: a retry of the client's
+    /// request then finds it ([`EventsReader::get_event_id_for_txn`]) whether
+    /// or not the process crashed after the commit. A transaction already
+    /// recorded persists nothing ([`Persisted::TxnAlreadyUsed`]).
+    ///
+    /// The future answers once the batch's commit is known; dropping it does
+    /// not take the batch back.
+    pub fn persist_events_for_txn(
         &self,
         room_id: &str,
         events: &[NewEvent],
         txn: Option<&ClientTxn>,
-    ) -> Result<Vec<i64>, StoreError> {
-        if events.is_empty() {
-            return Ok(Vec::new());
+    ) -> impl Future<Output = Result<Persisted, StoreError>> + Send + use<> {
+        let batch = RoomBatch { room_id: room_id.to_owned(), events: events.to_vec(), txn: txn.cloned() };
+        let queued = (!events.is_empty()).then(|| self.queue.submit(batch));
+        async move {
+            match queued {
+                Some(queued) => queued.await,
+                None => Ok(Persisted::Events(Vec::new())),
+            }
         }
-        let reader = &self.reader;
-        let (generator, caches) = (reader.events_ids.clone(), Arc::clone(&reader.caches));
-        let changes = (
-            Arc::clone(&reader.room_changes),
-            Arc::clone(&reader.membership_changes),
-            Arc::clone(&reader.state_changes),
-        );
-        let (room_id, events, instance) =
-            (room_id.to_owned(), Arc::<[NewEvent]>::from(events), self.instance_name.clone());
-        let client_txn = txn.cloned();
-        reader
-            .db
-            .run_interaction("persist_events", move |txn| {
-                let (generator, caches, changes) = (generator.clone(), Arc::clone(&caches), changes.clone());
-                let (room_id, events, instance) = (room_id.clone(), Arc::clone(&events), instance.clone());
-                let client_txn = client_txn.clone();
-                Box::pin(async move {
-                    if let (Some(client), Some(first)) = (&client_txn, events.first()) {
-                        txn.execute(
-                            "INSERT INTO event_txn_id (user_id, txn_id, event_id, room_id, inserted_ts) \
-                             VALUES ($1, $2, $3, $4, $5)",
-                            &[
-                                &client.user_id,
-                                &client.txn_id,
-                                &first.event_id,
-                                &room_id,
-                                &first.origin_server_ts,
-                            ],
-                        )
-                        .await?;
-                    }
-                    let ids = generator.get_next_mult_txn(txn, events.len()).await?;
-                    let mut members_changed = Vec::new();
-                    let mut state_changed = false;
-                    for (event, id) in events.iter().zip(&ids) {
-                        insert_event(txn, &room_id, &instance, event, *id).await?;
-                        if let Some(state_key) = &event.state_key {
-                            state_changed = true;
-                            let membership = event.membership();
-                            upsert_current_state(txn, &room_id, event, state_key, membership.as_deref(), *id)
-                                .await?;
-                            if let Some(membership) = &membership {
-                                txn.execute(
-                                    "INSERT INTO room_memberships \
-                                     (event_id, user_id, sender, room_id, membership, stream_ordering) \
-                                     VALUES ($1, $2, $3, $4, $5, $6)",
-                                    &[&event.event_id, state_key, &event.sender, &room_id, membership, id],
-                                )
-                                .await?;
-                                if !members_changed.contains(state_key) {
-                                    members_changed.push(state_key.clone());
-                                }
-                            }
-                        }
-                    }
-                    // After the commit and before the position moves (positions are
-                    // published last), the change caches learn of the new rows.
-                    let last = ids.iter().copied().max().unwrap_or(0);
-                    let (room, members) = (room_id.clone(), members_changed.clone());
-                    txn.call_after(move || {
-                        let (room_changes, membership_changes, state_changes) = &changes;
-                        room_changes.entity_has_changed(&room, last);
-                        for member in &members {
-                            membership_changes.entity_has_changed(member, last);
-                        }
-                        if state_changed {
-                            state_changes.entity_has_changed(&room, last);
-                        }
-                    });
-                    if state_changed {
-                        caches.poke_current_state(txn, &room_id, &members_changed).await?;
-                    }
-                    Ok(ids)
-                })
-            })
-            .await
     }
 
     /// Persists history fetched from other servers: IDs come from the backfill
@@ -153,17 +136,21 @@ impl EventsWriter {
         }
         let generator = self.reader.backfill_ids.clone();
         let (room_id, events, instance) =
-            (room_id.to_owned(), Arc::<[NewEvent]>::from(events), self.instance_name.clone());
+            (room_id.to_owned(), Arc::<[NewEvent]>::from(events), Arc::clone(&self.instance_name));
         self.reader
             .db
             .run_interaction("persist_backfilled_events", move |txn| {
                 let generator = generator.clone();
-                let (room_id, events, instance) = (room_id.clone(), Arc::clone(&events), instance.clone());
+                let (room_id, events, instance) =
+                    (room_id.clone(), Arc::clone(&events), Arc::clone(&instance));
                 Box::pin(async move {
                     let ids = generator.get_next_mult_txn(txn, events.len()).await?;
-                    for (event, id) in events.iter().zip(&ids) {
-                        insert_event(txn, &room_id, &instance, event, *id).await?;
-                    }
+                    let rows: Vec<(&str, &NewEvent, i64)> = events
+                        .iter()
+                        .zip(ids.iter().copied())
+                        .map(|(event, id)| (room_id.as_str(), event, id))
+                        .collect();
+                    insert_events(txn, &instance, &rows).await?;
                     Ok(ids)
                 })
             })
@@ -171,29 +158,199 @@ impl EventsWriter {
     }
 }
 
-async fn insert_event(
+/// Commits one group of batches in one transaction.
+async fn persist_group(
+    reader: Arc<EventsReader>,
+    instance: Arc<str>,
+    batches: Arc<[RoomBatch]>,
+) -> Result<Vec<Persisted>, StoreError> {
+    let db = reader.db.clone();
+    db.run_interaction("persist_events", move |txn| {
+        let (reader, instance, batches) = (Arc::clone(&reader), Arc::clone(&instance), Arc::clone(&batches));
+        Box::pin(async move { persist_group_txn(txn, &reader, &instance, &batches).await })
+    })
+    .await
+}
+
+async fn persist_group_txn(
     txn: &mut Transaction,
-    room_id: &str,
+    reader: &Arc<EventsReader>,
     instance: &str,
-    event: &NewEvent,
-    stream_ordering: i64,
+    batches: &[RoomBatch],
+) -> Result<Vec<Persisted>, StoreError> {
+    let taken = record_client_txns(txn, batches).await?;
+    let persisted: Vec<&RoomBatch> =
+        batches.iter().zip(&taken).filter(|(_, taken)| !**taken).map(|(batch, _)| batch).collect();
+    let count = persisted.iter().map(|batch| batch.events.len()).sum();
+    let mut ids =
+        if count == 0 { Vec::new() } else { reader.events_ids.get_next_mult_txn(txn, count).await? };
+    // Handed out in order; sorted all the same, since the queue's order is
+    // what gives each room its order.
+    ids.sort_unstable();
+    let mut next_ids = ids.into_iter();
+    let mut rows = Vec::with_capacity(count);
+    let mut outcome = Vec::with_capacity(batches.len());
+    for (batch, taken) in batches.iter().zip(&taken) {
+        if *taken {
+            outcome.push(Persisted::TxnAlreadyUsed);
+            continue;
+        }
+        let batch_ids: Vec<i64> = next_ids.by_ref().take(batch.events.len()).collect();
+        rows.extend(
+            batch.events.iter().zip(&batch_ids).map(|(event, id)| (batch.room_id.as_str(), event, *id)),
+        );
+        outcome.push(Persisted::Events(batch_ids));
+    }
+    insert_events(txn, instance, &rows).await?;
+
+    // Per room: its last ordering, the members whose membership changed, and
+    // whether its current state did.
+    let mut rooms: Vec<(&str, i64, Vec<String>, bool)> = Vec::new();
+    for (room_id, event, id) in &rows {
+        let room = match rooms.iter().position(|(room, ..)| room == room_id) {
+            Some(index) => &mut rooms[index],
+            None => {
+                rooms.push((room_id, *id, Vec::new(), false));
+                rooms.last_mut().expect("just pushed")
+            }
+        };
+        room.1 = room.1.max(*id);
+        let Some(state_key) = &event.state_key else { continue };
+        room.3 = true;
+        let membership = event.membership();
+        upsert_current_state(txn, room_id, event, state_key, membership.as_deref(), *id).await?;
+        if let Some(membership) = &membership {
+            txn.execute(
+                "INSERT INTO room_memberships (event_id, user_id, sender, room_id, membership, stream_ordering) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&event.event_id, state_key, &event.sender, room_id, membership, id],
+            )
+            .await?;
+            if !room.2.contains(state_key) {
+                room.2.push(state_key.clone());
+            }
+        }
+    }
+    for (room_id, _, members, state_changed) in &rooms {
+        if *state_changed {
+            reader.caches.poke_current_state(txn, room_id, members).await?;
+        }
+    }
+    // After the commit and before the position moves (positions are
+    // published last), the change caches learn of the new rows.
+    let changes: Vec<(String, i64, Vec<String>, bool)> = rooms
+        .into_iter()
+        .map(|(room, last, members, state)| (room.to_owned(), last, members, state))
+        .collect();
+    let reader = Arc::clone(reader);
+    txn.call_after(move || {
+        for (room, last, members, state_changed) in &changes {
+            reader.room_changes.entity_has_changed(room, *last);
+            for member in members {
+                reader.membership_changes.entity_has_changed(member, *last);
+            }
+            if *state_changed {
+                reader.state_changes.entity_has_changed(room, *last);
+            }
+        }
+    });
+    Ok(outcome)
+}
+
+/// Records the client transactions of `batches`, in one statement; answers,
+/// per batch, whether its transaction was already recorded (then nothing of
+/// it is to be persisted).
+async fn record_client_txns(txn: &mut Transaction, batches: &[RoomBatch]) -> Result<Vec<bool>, StoreError> {
+    let with_txn: Vec<(&RoomBatch, &ClientTxn, &NewEvent)> = batches
+        .iter()
+        .filter_map(|batch| Some((batch, batch.txn.as_ref()?, batch.events.first()?)))
+        .collect();
+    if with_txn.is_empty() {
+        return Ok(vec![false; batches.len()]);
+    }
+    let mut params: Vec<&dyn ToSqlValue> = Vec::with_capacity(with_txn.len() * 5);
+    for (batch, client, first) in &with_txn {
+        params.extend([
+            &client.user_id as &dyn ToSqlValue,
+            &client.txn_id,
+            &first.event_id,
+            &batch.room_id,
+            &first.origin_server_ts,
+        ]);
+    }
+    // Two batches of one group may name the same transaction (sent to two
+    // rooms at once): the first wins, as it would have committed first.
+    let recorded = txn
+        .query(
+            &format!(
+                "INSERT INTO event_txn_id (user_id, txn_id, event_id, room_id, inserted_ts) VALUES {} \
+                 ON CONFLICT (user_id, txn_id) DO NOTHING RETURNING event_id",
+                placeholders(with_txn.len(), 5)
+            ),
+            &params,
+        )
+        .await?;
+    let recorded: Vec<String> = recorded.iter().map(|row| row.get::<String>(0)).collect::<Result<_, _>>()?;
+    Ok(batches
+        .iter()
+        .map(|batch| {
+            batch.txn.is_some()
+                && batch.events.first().is_some_and(|first| !recorded.contains(&first.event_id))
+        })
+        .collect())
+}
+
+/// `($1, $2, $3), ($4, $5, $6)`: `rows` rows of `width` placeholders.
+fn placeholders(rows: usize, width: usize) -> String {
+    let mut sql = String::with_capacity(rows * width * 5);
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..width {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            let _ = write!(sql, "${}", row * width + column + 1);
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Inserts `(room, event, stream ordering)` rows, a few hundred a statement.
+async fn insert_events(
+    txn: &mut Transaction,
+    instance: &str,
+    rows: &[(&str, &NewEvent, i64)],
 ) -> Result<(), StoreError> {
-    txn.execute(
-        "INSERT INTO events (stream_ordering, instance_name, event_id, room_id, type, state_key, sender, \
-         origin_server_ts, content) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        &[
-            &stream_ordering,
-            &instance,
-            &event.event_id,
-            &room_id,
-            &event.event_type,
-            &event.state_key,
-            &event.sender,
-            &event.origin_server_ts,
-            &event.content,
-        ],
-    )
-    .await?;
+    let instance = instance.to_owned();
+    for chunk in rows.chunks(EVENTS_PER_INSERT) {
+        let mut params: Vec<&dyn ToSqlValue> = Vec::with_capacity(chunk.len() * 9);
+        for (room_id, event, stream_ordering) in chunk {
+            params.extend([
+                stream_ordering as &dyn ToSqlValue,
+                &instance,
+                &event.event_id,
+                room_id,
+                &event.event_type,
+                &event.state_key,
+                &event.sender,
+                &event.origin_server_ts,
+                &event.content,
+            ]);
+        }
+        txn.execute(
+            &format!(
+                "INSERT INTO events (stream_ordering, instance_name, event_id, room_id, type, state_key, sender, \
+                 origin_server_ts, content) VALUES {}",
+                placeholders(chunk.len(), 9)
+            ),
+            &params,
+        )
+        .await?;
+    }
     Ok(())
 }
 
@@ -230,6 +387,11 @@ impl store_core::Store for EventsWriter {
     async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
         ctx.require_writer(crate::EVENTS)?;
         let reader = ctx.component::<EventsReader>(&db, conn).await?;
-        Ok(EventsWriter { reader, instance_name: ctx.instance_name().to_owned() })
+        let instance_name: Arc<str> = Arc::from(ctx.instance_name());
+        let (committing, instance) = (Arc::clone(&reader), Arc::clone(&instance_name));
+        let queue = GroupCommit::spawn("persist_events", MAX_GROUP, room_of, move |batches| {
+            Box::pin(persist_group(Arc::clone(&committing), Arc::clone(&instance), batches))
+        });
+        Ok(EventsWriter { reader, instance_name, queue })
     }
 }

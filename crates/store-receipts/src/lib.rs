@@ -15,8 +15,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use store_core::{
-    Cache, CacheRegistry, CacheWeight, Database, MultiWriterIdGenerator, MultiWriterToken, Row, StoreContext,
-    StoreError, StreamChangeCache, StreamSpec, StreamTable, StreamUpdates, Transaction, WriterRule,
+    Cache, CacheRegistry, CacheWeight, Database, GroupCommit, GroupCommitStats, MultiWriterIdGenerator,
+    MultiWriterToken, Row, StoreContext, StoreError, StreamChangeCache, StreamSpec, StreamTable,
+    StreamUpdates, Transaction, WriterRule,
 };
 
 /// The name of the stream this crate owns, as it appears in `[stream_writers]`,
@@ -292,11 +293,18 @@ fn invalidate_for(registry: &CacheRegistry, receipt: &ReceiptRow) {
 
 /// Writes receipts: built only on the instances configured as writers of the
 /// `receipts` stream.
+///
+/// Receipts go through one queue ([`GroupCommit`]): those that arrive while a
+/// commit is in flight are recorded together by the next one, in their order
+/// of arrival.
 #[derive(Debug)]
 pub struct ReceiptsWriter {
     reader: Arc<ReceiptsReader>,
-    instance_name: String,
+    queue: GroupCommit<ReceiptRow, i64>,
 }
+
+/// The most receipts one commit takes.
+const MAX_GROUP: usize = 128;
 
 impl ReceiptsWriter {
     /// The read half.
@@ -309,59 +317,78 @@ impl ReceiptsWriter {
         Arc::clone(&self.reader)
     }
 
+    /// How this writer's commits grouped receipts so far.
+    pub fn group_stats(&self) -> GroupCommitStats {
+        self.queue.stats()
+    }
+
     /// Records `receipt`, replacing the user's previous one of that type (and
     /// thread) in the room; returns its stream ID. Exactly the caches it makes
     /// stale are invalidated after the commit, before the position moves.
     pub async fn insert_receipt(&self, receipt: &ReceiptRow) -> Result<i64, StoreError> {
-        let reader = &self.reader;
-        let (generator, registry, room_changes) =
-            (reader.ids.clone(), Arc::clone(&reader.registry), Arc::clone(&reader.room_changes));
-        let (receipt, instance) = (receipt.clone(), self.instance_name.clone());
-        let data = receipt.data.to_string();
-        reader
-            .db
-            .run_interaction_read_committed("insert_receipt", move |txn| {
-                let (generator, registry, room_changes) = (generator.clone(), Arc::clone(&registry), Arc::clone(&room_changes));
-                let (receipt, instance, data) = (receipt.clone(), instance.clone(), data.clone());
-                Box::pin(async move {
-                    let stream_id = generator.get_next_txn(txn).await?;
-                    // An upsert, so that two first receipts of one key arriving at once
-                    // cannot both insert (the unique indexes arbitrate); the later
-                    // stream ID wins whatever order the transactions commit in.
-                    let conflict = if receipt.thread_id.is_some() {
-                        "(room_id, receipt_type, user_id, thread_id) WHERE thread_id IS NOT NULL"
-                    } else {
-                        "(room_id, receipt_type, user_id) WHERE thread_id IS NULL"
-                    };
-                    txn.execute(
-                        &format!(
-                            "INSERT INTO receipts_linearized (stream_id, instance_name, room_id, receipt_type, user_id, \
-                             event_id, thread_id, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                             ON CONFLICT {conflict} DO UPDATE SET stream_id = EXCLUDED.stream_id, \
-                             instance_name = EXCLUDED.instance_name, event_id = EXCLUDED.event_id, data = EXCLUDED.data \
-                             WHERE receipts_linearized.stream_id < EXCLUDED.stream_id"
-                        ),
-                        &[
-                            &stream_id,
-                            &instance,
-                            &receipt.room_id,
-                            &receipt.receipt_type,
-                            &receipt.user_id,
-                            &receipt.event_id,
-                            &receipt.thread_id,
-                            &data,
-                        ],
-                    )
-                    .await?;
-                    txn.call_after(move || {
-                        invalidate_for(&registry, &receipt);
-                        room_changes.entity_has_changed(&receipt.room_id, stream_id);
-                    });
-                    Ok(stream_id)
-                })
-            })
-            .await
+        self.queue.submit(receipt.clone()).await
     }
+}
+
+fn room_of(receipt: &ReceiptRow) -> &str {
+    &receipt.room_id
+}
+
+/// Records a group of receipts in one transaction; their stream IDs in order.
+async fn insert_receipts(
+    reader: Arc<ReceiptsReader>,
+    instance: Arc<str>,
+    receipts: Arc<[ReceiptRow]>,
+) -> Result<Vec<i64>, StoreError> {
+    let db = reader.db.clone();
+    db.run_interaction_read_committed("insert_receipt", move |txn| {
+        let (reader, instance, receipts) = (Arc::clone(&reader), Arc::clone(&instance), Arc::clone(&receipts));
+        Box::pin(async move {
+            let mut stream_ids = reader.ids.get_next_mult_txn(txn, receipts.len()).await?;
+            stream_ids.sort_unstable();
+            let instance = instance.to_string();
+            for (receipt, stream_id) in receipts.iter().zip(&stream_ids) {
+                // An upsert, so that two first receipts of one key arriving at once
+                // cannot both insert (the unique indexes arbitrate); the later
+                // stream ID wins whatever order the transactions commit in.
+                let conflict = if receipt.thread_id.is_some() {
+                    "(room_id, receipt_type, user_id, thread_id) WHERE thread_id IS NOT NULL"
+                } else {
+                    "(room_id, receipt_type, user_id) WHERE thread_id IS NULL"
+                };
+                let data = receipt.data.to_string();
+                txn.execute(
+                    &format!(
+                        "INSERT INTO receipts_linearized (stream_id, instance_name, room_id, receipt_type, user_id, \
+                         event_id, thread_id, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                         ON CONFLICT {conflict} DO UPDATE SET stream_id = EXCLUDED.stream_id, \
+                         instance_name = EXCLUDED.instance_name, event_id = EXCLUDED.event_id, data = EXCLUDED.data \
+                         WHERE receipts_linearized.stream_id < EXCLUDED.stream_id"
+                    ),
+                    &[
+                        stream_id,
+                        &instance,
+                        &receipt.room_id,
+                        &receipt.receipt_type,
+                        &receipt.user_id,
+                        &receipt.event_id,
+                        &receipt.thread_id,
+                        &data,
+                    ],
+                )
+                .await?;
+            }
+            let (changed, ids) = (Arc::clone(&receipts), stream_ids.clone());
+            txn.call_after(move || {
+                for (receipt, stream_id) in changed.iter().zip(&ids) {
+                    invalidate_for(&reader.registry, receipt);
+                    reader.room_changes.entity_has_changed(&receipt.room_id, *stream_id);
+                }
+            });
+            Ok(stream_ids)
+        })
+    })
+    .await
 }
 
 /// The `receipts` stream.
@@ -458,7 +485,11 @@ impl store_core::Store for ReceiptsWriter {
     async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
         ctx.require_writer(RECEIPTS)?;
         let reader = ctx.component::<ReceiptsReader>(&db, conn).await?;
-        Ok(ReceiptsWriter { reader, instance_name: ctx.instance_name().to_owned() })
+        let (committing, instance) = (Arc::clone(&reader), Arc::<str>::from(ctx.instance_name()));
+        let queue = GroupCommit::spawn("insert_receipt", MAX_GROUP, room_of, move |receipts| {
+            Box::pin(insert_receipts(Arc::clone(&committing), Arc::clone(&instance), receipts))
+        });
+        Ok(ReceiptsWriter { reader, queue })
     }
 }
 

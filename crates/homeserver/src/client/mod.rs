@@ -20,6 +20,7 @@ mod auth_rules;
 mod filters;
 mod history;
 mod profile;
+mod room_queue;
 mod rooms;
 mod sync;
 mod writes;
@@ -40,7 +41,7 @@ use store_core::StoreError;
 use crate::http::AppState;
 
 pub(crate) use accounts::{LoginThrottle, RegistrationNonces};
-pub(crate) use writes::RoomLocks;
+pub(crate) use room_queue::RoomLocks;
 
 /// The routes of the client API and of the internal write endpoints.
 pub(crate) fn router(state: AppState) -> Router {

@@ -3,8 +3,9 @@
 //! Room events are sharded by room: a stable hash of the room ID picks one of
 //! the `events` writers (in the order `[stream_writers]` lists them, which every
 //! process of a deployment agrees on at start-up). That writer alone checks
-//! and persists the room's events, one request at a time per room, so its own
-//! reads always see the room's latest state. A process that does not write a
+//! the room's events, one request at a time per room, against the room's
+//! state as the writes it queued before will leave it (`room_queue`), and
+//! commits them in groups with the other writes that arrive meanwhile. A process that does not write a
 //! room forwards the request to the writer's internal endpoint with the shared
 //! secret. Receipts are sharded the same way over the `receipts` writers;
 //! typing has one writer.
@@ -13,8 +14,6 @@
 //! has itself seen the write's position, so the client reads its own writes
 //! from the process it wrote through.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
@@ -29,10 +28,11 @@ use serde_json::{Value, json};
 use server_config::ServerConfig;
 use store_account_data::ACCOUNT_DATA_STREAM;
 use store_core::MultiWriterIdGenerator;
-use store_events::{ClientTxn, EVENTS_STREAM, Event, NewEvent};
+use store_events::{ClientTxn, EVENTS_STREAM, NewEvent, Persisted};
 use store_receipts::{RECEIPTS_STREAM, ReceiptRow};
 
 use super::auth_rules::{self, RoomState};
+use super::room_queue::RoomTurn;
 use super::{ClientError, detached, now_ms, parse_body, random_string, require_secret};
 use crate::http::AppState;
 
@@ -96,28 +96,6 @@ pub(crate) struct Written {
     pub(crate) event_ids: Vec<String>,
     pub(crate) writer: String,
     pub(crate) stream_id: i64,
-}
-
-/// One lock per room on the room's writer: the membership check and the
-/// persist of one request happen with no other request of the room between
-/// them.
-#[derive(Debug, Default)]
-pub(crate) struct RoomLocks {
-    rooms: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-impl RoomLocks {
-    pub(crate) async fn lock(&self, room_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut rooms = self.rooms.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            // Rooms nobody writes to any more give their lock back.
-            if rooms.len() > 10_000 {
-                rooms.retain(|_, lock| Arc::strong_count(lock) > 1);
-            }
-            Arc::clone(rooms.entry(room_id.to_owned()).or_default())
-        };
-        lock.lock_owned().await
-    }
 }
 
 /// Where a write of a sharded stream goes, and how it is made.
@@ -301,7 +279,9 @@ async fn persist_receipt_detached(state: &AppState, receipt: ReceiptRow) -> Resu
     detached("a receipt write failed", async move { persist_receipt(&state, &receipt).await }).await
 }
 
-/// The checks and the persist, on the room's writer.
+/// The checks and the persist, on the room's writer: checked and queued in
+/// the room's turn, against the database and the room's writes queued before
+/// it; committed with whatever else the writer's next commit takes.
 async fn persist_room_write(state: &AppState, write: RoomWrite) -> Result<Written, ClientError> {
     let Some(writer) = state.store.events_writer() else {
         return Err(ClientError::internal(
@@ -309,17 +289,19 @@ async fn persist_room_write(state: &AppState, write: RoomWrite) -> Result<Writte
             &state.config.instance_name,
         ));
     };
-    let _room = state.room_locks.lock(&write.room_id).await;
+    let room = state.room_locks.lock(&write.room_id).await;
     let txn = write
         .txn_id
         .as_ref()
         .map(|txn_id| ClientTxn { user_id: write.sender.clone(), txn_id: txn_id.clone() });
-    if let Some(txn) = &txn
-        && let Some(written) = earlier_attempt(state, txn, &write.room_id).await?
-    {
-        return Ok(written);
+    if let Some(txn) = &txn {
+        // A retry while the first attempt is queued answers as it does after.
+        room.queued_txn(txn).await;
+        if let Some(written) = earlier_attempt(state, txn, &write.room_id).await? {
+            return Ok(written);
+        }
     }
-    check_room_write(state, &write).await?;
+    check_room_write(state, &room, &write).await?;
     let origin_server_ts = now_ms();
     let new_events: Vec<NewEvent> = write
         .events
@@ -333,23 +315,28 @@ async fn persist_room_write(state: &AppState, write: RoomWrite) -> Result<Writte
             content: event.content.to_string(),
         })
         .collect();
-    let orderings = match writer.persist_events_for_txn(&write.room_id, &new_events, txn.as_ref()).await {
-        Ok(orderings) => orderings,
+    let queued = room.queue(&new_events, txn.as_ref());
+    let persisting = writer.persist_events_for_txn(&write.room_id, &new_events, txn.as_ref());
+    drop(room);
+    let persisted = persisting.await;
+    drop(queued);
+    match persisted? {
+        Persisted::Events(orderings) => Ok(Written {
+            event_ids: new_events.into_iter().map(|event| event.event_id).collect(),
+            writer: state.config.instance_name.clone(),
+            stream_id: orderings.into_iter().max().unwrap_or_default(),
+        }),
         // The same transaction ID, sent at once to another room (another
-        // writer, another lock), won the race for it.
-        Err(err) if err.db_error().is_some_and(|db_err| db_err.is_unique_violation()) => {
-            let txn = txn.as_ref().ok_or_else(|| ClientError::from(err))?;
-            return earlier_attempt(state, txn, &write.room_id)
+        // turn, perhaps another writer), won the race for it.
+        Persisted::TxnAlreadyUsed => {
+            let txn = txn.as_ref().ok_or_else(|| {
+                ClientError::internal("a write without a transaction ID", "was refused as a retry")
+            })?;
+            earlier_attempt(state, txn, &write.room_id)
                 .await?
-                .ok_or_else(|| ClientError::internal("a transaction ID clashed and vanished", &txn.txn_id));
+                .ok_or_else(|| ClientError::internal("a transaction ID clashed and vanished", &txn.txn_id))
         }
-        Err(err) => return Err(err.into()),
-    };
-    Ok(Written {
-        event_ids: new_events.into_iter().map(|event| event.event_id).collect(),
-        writer: state.config.instance_name.clone(),
-        stream_id: orderings.into_iter().max().unwrap_or_default(),
-    })
+    }
 }
 
 /// What an earlier attempt of the client's transaction `txn` wrote, if any. A
@@ -404,13 +391,15 @@ pub(crate) async fn room_exists(state: &AppState, room_id: &str) -> Result<bool,
 /// The rules of this subset: a room is created once, by an `m.room.create`
 /// that comes first; anyone may join an existing room; everything else needs
 /// the sender to be joined.
-async fn check_room_write(state: &AppState, write: &RoomWrite) -> Result<(), ClientError> {
+async fn check_room_write(state: &AppState, room: &RoomTurn, write: &RoomWrite) -> Result<(), ClientError> {
     let Some(first) = write.events.first() else { return Err(ClientError::bad_json("no events to send")) };
     if write.creates_room {
         if first.event_type != "m.room.create" {
             return Err(ClientError::bad_json("a room's first event is its m.room.create"));
         }
-        if !state.store.events().get_current_state_ids(&write.room_id).await?.is_empty() {
+        let queued = room.queued_state();
+        if !queued.is_empty() || !state.store.events().get_current_state_ids(&write.room_id).await?.is_empty()
+        {
             return Err(ClientError::new(
                 StatusCode::BAD_REQUEST,
                 "M_ROOM_IN_USE",
@@ -431,7 +420,7 @@ async fn check_room_write(state: &AppState, write: &RoomWrite) -> Result<(), Cli
     {
         concerned.push(target);
     }
-    let Some(room) = room_state(state, &write.room_id, &concerned).await? else {
+    let Some(room) = room_state(state, room, &write.room_id, &concerned).await? else {
         return Err(ClientError::not_found(format!("unknown room {}", write.room_id)));
     };
     let proposed = auth_rules::Proposed {
@@ -443,36 +432,42 @@ async fn check_room_write(state: &AppState, write: &RoomWrite) -> Result<(), Cli
     auth_rules::check(&room, proposed).map_err(ClientError::forbidden)
 }
 
-/// What the authorization rules read of `room_id`'s current state, from one
-/// read of it: its creator, join rules and power levels, and the memberships
-/// of `users`; `None` for a room that does not exist here.
+/// What the authorization rules read of `room_id`'s current state as the
+/// writes queued in `turn` leave it, from one read of the database: its
+/// creator, join rules and power levels, and the memberships of `users`;
+/// `None` for a room that does not exist here.
 async fn room_state(
     state: &AppState,
+    turn: &RoomTurn,
     room_id: &str,
     users: &[&str],
 ) -> Result<Option<RoomState>, ClientError> {
+    let queued = turn.queued_state();
     let events = state.store.events();
     let current = events.get_current_state_ids(room_id).await?;
-    let event_at = async |event_type: &str, state_key: &str| match current
-        .get(&(event_type.to_owned(), state_key.to_owned()))
-    {
-        Some(event_id) => events.get_event(event_id).await,
-        None => Ok(None),
+    let event_at = async |event_type: &str, state_key: &str| -> Result<Option<NewEvent>, ClientError> {
+        let key = (event_type.to_owned(), state_key.to_owned());
+        if let Some(event) = queued.get(&key) {
+            return Ok(Some(event.clone()));
+        }
+        match current.get(&key) {
+            Some(event_id) => Ok(events.get_event(event_id).await?.map(|event| event.event.clone())),
+            None => Ok(None),
+        }
     };
     let Some(create) = event_at("m.room.create", "").await? else { return Ok(None) };
-    let mut room = RoomState { creator: Some(create.event.sender.clone()), ..RoomState::default() };
+    let mut room = RoomState { creator: Some(create.sender), ..RoomState::default() };
     for (event_type, slot) in
         [("m.room.join_rules", &mut room.join_rules), ("m.room.power_levels", &mut room.power_levels)]
     {
         if let Some(event) = event_at(event_type, "").await? {
-            *slot = serde_json::from_str(&event.event.content).ok();
+            *slot = serde_json::from_str(&event.content).ok();
         }
     }
     for user in users {
-        if let Some(membership) =
-            event_at("m.room.member", user).await?.as_deref().and_then(Event::membership)
+        if let Some(membership) = event_at("m.room.member", user).await?.and_then(|event| event.membership())
         {
-            room.memberships.insert((*user).to_owned(), membership.to_owned());
+            room.memberships.insert((*user).to_owned(), membership);
         }
     }
     Ok(Some(room))

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use store_core::{CachesRow, CachesStream, Database, Engine, StoreContext, StoreError, StoreSettings};
 use store_events::rows::EventsStreamRow;
-use store_events::{ClientTxn, EventsReader, EventsWriter, NewEvent, WriterFilter};
+use store_events::{ClientTxn, EventsReader, EventsWriter, NewEvent, Persisted, WriterFilter};
 use store_test_support::{TestDb, TestResult, build_alone, engine_tests};
 
 const ROOM: &str = "!room:example.com";
@@ -86,8 +86,77 @@ engine_tests!(
     backfilled_events_count_down,
     client_reads_by_writer_transaction_and_membership,
     room_events_page_from_either_end_and_txn_ids_by_event,
-    catch_up_rows_carry_the_membership_the_content_gives
+    catch_up_rows_carry_the_membership_the_content_gives,
+    batches_queued_together_share_a_commit_in_their_order,
+    a_failing_batch_fails_alone
 );
+
+/// Batches queued while a commit is in flight share the next one: every room
+/// keeps the order its batches were queued in, state and memberships apply,
+/// and a client transaction named in two rooms at once persists once.
+async fn batches_queued_together_share_a_commit_in_their_order(test_db: TestDb) -> TestResult {
+    let process = start(&test_db.db, &StoreSettings::single_process()).await?;
+    let writer = process.writer();
+    let before = writer.reader().events_stream().get_current_token();
+    let rooms = ["!a:example.com", "!b:example.com", "!c:example.com"];
+    let alice = "@alice:example.com";
+    let mut queued = Vec::new();
+    let mut expected: Vec<Vec<String>> = vec![Vec::new(); rooms.len()];
+    for n in 0..30 {
+        let (index, id) = (n % rooms.len(), format!("$e{n}"));
+        let event = if n < rooms.len() { member(&id, alice, "join") } else { message(&id, alice) };
+        queued.push(writer.persist_events_for_txn(rooms[index], &[event], None));
+        expected[index].push(id);
+    }
+    let txn = ClientTxn { user_id: alice.to_owned(), txn_id: "twice".to_owned() };
+    let first = writer.persist_events_for_txn(rooms[0], &[message("$t0", alice)], Some(&txn));
+    let second = writer.persist_events_for_txn(rooms[1], &[message("$t1", alice)], Some(&txn));
+    expected[0].push("$t0".to_owned());
+    for batch in queued {
+        assert!(matches!(batch.await?, Persisted::Events(ids) if ids.len() == 1));
+    }
+    assert!(matches!(first.await?, Persisted::Events(_)));
+    assert_eq!(second.await?, Persisted::TxnAlreadyUsed);
+
+    let reader = writer.reader();
+    let last = reader.events_stream().get_current_token();
+    let every = WriterFilter::AllBut(Vec::new());
+    for (room, expected) in rooms.iter().zip(&expected) {
+        let events = reader.get_room_events_of_writers(room, &every, before, last, 100).await?;
+        let ids: Vec<String> = events.into_iter().map(|event| event.event.event_id).collect();
+        assert_eq!(&ids, expected, "{room} keeps its order");
+        assert_eq!(*reader.get_users_in_room(room).await?, [alice], "{room}'s state applied");
+    }
+    assert_eq!(
+        reader.get_event_id_for_txn(alice, "twice").await?,
+        Some((rooms[0].to_owned(), "$t0".to_owned()))
+    );
+    assert_eq!(reader.get_event("$t1").await?, None);
+    let stats = writer.group_stats();
+    assert_eq!(stats.jobs, 32);
+    assert!(stats.commits < stats.jobs && stats.largest > 1, "commits were shared: {stats:?}");
+    Ok(())
+}
+
+/// A batch that fails inside a group (here an event ID used before) fails
+/// alone: the others of its group commit.
+async fn a_failing_batch_fails_alone(test_db: TestDb) -> TestResult {
+    let process = start(&test_db.db, &StoreSettings::single_process()).await?;
+    let writer = process.writer();
+    let alice = "@alice:example.com";
+    writer.persist_events(ROOM, &[message("$used", alice)]).await?;
+    let queued = [("!a:example.com", "$a"), ("!b:example.com", "$used"), ("!c:example.com", "$c")]
+        .map(|(room, id)| writer.persist_events_for_txn(room, &[message(id, alice)], None));
+    let [a, used, c] = queued;
+    assert!(matches!(a.await?, Persisted::Events(_)));
+    let err = used.await.expect_err("an event ID is used once");
+    assert!(err.db_error().is_some_and(|err| err.is_unique_violation()), "{err}");
+    assert!(matches!(c.await?, Persisted::Events(_)));
+    let reader = writer.reader();
+    assert!(reader.get_event("$a").await?.is_some() && reader.get_event("$c").await?.is_some());
+    assert_eq!(reader.get_event("$used").await?.map(|event| event.room_id.clone()), Some(ROOM.to_owned()));
+    Ok(())
+}
 
 /// What the client API reads: a room's events by writer, a client
 /// transaction's event, and a user's membership history.
@@ -96,8 +165,11 @@ async fn client_reads_by_writer_transaction_and_membership(test_db: TestDb) -> T
     let writer = process.writer();
     let before = writer.reader().events_stream().get_current_token();
     let txn = ClientTxn { user_id: "@alice:example.com".to_owned(), txn_id: "t1".to_owned() };
-    let ids =
-        writer.persist_events_for_txn(ROOM, &[message("$m1", "@alice:example.com")], Some(&txn)).await?;
+    let Persisted::Events(ids) =
+        writer.persist_events_for_txn(ROOM, &[message("$m1", "@alice:example.com")], Some(&txn)).await?
+    else {
+        return Err("a first transaction is persisted".into());
+    };
     let more = writer
         .persist_events(
             ROOM,
