@@ -9,6 +9,10 @@
 
 use std::fmt::Write as _;
 
+use store_core::GroupCommitStats;
+use store_events::EVENTS_STREAM;
+use store_receipts::RECEIPTS_STREAM;
+
 use crate::http::AppState;
 
 /// Prometheus text, one family at a time.
@@ -46,6 +50,7 @@ fn escape(text: &str) -> String {
 pub(crate) fn render(state: &AppState) -> String {
     let mut text = Text::default();
     streams(state, &mut text);
+    group_commits(state, &mut text);
     replication(state, &mut text);
     caches(state, &mut text);
     database(state, &mut text);
@@ -117,6 +122,37 @@ fn streams(state: &AppState, text: &mut Text) {
                 &[("stream", stream.name()), ("writer", instance)],
                 age,
             );
+        }
+    }
+}
+
+/// How the writers of this process grouped their writes into commits.
+fn group_commits(state: &AppState, text: &mut Text) {
+    let queues: Vec<(&str, GroupCommitStats)> = [
+        state.store.events_writer().map(|writer| (EVENTS_STREAM, writer.group_stats())),
+        state.store.receipts_writer().map(|writer| (RECEIPTS_STREAM, writer.group_stats())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let families: [(&str, &str, &str, fn(&GroupCommitStats) -> u64); 3] = [
+        ("homeserver_group_commits_total", "counter", "Commits of the stream's writes here.", |stats| {
+            stats.commits
+        }),
+        (
+            "homeserver_group_committed_writes_total",
+            "counter",
+            "Writes those commits took: above the commits when writes shared them.",
+            |stats| stats.jobs,
+        ),
+        ("homeserver_group_commit_largest", "gauge", "The most writes one commit took.", |stats| {
+            stats.largest
+        }),
+    ];
+    for (name, kind, help, value) in families {
+        text.family(name, kind, help);
+        for (stream, stats) in &queues {
+            text.sample(name, &[("stream", stream)], value(stats));
         }
     }
 }

@@ -9,6 +9,7 @@ mod config_errors;
 mod exactly_once;
 mod faults;
 mod first_client;
+mod group_commit;
 mod history;
 mod permissions;
 mod startup;
