@@ -1,48 +1,53 @@
-//! `cargo xtask bench e2e`: the client API end to end (release builds).
+//! `cargo xtask bench e2e`: the client API end to end (release builds),
+//! against the database's own limit measured in the same run.
 //!
-//! Figures, for each deployment in the same run:
-//! - events/s: 4 clients each send 250 messages, spread over 8 rooms and over
-//!   every process of the deployment, through `PUT …/send`;
-//! - send→sync latency: one client sends a message at a time through one
-//!   process while another member waits in `sync` on a different process (on
-//!   the monolith, the same one); the time from the send's 200 to the sync
-//!   answer that carries it (an answer before the 200 counts as 0), p50 and
-//!   p99; and, because the process that takes a send answers only once it has
-//!   seen the send replicated back, the time from the start of the send to
-//!   the sync answer, the whole trip.
+//! Deployments: the monolith on SQLite and on PostgreSQL, and four processes
+//! (master, two event writers, a sync worker) over Redis. Each has 8 users in
+//! 8 rooms; for 1, 4, 16 and 64 concurrent clients, each client sends
+//! messages one after another (`PUT …/send`), to the rooms in turn and
+//! through every process of the deployment in turn, over kept-alive
+//! connections (a new connection per request would measure the client). Per deployment and
+//! concurrency:
+//! - events/s and the p50/p99 of a send's time to its 200;
+//! - the database's own limit at that concurrency: as many clients doing
+//!   one-row `INSERT`s, each its own transaction, for a few seconds (pgbench on
+//!   the same PostgreSQL; on SQLite, tasks on a file with our settings), and
+//!   our ratio to it;
+//! - CPU-ms per 1,000 events of every process, and of PostgreSQL (all its
+//!   processes; its background writers included);
 //!
-//! Deployments: the monolith on SQLite and on PostgreSQL (the baselines), and
-//! four processes (master, two event writers, a sync worker) over Redis.
+//! and, per deployment: send→sync latency (one client sends one message at a
+//! time through a process while another member waits in `sync` on another:
+//! from the send's 200, and from its start, p50/p99), each process's resident
+//! memory idle and under load, and its CPU while idle, in % of a core.
 //!
-//! And, over TCP replication (master, one event writer, a follower): the
+//! Finally, over TCP replication (master, one event writer, a follower): the
 //! median time of a send through the master, which forwards it to the writer
-//! and answers once it has seen the write come back over replication, against
-//! a send through the writer itself (the baseline). A master that ignored its
-//! TCP clients' rows would wait out its 5 s read-your-writes timeout on each.
+//! and answers once it has seen the write come back, against a send through
+//! the writer itself (the baseline).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use store_core::{Database, Engine};
 use tests::client::{self, Client, register};
 use tests::deployment::{Deployment, Transport, base_urls};
-use tests::process::{Binary, Server};
+use tests::process::{Binary, HttpConnection, Server};
 
-const SENDERS: usize = 4;
-const EVENTS_PER_SENDER: usize = 250;
+const LEVELS: [usize; 4] = [1, 4, 16, 64];
+const USERS: usize = 8;
 const ROOMS: usize = 8;
+/// Sends per concurrency level: divisible by every level.
+const SENDS: usize = 6_400;
 const PROBES: usize = 200;
+/// How long each raw limit is measured.
+const RAW_FOR: Duration = Duration::from_secs(3);
+/// How long idle processes are watched.
+const IDLE_FOR: Duration = Duration::from_secs(10);
 /// Sends timed through each process over TCP.
 const TCP_SENDS: usize = 20;
-
-struct Figures {
-    events_per_second: f64,
-    /// From the send's 200.
-    latencies_ms: Vec<f64>,
-    /// From the start of the send.
-    trips_ms: Vec<f64>,
-}
 
 fn percentile(sorted: &[f64], fraction: f64) -> f64 {
     if sorted.is_empty() {
@@ -52,40 +57,161 @@ fn percentile(sorted: &[f64], fraction: f64) -> f64 {
     sorted[index.min(sorted.len() - 1)]
 }
 
-/// Runs both measurements on processes at `urls`; the latency probe sends
-/// through `urls[send]` and syncs on `urls[sync]`.
-fn measure(urls: &[String], send: usize, sync: usize) -> Figures {
-    let senders: Vec<Client> =
-        (0..SENDERS).map(|n| register(&urls[n % urls.len()], &format!("sender{n}"))).collect();
-    let rooms: Vec<String> = (0..ROOMS).map(|n| senders[0].on(&urls[n % urls.len()]).create_room()).collect();
-    for (n, sender) in senders.iter().enumerate().skip(1) {
-        for room in &rooms {
-            sender.on(&urls[n % urls.len()]).join(room);
+/// Clock ticks a second, as `/proc/*/stat` counts CPU time.
+fn ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// `(command, user + system ticks)` of process `pid`.
+fn process_ticks(pid: &str) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(") ")?;
+    let command = head.split_once(" (")?.1.to_owned();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3 of the whole line, utime 14, stime 15.
+    let (user, system) = (fields.get(11)?.parse::<u64>().ok()?, fields.get(12)?.parse::<u64>().ok()?);
+    Some((command, user + system))
+}
+
+/// CPU ticks of each PostgreSQL process, by PID.
+fn postgres_ticks() -> HashMap<String, u64> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.to_owned();
+            let (command, ticks) = process_ticks(&pid)?;
+            (command == "postgres").then_some((pid, ticks))
+        })
+        .collect()
+}
+
+/// PostgreSQL's CPU ticks between two readings: of the processes alive at
+/// both, and all of those started since (a backend that ended meanwhile, such
+/// as pgbench's, is left out rather than counted negative).
+fn postgres_ticks_between(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> u64 {
+    after.iter().map(|(pid, ticks)| ticks.saturating_sub(before.get(pid).copied().unwrap_or(0))).sum()
+}
+
+/// The processes of a deployment under test, by name.
+struct Processes {
+    servers: Vec<(String, Server)>,
+}
+
+impl Processes {
+    fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(|(_, server)| server.base_url.clone()).collect()
+    }
+
+    /// Each process's CPU ticks, then PostgreSQL's processes'.
+    fn ticks(&self) -> (Vec<u64>, HashMap<String, u64>) {
+        let each = self
+            .servers
+            .iter()
+            .map(|(_, server)| process_ticks(&server.pid().to_string()).map_or(0, |(_, ticks)| ticks))
+            .collect();
+        (each, postgres_ticks())
+    }
+
+    fn resident_mib(&self) -> Vec<f64> {
+        self.servers.iter().map(|(_, server)| server.resident_memory() as f64 / (1024.0 * 1024.0)).collect()
+    }
+}
+
+/// One concurrency level's figures.
+struct Level {
+    clients: usize,
+    events_per_second: f64,
+    /// Sorted.
+    send_ms: Vec<f64>,
+    /// Per process, then PostgreSQL's.
+    cpu_ms_per_thousand: (Vec<f64>, f64),
+    raw_per_second: f64,
+}
+
+/// A deployment's figures.
+struct Figures {
+    label: &'static str,
+    process_names: Vec<String>,
+    levels: Vec<Level>,
+    /// From the send's 200, sorted.
+    latencies_ms: Vec<f64>,
+    /// From the start of the send, sorted.
+    trips_ms: Vec<f64>,
+    idle_mib: Vec<f64>,
+    loaded_mib: Vec<f64>,
+    idle_cpu_percent: Vec<f64>,
+}
+
+/// Users in rooms, ready to send.
+struct Population {
+    users: Vec<Client>,
+    rooms: Vec<String>,
+}
+
+fn populate(urls: &[String]) -> Population {
+    let users: Vec<Client> =
+        (0..USERS).map(|n| register(&urls[n % urls.len()], &format!("sender{n}"))).collect();
+    let rooms: Vec<String> = (0..ROOMS).map(|n| users[0].on(&urls[n % urls.len()]).create_room()).collect();
+    for (n, user) in users.iter().enumerate().skip(1) {
+        for (r, room) in rooms.iter().enumerate() {
+            user.on(&urls[(n + r) % urls.len()]).join(room);
         }
     }
+    Population { users, rooms }
+}
 
+/// `clients` clients send `SENDS` messages in all, each over kept-alive
+/// connections (one to each process); events/s and each send's time, sorted.
+fn load(urls: &[String], population: &Population, clients: usize, round: usize) -> (f64, Vec<f64>) {
+    let each = SENDS / clients;
+    let body = r#"{"msgtype":"m.text","body":"load"}"#;
     let started = Instant::now();
-    let threads: Vec<_> = senders
-        .iter()
-        .enumerate()
-        .map(|(n, sender)| {
-            let (sender, urls, rooms) = (sender.clone(), urls.to_vec(), rooms.clone());
-            std::thread::spawn(move || {
-                for i in 0..EVENTS_PER_SENDER {
-                    let through = sender.on(&urls[(n + i) % urls.len()]);
-                    through.send(&rooms[(n + i) % rooms.len()], &format!("load-{n}-{i}"), "load");
-                }
+    let times: Vec<Vec<f64>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..clients)
+            .map(|n| {
+                let user = &population.users[n % USERS];
+                scope.spawn(move || {
+                    let mut connections: Vec<HttpConnection> =
+                        urls.iter().map(|url| HttpConnection::open(url).expect("connect")).collect();
+                    (0..each)
+                        .map(|i| {
+                            let through = &mut connections[(n + i) % urls.len()];
+                            let room = client::encode(&population.rooms[(n + i) % ROOMS]);
+                            let path =
+                                format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/load-{round}-{clients}-{n}-{i}");
+                            let sent = Instant::now();
+                            let (status, answer) =
+                                through.request("PUT", &path, Some(&user.token), Some(body)).expect("a send");
+                            assert_eq!(status, 200, "a send: {answer}");
+                            sent.elapsed().as_secs_f64() * 1000.0
+                        })
+                        .collect::<Vec<f64>>()
+                })
             })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().expect("a sending thread");
-    }
-    let events_per_second = (SENDERS * EVENTS_PER_SENDER) as f64 / started.elapsed().as_secs_f64();
+            .collect();
+        threads.into_iter().map(|thread| thread.join().expect("a sending thread")).collect()
+    });
+    let events_per_second = (each * clients) as f64 / started.elapsed().as_secs_f64();
+    let mut times = times.concat();
+    times.sort_by(f64::total_cmp);
+    (events_per_second, times)
+}
 
-    // Latency: a receiver long-polls; the probe waits for each message to arrive.
+/// Send→sync: a receiver long-polls on `urls[sync]`; each probe, sent through
+/// `urls[send]`, waits for its message to arrive. From the 200 and from the
+/// start of the send, sorted.
+fn probe(urls: &[String], population: &Population, send: usize, sync: usize) -> (Vec<f64>, Vec<f64>) {
+    let sender = &population.users[0];
     let receiver = register(&urls[sync], "receiver");
-    let probe_room = senders[0].on(&urls[send]).create_room();
+    let probe_room = sender.on(&urls[send]).create_room();
     receiver.join(&probe_room);
     let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -106,7 +232,7 @@ fn measure(urls: &[String], send: usize, sync: usize) -> Figures {
             }
         })
     };
-    let prober = senders[0].on(&urls[send]);
+    let prober = sender.on(&urls[send]);
     let (mut latencies_ms, mut trips_ms) = (Vec::new(), Vec::new());
     for probe in 0..PROBES {
         let sent = Instant::now();
@@ -129,13 +255,77 @@ fn measure(urls: &[String], send: usize, sync: usize) -> Figures {
     listening.join().expect("the listening thread");
     latencies_ms.sort_by(f64::total_cmp);
     trips_ms.sort_by(f64::total_cmp);
-    Figures { events_per_second, latencies_ms, trips_ms }
+    (latencies_ms, trips_ms)
 }
 
-fn monolith(database_url: Option<&str>) -> Figures {
-    let dir = tempfile::tempdir().expect("a temporary directory");
+/// The database's one-row commits per second with `clients` clients.
+type RawLimit<'a> = &'a dyn Fn(usize) -> f64;
+
+/// Measures a running deployment: idle cost, each level, then send→sync.
+fn measure(
+    label: &'static str,
+    processes: &Processes,
+    raw_limit: RawLimit<'_>,
+    send: usize,
+    sync: usize,
+) -> Figures {
+    let urls = processes.urls();
+    let population = populate(&urls);
+    let tick_ms = 1000.0 / ticks_per_second();
+
+    // Idle: nothing sent for a while, then watched.
+    std::thread::sleep(Duration::from_secs(2));
+    let idle_mib = processes.resident_mib();
+    let (before, _) = processes.ticks();
+    std::thread::sleep(IDLE_FOR);
+    let (after, _) = processes.ticks();
+    let idle_cpu_percent = before
+        .iter()
+        .zip(&after)
+        .map(|(before, after)| (after - before) as f64 * tick_ms / IDLE_FOR.as_secs_f64() / 10.0)
+        .collect();
+
+    let mut loaded_mib = vec![0.0_f64; processes.servers.len()];
+    let levels = LEVELS
+        .iter()
+        .enumerate()
+        .map(|(round, &clients)| {
+            let (before, postgres_before) = processes.ticks();
+            let (events_per_second, send_ms) = load(&urls, &population, clients, round);
+            let (after, postgres_after) = processes.ticks();
+            for (loaded, now) in loaded_mib.iter_mut().zip(processes.resident_mib()) {
+                *loaded = loaded.max(now);
+            }
+            let per_thousand = |ticks: u64| ticks as f64 * tick_ms * 1000.0 / SENDS as f64;
+            let each =
+                before.iter().zip(&after).map(|(before, after)| per_thousand(after - before)).collect();
+            let postgres = per_thousand(postgres_ticks_between(&postgres_before, &postgres_after));
+            let raw_per_second = raw_limit(clients);
+            Level {
+                clients,
+                events_per_second,
+                send_ms,
+                cpu_ms_per_thousand: (each, postgres),
+                raw_per_second,
+            }
+        })
+        .collect();
+    let (latencies_ms, trips_ms) = probe(&urls, &population, send, sync);
+    Figures {
+        label,
+        process_names: processes.servers.iter().map(|(name, _)| name.clone()).collect(),
+        levels,
+        latencies_ms,
+        trips_ms,
+        idle_mib,
+        loaded_mib,
+        idle_cpu_percent,
+    }
+}
+
+fn monolith(database_url: Option<&str>, dir: &std::path::Path) -> Processes {
     // Registration is open by default only on SQLite: the clients register.
-    let config = dir.path().join("master.toml");
+    let config = dir.join("master.toml");
     std::fs::write(&config, "server_name = \"localhost\"\nenable_registration = true\n")
         .expect("write a config");
     let config = config.display().to_string();
@@ -143,15 +333,74 @@ fn monolith(database_url: Option<&str>) -> Figures {
     if let Some(url) = database_url {
         args.extend(["--database-url", url]);
     }
-    let server = Server::start(Binary::Master, &args, dir.path());
-    measure(std::slice::from_ref(&server.base_url), 0, 0)
+    Processes { servers: vec![("master".to_owned(), Server::start(Binary::Master, &args, dir))] }
 }
 
-fn four_processes() -> Figures {
-    let deployment = Deployment::for_clients();
-    let servers = deployment.start_all();
-    // Send through writer1, wait in sync on the sync worker.
-    measure(&base_urls(&servers), 1, 3)
+/// pgbench's one-row transactions per second on `url`, `clients` clients.
+fn pgbench(url: &str, clients: usize, dir: &std::path::Path) -> f64 {
+    let script = dir.join("insert.sql");
+    std::fs::write(&script, "INSERT INTO raw_limit (payload) VALUES ('{\"body\":\"load\"}');\n")
+        .expect("write the pgbench script");
+    let output = std::process::Command::new("pgbench")
+        .args(["--no-vacuum", "--client", &clients.to_string(), "--jobs", &clients.min(2).to_string()])
+        .args(["--time", &RAW_FOR.as_secs().to_string(), "--file"])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .expect("run pgbench");
+    let report = String::from_utf8_lossy(&output.stdout);
+    report
+        .lines()
+        .find_map(|line| line.strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|tps| tps.parse().ok())
+        .unwrap_or_else(|| {
+            panic!("pgbench gave no tps:\n{report}\n{}", String::from_utf8_lossy(&output.stderr))
+        })
+}
+
+/// One-row transactions per second on a SQLite file with our settings (our
+/// pool: WAL, `synchronous = NORMAL`), from `clients` tasks.
+fn sqlite_limit(db: &Database, runtime: &tokio::runtime::Runtime, clients: usize) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    runtime.block_on(async {
+        let deadline = tokio::time::Instant::now() + RAW_FOR;
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| {
+                let (db, done) = (db.clone(), Arc::clone(&done));
+                tokio::spawn(async move {
+                    while tokio::time::Instant::now() < deadline {
+                        db.run_autocommit("raw_insert", |txn| {
+                            Box::pin(async move {
+                                txn.execute(
+                                    "INSERT INTO raw_limit (payload) VALUES ('{\"body\":\"load\"}')",
+                                    &[],
+                                )
+                                .await
+                            })
+                        })
+                        .await
+                        .expect("a one-row insert");
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("an inserting task");
+        }
+    });
+    done.load(Ordering::Relaxed) as f64 / RAW_FOR.as_secs_f64()
+}
+
+async fn raw_table(url: &str) -> Database {
+    let db = Database::connect(url).await.expect("the raw limit's database");
+    db.run_autocommit("raw_table", |txn| {
+        Box::pin(async move { txn.execute_batch("CREATE TABLE raw_limit (payload TEXT NOT NULL)").await })
+    })
+    .await
+    .expect("create the raw limit's table");
+    db
 }
 
 /// Median send times over TCP replication, in ms: through the master, and
@@ -180,42 +429,107 @@ fn sends_over_tcp() -> (f64, f64) {
 }
 
 #[expect(clippy::print_stdout, reason = "a benchmark's output is its report")]
-fn main() {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-    let postgres = runtime
-        .block_on(store_test_support::TestDb::new_empty(store_core::Engine::Postgres))
-        .expect("a database");
-    let sqlite = monolith(None);
-    let monolith_postgres = monolith(Some(&postgres.url));
-    let deployment = four_processes();
-    let (through_master, through_writer) = sends_over_tcp();
+fn report(all: &[Figures]) {
     println!(
-        "e2e/client API: {SENDERS} clients x {EVENTS_PER_SENDER} sends over {ROOMS} rooms; {PROBES} probes send→sync on another process"
+        "e2e/client API: {USERS} users in {ROOMS} rooms; at each concurrency {SENDS} sends, each client one after another, through every process in turn"
     );
-    for (label, figures) in [
-        ("monolith, SQLite", &sqlite),
-        ("monolith, PostgreSQL (baseline)", &monolith_postgres),
-        ("4 processes, PostgreSQL + Redis", &deployment),
-    ] {
+    println!(
+        "  raw limit: one-row INSERT transactions at the same concurrency for {} s (pgbench on the same PostgreSQL; SQLite: tasks on a file with our settings)",
+        RAW_FOR.as_secs()
+    );
+    for figures in all {
+        println!("  {}", figures.label);
+        for level in &figures.levels {
+            let (each, postgres) = &level.cpu_ms_per_thousand;
+            let cpu: Vec<String> = figures
+                .process_names
+                .iter()
+                .zip(each)
+                .map(|(name, ms)| format!("{name} {ms:.0}"))
+                .chain(std::iter::once(format!("postgres {postgres:.0}")))
+                .collect();
+            println!(
+                "    {:>2} clients {:>7.0} events/s  send p50 {:>6.2} ms p99 {:>7.2} ms  raw limit {:>7.0}/s  ratio {:.3}  CPU-ms/1000 ev: {}",
+                level.clients,
+                level.events_per_second,
+                percentile(&level.send_ms, 0.5),
+                percentile(&level.send_ms, 0.99),
+                level.raw_per_second,
+                level.events_per_second / level.raw_per_second,
+                cpu.join(", ")
+            );
+        }
         println!(
-            "  {label:<32} {:>7.0} events/s   200→sync p50 {:.2} ms, p99 {:.2} ms   send start→sync p50 {:.2} ms, p99 {:.2} ms",
-            figures.events_per_second,
+            "    send→sync ({PROBES} probes, on another process where there is one): from the 200 p50 {:.2} ms p99 {:.2} ms; from the send's start p50 {:.2} ms p99 {:.2} ms",
             percentile(&figures.latencies_ms, 0.5),
             percentile(&figures.latencies_ms, 0.99),
             percentile(&figures.trips_ms, 0.5),
             percentile(&figures.trips_ms, 0.99),
         );
+        for (index, name) in figures.process_names.iter().enumerate() {
+            println!(
+                "    {name:<8} resident {:>6.1} MiB idle, {:>6.1} MiB under load; idle CPU {:.3}% of a core",
+                figures.idle_mib[index], figures.loaded_mib[index], figures.idle_cpu_percent[index]
+            );
+        }
     }
-    for (label, figures) in [("monolith SQLite", &sqlite), ("4 processes", &deployment)] {
-        println!(
-            "  ratio {label} / monolith PostgreSQL: throughput {:.3}, 200→sync p50 {:.3}, p99 {:.3}, send start→sync p50 {:.3}, p99 {:.3}",
-            figures.events_per_second / monolith_postgres.events_per_second,
-            percentile(&figures.latencies_ms, 0.5) / percentile(&monolith_postgres.latencies_ms, 0.5),
-            percentile(&figures.latencies_ms, 0.99) / percentile(&monolith_postgres.latencies_ms, 0.99),
-            percentile(&figures.trips_ms, 0.5) / percentile(&monolith_postgres.trips_ms, 0.5),
-            percentile(&figures.trips_ms, 0.99) / percentile(&monolith_postgres.trips_ms, 0.99),
-        );
+    let [sqlite, postgres, four] = all else { return };
+    println!("  ratios at each concurrency (1, 4, 16, 64 clients), events/s:");
+    for (label, figures) in
+        [("monolith SQLite / monolith PostgreSQL", sqlite), ("4 processes / monolith PostgreSQL", four)]
+    {
+        let ratios: Vec<String> = figures
+            .levels
+            .iter()
+            .zip(&postgres.levels)
+            .map(|(ours, baseline)| format!("{:.3}", ours.events_per_second / baseline.events_per_second))
+            .collect();
+        println!("    {label:<40} {}", ratios.join("  "));
     }
+}
+
+#[expect(clippy::print_stdout, reason = "a benchmark's output is its report")]
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let postgres_db =
+        runtime.block_on(store_test_support::TestDb::new_empty(Engine::Postgres)).expect("a database");
+    let raw_postgres_db =
+        runtime.block_on(store_test_support::TestDb::new_empty(Engine::Postgres)).expect("a database");
+    drop(runtime.block_on(raw_table(&raw_postgres_db.url)));
+    let raw_dir = tempfile::tempdir().expect("a temporary directory");
+    let raw_sqlite =
+        runtime.block_on(raw_table(&format!("sqlite://{}", raw_dir.path().join("raw.db").display())));
+    let pg_limit = |clients: usize| pgbench(&raw_postgres_db.url, clients, raw_dir.path());
+    let sqlite_limit = |clients: usize| sqlite_limit(&raw_sqlite, &runtime, clients);
+
+    let mut all = Vec::new();
+    {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let processes = monolith(None, dir.path());
+        all.push(measure("monolith, SQLite", &processes, &sqlite_limit, 0, 0));
+    }
+    {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let processes = monolith(Some(&postgres_db.url), dir.path());
+        all.push(measure("monolith, PostgreSQL", &processes, &pg_limit, 0, 0));
+    }
+    {
+        let deployment = Deployment::for_clients();
+        let names = ["master", "writer1", "writer2", "syncer"];
+        let servers = deployment.start_all();
+        assert_eq!(base_urls(&servers).len(), names.len());
+        let processes =
+            Processes { servers: names.iter().map(|name| (*name).to_owned()).zip(servers).collect() };
+        // Probes send through writer1 and wait in sync on the sync worker.
+        all.push(measure("4 processes, PostgreSQL + Redis", &processes, &pg_limit, 1, 3));
+    }
+    report(&all);
+
+    let (through_master, through_writer) = sends_over_tcp();
     println!("e2e/sends over TCP replication: {TCP_SENDS} sends through each process, one at a time");
     println!("  {:<32} send p50 {through_writer:.2} ms", "through the writer (baseline)");
     println!("  {:<32} send p50 {through_master:.2} ms", "through the master");

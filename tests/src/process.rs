@@ -344,3 +344,71 @@ pub fn http_request(
     let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
     Ok((status, body))
 }
+
+/// One kept-alive HTTP/1.1 connection, for load: a request at a time, each
+/// answer read by its `Content-Length`, so the next request reuses the
+/// connection instead of paying for a new one (as real clients do).
+#[derive(Debug)]
+pub struct HttpConnection {
+    authority: String,
+    reader: BufReader<TcpStream>,
+}
+
+impl HttpConnection {
+    /// Connects to `base_url` (`http://IP:PORT`).
+    pub fn open(base_url: &str) -> Result<HttpConnection, std::io::Error> {
+        let authority = base_url.trim_start_matches("http://").to_owned();
+        let stream = TcpStream::connect(&authority)?;
+        stream.set_read_timeout(Some(PROCESS_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(HttpConnection { authority, reader: BufReader::new(stream) })
+    }
+
+    /// Like [`http_request`], on this connection.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        json: Option<&str>,
+    ) -> Result<(u16, String), std::io::Error> {
+        let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.authority);
+        if let Some(token) = bearer {
+            request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
+        let body = json.unwrap_or("");
+        if json.is_some() {
+            request
+                .push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
+        self.reader.get_mut().write_all(request.as_bytes())?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| invalid(format!("not an HTTP status line: {line:?}")))?;
+        let mut length = None;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line)?;
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse::<usize>().ok();
+            }
+        }
+        let length = length.ok_or_else(|| invalid("an answer without Content-Length".to_owned()))?;
+        let mut answer = vec![0; length];
+        self.reader.read_exact(&mut answer)?;
+        Ok((status, String::from_utf8_lossy(&answer).into_owned()))
+    }
+}

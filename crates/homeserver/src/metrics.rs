@@ -126,6 +126,9 @@ fn streams(state: &AppState, text: &mut Text) {
     }
 }
 
+/// A metric family read off a value: its name, kind, help and reading.
+type Family<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
+
 /// How the writers of this process grouped their writes into commits.
 fn group_commits(state: &AppState, text: &mut Text) {
     let queues: Vec<(&str, GroupCommitStats)> = [
@@ -135,7 +138,7 @@ fn group_commits(state: &AppState, text: &mut Text) {
     .into_iter()
     .flatten()
     .collect();
-    let families: [(&str, &str, &str, fn(&GroupCommitStats) -> u64); 3] = [
+    let families: [Family<GroupCommitStats>; 3] = [
         ("homeserver_group_commits_total", "counter", "Commits of the stream's writes here.", |stats| {
             stats.commits
         }),

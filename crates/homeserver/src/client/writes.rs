@@ -297,11 +297,17 @@ async fn persist_room_write(state: &AppState, write: RoomWrite) -> Result<Writte
     if let Some(txn) = &txn {
         // A retry while the first attempt is queued answers as it does after.
         room.queued_txn(txn).await;
-        if let Some(written) = earlier_attempt(state, txn, &write.room_id).await? {
-            return Ok(written);
-        }
     }
-    check_room_write(state, &room, &write).await?;
+    // A retry of a committed transaction is not looked up first (a read per
+    // send): its queued attempt persists nothing and answers
+    // `TxnAlreadyUsed`. Only a refusal looks for an earlier attempt, which
+    // the rules may refuse now (its sender left since) but was accepted then.
+    if let Err(refusal) = check_room_write(state, &room, &write).await {
+        return match &txn {
+            Some(txn) => earlier_attempt(state, txn, &write.room_id).await?.ok_or(refusal),
+            None => Err(refusal),
+        };
+    }
     let origin_server_ts = now_ms();
     let new_events: Vec<NewEvent> = write
         .events
