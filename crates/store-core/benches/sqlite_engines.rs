@@ -166,14 +166,13 @@ impl Engine for Rusqlite {
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().expect("not poisoned");
             let mut select = conn.prepare_cached(SELECT).expect("prepare");
-            let found = select
+            select
                 .query_row([id], |row| {
                     Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
                 })
                 .map(|_| true)
                 .or_else(|err| if err == rusqlite::Error::QueryReturnedNoRows { Ok(false) } else { Err(err) })
-                .expect("a read");
-            found
+                .expect("a read")
         })
         .await
         .expect("a reading thread")

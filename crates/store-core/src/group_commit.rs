@@ -227,10 +227,13 @@ mod tests {
         &job.0
     }
 
+    /// The groups a queue committed, each as its jobs' numbers.
+    type Groups = Arc<Mutex<Vec<Vec<i64>>>>;
+
     /// A queue whose commits take 20 ms, record their groups, and fail any
     /// group holding a negative job.
-    fn recording() -> (GroupCommit<Job, i64>, Arc<Mutex<Vec<Vec<i64>>>>) {
-        let groups: Arc<Mutex<Vec<Vec<i64>>>> = Arc::default();
+    fn recording() -> (GroupCommit<Job, i64>, Groups) {
+        let groups: Groups = Arc::default();
         let seen = Arc::clone(&groups);
         let queue = GroupCommit::spawn("test", 8, shard, move |jobs: Arc<[Job]>| {
             let seen = Arc::clone(&seen);

@@ -186,6 +186,9 @@ fn sixty_four_senders_share_commits_and_every_event_arrives_once_in_order() {
     assert!(commits < writes, "the writers shared commits: {commits} commits for {writes} writes");
 }
 
+/// A send's sender, status and event ID.
+type Outcome = (String, u16, Option<String>);
+
 /// A sender who leaves while its messages are queued: each message checked
 /// after the leave was queued is refused alone (the state it is checked
 /// against is the one the queued leave produces), every message acknowledged
@@ -196,7 +199,7 @@ fn a_message_queued_after_its_sender_left_fails_alone() {
     let room = &rooms[0];
     let (leaver, others) = (&users[1], &users[2..]);
     let before = events_group_commits(&[&servers[1], &servers[2]]);
-    let outcomes: Arc<Mutex<Vec<(String, u16, Option<String>)>>> = Arc::default();
+    let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     std::thread::scope(|scope| {
         for (n, sender) in std::iter::repeat_n(leaver, 8).chain(others.iter().cycle().take(24)).enumerate() {
             let (urls, outcomes) = (&urls, &outcomes);
