@@ -3,18 +3,19 @@
 //! login onto a device, logout of one device or all, the devices list, and what
 //! a client asks before anything else (`/versions`, `/capabilities`).
 //!
-//! Passwords are kept only as Argon2id hashes, made and checked on a blocking
-//! thread (they cost tens of milliseconds of CPU each); failed logins are slowed
+//! Passwords are kept only as Argon2id hashes, made and checked on a few
+//! threads of their own (they cost tens of milliseconds of CPU and 19 MiB
+//! each); failed logins are slowed
 //! down per account and per address ([`LoginThrottle`]).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use argon2::Argon2;
-use argon2::password_hash::phc::PasswordHash;
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use argon2::password_hash::phc::{Output, ParamsString, PasswordHash, Salt};
+use argon2::{Algorithm, Argon2, Block, Params, Version, password_hash};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
@@ -298,25 +299,126 @@ fn check_password_length(password: &str) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// The threads that hash and check passwords, fed by one queue.
+///
+/// Argon2id takes 19 MiB and tens of milliseconds of CPU a hash. On Tokio's
+/// blocking threads, which come and go, the allocator kept the 19 MiB of each
+/// thread that had hashed (the resident memory grew by that much with every
+/// registration); a few threads of our own reuse theirs. They also bound the
+/// work: a flood of logins waits in the queue instead of taking a thread and
+/// 19 MiB each.
+struct PasswordThreads {
+    queue: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+static PASSWORD_THREADS: LazyLock<PasswordThreads> = LazyLock::new(|| {
+    let (queue, jobs) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+    let jobs = Arc::new(Mutex::new(jobs));
+    let threads = std::thread::available_parallelism().map_or(2, |cores| cores.get().clamp(1, 4));
+    for n in 0..threads {
+        let jobs = Arc::clone(&jobs);
+        let spawned = std::thread::Builder::new().name(format!("passwords-{n}")).spawn(move || {
+            loop {
+                // The lock is held only to take the next job.
+                let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                match job {
+                    Ok(job) => job(),
+                    Err(_) => return,
+                }
+            }
+        });
+        if let Err(err) = spawned {
+            tracing::error!("cannot start a password thread: {err}");
+        }
+    }
+    PasswordThreads { queue }
+});
+
+/// Runs `work` on a password thread; `None` if none could take it.
+async fn on_password_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+        // The request may have gone; the work is done all the same.
+        let _gone = answer.send(work());
+    });
+    PASSWORD_THREADS.queue.send(job).ok()?;
+    answered.await.ok()
+}
+
+thread_local! {
+    /// A password thread's Argon2 memory, allocated once and reused: the
+    /// crate's own allocation (aligned and zeroed) is one the allocator kept
+    /// after every hash.
+    static ARGON2_MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `password` hashed with `salt` by `argon2` into `out`, on this thread's
+/// memory.
+fn argon2_into(
+    argon2: &Argon2<'_>,
+    password: &[u8],
+    salt: &[u8],
+    out: &mut [u8],
+) -> Result<(), argon2::Error> {
+    ARGON2_MEMORY.with_borrow_mut(|memory| {
+        let needed = argon2.params().block_count();
+        if memory.len() < needed {
+            memory.resize(needed, Block::default());
+        }
+        argon2.hash_password_into_with_memory(password, salt, out, &mut memory[..needed])
+    })
+}
+
+/// An Argon2id PHC string of `password` (the crate's default parameters),
+/// with a fresh salt. Runs on a password thread.
+fn hash_on_this_thread(password: &[u8]) -> Result<String, String> {
+    let salt = password_hash::try_generate_salt().map_err(|err| err.to_string())?;
+    let argon2 = Argon2::default();
+    let mut out = [0_u8; Params::DEFAULT_OUTPUT_LEN];
+    argon2_into(&argon2, password, &salt, &mut out).map_err(|err| err.to_string())?;
+    let hash = PasswordHash {
+        algorithm: Algorithm::default().ident(),
+        version: Some(Version::default().into()),
+        params: ParamsString::try_from(argon2.params()).map_err(|err| err.to_string())?,
+        salt: Some(Salt::new(&salt).map_err(|err| err.to_string())?),
+        hash: Some(Output::new(&out).map_err(|err| err.to_string())?),
+    };
+    Ok(hash.to_string())
+}
+
+/// Whether `password` matches the PHC string `hash`, under the algorithm,
+/// version and parameters it names. Runs on a password thread.
+fn matches_on_this_thread(password: &[u8], hash: &str) -> bool {
+    let Ok(parsed) = PasswordHash::new(hash) else { return false };
+    let (Some(salt), Some(expected)) = (&parsed.salt, &parsed.hash) else { return false };
+    let argon2 = match (
+        Algorithm::try_from(parsed.algorithm.as_str()),
+        parsed.version.map_or(Ok(Version::default()), Version::try_from),
+        Params::try_from(&parsed),
+    ) {
+        (Ok(algorithm), Ok(version), Ok(params)) => Argon2::new(algorithm, version, params),
+        _ => return false,
+    };
+    let mut out = vec![0_u8; expected.len()];
+    argon2_into(&argon2, password, salt, &mut out).is_ok()
+        // `Output`'s comparison takes the same time wherever the bytes differ.
+        && Output::new(&out).is_ok_and(|computed| computed == *expected)
+}
+
 /// An Argon2id PHC string of `password`, with a fresh salt.
 async fn hash_password(password: String) -> Result<String, ClientError> {
-    tokio::task::spawn_blocking(move || {
-        Argon2::default().hash_password(password.as_bytes()).map(|hash| hash.to_string())
-    })
-    .await
-    .map_err(|err| ClientError::internal("hashing the password failed", err))?
-    .map_err(|err| ClientError::internal("hashing the password failed", err))
+    on_password_thread(move || hash_on_this_thread(password.as_bytes()))
+        .await
+        .ok_or_else(|| ClientError::internal("hashing the password failed", "no password thread"))?
+        .map_err(|err| ClientError::internal("hashing the password failed", err))
 }
 
 /// Whether `password` matches the PHC string `hash`. A hash that does not
 /// parse matches nothing.
 async fn password_matches(password: String, hash: String) -> Result<bool, ClientError> {
-    tokio::task::spawn_blocking(move || {
-        PasswordHash::new(&hash)
-            .is_ok_and(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
-    })
-    .await
-    .map_err(|err| ClientError::internal("checking the password failed", err))
+    on_password_thread(move || matches_on_this_thread(password.as_bytes(), &hash))
+        .await
+        .ok_or_else(|| ClientError::internal("checking the password failed", "no password thread"))
 }
 
 /// A device ID as Synapse makes them: ten capital letters.
@@ -534,7 +636,30 @@ impl LoginThrottle {
 mod tests {
     use std::time::Duration;
 
-    use super::{LoginThrottle, ThrottleKey, new_device_id, valid_localpart};
+    use argon2::Argon2;
+    use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+
+    use super::{
+        LoginThrottle, ThrottleKey, hash_on_this_thread, matches_on_this_thread, new_device_id,
+        valid_localpart,
+    };
+
+    #[test]
+    fn password_hashes_read_both_ways_with_the_crates_own() {
+        let ours = hash_on_this_thread(b"correct horse").unwrap();
+        assert!(ours.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{ours}");
+        assert!(matches_on_this_thread(b"correct horse", &ours));
+        assert!(!matches_on_this_thread(b"correct horsf", &ours));
+        assert_ne!(ours, hash_on_this_thread(b"correct horse").unwrap(), "a fresh salt each time");
+        // Hashes stored before, made by the crate, and the crate reading ours.
+        let theirs = Argon2::default().hash_password(b"battery staple").unwrap().to_string();
+        assert!(matches_on_this_thread(b"battery staple", &theirs));
+        assert!(!matches_on_this_thread(b"battery stapler", &theirs));
+        Argon2::default().verify_password(b"correct horse", ours.as_str()).expect("the crate reads ours");
+        for broken in ["", "$argon2id$", "plain text", &ours.replace("m=19456", "m=1")] {
+            assert!(!matches_on_this_thread(b"correct horse", broken), "{broken}");
+        }
+    }
 
     #[test]
     fn localparts_follow_the_matrix_grammar() {
