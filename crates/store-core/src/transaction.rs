@@ -45,6 +45,10 @@ pub(crate) enum Conn {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
+    /// PostgreSQL: `BEGIN` is to be sent in the round trip of the first
+    /// statement, just ahead of it (see [`Transaction::take_begin`]); nothing
+    /// has been sent yet.
+    BeginWithFirstStatement(&'static str),
     /// `BEGIN` has been sent and not yet answered: if the future is dropped now
     /// the driver may still run it, so this counts as open.
     Beginning,
@@ -145,9 +149,14 @@ impl Transaction {
                 // waiting for the busy timeout.
                 (Engine::Sqlite, _) => "BEGIN IMMEDIATE",
             };
-            txn.state = State::Beginning;
-            txn.run_batch(begin).await?;
-            txn.state = State::Open;
+            if txn.engine == Engine::Postgres {
+                // A round trip saved per transaction.
+                txn.state = State::BeginWithFirstStatement(begin);
+            } else {
+                txn.state = State::Beginning;
+                txn.run_batch(begin).await?;
+                txn.state = State::Open;
+            }
         }
         Ok(txn)
     }
@@ -201,10 +210,37 @@ impl Transaction {
     /// PostgreSQL, inside a transaction, until a write has given it one.
     fn learns_xid(&self, sql: &str) -> bool {
         self.engine == Engine::Postgres
-            && self.state == State::Open
+            && matches!(self.state, State::Open | State::BeginWithFirstStatement(_))
             && self.xid.is_none()
             && !self.poisoned
             && may_write(sql)
+    }
+
+    /// The `BEGIN` still to be sent ahead of the next statement, if any; the
+    /// transaction counts as open from here on.
+    ///
+    /// Pipelining is safe because nothing can make that `BEGIN` fail while the
+    /// statement behind it runs: the connection comes from the pool outside any
+    /// transaction and the text is ours, so the only failures left are the
+    /// connection's, and a broken connection runs neither. Were `BEGIN` to
+    /// fail all the same, the statement's error or success is ignored and the
+    /// transaction is failed (its connection is discarded).
+    fn take_begin(&mut self) -> Option<&'static str> {
+        match self.state {
+            State::BeginWithFirstStatement(begin) => {
+                self.state = State::Beginning;
+                Some(begin)
+            }
+            _ => None,
+        }
+    }
+
+    /// After a statement that carried `BEGIN`: the transaction is open (a
+    /// statement that failed poisons it as usual).
+    fn begun(&mut self, carried_begin: bool) {
+        if carried_begin {
+            self.state = State::Open;
+        }
     }
 
     fn db_error(&mut self, source: DbError) -> StoreError {
@@ -222,6 +258,7 @@ impl Transaction {
     pub async fn execute(&mut self, sql: &str, params: &[&dyn ToSqlValue]) -> Result<u64, StoreError> {
         let interaction = self.interaction;
         let learn_xid = self.learns_xid(sql);
+        let begin = self.take_begin();
         let result = match self.conn() {
             Conn::Postgres(client) => {
                 let result = async {
@@ -229,7 +266,8 @@ impl Transaction {
                     let xid_statement = prepare_xid_statement(client, learn_xid).await?;
                     let params = pg_params(params);
                     let refs = pg_refs(&params);
-                    with_xid(client, xid_statement.as_ref(), client.execute(&statement, &refs)).await
+                    let work = with_xid(client, xid_statement.as_ref(), client.execute(&statement, &refs));
+                    after_begin(client, begin, work).await
                 }
                 .await;
                 result.map_err(DbError::postgres)
@@ -246,6 +284,7 @@ impl Transaction {
     pub async fn query(&mut self, sql: &str, params: &[&dyn ToSqlValue]) -> Result<Vec<Row>, StoreError> {
         let interaction = self.interaction;
         let learn_xid = self.learns_xid(sql);
+        let begin = self.take_begin();
         let result = match self.conn() {
             Conn::Postgres(client) => {
                 let result = async {
@@ -253,8 +292,8 @@ impl Transaction {
                     let xid_statement = prepare_xid_statement(client, learn_xid).await?;
                     let params = pg_params(params);
                     let refs = pg_refs(&params);
-                    let (rows, xid) =
-                        with_xid(client, xid_statement.as_ref(), client.query(&statement, &refs)).await?;
+                    let work = with_xid(client, xid_statement.as_ref(), client.query(&statement, &refs));
+                    let (rows, xid) = after_begin(client, begin, work).await?;
                     Ok((Row::from_postgres_rows(&rows)?, xid))
                 }
                 .await;
@@ -295,11 +334,13 @@ impl Transaction {
     pub async fn execute_batch(&mut self, sql: &str) -> Result<(), StoreError> {
         // Any statement of the batch may write, whatever the first one is.
         let learn_xid = self.learns_xid("");
+        let begin = self.take_begin();
         let result = match self.conn() {
             Conn::Postgres(client) => {
                 let result = async {
                     let xid_statement = prepare_xid_statement(client, learn_xid).await?;
-                    with_xid(client, xid_statement.as_ref(), client.batch_execute(sql)).await
+                    let work = with_xid(client, xid_statement.as_ref(), client.batch_execute(sql));
+                    after_begin(client, begin, work).await
                 }
                 .await;
                 result.map_err(DbError::postgres)
@@ -314,6 +355,7 @@ impl Transaction {
     /// Keeps the transaction ID a statement learnt, and turns its failure into
     /// the interaction's error.
     fn learned<T>(&mut self, result: Result<(T, Option<i64>), DbError>) -> Result<T, StoreError> {
+        self.begun(self.state == State::Beginning);
         match result {
             Ok((value, xid)) => {
                 self.xid = self.xid.or(xid);
@@ -350,8 +392,9 @@ impl Transaction {
             return Err(StoreError::Aborted { interaction });
         }
         if self.state != State::Open {
-            // Autocommit: every statement committed as it ran, and no await lies
-            // between here and the callbacks.
+            // Autocommit, or a transaction that sent nothing: every statement
+            // committed as it ran, and no await lies between here and the
+            // callbacks.
             self.committed();
             return Ok(());
         }
@@ -522,8 +565,9 @@ impl Drop for Transaction {
     fn drop(&mut self) {
         match self.state {
             State::Beginning | State::Open => self.fail_and_close(),
-            // An autocommit interaction that was never finished failed part-way.
-            State::Autocommit => self.run_exception_callbacks(),
+            // An autocommit interaction that was never finished failed part-way;
+            // one whose BEGIN was never sent left its connection clean.
+            State::Autocommit | State::BeginWithFirstStatement(_) => self.run_exception_callbacks(),
             State::Finished => {}
         }
     }
@@ -642,6 +686,21 @@ async fn with_xid<T>(
     let (done, xid_row) = tokio::join!(biased; work, client.query_one(xid_statement, &[]));
     let done = done?;
     Ok((done, xid_row?.try_get(0)?))
+}
+
+/// Runs `work` with `begin`, when given, sent just ahead of it in the same
+/// round trip (tokio-postgres sends each request when its future is first
+/// polled, and `biased` polls `begin` first). A failed `begin` fails the
+/// whole, whatever `work` did.
+async fn after_begin<T>(
+    client: &tokio_postgres::Client,
+    begin: Option<&str>,
+    work: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    let Some(begin) = begin else { return work.await };
+    let (begun, done) = tokio::join!(biased; client.batch_execute(begin), work);
+    begun?;
+    done
 }
 
 // The SQLite calls are boxed at a signature with named lifetimes: sqlx's futures

@@ -416,3 +416,37 @@ async fn an_in_memory_database_survives_a_cancelled_interaction() -> TestResult 
     assert_eq!(get_kv(&db, "b").await?, None);
     Ok(())
 }
+
+/// The isolation the statement runs at.
+fn isolation(txn: &mut store_core::Transaction) -> store_core::BoxFuture<'_, Result<String, StoreError>> {
+    Box::pin(async move {
+        txn.query_one("SELECT current_setting('transaction_isolation')", &[]).await?.get::<String>(0)
+    })
+}
+
+/// On PostgreSQL, `BEGIN` travels with the first statement: that statement
+/// already runs inside the transaction, at the interaction's isolation (the
+/// server's default is read committed), and a transaction that ran nothing
+/// commits nothing.
+#[tokio::test]
+async fn postgres_begins_with_the_first_statement() -> TestResult {
+    let test_db = TestDb::new(store_core::Engine::Postgres).await?;
+    let db = &test_db.db;
+    assert_eq!(db.run_interaction("isolation", isolation).await?, "repeatable read");
+    assert_eq!(db.run_interaction_read_committed("isolation", isolation).await?, "read committed");
+    assert_eq!(db.run_autocommit("isolation", isolation).await?, "read committed");
+    create_kv_table(db).await?;
+    let failed: Result<(), StoreError> = db
+        .run_interaction("first_statement_fails", |txn| {
+            Box::pin(async move {
+                txn.execute("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"a", &"not a number"]).await?;
+                Ok(())
+            })
+        })
+        .await;
+    assert!(failed.is_err());
+    // The connection went back to the pool outside any transaction.
+    assert_eq!(db.run_interaction("isolation", isolation).await?, "repeatable read");
+    db.run_interaction("nothing", |_txn| Box::pin(async move { Ok(()) })).await?;
+    Ok(())
+}
