@@ -511,6 +511,17 @@ impl MultiWriterIdGenerator {
         Ok(internal <= last_handed_out)
     }
 
+    /// Records that `position` (signed like [`MultiWriterIdGenerator::advance`]'s)
+    /// was handed out, as a writer of the stream said in an answer this process
+    /// asked for over an authenticated call (a forwarded write's): replication
+    /// bringing that position then needs no read of the sequence, which is on
+    /// the way of the forwarding process's read-your-writes.
+    pub fn learn_handed_out(&self, position: i64) {
+        if let Some(internal) = position.checked_mul(self.inner.factor).filter(|internal| *internal >= 1) {
+            self.inner.handed_out.fetch_max(internal, Ordering::AcqRel);
+        }
+    }
+
     /// Records this writer's current position now, including positions finished
     /// in transactions and not yet recorded in the background. For a clean
     /// shutdown.

@@ -13,7 +13,31 @@ engine_tests!(
     what_this_generator_allocated_is_handed_out,
     a_backwards_stream_hands_out_negative_positions_only,
     an_abandoned_id_stays_handed_out_after_a_restart,
+    a_position_learnt_from_its_writer_needs_no_read,
 );
+
+/// A follower told by a writer's answer that a position was handed out takes
+/// it without reading the sequence, and nothing beyond it.
+async fn a_position_learnt_from_its_writer_needs_no_read(test_db: TestDb) -> TestResult {
+    let harness = Harness::new(&test_db, &["foobar"], true).await?;
+    let writer = harness.generator("writer", &["writer", "follower"]).await?;
+    let follower = harness.generator("follower", &["writer", "follower"]).await?;
+    let ids = writer.get_next_mult(3).await?;
+    let last = *ids.ids().last().ok_or("allocated")?;
+    ids.finish().await?;
+    let reads = sequence_reads(&harness.db);
+    follower.learn_handed_out(last - 1);
+    follower.learn_handed_out(0);
+    follower.learn_handed_out(-5);
+    assert!(follower.is_handed_out(last - 1).await?);
+    assert_eq!(sequence_reads(&harness.db), reads, "learnt, not read");
+    // Beyond what it learnt, it asks as before (PostgreSQL's sequence; on
+    // SQLite the counter is the writer's, so the follower cannot know).
+    let beyond = follower.is_handed_out(last).await?;
+    assert_eq!(beyond, test_db.db.engine() == Engine::Postgres);
+    assert!(!follower.is_handed_out(last + 1).await?);
+    Ok(())
+}
 
 /// How many times `db` has read a stream's sequence for `is_handed_out`.
 fn sequence_reads(db: &Database) -> u64 {
