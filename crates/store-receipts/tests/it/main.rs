@@ -32,8 +32,45 @@ fn events_of(receipts: &[ReceiptRow]) -> Vec<(&str, &str)> {
 engine_tests!(
     one_current_receipt_per_user_type_and_thread,
     writes_invalidate_exactly_the_stale_caches,
-    changed_rooms_and_catch_up
+    changed_rooms_and_catch_up,
+    receipts_queued_together_share_a_commit
 );
+
+/// Receipts queued while a commit is in flight share the next one, in their
+/// order: of several receipts of one key in a group, the last queued is the
+/// one kept.
+async fn receipts_queued_together_share_a_commit(test_db: TestDb) -> TestResult {
+    let (_caches, writer) = writer(&test_db.db, &StoreSettings::single_process()).await?;
+    let writer = Arc::new(writer);
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..40 {
+        let writer = Arc::clone(&writer);
+        // Users @u0..@u3 in rooms !r0..!r4, each key written twice.
+        let receipt = receipt(&format!("!r{}", n % 5), &format!("@u{}", (n / 5) % 4), &format!("${n}"), None);
+        tasks.spawn(async move { (n, writer.insert_receipt(&receipt).await) });
+    }
+    let mut ids = std::collections::BTreeMap::new();
+    while let Some(result) = tasks.join_next().await {
+        let (n, id) = result?;
+        ids.insert(n, id?);
+    }
+    let reader = writer.reader();
+    for room in 0..5 {
+        let kept = reader.get_receipts_for_room(&format!("!r{room}"), "m.read").await?;
+        for receipt in kept.iter() {
+            // The key's two receipts: the one with the later stream ID stays.
+            let user: usize = receipt.user_id[2..].parse()?;
+            let candidates: Vec<usize> = (0..40).filter(|n| n % 5 == room && (n / 5) % 4 == user).collect();
+            let latest = candidates.iter().max_by_key(|n| ids[n]).ok_or("two receipts")?;
+            assert_eq!(receipt.event_id, format!("${latest}"), "{room}: {receipt:?}");
+        }
+        assert_eq!(kept.len(), 4, "one receipt per user in !r{room}");
+    }
+    let stats = writer.group_stats();
+    assert_eq!(stats.jobs, 40);
+    assert!(stats.commits < stats.jobs, "receipts shared commits: {stats:?}");
+    Ok(())
+}
 
 async fn one_current_receipt_per_user_type_and_thread(test_db: TestDb) -> TestResult {
     let (_caches, writer) = writer(&test_db.db, &StoreSettings::single_process()).await?;
