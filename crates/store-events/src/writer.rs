@@ -179,9 +179,8 @@ async fn persist_group_txn(
     batches: &[RoomBatch],
 ) -> Result<Vec<Persisted>, StoreError> {
     let taken = record_client_txns(txn, batches).await?;
-    let persisted: Vec<&RoomBatch> =
-        batches.iter().zip(&taken).filter(|(_, taken)| !**taken).map(|(batch, _)| batch).collect();
-    let count = persisted.iter().map(|batch| batch.events.len()).sum();
+    let count =
+        batches.iter().zip(&taken).filter(|(_, taken)| !**taken).map(|(batch, _)| batch.events.len()).sum();
     let mut ids =
         if count == 0 { Vec::new() } else { reader.events_ids.get_next_mult_txn(txn, count).await? };
     // Handed out in order; sorted all the same, since the queue's order is
@@ -203,20 +202,18 @@ async fn persist_group_txn(
     }
     insert_events(txn, instance, &rows).await?;
 
-    // Per room: its last ordering, the members whose membership changed, and
-    // whether its current state did.
-    let mut rooms: Vec<(&str, i64, Vec<String>, bool)> = Vec::new();
+    let mut rooms: Vec<RoomChanges> = Vec::new();
     for (room_id, event, id) in &rows {
-        let room = match rooms.iter().position(|(room, ..)| room == room_id) {
+        let room = match rooms.iter().position(|room| room.room_id == *room_id) {
             Some(index) => &mut rooms[index],
             None => {
-                rooms.push((room_id, *id, Vec::new(), false));
+                rooms.push(RoomChanges { room_id: (*room_id).to_owned(), ..RoomChanges::default() });
                 rooms.last_mut().expect("just pushed")
             }
         };
-        room.1 = room.1.max(*id);
+        room.last = room.last.max(*id);
         let Some(state_key) = &event.state_key else { continue };
-        room.3 = true;
+        room.state_changed = true;
         let membership = event.membership();
         upsert_current_state(txn, room_id, event, state_key, membership.as_deref(), *id).await?;
         if let Some(membership) = &membership {
@@ -226,35 +223,40 @@ async fn persist_group_txn(
                 &[&event.event_id, state_key, &event.sender, room_id, membership, id],
             )
             .await?;
-            if !room.2.contains(state_key) {
-                room.2.push(state_key.clone());
+            if !room.members.contains(state_key) {
+                room.members.push(state_key.clone());
             }
         }
     }
-    for (room_id, _, members, state_changed) in &rooms {
-        if *state_changed {
-            reader.caches.poke_current_state(txn, room_id, members).await?;
-        }
+    for room in rooms.iter().filter(|room| room.state_changed) {
+        reader.caches.poke_current_state(txn, &room.room_id, &room.members).await?;
     }
     // After the commit and before the position moves (positions are
     // published last), the change caches learn of the new rows.
-    let changes: Vec<(String, i64, Vec<String>, bool)> = rooms
-        .into_iter()
-        .map(|(room, last, members, state)| (room.to_owned(), last, members, state))
-        .collect();
     let reader = Arc::clone(reader);
     txn.call_after(move || {
-        for (room, last, members, state_changed) in &changes {
-            reader.room_changes.entity_has_changed(room, *last);
-            for member in members {
-                reader.membership_changes.entity_has_changed(member, *last);
+        for room in &rooms {
+            reader.room_changes.entity_has_changed(&room.room_id, room.last);
+            for member in &room.members {
+                reader.membership_changes.entity_has_changed(member, room.last);
             }
-            if *state_changed {
-                reader.state_changes.entity_has_changed(room, *last);
+            if room.state_changed {
+                reader.state_changes.entity_has_changed(&room.room_id, room.last);
             }
         }
     });
     Ok(outcome)
+}
+
+/// What one commit changed in one room, for the change caches.
+#[derive(Debug, Default)]
+struct RoomChanges {
+    room_id: String,
+    /// Its last stream ordering in the commit.
+    last: i64,
+    /// The users whose membership changed.
+    members: Vec<String>,
+    state_changed: bool,
 }
 
 /// Records the client transactions of `batches`, in one statement; answers,

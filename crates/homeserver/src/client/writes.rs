@@ -5,9 +5,9 @@
 //! process of a deployment agrees on at start-up). That writer alone checks
 //! the room's events, one request at a time per room, against the room's
 //! state as the writes it queued before will leave it (`room_queue`), and
-//! commits them in groups with the other writes that arrive meanwhile. A process that does not write a
-//! room forwards the request to the writer's internal endpoint with the shared
-//! secret. Receipts are sharded the same way over the `receipts` writers;
+//! commits them in groups with the other writes that arrive meanwhile. A
+//! process that does not write a room forwards the request to the writer's
+//! internal endpoint with the shared secret. Receipts are sharded the same way over the `receipts` writers;
 //! typing has one writer.
 //!
 //! After a write, the process that took the client's request waits until it
@@ -336,8 +336,9 @@ async fn persist_room_write(state: &AppState, write: RoomWrite) -> Result<Writte
             writer: state.config.instance_name.clone(),
             stream_id: orderings.into_iter().max().unwrap_or_default(),
         }),
-        // The same transaction ID, sent at once to another room (another
-        // turn, perhaps another writer), won the race for it.
+        // A retry of a committed transaction, or the same transaction ID
+        // sent at once to another room (another turn, perhaps another
+        // writer), which won the race for it.
         Persisted::TxnAlreadyUsed => {
             let txn = txn.as_ref().ok_or_else(|| {
                 ClientError::internal("a write without a transaction ID", "was refused as a retry")
