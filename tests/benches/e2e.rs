@@ -148,6 +148,38 @@ struct Figures {
     idle_mib: Vec<f64>,
     loaded_mib: Vec<f64>,
     idle_cpu_percent: Vec<f64>,
+    /// Per process, over all the levels: database interactions per 1,000
+    /// events by name (the most frequent first), and writes per commit.
+    interactions: Vec<Vec<(String, f64)>>,
+    writes_per_commit: Vec<Option<f64>>,
+}
+
+/// Counters of a process's `/metrics` whose names start with `prefix`, by
+/// their `name` label (or by the whole sample when it has none).
+fn counters(server: &Server, prefix: &str) -> HashMap<String, f64> {
+    let (_, metrics) = server.get("/metrics");
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| {
+            let (sample, value) = line.rsplit_once(' ')?;
+            let key = sample
+                .split_once("name=\"")
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .map_or(sample, |(name, _)| name);
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Events-stream group commits and the writes they took, of one process.
+fn group_commits(server: &Server) -> (f64, f64) {
+    let (_, metrics) = server.get("/metrics");
+    let labels = [("stream", "events")];
+    (
+        tests::deployment::metric_with(&metrics, "homeserver_group_commits_total", &labels),
+        tests::deployment::metric_with(&metrics, "homeserver_group_committed_writes_total", &labels),
+    )
 }
 
 /// Users in rooms, ready to send.
@@ -286,6 +318,13 @@ fn measure(
         .collect();
 
     let mut loaded_mib = vec![0.0_f64; processes.servers.len()];
+    let interactions_before: Vec<HashMap<String, f64>> = processes
+        .servers
+        .iter()
+        .map(|(_, server)| counters(server, "homeserver_db_interactions_total"))
+        .collect();
+    let commits_before: Vec<(f64, f64)> =
+        processes.servers.iter().map(|(_, server)| group_commits(server)).collect();
     let levels = LEVELS
         .iter()
         .enumerate()
@@ -309,6 +348,33 @@ fn measure(
                 raw_per_second,
             }
         })
+        .collect::<Vec<Level>>();
+    let events = (SENDS * levels.len()) as f64;
+    let interactions = processes
+        .servers
+        .iter()
+        .zip(&interactions_before)
+        .map(|((_, server), before)| {
+            let mut per_thousand: Vec<(String, f64)> = counters(server, "homeserver_db_interactions_total")
+                .into_iter()
+                .map(|(name, after)| {
+                    let count = after - before.get(&name).copied().unwrap_or(0.0);
+                    (name, count * 1000.0 / events)
+                })
+                .filter(|(_, per_thousand)| *per_thousand >= 1.0)
+                .collect();
+            per_thousand.sort_by(|a, b| b.1.total_cmp(&a.1));
+            per_thousand
+        })
+        .collect();
+    let writes_per_commit = processes
+        .servers
+        .iter()
+        .zip(&commits_before)
+        .map(|((_, server), (commits_before, writes_before))| {
+            let (commits, writes) = group_commits(server);
+            (commits > *commits_before).then(|| (writes - writes_before) / (commits - commits_before))
+        })
         .collect();
     let (latencies_ms, trips_ms) = probe(&urls, &population, send, sync);
     Figures {
@@ -320,6 +386,8 @@ fn measure(
         idle_mib,
         loaded_mib,
         idle_cpu_percent,
+        interactions,
+        writes_per_commit,
     }
 }
 
@@ -470,6 +538,17 @@ fn report(all: &[Figures]) {
             println!(
                 "    {name:<8} resident {:>6.1} MiB idle, {:>6.1} MiB under load; idle CPU {:.3}% of a core",
                 figures.idle_mib[index], figures.loaded_mib[index], figures.idle_cpu_percent[index]
+            );
+            let interactions: Vec<String> = figures.interactions[index]
+                .iter()
+                .take(5)
+                .map(|(name, per_thousand)| format!("{name} {per_thousand:.0}"))
+                .collect();
+            let grouping = figures.writes_per_commit[index]
+                .map_or(String::new(), |writes| format!("; {writes:.1} sends per events commit"));
+            println!(
+                "    {name:<8} database interactions per 1,000 events: {}{grouping}",
+                interactions.join(", ")
             );
         }
     }
