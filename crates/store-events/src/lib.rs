@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 mod reader;
+mod recent;
 pub mod rows;
 mod stream;
 mod writer;

@@ -77,6 +77,8 @@ pub struct EventsReader {
     pub(crate) membership_changes: Arc<StreamChangeCache>,
     /// Room → last position its current state changed.
     pub(crate) state_changes: Arc<StreamChangeCache>,
+    /// What this process's writer persisted lately, for its streamer.
+    pub(crate) recent: crate::recent::RecentEvents,
 }
 
 /// Both streams' rows live in `events`; backfill's writers are events' (its
@@ -493,6 +495,10 @@ impl EventsReader {
         if from >= to {
             return Ok(StreamUpdates::empty(to));
         }
+        // What this process just persisted, without reading it back.
+        if let Some(events) = self.recent.between(writer, from, to, limit) {
+            return Ok(events_updates(events.iter().map(|event| &**event), to, limit));
+        }
         let events = self
             .writer_events(
                 "get_events_updates",
@@ -503,28 +509,7 @@ impl EventsReader {
                 limit,
             )
             .await?;
-        let limited = events.len() >= limit;
-        let token = match events.last() {
-            Some(last) if limited => last.stream_ordering,
-            _ => to,
-        };
-        let mut rows = Vec::with_capacity(events.len());
-        for event in events {
-            let position = event.stream_ordering;
-            rows.push((position, EventsStreamRow::Event(event_row(&event))));
-            if let Some(state_key) = &event.event.state_key {
-                rows.push((
-                    position,
-                    EventsStreamRow::State(CurrentStateRow {
-                        room_id: event.room_id.clone(),
-                        event_type: event.event.event_type.clone(),
-                        state_key: state_key.clone(),
-                        event_id: Some(event.event.event_id.clone()),
-                    }),
-                ));
-            }
-        }
-        Ok(StreamUpdates { rows, token, limited })
+        Ok(events_updates(events.iter(), to, limit))
     }
 
     /// Replication catch-up for the `backfill` stream, whose wire tokens are the
@@ -677,6 +662,40 @@ const SELECT_EVENT_AND_MEMBERSHIP: &str = "SELECT e.stream_ordering, e.instance_
 /// [`NewEvent::membership`]), so replicating the event does not parse it again.
 /// Without one (not a member event, an unreadable membership, a member event
 /// without a state key) the event parses its content if asked, as before.
+/// The `events` stream's rows of `events` (a writer's, in stream order, at
+/// most `limit` of those in a range ending at `to`): an `ev` row each, and a
+/// `state` row after each state event.
+fn events_updates<'a>(
+    events: impl ExactSizeIterator<Item = &'a Event>,
+    to: i64,
+    limit: usize,
+) -> StreamUpdates<EventsStreamRow> {
+    let limited = events.len() >= limit;
+    let mut rows = Vec::with_capacity(events.len());
+    let mut last = None;
+    for event in events {
+        let position = event.stream_ordering;
+        last = Some(position);
+        rows.push((position, EventsStreamRow::Event(event_row(event))));
+        if let Some(state_key) = &event.event.state_key {
+            rows.push((
+                position,
+                EventsStreamRow::State(CurrentStateRow {
+                    room_id: event.room_id.clone(),
+                    event_type: event.event.event_type.clone(),
+                    state_key: state_key.clone(),
+                    event_id: Some(event.event.event_id.clone()),
+                }),
+            ));
+        }
+    }
+    let token = match last {
+        Some(last) if limited => last,
+        _ => to,
+    };
+    StreamUpdates { rows, token, limited }
+}
+
 fn event_and_membership_from_row(row: &Row) -> Result<Event, StoreError> {
     let event = event_from_row(row)?;
     if let Some(membership) = row.get::<Option<String>>(9)? {
@@ -737,6 +756,7 @@ impl store_core::Store for EventsReader {
             room_changes: Arc::new(StreamChangeCache::load_newest(conn, "events_room_changes", "SELECT room_id, stream_ordering FROM events WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
             membership_changes: Arc::new(StreamChangeCache::load_newest(conn, "membership_changes", "SELECT user_id, stream_ordering FROM room_memberships WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
             state_changes: Arc::new(StreamChangeCache::load_newest(conn, "current_state_changes", "SELECT room_id, stream_ordering FROM current_state_events WHERE stream_ordering > 0 ORDER BY stream_ordering DESC LIMIT $1", current).await?),
+            recent: crate::recent::RecentEvents::default(),
             db,
             events_ids,
             backfill_ids,

@@ -1,14 +1,14 @@
 //! [`EventsWriter`]: persisting events, on the instances that write the stream.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use store_core::{
     Database, GroupCommit, GroupCommitStats, StoreContext, StoreError, ToSqlValue, Transaction,
 };
 
-use crate::NewEvent;
 use crate::reader::EventsReader;
+use crate::{Event, NewEvent};
 
 /// Persists events: built only on the instances configured as writers of the
 /// `events` stream, which is what lets them allocate its IDs.
@@ -178,6 +178,17 @@ async fn persist_group_txn(
     instance: &str,
     batches: &[RoomBatch],
 ) -> Result<Vec<Persisted>, StoreError> {
+    // Registered before the IDs are allocated, so that it runs before the
+    // generator's own callback moves the position past them: the streamer,
+    // woken by that move, then finds the events without reading them back.
+    let committed: Arc<Mutex<Vec<Event>>> = Arc::default();
+    {
+        let (reader, committed, instance) = (Arc::clone(reader), Arc::clone(&committed), instance.to_owned());
+        txn.call_after_position(move || {
+            let events = std::mem::take(&mut *committed.lock().unwrap_or_else(PoisonError::into_inner));
+            reader.recent.record(&instance, events);
+        });
+    }
     let taken = record_client_txns(txn, batches).await?;
     let count =
         batches.iter().zip(&taken).filter(|(_, taken)| !**taken).map(|(batch, _)| batch.events.len()).sum();
@@ -201,6 +212,16 @@ async fn persist_group_txn(
         outcome.push(Persisted::Events(batch_ids));
     }
     insert_events(txn, instance, &rows).await?;
+    *committed.lock().unwrap_or_else(PoisonError::into_inner) = rows
+        .iter()
+        .map(|(room_id, event, id)| {
+            let stored = Event::new(*id, instance.to_owned(), (*room_id).to_owned(), (*event).clone());
+            if let Some(membership) = event.membership() {
+                stored.remember_membership(membership);
+            }
+            stored
+        })
+        .collect();
 
     let mut rooms: Vec<RoomChanges> = Vec::new();
     for (room_id, event, id) in &rows {

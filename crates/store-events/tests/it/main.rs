@@ -88,8 +88,41 @@ engine_tests!(
     room_events_page_from_either_end_and_txn_ids_by_event,
     catch_up_rows_carry_the_membership_the_content_gives,
     batches_queued_together_share_a_commit_in_their_order,
-    a_failing_batch_fails_alone
+    a_failing_batch_fails_alone,
+    the_writer_streams_what_it_persisted_without_reading_it_back
 );
+
+/// The rows a writer's streamer sends come from what it just persisted, with
+/// no query, and are the rows any other process reads from the database;
+/// ranges it does not hold whole are read as before.
+async fn the_writer_streams_what_it_persisted_without_reading_it_back(test_db: TestDb) -> TestResult {
+    let writer_process = start(&test_db.db, &deployment("w1", &["w1"])).await?;
+    let other = start(&test_db.db, &deployment("other", &["w1"])).await?;
+    let writer = writer_process.writer();
+    let before = writer.reader().events_stream().get_current_token();
+    writer.persist_events(ROOM, &[member("$join", "@alice:example.com", "join")]).await?;
+    writer.persist_events(ROOM, &[message("$m1", "@alice:example.com"), topic("$t", "hi")]).await?;
+    let after = writer.reader().events_stream().get_current_token();
+    let reads = || test_db.db.interaction_stats().get("get_events_updates").map_or(0, |stats| stats.count);
+
+    let (read_before, kept) = (reads(), writer.reader().get_events_updates("w1", before, after, 100).await?);
+    assert_eq!(reads(), read_before, "the writer read nothing back");
+    let read = other.reader().get_events_updates("w1", before, after, 100).await?;
+    assert_eq!(reads(), read_before + 1);
+    assert_eq!(kept, read, "the same rows, memberships and state rows included");
+    assert_eq!(kept.rows.len(), 5, "three events, two of them state: {kept:?}");
+    let cut = writer.reader().get_events_updates("w1", before, after, 2).await?;
+    assert_eq!(
+        cut,
+        other.reader().get_events_updates("w1", before, after, 2).await?,
+        "cut at the same limit"
+    );
+    // From before the writer's first event here: the database.
+    let read_before = reads();
+    writer.reader().get_events_updates("w1", before - 1, after, 100).await?;
+    assert_eq!(reads(), read_before + 1);
+    Ok(())
+}
 
 /// Batches queued while a commit is in flight share the next one: every room
 /// keeps the order its batches were queued in, state and memberships apply,
