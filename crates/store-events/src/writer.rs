@@ -159,30 +159,38 @@ impl EventsWriter {
 }
 
 /// Commits one group of batches in one transaction.
-async fn persist_group(
+/// Who commits a group: the process's read half, its name, and whether other
+/// processes follow it (then its streamer is handed what it persisted).
+#[derive(Debug, Clone)]
+struct Committer {
     reader: Arc<EventsReader>,
     instance: Arc<str>,
+    streams_to_others: bool,
+}
+
+async fn persist_group(
+    committer: Committer,
     batches: Arc<[RoomBatch]>,
 ) -> Result<Vec<Persisted>, StoreError> {
-    let db = reader.db.clone();
+    let db = committer.reader.db.clone();
     db.run_interaction("persist_events", move |txn| {
-        let (reader, instance, batches) = (Arc::clone(&reader), Arc::clone(&instance), Arc::clone(&batches));
-        Box::pin(async move { persist_group_txn(txn, &reader, &instance, &batches).await })
+        let (committer, batches) = (committer.clone(), Arc::clone(&batches));
+        Box::pin(async move { persist_group_txn(txn, &committer, &batches).await })
     })
     .await
 }
 
 async fn persist_group_txn(
     txn: &mut Transaction,
-    reader: &Arc<EventsReader>,
-    instance: &str,
+    committer: &Committer,
     batches: &[RoomBatch],
 ) -> Result<Vec<Persisted>, StoreError> {
+    let (reader, instance) = (&committer.reader, &*committer.instance);
     // Registered before the IDs are allocated, so that it runs before the
     // generator's own callback moves the position past them: the streamer,
     // woken by that move, then finds the events without reading them back.
     let committed: Arc<Mutex<Vec<Event>>> = Arc::default();
-    {
+    if committer.streams_to_others {
         let (reader, committed, instance) = (Arc::clone(reader), Arc::clone(&committed), instance.to_owned());
         txn.call_after_position(move || {
             let events = std::mem::take(&mut *committed.lock().unwrap_or_else(PoisonError::into_inner));
@@ -212,16 +220,18 @@ async fn persist_group_txn(
         outcome.push(Persisted::Events(batch_ids));
     }
     insert_events(txn, instance, &rows).await?;
-    *committed.lock().unwrap_or_else(PoisonError::into_inner) = rows
-        .iter()
-        .map(|(room_id, event, id)| {
-            let stored = Event::new(*id, instance.to_owned(), (*room_id).to_owned(), (*event).clone());
-            if let Some(membership) = event.membership() {
-                stored.remember_membership(membership);
-            }
-            stored
-        })
-        .collect();
+    if committer.streams_to_others {
+        *committed.lock().unwrap_or_else(PoisonError::into_inner) = rows
+            .iter()
+            .map(|(room_id, event, id)| {
+                let stored = Event::new(*id, instance.to_owned(), (*room_id).to_owned(), (*event).clone());
+                if let Some(membership) = event.membership() {
+                    stored.remember_membership(membership);
+                }
+                stored
+            })
+            .collect();
+    }
 
     let mut rooms: Vec<RoomChanges> = Vec::new();
     for (room_id, event, id) in &rows {
@@ -411,9 +421,13 @@ impl store_core::Store for EventsWriter {
         ctx.require_writer(crate::EVENTS)?;
         let reader = ctx.component::<EventsReader>(&db, conn).await?;
         let instance_name: Arc<str> = Arc::from(ctx.instance_name());
-        let (committing, instance) = (Arc::clone(&reader), Arc::clone(&instance_name));
+        let committer = Committer {
+            reader: Arc::clone(&reader),
+            instance: Arc::clone(&instance_name),
+            streams_to_others: ctx.settings().has_other_processes,
+        };
         let queue = GroupCommit::spawn("persist_events", MAX_GROUP, room_of, move |batches| {
-            Box::pin(persist_group(Arc::clone(&committing), Arc::clone(&instance), batches))
+            Box::pin(persist_group(committer.clone(), batches))
         });
         Ok(EventsWriter { reader, instance_name, queue })
     }
