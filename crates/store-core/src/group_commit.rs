@@ -160,7 +160,10 @@ where
             counters.jobs.fetch_add(size, Ordering::Relaxed);
             counters.largest.fetch_max(size, Ordering::Relaxed);
             let (jobs, answers): (Vec<J>, Vec<_>) = group.into_iter().map(|q| (q.job, q.answer)).unzip();
-            let outputs = match self.commit_once(jobs.clone().into()).await {
+            // Shared with the commit rather than copied: only a failed group,
+            // committed again job by job, clones its jobs.
+            let jobs: Arc<[J]> = jobs.into();
+            let outputs = match self.commit_once(Arc::clone(&jobs)).await {
                 Ok(outputs) => outputs.into_iter().map(Ok).collect(),
                 Err(err) if jobs.len() == 1 => vec![Err(err)],
                 Err(err) => {
@@ -170,7 +173,7 @@ where
                         "a group commit failed ({err}); committing its jobs one by one"
                     );
                     counters.alone_after_failure.fetch_add(size, Ordering::Relaxed);
-                    self.commit_alone(jobs).await
+                    self.commit_alone(&jobs).await
                 }
             };
             for (answer, output) in answers.into_iter().zip(outputs) {
@@ -193,16 +196,16 @@ where
         Ok(outputs)
     }
 
-    async fn commit_alone(&self, jobs: Vec<J>) -> Vec<Result<O, StoreError>> {
+    async fn commit_alone(&self, jobs: &[J]) -> Vec<Result<O, StoreError>> {
         let mut failed_shards: Vec<String> = Vec::new();
         let mut outputs = Vec::with_capacity(jobs.len());
         for job in jobs {
-            let shard = (self.shard)(&job).to_owned();
+            let shard = (self.shard)(job).to_owned();
             if failed_shards.contains(&shard) {
                 outputs.push(Err(abandoned(self.name, "a write before it of the same room failed")));
                 continue;
             }
-            match self.commit_once(Arc::from(vec![job])).await {
+            match self.commit_once(Arc::from(vec![job.clone()])).await {
                 Ok(mut output) => outputs.push(Ok(output.remove(0))),
                 Err(err) => {
                     failed_shards.push(shard);
