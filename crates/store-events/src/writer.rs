@@ -220,21 +220,19 @@ async fn persist_group_txn(
         outcome.push(Persisted::Events(batch_ids));
     }
     insert_events(txn, instance, &rows).await?;
-    if committer.streams_to_others {
-        *committed.lock().unwrap_or_else(PoisonError::into_inner) = rows
-            .iter()
-            .map(|(room_id, event, id)| {
-                let stored = Event::new(*id, instance.to_owned(), (*room_id).to_owned(), (*event).clone());
-                if let Some(membership) = event.membership() {
-                    stored.remember_membership(membership);
-                }
-                stored
-            })
-            .collect();
-    }
 
     let mut rooms: Vec<RoomChanges> = Vec::new();
+    let mut recorded = Vec::with_capacity(if committer.streams_to_others { rows.len() } else { 0 });
     for (room_id, event, id) in &rows {
+        // Parsed once (and only for member events), for the row and the record.
+        let membership = event.membership();
+        if committer.streams_to_others {
+            let stored = Event::new(*id, instance.to_owned(), (*room_id).to_owned(), (*event).clone());
+            if let Some(membership) = &membership {
+                stored.remember_membership(membership.clone());
+            }
+            recorded.push(stored);
+        }
         let room = match rooms.iter().position(|room| room.room_id == *room_id) {
             Some(index) => &mut rooms[index],
             None => {
@@ -245,7 +243,6 @@ async fn persist_group_txn(
         room.last = room.last.max(*id);
         let Some(state_key) = &event.state_key else { continue };
         room.state_changed = true;
-        let membership = event.membership();
         upsert_current_state(txn, room_id, event, state_key, membership.as_deref(), *id).await?;
         if let Some(membership) = &membership {
             txn.execute(
@@ -259,6 +256,7 @@ async fn persist_group_txn(
             }
         }
     }
+    *committed.lock().unwrap_or_else(PoisonError::into_inner) = recorded;
     for room in rooms.iter().filter(|room| room.state_changed) {
         reader.caches.poke_current_state(txn, &room.room_id, &room.members).await?;
     }
