@@ -299,7 +299,10 @@ fn check_password_length(password: &str) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// The threads that hash and check passwords, fed by one queue.
+/// A job for a password thread.
+type PasswordJob = Box<dyn FnOnce() + Send>;
+
+/// The queue of the threads that hash and check passwords.
 ///
 /// Argon2id takes 19 MiB and tens of milliseconds of CPU a hash. On Tokio's
 /// blocking threads, which come and go, the allocator kept the 19 MiB of each
@@ -307,12 +310,8 @@ fn check_password_length(password: &str) -> Result<(), ClientError> {
 /// registration); a few threads of our own reuse theirs. They also bound the
 /// work: a flood of logins waits in the queue instead of taking a thread and
 /// 19 MiB each.
-struct PasswordThreads {
-    queue: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
-}
-
-static PASSWORD_THREADS: LazyLock<PasswordThreads> = LazyLock::new(|| {
-    let (queue, jobs) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+static PASSWORD_THREADS: LazyLock<std::sync::mpsc::Sender<PasswordJob>> = LazyLock::new(|| {
+    let (queue, jobs) = std::sync::mpsc::channel::<PasswordJob>();
     let jobs = Arc::new(Mutex::new(jobs));
     let threads = std::thread::available_parallelism().map_or(2, |cores| cores.get().clamp(1, 4));
     for n in 0..threads {
@@ -331,17 +330,17 @@ static PASSWORD_THREADS: LazyLock<PasswordThreads> = LazyLock::new(|| {
             tracing::error!("cannot start a password thread: {err}");
         }
     }
-    PasswordThreads { queue }
+    queue
 });
 
 /// Runs `work` on a password thread; `None` if none could take it.
 async fn on_password_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     let (answer, answered) = tokio::sync::oneshot::channel();
-    let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+    let job: PasswordJob = Box::new(move || {
         // The request may have gone; the work is done all the same.
         let _gone = answer.send(work());
     });
-    PASSWORD_THREADS.queue.send(job).ok()?;
+    PASSWORD_THREADS.send(job).ok()?;
     answered.await.ok()
 }
 
