@@ -235,14 +235,6 @@ impl Transaction {
         }
     }
 
-    /// After a statement that carried `BEGIN`: the transaction is open (a
-    /// statement that failed poisons it as usual).
-    fn begun(&mut self, carried_begin: bool) {
-        if carried_begin {
-            self.state = State::Open;
-        }
-    }
-
     fn db_error(&mut self, source: DbError) -> StoreError {
         if self.state == State::Open {
             self.poisoned = true;
@@ -355,7 +347,11 @@ impl Transaction {
     /// Keeps the transaction ID a statement learnt, and turns its failure into
     /// the interaction's error.
     fn learned<T>(&mut self, result: Result<(T, Option<i64>), DbError>) -> Result<T, StoreError> {
-        self.begun(self.state == State::Beginning);
+        // A statement that carried `BEGIN` leaves the transaction open (and,
+        // had it failed, poisoned as usual).
+        if self.state == State::Beginning {
+            self.state = State::Open;
+        }
         match result {
             Ok((value, xid)) => {
                 self.xid = self.xid.or(xid);
