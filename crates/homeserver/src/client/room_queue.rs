@@ -80,6 +80,11 @@ impl RoomTurn {
         self.room.queued().state.clone()
     }
 
+    /// Whether any state event is queued and not yet committed.
+    pub(crate) fn has_queued_state(&self) -> bool {
+        !self.room.queued().state.is_empty()
+    }
+
     /// Resolves once the commit of a queued write with client transaction
     /// `txn` is known (at once when there is none).
     pub(crate) fn queued_txn(&self, txn: &ClientTxn) -> impl Future<Output = ()> + use<> {

@@ -408,8 +408,8 @@ async fn check_room_write(state: &AppState, room: &RoomTurn, write: &RoomWrite) 
         if first.event_type != "m.room.create" {
             return Err(ClientError::bad_json("a room's first event is its m.room.create"));
         }
-        let queued = room.queued_state();
-        if !queued.is_empty() || !state.store.events().get_current_state_ids(&write.room_id).await?.is_empty()
+        if room.has_queued_state()
+            || !state.store.events().get_current_state_ids(&write.room_id).await?.is_empty()
         {
             return Err(ClientError::new(
                 StatusCode::BAD_REQUEST,
