@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::database::Isolation;
 use crate::error::{DbError, StoreError};
-use crate::value::{PgParam, Row, ToSqlValue, bind_sqlite};
+use crate::value::{PgParam, Row, ToSqlValue, Value, bind_sqlite};
 use crate::{BoxFuture, Engine, sql};
 
 /// An invalidation, registered with [`Transaction::call_after`]: `Fn`, because
@@ -23,6 +23,10 @@ type Callback = Box<dyn FnOnce() + Send>;
 /// `_if_assigned` form never assigns one: a transaction that changed nothing
 /// would otherwise have to write (and flush) a commit record.
 const CURRENT_XID_SQL: &str = "SELECT pg_current_xact_id_if_assigned()::text::bigint";
+
+/// The transaction's top-level ID, assigning one if it has none yet
+/// ([`Transaction::assign_id`]).
+const ASSIGN_XID_SQL: &str = "SELECT pg_current_xact_id()::text::bigint";
 
 /// How transaction `$1` ended, asked from another connection: its status in the
 /// commit log, and whether a new snapshot still sees it running. The commit log
@@ -100,6 +104,21 @@ pub struct Transaction {
     /// the first statement that wrote (see [`may_write`]). What a COMMIT whose
     /// answer was lost is read back by; `None` while nothing has been written.
     xid: Option<i64>,
+    /// The next statement is to give the transaction its ID ([`Transaction::assign_id`]).
+    assign_xid: bool,
+    /// Statements to send with the COMMIT ([`Transaction::execute_at_commit`]),
+    /// in order.
+    at_commit: Vec<AtCommit>,
+    /// Statements sent with the COMMIT wrote, and the ID that would have told
+    /// how the transaction ended never arrived: a COMMIT in doubt then cannot
+    /// count as having written nothing.
+    wrote_without_xid: bool,
+}
+
+/// A statement queued to run in the round trip of the COMMIT.
+struct AtCommit {
+    sql: String,
+    params: Vec<Value>,
 }
 
 impl fmt::Debug for Transaction {
@@ -112,6 +131,7 @@ impl fmt::Debug for Transaction {
             .field("invalidations", &self.invalidations.len())
             .field("position_callbacks", &self.position_callbacks.len())
             .field("exception_callbacks", &self.exception_callbacks.len())
+            .field("at_commit", &self.at_commit.len())
             .finish()
     }
 }
@@ -137,6 +157,9 @@ impl Transaction {
             exception_callbacks: Vec::new(),
             poisoned: false,
             xid: None,
+            assign_xid: false,
+            at_commit: Vec::new(),
+            wrote_without_xid: false,
         };
         if let Some(isolation) = isolation {
             let begin = match (txn.engine(), isolation) {
@@ -213,7 +236,13 @@ impl Transaction {
             && matches!(self.state, State::Open | State::BeginWithFirstStatement(_))
             && self.xid.is_none()
             && !self.poisoned
-            && may_write(sql)
+            && (self.assign_xid || may_write(sql))
+    }
+
+    /// The statement that learns the transaction's ID: assigning one when
+    /// [`assign_id`](Self::assign_id) asked for it (then only once).
+    fn xid_sql(&mut self) -> &'static str {
+        if std::mem::take(&mut self.assign_xid) { ASSIGN_XID_SQL } else { CURRENT_XID_SQL }
     }
 
     /// The `BEGIN` still to be sent ahead of the next statement, if any; the
@@ -248,8 +277,62 @@ impl Transaction {
 
     /// Runs one statement and returns the number of rows it changed.
     pub async fn execute(&mut self, sql: &str, params: &[&dyn ToSqlValue]) -> Result<u64, StoreError> {
+        self.send_queued().await?;
+        self.execute_now(sql, params).await
+    }
+
+    /// Queues `sql` to run just before COMMIT, in its round trip: for the
+    /// writes that end an interaction, whose results nothing waits for. On
+    /// PostgreSQL the queued statements, the COMMIT, and `BEGIN` if nothing was
+    /// sent yet go out together, which saves a round trip per statement; on
+    /// SQLite, and outside a transaction, they run in turn before the COMMIT.
+    ///
+    /// The parameters are copied. A statement run in the meantime sends the
+    /// queued ones first, so statements always run in the order they were
+    /// given. If a queued statement fails, the transaction rolls back and
+    /// [`commit`](Self::commit) returns that statement's error (retried like any
+    /// other by [`Database::run_interaction`](crate::Database::run_interaction)).
+    ///
+    /// A COMMIT in doubt is read back by the transaction's ID: when every write
+    /// of a transaction is queued, call [`assign_id`](Self::assign_id) before
+    /// its last ordinary statement, so that the ID is known before the COMMIT
+    /// round trip.
+    ///
+    /// ```no_run
+    /// # async fn example(txn: &mut store_core::Transaction) -> Result<(), store_core::StoreError> {
+    /// txn.assign_id();
+    /// let next: i64 = txn.query_one("SELECT nextval('events_stream_seq')", &[]).await?.get(0)?;
+    /// txn.execute_at_commit("INSERT INTO events (stream_ordering) VALUES ($1)", &[&next]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn execute_at_commit(&mut self, sql: impl Into<String>, params: &[&dyn ToSqlValue]) {
+        let params = params.iter().map(|param| Value::from(param.to_sql_value())).collect();
+        self.at_commit.push(AtCommit { sql: sql.into(), params });
+    }
+
+    /// PostgreSQL: the next statement's round trip also gives the transaction
+    /// its ID, and learns it, even if the statement writes nothing (a
+    /// `nextval`). For transactions whose writes all go with the COMMIT
+    /// ([`execute_at_commit`](Self::execute_at_commit)): without the ID, a
+    /// COMMIT whose answer is lost could not be read back, and the stream IDs
+    /// it carries would stay unfinished. Nothing on SQLite.
+    pub fn assign_id(&mut self) {
+        self.assign_xid = self.engine == Engine::Postgres && self.xid.is_none();
+    }
+
+    /// Sends the statements queued for the COMMIT now, in turn.
+    async fn send_queued(&mut self) -> Result<(), StoreError> {
+        for queued in std::mem::take(&mut self.at_commit) {
+            let params: Vec<&dyn ToSqlValue> = queued.params.iter().map(|v| v as &dyn ToSqlValue).collect();
+            self.execute_now(&queued.sql, &params).await?;
+        }
+        Ok(())
+    }
+
+    async fn execute_now(&mut self, sql: &str, params: &[&dyn ToSqlValue]) -> Result<u64, StoreError> {
         let interaction = self.interaction;
-        let learn_xid = self.learns_xid(sql);
+        let learn_xid = self.learns_xid(sql).then(|| self.xid_sql());
         let begin = self.take_begin();
         let result = match self.conn() {
             Conn::Postgres(client) => {
@@ -274,8 +357,9 @@ impl Transaction {
 
     /// Runs a query and returns all its rows.
     pub async fn query(&mut self, sql: &str, params: &[&dyn ToSqlValue]) -> Result<Vec<Row>, StoreError> {
+        self.send_queued().await?;
         let interaction = self.interaction;
-        let learn_xid = self.learns_xid(sql);
+        let learn_xid = self.learns_xid(sql).then(|| self.xid_sql());
         let begin = self.take_begin();
         let result = match self.conn() {
             Conn::Postgres(client) => {
@@ -324,8 +408,9 @@ impl Transaction {
 
     /// Runs several `;`-separated statements without parameters (DDL, `SET`).
     pub async fn execute_batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        self.send_queued().await?;
         // Any statement of the batch may write, whatever the first one is.
-        let learn_xid = self.learns_xid("");
+        let learn_xid = self.learns_xid("").then(|| self.xid_sql());
         let begin = self.take_begin();
         let result = match self.conn() {
             Conn::Postgres(client) => {
@@ -382,12 +467,21 @@ impl Transaction {
     /// on anyone still waiting. Returns `Ok` once the transaction is known to
     /// have committed.
     pub async fn commit(mut self) -> Result<(), StoreError> {
+        // Only PostgreSQL inside a transaction saves anything by sending them
+        // with the COMMIT.
+        if !self.at_commit.is_empty()
+            && (self.engine == Engine::Sqlite || self.state == State::Autocommit)
+            && let Err(err) = self.send_queued().await
+        {
+            self.rollback().await;
+            return Err(err);
+        }
         if self.poisoned {
             let interaction = self.interaction;
             self.rollback().await;
             return Err(StoreError::Aborted { interaction });
         }
-        if self.state != State::Open {
+        if self.state != State::Open && self.at_commit.is_empty() {
             // Autocommit, or a transaction that sent nothing: every statement
             // committed as it ran, and no await lies between here and the
             // callbacks.
@@ -412,9 +506,12 @@ impl Transaction {
 
     /// Sends COMMIT and settles the outcome; run in a task of its own.
     async fn send_commit(mut self) -> Result<(), StoreError> {
-        let result = match self.conn() {
-            Conn::Postgres(client) => client.batch_execute("COMMIT").await.map_err(DbError::postgres),
-            Conn::Sqlite(conn) => sqlite_execute_batch(conn, "COMMIT").await.map_err(DbError::sqlx),
+        let result = match self.engine {
+            Engine::Postgres => self.send_commit_postgres().await,
+            Engine::Sqlite => match self.conn() {
+                Conn::Sqlite(conn) => sqlite_execute_batch(conn, "COMMIT").await.map_err(DbError::sqlx),
+                Conn::Postgres(_) => unreachable!("a SQLite transaction on a PostgreSQL connection"),
+            },
         };
         match result {
             Ok(()) => {
@@ -431,6 +528,72 @@ impl Transaction {
             }
             Err(source) => self.settle_commit_in_doubt(source).await,
         }
+    }
+
+    /// PostgreSQL: sends COMMIT, in one round trip with what goes ahead of it:
+    /// `BEGIN` if nothing was sent yet, the queued statements, and, if the
+    /// transaction's ID is still unknown, the question of it. A queued statement
+    /// refused by the server is the outcome: the transaction rolled back.
+    async fn send_commit_postgres(&mut self) -> Result<(), DbError> {
+        let queued = std::mem::take(&mut self.at_commit);
+        let begin = self.take_begin();
+        let ask_xid = !queued.is_empty() && self.xid.is_none();
+        let Conn::Postgres(client) = self.conn() else {
+            unreachable!("a PostgreSQL transaction on a SQLite connection")
+        };
+        if queued.is_empty() && begin.is_none() {
+            return client.batch_execute("COMMIT").await.map_err(DbError::postgres);
+        }
+        // Cached per connection after the first time: no round trip then.
+        let mut statements = Vec::with_capacity(queued.len());
+        for statement in &queued {
+            statements.push(client.prepare_cached(&statement.sql).await.map_err(DbError::postgres)?);
+        }
+        let xid_statement =
+            prepare_xid_statement(client, ask_xid.then_some(CURRENT_XID_SQL)).await.map_err(DbError::postgres)?;
+        let values: Vec<Vec<PgParam<'_>>> = queued
+            .iter()
+            .map(|statement| statement.params.iter().map(|value| PgParam(value.to_sql_value())).collect())
+            .collect();
+        let refs: Vec<_> = values.iter().map(|values| pg_refs(values)).collect();
+
+        let client: &tokio_postgres::Client = client;
+        let mut requests: Vec<BoxFuture<'_, Result<Option<i64>, tokio_postgres::Error>>> = Vec::new();
+        if let Some(begin) = begin {
+            requests.push(Box::pin(async move { client.batch_execute(begin).await.map(|()| None) }));
+        }
+        for (statement, params) in statements.iter().zip(&refs) {
+            requests.push(Box::pin(async move { client.execute(statement, params).await.map(|_| None) }));
+        }
+        if let Some(xid_statement) = &xid_statement {
+            requests.push(Box::pin(async move { client.query_one(xid_statement, &[]).await?.try_get(0) }));
+        }
+        requests.push(Box::pin(async move { client.batch_execute("COMMIT").await.map(|()| None) }));
+        let mut answers = in_one_round_trip(requests).await;
+
+        let committed = answers.pop().expect("COMMIT was sent");
+        if ask_xid && let Some(Ok(xid)) = answers.pop() {
+            self.xid = xid;
+        }
+        if self.state == State::Beginning {
+            self.state = State::Open;
+        }
+        // Refused by the server, a statement aborted the transaction, and the
+        // COMMIT behind it could only roll it back (PostgreSQL answers it
+        // without an error): its error is the outcome. A broken connection is
+        // not a refusal; the COMMIT's own answer says what is known then.
+        if let Some(refused) = answers
+            .into_iter()
+            .filter_map(Result::err)
+            .map(DbError::postgres)
+            .find(|err| !err.leaves_commit_in_doubt())
+        {
+            return Err(refused);
+        }
+        if committed.is_err() && !queued.is_empty() && self.xid.is_none() {
+            self.wrote_without_xid = true;
+        }
+        committed.map(|_| ()).map_err(DbError::postgres)
     }
 
     /// The commit succeeded: invalidations, then positions.
@@ -458,6 +621,13 @@ impl Transaction {
         let interaction = self.interaction;
         let pool = self.discard_connection();
         let Some(xid) = self.xid else {
+            if self.wrote_without_xid {
+                self.run_invalidations();
+                return Err(self.outcome_unknown(
+                    source,
+                    "its statements went with the COMMIT and its ID never arrived".to_owned(),
+                ));
+            }
             // No statement gave the transaction an ID, so it wrote nothing:
             // committed or not, its reads stand and nothing is lost.
             tracing::debug!(interaction, error = %source, "COMMIT of a transaction that wrote nothing failed");
@@ -490,21 +660,20 @@ impl Transaction {
                 Err(StoreError::Database { interaction, source })
             }
             Outcome::Unknown(reason) => {
-                // Neither positions nor releases: the transaction's stream IDs
-                // stay unfinished, so no position ever passes a write that may
-                // still land.
-                self.invalidations.clear();
-                self.position_callbacks.clear();
-                self.exception_callbacks.clear();
-                let what_happened = format!(
-                    "{source}; transaction {xid} could not be read back ({reason}), so its stream IDs stay unfinished"
-                );
-                Err(StoreError::Database {
-                    interaction,
-                    source: DbError::commit_outcome_unknown(what_happened),
-                })
+                Err(self.outcome_unknown(source, format!("transaction {xid} could not be read back ({reason})")))
             }
         }
+    }
+
+    /// How a COMMIT whose outcome cannot be known ends: neither positions nor
+    /// releases, so the transaction's stream IDs stay unfinished and no
+    /// position ever passes a write that may still land.
+    fn outcome_unknown(&mut self, source: DbError, why: String) -> StoreError {
+        self.invalidations.clear();
+        self.position_callbacks.clear();
+        self.exception_callbacks.clear();
+        let what_happened = format!("{source}; {why}, so its stream IDs stay unfinished");
+        StoreError::Database { interaction: self.interaction, source: DbError::commit_outcome_unknown(what_happened) }
     }
 
     /// Takes the connection out of the pool for good (it broke mid-COMMIT) and
@@ -660,11 +829,11 @@ fn may_write(sql: &str) -> bool {
 /// per connection like every other statement.
 async fn prepare_xid_statement(
     client: &deadpool_postgres::Object,
-    learn_xid: bool,
+    learn_xid: Option<&str>,
 ) -> Result<Option<tokio_postgres::Statement>, tokio_postgres::Error> {
     match learn_xid {
-        true => client.prepare_cached(CURRENT_XID_SQL).await.map(Some),
-        false => Ok(None),
+        Some(sql) => client.prepare_cached(sql).await.map(Some),
+        None => Ok(None),
     }
 }
 
@@ -682,6 +851,31 @@ async fn with_xid<T>(
     let (done, xid_row) = tokio::join!(biased; work, client.query_one(xid_statement, &[]));
     let done = done?;
     Ok((done, xid_row?.try_get(0)?))
+}
+
+/// Runs `requests` to the end, polling every one still pending, in order, each
+/// time: tokio-postgres sends a request when its future is first polled, so
+/// they all go out in this order before any answer is awaited, in one round
+/// trip. Answers come back in the same order.
+async fn in_one_round_trip<T>(requests: Vec<BoxFuture<'_, T>>) -> Vec<T> {
+    let mut pending: Vec<Option<BoxFuture<'_, T>>> = requests.into_iter().map(Some).collect();
+    let mut answers: Vec<Option<T>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all_answered = true;
+        for (request, answer) in pending.iter_mut().zip(&mut answers) {
+            let Some(future) = request else { continue };
+            match future.as_mut().poll(cx) {
+                std::task::Poll::Ready(value) => {
+                    *answer = Some(value);
+                    *request = None;
+                }
+                std::task::Poll::Pending => all_answered = false,
+            }
+        }
+        if all_answered { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await;
+    answers.into_iter().map(|answer| answer.expect("every request was answered")).collect()
 }
 
 /// Runs `work` with `begin`, when given, sent just ahead of it in the same

@@ -122,6 +122,22 @@ impl ToSqlValue for Value {
     }
 }
 
+impl From<SqlValue<'_>> for Value {
+    /// An owned copy of a parameter, for a statement sent later
+    /// ([`Transaction::execute_at_commit`](crate::Transaction::execute_at_commit)).
+    fn from(value: SqlValue<'_>) -> Value {
+        match value {
+            SqlValue::Null => Value::Null,
+            SqlValue::Integer(v) => Value::Integer(v),
+            SqlValue::Real(v) => Value::Real(v),
+            SqlValue::Text(v) => Value::Text(v.to_owned()),
+            SqlValue::Blob(v) => Value::Blob(v.to_vec()),
+            SqlValue::Bool(v) => Value::Bool(v),
+            SqlValue::TextArray(v) => Value::TextArray(v.to_vec()),
+        }
+    }
+}
+
 /// A value read from a result row.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {

@@ -58,10 +58,33 @@ async fn insert_tracked(
     cache: Arc<Cache<String, i64>>,
     events: Events,
 ) -> Result<i64, StoreError> {
+    insert_tracked_as(db, generator, cache, events, Sent::Alone).await
+}
+
+/// How the tracked insert is sent.
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    /// In a round trip of its own, before COMMIT.
+    Alone,
+    /// With the COMMIT ([`store_core::Transaction::execute_at_commit`]), the
+    /// transaction's ID assigned with the stream ID.
+    WithCommit,
+}
+
+async fn insert_tracked_as(
+    db: Database,
+    generator: MultiWriterIdGenerator,
+    cache: Arc<Cache<String, i64>>,
+    events: Events,
+    sent: Sent,
+) -> Result<i64, StoreError> {
     db.run_interaction("insert_tracked", move |txn| {
         let (generator, cache, events) = (generator.clone(), Arc::clone(&cache), events.clone());
         events.push("attempt");
         Box::pin(async move {
+            if matches!(sent, Sent::WithCommit) {
+                txn.assign_id();
+            }
             let id = generator.get_next_txn(txn).await?;
             let (invalidated, positioned, failed) = (events.clone(), events.clone(), events.clone());
             txn.call_after(move || {
@@ -70,7 +93,10 @@ async fn insert_tracked(
             });
             txn.call_after_position(move || positioned.push("position"));
             txn.call_on_exception(move || failed.push("exception"));
-            txn.execute("INSERT INTO kv (k, v) VALUES ('a', $1)", &[&id]).await?;
+            match sent {
+                Sent::Alone => _ = txn.execute("INSERT INTO kv (k, v) VALUES ('a', $1)", &[&id]).await?,
+                Sent::WithCommit => txn.execute_at_commit("INSERT INTO kv (k, v) VALUES ('a', $1)", &[&id]),
+            }
             Ok(id)
         })
     })
@@ -105,6 +131,14 @@ async fn commit_through_proxy(
     test_db: &TestDb,
     commit_seconds: f64,
 ) -> Result<CommitThroughProxy, Box<dyn std::error::Error>> {
+    commit_through_proxy_as(test_db, commit_seconds, Sent::Alone).await
+}
+
+async fn commit_through_proxy_as(
+    test_db: &TestDb,
+    commit_seconds: f64,
+    sent: Sent,
+) -> Result<CommitThroughProxy, Box<dyn std::error::Error>> {
     let (generator, cache) = setup(test_db).await?;
     let faults = CommitFaults::connect(&test_db.url).await?;
     faults.make_commits_slow("kv", "INSERT", commit_seconds).await?;
@@ -114,7 +148,7 @@ async fn commit_through_proxy(
     let before = generator.get_current_token();
     let events = Events::default();
     let interaction =
-        tokio::spawn(insert_tracked(db.clone(), generator.clone(), Arc::clone(&cache), events.clone()));
+        tokio::spawn(insert_tracked_as(db.clone(), generator.clone(), Arc::clone(&cache), events.clone(), sent));
     faults.wait_for_sleeping_commit().await?;
     Ok(CommitThroughProxy { generator, cache, proxy, db, before, events, interaction })
 }
@@ -149,6 +183,23 @@ async fn a_commit_cut_off_by_the_network_is_read_back_as_committed() -> TestResu
         "read back as committed: invalidated again, then the position published, once, and never retried"
     );
     assert_eq!(cache.get(&"a".to_owned()), None, "the second invalidation drops what the read cached");
+    assert_eq!(generator.get_current_token(), id);
+    assert_eq!(get_kv(&test_db.db, "a").await?, Some(id));
+    Ok(())
+}
+
+/// The same when the insert went in the COMMIT's own round trip: the
+/// transaction's ID, assigned with the stream ID, is what it is read back by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_sent_with_its_writes_and_cut_off_is_read_back_as_committed() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let CommitThroughProxy { generator, cache: _, proxy, db: _db, before, events, interaction } =
+        commit_through_proxy_as(&test_db, 1.5, Sent::WithCommit).await?;
+    proxy.sever_all();
+    events.wait_for("invalidate", 1, Duration::from_secs(1)).await?;
+    assert_eq!(generator.get_current_token(), before, "no position passes the ID while in doubt");
+    let id = interaction.await??;
+    assert_eq!(events.get(), ["attempt", "invalidate", "invalidate", "position"]);
     assert_eq!(generator.get_current_token(), id);
     assert_eq!(get_kv(&test_db.db, "a").await?, Some(id));
     Ok(())
@@ -297,5 +348,27 @@ async fn the_transaction_id_is_learnt_from_the_first_write_that_gets_one() -> Te
     assert_eq!(before_writing, "None", "reads neither ask nor get an ID");
     assert_eq!(after_no_op, "None", "a write that changed nothing has no ID to learn");
     assert_eq!(learnt, format!("Some({actual})"), "learnt in the round trip of the first write");
+    Ok(())
+}
+
+/// [`store_core::Transaction::assign_id`]: the next statement's round trip
+/// gives the transaction its ID and learns it, though it writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_asked_for_is_learnt_before_any_write() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let (learnt, actual) = test_db
+        .db
+        .run_interaction("assign_xid", |txn| {
+            Box::pin(async move {
+                txn.assign_id();
+                txn.query("SELECT 1", &[]).await?;
+                let learnt = xid_of(txn);
+                let actual: i64 =
+                    txn.query_one("SELECT pg_current_xact_id_if_assigned()::text::bigint", &[]).await?.get(0)?;
+                Ok((learnt, actual))
+            })
+        })
+        .await?;
+    assert_eq!(learnt, format!("Some({actual})"));
     Ok(())
 }

@@ -22,6 +22,8 @@ engine_tests!(
     interactions_are_counted,
     autocommit_runs_callbacks_too,
     a_handled_error_still_fails_the_transaction,
+    statements_queued_for_the_commit_run_in_order_with_it,
+    a_queued_statement_that_fails_rolls_everything_back,
 );
 
 async fn committed_writes_are_visible(test_db: TestDb) -> TestResult {
@@ -448,5 +450,105 @@ async fn postgres_begins_with_the_first_statement() -> TestResult {
     // The connection went back to the pool outside any transaction.
     assert_eq!(db.run_interaction("isolation", isolation).await?, "repeatable read");
     db.run_interaction("nothing", |_txn| Box::pin(async move { Ok(()) })).await?;
+    Ok(())
+}
+
+async fn statements_queued_for_the_commit_run_in_order_with_it(test_db: TestDb) -> TestResult {
+    let db = &test_db.db;
+    create_kv_table(db).await?;
+    let seen_before_commit = db
+        .run_interaction("queued", |txn| {
+            Box::pin(async move {
+                txn.execute_at_commit("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"a", &1i64]);
+                // A statement in between sends what was queued first.
+                let seen: Option<i64> =
+                    txn.query_opt("SELECT v FROM kv WHERE k = 'a'", &[]).await?.map(|row| row.get(0)).transpose()?;
+                txn.execute_at_commit("UPDATE kv SET v = v + $1 WHERE k = $2", &[&10i64, &"a"]);
+                txn.execute_at_commit("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"b".to_owned(), &0i64]);
+                txn.execute_at_commit("UPDATE kv SET v = 2 WHERE k = 'b'", &[]);
+                Ok(seen)
+            })
+        })
+        .await?;
+    assert_eq!(seen_before_commit, Some(1));
+    let other = test_db.reconnect().await?;
+    assert_eq!(get_kv(&other, "a").await?, Some(11), "queued statements run in the order given");
+    assert_eq!(get_kv(&other, "b").await?, Some(2));
+
+    // Outside a transaction they run too, each on its own.
+    db.run_autocommit("queued_autocommit", |txn| {
+        Box::pin(async move {
+            txn.execute_at_commit("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"c", &3i64]);
+            Ok(())
+        })
+    })
+    .await?;
+    assert_eq!(get_kv(&other, "c").await?, Some(3));
+    Ok(())
+}
+
+async fn a_queued_statement_that_fails_rolls_everything_back(test_db: TestDb) -> TestResult {
+    let db = &test_db.db;
+    create_kv_table(db).await?;
+    db.run_interaction("seed", |txn| {
+        Box::pin(async move {
+            txn.execute("INSERT INTO kv (k, v) VALUES ('taken', 0)", &[]).await?;
+            Ok(())
+        })
+    })
+    .await?;
+    let (after, failed) = (Counter::default(), Counter::default());
+    let result: Result<(), StoreError> = db
+        .run_interaction("queued_duplicate", |txn| {
+            let (after, failed) = (after.clone(), failed.clone());
+            Box::pin(async move {
+                txn.call_after(after.bump());
+                txn.call_on_exception(failed.bump());
+                txn.execute("INSERT INTO kv (k, v) VALUES ('a', 1)", &[]).await?;
+                txn.execute_at_commit("INSERT INTO kv (k, v) VALUES ('b', 2)", &[]);
+                txn.execute_at_commit("INSERT INTO kv (k, v) VALUES ('taken', 3)", &[]);
+                txn.execute_at_commit("INSERT INTO kv (k, v) VALUES ('c', 4)", &[]);
+                Ok(())
+            })
+        })
+        .await;
+    let err = result.expect_err("the duplicate key must fail the commit");
+    assert!(err.db_error().is_some_and(|db_err| db_err.is_unique_violation()), "the statement's own error: {err}");
+    for key in ["a", "b", "c"] {
+        assert_eq!(get_kv(db, key).await?, None, "{key} rolled back");
+    }
+    assert_eq!(get_kv(db, "taken").await?, Some(0));
+    assert_eq!((after.get(), failed.get()), (0, 1), "failed: no invalidation, the exception callback once");
+    // The pool is still good.
+    db.run_interaction("after", |txn| {
+        Box::pin(async move {
+            txn.execute_at_commit("INSERT INTO kv (k, v) VALUES ('d', 5)", &[]);
+            Ok(())
+        })
+    })
+    .await?;
+    assert_eq!(get_kv(db, "d").await?, Some(5));
+    Ok(())
+}
+
+/// On PostgreSQL, a transaction whose only statements are queued for the
+/// commit sends `BEGIN`, them and `COMMIT` together: they run inside the
+/// transaction, at the interaction's isolation.
+#[tokio::test]
+async fn postgres_sends_queued_statements_inside_the_transaction() -> TestResult {
+    let test_db = TestDb::new(store_core::Engine::Postgres).await?;
+    let db = &test_db.db;
+    create_kv_table(db).await?;
+    db.run_interaction("queued_only", |txn| {
+        Box::pin(async move {
+            txn.execute_at_commit(
+                "INSERT INTO kv (k, v) SELECT current_setting('transaction_isolation'), 1",
+                &[],
+            );
+            Ok(())
+        })
+    })
+    .await?;
+    assert_eq!(get_kv(db, "repeatable read").await?, Some(1));
     Ok(())
 }
