@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use store_core::{
-    Database, GroupCommit, GroupCommitStats, StoreContext, StoreError, ToSqlValue, Transaction,
+    Database, DbError, Engine, GroupCommit, GroupCommitStats, StoreContext, StoreError, ToSqlValue, Transaction,
 };
 
 use crate::reader::EventsReader;
@@ -144,13 +144,14 @@ impl EventsWriter {
                 let (room_id, events, instance) =
                     (room_id.clone(), Arc::clone(&events), Arc::clone(&instance));
                 Box::pin(async move {
+                    txn.assign_id();
                     let ids = generator.get_next_mult_txn(txn, events.len()).await?;
                     let rows: Vec<(&str, &NewEvent, i64)> = events
                         .iter()
                         .zip(ids.iter().copied())
                         .map(|(event, id)| (room_id.as_str(), event, id))
                         .collect();
-                    insert_events(txn, &instance, &rows).await?;
+                    insert_events(txn, &instance, &rows);
                     Ok(ids)
                 })
             })
@@ -168,22 +169,50 @@ struct Committer {
     streams_to_others: bool,
 }
 
+/// How a commit records its batches' client transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxnCheck {
+    /// Records them first and persists only the batches whose transaction was
+    /// new: a round trip of its own.
+    First,
+    /// Records them with the COMMIT, in its round trip, on the bet that none
+    /// was used before; a transaction already recorded fails the commit with a
+    /// unique violation, and the group is run again with [`TxnCheck::First`].
+    /// Only a retry of a request whose answer was lost loses the bet.
+    WithCommit,
+}
+
 async fn persist_group(
     committer: Committer,
     batches: Arc<[RoomBatch]>,
 ) -> Result<Vec<Persisted>, StoreError> {
     let db = committer.reader.db.clone();
-    db.run_interaction("persist_events", move |txn| {
+    let run = |check: TxnCheck| {
         let (committer, batches) = (committer.clone(), Arc::clone(&batches));
-        Box::pin(async move { persist_group_txn(txn, &committer, &batches).await })
-    })
-    .await
+        db.run_interaction("persist_events", move |txn| {
+            let (committer, batches) = (committer.clone(), Arc::clone(&batches));
+            Box::pin(async move { persist_group_txn(txn, &committer, &batches, check).await })
+        })
+    };
+    // On SQLite statements run one by one whatever the order: nothing to win.
+    if db.engine() == Engine::Sqlite {
+        return run(TxnCheck::First).await;
+    }
+    match run(TxnCheck::WithCommit).await {
+        Err(err) if err.db_error().is_some_and(DbError::is_unique_violation) => run(TxnCheck::First).await,
+        outcome => outcome,
+    }
 }
 
+/// Persists `batches` in `txn`: on PostgreSQL two round trips when the bet of
+/// [`TxnCheck::WithCommit`] holds (`BEGIN` with the IDs, then every write
+/// with the COMMIT), plus two per room whose current state changed (its
+/// poke's ID).
 async fn persist_group_txn(
     txn: &mut Transaction,
     committer: &Committer,
     batches: &[RoomBatch],
+    check: TxnCheck,
 ) -> Result<Vec<Persisted>, StoreError> {
     let (reader, instance) = (&committer.reader, &*committer.instance);
     // Registered before the IDs are allocated, so that it runs before the
@@ -197,11 +226,19 @@ async fn persist_group_txn(
             reader.recent.record(&instance, events);
         });
     }
-    let taken = record_client_txns(txn, batches).await?;
+    let taken = match check {
+        TxnCheck::First => record_client_txns(txn, batches).await?,
+        TxnCheck::WithCommit => vec![false; batches.len()],
+    };
     let count =
         batches.iter().zip(&taken).filter(|(_, taken)| !**taken).map(|(batch, _)| batch.events.len()).sum();
-    let mut ids =
-        if count == 0 { Vec::new() } else { reader.events_ids.get_next_mult_txn(txn, count).await? };
+    if count == 0 {
+        return Ok(vec![Persisted::TxnAlreadyUsed; batches.len()]);
+    }
+    // Every write below goes with the COMMIT: the transaction's ID, which a
+    // COMMIT in doubt is read back by, is learnt with the stream IDs.
+    txn.assign_id();
+    let mut ids = reader.events_ids.get_next_mult_txn(txn, count).await?;
     // Handed out in order; sorted all the same, since the queue's order is
     // what gives each room its order.
     ids.sort_unstable();
@@ -219,16 +256,15 @@ async fn persist_group_txn(
         );
         outcome.push(Persisted::Events(batch_ids));
     }
-    insert_events(txn, instance, &rows).await?;
 
     let mut rooms: Vec<RoomChanges> = Vec::new();
     let mut recorded = Vec::with_capacity(if committer.streams_to_others { rows.len() } else { 0 });
-    for (room_id, event, id) in &rows {
-        // Parsed once (and only for member events), for the row and the record.
-        let membership = event.membership();
+    // Parsed once (and only for member events), for the rows and the record.
+    let memberships: Vec<Option<String>> = rows.iter().map(|(_, event, _)| event.membership()).collect();
+    for ((room_id, event, id), membership) in rows.iter().zip(&memberships) {
         if committer.streams_to_others {
             let stored = Event::new(*id, instance.to_owned(), (*room_id).to_owned(), (*event).clone());
-            if let Some(membership) = &membership {
+            if let Some(membership) = membership {
                 stored.remember_membership(membership.clone());
             }
             recorded.push(stored);
@@ -243,22 +279,30 @@ async fn persist_group_txn(
         room.last = room.last.max(*id);
         let Some(state_key) = &event.state_key else { continue };
         room.state_changed = true;
-        upsert_current_state(txn, room_id, event, state_key, membership.as_deref(), *id).await?;
-        if let Some(membership) = &membership {
-            txn.execute(
-                "INSERT INTO room_memberships (event_id, user_id, sender, room_id, membership, stream_ordering) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&event.event_id, state_key, &event.sender, room_id, membership, id],
-            )
-            .await?;
-            if !room.members.contains(state_key) {
-                room.members.push(state_key.clone());
-            }
+        if membership.is_some() && !room.members.contains(state_key) {
+            room.members.push(state_key.clone());
         }
     }
     *committed.lock().unwrap_or_else(PoisonError::into_inner) = recorded;
+    // The pokes take IDs of their own, in round trips that would send anything
+    // already queued for the COMMIT one statement at a time: they come first.
     for room in rooms.iter().filter(|room| room.state_changed) {
         reader.caches.poke_current_state(txn, &room.room_id, &room.members).await?;
+    }
+    if check == TxnCheck::WithCommit {
+        queue_client_txns(txn, batches);
+    }
+    insert_events(txn, instance, &rows);
+    for ((room_id, event, id), membership) in rows.iter().zip(&memberships) {
+        let Some(state_key) = &event.state_key else { continue };
+        upsert_current_state(txn, room_id, event, state_key, membership.as_deref(), *id);
+        if let Some(membership) = membership {
+            txn.execute_at_commit(
+                "INSERT INTO room_memberships (event_id, user_id, sender, room_id, membership, stream_ordering) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&event.event_id, state_key, &event.sender, room_id, membership, id],
+            );
+        }
     }
     // After the commit and before the position moves (positions are
     // published last), the change caches learn of the new rows.
@@ -299,16 +343,7 @@ async fn record_client_txns(txn: &mut Transaction, batches: &[RoomBatch]) -> Res
     if with_txn.is_empty() {
         return Ok(vec![false; batches.len()]);
     }
-    let mut params: Vec<&dyn ToSqlValue> = Vec::with_capacity(with_txn.len() * 5);
-    for (batch, client, first) in &with_txn {
-        params.extend([
-            &client.user_id as &dyn ToSqlValue,
-            &client.txn_id,
-            &first.event_id,
-            &batch.room_id,
-            &first.origin_server_ts,
-        ]);
-    }
+    let params = client_txn_params(&with_txn);
     // Two batches of one group may name the same transaction (sent to two
     // rooms at once): the first wins, as it would have committed first.
     let recorded = txn
@@ -331,6 +366,40 @@ async fn record_client_txns(txn: &mut Transaction, batches: &[RoomBatch]) -> Res
         .collect())
 }
 
+/// Records the client transactions of `batches` with the COMMIT, refusing
+/// any already recorded (see [`TxnCheck::WithCommit`]).
+fn queue_client_txns(txn: &mut Transaction, batches: &[RoomBatch]) {
+    let with_txn: Vec<(&RoomBatch, &ClientTxn, &NewEvent)> = batches
+        .iter()
+        .filter_map(|batch| Some((batch, batch.txn.as_ref()?, batch.events.first()?)))
+        .collect();
+    if with_txn.is_empty() {
+        return;
+    }
+    let params = client_txn_params(&with_txn);
+    txn.execute_at_commit(
+        format!(
+            "INSERT INTO event_txn_id (user_id, txn_id, event_id, room_id, inserted_ts) VALUES {}",
+            placeholders(with_txn.len(), 5)
+        ),
+        &params,
+    );
+}
+
+fn client_txn_params<'a>(with_txn: &[(&'a RoomBatch, &'a ClientTxn, &'a NewEvent)]) -> Vec<&'a dyn ToSqlValue> {
+    let mut params: Vec<&dyn ToSqlValue> = Vec::with_capacity(with_txn.len() * 5);
+    for (batch, client, first) in with_txn {
+        params.extend([
+            &client.user_id as &dyn ToSqlValue,
+            &client.txn_id,
+            &first.event_id,
+            &batch.room_id,
+            &first.origin_server_ts,
+        ]);
+    }
+    params
+}
+
 /// `($1, $2, $3), ($4, $5, $6)`: `rows` rows of `width` placeholders.
 fn placeholders(rows: usize, width: usize) -> String {
     let mut sql = String::with_capacity(rows * width * 5);
@@ -350,12 +419,9 @@ fn placeholders(rows: usize, width: usize) -> String {
     sql
 }
 
-/// Inserts `(room, event, stream ordering)` rows, a few hundred a statement.
-async fn insert_events(
-    txn: &mut Transaction,
-    instance: &str,
-    rows: &[(&str, &NewEvent, i64)],
-) -> Result<(), StoreError> {
+/// Inserts `(room, event, stream ordering)` rows, a few hundred a statement,
+/// with the COMMIT.
+fn insert_events(txn: &mut Transaction, instance: &str, rows: &[(&str, &NewEvent, i64)]) {
     let instance = instance.to_owned();
     for chunk in rows.chunks(EVENTS_PER_INSERT) {
         let mut params: Vec<&dyn ToSqlValue> = Vec::with_capacity(chunk.len() * 9);
@@ -372,37 +438,33 @@ async fn insert_events(
                 &event.content,
             ]);
         }
-        txn.execute(
-            &format!(
+        txn.execute_at_commit(
+            format!(
                 "INSERT INTO events (stream_ordering, instance_name, event_id, room_id, type, state_key, sender, \
                  origin_server_ts, content) VALUES {}",
                 placeholders(chunk.len(), 9)
             ),
             &params,
-        )
-        .await?;
+        );
     }
-    Ok(())
 }
 
-async fn upsert_current_state(
+fn upsert_current_state(
     txn: &mut Transaction,
     room_id: &str,
     event: &NewEvent,
     state_key: &str,
     membership: Option<&str>,
     stream_ordering: i64,
-) -> Result<(), StoreError> {
-    txn.execute(
+) {
+    txn.execute_at_commit(
         "INSERT INTO current_state_events (event_id, room_id, type, state_key, membership, stream_ordering) \
          VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = EXCLUDED.event_id, \
          membership = EXCLUDED.membership, stream_ordering = EXCLUDED.stream_ordering \
          WHERE current_state_events.stream_ordering < EXCLUDED.stream_ordering",
         &[&event.event_id, &room_id, &event.event_type, &state_key, &membership, &stream_ordering],
-    )
-    .await?;
-    Ok(())
+    );
 }
 
 impl store_core::Store for EventsWriter {

@@ -344,6 +344,9 @@ async fn insert_receipts(
     db.run_interaction_read_committed("insert_receipt", move |txn| {
         let (reader, instance, receipts) = (Arc::clone(&reader), Arc::clone(&instance), Arc::clone(&receipts));
         Box::pin(async move {
+            // The upserts go with the COMMIT; the transaction's ID, which a
+            // COMMIT in doubt is read back by, comes with the stream IDs.
+            txn.assign_id();
             let mut stream_ids = reader.ids.get_next_mult_txn(txn, receipts.len()).await?;
             stream_ids.sort_unstable();
             let instance = instance.to_string();
@@ -357,8 +360,8 @@ async fn insert_receipts(
                     "(room_id, receipt_type, user_id) WHERE thread_id IS NULL"
                 };
                 let data = receipt.data.to_string();
-                txn.execute(
-                    &format!(
+                txn.execute_at_commit(
+                    format!(
                         "INSERT INTO receipts_linearized (stream_id, instance_name, room_id, receipt_type, user_id, \
                          event_id, thread_id, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                          ON CONFLICT {conflict} DO UPDATE SET stream_id = EXCLUDED.stream_id, \
@@ -375,8 +378,7 @@ async fn insert_receipts(
                         &receipt.thread_id,
                         &data,
                     ],
-                )
-                .await?;
+                );
             }
             let (changed, ids) = (Arc::clone(&receipts), stream_ids.clone());
             txn.call_after(move || {

@@ -208,13 +208,13 @@ impl CachesStream {
         let Some(generator) = self.generator.as_ref().filter(|_| self.recording) else { return Ok(()) };
         let ids = generator.get_next_mult_txn(txn, rows.len()).await?;
         let now = now_ms();
+        // Nothing waits for these inserts: they go with the COMMIT.
         for (id, (cache, keys)) in ids.iter().zip(&rows) {
-            txn.execute(
+            txn.execute_at_commit(
                 "INSERT INTO cache_invalidation_stream_by_instance \
                  (stream_id, instance_name, cache_func, keys, invalidation_ts) VALUES ($1, $2, $3, $4, $5)",
                 &[id, &self.instance_name, cache, keys, &now],
-            )
-            .await?;
+            );
         }
         Ok(())
     }

@@ -89,7 +89,8 @@ engine_tests!(
     catch_up_rows_carry_the_membership_the_content_gives,
     batches_queued_together_share_a_commit_in_their_order,
     a_failing_batch_fails_alone,
-    the_writer_streams_what_it_persisted_without_reading_it_back
+    the_writer_streams_what_it_persisted_without_reading_it_back,
+    a_used_client_transaction_persists_nothing,
 );
 
 /// The rows a writer's streamer sends come from what it just persisted, with
@@ -188,6 +189,35 @@ async fn a_failing_batch_fails_alone(test_db: TestDb) -> TestResult {
     let reader = writer.reader();
     assert!(reader.get_event("$a").await?.is_some() && reader.get_event("$c").await?.is_some());
     assert_eq!(reader.get_event("$used").await?.map(|event| event.room_id.clone()), Some(ROOM.to_owned()));
+    Ok(())
+}
+
+/// A client transaction already recorded persists nothing. On PostgreSQL a
+/// commit records transactions with the COMMIT, betting none was used: the
+/// retry loses the bet, and its group runs again, checking first. The stream
+/// IDs the lost bet took do not hold the position back.
+async fn a_used_client_transaction_persists_nothing(test_db: TestDb) -> TestResult {
+    let process = start(&test_db.db, &StoreSettings::single_process()).await?;
+    let writer = process.writer();
+    let alice = "@alice:example.com";
+    let runs = || test_db.db.interaction_stats().get("persist_events").map_or(0, |stats| stats.count);
+    let txn = ClientTxn { user_id: alice.to_owned(), txn_id: "t1".to_owned() };
+    let before = runs();
+    assert!(matches!(
+        writer.persist_events_for_txn(ROOM, &[message("$first", alice)], Some(&txn)).await?,
+        Persisted::Events(_)
+    ));
+    assert_eq!(runs(), before + 1, "a new transaction: one run");
+    let retried = writer.persist_events_for_txn(ROOM, &[message("$retry", alice)], Some(&txn)).await?;
+    assert_eq!(retried, Persisted::TxnAlreadyUsed);
+    let lost_bet = u64::from(test_db.db.engine() == Engine::Postgres);
+    assert_eq!(runs(), before + 2 + lost_bet, "a used one: one run more where the bet was lost");
+    let reader = writer.reader();
+    assert_eq!(reader.get_event("$retry").await?, None);
+    assert_eq!(reader.get_event_id_for_txn(alice, "t1").await?, Some((ROOM.to_owned(), "$first".to_owned())));
+
+    let next = writer.persist_events(ROOM, &[message("$next", alice)]).await?;
+    assert_eq!(reader.events_stream().get_current_token(), next[0], "the position passes the IDs given up");
     Ok(())
 }
 
