@@ -134,6 +134,19 @@ struct Level {
     /// Per process, then PostgreSQL's.
     cpu_ms_per_thousand: (Vec<f64>, f64),
     raw_per_second: f64,
+    /// No-op requests a second at the same concurrency ([`no_op_load`]).
+    no_op_per_second: f64,
+}
+
+impl Level {
+    /// The best ratio to the raw limit a send could reach if it cost only a
+    /// no-op request and a raw commit, one after the other: both take the
+    /// same cores (or, at 1 client, the same wall-clock), so their times per
+    /// event add up.
+    fn ceiling(&self) -> f64 {
+        let per_event = 1.0 / self.no_op_per_second + 1.0 / self.raw_per_second;
+        1.0 / per_event / self.raw_per_second
+    }
 }
 
 /// A deployment's figures.
@@ -198,6 +211,31 @@ fn populate(urls: &[String]) -> Population {
         }
     }
     Population { users, rooms }
+}
+
+/// `clients` clients make `SENDS` requests that do nothing (`GET
+/// /_matrix/client/versions`: no authentication, no database) over
+/// kept-alive connections, as `load` does: requests/s. What the clients and
+/// HTTP cost before any work of the server's, on the same cores.
+fn no_op_load(urls: &[String], clients: usize) -> f64 {
+    let each = SENDS / clients;
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for n in 0..clients {
+            scope.spawn(move || {
+                let mut connections: Vec<HttpConnection> =
+                    urls.iter().map(|url| HttpConnection::open(url).expect("connect")).collect();
+                for i in 0..each {
+                    let through = &mut connections[(n + i) % urls.len()];
+                    let (status, answer) = through
+                        .request("GET", "/_matrix/client/versions", None, None)
+                        .expect("a versions request");
+                    assert_eq!(status, 200, "a versions request: {answer}");
+                }
+            });
+        }
+    });
+    (each * clients) as f64 / started.elapsed().as_secs_f64()
 }
 
 /// `clients` clients send `SENDS` messages in all, each over kept-alive
@@ -340,12 +378,14 @@ fn measure(
                 before.iter().zip(&after).map(|(before, after)| per_thousand(after - before)).collect();
             let postgres = per_thousand(postgres_ticks_between(&postgres_before, &postgres_after));
             let raw_per_second = raw_limit(clients);
+            let no_op_per_second = no_op_load(&urls, clients);
             Level {
                 clients,
                 events_per_second,
                 send_ms,
                 cpu_ms_per_thousand: (each, postgres),
                 raw_per_second,
+                no_op_per_second,
             }
         })
         .collect::<Vec<Level>>();
@@ -505,6 +545,9 @@ fn report(all: &[Figures]) {
         "  raw limit: one-row INSERT transactions at the same concurrency for {} s (pgbench on the same PostgreSQL; SQLite: tasks on a file with our settings)",
         RAW_FOR.as_secs()
     );
+    println!(
+        "  ceiling: the ratio a send would reach costing only a no-op request (/versions, same clients and connections) plus a raw commit"
+    );
     for figures in all {
         println!("  {}", figures.label);
         for level in &figures.levels {
@@ -517,13 +560,15 @@ fn report(all: &[Figures]) {
                 .chain(std::iter::once(format!("postgres {postgres:.0}")))
                 .collect();
             println!(
-                "    {:>2} clients {:>7.0} events/s  send p50 {:>6.2} ms p99 {:>7.2} ms  raw limit {:>7.0}/s  ratio {:.3}  CPU-ms/1000 ev: {}",
+                "    {:>2} clients {:>7.0} events/s  send p50 {:>6.2} ms p99 {:>7.2} ms  raw limit {:>7.0}/s  ratio {:.3}  no-op requests {:>6.0}/s, ceiling {:.3}  CPU-ms/1000 ev: {}",
                 level.clients,
                 level.events_per_second,
                 percentile(&level.send_ms, 0.5),
                 percentile(&level.send_ms, 0.99),
                 level.raw_per_second,
                 level.events_per_second / level.raw_per_second,
+                level.no_op_per_second,
+                level.ceiling(),
                 cpu.join(", ")
             );
         }
