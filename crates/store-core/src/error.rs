@@ -174,6 +174,9 @@ enum DbErrorKind {
     /// A COMMIT failed in a way that left its outcome open, and the outcome
     /// could not be read back: what happened, in words.
     CommitOutcomeUnknown(String),
+    /// A statement queued for the COMMIT that could not be put in the
+    /// engine's dialect: why.
+    Statement(String),
 }
 
 /// SQLSTATE of a PostgreSQL serialization failure.
@@ -203,6 +206,10 @@ impl DbError {
         DbError { kind: DbErrorKind::Sqlx(err) }
     }
 
+    pub(crate) fn statement(why: String) -> DbError {
+        DbError { kind: DbErrorKind::Statement(why) }
+    }
+
     pub(crate) fn commit_outcome_unknown(what_happened: String) -> DbError {
         DbError { kind: DbErrorKind::CommitOutcomeUnknown(what_happened) }
     }
@@ -217,7 +224,10 @@ impl DbError {
     pub(crate) fn leaves_commit_in_doubt(&self) -> bool {
         match &self.kind {
             DbErrorKind::Postgres(err) => err.as_db_error().is_none_or(|db| !is_plain_error(db)),
-            DbErrorKind::Pool(_) | DbErrorKind::Sqlx(_) | DbErrorKind::CommitOutcomeUnknown(_) => false,
+            DbErrorKind::Pool(_)
+            | DbErrorKind::Sqlx(_)
+            | DbErrorKind::CommitOutcomeUnknown(_)
+            | DbErrorKind::Statement(_) => false,
         }
     }
 
@@ -240,7 +250,7 @@ impl DbError {
                     std::borrow::Cow::Owned(code) => known_sqlite_code(&code).unwrap_or("unknown"),
                 })
             }
-            DbErrorKind::Sqlx(_) | DbErrorKind::CommitOutcomeUnknown(_) => None,
+            DbErrorKind::Sqlx(_) | DbErrorKind::CommitOutcomeUnknown(_) | DbErrorKind::Statement(_) => None,
         }
     }
 
@@ -253,7 +263,7 @@ impl DbError {
             DbErrorKind::Sqlx(_) => self.code().is_some_and(|code| SQLITE_BUSY_CODES.contains(&code)),
             // Running a write again whose first run may have committed could
             // apply it twice.
-            DbErrorKind::Pool(_) | DbErrorKind::CommitOutcomeUnknown(_) => false,
+            DbErrorKind::Pool(_) | DbErrorKind::CommitOutcomeUnknown(_) | DbErrorKind::Statement(_) => false,
         }
     }
 
@@ -262,7 +272,7 @@ impl DbError {
         match &self.kind {
             DbErrorKind::Postgres(_) => self.code() == Some(UNIQUE_VIOLATION),
             DbErrorKind::Sqlx(_) => self.code().is_some_and(|code| SQLITE_UNIQUE_CODES.contains(&code)),
-            DbErrorKind::Pool(_) | DbErrorKind::CommitOutcomeUnknown(_) => false,
+            DbErrorKind::Pool(_) | DbErrorKind::CommitOutcomeUnknown(_) | DbErrorKind::Statement(_) => false,
         }
     }
 }
@@ -310,6 +320,7 @@ impl fmt::Display for DbError {
             DbErrorKind::CommitOutcomeUnknown(what_happened) => {
                 write!(f, "the outcome of COMMIT is unknown: {what_happened}")
             }
+            DbErrorKind::Statement(why) => write!(f, "a statement queued for the COMMIT was refused: {why}"),
         }
     }
 }
@@ -319,7 +330,10 @@ impl std::error::Error for DbError {
         match &self.kind {
             // The Display above already folds the causes in; repeating them as a
             // source would print them twice in `{:#}` chains.
-            DbErrorKind::Postgres(_) | DbErrorKind::Pool(_) | DbErrorKind::CommitOutcomeUnknown(_) => None,
+            DbErrorKind::Postgres(_)
+            | DbErrorKind::Pool(_)
+            | DbErrorKind::CommitOutcomeUnknown(_)
+            | DbErrorKind::Statement(_) => None,
             DbErrorKind::Sqlx(err) => err.source(),
         }
     }

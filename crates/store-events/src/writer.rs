@@ -4,7 +4,8 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use store_core::{
-    Database, DbError, Engine, GroupCommit, GroupCommitStats, StoreContext, StoreError, ToSqlValue, Transaction,
+    Database, DbError, Engine, GroupCommit, GroupCommitStats, StoreContext, StoreError, ToSqlValue,
+    Transaction,
 };
 
 use crate::reader::EventsReader;
@@ -386,7 +387,9 @@ fn queue_client_txns(txn: &mut Transaction, batches: &[RoomBatch]) {
     );
 }
 
-fn client_txn_params<'a>(with_txn: &[(&'a RoomBatch, &'a ClientTxn, &'a NewEvent)]) -> Vec<&'a dyn ToSqlValue> {
+fn client_txn_params<'a>(
+    with_txn: &[(&'a RoomBatch, &'a ClientTxn, &'a NewEvent)],
+) -> Vec<&'a dyn ToSqlValue> {
     let mut params: Vec<&dyn ToSqlValue> = Vec::with_capacity(with_txn.len() * 5);
     for (batch, client, first) in with_txn {
         params.extend([

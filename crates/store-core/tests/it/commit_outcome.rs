@@ -147,8 +147,13 @@ async fn commit_through_proxy_as(
     let db = Database::connect_with(&proxy.url_through(&test_db.url), &options).await?;
     let before = generator.get_current_token();
     let events = Events::default();
-    let interaction =
-        tokio::spawn(insert_tracked_as(db.clone(), generator.clone(), Arc::clone(&cache), events.clone(), sent));
+    let interaction = tokio::spawn(insert_tracked_as(
+        db.clone(),
+        generator.clone(),
+        Arc::clone(&cache),
+        events.clone(),
+        sent,
+    ));
     faults.wait_for_sleeping_commit().await?;
     Ok(CommitThroughProxy { generator, cache, proxy, db, before, events, interaction })
 }
@@ -363,8 +368,10 @@ async fn an_id_asked_for_is_learnt_before_any_write() -> TestResult {
                 txn.assign_id();
                 txn.query("SELECT 1", &[]).await?;
                 let learnt = xid_of(txn);
-                let actual: i64 =
-                    txn.query_one("SELECT pg_current_xact_id_if_assigned()::text::bigint", &[]).await?.get(0)?;
+                let actual: i64 = txn
+                    .query_one("SELECT pg_current_xact_id_if_assigned()::text::bigint", &[])
+                    .await?
+                    .get(0)?;
                 Ok((learnt, actual))
             })
         })

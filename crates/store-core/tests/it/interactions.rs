@@ -461,11 +461,19 @@ async fn statements_queued_for_the_commit_run_in_order_with_it(test_db: TestDb) 
             Box::pin(async move {
                 txn.execute_at_commit("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"a", &1i64]);
                 // A statement in between sends what was queued first.
-                let seen: Option<i64> =
-                    txn.query_opt("SELECT v FROM kv WHERE k = 'a'", &[]).await?.map(|row| row.get(0)).transpose()?;
+                let seen: Option<i64> = txn
+                    .query_opt("SELECT v FROM kv WHERE k = 'a'", &[])
+                    .await?
+                    .map(|row| row.get(0))
+                    .transpose()?;
                 txn.execute_at_commit("UPDATE kv SET v = v + $1 WHERE k = $2", &[&10i64, &"a"]);
                 txn.execute_at_commit("INSERT INTO kv (k, v) VALUES ($1, $2)", &[&"b".to_owned(), &0i64]);
                 txn.execute_at_commit("UPDATE kv SET v = 2 WHERE k = 'b'", &[]);
+                // Placeholders out of order and repeated.
+                txn.execute_at_commit(
+                    "INSERT INTO kv (k, v) VALUES ($2, CAST($1 AS BIGINT) * 2 + $1)",
+                    &[&5i64, &"e"],
+                );
                 Ok(seen)
             })
         })
@@ -474,6 +482,31 @@ async fn statements_queued_for_the_commit_run_in_order_with_it(test_db: TestDb) 
     let other = test_db.reconnect().await?;
     assert_eq!(get_kv(&other, "a").await?, Some(11), "queued statements run in the order given");
     assert_eq!(get_kv(&other, "b").await?, Some(2));
+    assert_eq!(get_kv(&other, "e").await?, Some(15));
+
+    // More parameters than SQLite binds in one call: still all committed.
+    let rows = 8_001;
+    db.run_interaction("queued_many", move |txn| {
+        Box::pin(async move {
+            for batch in 0..2 {
+                let keys: Vec<String> = (0..rows).map(|n| format!("k{batch}-{n}")).collect();
+                let values: Vec<i64> = (0..rows).map(|n| n as i64).collect();
+                let mut params: Vec<&dyn store_core::ToSqlValue> = Vec::new();
+                let mut placeholders = Vec::new();
+                for (n, (key, value)) in keys.iter().zip(&values).enumerate() {
+                    params.extend([key as &dyn store_core::ToSqlValue, value]);
+                    placeholders.push(format!("(${}, ${})", 2 * n + 1, 2 * n + 2));
+                }
+                txn.execute_at_commit(
+                    format!("INSERT INTO kv (k, v) VALUES {}", placeholders.join(", ")),
+                    &params,
+                );
+            }
+            Ok(())
+        })
+    })
+    .await?;
+    assert_eq!(get_kv(&other, "k1-8000").await?, Some(8000));
 
     // Outside a transaction they run too, each on its own.
     db.run_autocommit("queued_autocommit", |txn| {
@@ -513,7 +546,10 @@ async fn a_queued_statement_that_fails_rolls_everything_back(test_db: TestDb) ->
         })
         .await;
     let err = result.expect_err("the duplicate key must fail the commit");
-    assert!(err.db_error().is_some_and(|db_err| db_err.is_unique_violation()), "the statement's own error: {err}");
+    assert!(
+        err.db_error().is_some_and(|db_err| db_err.is_unique_violation()),
+        "the statement's own error: {err}"
+    );
     for key in ["a", "b", "c"] {
         assert_eq!(get_kv(db, key).await?, None, "{key} rolled back");
     }
