@@ -3,6 +3,7 @@
 //! callbacks that follow it, and, when the connection fails while COMMIT is in
 //! flight, reading the outcome back from the database.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
@@ -175,14 +176,9 @@ impl Transaction {
                 // waiting for the busy timeout.
                 (Engine::Sqlite, _) => "BEGIN IMMEDIATE",
             };
-            if txn.engine == Engine::Postgres {
-                // A round trip saved per transaction.
-                txn.state = State::BeginWithFirstStatement(begin);
-            } else {
-                txn.state = State::Beginning;
-                txn.run_batch(begin).await?;
-                txn.state = State::Open;
-            }
+            // A round trip saved per transaction on PostgreSQL, a hand-over to
+            // the connection's thread and back on SQLite.
+            txn.state = State::BeginWithFirstStatement(begin);
         }
         Ok(txn)
     }
@@ -352,7 +348,18 @@ impl Transaction {
             }
             Conn::Sqlite(conn) => {
                 let sql = sql::to_sqlite(sql).map_err(|message| StoreError::Sql { interaction, message })?;
-                sqlite_execute(conn, &sql, params).await.map(|changed| (changed, None)).map_err(DbError::sqlx)
+                // Not in one call with `BEGIN`: sqlx would add to the rows this
+                // statement changed the count SQLite still holds from the
+                // connection's last write, which it reports after `BEGIN`.
+                async {
+                    if let Some(begin) = begin {
+                        sqlite_execute_batch(conn, begin).await?;
+                    }
+                    sqlite_execute(conn, &sql, params).await
+                }
+                .await
+                .map(|changed| (changed, None))
+                .map_err(DbError::sqlx)
             }
         };
         self.learned(result)
@@ -380,6 +387,7 @@ impl Transaction {
             }
             Conn::Sqlite(conn) => {
                 let sql = sql::to_sqlite(sql).map_err(|message| StoreError::Sql { interaction, message })?;
+                let sql = behind_begin(begin, sql);
                 sqlite_query(conn, &sql, params).await.map(|rows| (rows, None)).map_err(DbError::sqlx)
             }
         };
@@ -426,7 +434,8 @@ impl Transaction {
                 result.map_err(DbError::postgres)
             }
             Conn::Sqlite(conn) => {
-                sqlite_execute_batch(conn, sql).await.map(|()| ((), None)).map_err(DbError::sqlx)
+                let sql = behind_begin(begin, Cow::Borrowed(sql));
+                sqlite_execute_batch(conn, &sql).await.map(|()| ((), None)).map_err(DbError::sqlx)
             }
         };
         self.learned(result)
@@ -604,6 +613,11 @@ impl Transaction {
     async fn send_commit_sqlite(&mut self) -> Result<(), DbError> {
         let queued = std::mem::take(&mut self.at_commit);
         let mut script = String::new();
+        let begin = self.take_begin();
+        if let Some(begin) = begin {
+            script.push_str(begin);
+            script.push_str(";\n");
+        }
         let mut params: Vec<&dyn ToSqlValue> = Vec::new();
         for statement in &queued {
             let (sql, order) = sql::to_sqlite_positional(&statement.sql).map_err(DbError::statement)?;
@@ -627,6 +641,9 @@ impl Transaction {
         };
         if params.len() > SQLITE_MAX_PARAMETERS {
             // Too many for one list: one statement at a time.
+            if let Some(begin) = begin {
+                sqlite_execute_batch(conn, begin).await.map_err(DbError::sqlx)?;
+            }
             for statement in &queued {
                 let sql = sql::to_sqlite(&statement.sql).map_err(DbError::statement)?;
                 let params: Vec<&dyn ToSqlValue> =
@@ -897,6 +914,15 @@ async fn with_xid<T>(
     let (done, xid_row) = tokio::join!(biased; work, client.query_one(xid_statement, &[]));
     let done = done?;
     Ok((done, xid_row?.try_get(0)?))
+}
+
+/// SQLite: `sql` with the transaction's `BEGIN`, when it is still to be sent,
+/// ahead of it in the same call (SQLite runs a list of statements in one go).
+fn behind_begin<'a>(begin: Option<&str>, sql: Cow<'a, str>) -> Cow<'a, str> {
+    match begin {
+        Some(begin) => Cow::Owned(format!("{begin};\n{sql}")),
+        None => sql,
+    }
 }
 
 /// Runs `requests` to the end, polling every one still pending, in order, each

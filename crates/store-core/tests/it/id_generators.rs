@@ -511,6 +511,9 @@ async fn a_burst_of_finishes_shares_its_upserts(test_db: TestDb) -> TestResult {
         blocker
             .query("SELECT stream_id FROM stream_positions WHERE stream_name = 'test_stream' FOR UPDATE", &[])
             .await?;
+    } else {
+        // `BEGIN IMMEDIATE` goes with the first statement.
+        blocker.query("SELECT 1", &[]).await?;
     }
     let mut finishes = tokio::task::JoinSet::new();
     for guard in guards {

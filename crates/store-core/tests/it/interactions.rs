@@ -379,8 +379,10 @@ async fn a_transaction_cancelled_while_waiting_to_begin_leaves_no_lock_behind() 
     let test_db = TestDb::new(store_core::Engine::Sqlite).await?;
     let db = &test_db.db;
     create_kv_table(db).await?;
-    // Hold SQLite's write lock so the next BEGIN IMMEDIATE waits on it.
-    let blocker = db.begin("hold_the_write_lock").await?;
+    // Hold SQLite's write lock so the next BEGIN IMMEDIATE waits on it: the
+    // BEGIN goes with the first statement.
+    let mut blocker = db.begin("hold_the_write_lock").await?;
+    blocker.query("SELECT 1", &[]).await?;
     let waiting = db.run_interaction("waits_to_begin", |txn| {
         Box::pin(async move { txn.execute("INSERT INTO kv (k, v) VALUES ('late', 1)", &[]).await })
     });
