@@ -12,7 +12,9 @@
 //! writes are run twice: a whole write in one call to the writer thread, and a
 //! call per statement (what an async API that awaits each statement, as
 //! `Transaction` does, would cost on that engine), so that the engine and the
-//! hops between threads are told apart.
+//! hops between threads are told apart. sqlx's writes are run twice too: a
+//! call per statement, and the statements queued for the COMMIT, which sends
+//! `BEGIN`, them and `COMMIT` in one call, as the server's writers now do.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -66,6 +68,30 @@ impl Engine for Sqlx {
             .await
             .expect("a read")
             .is_some()
+    }
+}
+
+/// sqlx as the server's writers now use it: the statements queued for the
+/// COMMIT ([`store_core::Transaction::execute_at_commit`]), so that `BEGIN`,
+/// them and `COMMIT` are one call on the connection's thread.
+struct SqlxOneCall(Database);
+
+impl Engine for SqlxOneCall {
+    async fn write(&self, id: i64) {
+        self.0
+            .run_interaction("bench_write", move |txn| {
+                Box::pin(async move {
+                    txn.execute_at_commit(INSERT.replace('?', "$"), &[&id, &"!room:example.com", &BODY]);
+                    txn.execute_at_commit(UPSERT.replace('?', "$"), &[&id]);
+                    Ok(())
+                })
+            })
+            .await
+            .expect("a write");
+    }
+
+    async fn read(&self, id: i64) -> bool {
+        Sqlx(self.0.clone()).read(id).await
     }
 }
 
@@ -240,6 +266,7 @@ fn main() {
         .expect("the schema and the rows to read");
         Arc::new(Sqlx(db))
     });
+    let one_call = Arc::new(SqlxOneCall(sqlx.0.clone()));
     {
         let mut conn = open(&rusqlite_path);
         let txn = conn.transaction().expect("a transaction");
@@ -259,7 +286,7 @@ fn main() {
     let (sqlx_ids, rusqlite_ids) =
         (Arc::new(AtomicU64::new(PRELOADED as u64 + 1)), Arc::new(AtomicU64::new(PRELOADED as u64 + 1)));
     println!(
-        "  (rusqlite: a whole write in one call to the writer thread; rusqlite/step: a call per statement)"
+        "  (sqlx: a call per statement; sqlx/one call: the statements queued for the COMMIT, one call; rusqlite: a whole write in one call to the writer thread; rusqlite/step: a call per statement)"
     );
     for (writers, readers) in [(1, 0), (8, 0), (0, 1), (0, 8), (4, 4)] {
         let (sqlx_writes, sqlx_reads) =
@@ -271,12 +298,19 @@ fn main() {
         } else {
             (0.0, 0.0)
         };
+        let (one_call_writes, _) = if writers > 0 {
+            runtime.block_on(run(Arc::clone(&one_call), Arc::clone(&sqlx_ids), writers, 0))
+        } else {
+            (0.0, 0.0)
+        };
         let ratio = |ours: f64, theirs: f64| if ours > 0.0 { theirs / ours } else { f64::NAN };
         println!(
-            "  {writers} writers, {readers} readers: sqlx {sqlx_writes:>6.0} writes/s {sqlx_reads:>6.0} reads/s | rusqlite {rusqlite_writes:>6.0} writes/s {rusqlite_reads:>6.0} reads/s | rusqlite/step {step_writes:>6.0} writes/s | ratios to sqlx: rusqlite writes {:.3} reads {:.3}, rusqlite/step writes {:.3}",
+            "  {writers} writers, {readers} readers: sqlx {sqlx_writes:>6.0} writes/s {sqlx_reads:>6.0} reads/s | sqlx/one call {one_call_writes:>6.0} writes/s | rusqlite {rusqlite_writes:>6.0} writes/s {rusqlite_reads:>6.0} reads/s | rusqlite/step {step_writes:>6.0} writes/s | ratios to sqlx: sqlx/one call writes {:.3}, rusqlite writes {:.3} reads {:.3}, rusqlite/step writes {:.3}; rusqlite / sqlx/one call writes {:.3}",
+            ratio(sqlx_writes, one_call_writes),
             ratio(sqlx_writes, rusqlite_writes),
             ratio(sqlx_reads, rusqlite_reads),
             ratio(sqlx_writes, step_writes),
+            ratio(one_call_writes, rusqlite_writes),
         );
     }
 }
