@@ -517,6 +517,12 @@ impl Transaction {
 
     /// Sends COMMIT and settles the outcome; run in a task of its own.
     async fn send_commit(mut self) -> Result<(), StoreError> {
+        if let Err(source) = self.prepare_at_commit().await {
+            // Nothing of the COMMIT's round trip was sent: whatever broke, the
+            // transaction cannot have committed.
+            self.fail_and_close();
+            return Err(StoreError::Database { interaction: self.interaction, source });
+        }
         let result = match self.engine {
             Engine::Postgres => self.send_commit_postgres().await,
             Engine::Sqlite => self.send_commit_sqlite().await,
@@ -538,6 +544,22 @@ impl Transaction {
         }
     }
 
+    /// PostgreSQL: prepares the statements queued for the COMMIT (and the
+    /// question of the transaction's ID), so that the COMMIT's round trip finds
+    /// them in the connection's cache; a failure here comes before anything of
+    /// that round trip is sent.
+    async fn prepare_at_commit(&mut self) -> Result<(), DbError> {
+        let ask_xid = !self.at_commit.is_empty() && self.xid.is_none();
+        let (Some(Conn::Postgres(client)), false) = (self.conn.as_ref(), self.at_commit.is_empty()) else {
+            return Ok(());
+        };
+        for statement in &self.at_commit {
+            client.prepare_cached(&statement.sql).await.map_err(DbError::postgres)?;
+        }
+        prepare_xid_statement(client, ask_xid.then_some(CURRENT_XID_SQL)).await.map_err(DbError::postgres)?;
+        Ok(())
+    }
+
     /// PostgreSQL: sends COMMIT, in one round trip with what goes ahead of it:
     /// `BEGIN` if nothing was sent yet, the queued statements, and, if the
     /// transaction's ID is still unknown, the question of it. A queued statement
@@ -552,7 +574,7 @@ impl Transaction {
         if queued.is_empty() && begin.is_none() {
             return client.batch_execute("COMMIT").await.map_err(DbError::postgres);
         }
-        // Cached per connection after the first time: no round trip then.
+        // Prepared by `prepare_at_commit`: taken from the connection's cache.
         let mut statements = Vec::with_capacity(queued.len());
         for statement in &queued {
             statements.push(client.prepare_cached(&statement.sql).await.map_err(DbError::postgres)?);

@@ -379,3 +379,30 @@ async fn an_id_asked_for_is_learnt_before_any_write() -> TestResult {
     assert_eq!(learnt, format!("Some({actual})"));
     Ok(())
 }
+
+/// A connection that breaks before the COMMIT's round trip is sent (here while
+/// the statements queued for it are prepared) fails the interaction: the
+/// queued writes never ran, so it must not count as committed, though no
+/// statement gave the transaction an ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_before_the_commit_is_sent_is_a_failure() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    create_kv_table(&test_db.db).await?;
+    let proxy = Arc::new(TcpProxy::start(&test_db.url).await?);
+    let options = DatabaseOptions { pool_size: 1, run_migrations: false };
+    let db = Database::connect_with(&proxy.url_through(&test_db.url), &options).await?;
+    let result: Result<(), StoreError> = db
+        .run_interaction("lost_before_commit", |txn| {
+            let proxy = Arc::clone(&proxy);
+            Box::pin(async move {
+                txn.query("SELECT 1", &[]).await?;
+                proxy.sever_all();
+                txn.execute_at_commit("INSERT INTO kv (k, v) VALUES ('lost', 1)", &[]);
+                Ok(())
+            })
+        })
+        .await;
+    assert!(result.is_err(), "a write that never ran was reported as committed");
+    assert_eq!(get_kv(&test_db.db, "lost").await?, None);
+    Ok(())
+}
