@@ -643,8 +643,10 @@ impl Transaction {
         let mut params: Vec<&dyn ToSqlValue> = Vec::new();
         for statement in &queued {
             let (sql, order) = sql::to_sqlite_positional(&statement.sql).map_err(DbError::statement)?;
-            script.push_str(&sql);
-            script.push_str(";\n");
+            // The line break ends a trailing `--` comment before the `;` does
+            // its work; a `;` of the statement's own would leave an empty one.
+            script.push_str(sql.trim_end().trim_end_matches(';'));
+            script.push_str("\n;\n");
             for index in order {
                 let value = statement.params.get(index).ok_or_else(|| {
                     DbError::statement(format!(
@@ -943,6 +945,7 @@ async fn with_xid<T>(
 fn behind_begin<'a>(begin: Option<&str>, sql: Cow<'a, str>) -> Cow<'a, str> {
     match begin {
         Some(begin) => Cow::Owned(format!("{begin};\n{sql}")),
+        // (`begin` is ours: no comment to end.)
         None => sql,
     }
 }

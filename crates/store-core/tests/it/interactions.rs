@@ -476,6 +476,9 @@ async fn statements_queued_for_the_commit_run_in_order_with_it(test_db: TestDb) 
                     "INSERT INTO kv (k, v) VALUES ($2, CAST($1 AS BIGINT) * 2 + $1)",
                     &[&5i64, &"e"],
                 );
+                // A statement ending in a comment, then one ending in `;`.
+                txn.execute_at_commit("UPDATE kv SET v = v + 1 WHERE k = 'e' -- one more", &[]);
+                txn.execute_at_commit("UPDATE kv SET v = v + 1 WHERE k = 'e';", &[]);
                 Ok(seen)
             })
         })
@@ -484,7 +487,7 @@ async fn statements_queued_for_the_commit_run_in_order_with_it(test_db: TestDb) 
     let other = test_db.reconnect().await?;
     assert_eq!(get_kv(&other, "a").await?, Some(11), "queued statements run in the order given");
     assert_eq!(get_kv(&other, "b").await?, Some(2));
-    assert_eq!(get_kv(&other, "e").await?, Some(15));
+    assert_eq!(get_kv(&other, "e").await?, Some(17));
 
     // More parameters than SQLite binds in one call: still all committed.
     let rows = 8_001;
