@@ -1,5 +1,6 @@
 //! [`EventsWriter`]: persisting events, on the instances that write the stream.
 
+use std::collections::{HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -168,6 +169,41 @@ struct Committer {
     reader: Arc<EventsReader>,
     instance: Arc<str>,
     streams_to_others: bool,
+    /// The client transactions this writer committed last.
+    committed_txns: Arc<Mutex<CommittedTxns>>,
+}
+
+/// The client transactions a writer committed last, up to a bound: a retry of
+/// one of them (a client that lost the answer) would lose the bet of
+/// [`TxnCheck::WithCommit`] and cost its whole group a second run, so a group
+/// holding one checks first.
+#[derive(Debug, Default)]
+struct CommittedTxns {
+    known: HashSet<(String, String)>,
+    order: VecDeque<(String, String)>,
+}
+
+/// How many committed client transactions a writer remembers.
+const COMMITTED_TXNS_KEPT: usize = 10_000;
+
+impl CommittedTxns {
+    fn contains(&self, txn: &ClientTxn) -> bool {
+        // A lookup without building an owned key would need a borrowed form
+        // of the pair; the clone is two short strings per send.
+        self.known.contains(&(txn.user_id.clone(), txn.txn_id.clone()))
+    }
+
+    fn remember(&mut self, txn: &ClientTxn) {
+        let key = (txn.user_id.clone(), txn.txn_id.clone());
+        if self.known.insert(key.clone()) {
+            self.order.push_back(key);
+        }
+        while self.order.len() > COMMITTED_TXNS_KEPT {
+            if let Some(oldest) = self.order.pop_front() {
+                self.known.remove(&oldest);
+            }
+        }
+    }
 }
 
 /// How a commit records its batches' client transactions.
@@ -195,14 +231,32 @@ async fn persist_group(
             Box::pin(async move { persist_group_txn(txn, &committer, &batches, check).await })
         })
     };
-    // On SQLite statements run one by one whatever the order: nothing to win.
-    if db.engine() == Engine::Sqlite {
-        return run(TxnCheck::First).await;
+    let committed_txns = Arc::clone(&committer.committed_txns);
+    let a_retry = {
+        let committed = committed_txns.lock().unwrap_or_else(PoisonError::into_inner);
+        batches.iter().filter_map(|batch| batch.txn.as_ref()).any(|txn| committed.contains(txn))
+    };
+    // On SQLite the check goes in the call that begins the transaction:
+    // nothing to win by betting.
+    let outcome = if db.engine() == Engine::Sqlite || a_retry {
+        run(TxnCheck::First).await
+    } else {
+        match run(TxnCheck::WithCommit).await {
+            Err(err) if err.db_error().is_some_and(DbError::is_unique_violation) => {
+                run(TxnCheck::First).await
+            }
+            outcome => outcome,
+        }
+    };
+    if let Ok(persisted) = &outcome {
+        let mut committed = committed_txns.lock().unwrap_or_else(PoisonError::into_inner);
+        for (batch, persisted) in batches.iter().zip(persisted) {
+            if let (Some(txn), Persisted::Events(_)) = (&batch.txn, persisted) {
+                committed.remember(txn);
+            }
+        }
     }
-    match run(TxnCheck::WithCommit).await {
-        Err(err) if err.db_error().is_some_and(DbError::is_unique_violation) => run(TxnCheck::First).await,
-        outcome => outcome,
-    }
+    outcome
 }
 
 /// Persists `batches` in `txn`: on PostgreSQL two round trips when the bet of
@@ -488,6 +542,7 @@ impl store_core::Store for EventsWriter {
             reader: Arc::clone(&reader),
             instance: Arc::clone(&instance_name),
             streams_to_others: ctx.settings().has_other_processes,
+            committed_txns: Arc::default(),
         };
         let queue = GroupCommit::spawn("persist_events", MAX_GROUP, room_of, move |batches| {
             Box::pin(persist_group(committer.clone(), batches))

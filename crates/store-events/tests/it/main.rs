@@ -193,9 +193,11 @@ async fn a_failing_batch_fails_alone(test_db: TestDb) -> TestResult {
 }
 
 /// A client transaction already recorded persists nothing. On PostgreSQL a
-/// commit records transactions with the COMMIT, betting none was used: the
-/// retry loses the bet, and its group runs again, checking first. The stream
-/// IDs the lost bet took do not hold the position back.
+/// commit records transactions with the COMMIT, betting none was used. A
+/// retry of one this writer committed is known and checked first, in one
+/// run; one it does not know (recorded before it started) loses the bet, and
+/// its group runs again, checking first. The stream IDs the lost bet took do
+/// not hold the position back.
 async fn a_used_client_transaction_persists_nothing(test_db: TestDb) -> TestResult {
     let process = start(&test_db.db, &StoreSettings::single_process()).await?;
     let writer = process.writer();
@@ -210,10 +212,31 @@ async fn a_used_client_transaction_persists_nothing(test_db: TestDb) -> TestResu
     assert_eq!(runs(), before + 1, "a new transaction: one run");
     let retried = writer.persist_events_for_txn(ROOM, &[message("$retry", alice)], Some(&txn)).await?;
     assert_eq!(retried, Persisted::TxnAlreadyUsed);
+    assert_eq!(runs(), before + 2, "a retry of a transaction this writer committed: one run");
+
+    // Recorded before this writer started (by its previous run, say).
+    test_db
+        .db
+        .run_interaction("record_txn", |txn| {
+            Box::pin(async move {
+                txn.execute(
+                    "INSERT INTO event_txn_id (user_id, txn_id, event_id, room_id, inserted_ts) \
+                     VALUES ('@alice:example.com', 'earlier', '$first', $1, 0)",
+                    &[&ROOM],
+                )
+                .await
+            })
+        })
+        .await?;
+    let earlier = ClientTxn { user_id: alice.to_owned(), txn_id: "earlier".to_owned() };
+    let before = runs();
+    let retried = writer.persist_events_for_txn(ROOM, &[message("$again", alice)], Some(&earlier)).await?;
+    assert_eq!(retried, Persisted::TxnAlreadyUsed);
     let lost_bet = u64::from(test_db.db.engine() == Engine::Postgres);
-    assert_eq!(runs(), before + 2 + lost_bet, "a used one: one run more where the bet was lost");
+    assert_eq!(runs(), before + 1 + lost_bet, "one run more where the bet was lost");
     let reader = writer.reader();
     assert_eq!(reader.get_event("$retry").await?, None);
+    assert_eq!(reader.get_event("$again").await?, None);
     assert_eq!(reader.get_event_id_for_txn(alice, "t1").await?, Some((ROOM.to_owned(), "$first".to_owned())));
 
     let next = writer.persist_events(ROOM, &[message("$next", alice)]).await?;
