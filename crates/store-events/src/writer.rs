@@ -161,9 +161,9 @@ impl EventsWriter {
     }
 }
 
-/// Commits one group of batches in one transaction.
-/// Who commits a group: the process's read half, its name, and whether other
-/// processes follow it (then its streamer is handed what it persisted).
+/// Who commits a group: the process's read half, its name, whether other
+/// processes follow it (then its streamer is handed what it persisted), and
+/// the client transactions it committed last.
 #[derive(Debug, Clone)]
 struct Committer {
     reader: Arc<EventsReader>,
