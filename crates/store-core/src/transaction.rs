@@ -119,6 +119,13 @@ pub struct Transaction {
     wrote_without_xid: bool,
 }
 
+/// PostgreSQL: the statements queued for the COMMIT, prepared, and the
+/// question of the transaction's ID if it is to be asked.
+struct PreparedAtCommit {
+    statements: Vec<tokio_postgres::Statement>,
+    xid: Option<tokio_postgres::Statement>,
+}
+
 /// A statement queued to run in the round trip of the COMMIT.
 struct AtCommit {
     sql: String,
@@ -517,14 +524,16 @@ impl Transaction {
 
     /// Sends COMMIT and settles the outcome; run in a task of its own.
     async fn send_commit(mut self) -> Result<(), StoreError> {
-        if let Err(source) = self.prepare_at_commit().await {
-            // Nothing of the COMMIT's round trip was sent: whatever broke, the
-            // transaction cannot have committed.
-            self.fail_and_close();
-            return Err(StoreError::Database { interaction: self.interaction, source });
-        }
         let result = match self.engine {
-            Engine::Postgres => self.send_commit_postgres().await,
+            Engine::Postgres => match self.prepare_at_commit().await {
+                Ok(prepared) => self.send_commit_postgres(prepared).await,
+                Err(source) => {
+                    // Nothing of the COMMIT's round trip was sent: whatever
+                    // broke, the transaction cannot have committed.
+                    self.fail_and_close();
+                    return Err(StoreError::Database { interaction: self.interaction, source });
+                }
+            },
             Engine::Sqlite => self.send_commit_sqlite().await,
         };
         match result {
@@ -544,44 +553,40 @@ impl Transaction {
         }
     }
 
-    /// PostgreSQL: prepares the statements queued for the COMMIT (and the
-    /// question of the transaction's ID), so that the COMMIT's round trip finds
-    /// them in the connection's cache; a failure here comes before anything of
-    /// that round trip is sent.
-    async fn prepare_at_commit(&mut self) -> Result<(), DbError> {
+    /// PostgreSQL: prepares the statements queued for the COMMIT and, if the
+    /// transaction's ID is still unknown, the question of it, before anything
+    /// of the COMMIT's round trip is sent.
+    async fn prepare_at_commit(&mut self) -> Result<PreparedAtCommit, DbError> {
         let ask_xid = !self.at_commit.is_empty() && self.xid.is_none();
-        let (Some(Conn::Postgres(client)), false) = (self.conn.as_ref(), self.at_commit.is_empty()) else {
-            return Ok(());
+        let mut prepared =
+            PreparedAtCommit { statements: Vec::with_capacity(self.at_commit.len()), xid: None };
+        let Some(Conn::Postgres(client)) = self.conn.as_ref() else {
+            unreachable!("a PostgreSQL transaction on a SQLite connection")
         };
         for statement in &self.at_commit {
-            client.prepare_cached(&statement.sql).await.map_err(DbError::postgres)?;
+            prepared.statements.push(client.prepare_cached(&statement.sql).await.map_err(DbError::postgres)?);
         }
-        prepare_xid_statement(client, ask_xid.then_some(CURRENT_XID_SQL)).await.map_err(DbError::postgres)?;
-        Ok(())
+        prepared.xid = prepare_xid_statement(client, ask_xid.then_some(CURRENT_XID_SQL))
+            .await
+            .map_err(DbError::postgres)?;
+        Ok(prepared)
     }
 
     /// PostgreSQL: sends COMMIT, in one round trip with what goes ahead of it:
     /// `BEGIN` if nothing was sent yet, the queued statements, and, if the
     /// transaction's ID is still unknown, the question of it. A queued statement
     /// refused by the server is the outcome: the transaction rolled back.
-    async fn send_commit_postgres(&mut self) -> Result<(), DbError> {
+    async fn send_commit_postgres(&mut self, prepared: PreparedAtCommit) -> Result<(), DbError> {
         let queued = std::mem::take(&mut self.at_commit);
         let begin = self.take_begin();
-        let ask_xid = !queued.is_empty() && self.xid.is_none();
+        let PreparedAtCommit { statements, xid: xid_statement } = prepared;
+        let ask_xid = xid_statement.is_some();
         let Conn::Postgres(client) = self.conn() else {
             unreachable!("a PostgreSQL transaction on a SQLite connection")
         };
         if queued.is_empty() && begin.is_none() {
             return client.batch_execute("COMMIT").await.map_err(DbError::postgres);
         }
-        // Prepared by `prepare_at_commit`: taken from the connection's cache.
-        let mut statements = Vec::with_capacity(queued.len());
-        for statement in &queued {
-            statements.push(client.prepare_cached(&statement.sql).await.map_err(DbError::postgres)?);
-        }
-        let xid_statement = prepare_xid_statement(client, ask_xid.then_some(CURRENT_XID_SQL))
-            .await
-            .map_err(DbError::postgres)?;
         let values: Vec<Vec<PgParam<'_>>> = queued
             .iter()
             .map(|statement| statement.params.iter().map(|value| PgParam(value.to_sql_value())).collect())

@@ -391,10 +391,7 @@ struct RoomChanges {
 /// per batch, whether its transaction was already recorded (then nothing of
 /// it is to be persisted).
 async fn record_client_txns(txn: &mut Transaction, batches: &[RoomBatch]) -> Result<Vec<bool>, StoreError> {
-    let with_txn: Vec<(&RoomBatch, &ClientTxn, &NewEvent)> = batches
-        .iter()
-        .filter_map(|batch| Some((batch, batch.txn.as_ref()?, batch.events.first()?)))
-        .collect();
+    let with_txn = with_client_txn(batches);
     if with_txn.is_empty() {
         return Ok(vec![false; batches.len()]);
     }
@@ -424,10 +421,7 @@ async fn record_client_txns(txn: &mut Transaction, batches: &[RoomBatch]) -> Res
 /// Records the client transactions of `batches` with the COMMIT, refusing
 /// any already recorded (see [`TxnCheck::WithCommit`]).
 fn queue_client_txns(txn: &mut Transaction, batches: &[RoomBatch]) {
-    let with_txn: Vec<(&RoomBatch, &ClientTxn, &NewEvent)> = batches
-        .iter()
-        .filter_map(|batch| Some((batch, batch.txn.as_ref()?, batch.events.first()?)))
-        .collect();
+    let with_txn = with_client_txn(batches);
     if with_txn.is_empty() {
         return;
     }
@@ -439,6 +433,12 @@ fn queue_client_txns(txn: &mut Transaction, batches: &[RoomBatch]) {
         ),
         &params,
     );
+}
+
+/// The batches that carry a client transaction, with it and the first event
+/// (the one the transaction answers).
+fn with_client_txn(batches: &[RoomBatch]) -> Vec<(&RoomBatch, &ClientTxn, &NewEvent)> {
+    batches.iter().filter_map(|batch| Some((batch, batch.txn.as_ref()?, batch.events.first()?))).collect()
 }
 
 fn client_txn_params<'a>(
