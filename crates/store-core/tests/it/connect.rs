@@ -69,3 +69,30 @@ async fn a_wrong_postgres_database_name_is_reported() -> TestResult {
     let _test_db = TestDb::new(store_core::Engine::Postgres).await?;
     Ok(())
 }
+
+/// A SQLite file runs in WAL mode, synced at checkpoints only, and
+/// checkpointed every 10,000 pages (docs/config.md says what that keeps).
+#[tokio::test]
+async fn a_sqlite_file_has_the_documented_settings() -> TestResult {
+    let test_db = TestDb::new(store_core::Engine::Sqlite).await?;
+    let pragma = |name: &'static str| {
+        let db = test_db.db.clone();
+        async move {
+            db.run_autocommit("read_pragma", move |txn| {
+                Box::pin(async move {
+                    let row = txn.query_one(&format!("PRAGMA {name}"), &[]).await?;
+                    Ok(match row.values().first() {
+                        Some(store_core::Value::Integer(number)) => number.to_string(),
+                        _ => row.get::<String>(0)?,
+                    })
+                })
+            })
+            .await
+        }
+    };
+    assert_eq!(pragma("journal_mode").await?, "wal");
+    // NORMAL is 1.
+    assert_eq!(pragma("synchronous").await?, "1");
+    assert_eq!(pragma("wal_autocheckpoint").await?, "10000");
+    Ok(())
+}
