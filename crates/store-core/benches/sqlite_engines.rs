@@ -2,7 +2,7 @@
 //! the server runs it) against rusqlite on blocking threads (one writer
 //! connection on a thread of its own, a pool of reader connections on Tokio's
 //! blocking threads), with the same settings (WAL, `synchronous = NORMAL`, a
-//! checkpoint every 10,000 pages of WAL, a busy timeout) and the same work:
+//! busy timeout) and the same work:
 //! - a write is one transaction of an event row and its writer's position
 //!   (`BEGIN IMMEDIATE`, an `INSERT`, an upsert, `COMMIT`), as a persist is;
 //! - a read is one event by its key, as `get_event` on a cache miss is.
@@ -114,8 +114,6 @@ fn open(path: &std::path::Path) -> rusqlite::Connection {
     let conn = rusqlite::Connection::open(path).expect("open the file");
     conn.pragma_update(None, "journal_mode", "WAL").expect("WAL");
     conn.pragma_update(None, "synchronous", "NORMAL").expect("synchronous");
-    // As our pool sets it (store-core's `SQLITE_WAL_CHECKPOINT_PAGES`).
-    conn.pragma_update(None, "wal_autocheckpoint", 10_000).expect("wal_autocheckpoint");
     conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
     conn
 }

@@ -33,13 +33,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long SQLite waits for another connection's write lock.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How many pages the write-ahead log grows to before SQLite copies it back
-/// into the database file (SQLite's default is 1,000, about 4 MiB). The pages
-/// a stream writes again and again (the last leaf of each index) are copied
-/// once a checkpoint, so fewer checkpoints copy less: +11–16% events/s at 64
-/// clients on the SQLite monolith. The log grows to about 40 MiB.
-const SQLITE_WAL_CHECKPOINT_PAGES: u32 = 10_000;
-
 /// The database engine behind a [`Database`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Engine {
@@ -438,8 +431,7 @@ async fn connect_sqlite(
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
         .foreign_keys(true)
-        .busy_timeout(SQLITE_BUSY_TIMEOUT)
-        .pragma("wal_autocheckpoint", SQLITE_WAL_CHECKPOINT_PAGES.to_string());
+        .busy_timeout(SQLITE_BUSY_TIMEOUT);
     let pool_options = if in_memory {
         // Every connection to `:memory:` is a separate database: keep exactly one,
         // forever.
