@@ -43,16 +43,32 @@ trait Engine: Send + Sync + 'static {
     fn read(&self, id: i64) -> impl Future<Output = bool> + Send;
 }
 
-struct Sqlx(Database);
+/// sqlx through our pool.
+struct Sqlx {
+    db: Database,
+    /// Whether a write's statements are queued for the COMMIT
+    /// ([`store_core::Transaction::execute_at_commit`]), so that `BEGIN`,
+    /// them and `COMMIT` are one call on the connection's thread, as the
+    /// server's writers do; otherwise each is a call of its own.
+    one_call: bool,
+}
 
 impl Engine for Sqlx {
     async fn write(&self, id: i64) {
-        self.0
+        let one_call = self.one_call;
+        self.db
             .run_interaction("bench_write", move |txn| {
                 Box::pin(async move {
                     // Our SQL is written with PostgreSQL's placeholders.
-                    txn.execute(&INSERT.replace('?', "$"), &[&id, &"!room:example.com", &BODY]).await?;
-                    txn.execute(&UPSERT.replace('?', "$"), &[&id]).await?;
+                    let (insert, upsert) = (INSERT.replace('?', "$"), UPSERT.replace('?', "$"));
+                    let insert_params: [&dyn store_core::ToSqlValue; 3] = [&id, &"!room:example.com", &BODY];
+                    if one_call {
+                        txn.execute_at_commit(insert, &insert_params);
+                        txn.execute_at_commit(upsert, &[&id]);
+                    } else {
+                        txn.execute(&insert, &insert_params).await?;
+                        txn.execute(&upsert, &[&id]).await?;
+                    }
                     Ok(())
                 })
             })
@@ -61,37 +77,13 @@ impl Engine for Sqlx {
     }
 
     async fn read(&self, id: i64) -> bool {
-        self.0
+        self.db
             .run_autocommit("bench_read", move |txn| {
                 Box::pin(async move { txn.query_opt(&SELECT.replace('?', "$"), &[&id]).await })
             })
             .await
             .expect("a read")
             .is_some()
-    }
-}
-
-/// sqlx as the server's writers now use it: the statements queued for the
-/// COMMIT ([`store_core::Transaction::execute_at_commit`]), so that `BEGIN`,
-/// them and `COMMIT` are one call on the connection's thread.
-struct SqlxOneCall(Database);
-
-impl Engine for SqlxOneCall {
-    async fn write(&self, id: i64) {
-        self.0
-            .run_interaction("bench_write", move |txn| {
-                Box::pin(async move {
-                    txn.execute_at_commit(INSERT.replace('?', "$"), &[&id, &"!room:example.com", &BODY]);
-                    txn.execute_at_commit(UPSERT.replace('?', "$"), &[&id]);
-                    Ok(())
-                })
-            })
-            .await
-            .expect("a write");
-    }
-
-    async fn read(&self, id: i64) -> bool {
-        Sqlx(self.0.clone()).read(id).await
     }
 }
 
@@ -264,9 +256,9 @@ fn main() {
         })
         .await
         .expect("the schema and the rows to read");
-        Arc::new(Sqlx(db))
+        Arc::new(Sqlx { db, one_call: false })
     });
-    let one_call = Arc::new(SqlxOneCall(sqlx.0.clone()));
+    let one_call = Arc::new(Sqlx { db: sqlx.db.clone(), one_call: true });
     {
         let mut conn = open(&rusqlite_path);
         let txn = conn.transaction().expect("a transaction");
