@@ -209,7 +209,8 @@ fn deps(sh: &Shell) -> anyhow::Result<()> {
             }
         }
     }
-    for (dependency, rule) in [("tokio", "no runtime"), ("sqlx", "no database")] {
+    for (dependency, rule) in [("tokio", "no runtime"), ("sqlx", "no database"), ("rusqlite", "no database")]
+    {
         // Fails when `dependency` is nowhere in the package's graph; prints
         // nothing when it is there only through dev-dependencies.
         let reachable =

@@ -4,20 +4,17 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::path::Path;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool as PgPool, RecyclingMethod, Runtime};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
 
 use crate::config::redact_url;
 use crate::error::{DbError, StoreError};
 use crate::migrate::{CORE_MIGRATIONS, MigrationReport};
+use crate::sqlite::{self, Location, SqlitePool};
 use crate::transaction::{Conn, Transaction};
 
 /// A boxed, `Send` future borrowing from `'a`: what interaction closures return.
@@ -30,8 +27,6 @@ const MAX_ATTEMPTS: u32 = 5;
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 /// How long a new PostgreSQL connection may take before the attempt fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long SQLite waits for another connection's write lock.
-const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The database engine behind a [`Database`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,9 +49,10 @@ impl fmt::Display for Engine {
 /// Settings for [`Database::connect_with`].
 #[derive(Debug, Clone)]
 pub struct DatabaseOptions {
-    /// The most connections to open (PostgreSQL, and SQLite files; an in-memory
+    /// The most connections to open. A SQLite file has one for transactions
+    /// and the rest for autocommit reads (at least one of each); an in-memory
     /// SQLite database always has exactly one, or each connection would see its
-    /// own empty database).
+    /// own empty database.
     pub pool_size: usize,
     /// Whether to apply `store-core`'s pending migrations while connecting
     /// ([`crate::CORE_MIGRATIONS`]; the store crates' come with `build_store`).
@@ -305,7 +301,7 @@ impl Database {
         F: for<'t> FnMut(&'t mut Transaction) -> BoxFuture<'t, Result<T, StoreError>> + Send,
         T: Send,
     {
-        let conn = self.acquire(interaction).await?;
+        let conn = self.acquire(interaction, isolation.is_some()).await?;
         let mut txn = Transaction::start(interaction, conn, isolation).await?;
         match f(&mut txn).await {
             Ok(value) => txn.commit().await.map(|()| value),
@@ -323,22 +319,26 @@ impl Database {
     /// built so they read one consistent snapshot. Everything else goes through
     /// [`Database::run_interaction`], which retries and records metrics.
     pub async fn begin(&self, interaction: &'static str) -> Result<Transaction, StoreError> {
-        let conn = self.acquire(interaction).await?;
+        let conn = self.acquire(interaction, true).await?;
         Transaction::start(interaction, conn, Some(Isolation::Snapshot)).await
     }
 
-    async fn acquire(&self, interaction: &'static str) -> Result<Conn, StoreError> {
+    /// A connection, for a transaction or for autocommit statements (which
+    /// SQLite gives a reader).
+    async fn acquire(&self, interaction: &'static str, transaction: bool) -> Result<Conn, StoreError> {
         match &self.inner.pool {
             EnginePool::Postgres(pool) => pool
                 .get()
                 .await
                 .map(Conn::Postgres)
                 .map_err(|err| StoreError::Database { interaction, source: DbError::pool(err) }),
-            EnginePool::Sqlite(pool) => pool
-                .acquire()
-                .await
-                .map(Conn::Sqlite)
-                .map_err(|err| StoreError::Database { interaction, source: DbError::sqlx(err) }),
+            EnginePool::Sqlite(pool) => {
+                let purpose = if transaction { sqlite::Use::Transaction } else { sqlite::Use::Autocommit };
+                pool.acquire(purpose)
+                    .await
+                    .map(Conn::Sqlite)
+                    .map_err(|source| StoreError::Database { interaction, source })
+            }
         }
     }
 
@@ -416,42 +416,13 @@ async fn connect_sqlite(
     options: &DatabaseOptions,
 ) -> Result<EnginePool, StoreError> {
     let invalid = |reason: String| StoreError::InvalidUrl { url: display_url.to_owned(), reason };
-    let connect_options = SqliteConnectOptions::from_str(url).map_err(|err| invalid(err.to_string()))?;
-    let in_memory = is_in_memory(url);
-    if !in_memory {
-        let path = connect_options.get_filename();
-        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty())
-            && !parent.is_dir()
-        {
-            return Err(invalid(format!("the directory {} does not exist", parent.display())));
-        }
+    let location = Location::parse(url).map_err(invalid)?;
+    if let Some(parent) = sqlite::missing_directory(&location) {
+        return Err(invalid(format!("the directory {} does not exist", parent.display())));
     }
-    let connect_options = connect_options
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
-        .foreign_keys(true)
-        .busy_timeout(SQLITE_BUSY_TIMEOUT);
-    let pool_options = if in_memory {
-        // Every connection to `:memory:` is a separate database: keep exactly one,
-        // forever.
-        SqlitePoolOptions::new().min_connections(1).max_connections(1).idle_timeout(None).max_lifetime(None)
-    } else {
-        SqlitePoolOptions::new().max_connections(u32::try_from(options.pool_size).unwrap_or(u32::MAX))
-    };
-    let pool = pool_options.connect_with(connect_options).await.map_err(|err| StoreError::Connect {
-        target: format!("SQLite database {}", sqlite_target(url)),
-        source: DbError::sqlx(err),
-    })?;
+    let target = format!("SQLite database {}", location.describe());
+    let pool = SqlitePool::open(location, options.pool_size)
+        .await
+        .map_err(|source| StoreError::Connect { target, source })?;
     Ok(EnginePool::Sqlite(pool))
-}
-
-fn is_in_memory(url: &str) -> bool {
-    url == "sqlite::memory:" || url.contains(":memory:") || url.contains("mode=memory")
-}
-
-fn sqlite_target(url: &str) -> String {
-    let path = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
-    let path = path.split('?').next().unwrap_or(path);
-    Path::new(path).display().to_string()
 }

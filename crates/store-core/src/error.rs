@@ -170,7 +170,14 @@ pub struct DbError {
 enum DbErrorKind {
     Postgres(tokio_postgres::Error),
     Pool(deadpool_postgres::PoolError),
-    Sqlx(sqlx::Error),
+    /// A statement or call failed on SQLite, with its extended result code
+    /// as text (what [`DbError::code`] answers).
+    Sqlite {
+        err: rusqlite::Error,
+        code: Option<String>,
+    },
+    /// The SQLite pool could not give or keep a connection: why.
+    SqlitePool(String),
     /// A COMMIT failed in a way that left its outcome open, and the outcome
     /// could not be read back: what happened, in words.
     CommitOutcomeUnknown(String),
@@ -185,7 +192,8 @@ const SERIALIZATION_FAILURE: &str = "40001";
 const DEADLOCK_DETECTED: &str = "40P01";
 /// SQLSTATE of a unique violation.
 const UNIQUE_VIOLATION: &str = "23505";
-/// SQLite primary result codes (as sqlx reports them) meaning "try again".
+/// SQLite result codes meaning "try again": busy, locked, and their extended
+/// forms for a recovering WAL and a stale read snapshot.
 const SQLITE_BUSY_CODES: &[&str] = &["5", "6", "261", "517"];
 /// SQLite extended codes for unique and primary-key violations.
 const SQLITE_UNIQUE_CODES: &[&str] = &["2067", "1555"];
@@ -202,8 +210,16 @@ impl DbError {
         }
     }
 
-    pub(crate) fn sqlx(err: sqlx::Error) -> DbError {
-        DbError { kind: DbErrorKind::Sqlx(err) }
+    pub(crate) fn sqlite(err: rusqlite::Error) -> DbError {
+        let code = match &err {
+            rusqlite::Error::SqliteFailure(failure, _) => Some(failure.extended_code.to_string()),
+            _ => None,
+        };
+        DbError { kind: DbErrorKind::Sqlite { err, code } }
+    }
+
+    pub(crate) fn sqlite_pool(why: String) -> DbError {
+        DbError { kind: DbErrorKind::SqlitePool(why) }
     }
 
     pub(crate) fn statement(why: String) -> DbError {
@@ -225,7 +241,8 @@ impl DbError {
         match &self.kind {
             DbErrorKind::Postgres(err) => err.as_db_error().is_none_or(|db| !is_plain_error(db)),
             DbErrorKind::Pool(_)
-            | DbErrorKind::Sqlx(_)
+            | DbErrorKind::Sqlite { .. }
+            | DbErrorKind::SqlitePool(_)
             | DbErrorKind::CommitOutcomeUnknown(_)
             | DbErrorKind::Statement(_) => false,
         }
@@ -242,15 +259,10 @@ impl DbError {
         match &self.kind {
             DbErrorKind::Postgres(err) => err.code().map(|state| state.code()),
             DbErrorKind::Pool(_) => None,
-            DbErrorKind::Sqlx(sqlx::Error::Database(err)) => {
-                err.code().map(|code| match code {
-                    std::borrow::Cow::Borrowed(code) => code,
-                    // sqlx builds SQLite codes as owned strings; only the known
-                    // codes matter to callers, so map them to static ones.
-                    std::borrow::Cow::Owned(code) => known_sqlite_code(&code).unwrap_or("unknown"),
-                })
+            DbErrorKind::Sqlite { code, .. } => code.as_deref(),
+            DbErrorKind::SqlitePool(_) | DbErrorKind::CommitOutcomeUnknown(_) | DbErrorKind::Statement(_) => {
+                None
             }
-            DbErrorKind::Sqlx(_) | DbErrorKind::CommitOutcomeUnknown(_) | DbErrorKind::Statement(_) => None,
         }
     }
 
@@ -260,10 +272,13 @@ impl DbError {
             DbErrorKind::Postgres(_) => {
                 matches!(self.code(), Some(SERIALIZATION_FAILURE | DEADLOCK_DETECTED))
             }
-            DbErrorKind::Sqlx(_) => self.code().is_some_and(|code| SQLITE_BUSY_CODES.contains(&code)),
+            DbErrorKind::Sqlite { .. } => self.code().is_some_and(|code| SQLITE_BUSY_CODES.contains(&code)),
             // Running a write again whose first run may have committed could
             // apply it twice.
-            DbErrorKind::Pool(_) | DbErrorKind::CommitOutcomeUnknown(_) | DbErrorKind::Statement(_) => false,
+            DbErrorKind::Pool(_)
+            | DbErrorKind::SqlitePool(_)
+            | DbErrorKind::CommitOutcomeUnknown(_)
+            | DbErrorKind::Statement(_) => false,
         }
     }
 
@@ -271,8 +286,11 @@ impl DbError {
     pub fn is_unique_violation(&self) -> bool {
         match &self.kind {
             DbErrorKind::Postgres(_) => self.code() == Some(UNIQUE_VIOLATION),
-            DbErrorKind::Sqlx(_) => self.code().is_some_and(|code| SQLITE_UNIQUE_CODES.contains(&code)),
-            DbErrorKind::Pool(_) | DbErrorKind::CommitOutcomeUnknown(_) | DbErrorKind::Statement(_) => false,
+            DbErrorKind::Sqlite { .. } => self.code().is_some_and(|code| SQLITE_UNIQUE_CODES.contains(&code)),
+            DbErrorKind::Pool(_)
+            | DbErrorKind::SqlitePool(_)
+            | DbErrorKind::CommitOutcomeUnknown(_)
+            | DbErrorKind::Statement(_) => false,
         }
     }
 }
@@ -286,10 +304,6 @@ fn is_plain_error(err: &tokio_postgres::error::DbError) -> bool {
         // best guess there.
         None => err.severity() == "ERROR",
     }
-}
-
-fn known_sqlite_code(code: &str) -> Option<&'static str> {
-    SQLITE_BUSY_CODES.iter().chain(SQLITE_UNIQUE_CODES).copied().find(|known| *known == code)
 }
 
 impl fmt::Display for DbError {
@@ -316,7 +330,8 @@ impl fmt::Display for DbError {
                 }
             },
             DbErrorKind::Pool(err) => write!(f, "{err}"),
-            DbErrorKind::Sqlx(err) => write!(f, "{err}"),
+            DbErrorKind::Sqlite { err, .. } => write!(f, "{err}"),
+            DbErrorKind::SqlitePool(why) => f.write_str(why),
             DbErrorKind::CommitOutcomeUnknown(what_happened) => {
                 write!(f, "the outcome of COMMIT is unknown: {what_happened}")
             }
@@ -333,8 +348,9 @@ impl std::error::Error for DbError {
             DbErrorKind::Postgres(_)
             | DbErrorKind::Pool(_)
             | DbErrorKind::CommitOutcomeUnknown(_)
+            | DbErrorKind::SqlitePool(_)
             | DbErrorKind::Statement(_) => None,
-            DbErrorKind::Sqlx(err) => err.source(),
+            DbErrorKind::Sqlite { err, .. } => err.source(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The database layer every store is built on.
 //!
 //! - [`Database`]: one API over two engines, PostgreSQL (deadpool-postgres, for
-//!   deployments of several processes) and SQLite (sqlx, the embedded default).
+//!   deployments of several processes) and SQLite (rusqlite, the embedded default).
 //! - Named interactions: [`Database::run_interaction`] runs a closure in one
 //!   [`Transaction`], retries serialization failures and deadlocks, logs and counts
 //!   each run by name, and runs `call_after` (invalidations),
@@ -37,6 +37,7 @@ mod group_commit;
 mod id_generator;
 mod migrate;
 mod sql;
+mod sqlite;
 mod store;
 mod stream;
 mod token;

@@ -12,34 +12,6 @@ use std::borrow::Cow;
 ///
 /// Refuses a bare `?`: mixing styles would bind differently on the two engines.
 pub(crate) fn to_sqlite(sql: &str) -> Result<Cow<'_, str>, String> {
-    rewrite_placeholders(sql, |number, out| {
-        out.push('?');
-        out.push_str(number);
-        Ok(())
-    })
-}
-
-/// Rewrites `$N` placeholders to bare `?`s, which bind in the order they
-/// appear, and returns with the text the parameter (0-based) each `?` takes:
-/// for several statements sent in one call, where each statement's `?`s
-/// take the parameters after the previous statement's.
-pub(crate) fn to_sqlite_positional(sql: &str) -> Result<(Cow<'_, str>, Vec<usize>), String> {
-    let mut order = Vec::new();
-    let text = rewrite_placeholders(sql, |number, out| {
-        let number: usize =
-            number.parse().map_err(|_| format!("parameter number `${number}` is out of range"))?;
-        order.push(number.checked_sub(1).ok_or("parameters are numbered from $1")?);
-        out.push('?');
-        Ok(())
-    })?;
-    Ok((text, order))
-}
-
-/// Copies `sql`, letting `placeholder` write each `$N` (given `N`'s digits).
-fn rewrite_placeholders<'a>(
-    sql: &'a str,
-    mut placeholder: impl FnMut(&str, &mut String) -> Result<(), String>,
-) -> Result<Cow<'a, str>, String> {
     if !sql.contains(['$', '?']) {
         return Ok(Cow::Borrowed(sql));
     }
@@ -62,7 +34,8 @@ fn rewrite_placeholders<'a>(
                     return Err(format!("`$` at byte {idx} is not followed by a parameter number"));
                 }
                 out.push_str(&sql[copied_upto..idx]);
-                placeholder(&sql[idx + 1..idx + 1 + digits], &mut out)?;
+                out.push('?');
+                out.push_str(&sql[idx + 1..idx + 1 + digits]);
                 idx += 1 + digits;
                 copied_upto = idx;
             }
@@ -113,15 +86,6 @@ mod tests {
         check("SELECT a FROM t WHERE b = $1 AND c = $2", Ok("SELECT a FROM t WHERE b = ?1 AND c = ?2"));
         check("SELECT $12, $1, $12", Ok("SELECT ?12, ?1, ?12"));
         check("INSERT INTO t VALUES ($1,$2)", Ok("INSERT INTO t VALUES (?1,?2)"));
-    }
-
-    #[test]
-    fn positional_placeholders_say_which_parameter_each_takes() {
-        let (text, order) = super::to_sqlite_positional("SELECT $2, $1, '$3', $2").expect("valid");
-        assert_eq!((text.as_ref(), order), ("SELECT ?, ?, '$3', ?", vec![1, 0, 1]));
-        let (text, order) = super::to_sqlite_positional("SELECT 1").expect("valid");
-        assert_eq!((text.as_ref(), order), ("SELECT 1", vec![]));
-        assert!(super::to_sqlite_positional("SELECT $0").is_err());
     }
 
     #[test]

@@ -3,14 +3,14 @@
 //! callbacks that follow it, and, when the connection fails while COMMIT is in
 //! flight, reading the outcome back from the database.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
 use crate::database::Isolation;
 use crate::error::{DbError, StoreError};
-use crate::value::{PgParam, Row, ToSqlValue, Value, bind_sqlite};
+use crate::sqlite::{self, SqliteConn};
+use crate::value::{PgParam, Row, ToSqlValue, Value};
 use crate::{BoxFuture, Engine, sql};
 
 /// An invalidation, registered with [`Transaction::call_after`]: `Fn`, because
@@ -38,9 +38,6 @@ const ASSIGN_XID_SQL: &str = "SELECT pg_current_xact_id()::text::bigint";
 const OUTCOME_SQL: &str = "SELECT pg_xact_status(xid), pg_visible_in_snapshot(xid, pg_current_snapshot()) \
      FROM (SELECT $1::bigint::text::xid8 AS xid) AS asked";
 
-/// The most parameters one SQLite call binds (SQLite's limit is 32,766).
-const SQLITE_MAX_PARAMETERS: usize = 32_000;
-
 /// The first pause between two readings of an outcome still in doubt; each next
 /// pause doubles, up to [`MAX_READ_BACK_PAUSE`].
 const FIRST_READ_BACK_PAUSE: Duration = Duration::from_millis(10);
@@ -48,7 +45,7 @@ const MAX_READ_BACK_PAUSE: Duration = Duration::from_secs(1);
 
 pub(crate) enum Conn {
     Postgres(deadpool_postgres::Object),
-    Sqlite(SqlxConn),
+    Sqlite(SqliteConn),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,18 +352,15 @@ impl Transaction {
             }
             Conn::Sqlite(conn) => {
                 let sql = sql::to_sqlite(sql).map_err(|message| StoreError::Sql { interaction, message })?;
-                // Not in one call with `BEGIN`: sqlx would add to the rows this
-                // statement changed the count SQLite still holds from the
-                // connection's last write, which it reports after `BEGIN`.
-                async {
+                let (sql, params) = (sql.into_owned(), owned(params));
+                conn.call(move |conn| {
                     if let Some(begin) = begin {
-                        sqlite_execute_batch(conn, begin).await?;
+                        conn.execute_batch(begin)?;
                     }
-                    sqlite_execute(conn, &sql, params).await
-                }
+                    sqlite::execute(conn, &sql, &params)
+                })
                 .await
                 .map(|changed| (changed, None))
-                .map_err(DbError::sqlx)
             }
         };
         self.learned(result)
@@ -394,8 +388,15 @@ impl Transaction {
             }
             Conn::Sqlite(conn) => {
                 let sql = sql::to_sqlite(sql).map_err(|message| StoreError::Sql { interaction, message })?;
-                let sql = behind_begin(begin, sql);
-                sqlite_query(conn, &sql, params).await.map(|rows| (rows, None)).map_err(DbError::sqlx)
+                let (sql, params) = (sql.into_owned(), owned(params));
+                conn.call(move |conn| {
+                    if let Some(begin) = begin {
+                        conn.execute_batch(begin)?;
+                    }
+                    sqlite::query(conn, &sql, &params)
+                })
+                .await
+                .map(|rows| (rows, None))
             }
         };
         self.learned(result)
@@ -441,8 +442,15 @@ impl Transaction {
                 result.map_err(DbError::postgres)
             }
             Conn::Sqlite(conn) => {
-                let sql = behind_begin(begin, Cow::Borrowed(sql));
-                sqlite_execute_batch(conn, &sql).await.map(|()| ((), None)).map_err(DbError::sqlx)
+                let sql = sql.to_owned();
+                conn.call(move |conn| {
+                    if let Some(begin) = begin {
+                        conn.execute_batch(begin)?;
+                    }
+                    conn.execute_batch(&sql)
+                })
+                .await
+                .map(|()| ((), None))
             }
         };
         self.learned(result)
@@ -470,7 +478,10 @@ impl Transaction {
     async fn run_batch(&mut self, sql: &str) -> Result<(), StoreError> {
         let result = match self.conn() {
             Conn::Postgres(client) => client.batch_execute(sql).await.map_err(DbError::postgres),
-            Conn::Sqlite(conn) => sqlite_execute_batch(conn, sql).await.map_err(DbError::sqlx),
+            Conn::Sqlite(conn) => {
+                let sql = sql.to_owned();
+                conn.call(move |conn| conn.execute_batch(&sql)).await
+            }
         };
         result.map_err(|source| self.db_error(source))
     }
@@ -632,56 +643,32 @@ impl Transaction {
         committed.map(|_| ()).map_err(DbError::postgres)
     }
 
-    /// SQLite: runs the queued statements and COMMIT in one call on the
-    /// connection's thread (one statement list whose `?`s bind in order, the
-    /// parameters laid out to match), which saves a hand-over between threads
-    /// per statement. A failed statement stops the list before the COMMIT:
-    /// its error is the outcome, and the transaction is rolled back.
+    /// SQLite: runs `BEGIN` if still to be sent, the queued statements and
+    /// COMMIT in one call on the connection's thread, which saves a hand-over
+    /// between threads per statement. A failed statement stops there, before
+    /// the COMMIT: its error is the outcome, and the transaction is rolled back.
     async fn send_commit_sqlite(&mut self) -> Result<(), DbError> {
-        let queued = std::mem::take(&mut self.at_commit);
-        let mut script = String::new();
         let begin = self.take_begin();
-        if let Some(begin) = begin {
-            script.push_str(begin);
-            script.push_str(";\n");
-        }
-        let mut params: Vec<&dyn ToSqlValue> = Vec::new();
-        for statement in &queued {
-            let (sql, order) = sql::to_sqlite_positional(&statement.sql).map_err(DbError::statement)?;
-            // The line break ends a trailing `--` comment before the `;` does
-            // its work; a `;` of the statement's own would leave an empty one.
-            script.push_str(sql.trim_end().trim_end_matches(';'));
-            script.push_str("\n;\n");
-            for index in order {
-                let value = statement.params.get(index).ok_or_else(|| {
-                    DbError::statement(format!(
-                        "`{}` names parameter {} of {}",
-                        statement.sql,
-                        index + 1,
-                        statement.params.len()
-                    ))
-                })?;
-                params.push(value);
-            }
-        }
-        script.push_str("COMMIT");
+        let queued = std::mem::take(&mut self.at_commit)
+            .into_iter()
+            .map(|statement| match sql::to_sqlite(&statement.sql) {
+                Ok(sql) => Ok((sql.into_owned(), statement.params)),
+                Err(why) => Err(DbError::statement(format!("`{}`: {why}", statement.sql))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let Conn::Sqlite(conn) = self.conn() else {
             unreachable!("a SQLite transaction on a PostgreSQL connection")
         };
-        if params.len() > SQLITE_MAX_PARAMETERS {
-            // Too many for one list: one statement at a time.
+        conn.call(move |conn| {
             if let Some(begin) = begin {
-                sqlite_execute_batch(conn, begin).await.map_err(DbError::sqlx)?;
+                conn.execute_batch(begin)?;
             }
-            for statement in &queued {
-                let sql = sql::to_sqlite(&statement.sql).map_err(DbError::statement)?;
-                let params: Vec<&dyn ToSqlValue> =
-                    statement.params.iter().map(|value| value as &dyn ToSqlValue).collect();
-                sqlite_execute(conn, &sql, &params).await.map_err(DbError::sqlx)?;
+            for (sql, params) in &queued {
+                sqlite::execute(conn, sql, params)?;
             }
-            return sqlite_execute_batch(conn, "COMMIT").await.map_err(DbError::sqlx);
-        }
-        sqlite_execute(conn, &script, &params).await.map(drop).map_err(DbError::sqlx)
+            conn.execute_batch("COMMIT")
+        })
+        .await
     }
 
     /// The commit succeeded: invalidations, then positions.
@@ -778,8 +765,8 @@ impl Transaction {
                 drop(deadpool_postgres::Object::take(object));
                 pool
             }
-            Conn::Sqlite(conn) => {
-                rollback_in_background(conn);
+            Conn::Sqlite(mut conn) => {
+                conn.rollback_in_background();
                 None
             }
         }
@@ -810,7 +797,7 @@ impl Transaction {
         if let Some(conn) = self.conn.take() {
             match conn {
                 Conn::Postgres(object) => drop(deadpool_postgres::Object::take(object)),
-                Conn::Sqlite(conn) => rollback_in_background(conn),
+                Conn::Sqlite(mut conn) => conn.rollback_in_background(),
             }
         }
         self.state = State::Finished;
@@ -827,24 +814,6 @@ impl Drop for Transaction {
             State::Autocommit | State::BeginWithFirstStatement(_) => self.run_exception_callbacks(),
             State::Finished => {}
         }
-    }
-}
-
-/// Ends an abandoned SQLite transaction on its connection and only then returns
-/// the connection to the pool. Closing it instead would, for an in-memory
-/// database, destroy the database with its last connection.
-fn rollback_in_background(mut conn: SqlxConn) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
-            runtime.spawn(async move {
-                // Commands run in order: a BEGIN still in flight runs first. An error
-                // means there was no transaction left to end.
-                if sqlite_execute_batch(&mut conn, "ROLLBACK").await.is_err() {
-                    tracing::trace!("no SQLite transaction to roll back");
-                }
-            });
-        }
-        Err(_) => conn.close_on_drop(),
     }
 }
 
@@ -945,16 +914,6 @@ async fn with_xid<T>(
     Ok((done, xid_row?.try_get(0)?))
 }
 
-/// SQLite: `sql` with the transaction's `BEGIN`, when it is still to be sent,
-/// ahead of it in the same call (SQLite runs a list of statements in one go).
-fn behind_begin<'a>(begin: Option<&str>, sql: Cow<'a, str>) -> Cow<'a, str> {
-    match begin {
-        Some(begin) => Cow::Owned(format!("{begin};\n{sql}")),
-        // (`begin` is ours: no comment to end.)
-        None => sql,
-    }
-}
-
 /// Runs `requests` to the end, polling every one still pending, in order, each
 /// time: tokio-postgres sends a request when its future is first polled, so
 /// they all go out in this order before any answer is awaited, in one round
@@ -995,45 +954,9 @@ async fn after_begin<T>(
     done
 }
 
-// The SQLite calls are boxed at a signature with named lifetimes: sqlx's futures
-// left unboxed inside the callers' higher-ranked closures make rustc fail to
-// prove them `Send` ("implementation of `Executor` is not general enough").
-
-type SqlxConn = sqlx::pool::PoolConnection<sqlx::Sqlite>;
-
-fn sqlite_execute<'a>(
-    conn: &'a mut SqlxConn,
-    sql: &'a str,
-    params: &'a [&'a dyn ToSqlValue],
-) -> BoxFuture<'a, Result<u64, sqlx::Error>> {
-    Box::pin(async move {
-        let mut query = sqlx::query(sql);
-        for param in params {
-            query = bind_sqlite(query, param.to_sql_value());
-        }
-        query.execute(&mut **conn).await.map(|done| done.rows_affected())
-    })
-}
-
-fn sqlite_query<'a>(
-    conn: &'a mut SqlxConn,
-    sql: &'a str,
-    params: &'a [&'a dyn ToSqlValue],
-) -> BoxFuture<'a, Result<Vec<Row>, sqlx::Error>> {
-    Box::pin(async move {
-        let mut query = sqlx::query(sql);
-        for param in params {
-            query = bind_sqlite(query, param.to_sql_value());
-        }
-        let rows = query.fetch_all(&mut **conn).await?;
-        Row::from_sqlite_rows(&rows)
-    })
-}
-
-fn sqlite_execute_batch<'a>(conn: &'a mut SqlxConn, sql: &'a str) -> BoxFuture<'a, Result<(), sqlx::Error>> {
-    // A plain `&str` runs every `;`-separated statement on SQLite; `raw_sql`
-    // would too, but its future is not provably `Send` even here.
-    Box::pin(async move { sqlx::Executor::execute(&mut **conn, sql).await.map(|_| ()) })
+/// Copies the parameters, for a statement run on another thread.
+fn owned(params: &[&dyn ToSqlValue]) -> Vec<Value> {
+    params.iter().map(|param| Value::from(param.to_sql_value())).collect()
 }
 
 fn pg_params<'a>(params: &'a [&dyn ToSqlValue]) -> Vec<PgParam<'a>> {

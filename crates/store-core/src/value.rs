@@ -8,7 +8,6 @@ use std::error::Error as StdError;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use sqlx::{Column as _, Row as _, TypeInfo as _, ValueRef as _};
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
 use crate::StoreError;
@@ -298,6 +297,11 @@ impl Row {
         &self.columns
     }
 
+    /// A row of `values` under `columns` (shared by every row of a result).
+    pub(crate) fn new(columns: Arc<[String]>, values: Vec<Value>) -> Row {
+        Row { columns, values }
+    }
+
     pub(crate) fn from_postgres_rows(
         rows: &[tokio_postgres::Row],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
@@ -311,35 +315,6 @@ impl Row {
             })
             .collect()
     }
-
-    pub(crate) fn from_sqlite_rows(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<Row>, sqlx::Error> {
-        let Some(first) = rows.first() else { return Ok(Vec::new()) };
-        let columns: Arc<[String]> = first.columns().iter().map(|column| column.name().to_owned()).collect();
-        rows.iter()
-            .map(|row| {
-                let values = (0..columns.len())
-                    .map(|idx| sqlite_value(row, idx))
-                    .collect::<Result<_, sqlx::Error>>()?;
-                Ok(Row { columns: Arc::clone(&columns), values })
-            })
-            .collect()
-    }
-}
-
-fn sqlite_value(row: &sqlx::sqlite::SqliteRow, idx: usize) -> Result<Value, sqlx::Error> {
-    let raw = row.try_get_raw(idx)?;
-    if raw.is_null() {
-        return Ok(Value::Null);
-    }
-    // The value's own storage class, not the column's declared type: SQLite lets
-    // any column hold any class.
-    let class = raw.type_info().name().to_ascii_uppercase();
-    Ok(match class.as_str() {
-        "INTEGER" | "BOOLEAN" | "INT8" | "BIGINT" => Value::Integer(row.try_get::<i64, _>(idx)?),
-        "REAL" => Value::Real(row.try_get::<f64, _>(idx)?),
-        "BLOB" => Value::Blob(row.try_get::<Vec<u8>, _>(idx)?),
-        _ => Value::Text(row.try_get::<String, _>(idx)?),
-    })
 }
 
 /// Reads any supported PostgreSQL column into a [`Value`].
@@ -440,21 +415,4 @@ impl ToSql for PgParam<'_> {
     }
 
     to_sql_checked!();
-}
-
-/// Binds one value to a sqlx SQLite query.
-pub(crate) fn bind_sqlite<'q>(
-    query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-    value: SqlValue<'q>,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
-    match value {
-        SqlValue::Null => query.bind(None::<i64>),
-        SqlValue::Integer(v) => query.bind(v),
-        SqlValue::Real(v) => query.bind(v),
-        SqlValue::Text(v) => query.bind(v),
-        SqlValue::Blob(v) => query.bind(v),
-        SqlValue::Bool(v) => query.bind(v),
-        // SQLite has no arrays: the list is stored as its JSON text.
-        SqlValue::TextArray(v) => query.bind(serde_json::to_string(v).unwrap_or_else(|_| "[]".to_owned())),
-    }
 }

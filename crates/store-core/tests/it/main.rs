@@ -11,6 +11,7 @@ mod interactions;
 mod migrations;
 mod mixins;
 mod retries;
+mod sqlite_engine;
 mod tokens;
 
 use store_core::{Database, StoreError};
