@@ -1,20 +1,21 @@
-//! `cargo xtask bench sqlite`: the embedded engine through sqlx (our pool, as
-//! the server runs it) against rusqlite on blocking threads (one writer
-//! connection on a thread of its own, a pool of reader connections on Tokio's
-//! blocking threads), with the same settings (WAL, `synchronous = NORMAL`, a
-//! busy timeout) and the same work:
+//! `cargo xtask bench sqlite`: the embedded engine as the server runs it
+//! (store-core's `Database`: rusqlite connections on threads of their own, one
+//! writer for transactions and readers for autocommit reads) against sqlx's
+//! SQLite driver, the engine it replaced, and against rusqlite called
+//! directly (a writer thread, reader connections on Tokio's blocking threads),
+//! with the same settings (WAL, `synchronous = NORMAL`, a busy timeout) and
+//! the same work:
 //! - a write is one transaction of an event row and its writer's position
 //!   (`BEGIN IMMEDIATE`, an `INSERT`, an upsert, `COMMIT`), as a persist is;
 //! - a read is one event by its key, as `get_event` on a cache miss is.
 //!
 //! Each case runs for a few seconds with tasks doing writes, reads or both,
-//! and prints operations per second and the ratio rusqlite / sqlx. rusqlite's
-//! writes are run twice: a whole write in one call to the writer thread, and a
-//! call per statement (what an async API that awaits each statement, as
-//! `Transaction` does, would cost on that engine), so that the engine and the
-//! hops between threads are told apart. sqlx's writes are run twice too: a
-//! call per statement, and the statements queued for the COMMIT, which sends
-//! `BEGIN`, them and `COMMIT` in one call, as the server's writers now do.
+//! and prints operations per second and the ratios to sqlx. Our writes run
+//! twice: a call per statement, and the statements queued for the COMMIT
+//! (one call, as the server's writers do). sqlx's write is one call too
+//! (`BEGIN`, the statements and `COMMIT` as one statement list, which is how
+//! the server used it), and rusqlite's is the whole write in one call to the
+//! writer thread: the floor of any async API over SQLite.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -43,8 +44,8 @@ trait Engine: Send + Sync + 'static {
     fn read(&self, id: i64) -> impl Future<Output = bool> + Send;
 }
 
-/// sqlx through our pool.
-struct Sqlx {
+/// store-core's `Database`, as the server runs it.
+struct Ours {
     db: Database,
     /// Whether a write's statements are queued for the COMMIT
     /// ([`store_core::Transaction::execute_at_commit`]), so that `BEGIN`,
@@ -53,7 +54,7 @@ struct Sqlx {
     one_call: bool,
 }
 
-impl Engine for Sqlx {
+impl Engine for Ours {
     async fn write(&self, id: i64) {
         let one_call = self.one_call;
         self.db
@@ -87,17 +88,60 @@ impl Engine for Sqlx {
     }
 }
 
+/// sqlx's SQLite driver, with the pool and the one-call write the server
+/// used before rusqlite.
+struct Sqlx {
+    pool: sqlx::SqlitePool,
+}
+
+/// The write as one statement list: sqlx binds bare `?`s in order across it.
+const SQLX_WRITE: &str = "BEGIN IMMEDIATE;\n\
+     INSERT INTO bench_events (id, room, body) VALUES (?, ?, ?);\n\
+     INSERT INTO bench_positions (writer, position) VALUES ('master', ?) \
+     ON CONFLICT (writer) DO UPDATE SET position = MAX(bench_positions.position, excluded.position);\n\
+     COMMIT";
+
+impl Sqlx {
+    async fn open(path: &std::path::Path) -> Sqlx {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(path)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(10)
+            .connect_with(options)
+            .await
+            .expect("open the sqlx file");
+        Sqlx { pool }
+    }
+}
+
+impl Engine for Sqlx {
+    fn write(&self, id: i64) -> impl Future<Output = ()> + Send {
+        let write = sqlx::query(SQLX_WRITE).bind(id).bind("!room:example.com").bind(BODY).bind(id);
+        let pool = self.pool.clone();
+        // Boxed: rustc cannot prove sqlx's future `Send` otherwise.
+        let write: std::pin::Pin<Box<dyn Future<Output = _> + Send>> =
+            Box::pin(async move { write.execute(&pool).await });
+        async move {
+            write.await.expect("a write");
+        }
+    }
+
+    fn read(&self, id: i64) -> impl Future<Output = bool> + Send {
+        let pool = self.pool.clone();
+        let read: std::pin::Pin<Box<dyn Future<Output = _> + Send>> =
+            Box::pin(async move { sqlx::query(SELECT).bind(id).fetch_optional(&pool).await });
+        async move { read.await.expect("a read").is_some() }
+    }
+}
+
 /// Work for the writer thread: it runs each job on its connection.
 type WriteJob = Box<dyn FnOnce(&rusqlite::Connection) + Send>;
 
 struct Rusqlite {
     writes: mpsc::Sender<WriteJob>,
-    /// Whether a write is one job (the whole transaction in one call to the
-    /// writer thread) or a job per statement, as an async API that awaits each
-    /// statement would make it.
-    job_per_statement: bool,
-    /// Held by a write for its statements: the connection's transaction.
-    in_transaction: tokio::sync::Mutex<()>,
     readers: Vec<Arc<Mutex<rusqlite::Connection>>>,
     next_reader: AtomicU64,
 }
@@ -111,7 +155,7 @@ fn open(path: &std::path::Path) -> rusqlite::Connection {
 }
 
 impl Rusqlite {
-    fn new(path: &std::path::Path, job_per_statement: bool) -> Rusqlite {
+    fn new(path: &std::path::Path) -> Rusqlite {
         let (writes, jobs) = mpsc::channel::<WriteJob>();
         let writer = open(path);
         std::thread::spawn(move || {
@@ -120,13 +164,7 @@ impl Rusqlite {
             }
         });
         let readers = (0..READERS).map(|_| Arc::new(Mutex::new(open(path)))).collect();
-        Rusqlite {
-            writes,
-            job_per_statement,
-            in_transaction: tokio::sync::Mutex::new(()),
-            readers,
-            next_reader: AtomicU64::new(0),
-        }
+        Rusqlite { writes, readers, next_reader: AtomicU64::new(0) }
     }
 
     /// Runs `statement` on the writer thread and waits for it.
@@ -161,21 +199,13 @@ fn commit(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
 
 impl Engine for Rusqlite {
     async fn write(&self, id: i64) {
-        if self.job_per_statement {
-            let _transaction = self.in_transaction.lock().await;
-            self.on_writer(begin).await;
-            self.on_writer(move |conn| insert(conn, id)).await;
-            self.on_writer(move |conn| upsert(conn, id)).await;
-            self.on_writer(commit).await;
-        } else {
-            self.on_writer(move |conn| {
-                begin(conn)?;
-                insert(conn, id)?;
-                upsert(conn, id)?;
-                commit(conn)
-            })
-            .await;
-        }
+        self.on_writer(move |conn| {
+            begin(conn)?;
+            insert(conn, id)?;
+            upsert(conn, id)?;
+            commit(conn)
+        })
+        .await;
     }
 
     async fn read(&self, id: i64) -> bool {
@@ -235,74 +265,63 @@ async fn run<E: Engine>(
     (per_second(&written), per_second(&read))
 }
 
+/// Fills `path` with the schema and the rows the readers read.
+fn preload(path: &std::path::Path) {
+    let mut conn = open(path);
+    let txn = conn.transaction().expect("a transaction");
+    txn.execute_batch(SCHEMA).expect("the schema");
+    for id in 1..=PRELOADED {
+        txn.execute(INSERT, rusqlite::params![id, "!room:example.com", BODY]).expect("a row to read");
+    }
+    txn.commit().expect("the rows to read");
+}
+
 #[expect(clippy::print_stdout, reason = "a benchmark's output is its report")]
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime");
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let (sqlx_path, rusqlite_path) = (dir.path().join("sqlx.db"), dir.path().join("rusqlite.db"));
-    let sqlx = runtime.block_on(async {
-        let options = DatabaseOptions::default();
-        let db = Database::connect_with(&format!("sqlite://{}", sqlx_path.display()), &options)
-            .await
-            .expect("open the sqlx file");
-        db.run_interaction("preload", |txn| {
-            Box::pin(async move {
-                txn.execute_batch(SCHEMA).await?;
-                for id in 1..=PRELOADED {
-                    txn.execute(&INSERT.replace('?', "$"), &[&id, &"!room:example.com", &BODY]).await?;
-                }
-                Ok(())
-            })
-        })
-        .await
-        .expect("the schema and the rows to read");
-        Arc::new(Sqlx { db, one_call: false })
-    });
-    let one_call = Arc::new(Sqlx { db: sqlx.db.clone(), one_call: true });
-    {
-        let mut conn = open(&rusqlite_path);
-        let txn = conn.transaction().expect("a transaction");
-        txn.execute_batch(SCHEMA).expect("the schema");
-        for id in 1..=PRELOADED {
-            txn.execute(INSERT, rusqlite::params![id, "!room:example.com", BODY]).expect("a row to read");
-        }
-        txn.commit().expect("the rows to read");
+    let paths = ["ours.db", "sqlx.db", "rusqlite.db"].map(|name| dir.path().join(name));
+    for path in &paths {
+        preload(path);
     }
-    let rusqlite = Arc::new(Rusqlite::new(&rusqlite_path, false));
-    let hopping = Arc::new(Rusqlite::new(&rusqlite_path, true));
+    let [ours_path, sqlx_path, rusqlite_path] = &paths;
+    let ours = runtime.block_on(async {
+        let url = format!("sqlite://{}", ours_path.display());
+        let db = Database::connect_with(&url, &DatabaseOptions::default()).await.expect("open our file");
+        Arc::new(Ours { db, one_call: false })
+    });
+    let ours_one_call = Arc::new(Ours { db: ours.db.clone(), one_call: true });
+    let sqlx = Arc::new(runtime.block_on(Sqlx::open(sqlx_path)));
+    let rusqlite = Arc::new(Rusqlite::new(rusqlite_path));
 
     println!(
-        "sqlite/engines: sqlx (our pool) against rusqlite (a writer thread, {READERS} reader connections on blocking threads), WAL, synchronous = NORMAL, {} s a case",
+        "sqlite/engines: ours (store-core's Database) against sqlx's driver and rusqlite called directly (a writer thread, {READERS} reader connections on blocking threads), WAL, synchronous = NORMAL, {} s a case",
         RUN_FOR.as_secs()
     );
-    let (sqlx_ids, rusqlite_ids) =
-        (Arc::new(AtomicU64::new(PRELOADED as u64 + 1)), Arc::new(AtomicU64::new(PRELOADED as u64 + 1)));
     println!(
-        "  (sqlx: a call per statement; sqlx/one call: the statements queued for the COMMIT, one call; rusqlite: a whole write in one call to the writer thread; rusqlite/step: a call per statement)"
+        "  (ours: a call per statement; ours/one call: the statements queued for the COMMIT; sqlx: one statement list per write; rusqlite: a whole write in one call to the writer thread)"
     );
+    let ids = || Arc::new(AtomicU64::new(PRELOADED as u64 + 1));
+    let (ours_ids, sqlx_ids, rusqlite_ids) = (ids(), ids(), ids());
     for (writers, readers) in [(1, 0), (8, 0), (0, 1), (0, 8), (4, 4)] {
+        let (ours_writes, ours_reads) =
+            runtime.block_on(run(Arc::clone(&ours), Arc::clone(&ours_ids), writers, readers));
+        let (one_call_writes, _) = if writers > 0 {
+            runtime.block_on(run(Arc::clone(&ours_one_call), Arc::clone(&ours_ids), writers, 0))
+        } else {
+            (0.0, 0.0)
+        };
         let (sqlx_writes, sqlx_reads) =
             runtime.block_on(run(Arc::clone(&sqlx), Arc::clone(&sqlx_ids), writers, readers));
         let (rusqlite_writes, rusqlite_reads) =
             runtime.block_on(run(Arc::clone(&rusqlite), Arc::clone(&rusqlite_ids), writers, readers));
-        let (step_writes, _) = if writers > 0 {
-            runtime.block_on(run(Arc::clone(&hopping), Arc::clone(&rusqlite_ids), writers, 0))
-        } else {
-            (0.0, 0.0)
-        };
-        let (one_call_writes, _) = if writers > 0 {
-            runtime.block_on(run(Arc::clone(&one_call), Arc::clone(&sqlx_ids), writers, 0))
-        } else {
-            (0.0, 0.0)
-        };
-        let ratio = |ours: f64, theirs: f64| if ours > 0.0 { theirs / ours } else { f64::NAN };
+        let ratio = |ours: f64, theirs: f64| if theirs > 0.0 { ours / theirs } else { f64::NAN };
         println!(
-            "  {writers} writers, {readers} readers: sqlx {sqlx_writes:>6.0} writes/s {sqlx_reads:>6.0} reads/s | sqlx/one call {one_call_writes:>6.0} writes/s | rusqlite {rusqlite_writes:>6.0} writes/s {rusqlite_reads:>6.0} reads/s | rusqlite/step {step_writes:>6.0} writes/s | ratios to sqlx: sqlx/one call writes {:.3}, rusqlite writes {:.3} reads {:.3}, rusqlite/step writes {:.3}; rusqlite / sqlx/one call writes {:.3}",
-            ratio(sqlx_writes, one_call_writes),
-            ratio(sqlx_writes, rusqlite_writes),
-            ratio(sqlx_reads, rusqlite_reads),
-            ratio(sqlx_writes, step_writes),
+            "  {writers} writers, {readers} readers: ours {ours_writes:>6.0} writes/s {ours_reads:>6.0} reads/s | ours/one call {one_call_writes:>6.0} writes/s | sqlx {sqlx_writes:>6.0} writes/s {sqlx_reads:>6.0} reads/s | rusqlite {rusqlite_writes:>6.0} writes/s {rusqlite_reads:>6.0} reads/s | ours/one call / sqlx writes {:.3}, ours / sqlx reads {:.3} | ours/one call / rusqlite writes {:.3}, ours / rusqlite reads {:.3}",
+            ratio(one_call_writes, sqlx_writes),
+            ratio(ours_reads, sqlx_reads),
             ratio(one_call_writes, rusqlite_writes),
+            ratio(ours_reads, rusqlite_reads),
         );
     }
 }
