@@ -5,8 +5,8 @@
 //!   turn in a first-come queue here instead of in SQLite's busy handler, which
 //!   sleeps between tries and so wastes the lock's idle time under load.
 //! - **The readers**: the other connections, for autocommit interactions.
-//!   WAL lets them read while the writer writes. An autocommit write there
-//!   still works; it waits for the write lock in SQLite's busy handler.
+//!   WAL lets them read while the writer writes. A statement of theirs that
+//!   may write is run on the writer, in its turn.
 //!
 //! A database in memory has one connection, which both lanes share: each
 //! connection to `:memory:` would be a database of its own.
@@ -270,6 +270,21 @@ impl Drop for SqliteConn {
 }
 
 impl SqliteConn {
+    /// Like [`SqliteConn::call`], for an autocommit statement that may write:
+    /// on a reader, it runs on the writer instead, in the writer's queue,
+    /// rather than in SQLite's busy handler, which sleeps between tries for the
+    /// write lock while the writer's transactions hold it back to back.
+    pub(crate) async fn call_writing<T: Send + 'static>(
+        &mut self,
+        work: impl FnOnce(&mut rusqlite::Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    ) -> Result<T, DbError> {
+        if self.purpose == Use::Autocommit && self.shared.readers.is_some() {
+            let pool = SqlitePool { shared: Arc::clone(&self.shared) };
+            return pool.acquire(Use::Transaction).await?.call(work).await;
+        }
+        self.call(work).await
+    }
+
     /// Runs `work` on the connection's thread and returns its answer. If the
     /// caller goes away, `work` still runs, and before any later call.
     pub(crate) async fn call<T: Send + 'static>(

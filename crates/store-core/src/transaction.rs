@@ -337,6 +337,7 @@ impl Transaction {
         let interaction = self.interaction;
         let learn_xid = self.learns_xid(sql).then(|| self.xid_sql());
         let begin = self.take_begin();
+        let autocommit = self.state == State::Autocommit;
         let result = match self.conn() {
             Conn::Postgres(client) => {
                 let result = async {
@@ -352,15 +353,16 @@ impl Transaction {
             }
             Conn::Sqlite(conn) => {
                 let sql = sql::to_sqlite(sql).map_err(|message| StoreError::Sql { interaction, message })?;
+                let writes = autocommit && may_write(&sql);
                 let (sql, params) = (sql.into_owned(), owned(params));
-                conn.call(move |conn| {
+                let work = move |conn: &mut rusqlite::Connection| {
                     if let Some(begin) = begin {
                         conn.execute_batch(begin)?;
                     }
                     sqlite::execute(conn, &sql, &params)
-                })
-                .await
-                .map(|changed| (changed, None))
+                };
+                if writes { conn.call_writing(work).await } else { conn.call(work).await }
+                    .map(|changed| (changed, None))
             }
         };
         self.learned(result)
@@ -372,6 +374,7 @@ impl Transaction {
         let interaction = self.interaction;
         let learn_xid = self.learns_xid(sql).then(|| self.xid_sql());
         let begin = self.take_begin();
+        let autocommit = self.state == State::Autocommit;
         let result = match self.conn() {
             Conn::Postgres(client) => {
                 let result = async {
@@ -388,15 +391,16 @@ impl Transaction {
             }
             Conn::Sqlite(conn) => {
                 let sql = sql::to_sqlite(sql).map_err(|message| StoreError::Sql { interaction, message })?;
+                let writes = autocommit && may_write(&sql);
                 let (sql, params) = (sql.into_owned(), owned(params));
-                conn.call(move |conn| {
+                let work = move |conn: &mut rusqlite::Connection| {
                     if let Some(begin) = begin {
                         conn.execute_batch(begin)?;
                     }
                     sqlite::query(conn, &sql, &params)
-                })
-                .await
-                .map(|rows| (rows, None))
+                };
+                if writes { conn.call_writing(work).await } else { conn.call(work).await }
+                    .map(|rows| (rows, None))
             }
         };
         self.learned(result)
@@ -431,6 +435,7 @@ impl Transaction {
         // Any statement of the batch may write, whatever the first one is.
         let learn_xid = self.learns_xid("").then(|| self.xid_sql());
         let begin = self.take_begin();
+        let autocommit = self.state == State::Autocommit;
         let result = match self.conn() {
             Conn::Postgres(client) => {
                 let result = async {
@@ -443,14 +448,15 @@ impl Transaction {
             }
             Conn::Sqlite(conn) => {
                 let sql = sql.to_owned();
-                conn.call(move |conn| {
+                let work = move |conn: &mut rusqlite::Connection| {
                     if let Some(begin) = begin {
                         conn.execute_batch(begin)?;
                     }
                     conn.execute_batch(&sql)
-                })
-                .await
-                .map(|()| ((), None))
+                };
+                // Any statement of the batch may write.
+                if autocommit { conn.call_writing(work).await } else { conn.call(work).await }
+                    .map(|()| ((), None))
             }
         };
         self.learned(result)
@@ -875,7 +881,8 @@ async fn ask_outcome(pool: &deadpool_postgres::Pool, xid: i64) -> Result<Option<
     })
 }
 
-/// Whether `sql` may change rows, and so give the transaction an ID. Only a
+/// Whether `sql` may change rows: on PostgreSQL, give the transaction an ID;
+/// on SQLite, in autocommit, need the writer's connection. Only a
 /// statement that starts with a keyword that cannot write is taken at its word;
 /// a `SELECT` of a function that writes rows would be missed (`nextval` and
 /// `setval` are not transactional and `set_config` writes no rows, so they do
