@@ -183,6 +183,10 @@ struct Counter {
     /// Held while a high-water mark is written on its own: one at a time, and
     /// each writes the last ID handed out, covering everyone queued behind it.
     writing: tokio::sync::Mutex<()>,
+    /// IDs given up before a high-water mark covered them, each set with its
+    /// highest: finished by whatever makes a mark cover them first, the
+    /// background write of their own or the commit of a later write.
+    abandoned: Mutex<Vec<(i64, Vec<i64>)>>,
 }
 
 /// Moves a stream's high-water mark away from zero, never back. The same on
@@ -212,6 +216,7 @@ impl Counter {
             last: Mutex::new(None),
             durable: AtomicI64::new(0),
             writing: tokio::sync::Mutex::new(()),
+            abandoned: Mutex::new(Vec::new()),
         }
     }
 
@@ -257,6 +262,24 @@ impl Counter {
     /// Called after the transaction of [`Counter::record_in`] committed.
     fn committed(&self, mark: i64) {
         self.durable.fetch_max(mark, Ordering::AcqRel);
+    }
+
+    /// Takes the abandoned IDs a high-water mark now covers.
+    fn take_durable_abandoned(&self) -> Vec<i64> {
+        let mut abandoned = self.abandoned.lock().unwrap_or_else(PoisonError::into_inner);
+        if abandoned.is_empty() {
+            return Vec::new();
+        }
+        let durable = self.durable.load(Ordering::Acquire);
+        let mut covered = Vec::new();
+        abandoned.retain_mut(|(highest, ids)| {
+            let keep = *highest > durable;
+            if !keep {
+                covered.append(ids);
+            }
+            keep
+        });
+        covered
     }
 
     /// Makes the high-water mark cover `highest`, in a transaction of its own.
@@ -730,13 +753,26 @@ impl Inner {
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(finish_when_durable(Arc::downgrade(inner), counter, internal_ids, highest));
+                counter
+                    .abandoned
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push((highest, internal_ids));
+                runtime.spawn(finish_when_durable(Arc::downgrade(inner), counter, highest));
             }
             Err(_) => tracing::warn!(
                 stream = %inner.stream_name,
                 ?internal_ids,
                 "no runtime to record abandoned stream IDs in; the stream's position stays below them"
             ),
+        }
+    }
+
+    /// Finishes the abandoned IDs a high-water mark now covers, if any.
+    fn finish_durable_abandoned(&self, counter: &Counter) {
+        let covered = counter.take_durable_abandoned();
+        if !covered.is_empty() {
+            self.mark_finished(&covered);
         }
     }
 
@@ -810,12 +846,7 @@ async fn record_in_background(
 
 /// Finishes abandoned IDs once the counter's high-water mark covers them; see
 /// [`Inner::abandon`].
-async fn finish_when_durable(
-    inner: Weak<Inner>,
-    counter: Arc<Counter>,
-    internal_ids: Vec<i64>,
-    highest: i64,
-) {
+async fn finish_when_durable(inner: Weak<Inner>, counter: Arc<Counter>, highest: i64) {
     let mut pause = HIGH_WATER_FIRST_BACKOFF;
     while let Err(err) = counter.make_durable(highest).await {
         if inner.strong_count() == 0 {
@@ -833,7 +864,7 @@ async fn finish_when_durable(
         pause = (pause * 2).min(HIGH_WATER_MAX_BACKOFF);
     }
     if let Some(inner) = inner.upgrade() {
-        inner.mark_finished(&internal_ids);
+        inner.finish_durable_abandoned(&counter);
     }
 }
 
@@ -938,6 +969,10 @@ impl StreamIdsGuard {
         txn.call_after_position(move || {
             if let (IdSource::Counter(counter), Some(mark)) = (&inner.source, mark) {
                 counter.committed(mark);
+                // Given up by an earlier attempt, say: they need not wait for
+                // a mark of their own, and the position can pass them with
+                // these.
+                inner.finish_durable_abandoned(counter);
             }
             let Some(wanted) = inner.mark_finished(&internal_ids) else { return };
             if let Some(table) = &inner.positions_table {

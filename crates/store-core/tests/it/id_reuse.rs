@@ -22,6 +22,7 @@ engine_tests!(
     an_id_committed_without_a_row_is_never_handed_out_again,
     a_dropped_guard_is_never_handed_out_again,
     a_backwards_stream_never_hands_out_a_rolled_back_id_again,
+    a_later_commit_lets_the_position_pass_ids_given_up_before_it,
 );
 
 /// Allocates `n` IDs inside a transaction that then fails; returns them.
@@ -58,6 +59,37 @@ async fn wait_for_token(token: impl Fn() -> i64, id: i64) -> TestResult {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Err(format!("the token never reached {id}: it is at {}", token()).into())
+}
+
+/// IDs given up by a failed write (a group commit's lost bet, say) hold the
+/// position back only until a later write commits: on SQLite, where they
+/// wait for a high-water mark to cover them, the later write's mark does,
+/// and the position passes both as its commit's callbacks run, without
+/// waiting for a mark of their own.
+async fn a_later_commit_lets_the_position_pass_ids_given_up_before_it(test_db: TestDb) -> TestResult {
+    let harness = Harness::new(&test_db, &["foobar"], true).await?;
+    let generator = harness.generator("master", &["master"]).await?;
+    // Holds SQLite's writer, which a mark of the given-up IDs' own would need.
+    let mut later = harness.db.begin("later_write").await?;
+    let given_up: Result<Vec<i64>, StoreError> = harness
+        .db
+        .run_autocommit("give_up_ids", |txn| {
+            let generator = generator.clone();
+            Box::pin(async move {
+                // More than a high-water mark runs ahead, so none covers them yet.
+                let ids = generator.get_next_mult_txn(txn, 250).await?;
+                Err(StoreError::Misconfigured(format!("the write of {ids:?} fails")))
+            })
+        })
+        .await;
+    assert!(given_up.is_err());
+    let committed = generator.get_next_mult_txn(&mut later, 2).await?;
+    let seen_at_commit = Arc::new(Mutex::new(Vec::new()));
+    let (reader, seen) = (generator.clone(), Arc::clone(&seen_at_commit));
+    later.call_after_position(move || lock(&seen).push(reader.get_current_token()));
+    later.commit().await?;
+    assert_eq!(*lock(&seen_at_commit), [committed[1]], "the position passed both at once");
+    Ok(())
 }
 
 /// The same stream's generator in a new process: a new pool on the same database.
