@@ -5,8 +5,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use store_core::{
-    Database, DbError, Engine, GroupCommit, GroupCommitStats, StoreContext, StoreError, ToSqlValue,
-    Transaction,
+    Database, DbError, GroupCommit, GroupCommitStats, StoreContext, StoreError, ToSqlValue, Transaction,
 };
 
 use crate::reader::EventsReader;
@@ -236,9 +235,7 @@ async fn persist_group(
         let committed = committed_txns.lock().unwrap_or_else(PoisonError::into_inner);
         batches.iter().filter_map(|batch| batch.txn.as_ref()).any(|txn| committed.contains(txn))
     };
-    // On SQLite the check goes in the call that begins the transaction:
-    // nothing to win by betting.
-    let outcome = if db.engine() == Engine::Sqlite || a_retry {
+    let outcome = if a_retry {
         run(TxnCheck::First).await
     } else {
         match run(TxnCheck::WithCommit).await {
@@ -259,10 +256,12 @@ async fn persist_group(
     outcome
 }
 
-/// Persists `batches` in `txn`: on PostgreSQL two round trips when the bet of
-/// [`TxnCheck::WithCommit`] holds (`BEGIN` with the IDs, then every write
-/// with the COMMIT), plus two per room whose current state changed (its
-/// poke's ID).
+/// Persists `batches` in `txn`. When the bet of [`TxnCheck::WithCommit`]
+/// holds, on PostgreSQL that is two round trips (`BEGIN` with the IDs, then
+/// every write with the COMMIT), plus two per room whose current state
+/// changed (its poke's ID); on SQLite, whose stream IDs come from counters in
+/// this process, one call on the connection's thread (`BEGIN`, every write,
+/// `COMMIT`).
 async fn persist_group_txn(
     txn: &mut Transaction,
     committer: &Committer,
