@@ -353,15 +353,10 @@ impl Transaction {
             }
             Conn::Sqlite(conn) => {
                 let sql = sql::to_sqlite(sql).map_err(|message| StoreError::Sql { interaction, message })?;
-                let writes = autocommit && may_write(&sql);
+                let on_writer = autocommit && may_write(&sql);
                 let (sql, params) = (sql.into_owned(), owned(params));
-                let work = move |conn: &mut rusqlite::Connection| {
-                    if let Some(begin) = begin {
-                        conn.execute_batch(begin)?;
-                    }
-                    sqlite::execute(conn, &sql, &params)
-                };
-                if writes { conn.call_writing(work).await } else { conn.call(work).await }
+                sqlite_call(conn, begin, on_writer, move |conn| sqlite::execute(conn, &sql, &params))
+                    .await
                     .map(|changed| (changed, None))
             }
         };
@@ -391,15 +386,10 @@ impl Transaction {
             }
             Conn::Sqlite(conn) => {
                 let sql = sql::to_sqlite(sql).map_err(|message| StoreError::Sql { interaction, message })?;
-                let writes = autocommit && may_write(&sql);
+                let on_writer = autocommit && may_write(&sql);
                 let (sql, params) = (sql.into_owned(), owned(params));
-                let work = move |conn: &mut rusqlite::Connection| {
-                    if let Some(begin) = begin {
-                        conn.execute_batch(begin)?;
-                    }
-                    sqlite::query(conn, &sql, &params)
-                };
-                if writes { conn.call_writing(work).await } else { conn.call(work).await }
+                sqlite_call(conn, begin, on_writer, move |conn| sqlite::query(conn, &sql, &params))
+                    .await
                     .map(|rows| (rows, None))
             }
         };
@@ -448,14 +438,9 @@ impl Transaction {
             }
             Conn::Sqlite(conn) => {
                 let sql = sql.to_owned();
-                let work = move |conn: &mut rusqlite::Connection| {
-                    if let Some(begin) = begin {
-                        conn.execute_batch(begin)?;
-                    }
-                    conn.execute_batch(&sql)
-                };
                 // Any statement of the batch may write.
-                if autocommit { conn.call_writing(work).await } else { conn.call(work).await }
+                sqlite_call(conn, begin, autocommit, move |conn| conn.execute_batch(&sql))
+                    .await
                     .map(|()| ((), None))
             }
         };
@@ -665,10 +650,7 @@ impl Transaction {
         let Conn::Sqlite(conn) = self.conn() else {
             unreachable!("a SQLite transaction on a PostgreSQL connection")
         };
-        conn.call(move |conn| {
-            if let Some(begin) = begin {
-                conn.execute_batch(begin)?;
-            }
+        sqlite_call(conn, begin, false, move |conn| {
             for (sql, params) in &queued {
                 sqlite::execute(conn, sql, params)?;
             }
@@ -959,6 +941,24 @@ async fn after_begin<T>(
     let (begun, done) = tokio::join!(biased; client.batch_execute(begin), work);
     begun?;
     done
+}
+
+/// SQLite: runs `work` in one call on the connection's thread, behind the
+/// transaction's `BEGIN` when that is still to be sent, or, for an
+/// autocommit statement that may write, on the writer's connection.
+async fn sqlite_call<T: Send + 'static>(
+    conn: &mut SqliteConn,
+    begin: Option<&'static str>,
+    on_writer: bool,
+    work: impl FnOnce(&mut rusqlite::Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+) -> Result<T, DbError> {
+    let work = move |conn: &mut rusqlite::Connection| {
+        if let Some(begin) = begin {
+            conn.execute_batch(begin)?;
+        }
+        work(conn)
+    };
+    if on_writer { conn.call_writing(work).await } else { conn.call(work).await }
 }
 
 /// Copies the parameters, for a statement run on another thread.
