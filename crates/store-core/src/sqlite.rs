@@ -263,7 +263,9 @@ impl Drop for SqliteConn {
             (Use::Autocommit, Some(readers)) => readers,
             _ => &self.shared.writer,
         };
-        if let Some(worker) = self.worker.take() {
+        // After `close`, the connection is dropped: its thread ends once the
+        // calls queued on it have run.
+        if let Some(worker) = self.worker.take().filter(|_| !lane.permits.is_closed()) {
             lane.idle.lock().unwrap_or_else(PoisonError::into_inner).push(worker);
         }
     }
