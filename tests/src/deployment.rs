@@ -390,14 +390,10 @@ pub fn no_position_past_the_writer(
 }
 
 /// The events writer of `room_id` among `writers`, computed as every process
-/// computes it: FNV-1a of the room ID, modulo the number of writers, in config
-/// order. The demo says it before the writers' `/metrics` confirm it.
+/// computes it ([`store_core::writer_for_shard`]). The demo says it before the
+/// writers' `/metrics` confirm it.
 pub fn writer_for_room<'a>(room_id: &str, writers: &[&'a str]) -> &'a str {
-    let hash = room_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    });
-    let index = usize::try_from(hash % writers.len() as u64).expect("an index below the number of writers");
-    writers[index]
+    store_core::writer_for_shard(room_id, writers).expect("at least one writer")
 }
 
 /// `instance`'s recorded position on `stream`, read from `stream_positions`.
@@ -432,10 +428,10 @@ mod tests {
 
     #[test]
     fn rooms_hash_to_the_writer_the_server_picks() {
-        // The same rooms and answers as the server's `the_hash_is_fixed_across_releases`.
+        // The rooms and answers of store-core's `the_hash_is_fixed_across_releases`.
         let writers = ["w0", "w1", "w2"];
         let picked: Vec<&str> =
             ["!a:b", "!b:b", "!c:b", "!d:b"].iter().map(|room| writer_for_room(room, &writers)).collect();
-        assert_eq!(picked, ["w2", "w1", "w2", "w0"]);
+        assert_eq!(picked, ["w0", "w2", "w2", "w0"]);
     }
 }

@@ -101,6 +101,45 @@ pub fn is_writer_for(stream_writers: &BTreeMap<String, Vec<String>>, instance: &
     }
 }
 
+/// The writer of `shard` (a room, say) among a stream's `writers`, by
+/// rendezvous hashing: each writer scores the shard, and the highest score
+/// wins. Adding a writer to N moves only the shards it now wins, about
+/// 1/(N+1) of them, all to itself; removing one moves only its own shards.
+/// The list's order does not matter. `None` when `writers` is empty.
+///
+/// The score is FNV-1a over the writer's name, a 0xff byte (never in UTF-8)
+/// and the shard, then murmur3's 64-bit finalizer, so that every byte moves
+/// every bit. Every process and every release must agree on it: changing it
+/// moves rooms of a running deployment (a unit test pins it).
+///
+/// ```
+/// let writers = ["persister1", "persister2"];
+/// let writer = store_core::writer_for_shard("!room:example.com", &writers);
+/// assert!(writer.is_some_and(|writer| writers.contains(writer)));
+/// ```
+pub fn writer_for_shard<'a, W: AsRef<str>>(shard: &str, writers: &'a [W]) -> Option<&'a W> {
+    let score = |writer: &W| {
+        let hash = fnv1a(fnv1a(fnv1a(FNV_OFFSET, writer.as_ref().as_bytes()), &[0xff]), shard.as_bytes());
+        fmix64(hash)
+    };
+    // Ties (between distinct names, in theory only) go to the first listed.
+    writers.iter().rev().max_by_key(|writer| score(writer))
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
+}
+
+fn fmix64(mut hash: u64) -> u64 {
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^ (hash >> 33)
+}
+
 /// The `[caches]` section: sizes in entries, and budgets in bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -201,4 +240,67 @@ fn redact_query(text: &str) -> String {
         })
         .collect();
     format!("{before}?{}", query.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::writer_for_shard;
+
+    fn rooms() -> impl Iterator<Item = String> {
+        (0..10_000).map(|n| format!("!room{n}:example.com"))
+    }
+
+    fn owners<'a>(writers: &[&'a str]) -> Vec<&'a str> {
+        rooms().map(|room| *writer_for_shard(&room, writers).expect("writers")).collect()
+    }
+
+    #[test]
+    fn the_hash_is_fixed_across_releases() {
+        // Changing these answers moves rooms of a running deployment.
+        let writers = ["w0", "w1", "w2"];
+        let picked: Vec<&str> = ["!a:b", "!b:b", "!c:b", "!d:b", "!e:b", "!f:b", "!g:b", "!h:b"]
+            .iter()
+            .map(|room| *writer_for_shard(room, &writers).expect("writers"))
+            .collect();
+        assert_eq!(picked, PINNED);
+    }
+
+    const PINNED: [&str; 8] = ["w0", "w2", "w2", "w0", "w2", "w0", "w1", "w0"];
+
+    #[test]
+    fn rooms_spread_evenly_and_the_order_of_the_list_does_not_matter() {
+        let writers = ["w1", "w2", "w3", "w4"];
+        let mut counts = BTreeMap::new();
+        for owner in owners(&writers) {
+            *counts.entry(owner).or_insert(0) += 1;
+        }
+        assert!(counts.values().all(|count| (2_200..=2_800).contains(count)), "{counts:?}");
+        assert_eq!(owners(&writers), owners(&["w3", "w1", "w4", "w2"]));
+    }
+
+    #[test]
+    fn adding_a_fifth_writer_moves_a_fifth_of_the_rooms_all_to_it() {
+        let before = owners(&["w1", "w2", "w3", "w4"]);
+        let after = owners(&["w1", "w2", "w3", "w4", "w5"]);
+        let moved: Vec<_> = before.iter().zip(&after).filter(|(old, new)| old != new).collect();
+        assert!((1_500..=2_500).contains(&moved.len()), "{} of 10,000 moved", moved.len());
+        assert!(moved.iter().all(|(_, new)| **new == "w5"));
+    }
+
+    #[test]
+    fn removing_a_writer_moves_only_its_own_rooms() {
+        let before = owners(&["w1", "w2", "w3", "w4"]);
+        let after = owners(&["w1", "w2", "w4"]);
+        for (old, new) in before.iter().zip(&after) {
+            assert!(old == new || *old == "w3", "{old} → {new}");
+        }
+    }
+
+    #[test]
+    fn no_writers_no_owner() {
+        assert_eq!(writer_for_shard::<&str>("!a:b", &[]), None);
+        assert_eq!(writer_for_shard("!a:b", &["only"]), Some(&"only"));
+    }
 }

@@ -48,7 +48,9 @@ pub use cache::{
     CURRENT_STATE_POKE, Cache, CacheKey, CacheRegistry, CacheStats, CacheWeight, CachesRow, CachesStream,
     DynCache, Expansion, FillTicket, MEMBERS_PER_POKE_ROW, StreamChangeCache,
 };
-pub use config::{CacheConfig, MASTER_INSTANCE, StoreSettings, is_writer_for, redact_url, writers_for};
+pub use config::{
+    CacheConfig, MASTER_INSTANCE, StoreSettings, is_writer_for, redact_url, writer_for_shard, writers_for,
+};
 pub use database::{BoxFuture, Database, DatabaseOptions, Engine, InteractionStats};
 pub use error::{DbError, StoreError};
 pub use group_commit::{GroupCommit, GroupCommitStats};

@@ -1,8 +1,8 @@
 //! Where the client API's writes go, and the internal endpoints that take them.
 //!
 //! Room events are sharded by room: a stable hash of the room ID picks one of
-//! the `events` writers (in the order `[stream_writers]` lists them, which every
-//! process of a deployment agrees on at start-up). That writer alone checks
+//! the `events` writers (rendezvous hashing, so that a writer added or removed
+//! moves only the rooms it gains or loses). That writer alone checks
 //! the room's events, one request at a time per room, against the room's
 //! state as the writes it queued before will leave it (`room_queue`), and
 //! commits them in groups with the other writes that arrive meanwhile. A
@@ -52,16 +52,13 @@ pub(crate) const MAX_TYPING_TIMEOUT_MS: u64 = 120_000;
 /// before answering anyway (the write is committed either way).
 const READ_YOUR_WRITES_WAIT: Duration = Duration::from_secs(5);
 
-/// The instance that writes `stream` for `room_id`: FNV-1a of the room ID over
-/// the stream's writers. FNV, not `std`'s hasher, because every process and
-/// every release must agree on it.
+/// The instance that writes `stream` for `room_id`: the rendezvous hash of
+/// the room over the stream's writers ([`store_core::writer_for_shard`]).
 pub(crate) fn writer_for_room(config: &ServerConfig, stream: &str, room_id: &str) -> String {
     let writers = config.writers_for(stream);
-    let hash = room_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    });
-    let index = usize::try_from(hash % writers.len().max(1) as u64).unwrap_or(0);
-    writers.get(index).cloned().unwrap_or_else(|| server_config::MASTER_INSTANCE.to_owned())
+    store_core::writer_for_shard(room_id, &writers)
+        .cloned()
+        .unwrap_or_else(|| server_config::MASTER_INSTANCE.to_owned())
 }
 
 /// One event of a [`RoomWrite`], as the client gave it.
@@ -583,16 +580,14 @@ mod tests {
     }
 
     #[test]
-    fn the_hash_is_fixed_across_releases() {
-        // FNV-1a of the room ID; changing it would move every room of a running
-        // deployment to another writer.
+    fn rooms_go_where_the_pinned_hash_says() {
+        // The rooms and answers of store-core's `the_hash_is_fixed_across_releases`.
         let config = config_with_writers(&["w0", "w1", "w2"]);
-        assert_eq!(writer_for_room(&config, "events", "!a:b"), writer_for_room(&config, "events", "!a:b"));
         let spread: Vec<String> = ["!a:b", "!b:b", "!c:b", "!d:b"]
             .iter()
             .map(|room| writer_for_room(&config, "events", room))
             .collect();
-        assert_eq!(spread, ["w2", "w1", "w2", "w0"]);
+        assert_eq!(spread, ["w0", "w2", "w2", "w0"]);
     }
 
     #[test]
