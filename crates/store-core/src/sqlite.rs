@@ -293,14 +293,33 @@ impl SqliteConn {
         &mut self,
         work: impl FnOnce(&mut rusqlite::Connection) -> Result<T, rusqlite::Error> + Send + 'static,
     ) -> Result<T, DbError> {
+        let answered = self.hand_over_call(work)?;
+        answer_of(answered).await
+    }
+
+    /// Hands `work` to the connection's thread and gives the connection back
+    /// to the pool at once, then waits for the answer: for a call that is a
+    /// whole transaction (it begins it, and commits or rolls it back), behind
+    /// which the next user's calls may queue on the thread.
+    pub(crate) fn call_then_release<T: Send + 'static>(
+        mut self,
+        work: impl FnOnce(&mut rusqlite::Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    ) -> impl Future<Output = Result<T, DbError>> + Send + 'static {
+        let answered = self.hand_over_call(work);
+        drop(self);
+        async move { answer_of(answered?).await }
+    }
+
+    /// Queues `work`, whose answer comes on the returned channel.
+    fn hand_over_call<T: Send + 'static>(
+        &mut self,
+        work: impl FnOnce(&mut rusqlite::Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    ) -> Result<Answer<T>, DbError> {
         let (answer, answered) = oneshot::channel();
         self.hand_over(Box::new(move |conn| {
             let _ = answer.send(work(conn));
         }))?;
-        match answered.await {
-            Ok(result) => result.map_err(DbError::sqlite),
-            Err(_) => Err(DbError::sqlite_pool("a SQLite connection's thread ended mid-call".to_owned())),
-        }
+        Ok(answered)
     }
 
     /// Queues `ROLLBACK` without waiting for it: for a transaction abandoned
@@ -327,6 +346,16 @@ impl SqliteConn {
                 Err(DbError::sqlite_pool("a SQLite connection's thread is gone".to_owned()))
             }
         }
+    }
+}
+
+/// Where a call's answer comes back.
+type Answer<T> = oneshot::Receiver<Result<T, rusqlite::Error>>;
+
+async fn answer_of<T>(answered: Answer<T>) -> Result<T, DbError> {
+    match answered.await {
+        Ok(result) => result.map_err(DbError::sqlite),
+        Err(_) => Err(DbError::sqlite_pool("a SQLite connection's thread ended mid-call".to_owned())),
     }
 }
 

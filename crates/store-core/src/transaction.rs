@@ -638,6 +638,11 @@ impl Transaction {
     /// COMMIT in one call on the connection's thread, which saves a hand-over
     /// between threads per statement. A failed statement stops there, before
     /// the COMMIT: its error is the outcome, and the transaction is rolled back.
+    ///
+    /// A transaction that sent nothing before is whole in that call, which
+    /// rolls back itself on failure: the connection goes back to the pool as
+    /// soon as the call is handed over, and the next transaction's calls queue
+    /// behind it on the thread instead of waiting for the answer to come back.
     async fn send_commit_sqlite(&mut self) -> Result<(), DbError> {
         let begin = self.take_begin();
         let queued = std::mem::take(&mut self.at_commit)
@@ -647,16 +652,34 @@ impl Transaction {
                 Err(why) => Err(DbError::statement(format!("`{}`: {why}", statement.sql))),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let Conn::Sqlite(conn) = self.conn() else {
-            unreachable!("a SQLite transaction on a PostgreSQL connection")
-        };
-        sqlite_call(conn, begin, false, move |conn| {
+        let run_and_commit = move |conn: &mut rusqlite::Connection| {
             for (sql, params) in &queued {
                 sqlite::execute(conn, sql, params)?;
             }
             conn.execute_batch("COMMIT")
-        })
-        .await
+        };
+        if let Some(begin) = begin {
+            let Some(Conn::Sqlite(conn)) = self.conn.take() else {
+                unreachable!("a SQLite transaction on a PostgreSQL connection")
+            };
+            return conn
+                .call_then_release(move |conn| {
+                    conn.execute_batch(begin)?;
+                    let outcome = run_and_commit(conn);
+                    if outcome.is_err()
+                        && !conn.is_autocommit()
+                        && let Err(err) = conn.execute_batch("ROLLBACK")
+                    {
+                        tracing::error!("failed to roll back a SQLite transaction that failed: {err}");
+                    }
+                    outcome
+                })
+                .await;
+        }
+        let Conn::Sqlite(conn) = self.conn() else {
+            unreachable!("a SQLite transaction on a PostgreSQL connection")
+        };
+        sqlite_call(conn, None, false, run_and_commit).await
     }
 
     /// The commit succeeded: invalidations, then positions.

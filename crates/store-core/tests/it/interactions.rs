@@ -560,6 +560,21 @@ async fn a_queued_statement_that_fails_rolls_everything_back(test_db: TestDb) ->
     }
     assert_eq!(get_kv(db, "taken").await?, Some(0));
     assert_eq!((after.get(), failed.get()), (0, 1), "failed: no invalidation, the exception callback once");
+    // Every statement queued: the whole transaction goes in the COMMIT's
+    // call (on SQLite the connection is back in the pool before the answer),
+    // and its failure still rolls all of it back.
+    let result: Result<(), StoreError> = db
+        .run_interaction("queued_only_duplicate", |txn| {
+            Box::pin(async move {
+                txn.execute_at_commit("INSERT INTO kv (k, v) VALUES ('e', 6)", &[]);
+                txn.execute_at_commit("INSERT INTO kv (k, v) VALUES ('taken', 7)", &[]);
+                Ok(())
+            })
+        })
+        .await;
+    let err = result.expect_err("the duplicate key must fail the commit");
+    assert!(err.db_error().is_some_and(|db_err| db_err.is_unique_violation()), "{err}");
+    assert_eq!(get_kv(db, "e").await?, None, "e rolled back");
     // The pool is still good.
     db.run_interaction("after", |txn| {
         Box::pin(async move {
