@@ -29,6 +29,7 @@
 
 #![warn(missing_docs)]
 
+mod addresses;
 mod cache;
 mod config;
 mod database;
@@ -44,6 +45,7 @@ mod token;
 mod transaction;
 mod value;
 
+pub use addresses::{http_address_of, record_http_address};
 pub use cache::{
     CURRENT_STATE_POKE, Cache, CacheKey, CacheRegistry, CacheStats, CacheWeight, CachesRow, CachesStream,
     DynCache, Expansion, FillTicket, MEMBERS_PER_POKE_ROW, StreamChangeCache,

@@ -1,5 +1,6 @@
 //! store-core's integration tests, against real PostgreSQL and SQLite.
 
+mod addresses;
 mod caches;
 mod commit_outcome;
 mod connect;
