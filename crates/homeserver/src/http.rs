@@ -37,6 +37,8 @@ pub(crate) struct AppState {
     /// Keep-alive connections to the other processes' internal endpoints, for
     /// forwarded writes.
     pub(crate) internal_client: replication::http::InternalClient,
+    /// Where the writers answer, for forwarded writes.
+    pub(crate) writer_addresses: Arc<crate::client::WriterAddresses>,
     /// The admin registration endpoint's nonces.
     pub(crate) registration_nonces: Arc<crate::client::RegistrationNonces>,
     /// Turns true when the process starts shutting down: long polls answer.

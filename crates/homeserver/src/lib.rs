@@ -191,6 +191,17 @@ where
     let replication = replicate::Replication::start(&config, store.as_ref()).await?;
 
     let address = listener.local_addr().context("read the HTTP listener's address")?;
+    // So that the others find this process without an `[instance_map]` entry.
+    match config.http.advertised(address) {
+        Some(advertised) => {
+            if let Err(err) = store_core::record_http_address(&db, &config.instance_name, &advertised).await {
+                tracing::warn!("failed to record this process's HTTP address ({advertised}): {err}");
+            }
+        }
+        None => tracing::info!(
+            "listening on a wildcard address without `[http] advertise`: other processes reach this one only through their `[instance_map]`"
+        ),
+    }
     let signals = listen_for_shutdown()?;
     announce(role, &config, &db, address);
 
@@ -207,6 +218,7 @@ where
             login_throttle: Arc::default(),
             registration_nonces: Arc::default(),
             internal_client: replication::http::InternalClient::new(),
+            writer_addresses: Arc::new(client::WriterAddresses::new(db.clone())),
             shutting_down,
         },
         extra_routes,

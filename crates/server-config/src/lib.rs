@@ -42,6 +42,10 @@ use serde::Deserialize;
 /// `[stream_writers]`.
 pub use store_core::MASTER_INSTANCE;
 
+/// The typing stream: in the writer's memory, so its followers fetch what they
+/// missed from the writer's `[instance_map]` address.
+const TYPING_STREAM_NAME: &str = "typing";
+
 /// Where the master keeps its data when no database is configured.
 pub const DEFAULT_SQLITE_URL: &str = "sqlite://data/homeserver.db";
 
@@ -121,6 +125,20 @@ pub struct HttpConfig {
     /// The URL clients reach the server at, announced by
     /// `/.well-known/matrix/client` (absent: that path answers 404).
     pub public_baseurl: Option<String>,
+    /// The `HOST:PORT` other processes reach this one's listener at, which it
+    /// records in the database at start-up so that they find it without an
+    /// `[instance_map]` entry. Absent: `listen`, unless that is a wildcard
+    /// address (`0.0.0.0`, `[::]`), which names no one place to reach.
+    pub advertise: Option<String>,
+}
+
+impl HttpConfig {
+    /// The address to record for other processes, if there is one, given the
+    /// address the listener bound (which names the port when `listen` asks
+    /// for any free one).
+    pub fn advertised(&self, bound: SocketAddr) -> Option<String> {
+        self.advertise.clone().or_else(|| (!bound.ip().is_unspecified()).then(|| bound.to_string()))
+    }
 }
 
 /// The `[replication]` section. At most one of `master` and `redis` is set.
@@ -310,6 +328,7 @@ struct RawConfig {
 struct RawHttpConfig {
     listen: Option<String>,
     public_baseurl: Option<String>,
+    advertise: Option<String>,
 }
 
 impl ServerConfig {
@@ -407,7 +426,11 @@ impl ServerConfig {
             instance_name,
             worker_replication_secret: raw.worker_replication_secret,
             database,
-            http: HttpConfig { listen, public_baseurl: raw.http.public_baseurl.clone() },
+            http: HttpConfig {
+                listen,
+                public_baseurl: raw.http.public_baseurl.clone(),
+                advertise: raw.http.advertise.clone(),
+            },
             replication: raw.replication,
             stream_writers: raw.stream_writers,
             instance_map: raw.instance_map,
@@ -437,6 +460,9 @@ impl ServerConfig {
             && !(url.starts_with("https://") || url.starts_with("http://"))
         {
             return Err(format!("`[http] public_baseurl` {url:?} is not an http(s):// URL"));
+        }
+        if let Some(address) = &self.http.advertise {
+            check_host_port(address).map_err(|why| format!("`[http] advertise` = {address:?} {why}"))?;
         }
         check_instance_name(&self.instance_name).map_err(|why| format!("`instance_name` {why}"))?;
         match role {
@@ -545,9 +571,11 @@ impl ServerConfig {
                     return Err(format!("`[stream_writers] {stream}` lists `{writer}` twice"));
                 }
                 seen.push(writer);
-                if !self.instance_map.contains_key(writer) {
+                // Other writers record their address in the database; the
+                // followers of typing fetch its missed rows by the config's.
+                if stream == TYPING_STREAM_NAME && !self.instance_map.contains_key(writer) {
                     return Err(format!(
-                        "`[stream_writers] {stream}` names `{writer}`, which is not in `[instance_map]`; other processes could not reach it"
+                        "`[stream_writers] {stream}` names `{writer}`, which is not in `[instance_map]`; the other processes fetch typing from it there"
                     ));
                 }
             }
@@ -573,8 +601,9 @@ impl ServerConfig {
     /// What a process that forwards client writes of `streams` to their
     /// writers needs beyond a valid config (the reference server forwards
     /// `events`, `receipts` and `typing`): when any writer is another instance,
-    /// the shared secret and the writer's `[instance_map]` address. Libraries
-    /// that only store and replicate do not ask this.
+    /// the shared secret, and, when that writer is the master, its
+    /// `[instance_map]` address (other writers record theirs in the
+    /// database). Libraries that only store and replicate do not ask this.
     pub fn check_client_forwarding(&self, streams: &[&str]) -> Result<(), ConfigError> {
         for stream in streams.iter().copied() {
             for writer in self.writers_for(stream) {
@@ -585,7 +614,7 @@ impl ServerConfig {
                     format!(
                         "`{writer}` writes `{stream}`, so this process forwards client writes to it, which needs `worker_replication_secret`"
                     )
-                } else if !self.instance_map.contains_key(&writer) {
+                } else if writer == MASTER_INSTANCE && !self.instance_map.contains_key(&writer) {
                     format!(
                         "`{writer}` writes `{stream}`, but `[instance_map]` has no address for it to forward client writes to"
                     )

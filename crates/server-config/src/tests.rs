@@ -71,9 +71,10 @@ fn bad_files_give_one_clear_line() {
         ),
         (
             Role::Master,
-            "server_name = \"a\"\n[stream_writers]\nevents = [\"persister1\"]\n",
+            "server_name = \"a\"\n[stream_writers]\ntyping = [\"persister1\"]\n",
             "names `persister1`, which is not in `[instance_map]`",
         ),
+        (Role::Master, "server_name = \"a\"\n[http]\nadvertise = \"nohost\"\n", "`[http] advertise`"),
         (
             Role::Master,
             "server_name = \"a\"\n[stream_writers]\nevents = []\n",
@@ -272,6 +273,13 @@ fn serving_clients_needs_the_secret_and_the_writers_addresses() {
             config.check_client_forwarding(&FORWARDED).expect_err("not enough to serve clients").to_string();
         assert!(err.contains(expected), "{err:?} does not contain {expected:?}");
     }
+    // Writers other than the master record their addresses in the database.
+    let found_in_the_database = ServerConfig::from_toml_str(
+        "server_name = \"a\"\nworker_replication_secret = \"s\"\n[stream_writers]\nevents = [\"p1\", \"p2\"]\n",
+        Role::Master,
+    )
+    .expect("valid");
+    assert!(found_in_the_database.check_client_forwarding(&FORWARDED).is_ok());
     let monolith = ServerConfig::from_toml_str("server_name = \"a\"", Role::Master).expect("valid");
     assert!(monolith.check_client_forwarding(&FORWARDED).is_ok(), "the monolith writes everything itself");
 }
@@ -379,4 +387,20 @@ fn registration_secrets_and_public_urls_are_checked() {
     .unwrap();
     assert!(!format!("{config:?}").contains("hush"), "the secret stays out of Debug");
     assert_eq!(config.http.public_baseurl.as_deref(), Some("https://m.example"));
+}
+
+#[test]
+fn the_advertised_address_is_the_listener_unless_it_is_a_wildcard() {
+    let advertised = |http: &str| {
+        let text = format!("server_name = \"a\"\n[http]\n{http}\n");
+        let http = ServerConfig::from_toml_str(&text, Role::Master).expect("valid").http;
+        http.advertised(http.listen)
+    };
+    assert_eq!(advertised("listen = \"127.0.0.1:8008\""), Some("127.0.0.1:8008".to_owned()));
+    assert_eq!(advertised("listen = \"0.0.0.0:8008\""), None);
+    assert_eq!(advertised("listen = \"[::]:8008\""), None);
+    assert_eq!(
+        advertised("listen = \"0.0.0.0:8008\"\nadvertise = \"persister1.internal:8008\""),
+        Some("persister1.internal:8008".to_owned())
+    );
 }

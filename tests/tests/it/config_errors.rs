@@ -46,15 +46,17 @@ fn missing_required_fields_are_named() {
     check(Binary::Worker, None, &[], "a worker needs a config file");
 }
 
+/// Writers are found through the database, but the followers of typing fetch
+/// from its writer's `[instance_map]` address.
 #[test]
-fn a_writer_missing_from_the_instance_map_is_refused() {
+fn a_typing_writer_missing_from_the_instance_map_is_refused() {
     check(
         Binary::Master,
         Some(
-            "server_name = \"a\"\n[stream_writers]\nevents = [\"persister1\"]\n[instance_map]\nmaster = \"127.0.0.1:8008\"\n",
+            "server_name = \"a\"\n[stream_writers]\ntyping = [\"persister1\"]\n[instance_map]\nmaster = \"127.0.0.1:8008\"\n",
         ),
         &[],
-        "`[stream_writers] events` names `persister1`, which is not in `[instance_map]`",
+        "`[stream_writers] typing` names `persister1`, which is not in `[instance_map]`",
     );
 }
 

@@ -182,3 +182,54 @@ fn forwarded_writes_survive_the_writer_restarting() {
     expected.sort();
     assert_eq!(messages, expected, "{sync}");
 }
+
+/// `config` with `[instance_map]` naming the master alone: the other
+/// processes must be found through the addresses they record at start-up.
+fn only_the_master_mapped(config: &str) -> String {
+    let (head, map) = config.split_once("[instance_map]\n").expect("the deployment's configs map instances");
+    let master: Vec<&str> = map.lines().filter(|line| line.starts_with("master =")).collect();
+    format!("{head}[instance_map]\n{}\n", master.join("\n"))
+}
+
+/// Writers named in no one's `[instance_map]` are found by the addresses they
+/// record in the database; one that restarts on another port is found there
+/// again, and the first write after the move reaches it.
+#[test]
+fn writers_are_found_through_the_database() {
+    let deployment = Deployment::for_clients();
+    let names = ["master", "writer1", "writer2", "syncer"];
+    let mut servers: Vec<Server> = names
+        .iter()
+        .map(|name| deployment.start_with_config(name, &only_the_master_mapped(&deployment.config(name))))
+        .collect();
+    the_flow(&base_urls(&servers));
+
+    let syncer = base_urls(&servers)[3].clone();
+    let bo = register(&syncer, "bo");
+    let room = bo.create_room();
+    let writer = tests::deployment::writer_for_room(&room, &["writer1", "writer2"]);
+    let index = names.iter().position(|name| *name == writer).expect("a writer of the deployment");
+    let send = |txn: &str| {
+        bo.call(
+            "PUT",
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", encode(&room)),
+            Some(&json!({"body": txn})),
+        )
+    };
+    let (status, answer) = send("before");
+    assert_eq!(status, 200, "{answer}");
+    let stopped = servers.remove(index).stop_with("TERM");
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    let config = only_the_master_mapped(&deployment.config(writer));
+    let old_listen =
+        config.lines().find(|line| line.starts_with("listen = \"127.0.0.1:")).expect("a listener");
+    let moved =
+        config.replace(old_listen, &format!("listen = \"127.0.0.1:{}\"", tests::deployment::free_port()));
+    servers.insert(index, deployment.start_with_config(writer, &moved));
+    let (status, answer) = send("after");
+    assert_eq!(status, 200, "the first write after the move: {answer}");
+    let sync = bo.sync(None, Duration::ZERO);
+    let timeline = sync["rooms"]["join"][&room]["timeline"]["events"].as_array().cloned().unwrap_or_default();
+    let messages = timeline.iter().filter_map(|event| event["content"]["body"].as_str()).collect::<Vec<_>>();
+    assert_eq!(messages, ["before", "after"], "{sync}");
+}

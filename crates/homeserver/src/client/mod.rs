@@ -42,6 +42,7 @@ use crate::http::AppState;
 
 pub(crate) use accounts::{LoginThrottle, RegistrationNonces};
 pub(crate) use room_queue::RoomLocks;
+pub(crate) use writes::WriterAddresses;
 
 /// The routes of the client API and of the internal write endpoints.
 pub(crate) fn router(state: AppState) -> Router {

@@ -14,6 +14,8 @@
 //! has itself seen the write's position, so the client reads its own writes
 //! from the process it wrote through.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::Json;
@@ -27,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use server_config::ServerConfig;
 use store_account_data::ACCOUNT_DATA_STREAM;
-use store_core::MultiWriterIdGenerator;
+use store_core::{Database, MultiWriterIdGenerator};
 use store_events::{ClientTxn, EVENTS_STREAM, NewEvent, Persisted};
 use store_receipts::{RECEIPTS_STREAM, ReceiptRow};
 
@@ -236,16 +238,28 @@ async fn forward<B: Serialize, A: DeserializeOwned>(
             format!("`{writer}`, which writes this, is unavailable; try again"),
         )
     };
-    let address =
-        state.config.instance_map.get(writer).ok_or_else(|| unavailable("not in [instance_map]"))?;
+    let addresses = &state.writer_addresses;
+    let address = addresses.address_of(&state.config, writer).await.map_err(|why| unavailable(&why))?;
     // The config refuses to start without a secret when writers are elsewhere.
     let secret = state.config.worker_replication_secret.as_deref().unwrap_or_default();
     let body = serde_json::to_string(body).map_err(|err| ClientError::internal("encode a write", err))?;
-    let (status, answer) = state
-        .internal_client
-        .request(address, "POST", path, secret, Some(&body))
-        .await
-        .map_err(|why| unavailable(&why))?;
+    let client = &state.internal_client;
+    let (status, answer) = match client.request(&address, "POST", path, secret, Some(&body)).await {
+        Ok(answered) => answered,
+        Err(why) => {
+            // A writer that restarted elsewhere recorded its new address:
+            // once, there. Safe to send again: a room write carries its
+            // `txn_id`, and receipts and typing are idempotent.
+            addresses.forget(writer);
+            match addresses.address_of(&state.config, writer).await {
+                Ok(moved) if moved != address => client
+                    .request(&moved, "POST", path, secret, Some(&body))
+                    .await
+                    .map_err(|why| unavailable(&why))?,
+                _ => return Err(unavailable(&why)),
+            }
+        }
+    };
     if status == 200 {
         return serde_json::from_str(&answer).map_err(|err| unavailable(&err.to_string()));
     }
@@ -265,6 +279,54 @@ async fn forward<B: Serialize, A: DeserializeOwned>(
             Err(ClientError::new(status, errcode, refusal["error"].as_str().unwrap_or_default()))
         }
         _ => Err(unavailable(&format!("it answered {status}: {answer}"))),
+    }
+}
+
+/// Where the writers answer HTTP: `[instance_map]` first, then the address
+/// each recorded in the database at start-up, remembered until a call to it
+/// fails.
+pub(crate) struct WriterAddresses {
+    db: Database,
+    found: Mutex<HashMap<String, String>>,
+}
+
+impl WriterAddresses {
+    pub(crate) fn new(db: Database) -> WriterAddresses {
+        WriterAddresses { db, found: Mutex::default() }
+    }
+
+    async fn address_of(&self, config: &ServerConfig, writer: &str) -> Result<String, String> {
+        if let Some(address) = config.instance_map.get(writer) {
+            return Ok(address.clone());
+        }
+        if let Some(address) = self.found().get(writer) {
+            return Ok(address.clone());
+        }
+        match store_core::http_address_of(&self.db, writer).await {
+            Ok(Some(address)) => {
+                self.found().insert(writer.to_owned(), address.clone());
+                Ok(address)
+            }
+            Ok(None) => {
+                Err("not in [instance_map], and it has not recorded an address: has it started?".to_owned())
+            }
+            Err(err) => Err(format!("reading its address failed: {err}")),
+        }
+    }
+
+    fn forget(&self, writer: &str) {
+        self.found().remove(writer);
+    }
+
+    fn found(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        // Whole entries are inserted and removed: a poisoned map is still right.
+        self.found.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl std::fmt::Debug for WriterAddresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriterAddresses").field("found", &*self.found()).finish_non_exhaustive()
     }
 }
 
