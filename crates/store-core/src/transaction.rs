@@ -242,6 +242,12 @@ impl Transaction {
             && (self.assign_xid || may_write(sql))
     }
 
+    /// Whether the statement `sql`, with `queued` statements ahead of it, is
+    /// to learn the transaction's ID (any queued statement may write).
+    fn learns_xid_with(&self, sql: &str, queued: &[AtCommit]) -> bool {
+        self.learns_xid(sql) || (!queued.is_empty() && self.learns_xid(""))
+    }
+
     /// The statement that learns the transaction's ID: assigning one when
     /// [`assign_id`](Self::assign_id) asked for it (then only once).
     fn xid_sql(&mut self) -> &'static str {
@@ -279,22 +285,62 @@ impl Transaction {
     }
 
     /// Runs one statement and returns the number of rows it changed.
+    ///
+    /// Statements queued for the COMMIT before it go ahead of it, in the same
+    /// round trip (PostgreSQL) or call (SQLite), as they do for
+    /// [`query`](Self::query) and [`execute_batch`](Self::execute_batch).
     pub async fn execute(&mut self, sql: &str, params: &[&dyn ToSqlValue]) -> Result<u64, StoreError> {
-        self.send_queued().await?;
-        self.execute_now(sql, params).await
+        let interaction = self.interaction;
+        let queued = std::mem::take(&mut self.at_commit);
+        let learn_xid = self.learns_xid_with(sql, &queued).then(|| self.xid_sql());
+        let begin = self.take_begin();
+        let autocommit = self.state == State::Autocommit;
+        let result = match self.conn() {
+            Conn::Postgres(client) => {
+                let result = async {
+                    let ahead = prepare_queued(client, &queued).await?;
+                    let statement = client.prepare_cached(sql).await?;
+                    let xid_statement = prepare_xid_statement(client, learn_xid).await?;
+                    let params = pg_params(params);
+                    let refs = pg_refs(&params);
+                    let work = with_xid(client, xid_statement.as_ref(), client.execute(&statement, &refs));
+                    after_begin(client, begin, behind_queued(client, &ahead, &queued, work)).await
+                }
+                .await;
+                result.map_err(DbError::postgres)
+            }
+            Conn::Sqlite(conn) => {
+                let sql = sql::to_sqlite(sql).map_err(|message| StoreError::Sql { interaction, message })?;
+                let on_writer = autocommit && (may_write(&sql) || !queued.is_empty());
+                let (sql, params) = (sql.into_owned(), owned(params));
+                match sqlite_statements(queued) {
+                    Ok(queued) => sqlite_call(conn, begin, on_writer, move |conn| {
+                        run_queued(conn, &queued)?;
+                        sqlite::execute(conn, &sql, &params)
+                    })
+                    .await
+                    .map(|changed| (changed, None)),
+                    Err(err) => Err(err),
+                }
+            }
+        };
+        self.learned(result)
     }
 
     /// Queues `sql` to run just before COMMIT, in its round trip: for the
     /// writes that end an interaction, whose results nothing waits for. On
     /// PostgreSQL the queued statements, the COMMIT, and `BEGIN` if nothing was
     /// sent yet go out together, which saves a round trip per statement; on
-    /// SQLite, and outside a transaction, they run in turn before the COMMIT.
+    /// SQLite they run in the COMMIT's call on the connection's thread;
+    /// outside a transaction, they run in turn.
     ///
-    /// The parameters are copied. A statement run in the meantime sends the
-    /// queued ones first, so statements always run in the order they were
-    /// given. If a queued statement fails, the transaction rolls back and
-    /// [`commit`](Self::commit) returns that statement's error (retried like any
-    /// other by [`Database::run_interaction`](crate::Database::run_interaction)).
+    /// The parameters are copied. A statement run in the meantime takes the
+    /// queued ones ahead of it, in its own round trip (or call), so statements
+    /// always run in the order they were given; if one of them fails, that
+    /// statement returns its error. If a queued statement fails at the
+    /// COMMIT, the transaction rolls back and [`commit`](Self::commit) returns
+    /// that statement's error (retried like any other by
+    /// [`Database::run_interaction`](crate::Database::run_interaction)).
     ///
     /// A COMMIT in doubt is read back by the transaction's ID: when every write
     /// of a transaction is queued, call [`assign_id`](Self::assign_id) before
@@ -324,61 +370,34 @@ impl Transaction {
         self.assign_xid = self.engine == Engine::Postgres && self.xid.is_none();
     }
 
-    /// Sends the statements queued for the COMMIT now, in turn.
+    /// Outside a transaction, which has no COMMIT to send them with: runs the
+    /// statements queued for the COMMIT now, in turn.
     async fn send_queued(&mut self) -> Result<(), StoreError> {
         for queued in std::mem::take(&mut self.at_commit) {
             let params: Vec<&dyn ToSqlValue> = queued.params.iter().map(|v| v as &dyn ToSqlValue).collect();
-            self.execute_now(&queued.sql, &params).await?;
+            self.execute(&queued.sql, &params).await?;
         }
         Ok(())
     }
 
-    async fn execute_now(&mut self, sql: &str, params: &[&dyn ToSqlValue]) -> Result<u64, StoreError> {
-        let interaction = self.interaction;
-        let learn_xid = self.learns_xid(sql).then(|| self.xid_sql());
-        let begin = self.take_begin();
-        let autocommit = self.state == State::Autocommit;
-        let result = match self.conn() {
-            Conn::Postgres(client) => {
-                let result = async {
-                    let statement = client.prepare_cached(sql).await?;
-                    let xid_statement = prepare_xid_statement(client, learn_xid).await?;
-                    let params = pg_params(params);
-                    let refs = pg_refs(&params);
-                    let work = with_xid(client, xid_statement.as_ref(), client.execute(&statement, &refs));
-                    after_begin(client, begin, work).await
-                }
-                .await;
-                result.map_err(DbError::postgres)
-            }
-            Conn::Sqlite(conn) => {
-                let sql = sql::to_sqlite(sql).map_err(|message| StoreError::Sql { interaction, message })?;
-                let on_writer = autocommit && may_write(&sql);
-                let (sql, params) = (sql.into_owned(), owned(params));
-                sqlite_call(conn, begin, on_writer, move |conn| sqlite::execute(conn, &sql, &params))
-                    .await
-                    .map(|changed| (changed, None))
-            }
-        };
-        self.learned(result)
-    }
-
     /// Runs a query and returns all its rows.
     pub async fn query(&mut self, sql: &str, params: &[&dyn ToSqlValue]) -> Result<Vec<Row>, StoreError> {
-        self.send_queued().await?;
         let interaction = self.interaction;
-        let learn_xid = self.learns_xid(sql).then(|| self.xid_sql());
+        let queued = std::mem::take(&mut self.at_commit);
+        let learn_xid = self.learns_xid_with(sql, &queued).then(|| self.xid_sql());
         let begin = self.take_begin();
         let autocommit = self.state == State::Autocommit;
         let result = match self.conn() {
             Conn::Postgres(client) => {
                 let result = async {
+                    let ahead = prepare_queued(client, &queued).await?;
                     let statement = client.prepare_cached(sql).await?;
                     let xid_statement = prepare_xid_statement(client, learn_xid).await?;
                     let params = pg_params(params);
                     let refs = pg_refs(&params);
                     let work = with_xid(client, xid_statement.as_ref(), client.query(&statement, &refs));
-                    let (rows, xid) = after_begin(client, begin, work).await?;
+                    let (rows, xid) =
+                        after_begin(client, begin, behind_queued(client, &ahead, &queued, work)).await?;
                     Ok((Row::from_postgres_rows(&rows)?, xid))
                 }
                 .await;
@@ -386,11 +405,17 @@ impl Transaction {
             }
             Conn::Sqlite(conn) => {
                 let sql = sql::to_sqlite(sql).map_err(|message| StoreError::Sql { interaction, message })?;
-                let on_writer = autocommit && may_write(&sql);
+                let on_writer = autocommit && (may_write(&sql) || !queued.is_empty());
                 let (sql, params) = (sql.into_owned(), owned(params));
-                sqlite_call(conn, begin, on_writer, move |conn| sqlite::query(conn, &sql, &params))
+                match sqlite_statements(queued) {
+                    Ok(queued) => sqlite_call(conn, begin, on_writer, move |conn| {
+                        run_queued(conn, &queued)?;
+                        sqlite::query(conn, &sql, &params)
+                    })
                     .await
-                    .map(|rows| (rows, None))
+                    .map(|rows| (rows, None)),
+                    Err(err) => Err(err),
+                }
             }
         };
         self.learned(result)
@@ -421,7 +446,7 @@ impl Transaction {
 
     /// Runs several `;`-separated statements without parameters (DDL, `SET`).
     pub async fn execute_batch(&mut self, sql: &str) -> Result<(), StoreError> {
-        self.send_queued().await?;
+        let queued = std::mem::take(&mut self.at_commit);
         // Any statement of the batch may write, whatever the first one is.
         let learn_xid = self.learns_xid("").then(|| self.xid_sql());
         let begin = self.take_begin();
@@ -429,9 +454,10 @@ impl Transaction {
         let result = match self.conn() {
             Conn::Postgres(client) => {
                 let result = async {
+                    let ahead = prepare_queued(client, &queued).await?;
                     let xid_statement = prepare_xid_statement(client, learn_xid).await?;
                     let work = with_xid(client, xid_statement.as_ref(), client.batch_execute(sql));
-                    after_begin(client, begin, work).await
+                    after_begin(client, begin, behind_queued(client, &ahead, &queued, work)).await
                 }
                 .await;
                 result.map_err(DbError::postgres)
@@ -439,9 +465,15 @@ impl Transaction {
             Conn::Sqlite(conn) => {
                 let sql = sql.to_owned();
                 // Any statement of the batch may write.
-                sqlite_call(conn, begin, autocommit, move |conn| conn.execute_batch(&sql))
+                match sqlite_statements(queued) {
+                    Ok(queued) => sqlite_call(conn, begin, autocommit, move |conn| {
+                        run_queued(conn, &queued)?;
+                        conn.execute_batch(&sql)
+                    })
                     .await
-                    .map(|()| ((), None))
+                    .map(|()| ((), None)),
+                    Err(err) => Err(err),
+                }
             }
         };
         self.learned(result)
@@ -565,9 +597,7 @@ impl Transaction {
         let Some(Conn::Postgres(client)) = self.conn.as_ref() else {
             unreachable!("a PostgreSQL transaction on a SQLite connection")
         };
-        for statement in &self.at_commit {
-            prepared.statements.push(client.prepare_cached(&statement.sql).await.map_err(DbError::postgres)?);
-        }
+        prepared.statements = prepare_queued(client, &self.at_commit).await.map_err(DbError::postgres)?;
         prepared.xid = prepare_xid_statement(client, ask_xid.then_some(CURRENT_XID_SQL))
             .await
             .map_err(DbError::postgres)?;
@@ -645,17 +675,9 @@ impl Transaction {
     /// behind it on the thread instead of waiting for the answer to come back.
     async fn send_commit_sqlite(&mut self) -> Result<(), DbError> {
         let begin = self.take_begin();
-        let queued = std::mem::take(&mut self.at_commit)
-            .into_iter()
-            .map(|statement| match sql::to_sqlite(&statement.sql) {
-                Ok(sql) => Ok((sql.into_owned(), statement.params)),
-                Err(why) => Err(DbError::statement(format!("`{}`: {why}", statement.sql))),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let queued = sqlite_statements(std::mem::take(&mut self.at_commit))?;
         let run_and_commit = move |conn: &mut rusqlite::Connection| {
-            for (sql, params) in &queued {
-                sqlite::execute(conn, sql, params)?;
-            }
+            run_queued(conn, &queued)?;
             conn.execute_batch("COMMIT")
         };
         if let Some(begin) = begin {
@@ -982,6 +1004,69 @@ async fn sqlite_call<T: Send + 'static>(
         work(conn)
     };
     if on_writer { conn.call_writing(work).await } else { conn.call(work).await }
+}
+
+/// PostgreSQL: prepares the statements queued for the COMMIT (from the
+/// connection's cache), before anything of the round trip they go in is sent.
+async fn prepare_queued(
+    client: &deadpool_postgres::Object,
+    queued: &[AtCommit],
+) -> Result<Vec<tokio_postgres::Statement>, tokio_postgres::Error> {
+    let mut prepared = Vec::with_capacity(queued.len());
+    for statement in queued {
+        prepared.push(client.prepare_cached(&statement.sql).await?);
+    }
+    Ok(prepared)
+}
+
+/// PostgreSQL: runs `work` with the queued statements (`prepared`, with the
+/// parameters of `queued`) sent just ahead of it, in the same round trip. A
+/// queued statement's failure is the outcome: `work` then fails too, the
+/// transaction being aborted.
+async fn behind_queued<T>(
+    client: &tokio_postgres::Client,
+    prepared: &[tokio_postgres::Statement],
+    queued: &[AtCommit],
+    work: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    if prepared.is_empty() {
+        return work.await;
+    }
+    let values: Vec<Vec<PgParam<'_>>> = queued
+        .iter()
+        .map(|statement| statement.params.iter().map(|value| PgParam(value.to_sql_value())).collect())
+        .collect();
+    let refs: Vec<_> = values.iter().map(|values| pg_refs(values)).collect();
+    let requests: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = prepared
+        .iter()
+        .zip(&refs)
+        .map(|(statement, params)| Box::pin(client.execute(statement, params)) as BoxFuture<'_, _>)
+        .collect();
+    let (answers, done) = tokio::join!(biased; in_one_round_trip(requests), work);
+    for answer in answers {
+        answer?;
+    }
+    done
+}
+
+/// SQLite: the statements queued for the COMMIT in SQLite's placeholders,
+/// to run on the connection's thread.
+fn sqlite_statements(queued: Vec<AtCommit>) -> Result<Vec<(String, Vec<Value>)>, DbError> {
+    queued
+        .into_iter()
+        .map(|statement| match sql::to_sqlite(&statement.sql) {
+            Ok(sql) => Ok((sql.into_owned(), statement.params)),
+            Err(why) => Err(DbError::statement(format!("`{}`: {why}", statement.sql))),
+        })
+        .collect()
+}
+
+/// SQLite: runs the queued statements in order; the first failure stops them.
+fn run_queued(conn: &rusqlite::Connection, queued: &[(String, Vec<Value>)]) -> Result<(), rusqlite::Error> {
+    for (sql, params) in queued {
+        sqlite::execute(conn, sql, params)?;
+    }
+    Ok(())
 }
 
 /// Copies the parameters, for a statement run on another thread.

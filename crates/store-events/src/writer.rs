@@ -338,8 +338,7 @@ async fn persist_group_txn(
         }
     }
     *committed.lock().unwrap_or_else(PoisonError::into_inner) = recorded;
-    // The pokes take IDs of their own, in round trips that would send anything
-    // already queued for the COMMIT one statement at a time: they come first.
+    // The pokes take IDs of their own: a round trip each on PostgreSQL.
     for room in rooms.iter().filter(|room| room.state_changed) {
         reader.caches.poke_current_state(txn, &room.room_id, &room.members).await?;
     }

@@ -24,6 +24,7 @@ engine_tests!(
     a_handled_error_still_fails_the_transaction,
     statements_queued_for_the_commit_run_in_order_with_it,
     a_queued_statement_that_fails_rolls_everything_back,
+    a_queued_statement_that_fails_ahead_of_a_later_one_is_its_error,
 );
 
 async fn committed_writes_are_visible(test_db: TestDb) -> TestResult {
@@ -606,5 +607,41 @@ async fn postgres_sends_queued_statements_inside_the_transaction() -> TestResult
     })
     .await?;
     assert_eq!(get_kv(db, "repeatable read").await?, Some(1));
+    Ok(())
+}
+
+/// Statements queued for the COMMIT go ahead of the next statement, in its
+/// round trip or call: when one of them fails, that statement answers with
+/// the queued one's error, and the transaction rolls back.
+async fn a_queued_statement_that_fails_ahead_of_a_later_one_is_its_error(test_db: TestDb) -> TestResult {
+    let db = &test_db.db;
+    create_kv_table(db).await?;
+    db.run_interaction("seed", |txn| {
+        Box::pin(async move { txn.execute("INSERT INTO kv (k, v) VALUES ('taken', 0)", &[]).await })
+    })
+    .await?;
+    let seen_before_failing = Arc::new(AtomicUsize::new(0));
+    let result: Result<i64, StoreError> = db
+        .run_interaction("queued_then_read", |txn| {
+            let seen = Arc::clone(&seen_before_failing);
+            Box::pin(async move {
+                txn.execute_at_commit("INSERT INTO kv (k, v) VALUES ('a', 1)", &[]);
+                // The queued insert runs first: the read sees it.
+                let row = txn.query_one("SELECT COUNT(*) FROM kv", &[]).await?;
+                seen.store(usize::try_from(row.get::<i64>(0)?).unwrap_or(0), Ordering::SeqCst);
+                txn.execute_at_commit("INSERT INTO kv (k, v) VALUES ('taken', 2)", &[]);
+                let row = txn.query_one("SELECT COUNT(*) FROM kv", &[]).await?;
+                row.get(0)
+            })
+        })
+        .await;
+    assert_eq!(seen_before_failing.load(Ordering::SeqCst), 2, "taken and a");
+    let err = result.expect_err("the duplicate fails the read behind it");
+    assert!(
+        err.db_error().is_some_and(|db_err| db_err.is_unique_violation()),
+        "the queued one's error: {err}"
+    );
+    assert_eq!(get_kv(db, "a").await?, None, "rolled back");
+    assert_eq!(get_kv(db, "taken").await?, Some(0));
     Ok(())
 }
