@@ -179,8 +179,8 @@ impl Lane {
     }
 }
 
-/// An SQLite error with the given code and message, as SQLite itself would
-/// report a locked database.
+/// A busy database, as SQLite itself reports one (so it is retried the
+/// same way), with `message` saying why.
 fn busy(message: String) -> rusqlite::Error {
     rusqlite::Error::SqliteFailure(ffi::Error::new(ffi::SQLITE_BUSY), Some(message))
 }
