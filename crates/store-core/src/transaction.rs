@@ -116,6 +116,21 @@ pub struct Transaction {
     wrote_without_xid: bool,
 }
 
+/// What a statement is run for ([`Transaction::statement`]).
+#[derive(Debug, Clone, Copy)]
+enum Wanted {
+    /// The number of rows it changed.
+    Changed,
+    /// The rows it returns.
+    Rows,
+}
+
+/// A statement's answer, as [`Wanted`].
+enum Answer {
+    Changed(u64),
+    Rows(Vec<Row>),
+}
+
 /// PostgreSQL: the statements queued for the COMMIT, prepared, and the
 /// question of the transaction's ID if it is to be asked.
 struct PreparedAtCommit {
@@ -290,6 +305,20 @@ impl Transaction {
     /// round trip (PostgreSQL) or call (SQLite), as they do for
     /// [`query`](Self::query) and [`execute_batch`](Self::execute_batch).
     pub async fn execute(&mut self, sql: &str, params: &[&dyn ToSqlValue]) -> Result<u64, StoreError> {
+        match self.statement(sql, params, Wanted::Changed).await? {
+            Answer::Changed(changed) => Ok(changed),
+            Answer::Rows(_) => unreachable!("a statement asked for its count answers with its count"),
+        }
+    }
+
+    /// Runs one statement with the queued ones ahead of it, and answers with
+    /// what `wanted` says: the engines differ in how, not in what.
+    async fn statement(
+        &mut self,
+        sql: &str,
+        params: &[&dyn ToSqlValue],
+        wanted: Wanted,
+    ) -> Result<Answer, StoreError> {
         let interaction = self.interaction;
         let queued = std::mem::take(&mut self.at_commit);
         let learn_xid = self.learns_xid_with(sql, &queued).then(|| self.xid_sql());
@@ -303,7 +332,18 @@ impl Transaction {
                     let xid_statement = prepare_xid_statement(client, learn_xid).await?;
                     let params = pg_params(params);
                     let refs = pg_refs(&params);
-                    let work = with_xid(client, xid_statement.as_ref(), client.execute(&statement, &refs));
+                    // The request goes out when this is first polled, as the
+                    // driver's own future would.
+                    let answer = async {
+                        match wanted {
+                            Wanted::Changed => client.execute(&statement, &refs).await.map(Answer::Changed),
+                            Wanted::Rows => {
+                                let rows = client.query(&statement, &refs).await?;
+                                Ok(Answer::Rows(Row::from_postgres_rows(&rows)?))
+                            }
+                        }
+                    };
+                    let work = with_xid(client, xid_statement.as_ref(), answer);
                     after_begin(client, begin, behind_queued(client, &ahead, &queued, work)).await
                 }
                 .await;
@@ -316,10 +356,13 @@ impl Transaction {
                 match sqlite_statements(queued) {
                     Ok(queued) => sqlite_call(conn, begin, on_writer, move |conn| {
                         run_queued(conn, &queued)?;
-                        sqlite::execute(conn, &sql, &params)
+                        match wanted {
+                            Wanted::Changed => sqlite::execute(conn, &sql, &params).map(Answer::Changed),
+                            Wanted::Rows => sqlite::query(conn, &sql, &params).map(Answer::Rows),
+                        }
                     })
                     .await
-                    .map(|changed| (changed, None)),
+                    .map(|answer| (answer, None)),
                     Err(err) => Err(err),
                 }
             }
@@ -382,43 +425,10 @@ impl Transaction {
 
     /// Runs a query and returns all its rows.
     pub async fn query(&mut self, sql: &str, params: &[&dyn ToSqlValue]) -> Result<Vec<Row>, StoreError> {
-        let interaction = self.interaction;
-        let queued = std::mem::take(&mut self.at_commit);
-        let learn_xid = self.learns_xid_with(sql, &queued).then(|| self.xid_sql());
-        let begin = self.take_begin();
-        let autocommit = self.state == State::Autocommit;
-        let result = match self.conn() {
-            Conn::Postgres(client) => {
-                let result = async {
-                    let ahead = prepare_queued(client, &queued).await?;
-                    let statement = client.prepare_cached(sql).await?;
-                    let xid_statement = prepare_xid_statement(client, learn_xid).await?;
-                    let params = pg_params(params);
-                    let refs = pg_refs(&params);
-                    let work = with_xid(client, xid_statement.as_ref(), client.query(&statement, &refs));
-                    let (rows, xid) =
-                        after_begin(client, begin, behind_queued(client, &ahead, &queued, work)).await?;
-                    Ok((Row::from_postgres_rows(&rows)?, xid))
-                }
-                .await;
-                result.map_err(DbError::postgres)
-            }
-            Conn::Sqlite(conn) => {
-                let sql = sql::to_sqlite(sql).map_err(|message| StoreError::Sql { interaction, message })?;
-                let on_writer = autocommit && (may_write(&sql) || !queued.is_empty());
-                let (sql, params) = (sql.into_owned(), owned(params));
-                match sqlite_statements(queued) {
-                    Ok(queued) => sqlite_call(conn, begin, on_writer, move |conn| {
-                        run_queued(conn, &queued)?;
-                        sqlite::query(conn, &sql, &params)
-                    })
-                    .await
-                    .map(|rows| (rows, None)),
-                    Err(err) => Err(err),
-                }
-            }
-        };
-        self.learned(result)
+        match self.statement(sql, params, Wanted::Rows).await? {
+            Answer::Rows(rows) => Ok(rows),
+            Answer::Changed(_) => unreachable!("a statement asked for its rows answers with its rows"),
+        }
     }
 
     /// Runs a query that must return exactly one row.
