@@ -116,6 +116,16 @@ pub struct Transaction {
     wrote_without_xid: bool,
 }
 
+/// What the next statement carries with it ([`Transaction::next_statement`]).
+struct Next {
+    queued: Vec<AtCommit>,
+    /// The statement learning the transaction's ID, asked right behind it.
+    learn_xid: Option<&'static str>,
+    begin: Option<&'static str>,
+    /// No transaction: each statement commits on its own.
+    autocommit: bool,
+}
+
 /// What a statement is run for ([`Transaction::statement`]).
 #[derive(Debug, Clone, Copy)]
 enum Wanted {
@@ -257,10 +267,15 @@ impl Transaction {
             && (self.assign_xid || may_write(sql))
     }
 
-    /// Whether the statement `sql`, with `queued` statements ahead of it, is
-    /// to learn the transaction's ID (any queued statement may write).
-    fn learns_xid_with(&self, sql: &str, queued: &[AtCommit]) -> bool {
-        self.learns_xid(sql) || (!queued.is_empty() && self.learns_xid(""))
+    /// Takes what the next statement, `sql`, carries with it: the queued
+    /// statements ahead of it, the question of the transaction's ID (any
+    /// queued statement may write), and `BEGIN` if still to be sent.
+    fn next_statement(&mut self, sql: &str) -> Next {
+        let queued = std::mem::take(&mut self.at_commit);
+        let learns_xid = self.learns_xid(sql) || (!queued.is_empty() && self.learns_xid(""));
+        let learn_xid = learns_xid.then(|| self.xid_sql());
+        let begin = self.take_begin();
+        Next { queued, learn_xid, begin, autocommit: self.state == State::Autocommit }
     }
 
     /// The statement that learns the transaction's ID: assigning one when
@@ -320,10 +335,7 @@ impl Transaction {
         wanted: Wanted,
     ) -> Result<Answer, StoreError> {
         let interaction = self.interaction;
-        let queued = std::mem::take(&mut self.at_commit);
-        let learn_xid = self.learns_xid_with(sql, &queued).then(|| self.xid_sql());
-        let begin = self.take_begin();
-        let autocommit = self.state == State::Autocommit;
+        let Next { queued, learn_xid, begin, autocommit } = self.next_statement(sql);
         let result = match self.conn() {
             Conn::Postgres(client) => {
                 let result = async {
@@ -456,11 +468,8 @@ impl Transaction {
 
     /// Runs several `;`-separated statements without parameters (DDL, `SET`).
     pub async fn execute_batch(&mut self, sql: &str) -> Result<(), StoreError> {
-        let queued = std::mem::take(&mut self.at_commit);
         // Any statement of the batch may write, whatever the first one is.
-        let learn_xid = self.learns_xid("").then(|| self.xid_sql());
-        let begin = self.take_begin();
-        let autocommit = self.state == State::Autocommit;
+        let Next { queued, learn_xid, begin, autocommit } = self.next_statement("");
         let result = match self.conn() {
             Conn::Postgres(client) => {
                 let result = async {
