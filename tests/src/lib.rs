@@ -17,6 +17,8 @@
 pub mod client;
 pub mod db_role;
 pub mod deployment;
+pub mod elastic;
+pub mod load;
 pub mod process;
 pub mod proxy;
 pub mod raw_peer;

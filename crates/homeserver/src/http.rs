@@ -4,6 +4,7 @@
 //! The client API (`crate::client`) is merged in here. `docs/http.md` documents
 //! the endpoints.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -28,6 +29,8 @@ pub(crate) struct AppState {
     pub(crate) hub: Arc<Hub>,
     /// Who types where.
     pub(crate) typing: Arc<TypingStream>,
+    /// The epochs of the elastic streams' writers, as this process applies them.
+    pub(crate) elastic: Arc<crate::elastic::ElasticWriters>,
     /// Instance names ↔ the numbers tokens carry.
     pub(crate) instance_ids: Arc<InstanceIds>,
     /// On an events writer: one request at a time per room.
@@ -54,6 +57,7 @@ pub(crate) fn router(state: AppState, extra: Router) -> Router {
         .route("/health", get(health))
         .route("/admin/v1/streams", get(streams))
         .route("/admin/v1/rooms/{room_id}/state", get(room_state))
+        .route("/admin/v1/stream_writers/{stream}", get(show_stream_writers).put(set_stream_writers))
         .route("/metrics", get(metrics));
     #[cfg(feature = "test-endpoints")]
     let own = own.merge(crate::test_endpoints::routes());
@@ -76,6 +80,13 @@ async fn health() -> &'static str {
 /// process writes, its own position.
 async fn streams(State(state): State<AppState>) -> Json<Value> {
     let instance = state.hub.instance_name();
+    let rooms = match state.store.events().get_all_room_ids().await {
+        Ok(rooms) => Some(rooms),
+        Err(err) => {
+            tracing::warn!("cannot count the rooms of each writer: {err}");
+            None
+        }
+    };
     let mut streams = serde_json::Map::new();
     for stream in state.hub.inbound().streams().iter() {
         let mut writers: serde_json::Map<String, Value> = stream
@@ -88,12 +99,102 @@ async fn streams(State(state): State<AppState>) -> Json<Value> {
             writers.entry(writer).or_insert(json!(position));
         }
         let mut entry = json!({"current_token": stream.current_stream_token(), "writers": writers});
-        if state.hub.source(stream.name()).is_some() {
+        if state.hub.source(stream.name()).is_some() && stream.is_writer(instance) {
             entry["own_position"] = json!(stream.current_token(instance));
+        }
+        if let Some(set) = state.store.context().deployment_writers().current(stream.name()) {
+            let states: serde_json::Map<String, Value> =
+                set.states().into_iter().map(|(writer, state)| (writer, json!(state))).collect();
+            entry["epoch"] = json!(set.epoch);
+            entry["writer_states"] = Value::Object(states);
+            if stream.spec().elastic && rooms.is_some() {
+                let mut owned: BTreeMap<String, u64> =
+                    set.writers().into_iter().map(|writer| (writer, 0)).collect();
+                for room in rooms.iter().flatten() {
+                    *owned.entry(set.owner_of(room).to_owned()).or_default() += 1;
+                }
+                entry["rooms"] = json!(owned);
+            }
         }
         streams.insert(stream.name().to_owned(), entry);
     }
     Json(json!({"instance": instance, "streams": streams}))
+}
+
+/// `PUT /admin/v1/stream_writers/{stream}` with `{"writers": [...]}`, on the
+/// master, with the shared secret: a new epoch of the stream's writers, in
+/// order. `202 {"epoch": N}`; `400` for an unknown or non-elastic stream, an
+/// empty list, a name listed twice, or an instance that never started.
+async fn set_stream_writers(
+    State(state): State<AppState>,
+    Path(stream): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ClientError> {
+    require_secret(&state, &headers)?;
+    if state.config.instance_name != server_config::MASTER_INSTANCE {
+        return Err(ClientError::invalid_param("the writers of a stream are changed on the master"));
+    }
+    let request: Value =
+        serde_json::from_slice(&body).map_err(|err| ClientError::bad_json(err.to_string()))?;
+    let Some(listed) = request.get("writers").and_then(Value::as_array) else {
+        return Err(ClientError::bad_json("expected {\"writers\": [\"instance\", ...]}"));
+    };
+    let writers = listed
+        .iter()
+        .map(|writer| writer.as_str().filter(|name| !name.is_empty()).map(str::to_owned))
+        .collect::<Option<Vec<String>>>()
+        .ok_or_else(|| ClientError::invalid_param("`writers` must be a list of instance names"))?;
+    let Some(target) = state.elastic.stream(&stream) else {
+        let configurable = state.store.context().deployment_writers().current(&stream).is_some()
+            || stream == replication::typing::TYPING_STREAM;
+        let why = match configurable {
+            true if writers.len() > 1 && stream == replication::typing::TYPING_STREAM => {
+                "typing has exactly one writer".to_owned()
+            }
+            true => format!(
+                "the writers of `{stream}` change only with a restart; elastic streams: {}",
+                state.elastic.stream_names().collect::<Vec<_>>().join(", ")
+            ),
+            false => format!("no such stream with writers: `{stream}`"),
+        };
+        return Err(ClientError::invalid_param(why));
+    };
+    let epoch = store_core::writers::change_stream_writers(state.store.database(), target, writers)
+        .await
+        .map_err(|err| match err {
+            store_core::writers::WritersChangeError::Invalid(why) => ClientError::invalid_param(why),
+            store_core::writers::WritersChangeError::Store(err) => ClientError::from(err),
+        })?;
+    let elastic = Arc::clone(&state.elastic);
+    tokio::spawn(async move {
+        if let Err(err) = elastic.refresh().await {
+            tracing::warn!("failed to apply the new writers here: {err}");
+        }
+    });
+    Ok((axum::http::StatusCode::ACCEPTED, Json(json!({"epoch": epoch}))).into_response())
+}
+
+/// `GET /admin/v1/stream_writers/{stream}`, with the shared secret: the
+/// stream's epoch as recorded, each writer's state, and whether the
+/// deployment settled on it (every live process applies it, every writer
+/// allocates).
+async fn show_stream_writers(
+    State(state): State<AppState>,
+    Path(stream): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ClientError> {
+    require_secret(&state, &headers)?;
+    let db = state.store.database();
+    let mut recorded = store_core::writers::read_writer_sets(db).await?;
+    let Some(set) = recorded.remove(&stream) else {
+        return Err(ClientError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "M_NOT_FOUND",
+            format!("no such stream with writers: `{stream}`"),
+        ));
+    };
+    Ok(Json(crate::elastic::status(db, &set).await?))
 }
 
 /// `GET /metrics`: Prometheus text format.

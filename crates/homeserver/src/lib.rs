@@ -26,6 +26,7 @@ use slaved_stores::DataStore;
 use store_core::{Composition, Database, DatabaseOptions, Store, build_store};
 
 mod client;
+mod elastic;
 mod http;
 mod metrics;
 mod replicate;
@@ -57,6 +58,44 @@ pub struct Cli {
     /// The HTTP listener's address, IP:PORT (port 0 picks a free one).
     #[arg(long, value_name = "IP:PORT")]
     pub http_listen: Option<String>,
+    /// Instead of serving: an operator's command to the running deployment.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The operator's commands, sent to the running master's admin endpoints
+/// with the config's `worker_replication_secret`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// The writers of an elastic stream (events, receipts).
+    Writers {
+        /// What to do with them.
+        #[command(subcommand)]
+        action: WritersAction,
+        /// The master's HTTP address, HOST:PORT (default: `[instance_map]
+        /// master`, or this config's own HTTP address).
+        #[arg(long, value_name = "HOST:PORT", global = true)]
+        master: Option<String>,
+    },
+}
+
+/// `writers set` and `writers show`.
+#[derive(Debug, clap::Subcommand)]
+pub enum WritersAction {
+    /// Makes these instances the stream's writers, in this order (a new epoch).
+    Set {
+        /// The stream.
+        stream: String,
+        /// Its writers, in order.
+        #[arg(required = true)]
+        writers: Vec<String>,
+    },
+    /// Shows the stream's epoch, each writer's state and whether the
+    /// deployment settled on it.
+    Show {
+        /// The stream.
+        stream: String,
+    },
 }
 
 /// What the reference server needs of a process's top-level store: the streams
@@ -117,7 +156,13 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run::<S, R>(role, cli, routes)) {
+    let outcome = match cli.command {
+        Some(Command::Writers { ref action, ref master }) => {
+            runtime.block_on(writers_command(role, &cli, action, master.as_deref()))
+        }
+        None => runtime.block_on(run::<S, R>(role, cli, routes)),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // `{:#}` joins the context chain on one line: one clear line per failure.
@@ -202,6 +247,14 @@ where
             "listening on a wildcard address without `[http] advertise`: other processes reach this one only through their `[instance_map]`"
         ),
     }
+    let elastic = Arc::new(elastic::ElasticWriters::new(
+        db.clone(),
+        &config.instance_name,
+        Arc::clone(store.context().deployment_writers()),
+        &store.replication_streams(),
+        std::time::Duration::from_millis(config.replication.handover_timeout_ms),
+    ));
+    let elastic_task = elastic.start().await;
     let signals = listen_for_shutdown()?;
     announce(role, &config, &db, address);
 
@@ -213,6 +266,7 @@ where
             store: Arc::clone(&store),
             hub: Arc::clone(&replication.hub),
             typing: Arc::clone(&replication.typing),
+            elastic,
             instance_ids: Arc::new(store_core::InstanceIds::new(db.clone())),
             room_locks: Arc::default(),
             login_throttle: Arc::default(),
@@ -231,11 +285,55 @@ where
         .context("serve HTTP")?;
 
     tracing::info!("shutting down");
+    elastic_task.abort();
     if let Err(err) = store.flush_positions().await {
         tracing::warn!("failed to record the final stream positions: {err}");
     }
     replication.shut_down().await;
     db.close().await;
+    Ok(())
+}
+
+/// `writers set|show`: one call to the master's admin endpoint; prints its
+/// answer.
+#[expect(clippy::print_stdout, reason = "the command's answer is its output")]
+async fn writers_command(
+    role: Role,
+    cli: &Cli,
+    action: &WritersAction,
+    master: Option<&str>,
+) -> anyhow::Result<()> {
+    let config = load_config(role, cli)?;
+    let secret = config
+        .worker_replication_secret
+        .as_deref()
+        .context("the config has no `worker_replication_secret`, which the admin endpoint needs")?;
+    let address = match master {
+        Some(address) => address.to_owned(),
+        None => match config.instance_map.get(server_config::MASTER_INSTANCE) {
+            Some(address) => address.clone(),
+            None => {
+                let listen = config.http.listen;
+                config.http.advertised(listen).unwrap_or_else(|| format!("127.0.0.1:{}", listen.port()))
+            }
+        },
+    };
+    let client = replication::http::InternalClient::new();
+    let (method, stream, body) = match action {
+        WritersAction::Set { stream, writers } => {
+            ("PUT", stream, Some(serde_json::json!({ "writers": writers }).to_string()))
+        }
+        WritersAction::Show { stream } => ("GET", stream, None),
+    };
+    let path = format!("/admin/v1/stream_writers/{stream}");
+    let (status, answer) = client
+        .request(&address, method, &path, secret, body.as_deref())
+        .await
+        .map_err(|why| anyhow::anyhow!("the master at {address} did not answer: {why}"))?;
+    if !(200..300).contains(&status) {
+        anyhow::bail!("the master refused ({status}): {answer}");
+    }
+    println!("{answer}");
     Ok(())
 }
 

@@ -54,7 +54,52 @@ pub(crate) fn render(state: &AppState) -> String {
     replication(state, &mut text);
     caches(state, &mut text);
     database(state, &mut text);
+    elastic_writers(state, &mut text);
     text.out
+}
+
+fn elastic_writers(state: &AppState, text: &mut Text) {
+    let elastic = &state.elastic;
+    let streams: Vec<(&str, &crate::elastic::ElasticCounters)> =
+        elastic.stream_names().filter_map(|name| Some((name, elastic.counters(name)?))).collect();
+    let epoch =
+        |name: &str| state.store.context().deployment_writers().current(name).map_or(0, |set| set.epoch);
+    text.family(
+        "homeserver_stream_writers_epoch",
+        "gauge",
+        "The epoch of the stream's writers this process goes by.",
+    );
+    for (name, _) in &streams {
+        text.sample("homeserver_stream_writers_epoch", &[("stream", name)], epoch(name));
+    }
+    type Field = fn(&crate::elastic::ElasticCounters) -> &std::sync::atomic::AtomicU64;
+    let counter = |value: &std::sync::atomic::AtomicU64| value.load(std::sync::atomic::Ordering::Relaxed);
+    let families: [(&str, &str, Field); 5] = [
+        ("homeserver_stream_writer_moves_total", "Changes of the stream's writers applied here.", |c| {
+            &c.epochs
+        }),
+        (
+            "homeserver_stream_writer_moved_retries_total",
+            "Writes that came back moved and were sent to the new writer.",
+            |c| &c.moved_retries,
+        ),
+        ("homeserver_stream_writer_handovers_total", "Handovers this process applied.", |c| &c.handovers),
+        (
+            "homeserver_stream_writer_handover_micros_total",
+            "Time from each change of writers until this process routed by it, summed (µs).",
+            |c| &c.handover_micros,
+        ),
+        ("homeserver_stream_writer_handover_max_micros", "The longest of those times (µs).", |c| {
+            &c.handover_max_micros
+        }),
+    ];
+    for (family, help, field) in families {
+        let kind = if family.ends_with("_total") { "counter" } else { "gauge" };
+        text.family(family, kind, help);
+        for (name, counters) in &streams {
+            text.sample(family, &[("stream", name)], counter(field(counters)));
+        }
+    }
 }
 
 fn streams(state: &AppState, text: &mut Text) {

@@ -35,7 +35,9 @@ impl Replication {
     ) -> anyhow::Result<Replication> {
         let mut followed = store.replication_streams();
         let mut written = store.written_streams();
-        let typing_writer = if config.is_writer_for(TYPING_STREAM) {
+        // The deployment's typing writer, as recorded (the config only seeds it).
+        let settings = store.context().settings();
+        let typing_writer = if settings.is_writer_for(TYPING_STREAM) {
             let writer = TypingWriter::new(&config.instance_name);
             writer.expire_forever(TYPING_EXPIRY_INTERVAL);
             Some(writer)
@@ -52,7 +54,7 @@ impl Replication {
             // Missed typing rows live only in the writer's memory: fetch them over
             // HTTP when the deployment has a secret to ask with.
             // `check_stream_writers` made sure typing has exactly one writer.
-            let writer = config.writers_for(TYPING_STREAM).into_iter().next().unwrap_or_default();
+            let writer = settings.writers_for(TYPING_STREAM).into_iter().next().unwrap_or_default();
             let follower = match &config.worker_replication_secret {
                 Some(secret) => TypingFollower::fetching_from(
                     &writer,

@@ -874,6 +874,11 @@ impl Hub {
                 .map_err(|err| inbound_refusal(None, err));
         };
         let name = stream.name();
+        if !stream.is_writer(writer) && stream.is_retired_writer(writer) {
+            // Its last positions, still on their way: everything it wrote was
+            // reached when it was retired here.
+            return Ok(());
+        }
         if !stream.is_writer(writer) {
             return Err(Refusal::for_writer(
                 RefusalReason::NotAWriter,

@@ -52,6 +52,7 @@ impl Outbound {
     pub fn announce(&self) -> Vec<Command> {
         self.sources
             .iter()
+            .filter(|source| source.stream.is_writer(&self.instance_name))
             .map(|source| {
                 let last = *lock(&source.last_token);
                 self.position(source, last, last)
@@ -76,6 +77,7 @@ impl Outbound {
     pub fn is_caught_up(&self) -> bool {
         self.sources
             .iter()
+            .filter(|source| source.stream.is_writer(&self.instance_name))
             .all(|source| *lock(&source.last_token) == source.stream.current_token(&self.instance_name))
     }
 
@@ -106,6 +108,12 @@ impl Outbound {
         for source in &self.sources {
             let stream = source.stream.as_ref();
             let current = stream.current_token(&self.instance_name);
+            if !stream.is_writer(&self.instance_name) {
+                // A stream this process may join (or has left): nothing of
+                // ours to tell, and when it joins, nothing before now.
+                *lock(&source.last_token) = current;
+                continue;
+            }
             let last = *lock(&source.last_token);
             if last == current {
                 continue;

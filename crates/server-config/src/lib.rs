@@ -167,6 +167,11 @@ pub struct ReplicationConfig {
     /// connections beyond it are closed at once. Default 256.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// How long a writer added to an elastic stream's writers waits for the
+    /// processes that have not applied the new epoch before it writes all the
+    /// same (a process silent that long is taken for gone). Default 30000.
+    #[serde(default = "default_handover_timeout_ms")]
+    pub handover_timeout_ms: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -179,6 +184,7 @@ impl Default for ReplicationConfig {
             ping_timeout_ms: default_ping_timeout_ms(),
             max_pending: default_max_pending(),
             max_connections: default_max_connections(),
+            handover_timeout_ms: default_handover_timeout_ms(),
         }
     }
 }
@@ -220,6 +226,7 @@ impl fmt::Debug for ReplicationConfig {
             .field("ping_timeout_ms", &self.ping_timeout_ms)
             .field("max_pending", &self.max_pending)
             .field("max_connections", &self.max_connections)
+            .field("handover_timeout_ms", &self.handover_timeout_ms)
             .finish()
     }
 }
@@ -240,6 +247,10 @@ fn default_max_pending() -> usize {
 
 fn default_max_connections() -> usize {
     256
+}
+
+fn default_handover_timeout_ms() -> u64 {
+    30_000
 }
 
 pub use store_core::CacheConfig;

@@ -106,6 +106,18 @@ pub enum StoreError {
         /// The instance that asked.
         instance: String,
     },
+    /// A write reached a writer that does not (or no longer, or not yet) write
+    /// its shard: the stream's writers changed. The caller asks the writer of
+    /// the current epoch instead.
+    #[error("`{shard}` of `{stream}` is not written here under epoch {epoch} of its writers")]
+    Moved {
+        /// The stream.
+        stream: String,
+        /// The room (or other shard) the write was for.
+        shard: String,
+        /// The epoch of the stream's writers this process went by.
+        epoch: i64,
+    },
     /// Waiting for a stream position took longer than allowed.
     #[error("timed out waiting for `{writer}` to reach {token} on `{stream}` (it is at {reached})")]
     Timeout {
@@ -150,7 +162,14 @@ impl StoreError {
         }
     }
 
-    /// The driver error underneath, if this is a database failure.
+    /// Whether the write went to a writer that does not write its shard under
+    /// the stream's current writers (see [`StoreError::Moved`]), here or as
+    /// the database's fence found it.
+    pub fn is_moved(&self) -> bool {
+        matches!(self, StoreError::Moved { .. }) || self.db_error().is_some_and(DbError::is_writers_changed)
+    }
+
+    /// The driver's error behind this one, if the database reported it.
     pub fn db_error(&self) -> Option<&DbError> {
         match self {
             StoreError::Database { source, .. } | StoreError::Connect { source, .. } => Some(source),
@@ -280,6 +299,12 @@ impl DbError {
             | DbErrorKind::CommitOutcomeUnknown(_)
             | DbErrorKind::Statement(_) => false,
         }
+    }
+
+    /// Whether the fence of an elastic stream refused the write: the stream's
+    /// writers changed since the writer routed it (`store_core::writers`).
+    pub fn is_writers_changed(&self) -> bool {
+        self.code() == Some(crate::writers::WRITERS_CHANGED)
     }
 
     /// Whether a unique constraint rejected the statement.

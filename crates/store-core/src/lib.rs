@@ -44,6 +44,7 @@ mod stream;
 mod token;
 mod transaction;
 mod value;
+pub mod writers;
 
 pub use addresses::{http_address_of, record_http_address};
 pub use cache::{
@@ -69,3 +70,4 @@ pub use stream::{
 pub use token::{InstanceIds, MultiWriterToken, RoomToken, TokenError, TokenParseError};
 pub use transaction::Transaction;
 pub use value::{ColumnIndex, FromSqlValue, Row, SqlValue, ToSqlValue, Value};
+pub use writers::{DeploymentWriters, WriterSet, WriterState};

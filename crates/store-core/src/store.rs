@@ -21,6 +21,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
+use crate::writers::DeploymentWriters;
 use crate::{
     BoxFuture, CacheRegistry, CachesStream, CachesStreamAdapter, Database, Migrations, MultiWriterConfig,
     StoreError, StoreSettings, Stream, StreamRegistry, StreamSpec, StreamTable, Transaction, WriterRule,
@@ -39,6 +40,7 @@ use crate::{
 #[derive(Clone)]
 pub struct StoreContext {
     settings: Arc<StoreSettings>,
+    writers: Arc<DeploymentWriters>,
     caches: Arc<CachesStream>,
     components: Arc<Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
 }
@@ -54,15 +56,35 @@ impl fmt::Debug for StoreContext {
 
 impl StoreContext {
     /// Builds the process's cache registry and invalidation stream (loading the
-    /// stream's positions on `conn`), the parts every store half shares.
+    /// stream's positions on `conn`), the parts every store half shares, and
+    /// reads the deployment's writers ([`crate::writers`]): where recorded, they
+    /// replace the settings' lists.
     pub async fn new(
         db: &Database,
         conn: &mut Transaction,
-        settings: StoreSettings,
+        mut settings: StoreSettings,
     ) -> Result<StoreContext, StoreError> {
+        let sets = crate::writers::load_writer_sets(conn).await?;
+        for (stream, set) in &sets {
+            settings.stream_writers.insert(stream.clone(), set.writers());
+        }
+        let unrecorded = settings
+            .stream_writers
+            .iter()
+            .filter(|(stream, _)| !sets.contains_key(*stream))
+            .map(|(stream, writers)| (stream.clone(), writers.clone()))
+            .collect();
+        let writers =
+            Arc::new(DeploymentWriters::new(&settings.instance_name, sets.into_values(), unrecorded));
         let registry = CacheRegistry::new(settings.caches.clone());
         let caches = Arc::new(CachesStream::new(db.clone(), conn, &settings, registry).await?);
-        Ok(StoreContext { settings: Arc::new(settings), caches, components: Arc::default() })
+        Ok(StoreContext { settings: Arc::new(settings), writers, caches, components: Arc::default() })
+    }
+
+    /// The deployment's writers of every configurable stream, by epoch, as
+    /// this process applied them.
+    pub fn deployment_writers(&self) -> &Arc<DeploymentWriters> {
+        &self.writers
     }
 
     /// The one `T` of this process, built with `new(db, conn, self)` the first
@@ -99,7 +121,7 @@ impl StoreContext {
         conn: &mut Transaction,
         stream: StreamSpec,
     ) -> Result<Option<W>, StoreError> {
-        if !self.is_writer(stream) {
+        if !self.may_write(stream) {
             return Ok(None);
         }
         W::new(db.clone(), conn, self).await.map(Some)
@@ -142,21 +164,36 @@ impl StoreContext {
         tables: Vec<StreamTable>,
         sequence_name: &str,
     ) -> MultiWriterConfig {
+        let retired = match stream.writers {
+            WriterRule::Configured | WriterRule::Single => {
+                self.writers.current(stream.name).map(|set| set.taken_out()).unwrap_or_default()
+            }
+            _ => Default::default(),
+        };
         MultiWriterConfig {
             writers: stream.writers(&self.settings),
+            retired,
             ..MultiWriterConfig::for_stream(&self.settings, stream.name, tables, sequence_name)
         }
     }
 
-    /// Whether this instance writes `stream`.
+    /// Whether this instance writes `stream` (in the epoch of its writers
+    /// this process started with).
     pub fn is_writer(&self, stream: StreamSpec) -> bool {
         stream.writers(&self.settings).contains(&self.settings.instance_name)
     }
 
+    /// Whether this instance writes `stream` or may become one of its writers
+    /// while it runs (an elastic stream of a deployment of several
+    /// processes): whether it builds the stream's write half.
+    pub fn may_write(&self, stream: StreamSpec) -> bool {
+        self.is_writer(stream) || (stream.elastic && self.settings.has_other_processes)
+    }
+
     /// Refuses, with [`StoreError::NotAWriter`], to build a write half of
-    /// `stream` on an instance that does not write it.
+    /// `stream` on an instance that may not write it.
     pub fn require_writer(&self, stream: StreamSpec) -> Result<(), StoreError> {
-        if self.is_writer(stream) {
+        if self.may_write(stream) {
             return Ok(());
         }
         Err(StoreError::NotAWriter {
@@ -288,16 +325,17 @@ pub trait Composition: HasDatabase + fmt::Debug + 'static {
         registry
     }
 
-    /// The streams this process writes, for the streamer to announce:
-    /// `caches` always, and each stream whose writers include this instance.
+    /// The streams this process writes or may write, for the streamer to
+    /// announce: `caches` always, each stream whose writers include this
+    /// instance, and the elastic ones it may join (the streamer announces
+    /// those only while [`Stream::is_writer`] says it writes them).
     fn written_streams(&self) -> Vec<Arc<dyn Stream>> {
-        let settings = self.context().settings();
+        let ctx = self.context();
         all_streams(self)
             .into_iter()
             .filter(|stream| {
                 let spec = stream.spec();
-                spec.writers == WriterRule::EveryProcess
-                    || spec.writers(settings).contains(&settings.instance_name)
+                spec.writers == WriterRule::EveryProcess || ctx.may_write(spec)
             })
             .collect()
     }

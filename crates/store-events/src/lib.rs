@@ -48,10 +48,11 @@ pub const EVENTS_STREAM: &str = "events";
 pub const BACKFILL_STREAM: &str = "backfill";
 
 /// The `events` stream: written by its configured writers, each room by one.
-pub const EVENTS: StreamSpec = StreamSpec::new(EVENTS_STREAM, WriterRule::Configured);
+pub const EVENTS: StreamSpec = StreamSpec::new(EVENTS_STREAM, WriterRule::Configured).elastic();
 
 /// The `backfill` stream: written by the writers of `events`.
-pub const BACKFILL: StreamSpec = StreamSpec::new(BACKFILL_STREAM, WriterRule::Follows(EVENTS_STREAM));
+pub const BACKFILL: StreamSpec =
+    StreamSpec::new(BACKFILL_STREAM, WriterRule::Follows(EVENTS_STREAM)).elastic();
 
 /// An event to persist.
 #[derive(Debug, Clone, PartialEq, Eq)]

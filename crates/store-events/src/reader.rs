@@ -409,6 +409,22 @@ impl EventsReader {
             .await
     }
 
+    /// Every room this server has state of, sorted: what the writers of the
+    /// room-sharded streams divide among them (an operator's count, not a
+    /// hot path).
+    pub async fn get_all_room_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.db
+            .run_autocommit("get_all_room_ids", |txn| {
+                Box::pin(async move {
+                    let rows = txn
+                        .query("SELECT DISTINCT room_id FROM current_state_events ORDER BY room_id", &[])
+                        .await?;
+                    rows.iter().map(|row| row.get(0)).collect()
+                })
+            })
+            .await
+    }
+
     /// The users currently joined to `room_id`, sorted (cached).
     pub async fn get_users_in_room(&self, room_id: &str) -> Result<Arc<Vec<String>>, StoreError> {
         self.cached_names(

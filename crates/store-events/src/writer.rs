@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use store_core::{
-    Database, DbError, GroupCommit, GroupCommitStats, StoreContext, StoreError, ToSqlValue, Transaction,
+    Database, DbError, DeploymentWriters, GroupCommit, GroupCommitStats, StoreContext, StoreError,
+    ToSqlValue, Transaction,
 };
 
 use crate::reader::EventsReader;
@@ -27,7 +28,7 @@ use crate::{Event, NewEvent};
 pub struct EventsWriter {
     reader: Arc<EventsReader>,
     instance_name: Arc<str>,
-    queue: GroupCommit<RoomBatch, Persisted>,
+    queue: GroupCommit<RoomBatch, Result<Persisted, StoreError>>,
 }
 
 /// The most writes one commit takes.
@@ -64,6 +65,14 @@ struct RoomBatch {
     room_id: String,
     events: Vec<NewEvent>,
     txn: Option<ClientTxn>,
+    /// Routed to this writer as the room's owner (a client's write), rather
+    /// than placed here on purpose: refused as moved if it owns the room no
+    /// more.
+    routed: bool,
+}
+
+fn owned_room(batch: &RoomBatch) -> Option<&str> {
+    batch.routed.then_some(batch.room_id.as_str())
 }
 
 fn room_of(batch: &RoomBatch) -> &str {
@@ -86,10 +95,11 @@ impl EventsWriter {
         self.queue.stats()
     }
 
-    /// Persists `events` of `room_id` in one transaction, in order; returns their
-    /// stream orderings.
+    /// Persists `events` of `room_id` in one transaction, in order, on this
+    /// writer whichever writer the deployment gives the room (see
+    /// [`EventsWriter::persist_events_here`]); returns their stream orderings.
     pub async fn persist_events(&self, room_id: &str, events: &[NewEvent]) -> Result<Vec<i64>, StoreError> {
-        match self.persist_events_for_txn(room_id, events, None).await? {
+        match self.persist_events_here(room_id, events).await? {
             Persisted::Events(ids) => Ok(ids),
             Persisted::TxnAlreadyUsed => Err(StoreError::Abandoned {
                 interaction: "persist_events",
@@ -107,18 +117,43 @@ impl EventsWriter {
     /// recorded persists nothing ([`Persisted::TxnAlreadyUsed`]).
     ///
     /// The future answers once the batch's commit is known; dropping it does
-    /// not take the batch back.
+    /// not take the batch back. In a deployment whose writers of `events` are
+    /// recorded, a room this writer does not own in the epoch it goes by is
+    /// refused ([`StoreError::Moved`]), as is any batch while the writers
+    /// change under it: the caller routes it again.
     pub fn persist_events_for_txn(
         &self,
         room_id: &str,
         events: &[NewEvent],
         txn: Option<&ClientTxn>,
     ) -> impl Future<Output = Result<Persisted, StoreError>> + Send + use<> {
-        let batch = RoomBatch { room_id: room_id.to_owned(), events: events.to_vec(), txn: txn.cloned() };
+        self.submit(room_id, events, txn, true)
+    }
+
+    /// Like [`EventsWriter::persist_events_for_txn`], for a batch placed on
+    /// this writer on purpose, whichever writer the deployment's epoch gives
+    /// the room (a tool, a test); still refused while the writers change.
+    pub fn persist_events_here(
+        &self,
+        room_id: &str,
+        events: &[NewEvent],
+    ) -> impl Future<Output = Result<Persisted, StoreError>> + Send + use<> {
+        self.submit(room_id, events, None, false)
+    }
+
+    fn submit(
+        &self,
+        room_id: &str,
+        events: &[NewEvent],
+        txn: Option<&ClientTxn>,
+        routed: bool,
+    ) -> impl Future<Output = Result<Persisted, StoreError>> + Send + use<> {
+        let batch =
+            RoomBatch { room_id: room_id.to_owned(), events: events.to_vec(), txn: txn.cloned(), routed };
         let queued = (!events.is_empty()).then(|| self.queue.submit(batch));
         async move {
             match queued {
-                Some(queued) => queued.await,
+                Some(queued) => queued.await?,
                 None => Ok(Persisted::Events(Vec::new())),
             }
         }
@@ -168,6 +203,10 @@ struct Committer {
     reader: Arc<EventsReader>,
     instance: Arc<str>,
     streams_to_others: bool,
+    /// The deployment's writers, in a deployment of several processes: each
+    /// commit persists only the rooms this writer owns in the epoch it goes
+    /// by, behind the fence of that epoch.
+    writers: Option<Arc<DeploymentWriters>>,
     /// The client transactions this writer committed last.
     committed_txns: Arc<Mutex<CommittedTxns>>,
 }
@@ -218,16 +257,41 @@ enum TxnCheck {
     WithCommit,
 }
 
+/// Persists the batches of the rooms this writer owns in the epoch of the
+/// stream's writers it goes by; the others are [`StoreError::Moved`].
 async fn persist_group(
     committer: Committer,
     batches: Arc<[RoomBatch]>,
+) -> Result<Vec<Result<Persisted, StoreError>>, StoreError> {
+    let writers = committer.writers.clone();
+    store_core::writers::commit_owned(
+        writers.as_deref(),
+        crate::EVENTS_STREAM,
+        batches,
+        owned_room,
+        |mine, epoch| persist_owned(committer, mine, epoch),
+    )
+    .await
+}
+
+/// Persists `batches`, all of rooms this writer owns in `epoch` (if the
+/// stream's writers are elastic here).
+async fn persist_owned(
+    committer: Committer,
+    batches: Arc<[RoomBatch]>,
+    epoch: Option<i64>,
 ) -> Result<Vec<Persisted>, StoreError> {
     let db = committer.reader.db.clone();
     let run = |check: TxnCheck| {
         let (committer, batches) = (committer.clone(), Arc::clone(&batches));
         db.run_interaction("persist_events", move |txn| {
             let (committer, batches) = (committer.clone(), Arc::clone(&batches));
-            Box::pin(async move { persist_group_txn(txn, &committer, &batches, check).await })
+            Box::pin(async move {
+                if let Some(epoch) = epoch {
+                    store_core::writers::fence(txn, crate::EVENTS_STREAM, epoch);
+                }
+                persist_group_txn(txn, &committer, &batches, check).await
+            })
         })
     };
     let committed_txns = Arc::clone(&committer.committed_txns);
@@ -540,6 +604,7 @@ impl store_core::Store for EventsWriter {
             reader: Arc::clone(&reader),
             instance: Arc::clone(&instance_name),
             streams_to_others: ctx.settings().has_other_processes,
+            writers: ctx.settings().has_other_processes.then(|| Arc::clone(ctx.deployment_writers())),
             committed_txns: Arc::default(),
         };
         let queue = GroupCommit::spawn("persist_events", MAX_GROUP, room_of, move |batches| {

@@ -15,9 +15,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use store_core::{
-    Cache, CacheRegistry, CacheWeight, Database, GroupCommit, GroupCommitStats, MultiWriterIdGenerator,
-    MultiWriterToken, Row, StoreContext, StoreError, StreamChangeCache, StreamSpec, StreamTable,
-    StreamUpdates, Transaction, WriterRule,
+    Cache, CacheRegistry, CacheWeight, Database, DeploymentWriters, GroupCommit, GroupCommitStats,
+    MultiWriterIdGenerator, MultiWriterToken, Row, StoreContext, StoreError, StreamChangeCache, StreamSpec,
+    StreamTable, StreamUpdates, Transaction, WriterRule,
 };
 
 /// The name of the stream this crate owns, as it appears in `[stream_writers]`,
@@ -25,7 +25,7 @@ use store_core::{
 pub const RECEIPTS_STREAM: &str = "receipts";
 
 /// The `receipts` stream: written by its configured writers.
-pub const RECEIPTS: StreamSpec = StreamSpec::new(RECEIPTS_STREAM, WriterRule::Configured);
+pub const RECEIPTS: StreamSpec = StreamSpec::new(RECEIPTS_STREAM, WriterRule::Configured).elastic();
 
 /// A cache key: (room, receipt type).
 type RoomAndType = (String, String);
@@ -300,7 +300,7 @@ fn invalidate_for(registry: &CacheRegistry, receipt: &ReceiptRow) {
 #[derive(Debug)]
 pub struct ReceiptsWriter {
     reader: Arc<ReceiptsReader>,
-    queue: GroupCommit<ReceiptRow, i64>,
+    queue: GroupCommit<ReceiptRow, Result<i64, StoreError>>,
 }
 
 /// The most receipts one commit takes.
@@ -326,7 +326,7 @@ impl ReceiptsWriter {
     /// thread) in the room; returns its stream ID. Exactly the caches it makes
     /// stale are invalidated after the commit, before the position moves.
     pub async fn insert_receipt(&self, receipt: &ReceiptRow) -> Result<i64, StoreError> {
-        self.queue.submit(receipt.clone()).await
+        self.queue.submit(receipt.clone()).await?
     }
 }
 
@@ -334,16 +334,38 @@ fn room_of(receipt: &ReceiptRow) -> &str {
     &receipt.room_id
 }
 
-/// Records a group of receipts in one transaction; their stream IDs in order.
+/// Records a group of receipts in one transaction, those of the rooms this
+/// writer owns in the epoch of the stream's writers it goes by; their stream
+/// IDs in order, and [`StoreError::Moved`] for the others.
 async fn insert_receipts(
     reader: Arc<ReceiptsReader>,
     instance: Arc<str>,
+    writers: Option<Arc<DeploymentWriters>>,
     receipts: Arc<[ReceiptRow]>,
+) -> Result<Vec<Result<i64, StoreError>>, StoreError> {
+    store_core::writers::commit_owned(
+        writers.as_deref(),
+        RECEIPTS_STREAM,
+        receipts,
+        |receipt| Some(room_of(receipt)),
+        |mine, epoch| insert_owned(reader, instance, mine, epoch),
+    )
+    .await
+}
+
+async fn insert_owned(
+    reader: Arc<ReceiptsReader>,
+    instance: Arc<str>,
+    receipts: Arc<[ReceiptRow]>,
+    epoch: Option<i64>,
 ) -> Result<Vec<i64>, StoreError> {
     let db = reader.db.clone();
     db.run_interaction_read_committed("insert_receipt", move |txn| {
         let (reader, instance, receipts) = (Arc::clone(&reader), Arc::clone(&instance), Arc::clone(&receipts));
         Box::pin(async move {
+            if let Some(epoch) = epoch {
+                store_core::writers::fence(txn, RECEIPTS_STREAM, epoch);
+            }
             // The upserts go with the COMMIT; the transaction's ID, which a
             // COMMIT in doubt is read back by, comes with the stream IDs.
             txn.assign_id();
@@ -488,8 +510,14 @@ impl store_core::Store for ReceiptsWriter {
         ctx.require_writer(RECEIPTS)?;
         let reader = ctx.component::<ReceiptsReader>(&db, conn).await?;
         let (committing, instance) = (Arc::clone(&reader), Arc::<str>::from(ctx.instance_name()));
+        let writers = ctx.settings().has_other_processes.then(|| Arc::clone(ctx.deployment_writers()));
         let queue = GroupCommit::spawn("insert_receipt", MAX_GROUP, room_of, move |receipts| {
-            Box::pin(insert_receipts(Arc::clone(&committing), Arc::clone(&instance), receipts))
+            Box::pin(insert_receipts(
+                Arc::clone(&committing),
+                Arc::clone(&instance),
+                writers.clone(),
+                receipts,
+            ))
         });
         Ok(ReceiptsWriter { reader, queue })
     }

@@ -6,6 +6,7 @@ mod accounts;
 mod bounds;
 mod client_api;
 mod config_errors;
+mod elastic;
 mod exactly_once;
 mod faults;
 mod first_client;

@@ -132,6 +132,9 @@ pub(crate) struct ClientError {
     body: Option<Value>,
 }
 
+/// The errcode of [`ClientError::moved`], between processes only.
+pub(crate) const WRITER_MOVED: &str = "HS_WRITER_MOVED";
+
 impl ClientError {
     pub(crate) fn new(status: StatusCode, errcode: &str, message: impl Into<String>) -> ClientError {
         ClientError { status, errcode: errcode.to_owned(), message: message.into(), body: None }
@@ -142,6 +145,18 @@ impl ClientError {
         let errcode = body["errcode"].as_str().unwrap_or_default().to_owned();
         let message = body["error"].as_str().unwrap_or_default().to_owned();
         ClientError { status, errcode, message, body: Some(body) }
+    }
+
+    /// A write that reached a process which does not write its shard (room,
+    /// user) in the current epoch of the stream's writers: the process that
+    /// forwarded it asks the new writer instead. Never reaches a client.
+    pub(crate) fn moved(message: impl Into<String>) -> ClientError {
+        ClientError::new(StatusCode::CONFLICT, WRITER_MOVED, message)
+    }
+
+    /// Whether this is [`ClientError::moved`].
+    pub(crate) fn is_moved(&self) -> bool {
+        self.errcode == WRITER_MOVED
     }
 
     pub(crate) fn forbidden(message: impl Into<String>) -> ClientError {
@@ -170,6 +185,9 @@ impl ClientError {
 
 impl From<StoreError> for ClientError {
     fn from(err: StoreError) -> ClientError {
+        if err.is_moved() {
+            return ClientError::moved(err.to_string());
+        }
         ClientError::internal("the database failed", err)
     }
 }

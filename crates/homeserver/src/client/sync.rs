@@ -23,12 +23,10 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use store_account_data::ACCOUNT_DATA_STREAM;
 use store_core::{
     InstanceIds, MultiWriterIdGenerator, MultiWriterToken, RoomToken, StoreError, TokenParseError,
 };
-use store_events::{EVENTS_STREAM, Event, MembershipChange, WriterFilter};
-use store_receipts::RECEIPTS_STREAM;
+use store_events::{Event, MembershipChange, WriterFilter};
 use tokio::time::Instant;
 
 use super::rooms::{client_event, state_events};
@@ -249,9 +247,9 @@ async fn catch_up_with(state: &AppState, since: &SyncToken) -> Result<(), Client
     let (events, receipts) = (state.store.events().events_stream(), state.store.receipts().stream());
     let account_data = state.store.account_data().stream();
     let (events, receipts, account_data) = tokio::join!(
-        catch_up_with_stream(state, &since.events, events, EVENTS_STREAM),
-        catch_up_with_stream(state, &since.receipts, receipts, RECEIPTS_STREAM),
-        catch_up_with_stream(state, &since.account_data, account_data, ACCOUNT_DATA_STREAM),
+        catch_up_with_stream(state, &since.events, events),
+        catch_up_with_stream(state, &since.receipts, receipts),
+        catch_up_with_stream(state, &since.account_data, account_data),
     );
     events.and(receipts).and(account_data)
 }
@@ -262,7 +260,7 @@ pub(super) async fn catch_up_with_events(
     state: &AppState,
     token: &MultiWriterToken,
 ) -> Result<(), ClientError> {
-    catch_up_with_stream(state, token, state.store.events().events_stream(), EVENTS_STREAM).await
+    catch_up_with_stream(state, token, state.store.events().events_stream()).await
 }
 
 /// Waits until this process has seen what `token` covers of `stream`.
@@ -270,7 +268,6 @@ async fn catch_up_with_stream(
     state: &AppState,
     token: &MultiWriterToken,
     generator: &MultiWriterIdGenerator,
-    stream: &str,
 ) -> Result<(), ClientError> {
     let ahead =
         || ClientError::invalid_param("the token is ahead of this server: it is not one of its tokens");
@@ -284,7 +281,7 @@ async fn catch_up_with_stream(
     // moved past it while it was allocating), so a token ahead of it gets a
     // moment to be caught up with; one still ahead after that was never handed
     // out by this deployment.
-    if !reaches_own_position(state, token, generator, stream, Instant::now() + OWN_CATCH_UP_WAIT).await {
+    if !reaches_own_position(state, token, generator, Instant::now() + OWN_CATCH_UP_WAIT).await {
         return Err(ahead());
     }
     Ok(())
@@ -296,11 +293,10 @@ async fn reaches_own_position(
     state: &AppState,
     token: &MultiWriterToken,
     generator: &MultiWriterIdGenerator,
-    stream: &str,
     deadline: Instant,
 ) -> bool {
     let own = &state.config.instance_name;
-    if !state.config.is_writer_for(stream) {
+    if !generator.is_writer(own) {
         return true;
     }
     let mut moved = generator.subscribe();

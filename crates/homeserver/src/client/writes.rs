@@ -54,14 +54,16 @@ pub(crate) const MAX_TYPING_TIMEOUT_MS: u64 = 120_000;
 /// before answering anyway (the write is committed either way).
 const READ_YOUR_WRITES_WAIT: Duration = Duration::from_secs(5);
 
-/// The instance that writes `stream` for `room_id`: the rendezvous hash of
-/// the room over the stream's writers ([`store_core::writer_for_shard`]).
-pub(crate) fn writer_for_room(config: &ServerConfig, stream: &str, room_id: &str) -> String {
-    let writers = config.writers_for(stream);
-    store_core::writer_for_shard(room_id, &writers)
-        .cloned()
-        .unwrap_or_else(|| server_config::MASTER_INSTANCE.to_owned())
+/// The writer of `shard` (a room, or a user for account data) on `stream`, in
+/// the epoch of the stream's writers this process goes by
+/// ([`store_core::writer_for_shard`] over the active writers).
+pub(crate) fn writer_of(state: &AppState, stream: &str, shard: &str) -> String {
+    state.store.context().deployment_writers().owner_of(stream, shard)
 }
+
+/// How many times a write that came back "moved" is sent again, each after
+/// applying the recorded epochs: one change of writers needs one.
+const MOVED_RETRIES: usize = 5;
 
 /// One event of a [`RoomWrite`], as the client gave it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,21 +114,54 @@ struct Route<'a> {
 /// Makes `body` on its writer, through `here` when that is this process and
 /// forwarded to the writer's endpoint otherwise, and waits until this process
 /// has seen it (read-your-writes).
-async fn write_through<B: Serialize>(
+///
+/// A write that comes back "moved" (the stream's writers changed since this
+/// process routed it) is sent again to the writer of the epoch the process
+/// then applies; the client sees a slower request, not an error.
+async fn write_through<B: Serialize + Clone>(
     state: &AppState,
     route: Route<'_>,
     body: B,
-    here: impl AsyncFnOnce(&AppState, B) -> Result<Written, ClientError>,
+    here: impl AsyncFn(&AppState, B) -> Result<Written, ClientError>,
 ) -> Result<Written, ClientError> {
-    let writer = writer_for_room(&state.config, route.stream, route.shard);
-    let written = if writer == state.config.instance_name {
-        here(state, body).await?
-    } else {
-        let written: Written = forward(state, &writer, route.path, &body).await?;
-        // The writer's own word, over the secret: the replicated position
-        // that follows needs no check against the database.
-        route.generator.learn_handed_out(written.stream_id);
-        written
+    let mut retries = 0;
+    let written = loop {
+        let writer = writer_of(state, route.stream, route.shard);
+        let outcome = if writer == state.config.instance_name {
+            // A writer that has just joined the stream's writers takes its
+            // rooms' writes once every process follows it.
+            state
+                .elastic
+                .wait_writing(route.stream, state.elastic.join_timeout() + READ_YOUR_WRITES_WAIT)
+                .await;
+            here(state, body.clone()).await
+        } else {
+            forward(state, &writer, route.path, &body).await.inspect(|written: &Written| {
+                // The writer's own word, over the secret: the replicated
+                // position that follows needs no check against the database.
+                route.generator.learn_handed_out(written.stream_id);
+            })
+        };
+        match outcome {
+            Err(err) if err.is_moved() && retries < MOVED_RETRIES => {
+                retries += 1;
+                tracing::debug!(
+                    stream = route.stream,
+                    shard = route.shard,
+                    writer,
+                    "a write moved; sending it again"
+                );
+                state.elastic.moved(route.stream).await;
+            }
+            Err(err) if err.is_moved() => {
+                return Err(ClientError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "M_UNKNOWN",
+                    "the writers of this room are changing; try again",
+                ));
+            }
+            outcome => break outcome?,
+        }
     };
     wait_to_see(route.generator, &written).await;
     Ok(written)
@@ -207,7 +242,14 @@ pub(crate) struct TypingChange {
 
 /// Applies a typing change on the typing writer.
 pub(crate) async fn write_typing(state: &AppState, change: TypingChange) -> Result<(), ClientError> {
-    let writer = state.config.writers_for(TYPING_STREAM).into_iter().next().unwrap_or_default();
+    let writer = state
+        .store
+        .context()
+        .deployment_writers()
+        .writers_of(TYPING_STREAM)
+        .into_iter()
+        .next()
+        .unwrap_or_default();
     if writer == state.config.instance_name {
         apply_typing(state, &change)
     } else {
@@ -277,6 +319,9 @@ async fn forward<B: Serialize, A: DeserializeOwned>(
         ) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
             Err(ClientError::new(status, errcode, refusal["error"].as_str().unwrap_or_default()))
+        }
+        (409, Some(super::WRITER_MOVED)) => {
+            Err(ClientError::moved(refusal["error"].as_str().unwrap_or_default()))
         }
         _ => Err(unavailable(&format!("it answered {status}: {answer}"))),
     }
@@ -578,17 +623,29 @@ pub(crate) async fn send_events_endpoint(
 ) -> Result<Json<Written>, ClientError> {
     require_secret(&state, &headers)?;
     let write: RoomWrite = parse_body(&body)?;
-    // Two writers must never take one room: with their configs out of step,
-    // each would check and order the room's events on its own.
-    let owner = writer_for_room(&state.config, EVENTS_STREAM, &write.room_id);
-    if owner != state.config.instance_name {
-        return Err(ClientError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "M_UNKNOWN",
-            format!("{} is written by `{owner}` here; the deployment's configs disagree", write.room_id),
-        ));
-    }
+    // Two writers must never take one room: a room this process does not
+    // write in the epoch it goes by is "moved" (the sender then applies the
+    // recorded epochs and asks the writer they name; the fence stops a write
+    // of an older epoch in any case).
+    require_ownership(&state, EVENTS_STREAM, &write.room_id).await?;
     Ok(Json(persist_room_write_detached(&state, write).await?))
+}
+
+/// Refuses, as "moved", a forwarded write of a shard this process does not
+/// write, once it has applied the recorded epochs (the sender may know a
+/// newer one), and waits until it allocates if it has just joined.
+async fn require_ownership(state: &AppState, stream: &str, shard: &str) -> Result<(), ClientError> {
+    if writer_of(state, stream, shard) != state.config.instance_name {
+        state.elastic.moved(stream).await;
+    }
+    let owner = writer_of(state, stream, shard);
+    if owner != state.config.instance_name {
+        return Err(ClientError::moved(format!(
+            "{shard} is written by `{owner}` in the writers of `{stream}` applied here"
+        )));
+    }
+    state.elastic.wait_writing(stream, state.elastic.join_timeout() + READ_YOUR_WRITES_WAIT).await;
+    Ok(())
 }
 
 /// `POST /_synapse/replication/send_receipt`: a receipt row → [`Written`].
@@ -599,6 +656,7 @@ pub(crate) async fn send_receipt_endpoint(
 ) -> Result<Json<Written>, ClientError> {
     require_secret(&state, &headers)?;
     let receipt: ReceiptRow = parse_body(&body)?;
+    require_ownership(&state, RECEIPTS_STREAM, &receipt.room_id).await?;
     Ok(Json(persist_receipt_detached(&state, receipt).await?))
 }
 
@@ -612,49 +670,4 @@ pub(crate) async fn set_typing_endpoint(
     let change: TypingChange = parse_body(&body)?;
     apply_typing(&state, &change)?;
     Ok(Json(json!({})))
-}
-
-#[cfg(test)]
-mod tests {
-    use server_config::{Overrides, Role, ServerConfig};
-
-    use super::writer_for_room;
-
-    fn config_with_writers(writers: &[&str]) -> ServerConfig {
-        let mut config =
-            ServerConfig::defaults(Role::Master, &Overrides::default()).expect("the defaults are valid");
-        config.stream_writers.insert("events".to_owned(), writers.iter().map(|w| (*w).to_owned()).collect());
-        config
-    }
-
-    #[test]
-    fn rooms_spread_over_the_writers_and_stay_put() {
-        let config = config_with_writers(&["w1", "w2"]);
-        let mut counts = std::collections::BTreeMap::new();
-        for n in 0..200 {
-            let room = format!("!room{n}:example.com");
-            let writer = writer_for_room(&config, "events", &room);
-            assert_eq!(writer, writer_for_room(&config, "events", &room));
-            *counts.entry(writer).or_insert(0) += 1;
-        }
-        assert_eq!(counts.len(), 2, "{counts:?}");
-        assert!(counts.values().all(|count| *count > 60), "{counts:?}");
-    }
-
-    #[test]
-    fn rooms_go_where_the_pinned_hash_says() {
-        // The rooms and answers of store-core's `the_hash_is_fixed_across_releases`.
-        let config = config_with_writers(&["w0", "w1", "w2"]);
-        let spread: Vec<String> = ["!a:b", "!b:b", "!c:b", "!d:b"]
-            .iter()
-            .map(|room| writer_for_room(&config, "events", room))
-            .collect();
-        assert_eq!(spread, ["w0", "w2", "w2", "w0"]);
-    }
-
-    #[test]
-    fn a_stream_without_writers_listed_goes_to_the_master() {
-        let config = config_with_writers(&["w1"]);
-        assert_eq!(writer_for_room(&config, "receipts", "!a:b"), "master");
-    }
 }

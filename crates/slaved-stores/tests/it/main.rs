@@ -133,8 +133,13 @@ fn expect_conflict(result: Result<DataStore, StoreError>, expected: &str) -> Tes
     }
 }
 
+/// The events writers `store` goes by.
+fn events_writers(store: &DataStore) -> Vec<String> {
+    store.context().deployment_writers().writers_of("events")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_master_decides_the_writers_and_the_others_must_agree() -> TestResult {
+async fn the_record_decides_the_writers_and_a_config_only_seeds_it() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
     let url = test_db.url.clone();
     // Before the master has recorded anything, a worker cannot know whether its
@@ -144,25 +149,32 @@ async fn the_master_decides_the_writers_and_the_others_must_agree() -> TestResul
         "the master has not recorded the deployment's writers of `events` in this database yet; start the master first",
     )?;
 
-    let _master: DataStore =
+    // The master seeds the record from its config.
+    let master: DataStore =
         build_store(&test_db.db, &deployment_config(&url, "master", &["p1", "p2"])?.store_settings()).await?;
-    let _p1: DataStore =
+    assert_eq!(events_writers(&master), ["p1", "p2"]);
+    assert_eq!(master.context().deployment_writers().current("events").map(|set| set.epoch), Some(1));
+    let p1: DataStore =
         build_store(&test_db.db, &deployment_config(&url, "p1", &["p1", "p2"])?.store_settings()).await?;
-    // The order matters too: it is how writes are sharded.
-    expect_conflict(
-        build_store(&test_db.db, &deployment_config(&url, "p2", &["p2", "p1"])?.store_settings()).await,
-        r#"`[stream_writers] events` is ["p2","p1"] here but ["p1","p2"] for the deployment (as the master recorded it)"#,
-    )?;
+    assert!(p1.events_writer().is_some() && p1.context().settings().is_writer_for("events"));
+    // A config listing others (even the same in another order, which shards
+    // differently) adopts the record.
+    let p2: DataStore =
+        build_store(&test_db.db, &deployment_config(&url, "p2", &["p2", "p1"])?.store_settings()).await?;
+    assert_eq!(events_writers(&p2), ["p1", "p2"]);
+    assert_eq!(p2.context().settings().writers_for("events"), ["p1", "p2"]);
 
-    // A master restarted with new writers replaces the record.
-    let _master: DataStore =
+    // So does a master restarted with a new config: the record stays.
+    let master: DataStore =
         build_store(&test_db.db, &deployment_config(&url, "master", &["p1"])?.store_settings()).await?;
-    expect_conflict(
-        build_store(&test_db.db, &deployment_config(&url, "p2", &["p1", "p2"])?.store_settings()).await,
-        r#"is ["p1","p2"] here but ["p1"] for the deployment"#,
-    )?;
-    let _agreeing: DataStore =
-        build_store(&test_db.db, &deployment_config(&url, "p2", &["p1"])?.store_settings()).await?;
+    assert_eq!(events_writers(&master), ["p1", "p2"]);
+    let p3: DataStore =
+        build_store(&test_db.db, &deployment_config(&url, "p3", &["p3"])?.store_settings()).await?;
+    assert_eq!(events_writers(&p3), ["p1", "p2"]);
+    // Not a writer, but it may become one: its write half is built, and its
+    // generator refuses to allocate until it joins.
+    let writer = p3.events_writer().ok_or("every worker of a deployment can join the events writers")?;
+    assert!(!writer.reader().events_stream().is_allocating());
     Ok(())
 }
 

@@ -33,8 +33,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use crate::{Database, Engine, StoreError, Transaction};
@@ -85,6 +85,10 @@ pub struct MultiWriterConfig {
     /// `stream_positions` is never read or written (the `caches` stream: after a
     /// restart there are no caches to invalidate).
     pub writers: Vec<String>,
+    /// Writers taken out of the stream, with their final positions (signed):
+    /// a token naming one counts it there. Everything they wrote is committed,
+    /// so a process starting follows them no further.
+    pub retired: BTreeMap<String, i64>,
     /// `true` for IDs 1, 2, 3, …; `false` for −1, −2, −3, … (backfill).
     pub positive: bool,
     /// How long a position finished inside a transaction (`get_next_txn`) waits
@@ -121,6 +125,7 @@ impl Default for MultiWriterConfig {
             tables: Vec::new(),
             sequence_name: String::new(),
             writers: Vec::new(),
+            retired: BTreeMap::new(),
             positive: true,
             background_record_delay: DEFAULT_BACKGROUND_RECORD_DELAY,
         }
@@ -312,13 +317,20 @@ struct Inner {
     instance_name: String,
     /// 1 for positive streams, −1 for backwards ones.
     factor: i64,
-    /// Whether this process may allocate.
-    may_allocate: bool,
-    /// The configured writers; empty means any instance (the `caches` stream).
-    writers: Vec<String>,
-    /// `Some` when this process is one of a non-empty writers list, and so
-    /// records its position in `stream_positions`.
-    positions_table: Option<PositionsTable>,
+    /// Whether this process may allocate: it is one of the stream's active
+    /// writers (or the stream has no list), and has joined it.
+    may_allocate: AtomicBool,
+    /// The writers whose positions are followed (active and draining); empty
+    /// means any instance (the `caches` stream). Changes with the stream's
+    /// epoch ([`MultiWriterIdGenerator::track_writers`]).
+    writers: Mutex<Vec<String>>,
+    /// Set once this process writes the stream (at start-up or when it joins
+    /// its writers), and so records its position in `stream_positions`.
+    positions_table: OnceLock<PositionsTable>,
+    /// How long positions finished in transactions wait to be recorded.
+    background_record_delay: Duration,
+    /// The tables the stream's rows live in.
+    tables: Vec<StreamTable>,
     source: IdSource,
     tracker: Mutex<PositionTracker>,
     /// The highest ID (internal) the source is known to have handed out, from
@@ -452,7 +464,104 @@ impl MultiWriterIdGenerator {
     /// instance, when the config lists none): replication takes positions only
     /// from them.
     pub fn is_writer(&self, instance: &str) -> bool {
-        self.inner.writers.is_empty() || self.inner.writers.iter().any(|writer| writer == instance)
+        let writers = self.inner.lock_writers();
+        writers.is_empty() || writers.iter().any(|writer| writer == instance)
+    }
+
+    /// Whether `instance` was one of the stream's writers and was retired:
+    /// replication ignores what it still says instead of refusing it.
+    pub fn is_retired(&self, instance: &str) -> bool {
+        self.inner.tracker().retired_position(instance).is_some()
+    }
+
+    /// Whether this process may allocate IDs now.
+    pub fn is_allocating(&self) -> bool {
+        self.inner.may_allocate.load(Ordering::Acquire)
+    }
+
+    /// Follows the positions of `writers` (a stream's active and draining
+    /// writers, as a new epoch lists them): a writer new here starts at the
+    /// stream's current position, as at start-up, and one retired before is
+    /// followed again.
+    pub fn track_writers(&self, writers: &[String]) {
+        {
+            let mut tracker = self.inner.tracker();
+            for writer in writers {
+                tracker.track(writer);
+            }
+        }
+        let mut listed = self.inner.lock_writers();
+        for writer in writers {
+            if !listed.contains(writer) {
+                listed.push(writer.clone());
+            }
+        }
+        drop(listed);
+        self.inner.changed();
+    }
+
+    /// Stops following `writer`, taken out of the stream's writers, whose
+    /// writes up to `final_position` (signed) this process has applied: it
+    /// no longer holds the stream's position back, and a token naming it
+    /// counts it at `final_position`. Retiring this process stops its
+    /// allocations.
+    pub fn retire(&self, writer: &str, final_position: i64) {
+        let internal = (final_position * self.inner.factor).max(1);
+        if writer == self.inner.instance_name {
+            self.inner.may_allocate.store(false, Ordering::Release);
+        }
+        self.inner.tracker().retire(writer, internal);
+        self.inner.lock_writers().retain(|listed| listed != writer);
+        self.inner.changed();
+    }
+
+    /// Stops this process's allocations (a writer draining, or one that has
+    /// not joined the stream's writers yet); IDs already handed out finish as
+    /// usual.
+    pub fn stop_allocating(&self) {
+        self.inner.may_allocate.store(false, Ordering::Release);
+    }
+
+    /// Makes this process one of the stream's writers at runtime: it claims
+    /// the stream's current position (finished, so safe to announce), records
+    /// it in `stream_positions` before allocating anything, as a writer does
+    /// at start-up, and starts allocating.
+    ///
+    /// Call it only once every process follows this one's positions
+    /// ([`MultiWriterIdGenerator::track_writers`] everywhere): a process that
+    /// did not could move its position past an ID of ours it never heard of.
+    pub async fn become_writer(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        if !inner.lock_writers().contains(&inner.instance_name) {
+            self.track_writers(std::slice::from_ref(&inner.instance_name));
+        }
+        let claim = {
+            let mut tracker = inner.tracker();
+            tracker.claim_own_position();
+            tracker.position_for_writer(&inner.instance_name)
+        };
+        if inner.positions_table.get().is_none() {
+            let upsert_sql = if inner.factor > 0 { &UPSERT_POSITIVE } else { &UPSERT_NEGATIVE };
+            let (background, receiver) = tokio::sync::watch::channel(0);
+            let table = PositionsTable {
+                upsert_sql,
+                in_flight: tokio::sync::Mutex::new(()),
+                stored: AtomicI64::new(0),
+                writes: AtomicU64::new(0),
+                background,
+            };
+            if inner.positions_table.set(table).is_ok() {
+                tokio::spawn(record_in_background(
+                    Arc::downgrade(inner),
+                    receiver,
+                    inner.background_record_delay,
+                ));
+            }
+        }
+        inner.record_position(claim).await?;
+        inner.may_allocate.store(true, Ordering::Release);
+        inner.changed();
+        Ok(())
     }
 
     /// Records another writer's position, learned from replication. Positions
@@ -550,7 +659,7 @@ impl MultiWriterIdGenerator {
     /// in transactions and not yet recorded in the background. For a clean
     /// shutdown.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        if self.inner.positions_table.is_none() {
+        if self.inner.positions_table.get().is_none() {
             return Ok(());
         }
         let position = self.inner.tracker().position_for_writer(&self.inner.instance_name);
@@ -599,10 +708,48 @@ impl MultiWriterIdGenerator {
         })
     }
 
+    /// Each of `writers`' position (signed) as the database shows it while no
+    /// write of the stream is in flight (a change of the stream's writers
+    /// holds the fence): its recorded position, or its last row above that.
+    /// Everything each wrote at or below its position is committed.
+    pub async fn positions_at_fence(
+        &self,
+        txn: &mut Transaction,
+        writers: &[String],
+    ) -> Result<BTreeMap<String, i64>, StoreError> {
+        let (inner, factor) = (&self.inner, self.inner.factor);
+        let mut positions = BTreeMap::new();
+        for writer in writers {
+            let recorded = txn
+                .query_opt(
+                    "SELECT stream_id FROM stream_positions WHERE stream_name = $1 AND instance_name = $2",
+                    &[&inner.stream_name, writer],
+                )
+                .await?
+                .map(|row| row.get::<i64>(0))
+                .transpose()?;
+            let mut highest = recorded.map_or(1, |position| (position * factor).max(1));
+            for table in &inner.tables {
+                let (instance, id, name) = (&table.instance_column, &table.id_column, &table.table);
+                let sql = if factor > 0 {
+                    format!("SELECT MAX({id}) FROM {name} WHERE {instance} = $1 AND {id} > $2")
+                } else {
+                    format!("SELECT -MIN({id}) FROM {name} WHERE {instance} = $1 AND {id} < $2")
+                };
+                let row = txn.query_one(&sql, &[writer, &(highest * factor)]).await?;
+                if let Some(top) = row.get::<Option<i64>>(0)? {
+                    highest = highest.max(top);
+                }
+            }
+            positions.insert(writer.clone(), highest * factor);
+        }
+        Ok(positions)
+    }
+
     /// How many upserts of `stream_positions` this generator has run: a burst of
     /// writes shares them.
     pub fn stream_positions_writes(&self) -> u64 {
-        self.inner.positions_table.as_ref().map_or(0, |table| table.writes.load(Ordering::Relaxed))
+        self.inner.positions_table.get().map_or(0, |table| table.writes.load(Ordering::Relaxed))
     }
 
     /// How long this process's oldest unfinished write on the stream has been
@@ -621,6 +768,10 @@ impl Inner {
             .field("current_token", &(tracker.persisted_upto() * self.factor))
             .field("positions", tracker.positions())
             .finish_non_exhaustive()
+    }
+
+    fn lock_writers(&self) -> MutexGuard<'_, Vec<String>> {
+        self.writers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn tracker(&self) -> MutexGuard<'_, PositionTracker> {
@@ -676,7 +827,7 @@ impl Inner {
         n: usize,
         txn: Option<&mut Transaction>,
     ) -> Result<StreamIdsGuard, StoreError> {
-        if !inner.may_allocate {
+        if !inner.may_allocate.load(Ordering::Acquire) {
             return Err(StoreError::NotAWriter {
                 stream: inner.stream_name.clone(),
                 instance: inner.instance_name.clone(),
@@ -781,7 +932,7 @@ impl Inner {
         let wanted = {
             let mut tracker = self.tracker();
             tracker.mark_finished(internal_ids);
-            self.positions_table.as_ref().map(|_| tracker.position_for_writer(&self.instance_name))
+            self.positions_table.get().map(|_| tracker.position_for_writer(&self.instance_name))
         };
         self.changed();
         wanted
@@ -795,7 +946,7 @@ impl Inner {
     /// `stream_positions`. Concurrent callers share upserts: one runs at a time,
     /// and it writes the latest position, covering everyone queued behind it.
     async fn record_position(&self, wanted: i64) -> Result<(), StoreError> {
-        let Some(table) = &self.positions_table else { return Ok(()) };
+        let Some(table) = self.positions_table.get() else { return Ok(()) };
         if table.stored.load(Ordering::Acquire) >= wanted {
             return Ok(());
         }
@@ -975,7 +1126,7 @@ impl StreamIdsGuard {
                 inner.finish_durable_abandoned(counter);
             }
             let Some(wanted) = inner.mark_finished(&internal_ids) else { return };
-            if let Some(table) = &inner.positions_table {
+            if let Some(table) = inner.positions_table.get() {
                 table.background.send_if_modified(|latest| {
                     let newer = wanted > *latest;
                     *latest = (*latest).max(wanted);

@@ -2,8 +2,8 @@
 //! reading the counter's high-water mark), and loading every writer's position
 //! without scanning the stream's tables.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use super::{
     IdSource, Inner, MultiWriterConfig, PositionTracker, PositionsTable, UPSERT_NEGATIVE, UPSERT_POSITIVE,
@@ -172,8 +172,11 @@ impl Inner {
         }
         // Only a listed writer records its position; nobody else needs the
         // table state or a background recorder.
+        for (writer, final_position) in &config.retired {
+            tracker.retire(writer, (final_position * factor).max(1));
+        }
         let (positions_table, background) = if !is_writer {
-            (None, None)
+            (OnceLock::new(), None)
         } else {
             let (background, receiver) = tokio::sync::watch::channel(stored_own);
             let table = PositionsTable {
@@ -183,16 +186,18 @@ impl Inner {
                 writes: AtomicU64::new(0),
                 background,
             };
-            (Some(table), Some(receiver))
+            (OnceLock::from(table), Some(receiver))
         };
         let inner = Inner {
             db: db.clone(),
             stream_name: config.stream_name.clone(),
             instance_name: config.instance_name.clone(),
             factor,
-            may_allocate,
-            writers: config.writers.clone(),
+            may_allocate: AtomicBool::new(may_allocate),
+            writers: Mutex::new(config.writers.clone()),
             positions_table,
+            background_record_delay: config.background_record_delay,
+            tables: config.tables.clone(),
             source,
             tracker: Mutex::new(tracker),
             handed_out: AtomicI64::new(handed_out),

@@ -51,6 +51,8 @@ pub struct PositionTracker {
     max_seen_allocated: i64,
     /// The best position this process can claim for itself.
     max_local: i64,
+    /// Writers taken out of the stream, at their final positions.
+    retired: BTreeMap<String, i64>,
 }
 
 impl PositionTracker {
@@ -68,6 +70,7 @@ impl PositionTracker {
             known_persisted: BinaryHeap::new(),
             max_seen_allocated: 1,
             max_local: 1,
+            retired: BTreeMap::new(),
         }
     }
 
@@ -236,6 +239,38 @@ impl PositionTracker {
         self.add_persisted_position(position);
     }
 
+    // ---- the writers changing ----
+
+    /// Follows `writer` from now on; one new here starts at the stream's
+    /// position, as one without a recorded position does at start-up.
+    pub(crate) fn track(&mut self, writer: &str) {
+        self.retired.remove(writer);
+        if !self.positions.contains_key(writer) && writer != self.instance_name {
+            self.positions.insert(writer.to_owned(), self.persisted_upto);
+        }
+    }
+
+    /// Stops following `writer`, at `final_position`: it no longer holds the
+    /// stream's position back.
+    pub(crate) fn retire(&mut self, writer: &str, final_position: i64) {
+        self.positions.remove(writer);
+        self.retired.insert(writer.to_owned(), final_position);
+        self.add_persisted_position(self.persisted_upto);
+    }
+
+    /// This process, joining the writers: its position starts at the best it
+    /// can claim (everything at or below it is finished).
+    pub(crate) fn claim_own_position(&mut self) {
+        self.retired.remove(&self.instance_name);
+        let entry = self.positions.entry(self.instance_name.clone()).or_insert(self.persisted_upto);
+        *entry = (*entry).max(self.persisted_upto);
+    }
+
+    /// The final position of a retired writer.
+    pub fn retired_position(&self, writer: &str) -> Option<i64> {
+        self.retired.get(writer).copied()
+    }
+
     // ---- reading ----
 
     /// The stream's current token: everything at or below it is finished.
@@ -248,6 +283,8 @@ impl PositionTracker {
     pub fn position_for_writer(&self, writer: &str) -> i64 {
         if writer == self.instance_name {
             self.max_local
+        } else if let Some(final_position) = self.retired.get(writer) {
+            (*final_position).max(self.persisted_upto)
         } else {
             self.positions.get(writer).copied().unwrap_or(self.persisted_upto).max(self.persisted_upto)
         }

@@ -130,6 +130,9 @@ impl<S: MultiWriterSource> Stream for S {
     fn is_writer(&self, instance: &str) -> bool {
         self.id_generator().is_writer(instance)
     }
+    fn is_retired_writer(&self, instance: &str) -> bool {
+        self.id_generator().is_retired(instance)
+    }
     fn is_handed_out(&self, token: i64) -> BoxFuture<'_, Result<bool, StoreError>> {
         Box::pin(self.id_generator().is_handed_out(token.saturating_mul(S::SIGN)))
     }

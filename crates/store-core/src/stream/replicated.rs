@@ -72,6 +72,12 @@ pub trait Stream: Send + Sync + fmt::Debug {
     /// stream).
     fn is_writer(&self, instance: &str) -> bool;
 
+    /// Whether `instance` was taken out of the stream's writers: what it still
+    /// says about the stream is stale, and ignored rather than refused.
+    fn is_retired_writer(&self, _instance: &str) -> bool {
+        false
+    }
+
     /// Whether a peer's `token` (wire form) lies within what the stream has
     /// handed out: a token past the sequence can only be forged, and taking it
     /// would put every later real row below the followers' tokens. In-memory

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::writers::{WriterSet, load_writer_sets, record_writer_set};
 use crate::{MASTER_INSTANCE, StoreError, StoreSettings, Transaction};
 
 /// Who writes a stream.
@@ -44,12 +45,22 @@ pub struct StreamSpec {
     pub name: &'static str,
     /// Who writes it.
     pub writers: WriterRule,
+    /// Whether its writers may change while the deployment runs (the admin
+    /// endpoint): its writer then takes the fence ([`crate::writers::fence`])
+    /// in every write and refuses shards it does not own.
+    pub elastic: bool,
 }
 
 impl StreamSpec {
     /// A stream called `name`, written as `writers` says.
     pub const fn new(name: &'static str, writers: WriterRule) -> StreamSpec {
-        StreamSpec { name, writers }
+        StreamSpec { name, writers, elastic: false }
+    }
+
+    /// This stream, with writers that may change at runtime.
+    pub const fn elastic(mut self) -> StreamSpec {
+        self.elastic = true;
+        self
     }
 
     /// Whether `[stream_writers]` may name this stream.
@@ -99,76 +110,55 @@ pub fn check_stream_writers(settings: &StoreSettings, streams: &[StreamSpec]) ->
     Ok(())
 }
 
-/// Makes sure this process agrees with the deployment on the writers of every
-/// configurable stream of `streams`, as recorded in `deployment_stream_writers`,
-/// before anything is loaded: a generator deletes the recorded positions of
-/// writers its config does not list, so a misconfigured process must never get
-/// that far.
+/// Adopts the deployment's writers of every configurable stream of
+/// `streams`, as recorded in `deployment_stream_writers`, before anything is
+/// loaded, and returns them (see [`crate::writers`]).
 ///
-/// The master is the authority: it records its lists at every start (a changed
-/// list is a warning: the other processes must be restarted with it). Any other
-/// process must match the record, and refuses to start before the master has
-/// made one.
+/// The record is the authority; `[stream_writers]` only seeds a fresh
+/// database, which the master does. A process whose config lists other writers
+/// adopts the record with a warning. A process other than the master refuses
+/// to start before the master made the record.
 ///
-/// `build_store` runs it first in the start-up transaction, so a worker's
-/// generators delete positions by the very record it agreed with; the master
-/// writes only when its lists changed, so processes starting together on a
-/// recorded deployment do not conflict (when they do, `build_store` retries).
+/// `build_store` runs it first in the start-up transaction, so a process's
+/// generators load by the very record it adopted.
 pub async fn agree_on_writers(
     conn: &mut Transaction,
     settings: &StoreSettings,
     streams: &[StreamSpec],
-) -> Result<(), StoreError> {
-    let ours = streams
-        .iter()
-        .filter(|stream| stream.is_configurable())
-        .map(|stream| {
-            serde_json::to_string(&stream.writers(settings))
-                .map(|writers| (stream.name, writers))
-                .map_err(|err| StoreError::Misconfigured(format!("cannot record writers: {err}")))
-        })
-        .collect::<Result<Vec<(&str, String)>, StoreError>>()?;
-    agree(conn, &ours, settings.instance_name == MASTER_INSTANCE).await
-}
-
-async fn agree(txn: &mut Transaction, ours: &[(&str, String)], is_master: bool) -> Result<(), StoreError> {
-    let rows = txn.query("SELECT stream_name, writers FROM deployment_stream_writers", &[]).await?;
-    let recorded = rows
-        .iter()
-        .map(|row| Ok((row.get(0)?, row.get(1)?)))
-        .collect::<Result<BTreeMap<String, String>, StoreError>>()?;
-    for (stream, writers) in ours {
-        match (recorded.get(*stream), is_master) {
-            (Some(recorded), _) if recorded == writers => {}
-            (recorded, true) => {
-                if let Some(previous) = recorded {
+) -> Result<BTreeMap<String, WriterSet>, StoreError> {
+    let is_master = settings.instance_name == MASTER_INSTANCE;
+    let mut recorded = load_writer_sets(conn).await?;
+    let mut adopted = BTreeMap::new();
+    for stream in streams.iter().filter(|stream| stream.is_configurable()) {
+        let configured = stream.writers(settings);
+        let set = match recorded.remove(stream.name) {
+            Some(set) => {
+                if set.writers() != configured {
                     tracing::warn!(
-                        stream,
-                        from = %previous,
-                        to = %writers,
-                        "the deployment's writers changed; restart every other process with the new config"
+                        stream = stream.name,
+                        configured = ?configured,
+                        deployment = ?set.writers(),
+                        epoch = set.epoch,
+                        "`[stream_writers]` differs from the deployment's writers; going by the deployment's (change them with `master writers set`)"
                     );
                 }
-                txn.execute(
-                    "INSERT INTO deployment_stream_writers (stream_name, writers, recorded_by) VALUES ($1, $2, $3) \
-                     ON CONFLICT (stream_name) DO UPDATE SET writers = EXCLUDED.writers",
-                    &[stream, writers, &MASTER_INSTANCE],
-                )
-                .await?;
+                set
             }
-            (Some(recorded), false) => {
+            None if is_master => {
+                let set = WriterSet::seeded(stream.name, configured);
+                record_writer_set(conn, &set).await?;
+                set
+            }
+            None => {
                 return Err(StoreError::Misconfigured(format!(
-                    "`[stream_writers] {stream}` is {writers} here but {recorded} for the deployment (as the master recorded it); every process must list the same writers"
+                    "the master has not recorded the deployment's writers of `{}` in this database yet; start the master first",
+                    stream.name
                 )));
             }
-            (None, false) => {
-                return Err(StoreError::Misconfigured(format!(
-                    "the master has not recorded the deployment's writers of `{stream}` in this database yet; start the master first"
-                )));
-            }
-        }
+        };
+        adopted.insert(stream.name.to_owned(), set);
     }
-    Ok(())
+    Ok(adopted)
 }
 
 #[cfg(test)]

@@ -1,0 +1,331 @@
+//! Elastic writers in a running process (`store_core::writers` has the
+//! mechanism): the loop that applies each new epoch of a stream's writers,
+//! the join of a writer new to a stream, the liveness every process records,
+//! and on the master, the retirement of drained writers.
+//!
+//! A process polls the recorded epochs every [`POLL`], and at once when a
+//! write it routed comes back "moved"; applying an epoch takes the handover
+//! positions first, so the process routes a moved room to its new writer only
+//! once it has every write of the room's old writer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use store_core::writers::{
+    self, Applied, DeploymentWriters, WriterSet, apply_epoch, join_when_followed, read_writer_sets,
+    record_alive, record_applied, retire_drained,
+};
+use store_core::{Database, Stream, StreamRegistry, WriterRule};
+
+/// How often a process reads the recorded epochs.
+const POLL: Duration = Duration::from_millis(250);
+
+/// How often a process records that it is alive.
+const ALIVE_EVERY: Duration = Duration::from_secs(2);
+
+/// One elastic stream, and the streams that follow its writers (backfill).
+struct Elastic {
+    stream: Arc<dyn Stream>,
+    followers: Vec<Arc<dyn Stream>>,
+}
+
+impl Elastic {
+    fn all(&self) -> Vec<Arc<dyn Stream>> {
+        std::iter::once(Arc::clone(&self.stream)).chain(self.followers.iter().cloned()).collect()
+    }
+
+    fn is_allocating(&self) -> bool {
+        self.stream.generator().is_some_and(store_core::MultiWriterIdGenerator::is_allocating)
+    }
+}
+
+/// What `/metrics` shows of elastic writers, per stream.
+#[derive(Debug, Default)]
+pub(crate) struct ElasticCounters {
+    /// Epochs applied here.
+    pub(crate) epochs: AtomicU64,
+    /// Writes that came back "moved" and were sent again.
+    pub(crate) moved_retries: AtomicU64,
+    /// Handovers applied here, and their total and longest durations (µs):
+    /// from the change's commit until this process routed by it.
+    pub(crate) handovers: AtomicU64,
+    pub(crate) handover_micros: AtomicU64,
+    pub(crate) handover_max_micros: AtomicU64,
+}
+
+/// The elastic writers of one process.
+pub(crate) struct ElasticWriters {
+    db: Database,
+    instance: String,
+    deployment: Arc<DeploymentWriters>,
+    streams: BTreeMap<&'static str, Elastic>,
+    /// One application at a time: the loop's, or one a "moved" answer asked for.
+    applying: tokio::sync::Mutex<()>,
+    /// The joins in progress, by stream and epoch.
+    joining: Mutex<BTreeSet<(String, i64)>>,
+    join_timeout: Duration,
+    counters: BTreeMap<&'static str, ElasticCounters>,
+}
+
+impl std::fmt::Debug for ElasticWriters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ElasticWriters")
+            .field("instance", &self.instance)
+            .field("streams", &self.streams.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ElasticWriters {
+    /// The elastic streams of `registry` (the process's followed streams).
+    pub(crate) fn new(
+        db: Database,
+        instance: &str,
+        deployment: Arc<DeploymentWriters>,
+        registry: &StreamRegistry,
+        join_timeout: Duration,
+    ) -> ElasticWriters {
+        let mut streams: BTreeMap<&'static str, Elastic> = BTreeMap::new();
+        let all: Vec<Arc<dyn Stream>> = registry.iter().cloned().collect();
+        for stream in &all {
+            let spec = stream.spec();
+            if spec.elastic && spec.writers == WriterRule::Configured {
+                let followers = all
+                    .iter()
+                    .filter(|other| {
+                        other.spec().elastic && other.spec().writers == WriterRule::Follows(spec.name)
+                    })
+                    .cloned()
+                    .collect();
+                streams.insert(spec.name, Elastic { stream: Arc::clone(stream), followers });
+            }
+        }
+        let counters = streams.keys().map(|name| (*name, ElasticCounters::default())).collect();
+        ElasticWriters {
+            db,
+            instance: instance.to_owned(),
+            deployment,
+            streams,
+            applying: tokio::sync::Mutex::new(()),
+            joining: Mutex::default(),
+            join_timeout,
+            counters,
+        }
+    }
+
+    /// The counters of `stream`, if it is elastic.
+    pub(crate) fn counters(&self, stream: &str) -> Option<&ElasticCounters> {
+        self.counters.get(stream)
+    }
+
+    /// The elastic streams' names.
+    pub(crate) fn stream_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.streams.keys().copied()
+    }
+
+    /// The elastic stream called `name`.
+    pub(crate) fn stream(&self, name: &str) -> Option<Arc<dyn Stream>> {
+        self.streams.get(name).map(|elastic| Arc::clone(&elastic.stream))
+    }
+
+    /// Records this process's part in the epochs it started with, then applies
+    /// new ones for as long as the process runs.
+    pub(crate) async fn start(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        if let Err(err) = record_alive(&self.db, &self.instance).await {
+            tracing::warn!("failed to record that this process is alive: {err}");
+        }
+        for (name, elastic) in &self.streams {
+            let Some(set) = self.deployment.current(name) else { continue };
+            if let Err(err) = self.take_part(elastic, &set, true).await {
+                tracing::warn!(stream = name, epoch = set.epoch, "failed to record the epoch applied: {err}");
+            }
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut last_alive = Instant::now();
+            loop {
+                tokio::time::sleep(POLL).await;
+                if let Err(err) = this.refresh().await {
+                    tracing::warn!("failed to apply the deployment's writers: {err}");
+                }
+                if last_alive.elapsed() >= ALIVE_EVERY {
+                    last_alive = Instant::now();
+                    if let Err(err) = record_alive(&this.db, &this.instance).await {
+                        tracing::warn!("failed to record that this process is alive: {err}");
+                    }
+                    if this.instance == store_core::MASTER_INSTANCE {
+                        this.retire_drained().await;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Applies the epochs recorded since the last look.
+    pub(crate) async fn refresh(&self) -> Result<(), store_core::StoreError> {
+        let _applying = self.applying.lock().await;
+        let recorded = read_writer_sets(&self.db).await?;
+        for (name, elastic) in &self.streams {
+            let Some(set) = recorded.get(*name) else { continue };
+            let local = self.deployment.current(name);
+            match &local {
+                Some(local) if local.epoch > set.epoch => continue,
+                Some(local) if local.epoch == set.epoch => {
+                    if **local != *set {
+                        // Drained writers retired: nothing to apply.
+                        self.deployment.publish(set.clone());
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            apply_epoch(&self.instance, set, elastic.stream.as_ref(), &elastic.followers).await?;
+            self.deployment.publish(set.clone());
+            if let Some(counters) = self.counters.get(name) {
+                counters.epochs.fetch_add(1, Ordering::Relaxed);
+                let took = u64::try_from((now_ms() - set.changed_ts).max(0) * 1000).unwrap_or(0);
+                counters.handovers.fetch_add(1, Ordering::Relaxed);
+                counters.handover_micros.fetch_add(took, Ordering::Relaxed);
+                counters.handover_max_micros.fetch_max(took, Ordering::Relaxed);
+            }
+            tracing::info!(stream = name, epoch = set.epoch, writers = ?set.writers(), "applied the stream's writers");
+            self.take_part(elastic, set, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Records what this process does in `set`: routes by it, or writes (a
+    /// writer new to the stream first joins, in a task of its own).
+    async fn take_part(
+        &self,
+        elastic: &Elastic,
+        set: &WriterSet,
+        at_start: bool,
+    ) -> Result<(), store_core::StoreError> {
+        let stream = elastic.stream.name();
+        if !set.is_active(&self.instance) {
+            return record_applied(&self.db, stream, &self.instance, set.epoch, Applied::Routing).await;
+        }
+        let joined = if at_start {
+            // The seeded epoch's writers are every process's from the start;
+            // a writer of a later one joined if it recorded so.
+            set.epoch == 1 || self.recorded_writing(stream, set.epoch).await?
+        } else {
+            elastic.is_allocating()
+        };
+        if joined {
+            return record_applied(&self.db, stream, &self.instance, set.epoch, Applied::Writing).await;
+        }
+        for target in elastic.all() {
+            if let Some(generator) = target.generator() {
+                generator.stop_allocating();
+            }
+        }
+        record_applied(&self.db, stream, &self.instance, set.epoch, Applied::Routing).await?;
+        if !self.joining().insert((stream.to_owned(), set.epoch)) {
+            return Ok(());
+        }
+        let (db, instance, set, streams, timeout) =
+            (self.db.clone(), self.instance.clone(), set.clone(), elastic.all(), self.join_timeout);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut pause = Duration::from_millis(100);
+            while let Err(err) = join_when_followed(&db, &instance, &set, &streams, timeout).await {
+                tracing::warn!(stream = %set.stream, "failed to join the stream's writers; retrying: {err}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            tracing::info!(stream = %set.stream, epoch = set.epoch, took = ?started.elapsed(), "joined the stream's writers");
+        });
+        Ok(())
+    }
+
+    async fn recorded_writing(&self, stream: &str, epoch: i64) -> Result<bool, store_core::StoreError> {
+        let (stream, instance) = (stream.to_owned(), self.instance.clone());
+        self.db
+            .run_autocommit("read_own_applied_epoch", move |txn| {
+                let (stream, instance) = (stream.clone(), instance.clone());
+                Box::pin(async move {
+                    let row = txn
+                        .query_opt(
+                            "SELECT epoch, state FROM stream_writer_acks WHERE stream_name = $1 AND instance_name = $2",
+                            &[&stream, &instance],
+                        )
+                        .await?;
+                    let Some(row) = row else { return Ok(false) };
+                    Ok(row.get::<i64>(0)? >= epoch && row.get::<String>(1)? == "writing")
+                })
+            })
+            .await
+    }
+
+    /// Waits (up to `timeout`) until this process allocates on `stream`: a
+    /// writer that has just joined takes the writes routed to it meanwhile.
+    pub(crate) async fn wait_writing(&self, stream: &str, timeout: Duration) {
+        let Some(elastic) = self.streams.get(stream) else { return };
+        let Some(generator) = elastic.stream.generator() else { return };
+        let mut changes = generator.subscribe();
+        let wait = async {
+            while !generator.is_allocating() {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, wait).await;
+    }
+
+    /// Counts a write that came back "moved" and applies the recorded epochs.
+    pub(crate) async fn moved(&self, stream: &str) {
+        if let Some(counters) = self.counters.get(stream) {
+            counters.moved_retries.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(err) = self.refresh().await {
+            tracing::warn!(stream, "failed to apply the deployment's writers after a moved write: {err}");
+        }
+    }
+
+    /// How long a joining writer waits for silent processes.
+    pub(crate) fn join_timeout(&self) -> Duration {
+        self.join_timeout
+    }
+
+    async fn retire_drained(&self) {
+        for name in self.streams.keys() {
+            let Some(set) = self.deployment.current(name) else { continue };
+            match retire_drained(&self.db, &set).await {
+                Ok(true) => tracing::info!(stream = name, epoch = set.epoch, "drained writers retired"),
+                Ok(false) => {}
+                Err(err) => tracing::warn!(stream = name, "failed to retire drained writers: {err}"),
+            }
+        }
+    }
+
+    fn joining(&self) -> std::sync::MutexGuard<'_, BTreeSet<(String, i64)>> {
+        self.joining.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    i64::try_from(now).unwrap_or(i64::MAX)
+}
+
+/// The answer of `GET /admin/v1/stream_writers/{stream}`.
+pub(crate) async fn status(
+    db: &Database,
+    set: &WriterSet,
+) -> Result<serde_json::Value, store_core::StoreError> {
+    let progress = writers::epoch_progress(db, set).await?;
+    let states: serde_json::Map<String, serde_json::Value> =
+        set.states().into_iter().map(|(writer, state)| (writer, serde_json::json!(state))).collect();
+    Ok(serde_json::json!({
+        "epoch": set.epoch,
+        "writers": states,
+        "settled": progress.settled(),
+        "behind": progress.behind,
+        "joining": progress.joining,
+    }))
+}

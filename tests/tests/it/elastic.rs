@@ -1,0 +1,220 @@
+//! Elastic writers: event and receipt writers added, drained and removed, and
+//! added back while 4 clients send to 20 rooms through every process; only
+//! the writer added or removed restarts (`tests::elastic` runs the scenario).
+//! Every acknowledged event reaches every member's sync exactly once, in
+//! stream order; tokens never go backwards, and a token from before each
+//! change still works after it; no room is persisted by two writers at once.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use ::tests::client::encode;
+use ::tests::deployment::{Deployment, Transport, base_urls, eventually};
+use ::tests::elastic::{
+    Run, add_drain_and_readd, set_writers, try_set_writers, wait_settled, writers_status,
+};
+use ::tests::load::{CLIENTS, Setup, rows_of_events};
+
+const EVENTS: usize = 2_000;
+
+/// What every run must show besides exactly-once delivery.
+fn changes_kept_every_promise(run: &Run) {
+    run.outcome.check(&run.deployment.db.url);
+    let urls = base_urls(&run.servers);
+    // A token from before each change still works, on every process.
+    for change in &run.changes {
+        for url in &urls {
+            let (status, answer) =
+                run.setup.clients[0].on(url).try_sync(Some(&change.token_before), Duration::ZERO, 10);
+            assert_eq!(status, 200, "a token from before `{}` on {url}: {answer}", change.label);
+        }
+    }
+    // Each room changed writers at most once per change: never two at once.
+    let mut writers_by_room: BTreeMap<String, Vec<(i64, String)>> = BTreeMap::new();
+    for (_, ordering, room, writer) in rows_of_events(&run.deployment.db.url) {
+        writers_by_room.entry(room).or_default().push((ordering, writer));
+    }
+    for (room, mut writers) in writers_by_room {
+        writers.sort();
+        let runs = 1 + writers.windows(2).filter(|pair| pair[0].1 != pair[1].1).count();
+        assert!(
+            runs <= run.changes.len() + 1,
+            "{room} went between writers {runs} times in {} changes: {writers:?}",
+            run.changes.len()
+        );
+    }
+    // The deployment ends settled with both writers active, in order.
+    let status = writers_status(&urls[0], "events");
+    assert_eq!(status["settled"], Value::Bool(true), "{status}");
+    let writers: Vec<&str> = status["writers"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, state)| *state == "active")
+        .map(|(writer, _)| writer.as_str())
+        .collect();
+    assert_eq!(writers.len(), 2, "{status}");
+}
+
+#[test]
+fn events_writers_are_added_drained_and_added_back_under_load() {
+    let run = add_drain_and_readd(EVENTS, false);
+    changes_kept_every_promise(&run);
+    // No client saw an error from a running process: a moved write was sent
+    // again, not refused (a status 0 is a process stopped for the change).
+    let refused: Vec<u16> = run
+        .outcome
+        .acknowledged
+        .iter()
+        .flat_map(|ack| ack.refusals.clone())
+        .filter(|status| *status != 0)
+        .collect();
+    assert!(refused.is_empty(), "refusals seen by clients: {refused:?}");
+    // The processes counted the changes they applied.
+    for server in &run.servers {
+        let metrics = server.get("/metrics").1;
+        assert!(
+            ::tests::deployment::metric(&metrics, "homeserver_stream_writer_moves_total{stream=\"events\"}")
+                >= 1.0,
+            "{} counted the changes:\n{metrics}",
+            server.base_url
+        );
+    }
+}
+
+#[test]
+fn a_writer_killed_in_the_middle_of_its_handover_loses_nothing() {
+    let run = add_drain_and_readd(EVENTS, true);
+    changes_kept_every_promise(&run);
+}
+
+#[test]
+fn the_admin_endpoint_refuses_what_cannot_be_a_stream_s_writers() {
+    let deployment = Deployment::new(Transport::Redis, &["writer1"], &["writer1"]);
+    let servers = deployment.start_all();
+    let master = &servers[0].base_url;
+    let refused = |stream: &str, writers: &[&str], why: &str| {
+        let (status, answer) = try_set_writers(master, stream, writers);
+        assert_eq!(status, 400, "{stream} {writers:?}: {answer}");
+        let message = answer["error"].as_str().unwrap_or_default();
+        assert!(message.contains(why), "{stream} {writers:?}: {message}");
+    };
+    refused("events", &[], "at least one writer");
+    refused("events", &["writer1", "writer1"], "listed twice");
+    refused("events", &["writer1", "nobody"], "`nobody` never started");
+    refused("evnts", &["writer1"], "no such stream");
+    refused("typing", &["master", "writer1"], "exactly one writer");
+    // Without the secret, nothing.
+    let (status, _) = ::tests::process::http_request(
+        master,
+        "PUT",
+        "/admin/v1/stream_writers/events",
+        Some("wrong"),
+        Some(r#"{"writers": ["master"]}"#),
+    )
+    .expect("an answer");
+    assert_eq!(status, 401);
+    // A list equal to the current one changes nothing.
+    assert_eq!(set_writers(master, "events", &["writer1"]), 1);
+    let status = writers_status(master, "events");
+    assert_eq!(status["epoch"], 1, "{status}");
+    assert_eq!(status["writers"]["writer1"], "active", "{status}");
+    // Only the master takes changes.
+    let (status, answer) = try_set_writers(&servers[1].base_url, "events", &["master"]);
+    assert_eq!(status, 400, "{answer}");
+}
+
+#[test]
+fn receipts_writers_are_added_drained_and_added_back_under_load() {
+    let deployment = Deployment::new(Transport::Redis, &["writer1", "writer2", "syncer"], &["writer1"]);
+    let servers = deployment.start_all();
+    let urls = base_urls(&servers);
+    let setup = Setup::new(&urls);
+    let master = urls[0].clone();
+    let targets: Vec<String> = setup
+        .rooms
+        .iter()
+        .enumerate()
+        .map(|(n, room)| setup.clients[0].on(&urls[3]).send(room, &format!("target-{n}"), "target"))
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders: Vec<_> = setup
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(n, client)| {
+            let (client, urls, rooms, targets, stop) = (
+                client.clone(),
+                urls.clone(),
+                setup.rooms.clone(),
+                targets.clone(),
+                std::sync::Arc::clone(&stop),
+            );
+            std::thread::spawn(move || {
+                let mut refused = Vec::new();
+                let mut last: BTreeMap<String, String> = BTreeMap::new();
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) || i < rooms.len() {
+                    let (room, target) = (&rooms[i % rooms.len()], &targets[i % rooms.len()]);
+                    let path = format!(
+                        "/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
+                        encode(room),
+                        encode(target)
+                    );
+                    let (status, answer) = client.on(&urls[(n + i) % urls.len()]).call(
+                        "POST",
+                        &path,
+                        Some(&serde_json::json!({})),
+                    );
+                    if status == 200 {
+                        last.insert(room.clone(), target.clone());
+                    } else {
+                        refused.push((status, answer));
+                    }
+                    i += 1;
+                }
+                (refused, last, i)
+            })
+        })
+        .collect();
+    for writers in [&["master", "writer1"][..], &["writer1"], &["writer1", "writer2", "master"]] {
+        std::thread::sleep(Duration::from_millis(500));
+        let epoch = set_writers(&master, "receipts", writers);
+        wait_settled(&master, "receipts", epoch);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut total = 0;
+    for sender in senders {
+        let (refused, last, sent) = sender.join().expect("a receipts thread");
+        assert!(refused.is_empty(), "receipts refused under the changes: {refused:?}");
+        assert_eq!(last.len(), setup.rooms.len());
+        total += sent;
+    }
+    assert!(total > CLIENTS * setup.rooms.len(), "the load ran: {total} receipts");
+    // Every process shows every user's receipt in every room.
+    for url in &urls {
+        eventually(&format!("every receipt in the sync of {url}"), Duration::from_secs(15), || {
+            let sync = setup.clients[0].on(url).sync(None, Duration::ZERO);
+            for (room, target) in setup.rooms.iter().zip(&targets) {
+                let ephemeral = &sync["rooms"]["join"][room]["ephemeral"]["events"];
+                let readers = ephemeral
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|event| event["content"][target]["m.read"].as_object())
+                    .map(serde_json::Map::len)
+                    .sum::<usize>();
+                if readers != CLIENTS {
+                    return Err(format!("{room}: {readers} readers of {target}: {ephemeral}"));
+                }
+            }
+            Ok(())
+        });
+    }
+    let status = writers_status(&master, "receipts");
+    assert_eq!(status["writers"]["writer1"], "active", "{status}");
+    assert_eq!(status["writers"]["master"], "active", "{status}");
+}
