@@ -712,3 +712,42 @@ async fn catch_up_rows_carry_the_membership_the_content_gives(test_db: TestDb) -
     }
     Ok(())
 }
+
+/// The fence of elastic writers: a change of the writers of `events` waits for
+/// the write in flight (slowed inside its COMMIT), records where its writer
+/// stood, and a write the old writer routes by the old epoch afterwards is
+/// refused as moved instead of committing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_writers_waits_for_the_write_in_flight_and_fences_the_old_epoch() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let master: Arc<EventsReader> = Arc::new(
+        store_core::build_store::<EventsReader>(&test_db.db, &deployment("master", &["p1"])).await?,
+    );
+    let p1_db = test_db.reconnect().await?;
+    let p1 = store_core::build_store::<EventsWriter>(&p1_db, &deployment("p1", &["p1"])).await?;
+    store_core::record_http_address(&test_db.db, "p2", "127.0.0.1:1").await?;
+    let alice = "@alice:example.com";
+    p1.persist_events_for_txn(ROOM, &[member("$a", alice, "join")], None).await?;
+
+    let faults = store_test_support::CommitFaults::connect(&test_db.url).await?;
+    faults.make_commits_slow("events", "INSERT", 1.0).await?;
+    let slow = tokio::spawn(p1.persist_events_for_txn(ROOM, &[message("$slow", alice)], None));
+    faults.wait_for_sleeping_commit().await?;
+    let stream: Arc<dyn store_core::Stream> = Arc::new(store_events::EventsStream(Arc::clone(&master)));
+    let epoch = store_core::writers::change_stream_writers(&test_db.db, stream, vec!["p2".to_owned()]).await?;
+    assert_eq!(epoch, 2);
+    // The change waited for the write in flight, which committed.
+    assert!(slow.is_finished(), "the change returned while a write of the old epoch was in flight");
+    let Persisted::Events(orderings) = slow.await?? else { panic!("the slow write persisted nothing") };
+    let sets = store_core::writers::read_writer_sets(&test_db.db).await?;
+    let set = sets.get("events").ok_or("a record of events")?;
+    assert_eq!(set.writers(), ["p2"]);
+    assert_eq!(set.draining.get("p1"), Some(&orderings[0]), "p1 drains at its last write: {set:?}");
+    assert_eq!(set.handover.get("p1"), Some(&orderings[0]));
+
+    // p1 still goes by epoch 1: its next write is fenced off.
+    let refused = p1.persist_events_for_txn(ROOM, &[message("$late", alice)], None).await;
+    assert!(refused.as_ref().is_err_and(StoreError::is_moved), "{refused:?}");
+    assert!(master.get_event("$late").await?.is_none());
+    Ok(())
+}
