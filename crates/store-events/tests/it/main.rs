@@ -751,3 +751,39 @@ async fn a_change_of_writers_waits_for_the_write_in_flight_and_fences_the_old_ep
     assert!(master.get_event("$late").await?.is_none());
     Ok(())
 }
+
+/// Applying an epoch reaches every writer's handover position even when
+/// replication brought nothing: the worker reads the rest from the database,
+/// applies it (its caches with it), then retires the writer taken out and
+/// follows the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applying_an_epoch_reaches_the_handover_positions_from_the_database() -> TestResult {
+    let test_db = TestDb::new(Engine::Postgres).await?;
+    let master: Arc<EventsReader> = Arc::new(
+        store_core::build_store::<EventsReader>(&test_db.db, &deployment("master", &["p1"])).await?,
+    );
+    let p1_db = test_db.reconnect().await?;
+    let p1 = store_core::build_store::<EventsWriter>(&p1_db, &deployment("p1", &["p1"])).await?;
+    let worker_db = test_db.reconnect().await?;
+    let worker = Arc::new(store_core::build_store::<EventsReader>(&worker_db, &deployment("w", &["p1"])).await?);
+    assert!(worker.get_users_in_room(ROOM).await?.is_empty());
+    let alice = "@alice:example.com";
+    let orderings = p1.persist_events(ROOM, &[member("$a", alice, "join"), message("$m", alice)]).await?;
+
+    store_core::record_http_address(&test_db.db, "p2", "127.0.0.1:1").await?;
+    let stream: Arc<dyn store_core::Stream> = Arc::new(store_events::EventsStream(Arc::clone(&master)));
+    store_core::writers::change_stream_writers(&test_db.db, stream, vec!["p2".to_owned()]).await?;
+    let sets = store_core::writers::read_writer_sets(&test_db.db).await?;
+    let set = sets.get("events").ok_or("a record of events")?;
+
+    let followed = store_events::EventsStream(Arc::clone(&worker));
+    store_core::writers::apply_epoch("w", set, &followed, &[]).await?;
+    let generator = worker.events_stream();
+    assert!(generator.get_current_token() >= orderings[1], "{generator:?}");
+    assert_eq!(*worker.get_users_in_room(ROOM).await?, [alice.to_owned()]);
+    assert!(generator.is_retired("p1") && !generator.is_writer("p1"));
+    assert!(generator.is_writer("p2"));
+    // A token naming p1 is counted at its final position.
+    assert!(generator.get_current_token_for_writer("p1") >= orderings[1]);
+    Ok(())
+}

@@ -177,3 +177,53 @@ fn an_id_finished_while_an_earlier_fetch_was_open_counts_once_that_fetch_ends() 
     assert_eq!(tracker.persisted_upto(), 9);
     assert!(tracker.minimal_local() >= 8 && tracker.position_for_writer("writer1") <= 9);
 }
+
+#[test]
+fn a_writer_added_at_runtime_holds_the_stream_at_its_position_until_it_advances() {
+    let mut tracker = loaded("reader", &[("a", 5)], 5);
+    tracker.advance("a", 8);
+    assert_eq!(tracker.persisted_upto(), 8);
+    tracker.track("b");
+    check(&tracker, 8, &[("a", 8), ("b", 8)]);
+    // `a` moves on; `b`, which may hold an ID in between, holds the stream.
+    tracker.advance("a", 12);
+    assert_eq!(tracker.persisted_upto(), 8);
+    tracker.advance("b", 12);
+    assert_eq!(tracker.persisted_upto(), 12);
+    // Tracking again never moves a position back.
+    tracker.track("b");
+    check(&tracker, 12, &[("a", 12), ("b", 12)]);
+}
+
+#[test]
+fn a_retired_writer_holds_nothing_back_and_tokens_naming_it_count_it_at_its_final_position() {
+    let mut tracker = loaded("reader", &[("a", 5), ("b", 5)], 5);
+    tracker.advance("a", 10);
+    tracker.advance("b", 7);
+    assert_eq!(tracker.persisted_upto(), 7);
+    tracker.retire("b", 7);
+    check(&tracker, 10, &[("a", 10)]);
+    assert_eq!(tracker.retired_position("b"), Some(7));
+    // A token naming `b` past its final position waits for the stream.
+    assert_eq!(tracker.position_for_writer("b"), 10);
+    tracker.advance("a", 15);
+    assert_eq!(tracker.position_for_writer("b"), 15);
+    // Added back, it is followed again from the stream's position.
+    tracker.track("b");
+    assert_eq!(tracker.retired_position("b"), None);
+    check(&tracker, 15, &[("a", 15), ("b", 15)]);
+}
+
+#[test]
+fn joining_claims_the_stream_position_and_no_more() {
+    let mut tracker = loaded("new", &[("a", 5)], 5);
+    tracker.advance("a", 9);
+    tracker.claim_own_position();
+    assert_eq!(tracker.positions().get("new"), Some(&9));
+    // An ID of ours allocated afterwards holds the stream at our claim.
+    allocate(&mut tracker, &[11]);
+    tracker.advance("a", 13);
+    assert_eq!(tracker.persisted_upto(), 9);
+    tracker.mark_finished(&[11]);
+    assert!(tracker.persisted_upto() >= 11);
+}
