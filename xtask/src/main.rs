@@ -5,7 +5,7 @@
 //! - `cargo xtask services`: start PostgreSQL and Redis when they are not running.
 //! - `cargo xtask demo`: a four-process deployment, two users talking through it,
 //!   and what each process saw (the `tests` package's `demo` binary).
-//! - `cargo xtask bench idgen|sqlite|stores|replication|topology|e2e`: the benchmarks, printed as
+//! - `cargo xtask bench idgen|sqlite|stores|replication|topology|e2e|elastic`: the benchmarks, printed as
 //!   ratios against baselines measured in the same run.
 //! - `cargo xtask new-migration CRATE NAME`: create the next numbered migration for both
 //!   engines.
@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
         ["bench", target] => bench(&sh, target),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci [{}]\n       cargo xtask services\n       cargo xtask demo\n       cargo xtask bench idgen|sqlite|stores|replication|topology|e2e\n       cargo xtask new-migration CRATE NAME",
+                "usage: cargo xtask ci [{}]\n       cargo xtask services\n       cargo xtask demo\n       cargo xtask bench idgen|sqlite|stores|replication|topology|e2e|elastic\n       cargo xtask new-migration CRATE NAME",
                 STEPS.join("|")
             );
             bail!("unknown command: {}", args.join(" "))
@@ -127,9 +127,14 @@ fn bench(sh: &Shell, target: &str) -> anyhow::Result<()> {
             cmd!(sh, "cargo bench --locked -p tests --bench e2e").run()?;
             Ok(())
         }
+        "elastic" => {
+            services(sh)?;
+            cmd!(sh, "cargo bench --locked -p tests --bench elastic").run()?;
+            Ok(())
+        }
         other => {
             bail!(
-                "unknown benchmark group `{other}`; the groups are: idgen, sqlite, stores, replication, topology, e2e"
+                "unknown benchmark group `{other}`; the groups are: idgen, sqlite, stores, replication, topology, e2e, elastic"
             )
         }
     }
