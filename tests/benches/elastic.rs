@@ -22,6 +22,7 @@ fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
+#[expect(clippy::print_stdout, reason = "a benchmark's output is its report")]
 fn main() {
     for kill in [false, true] {
         let run = add_drain_and_readd(EVENTS, kill);

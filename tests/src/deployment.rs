@@ -226,6 +226,18 @@ impl Deployment {
         if instance == "master" { self.binaries.0 } else { self.binaries.1 }
     }
 
+    /// What a new writer is started with: the deployment's config of
+    /// `instance` without `[stream_writers]` and with only the master in
+    /// `[instance_map]` (its address, the secret and the database).
+    pub fn minimal_config(&self, instance: &str) -> String {
+        let config = self.config(instance);
+        let (head, map) =
+            config.split_once("[instance_map]\n").expect("the deployment's configs map instances");
+        let (head, _) = head.split_once("[stream_writers]\n").expect("the deployment's configs list writers");
+        let master: Vec<&str> = map.lines().filter(|line| line.starts_with("master =")).collect();
+        format!("{head}[instance_map]\n{}\n", master.join("\n"))
+    }
+
     /// The deployment's config of `instance`.
     pub fn config(&self, instance: &str) -> String {
         self.config_with_writers(instance, &self.event_writers)
@@ -247,6 +259,15 @@ impl Deployment {
     pub fn start_with_config(&self, instance: &str, config: &str) -> Server {
         let path = self.write_config(instance, config).display().to_string();
         Server::start(self.binary(instance), &["--config", &path], self.dir.path())
+    }
+
+    /// Runs `instance`'s binary with the deployment's config and `args` (an
+    /// operator's command, such as `writers show events`) to its end.
+    pub fn run_command(&self, instance: &str, args: &[&str]) -> Finished {
+        let path = self.write_config(instance, &self.config(instance)).display().to_string();
+        let mut all = vec!["--config", path.as_str()];
+        all.extend_from_slice(args);
+        run_to_exit(self.binary(instance), &all, self.dir.path())
     }
 
     /// Runs `instance` with `config`, expecting it to fail at start-up.

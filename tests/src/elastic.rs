@@ -90,13 +90,21 @@ pub struct Run {
     pub outcome: Outcome,
     /// The changes, in order.
     pub changes: Vec<Change>,
+    /// What the processes stopped or killed during the run wrote to stderr.
+    pub stopped_logs: String,
 }
 
 /// Runs the scenario on the `events` stream with `events` sends, killing the
 /// writer each change concerns right after it when `kill` is set.
 pub fn add_drain_and_readd(events: usize, kill: bool) -> Run {
     let deployment = Deployment::new(Transport::Redis, &NAMES[1..], &["writer1"]);
-    let mut servers = deployment.start_all();
+    // `writer2` starts as a new writer would: the master's address, the
+    // secret and the database, nothing else.
+    let start = |name: &str| match name {
+        "writer2" => deployment.start_with_config(name, &deployment.minimal_config(name)),
+        _ => deployment.start(name),
+    };
+    let mut servers: Vec<Server> = NAMES.iter().map(|name| start(name)).collect();
     let urls = base_urls(&servers);
     let setup = Setup::new(&urls);
     // Syncs go to the processes that stay up; sends go everywhere, to the
@@ -105,6 +113,7 @@ pub fn add_drain_and_readd(events: usize, kill: bool) -> Run {
     let load = Load::start(&setup, &urls, &sync_urls, events);
     let master = urls[MASTER].clone();
     let mut changes = Vec::new();
+    let mut stopped_logs = String::new();
     let steps: [(&str, &[&str], &[&str], usize); 3] = [
         ("add writer2", &["writer1"], &["writer1", "writer2"], WRITER2),
         ("drain writer1", &["writer1", "writer2"], &["writer2"], WRITER1),
@@ -119,8 +128,9 @@ pub fn add_drain_and_readd(events: usize, kill: bool) -> Run {
             // In the middle of its handover: the writer joining, then the one draining.
             let killed = servers.remove(concerned).stop_with("KILL");
             assert!(!killed.status.success(), "kill -9 ends {}", NAMES[concerned]);
+            stopped_logs.push_str(&killed.stderr);
             std::thread::sleep(Duration::from_millis(300));
-            servers.insert(concerned, deployment.start(NAMES[concerned]));
+            servers.insert(concerned, start(NAMES[concerned]));
         }
         wait_settled(&master, "events", epoch);
         let settled_after = at.elapsed();
@@ -129,6 +139,7 @@ pub fn add_drain_and_readd(events: usize, kill: bool) -> Run {
             // process applied its final position.
             let stopped = servers.remove(WRITER1).stop_with("TERM");
             assert!(stopped.status.success(), "writer1 stops cleanly: {}", stopped.stderr);
+            stopped_logs.push_str(&stopped.stderr);
             eventually("writer1 to be retired", SETTLE, || {
                 let status = writers_status(&master, "events");
                 if status["writers"]["writer1"] == "retired" { Ok(()) } else { Err(status.to_string()) }
@@ -145,7 +156,7 @@ pub fn add_drain_and_readd(events: usize, kill: bool) -> Run {
         });
     }
     let outcome = load.finish();
-    Run { deployment, servers, setup, outcome, changes }
+    Run { deployment, servers, setup, outcome, changes, stopped_logs }
 }
 
 /// The rooms whose writer differs between `from` and `to`.

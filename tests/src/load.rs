@@ -120,8 +120,8 @@ pub struct Ack {
     pub started: Instant,
     /// Until the 200, retries included.
     pub took: Duration,
-    /// The statuses of the attempts refused before it (0: no connection).
-    pub refusals: Vec<u16>,
+    /// The attempts refused before it: status (0: no connection) and answer.
+    pub refusals: Vec<(u16, String)>,
 }
 
 /// Sends until some process answers 200, retrying the same transaction on the
@@ -136,7 +136,7 @@ pub fn send_until_acknowledged(client: &Client, urls: &[String], first: usize, r
             let event_id = answer["event_id"].as_str().expect("an event_id").to_owned();
             return Ack { room: room.to_owned(), event_id, started, took: started.elapsed(), refusals };
         }
-        refusals.push(status);
+        refusals.push((status, answer.to_string()));
         assert!(Instant::now() < deadline, "{txn} was never acknowledged; last answer {status} {answer}");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -3,8 +3,10 @@
 //! the join of a writer new to a stream, the liveness every process records,
 //! and on the master, the retirement of drained writers.
 //!
-//! A process polls the recorded epochs every [`POLL`], and at once when a
-//! write it routed comes back "moved"; applying an epoch takes the handover
+//! A process applies the recorded epochs when a change arrives through
+//! replication (its invalidation of [`writers::WRITERS_CHANGED`]), when a
+//! write it routed comes back "moved", and every [`POLL`] in case replication
+//! lost one; applying an epoch takes the handover
 //! positions first, so the process routes a moved room to its new writer only
 //! once it has every write of the room's old writer.
 
@@ -19,8 +21,12 @@ use store_core::writers::{
 };
 use store_core::{Database, Stream, StreamRegistry, WriterRule};
 
-/// How often a process reads the recorded epochs.
-const POLL: Duration = Duration::from_millis(250);
+/// How often a process reads the recorded epochs when replication brings no
+/// change.
+const POLL: Duration = Duration::from_secs(1);
+
+/// How long the room list of `/admin/v1/streams` is reused.
+const ROOMS_FRESH_FOR: Duration = Duration::from_secs(5);
 
 /// How often a process records that it is alive.
 const ALIVE_EVERY: Duration = Duration::from_secs(2);
@@ -67,6 +73,12 @@ pub(crate) struct ElasticWriters {
     joining: Mutex<BTreeSet<(String, i64)>>,
     join_timeout: Duration,
     counters: BTreeMap<&'static str, ElasticCounters>,
+    /// Whether to poll the recorded epochs (a deployment of several processes).
+    polls: bool,
+    /// Woken when a change of writers arrives on the `caches` stream.
+    changed: Arc<tokio::sync::Notify>,
+    /// The rooms, as last read for `/admin/v1/streams`, and when.
+    rooms: tokio::sync::Mutex<Option<(Instant, Arc<Vec<String>>)>>,
 }
 
 impl std::fmt::Debug for ElasticWriters {
@@ -79,13 +91,16 @@ impl std::fmt::Debug for ElasticWriters {
 }
 
 impl ElasticWriters {
-    /// The elastic streams of `registry` (the process's followed streams).
+    /// The elastic streams of `registry` (the process's followed streams);
+    /// `polls` for a process of a deployment of several.
     pub(crate) fn new(
         db: Database,
         instance: &str,
         deployment: Arc<DeploymentWriters>,
         registry: &StreamRegistry,
+        caches: &store_core::CacheRegistry,
         join_timeout: Duration,
+        polls: bool,
     ) -> ElasticWriters {
         let mut streams: BTreeMap<&'static str, Elastic> = BTreeMap::new();
         let all: Vec<Arc<dyn Stream>> = registry.iter().cloned().collect();
@@ -103,6 +118,12 @@ impl ElasticWriters {
             }
         }
         let counters = streams.keys().map(|name| (*name, ElasticCounters::default())).collect();
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let woken = Arc::clone(&changed);
+        let wake: store_core::Expansion = Arc::new(move |_, _, _| woken.notify_one());
+        if let Err(err) = caches.register_expansion(writers::WRITERS_CHANGED, wake) {
+            tracing::warn!("changes of writers will be noticed by polling only: {err}");
+        }
         ElasticWriters {
             db,
             instance: instance.to_owned(),
@@ -112,7 +133,28 @@ impl ElasticWriters {
             joining: Mutex::default(),
             join_timeout,
             counters,
+            rooms: tokio::sync::Mutex::new(None),
+            polls,
+            changed,
         }
+    }
+
+    /// Every room, read at most every [`ROOMS_FRESH_FOR`]: what the writers
+    /// of room-sharded streams divide, for `/admin/v1/streams`, which tests
+    /// and dashboards poll.
+    pub(crate) async fn rooms(
+        &self,
+        read: impl AsyncFnOnce() -> Result<Vec<String>, store_core::StoreError>,
+    ) -> Result<Arc<Vec<String>>, store_core::StoreError> {
+        let mut rooms = self.rooms.lock().await;
+        if let Some((at, rooms)) = rooms.as_ref()
+            && at.elapsed() < ROOMS_FRESH_FOR
+        {
+            return Ok(Arc::clone(rooms));
+        }
+        let read = Arc::new(read().await?);
+        *rooms = Some((Instant::now(), Arc::clone(&read)));
+        Ok(read)
     }
 
     /// The counters of `stream`, if it is elastic.
@@ -143,10 +185,16 @@ impl ElasticWriters {
             }
         }
         let this = Arc::clone(self);
+        if self.streams.values().all(|elastic| !elastic.stream.spec().elastic) || !self.polls {
+            // A process alone: no one else changes its writers.
+            return tokio::spawn(async {});
+        }
         tokio::spawn(async move {
             let mut last_alive = Instant::now();
             loop {
-                tokio::time::sleep(POLL).await;
+                // Woken by the change's invalidation, or by the clock in
+                // case a gap in replication lost it.
+                let _ = tokio::time::timeout(POLL, this.changed.notified()).await;
                 if let Err(err) = this.refresh().await {
                     tracing::warn!("failed to apply the deployment's writers: {err}");
                 }

@@ -80,7 +80,8 @@ async fn health() -> &'static str {
 /// process writes, its own position.
 async fn streams(State(state): State<AppState>) -> Json<Value> {
     let instance = state.hub.instance_name();
-    let rooms = match state.store.events().get_all_room_ids().await {
+    let events = state.store.events();
+    let rooms = match state.elastic.rooms(async || events.get_all_room_ids().await).await {
         Ok(rooms) => Some(rooms),
         Err(err) => {
             tracing::warn!("cannot count the rooms of each writer: {err}");
@@ -110,7 +111,7 @@ async fn streams(State(state): State<AppState>) -> Json<Value> {
             if stream.spec().elastic && rooms.is_some() {
                 let mut owned: BTreeMap<String, u64> =
                     set.writers().into_iter().map(|writer| (writer, 0)).collect();
-                for room in rooms.iter().flatten() {
+                for room in rooms.iter().flat_map(|rooms| rooms.iter()) {
                     *owned.entry(set.owner_of(room).to_owned()).or_default() += 1;
                 }
                 entry["rooms"] = json!(owned);
@@ -160,7 +161,8 @@ async fn set_stream_writers(
         };
         return Err(ClientError::invalid_param(why));
     };
-    let epoch = store_core::writers::change_stream_writers(state.store.database(), target, writers)
+    let caches = Some(Arc::clone(state.store.context().caches()));
+    let epoch = store_core::writers::change_stream_writers(state.store.database(), caches, target, writers)
         .await
         .map_err(|err| match err {
             store_core::writers::WritersChangeError::Invalid(why) => ClientError::invalid_param(why),

@@ -252,7 +252,9 @@ where
         &config.instance_name,
         Arc::clone(store.context().deployment_writers()),
         &store.replication_streams(),
+        store.context().registry(),
         std::time::Duration::from_millis(config.replication.handover_timeout_ms),
+        store.context().settings().has_other_processes,
     ));
     let elastic_task = elastic.start().await;
     let signals = listen_for_shutdown()?;

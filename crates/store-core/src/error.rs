@@ -164,9 +164,13 @@ impl StoreError {
 
     /// Whether the write went to a writer that does not write its shard under
     /// the stream's current writers (see [`StoreError::Moved`]), here or as
-    /// the database's fence found it.
+    /// the database's fence found it, or to a process that does not (or no
+    /// longer, or not yet) allocate on the stream ([`StoreError::NotAWriter`]):
+    /// either way, the write belongs to another writer, and its caller routes
+    /// it again.
     pub fn is_moved(&self) -> bool {
-        matches!(self, StoreError::Moved { .. }) || self.db_error().is_some_and(DbError::is_writers_changed)
+        matches!(self, StoreError::Moved { .. } | StoreError::NotAWriter { .. })
+            || self.db_error().is_some_and(DbError::is_writers_changed)
     }
 
     /// The driver's error behind this one, if the database reported it.
@@ -304,7 +308,7 @@ impl DbError {
     /// Whether the fence of an elastic stream refused the write: the stream's
     /// writers changed since the writer routed it (`store_core::writers`).
     pub fn is_writers_changed(&self) -> bool {
-        self.code() == Some(crate::writers::WRITERS_CHANGED)
+        self.code() == Some(crate::writers::FENCED)
     }
 
     /// Whether a unique constraint rejected the statement.

@@ -197,18 +197,26 @@ where
     }
 
     async fn commit_alone(&self, jobs: &[J]) -> Vec<Result<O, StoreError>> {
-        let mut failed_shards: Vec<String> = Vec::new();
+        // The shards whose earlier job failed, and whether it failed because
+        // the shard moved to another writer.
+        let mut failed_shards: Vec<(String, bool)> = Vec::new();
         let mut outputs = Vec::with_capacity(jobs.len());
         for job in jobs {
             let shard = (self.shard)(job).to_owned();
-            if failed_shards.contains(&shard) {
-                outputs.push(Err(abandoned(self.name, "a write before it of the same room failed")));
+            if let Some((_, moved)) = failed_shards.iter().find(|(failed, _)| *failed == shard) {
+                // A later job of a moved shard moved with it: its caller sends
+                // it to the new writer too, in order.
+                outputs.push(Err(if *moved {
+                    StoreError::Moved { stream: self.name.to_owned(), shard, epoch: 0 }
+                } else {
+                    abandoned(self.name, "a write before it of the same room failed")
+                }));
                 continue;
             }
             match self.commit_once(Arc::from(vec![job.clone()])).await {
                 Ok(mut output) => outputs.push(Ok(output.remove(0))),
                 Err(err) => {
-                    failed_shards.push(shard);
+                    failed_shards.push((shard, err.is_moved()));
                     outputs.push(Err(err));
                 }
             }
@@ -230,6 +238,9 @@ mod tests {
         &job.0
     }
 
+    /// A job whose shard moved to another writer.
+    const MOVED: i64 = -100;
+
     /// The groups a queue committed, each as its jobs' numbers.
     type Groups = Arc<Mutex<Vec<Vec<i64>>>>;
 
@@ -243,6 +254,13 @@ mod tests {
             Box::pin(async move {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 seen.lock().unwrap().push(jobs.iter().map(|(_, n)| *n).collect());
+                if let Some((shard, _)) = jobs.iter().find(|(_, n)| *n == MOVED) {
+                    return Err(StoreError::Moved {
+                        stream: "test".to_owned(),
+                        shard: shard.clone(),
+                        epoch: 2,
+                    });
+                }
                 if jobs.iter().any(|(_, n)| *n < 0) {
                     return Err(StoreError::Misconfigured(format!("negative in {} jobs", jobs.len())));
                 }
@@ -293,6 +311,24 @@ mod tests {
         // The group, then each job alone except the one after the failure.
         assert_eq!(*groups.lock().unwrap(), vec![vec![0], vec![1, -2, 3, 4], vec![1], vec![-2], vec![3]]);
         assert_eq!(queue.stats().alone_after_failure, 4);
+    }
+
+    #[tokio::test]
+    async fn the_jobs_after_one_whose_shard_moved_move_with_it() {
+        let (queue, _groups) = recording();
+        let blocker = queue.submit(job("z", 0));
+        tokio::task::yield_now().await;
+        let answers: Vec<_> =
+            [job("a", MOVED), job("a", 3), job("b", 4)].into_iter().map(|j| queue.submit(j)).collect();
+        blocker.await.unwrap();
+        let mut outcomes = Vec::new();
+        for answer in answers {
+            outcomes.push(answer.await);
+        }
+        assert!(outcomes[0].as_ref().is_err_and(StoreError::is_moved), "{outcomes:?}");
+        // Moved too, so that its caller sends it after the first, not fails it.
+        assert!(outcomes[1].as_ref().is_err_and(StoreError::is_moved), "{outcomes:?}");
+        assert_eq!(outcomes[2].as_ref().ok(), Some(&40));
     }
 
     #[tokio::test]

@@ -31,8 +31,13 @@ use serde::Serialize;
 
 use crate::{Database, Engine, MASTER_INSTANCE, StoreError, Stream, Transaction, writer_for_shard};
 
+/// The magic cache name a change of writers invalidates (with the stream as
+/// key) on the `caches` stream: how every process learns of a new epoch
+/// through replication, at once, rather than at its next look at the record.
+pub const WRITERS_CHANGED: &str = "stream_writers_changed";
+
 /// The SQLSTATE the fence raises for a write routed by an older epoch.
-pub(crate) const WRITERS_CHANGED: &str = "HW001";
+pub(crate) const FENCED: &str = "HW001";
 
 /// How long a process that has not said it is alive for counts as gone: it
 /// need not apply an epoch before a new writer joins.
@@ -307,7 +312,9 @@ pub enum WritersChangeError {
 
 /// Makes `writers` the active writers of `stream` (whose [`Stream`] this
 /// process follows), in a new epoch, and returns it; a list equal to the
-/// current one changes nothing and returns the current epoch.
+/// current one changes nothing and returns the current epoch. With `caches`,
+/// the change also invalidates [`WRITERS_CHANGED`], so that the other
+/// processes hear of it through replication.
 ///
 /// Every instance must have started once (recorded its address). The change
 /// waits for the stream's writes in flight (the fence) and records every
@@ -316,6 +323,7 @@ pub enum WritersChangeError {
 /// routes by the new epoch.
 pub async fn change_stream_writers(
     db: &Database,
+    caches: Option<Arc<crate::CachesStream>>,
     stream: Arc<dyn Stream>,
     writers: Vec<String>,
 ) -> Result<i64, WritersChangeError> {
@@ -329,8 +337,16 @@ pub async fn change_stream_writers(
     let name = stream.name();
     let outcome = db
         .run_interaction_read_committed("change_stream_writers", move |txn| {
-            let (stream, writers) = (Arc::clone(&stream), writers.clone());
-            Box::pin(async move { change_in(txn, stream.as_ref(), writers).await })
+            let (stream, writers, caches) = (Arc::clone(&stream), writers.clone(), caches.clone());
+            Box::pin(async move {
+                let changed = change_in(txn, stream.as_ref(), writers).await?;
+                if let (Ok(_), Some(caches)) = (&changed, caches) {
+                    caches
+                        .invalidate_in_txn(txn, WRITERS_CHANGED, Some(vec![stream.name().to_owned()]))
+                        .await?;
+                }
+                Ok(changed)
+            })
         })
         .await?;
     match outcome {
@@ -720,4 +736,63 @@ where
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::{DeploymentWriters, WriterSet, WriterState};
+
+    fn set() -> WriterSet {
+        WriterSet {
+            draining: BTreeMap::from([("w1".to_owned(), 40)]),
+            retired: BTreeMap::from([("w0".to_owned(), 10), ("w1".to_owned(), 5)]),
+            ..WriterSet::seeded("events", vec!["w2".to_owned(), "w3".to_owned()])
+        }
+    }
+
+    #[test]
+    fn a_set_lists_its_writers_active_first_and_takes_the_latest_final_positions() {
+        let set = set();
+        assert_eq!(
+            set.states(),
+            [
+                ("w2".to_owned(), WriterState::Active),
+                ("w3".to_owned(), WriterState::Active),
+                ("w1".to_owned(), WriterState::Draining),
+                ("w0".to_owned(), WriterState::Retired),
+                ("w1".to_owned(), WriterState::Retired),
+            ]
+        );
+        // Draining is the later state of a writer also retired before.
+        assert_eq!(set.taken_out(), BTreeMap::from([("w0".to_owned(), 10), ("w1".to_owned(), 40)]));
+        assert!(set.is_active("w2") && !set.is_active("w1"));
+        assert!(["w2", "w3"].contains(&set.owner_of("!a:b")));
+    }
+
+    #[test]
+    fn an_empty_list_is_the_master() {
+        let set = WriterSet::seeded("receipts", Vec::new());
+        assert_eq!(set.writers(), ["master"]);
+        assert_eq!(set.owner_of("!a:b"), "master");
+        assert!(set.is_active("master"));
+    }
+
+    #[test]
+    fn a_process_goes_by_the_record_and_else_by_its_settings() {
+        let unrecorded = BTreeMap::from([("receipts".to_owned(), vec!["r1".to_owned()])]);
+        let writers = DeploymentWriters::new("w2", [set()], unrecorded);
+        assert!(writers.writes("events"));
+        assert_eq!(writers.writers_of("receipts"), ["r1"]);
+        assert_eq!(writers.owner_of("receipts", "!a:b"), "r1");
+        assert_eq!(writers.writers_of("account_data"), ["master"]);
+        assert!(writers.current("receipts").is_none());
+        let changes = writers.subscribe();
+        let next = WriterSet { epoch: 2, ..WriterSet::seeded("events", vec!["w3".to_owned()]) };
+        writers.publish(next);
+        assert!(changes.has_changed().unwrap_or(false));
+        assert!(!writers.writes("events"));
+        assert_eq!(writers.current("events").map(|set| set.epoch), Some(2));
+    }
 }

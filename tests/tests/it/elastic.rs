@@ -64,14 +64,31 @@ fn events_writers_are_added_drained_and_added_back_under_load() {
     changes_kept_every_promise(&run);
     // No client saw an error from a running process: a moved write was sent
     // again, not refused (a status 0 is a process stopped for the change).
-    let refused: Vec<u16> = run
+    let refused: Vec<(u16, String)> = run
         .outcome
         .acknowledged
         .iter()
         .flat_map(|ack| ack.refusals.clone())
-        .filter(|status| *status != 0)
+        .filter(|(status, _)| *status != 0)
         .collect();
-    assert!(refused.is_empty(), "refusals seen by clients: {refused:?}");
+    if !refused.is_empty() {
+        let mut run = run;
+        let logs: Vec<String> = run
+            .servers
+            .iter_mut()
+            .flat_map(|server| {
+                server
+                    .stderr_tail(100_000)
+                    .lines()
+                    .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let stopped: Vec<&str> =
+            run.stopped_logs.lines().filter(|line| line.contains("WARN") || line.contains("ERROR")).collect();
+        panic!("refusals seen by clients: {refused:?}\n{}\n{}", logs.join("\n"), stopped.join("\n"));
+    }
     // The processes counted the changes they applied.
     for server in &run.servers {
         let metrics = server.get("/metrics").1;
@@ -121,6 +138,18 @@ fn the_admin_endpoint_refuses_what_cannot_be_a_stream_s_writers() {
     let status = writers_status(master, "events");
     assert_eq!(status["epoch"], 1, "{status}");
     assert_eq!(status["writers"]["writer1"], "active", "{status}");
+    // The operator's commands call the same endpoint.
+    let shown = deployment.run_command("master", &["writers", "show", "events"]);
+    assert!(shown.status.success(), "{}", shown.stderr);
+    let shown: Value = serde_json::from_str(shown.stdout.trim()).expect("the answer as JSON");
+    assert_eq!(shown["writers"]["writer1"], "active", "{shown}");
+    let set = deployment.run_command("master", &["writers", "set", "events", "writer1", "master"]);
+    assert!(set.status.success(), "{}", set.stderr);
+    assert_eq!(set.stdout.trim(), r#"{"epoch":2}"#);
+    wait_settled(master, "events", 2);
+    let refused = deployment.run_command("master", &["writers", "set", "events", "ghost"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(refused.stderr.contains("`ghost` never started"), "{}", refused.stderr);
     // Only the master takes changes.
     let (status, answer) = try_set_writers(&servers[1].base_url, "events", &["master"]);
     assert_eq!(status, 400, "{answer}");

@@ -659,7 +659,8 @@ impl MultiWriterIdGenerator {
     /// in transactions and not yet recorded in the background. For a clean
     /// shutdown.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        if self.inner.positions_table.get().is_none() {
+        if self.inner.positions_table.get().is_none() || !self.is_writer(&self.inner.instance_name) {
+            // A writer taken out of the stream: its row is retired, not renewed.
             return Ok(());
         }
         let position = self.inner.tracker().position_for_writer(&self.inner.instance_name);

@@ -720,9 +720,8 @@ async fn catch_up_rows_carry_the_membership_the_content_gives(test_db: TestDb) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_of_writers_waits_for_the_write_in_flight_and_fences_the_old_epoch() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
-    let master: Arc<EventsReader> = Arc::new(
-        store_core::build_store::<EventsReader>(&test_db.db, &deployment("master", &["p1"])).await?,
-    );
+    let master: Arc<EventsReader> =
+        Arc::new(store_core::build_store::<EventsReader>(&test_db.db, &deployment("master", &["p1"])).await?);
     let p1_db = test_db.reconnect().await?;
     let p1 = store_core::build_store::<EventsWriter>(&p1_db, &deployment("p1", &["p1"])).await?;
     store_core::record_http_address(&test_db.db, "p2", "127.0.0.1:1").await?;
@@ -734,7 +733,8 @@ async fn a_change_of_writers_waits_for_the_write_in_flight_and_fences_the_old_ep
     let slow = tokio::spawn(p1.persist_events_for_txn(ROOM, &[message("$slow", alice)], None));
     faults.wait_for_sleeping_commit().await?;
     let stream: Arc<dyn store_core::Stream> = Arc::new(store_events::EventsStream(Arc::clone(&master)));
-    let epoch = store_core::writers::change_stream_writers(&test_db.db, stream, vec!["p2".to_owned()]).await?;
+    let epoch =
+        store_core::writers::change_stream_writers(&test_db.db, None, stream, vec!["p2".to_owned()]).await?;
     assert_eq!(epoch, 2);
     // The change waited for the write in flight, which committed.
     assert!(slow.is_finished(), "the change returned while a write of the old epoch was in flight");
@@ -759,20 +759,20 @@ async fn a_change_of_writers_waits_for_the_write_in_flight_and_fences_the_old_ep
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applying_an_epoch_reaches_the_handover_positions_from_the_database() -> TestResult {
     let test_db = TestDb::new(Engine::Postgres).await?;
-    let master: Arc<EventsReader> = Arc::new(
-        store_core::build_store::<EventsReader>(&test_db.db, &deployment("master", &["p1"])).await?,
-    );
+    let master: Arc<EventsReader> =
+        Arc::new(store_core::build_store::<EventsReader>(&test_db.db, &deployment("master", &["p1"])).await?);
     let p1_db = test_db.reconnect().await?;
     let p1 = store_core::build_store::<EventsWriter>(&p1_db, &deployment("p1", &["p1"])).await?;
     let worker_db = test_db.reconnect().await?;
-    let worker = Arc::new(store_core::build_store::<EventsReader>(&worker_db, &deployment("w", &["p1"])).await?);
+    let worker =
+        Arc::new(store_core::build_store::<EventsReader>(&worker_db, &deployment("w", &["p1"])).await?);
     assert!(worker.get_users_in_room(ROOM).await?.is_empty());
     let alice = "@alice:example.com";
     let orderings = p1.persist_events(ROOM, &[member("$a", alice, "join"), message("$m", alice)]).await?;
 
     store_core::record_http_address(&test_db.db, "p2", "127.0.0.1:1").await?;
     let stream: Arc<dyn store_core::Stream> = Arc::new(store_events::EventsStream(Arc::clone(&master)));
-    store_core::writers::change_stream_writers(&test_db.db, stream, vec!["p2".to_owned()]).await?;
+    store_core::writers::change_stream_writers(&test_db.db, None, stream, vec!["p2".to_owned()]).await?;
     let sets = store_core::writers::read_writer_sets(&test_db.db).await?;
     let set = sets.get("events").ok_or("a record of events")?;
 
