@@ -55,6 +55,10 @@ fn main() {
             figures.steady.len(),
             ms(during) / ms(steady).max(f64::MIN_POSITIVE)
         );
+        println!(
+            "  ({} sends left out: they first reached a process stopped or killed for the change)",
+            figures.through_a_stopped_process
+        );
         println!("  moved retries: {moved_retries}");
     }
 }

@@ -185,7 +185,8 @@ pub fn quantile(values: &mut [Duration], q: f64) -> Duration {
 
 /// What a run's figures are: per moved room, how long after the change the
 /// first send to it that started after the change was acknowledged; the
-/// latencies of sends started while a change settled, and of the others.
+/// latencies of sends started while a change settled, and of the others
+/// (both without the sends that first reached a process that was down).
 #[derive(Debug, Default)]
 pub struct Figures {
     /// Per change and moved room.
@@ -194,6 +195,8 @@ pub struct Figures {
     pub during: Vec<Duration>,
     /// The other sends.
     pub steady: Vec<Duration>,
+    /// Sends left out of both: first sent to a process that was down.
+    pub through_a_stopped_process: usize,
 }
 
 impl Figures {
@@ -215,6 +218,12 @@ impl Figures {
             }
         }
         for ack in &run.outcome.acknowledged {
+            if ack.refusals.iter().any(|(status, _)| *status == 0) {
+                // Sent first to a process stopped or killed: the client's
+                // retry elsewhere, not the change, is what it measures.
+                figures.through_a_stopped_process += 1;
+                continue;
+            }
             let changing = run
                 .changes
                 .iter()

@@ -602,6 +602,11 @@ pub async fn apply_epoch(
     }
     for (writer, position) in set.taken_out() {
         if let Some(generator) = stream.generator() {
+            // A process that skipped the epoch which took it out (it applies
+            // a later one) reaches its final position first.
+            if writer != instance && !generator.is_retired(&writer) {
+                reach(stream, &writer, position).await?;
+            }
             generator.retire(&writer, position);
         }
         for follower in followers {
@@ -636,13 +641,10 @@ async fn reach(stream: &dyn Stream, writer: &str, position: i64) -> Result<(), S
                 message: err.to_string(),
             })?;
         }
-        if updates.token <= from && !updates.limited {
+        if !updates.limited || updates.token <= from {
             break;
         }
         from = updates.token;
-        if !updates.limited {
-            break;
-        }
     }
     stream.advance(writer, position);
     tracing::info!(

@@ -247,3 +247,50 @@ fn receipts_writers_are_added_drained_and_added_back_under_load() {
     assert_eq!(status["writers"]["writer1"], "active", "{status}");
     assert_eq!(status["writers"]["master"], "active", "{status}");
 }
+
+/// A room that moves keeps its checks and its client transactions: a
+/// transaction the old writer persisted is answered with its event by the new
+/// one, the new writer refuses a sender who is not in the room, and later
+/// events follow the earlier ones.
+#[test]
+fn a_moved_room_keeps_its_transactions_and_its_checks() {
+    let deployment = Deployment::new(Transport::Redis, &["writer1", "writer2"], &["writer1"]);
+    let servers: Vec<::tests::process::Server> = ["master", "writer1", "writer2"]
+        .iter()
+        .map(|name| match *name {
+            "writer2" => deployment.start_with_config(name, &deployment.minimal_config(name)),
+            other => deployment.start(other),
+        })
+        .collect();
+    let master = servers[0].base_url.clone();
+    let ada = ::tests::client::register(&master, "ada");
+    let eve = ::tests::client::register(&master, "eve");
+    let after = ["writer1".to_owned(), "writer2".to_owned()];
+    let room = std::iter::repeat_with(|| ada.create_room())
+        .take(40)
+        .find(|room| store_core::writer_for_shard(room, &after).map(String::as_str) == Some("writer2"))
+        .expect("one room in 40 moves to writer2");
+    let first = ada.send(&room, "t1", "before the move");
+    let epoch = set_writers(&master, "events", &["writer1", "writer2"]);
+    wait_settled(&master, "events", epoch);
+
+    // The same transaction, now on the new writer: the old writer's event.
+    for url in base_urls(&servers) {
+        let (status, answer) = ada.on(&url).try_send(&room, "t1", "before the move");
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["event_id"].as_str(), Some(first.as_str()), "through {url}");
+    }
+    // The new writer knows who is in the room.
+    let (status, answer) = eve.try_send(&room, "e1", "not a member");
+    assert_eq!(status, 403, "{answer}");
+    let second = ada.send(&room, "t2", "after the move");
+    let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=10", encode(&room));
+    let (status, page) = ada.call("GET", &path, None);
+    assert_eq!(status, 200, "{page}");
+    let ids: Vec<&str> =
+        page["chunk"].as_array().into_iter().flatten().filter_map(|e| e["event_id"].as_str()).collect();
+    let (at_second, at_first) =
+        (ids.iter().position(|id| *id == second), ids.iter().position(|id| *id == first));
+    assert!(matches!((at_second, at_first), (Some(s), Some(f)) if s < f), "newest first: {ids:?}");
+    assert_eq!(ids.iter().filter(|id| **id == first).count(), 1, "{ids:?}");
+}

@@ -320,7 +320,7 @@ struct Inner {
     /// Whether this process may allocate: it is one of the stream's active
     /// writers (or the stream has no list), and has joined it.
     may_allocate: AtomicBool,
-    /// The writers whose positions are followed (active and draining); empty
+    /// The writers whose positions are followed (the active ones of the epoch applied here); empty
     /// means any instance (the `caches` stream). Changes with the stream's
     /// epoch ([`MultiWriterIdGenerator::track_writers`]).
     writers: Mutex<Vec<String>>,
@@ -479,8 +479,8 @@ impl MultiWriterIdGenerator {
         self.inner.may_allocate.load(Ordering::Acquire)
     }
 
-    /// Follows the positions of `writers` (a stream's active and draining
-    /// writers, as a new epoch lists them): a writer new here starts at the
+    /// Follows the positions of `writers` (a stream's active writers, as a
+    /// new epoch lists them): a writer new here starts at the
     /// stream's current position, as at start-up, and one retired before is
     /// followed again.
     pub fn track_writers(&self, writers: &[String]) {
