@@ -325,3 +325,6 @@ impl PositionTracker {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod elastic_properties;
