@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use tests::deployment::metric;
+use tests::deployment::{Transport, metric};
 use tests::elastic::{Figures, add_drain_and_readd, quantile};
 
 const EVENTS: usize = 6_000;
@@ -25,7 +25,7 @@ fn ms(duration: Duration) -> f64 {
 #[expect(clippy::print_stdout, reason = "a benchmark's output is its report")]
 fn main() {
     for kill in [false, true] {
-        let run = add_drain_and_readd(EVENTS, kill);
+        let run = add_drain_and_readd(Transport::Redis, EVENTS, kill);
         run.outcome.check(&run.deployment.db.url);
         let mut figures = Figures::of(&run);
         let moved_retries: f64 = run

@@ -94,10 +94,11 @@ pub struct Run {
     pub stopped_logs: String,
 }
 
-/// Runs the scenario on the `events` stream with `events` sends, killing the
-/// writer each change concerns right after it when `kill` is set.
-pub fn add_drain_and_readd(events: usize, kill: bool) -> Run {
-    let deployment = Deployment::new(Transport::Redis, &NAMES[1..], &["writer1"]);
+/// Runs the scenario on the `events` stream with `events` sends over
+/// `transport`, killing the writer each change concerns right after it when
+/// `kill` is set.
+pub fn add_drain_and_readd(transport: Transport, events: usize, kill: bool) -> Run {
+    let deployment = Deployment::new(transport, &NAMES[1..], &["writer1"]);
     // `writer2` starts as a new writer would: the master's address, the
     // secret and the database, nothing else.
     let start = |name: &str| match name {

@@ -60,7 +60,16 @@ fn changes_kept_every_promise(run: &Run) {
 
 #[test]
 fn events_writers_are_added_drained_and_added_back_under_load() {
-    let run = add_drain_and_readd(EVENTS, false);
+    events_writers_change_under_load(Transport::Redis);
+}
+
+#[test]
+fn events_writers_are_added_drained_and_added_back_under_load_over_tcp() {
+    events_writers_change_under_load(Transport::Tcp);
+}
+
+fn events_writers_change_under_load(transport: Transport) {
+    let run = add_drain_and_readd(transport, EVENTS, false);
     changes_kept_every_promise(&run);
     // No client saw an error from a running process: a moved write was sent
     // again, not refused (a status 0 is a process stopped for the change).
@@ -103,7 +112,7 @@ fn events_writers_are_added_drained_and_added_back_under_load() {
 
 #[test]
 fn a_writer_killed_in_the_middle_of_its_handover_loses_nothing() {
-    let run = add_drain_and_readd(EVENTS, true);
+    let run = add_drain_and_readd(Transport::Redis, EVENTS, true);
     changes_kept_every_promise(&run);
 }
 
