@@ -417,29 +417,39 @@ pub fn writer_for_room<'a>(room_id: &str, writers: &[&'a str]) -> &'a str {
     store_core::writer_for_shard(room_id, writers).expect("at least one writer")
 }
 
-/// `instance`'s recorded position on `stream`, read from `stream_positions`.
-pub fn recorded_position(url: &str, stream: &str, instance: &str) -> Option<i64> {
+/// Runs `read` on the deployment's database at `url` (from a test's thread,
+/// on a connection of its own), panicking with `what` if it fails.
+pub fn read_database<T, F>(url: &str, what: &'static str, read: F) -> T
+where
+    F: for<'t> FnMut(
+            &'t mut store_core::Transaction,
+        ) -> store_core::BoxFuture<'t, Result<T, store_core::StoreError>>
+        + Send,
+    T: Send,
+{
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
     runtime.block_on(async {
         let db = store_core::Database::connect(url).await.expect("connect to the deployment's database");
-        let (stream, instance) = (stream.to_owned(), instance.to_owned());
-        let position = db
-            .run_autocommit("read_recorded_position", move |txn| {
-                let (stream, instance) = (stream.clone(), instance.clone());
-                Box::pin(async move {
-                    let rows = txn
-                        .query(
-                            "SELECT stream_id FROM stream_positions WHERE stream_name = $1 AND instance_name = $2",
-                            &[&stream, &instance],
-                        )
-                        .await?;
-                    rows.first().map(|row| row.get::<i64>(0)).transpose()
-                })
-            })
-            .await
-            .expect("read stream_positions");
+        let read = db.run_autocommit(what, read).await.unwrap_or_else(|err| panic!("{what}: {err}"));
         db.close().await;
-        position
+        read
+    })
+}
+
+/// `instance`'s recorded position on `stream`, read from `stream_positions`.
+pub fn recorded_position(url: &str, stream: &str, instance: &str) -> Option<i64> {
+    let (stream, instance) = (stream.to_owned(), instance.to_owned());
+    read_database(url, "read_recorded_position", move |txn| {
+        let (stream, instance) = (stream.clone(), instance.clone());
+        Box::pin(async move {
+            let rows = txn
+                .query(
+                    "SELECT stream_id FROM stream_positions WHERE stream_name = $1 AND instance_name = $2",
+                    &[&stream, &instance],
+                )
+                .await?;
+            rows.first().map(|row| row.get::<i64>(0)).transpose()
+        })
     })
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::client::{Client, register, timeline_ids};
-use crate::deployment::eventually;
+use crate::deployment::{eventually, read_database};
 
 /// The users sending and syncing.
 pub const CLIENTS: usize = 4;
@@ -202,24 +202,15 @@ pub fn orderings(url: &str) -> HashMap<String, i64> {
 
 /// `(event_id, stream_ordering, room_id, instance_name)` of every event.
 pub fn rows_of_events(url: &str) -> Vec<(String, i64, String, String)> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-    runtime.block_on(async {
-        let db = store_core::Database::connect(url).await.expect("connect to the deployment's database");
-        let rows = db
-            .run_autocommit("read_events", |txn| {
-                Box::pin(async move {
-                    let rows = txn
-                        .query("SELECT event_id, stream_ordering, room_id, instance_name FROM events", &[])
-                        .await?;
-                    rows.iter()
-                        .map(|row| Ok((row.get::<String>(0)?, row.get::<i64>(1)?, row.get(2)?, row.get(3)?)))
-                        .collect()
-                })
-            })
-            .await
-            .expect("read the events");
-        db.close().await;
-        rows
+    read_database(url, "read_events", |txn| {
+        Box::pin(async move {
+            let rows = txn
+                .query("SELECT event_id, stream_ordering, room_id, instance_name FROM events", &[])
+                .await?;
+            rows.iter()
+                .map(|row| Ok((row.get::<String>(0)?, row.get::<i64>(1)?, row.get(2)?, row.get(3)?)))
+                .collect()
+        })
     })
 }
 

@@ -27,41 +27,33 @@ struct Stored {
 }
 
 fn stored(url: &str) -> Stored {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-    runtime.block_on(async {
-        let db = store_core::Database::connect(url).await.expect("connect to the deployment's database");
-        let rows = db
-            .run_autocommit("read_events", |txn| {
-                Box::pin(async move {
-                    let rows = txn
-                        .query("SELECT event_id, stream_ordering, room_id, type, state_key FROM events", &[])
-                        .await?;
-                    rows.iter()
-                        .map(|row| {
-                            Ok((
-                                row.get::<String>(0)?,
-                                row.get::<i64>(1)?,
-                                row.get::<String>(2)?,
-                                row.get::<String>(3)?,
-                                row.get::<Option<String>>(4)?,
-                            ))
-                        })
-                        .collect::<Result<Vec<_>, store_core::StoreError>>()
+    let rows = ::tests::deployment::read_database(url, "read_events", |txn| {
+        Box::pin(async move {
+            let rows = txn
+                .query("SELECT event_id, stream_ordering, room_id, type, state_key FROM events", &[])
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok((
+                        row.get::<String>(0)?,
+                        row.get::<i64>(1)?,
+                        row.get::<String>(2)?,
+                        row.get::<String>(3)?,
+                        row.get::<Option<String>>(4)?,
+                    ))
                 })
-            })
-            .await
-            .expect("read the events");
-        db.close().await;
-        let mut stored = Stored { orderings: HashMap::new(), memberships: HashMap::new() };
-        for (event_id, ordering, room, event_type, state_key) in rows {
-            if let (Some(state_key), "m.room.member") = (state_key, event_type.as_str()) {
-                let last = stored.memberships.entry((room, state_key)).or_insert(ordering);
-                *last = (*last).max(ordering);
-            }
-            stored.orderings.insert(event_id, ordering);
+                .collect::<Result<Vec<_>, store_core::StoreError>>()
+        })
+    });
+    let mut stored = Stored { orderings: HashMap::new(), memberships: HashMap::new() };
+    for (event_id, ordering, room, event_type, state_key) in rows {
+        if let (Some(state_key), "m.room.member") = (state_key, event_type.as_str()) {
+            let last = stored.memberships.entry((room, state_key)).or_insert(ordering);
+            *last = (*last).max(ordering);
         }
-        stored
-    })
+        stored.orderings.insert(event_id, ordering);
+    }
+    stored
 }
 
 /// Commits and the writes they took, summed over the events writers.
