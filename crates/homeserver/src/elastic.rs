@@ -71,6 +71,9 @@ pub(crate) struct ElasticWriters {
     applying: tokio::sync::Mutex<()>,
     /// The joins in progress, by stream and epoch.
     joining: Mutex<BTreeSet<(String, i64)>>,
+    /// The epoch this process recorded applying, per stream (none: not yet
+    /// since it started).
+    acked: Mutex<BTreeMap<&'static str, i64>>,
     join_timeout: Duration,
     counters: BTreeMap<&'static str, ElasticCounters>,
     /// Whether to poll the recorded epochs (a deployment of several processes).
@@ -131,6 +134,7 @@ impl ElasticWriters {
             streams,
             applying: tokio::sync::Mutex::new(()),
             joining: Mutex::default(),
+            acked: Mutex::default(),
             join_timeout,
             counters,
             rooms: tokio::sync::Mutex::new(None),
@@ -180,8 +184,15 @@ impl ElasticWriters {
         }
         for (name, elastic) in &self.streams {
             let Some(set) = self.deployment.current(name) else { continue };
-            if let Err(err) = self.take_part(elastic, &set, true).await {
-                tracing::warn!(stream = name, epoch = set.epoch, "failed to record the epoch applied: {err}");
+            match self.take_part(elastic, &set, true).await {
+                Ok(()) => self.acknowledged(name, set.epoch),
+                Err(err) => {
+                    tracing::warn!(
+                        stream = name,
+                        epoch = set.epoch,
+                        "failed to record the epoch applied: {err}"
+                    );
+                }
             }
         }
         let this = Arc::clone(self);
@@ -225,6 +236,12 @@ impl ElasticWriters {
                         // Drained writers retired: nothing to apply.
                         self.deployment.publish(set.clone());
                     }
+                    // Applied, but the record of it failed: record it again.
+                    let acked = self.lock_acked().get(name).copied();
+                    if acked.is_none_or(|acked| acked < set.epoch) {
+                        self.take_part(elastic, set, acked.is_none()).await?;
+                        self.acknowledged(name, set.epoch);
+                    }
                     continue;
                 }
                 _ => {}
@@ -240,8 +257,17 @@ impl ElasticWriters {
             }
             tracing::info!(stream = name, epoch = set.epoch, writers = ?set.writers(), "applied the stream's writers");
             self.take_part(elastic, set, false).await?;
+            self.acknowledged(name, set.epoch);
         }
         Ok(())
+    }
+
+    fn acknowledged(&self, stream: &'static str, epoch: i64) {
+        self.lock_acked().insert(stream, epoch);
+    }
+
+    fn lock_acked(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, i64>> {
+        self.acked.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Records what this process does in `set`: routes by it, or writes (a

@@ -303,3 +303,45 @@ fn a_moved_room_keeps_its_transactions_and_its_checks() {
     assert!(matches!((at_second, at_first), (Some(s), Some(f)) if s < f), "newest first: {ids:?}");
     assert_eq!(ids.iter().filter(|id| **id == first).count(), 1, "{ids:?}");
 }
+
+/// A process that is alive but cannot record that it applied a change holds a
+/// new writer back only until `[replication] handover_timeout_ms`; the
+/// deployment is not settled until it records it, which it does once it can.
+#[test]
+fn a_process_that_cannot_record_a_change_holds_a_new_writer_back_only_until_the_timeout() {
+    let mut deployment = Deployment::new(Transport::Redis, &["writer1", "writer2", "stuck"], &["writer1"]);
+    let master = deployment.start("master");
+    let role = ::tests::db_role::DbRole::create(&deployment.db.url);
+    deployment.set_database_url("stuck", &role.url());
+    let _writer1 = deployment.start("writer1");
+    let _stuck = deployment.start("stuck");
+    let quick = deployment
+        .minimal_config("writer2")
+        .replace("[replication]\n", "[replication]\nhandover_timeout_ms = 2000\n");
+    let _writer2 = deployment.start_with_config("writer2", &quick);
+    role.as_superuser(&format!("REVOKE INSERT, UPDATE ON stream_writer_acks FROM {}", role.name()));
+
+    let started = std::time::Instant::now();
+    let epoch = set_writers(&master.base_url, "events", &["writer1", "writer2"]);
+    eventually("writer2 to join without `stuck`", Duration::from_secs(20), || {
+        let status = writers_status(&master.base_url, "events");
+        let joined = status["joining"].as_array().is_some_and(Vec::is_empty);
+        if joined && status["behind"] == serde_json::json!(["stuck"]) {
+            Ok(())
+        } else {
+            Err(status.to_string())
+        }
+    });
+    assert!(started.elapsed() >= Duration::from_secs(2), "writer2 waited for `stuck` until the timeout");
+    assert_eq!(writers_status(&master.base_url, "events")["settled"], false);
+    let ada = ::tests::client::register(&master.base_url, "ada");
+    let after = ["writer1".to_owned(), "writer2".to_owned()];
+    let room = std::iter::repeat_with(|| ada.create_room())
+        .take(40)
+        .find(|room| store_core::writer_for_shard(room, &after).map(String::as_str) == Some("writer2"))
+        .expect("one room in 40 is writer2's");
+    ada.send(&room, "t1", "on the new writer");
+
+    role.as_superuser(&format!("GRANT INSERT, UPDATE ON stream_writer_acks TO {}", role.name()));
+    wait_settled(&master.base_url, "events", epoch);
+}
