@@ -34,7 +34,7 @@ pub static MIGRATIONS: store_core::Migrations = store_core::Migrations::new(
 pub const ACCOUNT_DATA_STREAM: &str = "account_data";
 
 /// The `account_data` stream: written by its configured writers.
-pub const ACCOUNT_DATA: StreamSpec = StreamSpec::new(ACCOUNT_DATA_STREAM, WriterRule::Configured);
+pub const ACCOUNT_DATA: StreamSpec = StreamSpec::new(ACCOUNT_DATA_STREAM, WriterRule::Configured).elastic();
 
 /// The cache of a user's global account data, keyed by user.
 const GLOBAL_CACHE: &str = "get_global_account_data_for_user";
@@ -281,6 +281,10 @@ fn account_data_changed(
 #[derive(Debug)]
 pub struct AccountDataWriter {
     reader: Arc<AccountDataReader>,
+    /// The deployment's writers, in a deployment of several processes: a
+    /// write is taken only for a user this writer owns in the epoch it goes
+    /// by, behind the fence of that epoch.
+    writers: Option<Arc<store_core::DeploymentWriters>>,
 }
 
 impl AccountDataWriter {
@@ -297,7 +301,10 @@ impl AccountDataWriter {
     /// Sets `user_id`'s account data of `data_type` to `content`, globally when
     /// `room_id` is `None` and for that room otherwise; returns its stream ID.
     /// The cached map it makes stale is invalidated after the commit, before the
-    /// position moves.
+    /// position moves. In a deployment whose writers of `account_data` are
+    /// recorded, a user this writer does not own in the epoch it goes by is
+    /// refused ([`StoreError::Moved`]), as is a write while the writers
+    /// change under it: the caller routes it again.
     pub async fn add_account_data(
         &self,
         user_id: &str,
@@ -314,6 +321,16 @@ impl AccountDataWriter {
             data_type: data_type.to_owned(),
         };
         let (instance, content) = (reader.instance_name.clone(), content.to_string());
+        let epoch = match self.writers.as_deref().and_then(|writers| writers.current(ACCOUNT_DATA_STREAM)) {
+            Some(set) if set.owner_of(user_id) != instance => {
+                return Err(StoreError::Moved {
+                    stream: ACCOUNT_DATA_STREAM.to_owned(),
+                    shard: user_id.to_owned(),
+                    epoch: set.epoch,
+                });
+            }
+            set => set.map(|set| set.epoch),
+        };
         reader
             .db
             .run_interaction_read_committed("add_account_data", move |txn| {
@@ -321,6 +338,9 @@ impl AccountDataWriter {
                     (generator.clone(), Arc::clone(&registry), Arc::clone(&user_changes));
                 let (row, instance, content) = (row.clone(), instance.clone(), content.clone());
                 Box::pin(async move {
+                    if let Some(epoch) = epoch {
+                        store_core::writers::fence(txn, ACCOUNT_DATA_STREAM, epoch);
+                    }
                     let stream_id = generator.get_next_txn(txn).await?;
                     // An upsert, so that two first values of one key arriving at once
                     // cannot both insert (the unique indexes arbitrate); the later
@@ -439,6 +459,7 @@ impl store_core::Store for AccountDataWriter {
     async fn new(db: Database, conn: &mut Transaction, ctx: &StoreContext) -> Result<Self, StoreError> {
         ctx.require_writer(ACCOUNT_DATA)?;
         let reader = ctx.component::<AccountDataReader>(&db, conn).await?;
-        Ok(AccountDataWriter { reader })
+        let writers = ctx.settings().has_other_processes.then(|| Arc::clone(ctx.deployment_writers()));
+        Ok(AccountDataWriter { reader, writers })
     }
 }

@@ -15,7 +15,7 @@ use ::tests::deployment::{Deployment, Transport, base_urls, eventually};
 use ::tests::elastic::{
     Run, add_drain_and_readd, set_writers, try_set_writers, wait_settled, writers_status,
 };
-use ::tests::load::{CLIENTS, Setup, rows_of_events};
+use ::tests::load::{CLIENTS, ROOMS, Setup, rows_of_events};
 
 const EVENTS: usize = 2_000;
 
@@ -170,68 +170,28 @@ fn receipts_writers_are_added_drained_and_added_back_under_load() {
     let servers = deployment.start_all();
     let urls = base_urls(&servers);
     let setup = Setup::new(&urls);
-    let master = urls[0].clone();
     let targets: Vec<String> = setup
         .rooms
         .iter()
         .enumerate()
         .map(|(n, room)| setup.clients[0].on(&urls[3]).send(room, &format!("target-{n}"), "target"))
         .collect();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let senders: Vec<_> = setup
-        .clients
-        .iter()
-        .enumerate()
-        .map(|(n, client)| {
-            let (client, urls, rooms, targets, stop) = (
-                client.clone(),
-                urls.clone(),
-                setup.rooms.clone(),
-                targets.clone(),
-                std::sync::Arc::clone(&stop),
-            );
-            std::thread::spawn(move || {
-                let mut refused = Vec::new();
-                let mut last: BTreeMap<String, String> = BTreeMap::new();
-                let mut i = 0;
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) || i < rooms.len() {
-                    let (room, target) = (&rooms[i % rooms.len()], &targets[i % rooms.len()]);
-                    let path = format!(
-                        "/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
-                        encode(room),
-                        encode(target)
-                    );
-                    let (status, answer) = client.on(&urls[(n + i) % urls.len()]).call(
-                        "POST",
-                        &path,
-                        Some(&serde_json::json!({})),
-                    );
-                    if status == 200 {
-                        last.insert(room.clone(), target.clone());
-                    } else {
-                        refused.push((status, answer));
-                    }
-                    i += 1;
-                }
-                (refused, last, i)
-            })
-        })
-        .collect();
-    for writers in [&["master", "writer1"][..], &["writer1"], &["writer1", "writer2", "master"]] {
-        std::thread::sleep(Duration::from_millis(500));
-        let epoch = set_writers(&master, "receipts", writers);
-        wait_settled(&master, "receipts", epoch);
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let mut total = 0;
-    for sender in senders {
-        let (refused, last, sent) = sender.join().expect("a receipts thread");
-        assert!(refused.is_empty(), "receipts refused under the changes: {refused:?}");
-        assert_eq!(last.len(), setup.rooms.len());
-        total += sent;
-    }
-    assert!(total > CLIENTS * setup.rooms.len(), "the load ran: {total} receipts");
+    let rooms = setup.rooms.clone();
+    let receipts_targets = targets.clone();
+    let sent = writes_while_writers_change(
+        &setup,
+        &urls,
+        "receipts",
+        &[&["master", "writer1"], &["writer1"], &["writer1", "writer2", "master"]],
+        move |client, i| {
+            let (room, target) = (&rooms[i % rooms.len()], &receipts_targets[i % rooms.len()]);
+            let path = format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", encode(room), encode(target));
+            client.call("POST", &path, Some(&serde_json::json!({})))
+        },
+    );
+    let total: usize = sent.iter().sum();
+    assert!(sent.iter().all(|sent| *sent >= setup.rooms.len()), "the load ran: {sent:?} receipts");
+    assert!(total > CLIENTS * setup.rooms.len());
     // Every process shows every user's receipt in every room.
     for url in &urls {
         eventually(&format!("every receipt in the sync of {url}"), Duration::from_secs(15), || {
@@ -252,7 +212,7 @@ fn receipts_writers_are_added_drained_and_added_back_under_load() {
             Ok(())
         });
     }
-    let status = writers_status(&master, "receipts");
+    let status = writers_status(&urls[0], "receipts");
     assert_eq!(status["writers"]["writer1"], "active", "{status}");
     assert_eq!(status["writers"]["master"], "active", "{status}");
 }
@@ -344,4 +304,88 @@ fn a_process_that_cannot_record_a_change_holds_a_new_writer_back_only_until_the_
 
     role.as_superuser(&format!("GRANT INSERT, UPDATE ON stream_writer_acks TO {}", role.name()));
     wait_settled(&master.base_url, "events", epoch);
+}
+
+/// Every user writes with `write(client, i)` in a loop, through each process
+/// in turn, while the writers of `stream` go through `lists` (each change
+/// settled before the next); every write must be answered 200. How many each
+/// user made.
+fn writes_while_writers_change(
+    setup: &Setup,
+    urls: &[String],
+    stream: &str,
+    lists: &[&[&str]],
+    write: impl Fn(&::tests::client::Client, usize) -> (u16, Value) + Clone + Send + 'static,
+) -> Vec<usize> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = setup
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(n, client)| {
+            let (client, urls, stop, write) =
+                (client.clone(), urls.to_vec(), std::sync::Arc::clone(&stop), write.clone());
+            std::thread::spawn(move || {
+                let mut refused = Vec::new();
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) || i < ROOMS {
+                    let (status, answer) = write(&client.on(&urls[(n + i) % urls.len()]), i);
+                    if status != 200 {
+                        refused.push((status, answer));
+                    }
+                    i += 1;
+                }
+                (refused, i)
+            })
+        })
+        .collect();
+    for list in lists {
+        std::thread::sleep(Duration::from_millis(500));
+        let epoch = set_writers(&urls[0], stream, list);
+        wait_settled(&urls[0], stream, epoch);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writers
+        .into_iter()
+        .map(|writer| {
+            let (refused, sent) = writer.join().expect("a writing thread");
+            assert!(refused.is_empty(), "{stream} writes refused under the changes: {refused:?}");
+            sent
+        })
+        .collect()
+}
+
+#[test]
+fn account_data_writers_are_added_drained_and_added_back_under_load() {
+    let deployment = Deployment::new(Transport::Redis, &["writer1", "writer2", "syncer"], &["writer1"]);
+    let servers = deployment.start_all();
+    let urls = base_urls(&servers);
+    let setup = Setup::new(&urls);
+    let sent = writes_while_writers_change(
+        &setup,
+        &urls,
+        "account_data",
+        &[&["master", "writer1"], &["writer1"], &["writer2", "writer1", "master"]],
+        |client, i| {
+            let path =
+                format!("/_matrix/client/v3/user/{}/account_data/org.example.count", encode(&client.user_id));
+            client.call("PUT", &path, Some(&serde_json::json!({ "count": i })))
+        },
+    );
+    // Every process shows each user's last value.
+    for url in &urls {
+        for (client, sent) in setup.clients.iter().zip(&sent) {
+            eventually(&format!("{}'s last value on {url}", client.user_id), Duration::from_secs(15), || {
+                let sync = client.on(url).sync(None, Duration::ZERO);
+                let count = sync["account_data"]["events"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|event| event["type"] == "org.example.count")
+                    .map(|event| event["content"]["count"].clone());
+                if count == Some(serde_json::json!(sent - 1)) { Ok(()) } else { Err(format!("{count:?}")) }
+            });
+        }
+    }
 }

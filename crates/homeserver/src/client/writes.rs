@@ -228,6 +228,7 @@ pub(crate) async fn add_account_data_endpoint(
 ) -> Result<Json<Written>, ClientError> {
     require_secret(&state, &headers)?;
     let write: AccountDataWrite = parse_body(&body)?;
+    require_ownership(&state, ACCOUNT_DATA_STREAM, &write.user_id).await?;
     Ok(Json(persist_account_data_detached(&state, write).await?))
 }
 
