@@ -361,6 +361,31 @@ struct PositionsTable {
     background: tokio::sync::watch::Sender<i64>,
 }
 
+impl UpsertSql {
+    fn for_engine(&self, engine: Engine) -> &'static str {
+        match engine {
+            Engine::Postgres => self.postgres,
+            Engine::Sqlite => self.sqlite,
+        }
+    }
+}
+
+impl PositionsTable {
+    /// The table state of a writer that has stored `stored` (internal) so far,
+    /// and the receiving end of its background recorder.
+    fn new(positive: bool, stored: i64) -> (PositionsTable, tokio::sync::watch::Receiver<i64>) {
+        let (background, receiver) = tokio::sync::watch::channel(stored);
+        let table = PositionsTable {
+            upsert_sql: if positive { &UPSERT_POSITIVE } else { &UPSERT_NEGATIVE },
+            in_flight: tokio::sync::Mutex::new(()),
+            stored: AtomicI64::new(stored),
+            writes: AtomicU64::new(0),
+            background,
+        };
+        (table, receiver)
+    }
+}
+
 /// The forward-only upsert of a writer's position, per engine.
 struct UpsertSql {
     /// One statement, outside any transaction, that also turns off the WAL flush
@@ -424,11 +449,7 @@ impl MultiWriterIdGenerator {
         let (inner, background) = Inner::load(db, conn, &config, source).await?;
         let inner = Arc::new(inner);
         if let Some(background) = background {
-            tokio::spawn(record_in_background(
-                Arc::downgrade(&inner),
-                background,
-                config.background_record_delay,
-            ));
+            inner.start_recording(background);
         }
         Ok(MultiWriterIdGenerator { inner })
     }
@@ -541,21 +562,9 @@ impl MultiWriterIdGenerator {
             tracker.position_for_writer(&inner.instance_name)
         };
         if inner.positions_table.get().is_none() {
-            let upsert_sql = if inner.factor > 0 { &UPSERT_POSITIVE } else { &UPSERT_NEGATIVE };
-            let (background, receiver) = tokio::sync::watch::channel(0);
-            let table = PositionsTable {
-                upsert_sql,
-                in_flight: tokio::sync::Mutex::new(()),
-                stored: AtomicI64::new(0),
-                writes: AtomicU64::new(0),
-                background,
-            };
+            let (table, receiver) = PositionsTable::new(inner.factor > 0, 0);
             if inner.positions_table.set(table).is_ok() {
-                tokio::spawn(record_in_background(
-                    Arc::downgrade(inner),
-                    receiver,
-                    inner.background_record_delay,
-                ));
+                inner.start_recording(receiver);
             }
         }
         inner.record_position(claim).await?;
@@ -771,6 +780,12 @@ impl Inner {
             .finish_non_exhaustive()
     }
 
+    /// Starts recording the positions finished inside transactions, in the
+    /// background, until the generator is dropped.
+    fn start_recording(self: &Arc<Inner>, latest: tokio::sync::watch::Receiver<i64>) {
+        tokio::spawn(record_in_background(Arc::downgrade(self), latest, self.background_record_delay));
+    }
+
     fn lock_writers(&self) -> MutexGuard<'_, Vec<String>> {
         self.writers.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -958,10 +973,7 @@ impl Inner {
         let position = self.tracker().position_for_writer(&self.instance_name);
         let (stream_name, instance_name) = (self.stream_name.clone(), self.instance_name.clone());
         let signed = position * self.factor;
-        let sql = match self.db.engine() {
-            Engine::Postgres => table.upsert_sql.postgres,
-            Engine::Sqlite => table.upsert_sql.sqlite,
-        };
+        let sql = table.upsert_sql.for_engine(self.db.engine());
         self.db
             .run_autocommit("update_stream_positions", move |txn| {
                 let (stream_name, instance_name) = (stream_name.clone(), instance_name.clone());

@@ -2,12 +2,10 @@
 //! reading the counter's high-water mark), and loading every writer's position
 //! without scanning the stream's tables.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use super::{
-    IdSource, Inner, MultiWriterConfig, PositionTracker, PositionsTable, UPSERT_NEGATIVE, UPSERT_POSITIVE,
-};
+use super::{IdSource, Inner, MultiWriterConfig, PositionTracker, PositionsTable};
 use crate::{Database, StoreError, Transaction};
 
 /// Refuses configurations that would produce wrong SQL or wrong positions.
@@ -157,36 +155,23 @@ impl Inner {
             tracker.load_position(&config.instance_name, persisted_upto);
         }
 
-        let upsert_sql = if config.positive { &UPSERT_POSITIVE } else { &UPSERT_NEGATIVE };
-        if is_writer {
+        for (writer, final_position) in &config.retired {
+            tracker.retire(writer, (final_position * factor).max(1));
+        }
+        // Only a listed writer records its position; nobody else needs the
+        // table state or a background recorder (until it joins the writers).
+        let (positions_table, background) = if is_writer {
+            let (table, receiver) = PositionsTable::new(config.positive, stored_own);
             // Announce ourselves before allocating anything. Another writer starting
             // later assumes a writer without a row holds nothing in flight and sits
             // at the stream's position; with a row, it knows where our IDs begin.
             let own = tracker.position_for_writer(&config.instance_name);
-            let sql = match db.engine() {
-                crate::Engine::Postgres => upsert_sql.postgres,
-                crate::Engine::Sqlite => upsert_sql.sqlite,
-            };
+            let sql = table.upsert_sql.for_engine(db.engine());
             conn.execute(sql, &[&config.stream_name, &config.instance_name, &(own * factor)]).await?;
-            stored_own = stored_own.max(own);
-        }
-        // Only a listed writer records its position; nobody else needs the
-        // table state or a background recorder.
-        for (writer, final_position) in &config.retired {
-            tracker.retire(writer, (final_position * factor).max(1));
-        }
-        let (positions_table, background) = if !is_writer {
-            (OnceLock::new(), None)
-        } else {
-            let (background, receiver) = tokio::sync::watch::channel(stored_own);
-            let table = PositionsTable {
-                upsert_sql,
-                in_flight: tokio::sync::Mutex::new(()),
-                stored: AtomicI64::new(stored_own),
-                writes: AtomicU64::new(0),
-                background,
-            };
+            table.stored.fetch_max(own, Ordering::AcqRel);
             (OnceLock::from(table), Some(receiver))
+        } else {
+            (OnceLock::new(), None)
         };
         let inner = Inner {
             db: db.clone(),
