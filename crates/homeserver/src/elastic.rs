@@ -19,7 +19,7 @@ use store_core::writers::{
     self, Applied, DeploymentWriters, WriterSet, apply_epoch, join_when_followed, read_writer_sets,
     record_alive, record_applied, retire_drained,
 };
-use store_core::{Database, Stream, StreamRegistry, WriterRule};
+use store_core::{Database, Stream, StreamRegistry, WriterRule, now_ms};
 
 /// How often a process reads the recorded epochs when replication brings no
 /// change.
@@ -380,11 +380,6 @@ impl ElasticWriters {
     fn joining(&self) -> std::sync::MutexGuard<'_, BTreeSet<(String, i64)>> {
         self.joining.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-fn now_ms() -> i64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-    i64::try_from(now).unwrap_or(i64::MAX)
 }
 
 /// The answer of `GET /admin/v1/stream_writers/{stream}`.

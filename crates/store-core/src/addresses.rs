@@ -4,8 +4,6 @@
 //! So a new writer needs only the shared database, the secret and the
 //! master's address to be found.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use crate::{Database, StoreError};
 
 /// Records that `instance` answers HTTP at `address` (`HOST:PORT`), replacing
@@ -20,8 +18,7 @@ use crate::{Database, StoreError};
 /// ```
 pub async fn record_http_address(db: &Database, instance: &str, address: &str) -> Result<(), StoreError> {
     let (instance, address) = (instance.to_owned(), address.to_owned());
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis());
-    let now = i64::try_from(now).unwrap_or(i64::MAX);
+    let now = crate::now_ms();
     db.run_autocommit("record_http_address", move |txn| {
         let (instance, address) = (instance.clone(), address.clone());
         Box::pin(async move {

@@ -47,6 +47,14 @@ mod value;
 pub mod writers;
 
 pub use addresses::{http_address_of, record_http_address};
+
+/// Now, in milliseconds since the Unix epoch: how the `*_ts` columns record
+/// time (0 before 1970, saturating far in the future).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+}
 pub use cache::{
     CURRENT_STATE_POKE, Cache, CacheKey, CacheRegistry, CacheStats, CacheWeight, CachesRow, CachesStream,
     DynCache, Expansion, FillTicket, MEMBERS_PER_POKE_ROW, StreamChangeCache,

@@ -235,7 +235,7 @@ impl Database {
                 txn.execute(
                     "INSERT INTO schema_migrations (owner, version, description, checksum, applied_ts) \
                      VALUES ($1, $2, $3, $4, $5)",
-                    &[&owner, &version, &description, &checksum, &now_ms()],
+                    &[&owner, &version, &description, &checksum, &crate::now_ms()],
                 )
                 .await?;
                 Ok(Applied::Now)
@@ -326,12 +326,6 @@ fn hex(bytes: &[u8]) -> String {
         let _ = write!(text, "{byte:02x}");
         text
     })
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

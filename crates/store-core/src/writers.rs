@@ -25,11 +25,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::{Database, Engine, MASTER_INSTANCE, StoreError, Stream, Transaction, writer_for_shard};
+use crate::{Database, Engine, MASTER_INSTANCE, StoreError, Stream, Transaction, now_ms, writer_for_shard};
 
 /// The magic cache name a change of writers invalidates (with the stream as
 /// key) on the `caches` stream: how every process learns of a new epoch
@@ -220,11 +220,6 @@ pub fn fence(txn: &mut Transaction, stream: &str, epoch: i64) {
     if txn.engine() == Engine::Postgres {
         txn.execute_at_commit("SELECT stream_writers_fence($1, $2)", &[&stream, &epoch]);
     }
-}
-
-fn now_ms() -> i64 {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis());
-    i64::try_from(now).unwrap_or(i64::MAX)
 }
 
 fn parse_positions(stream: &str, column: &str, text: &str) -> Result<BTreeMap<String, i64>, StoreError> {

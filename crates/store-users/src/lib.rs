@@ -14,7 +14,7 @@
 #![warn(missing_docs)]
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use store_core::now_ms;
 
 use rand::Rng;
 use rand::distributions::Alphanumeric;
@@ -52,13 +52,6 @@ pub struct UsersStore {
     db: Database,
     caches: Arc<CachesStream>,
     users_by_token: Arc<Cache<String, String>>,
-}
-
-/// Now, in milliseconds since the epoch (0 for a clock set before it).
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A fresh access token: [`TOKEN_PREFIX`] and [`TOKEN_RANDOM_CHARS`] characters

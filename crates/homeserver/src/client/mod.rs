@@ -25,8 +25,6 @@ mod rooms;
 mod sync;
 mod writes;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -256,12 +254,7 @@ pub(crate) fn require_self(me: &str, user_id: &str, what: &str) -> Result<(), Cl
     Err(ClientError::forbidden(format!("you can only {what}")))
 }
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
-}
+pub(crate) use store_core::now_ms;
 
 /// `len` random letters and digits, from the thread's CSPRNG: room and event
 /// IDs that no two processes can both pick.

@@ -2,7 +2,7 @@
 //! locally after commit and recorded for other processes to replay.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -63,12 +63,6 @@ pub struct CachesStream {
     /// Whether rows are written for other processes.
     recording: bool,
     retention: Duration,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl CachesStream {
@@ -207,7 +201,7 @@ impl CachesStream {
     ) -> Result<(), StoreError> {
         let Some(generator) = self.generator.as_ref().filter(|_| self.recording) else { return Ok(()) };
         let ids = generator.get_next_mult_txn(txn, rows.len()).await?;
-        let now = now_ms();
+        let now = crate::now_ms();
         // Nothing waits for these inserts: they go with the COMMIT.
         for (id, (cache, keys)) in ids.iter().zip(&rows) {
             txn.execute_at_commit(
@@ -270,7 +264,7 @@ impl CachesStream {
     /// [`CachesStream::prune_forever`]).
     pub async fn prune(&self, batch: usize) -> Result<u64, StoreError> {
         let retention_ms = i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
-        let cutoff = now_ms().saturating_sub(retention_ms);
+        let cutoff = crate::now_ms().saturating_sub(retention_ms);
         self.prune_before(cutoff, batch).await
     }
 
