@@ -321,16 +321,7 @@ impl AccountDataWriter {
             data_type: data_type.to_owned(),
         };
         let (instance, content) = (reader.instance_name.clone(), content.to_string());
-        let epoch = match self.writers.as_deref().and_then(|writers| writers.current(ACCOUNT_DATA_STREAM)) {
-            Some(set) if set.owner_of(user_id) != instance => {
-                return Err(StoreError::Moved {
-                    stream: ACCOUNT_DATA_STREAM.to_owned(),
-                    shard: user_id.to_owned(),
-                    epoch: set.epoch,
-                });
-            }
-            set => set.map(|set| set.epoch),
-        };
+        let epoch = store_core::writers::owned_epoch(self.writers.as_deref(), ACCOUNT_DATA_STREAM, user_id)?;
         reader
             .db
             .run_interaction_read_committed("add_account_data", move |txn| {

@@ -16,12 +16,12 @@
 //! stream's writers implement the write trait. See `docs/ARCHITECTURE.md`.
 
 use std::any::{Any, TypeId};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use crate::writers::DeploymentWriters;
+use crate::writers::{DeploymentWriters, WriterSet};
 use crate::{
     BoxFuture, CacheRegistry, CachesStream, CachesStreamAdapter, Database, Migrations, MultiWriterConfig,
     StoreError, StoreSettings, Stream, StreamRegistry, StreamSpec, StreamTable, Transaction, WriterRule,
@@ -62,9 +62,20 @@ impl StoreContext {
     pub async fn new(
         db: &Database,
         conn: &mut Transaction,
-        mut settings: StoreSettings,
+        settings: StoreSettings,
     ) -> Result<StoreContext, StoreError> {
         let sets = crate::writers::load_writer_sets(conn).await?;
+        StoreContext::with_writer_sets(db, conn, settings, sets).await
+    }
+
+    /// [`StoreContext::new`] with the deployment's writers already read
+    /// (`build_store` has them from adopting them).
+    async fn with_writer_sets(
+        db: &Database,
+        conn: &mut Transaction,
+        mut settings: StoreSettings,
+        sets: BTreeMap<String, WriterSet>,
+    ) -> Result<StoreContext, StoreError> {
         for (stream, set) in &sets {
             settings.stream_writers.insert(stream.clone(), set.writers());
         }
@@ -294,8 +305,8 @@ pub async fn build_store<S: Store>(db: &Database, settings: &StoreSettings) -> R
             // First in the snapshot, before any generator loads: a generator
             // deletes the recorded positions of writers its settings do not
             // list, which a process at odds with the deployment must never do.
-            agree_on_writers(conn, &settings, &streams).await?;
-            let ctx = StoreContext::new(&db, conn, settings).await?;
+            let sets = agree_on_writers(conn, &settings, &streams).await?;
+            let ctx = StoreContext::with_writer_sets(&db, conn, settings, sets).await?;
             S::new(db, conn, &ctx).await
         })
     })

@@ -109,7 +109,11 @@ impl WriterSet {
 
     /// Whether `instance` is one of the active writers.
     pub fn is_active(&self, instance: &str) -> bool {
-        self.writers().iter().any(|writer| writer == instance)
+        if self.active.is_empty() {
+            instance == MASTER_INSTANCE
+        } else {
+            self.active.iter().any(|w| w == instance)
+        }
     }
 
     /// Every writer with its state: active ones first, in order.
@@ -140,7 +144,6 @@ pub struct DeploymentWriters {
     instance_name: String,
     sets: Mutex<BTreeMap<String, Arc<WriterSet>>>,
     unrecorded: BTreeMap<String, Vec<String>>,
-    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl DeploymentWriters {
@@ -152,12 +155,7 @@ impl DeploymentWriters {
         unrecorded: BTreeMap<String, Vec<String>>,
     ) -> DeploymentWriters {
         let sets = sets.into_iter().map(|set| (set.stream.clone(), Arc::new(set))).collect();
-        DeploymentWriters {
-            instance_name: instance_name.to_owned(),
-            sets: Mutex::new(sets),
-            unrecorded,
-            changes: tokio::sync::watch::channel(0).0,
-        }
+        DeploymentWriters { instance_name: instance_name.to_owned(), sets: Mutex::new(sets), unrecorded }
     }
 
     /// The recorded epoch of `stream` this process goes by.
@@ -191,20 +189,9 @@ impl DeploymentWriters {
         }
     }
 
-    /// Whether this process is an active writer of `stream` here.
-    pub fn writes(&self, stream: &str) -> bool {
-        self.writers_of(stream).contains(&self.instance_name)
-    }
-
     /// Goes by `set` from now on.
     pub fn publish(&self, set: WriterSet) {
         self.lock().insert(set.stream.clone(), Arc::new(set));
-        self.changes.send_modify(|version| *version = version.wrapping_add(1));
-    }
-
-    /// Sees a change whenever an epoch is published.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changes.subscribe()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<WriterSet>>> {
@@ -222,13 +209,15 @@ pub fn fence(txn: &mut Transaction, stream: &str, epoch: i64) {
     }
 }
 
-fn parse_positions(stream: &str, column: &str, text: &str) -> Result<BTreeMap<String, i64>, StoreError> {
+/// A JSON column of `stream`'s row in `deployment_stream_writers`.
+fn decode<T: serde::de::DeserializeOwned>(stream: &str, column: &str, text: &str) -> Result<T, StoreError> {
     serde_json::from_str(text).map_err(|err| StoreError::Decode {
         column: format!("deployment_stream_writers.{column} of `{stream}`"),
         message: err.to_string(),
     })
 }
 
+/// A JSON column, as [`decode`] reads it.
 fn encode<T: Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value)
         .map_err(|err| StoreError::Misconfigured(format!("cannot record writers: {err}")))
@@ -246,23 +235,27 @@ pub async fn load_writer_sets(txn: &mut Transaction) -> Result<BTreeMap<String, 
     let mut sets = BTreeMap::new();
     for row in rows {
         let stream: String = row.get(0)?;
-        let writers: String = row.get(1)?;
-        let active: Vec<String> = serde_json::from_str(&writers).map_err(|err| StoreError::Decode {
-            column: format!("deployment_stream_writers.writers of `{stream}`"),
-            message: err.to_string(),
-        })?;
         let set = WriterSet {
+            active: decode(&stream, "writers", &row.get::<String>(1)?)?,
             epoch: row.get(2)?,
-            active,
-            draining: parse_positions(&stream, "draining", &row.get::<String>(3)?)?,
-            retired: parse_positions(&stream, "retired", &row.get::<String>(4)?)?,
-            handover: parse_positions(&stream, "handover", &row.get::<String>(5)?)?,
+            draining: decode(&stream, "draining", &row.get::<String>(3)?)?,
+            retired: decode(&stream, "retired", &row.get::<String>(4)?)?,
+            handover: decode(&stream, "handover", &row.get::<String>(5)?)?,
             changed_ts: row.get(6)?,
             stream: stream.clone(),
         };
         sets.insert(stream, set);
     }
     Ok(sets)
+}
+
+/// The recorded epoch of `stream`, its row locked until `txn` ends: a change
+/// of the writers (which waits for the writes in flight, whose fence
+/// share-locks the row) or a change of their states.
+async fn lock_writer_set(txn: &mut Transaction, stream: &str) -> Result<Option<WriterSet>, StoreError> {
+    txn.query_opt("SELECT 1 FROM deployment_stream_writers WHERE stream_name = $1 FOR UPDATE", &[&stream])
+        .await?;
+    Ok(load_writer_sets(txn).await?.remove(stream))
 }
 
 /// [`load_writer_sets`] in an interaction of its own.
@@ -375,16 +368,9 @@ async fn change_in(
     }
     // The fence: waits for every write in flight, and holds new ones until
     // this commits (they then find the new epoch).
-    let locked = txn
-        .query_opt("SELECT epoch FROM deployment_stream_writers WHERE stream_name = $1 FOR UPDATE", &[&name])
-        .await?;
-    if locked.is_none() {
+    let Some(mut set) = lock_writer_set(txn, name).await? else {
         return Ok(Err(format!("`{name}` has no recorded writers yet; start the master first")));
-    }
-    let mut set = load_writer_sets(txn)
-        .await?
-        .remove(name)
-        .ok_or_else(|| StoreError::Misconfigured(format!("the writers of `{name}` vanished")))?;
+    };
     if set.writers() == writers {
         return Ok(Ok(set.epoch));
     }
@@ -444,6 +430,10 @@ impl Applied {
             Applied::Writing => "writing",
         }
     }
+
+    fn from_recorded(state: &str) -> Applied {
+        if state == Applied::Writing.as_str() { Applied::Writing } else { Applied::Routing }
+    }
 }
 
 /// Records that `instance` applied `epoch` of `stream`.
@@ -466,6 +456,30 @@ pub async fn record_applied(
             )
             .await
             .map(drop)
+        })
+    })
+    .await
+}
+
+/// What `instance` last recorded applying of `stream`: the epoch, and
+/// whether it writes under it.
+pub async fn applied_by(
+    db: &Database,
+    stream: &str,
+    instance: &str,
+) -> Result<Option<(i64, Applied)>, StoreError> {
+    let (stream, instance) = (stream.to_owned(), instance.to_owned());
+    db.run_autocommit("read_applied_epoch", move |txn| {
+        let (stream, instance) = (stream.clone(), instance.clone());
+        Box::pin(async move {
+            let row = txn
+                .query_opt(
+                    "SELECT epoch, state FROM stream_writer_acks WHERE stream_name = $1 AND instance_name = $2",
+                    &[&stream, &instance],
+                )
+                .await?;
+            let Some(row) = row else { return Ok(None) };
+            Ok(Some((row.get(0)?, Applied::from_recorded(&row.get::<String>(1)?))))
         })
     })
     .await
@@ -510,11 +524,15 @@ pub async fn epoch_progress(db: &Database, set: &WriterSet) -> Result<EpochProgr
                 )
                 .await?
                 .iter()
-                .map(|row| Ok((row.get::<String>(0)?, (row.get::<i64>(1)?, row.get::<String>(2)?))))
-                .collect::<Result<BTreeMap<String, (i64, String)>, StoreError>>()?;
+                .map(|row| {
+                    let applied = Applied::from_recorded(&row.get::<String>(2)?);
+                    Ok((row.get::<String>(0)?, (row.get::<i64>(1)?, applied)))
+                })
+                .collect::<Result<BTreeMap<String, (i64, Applied)>, StoreError>>()?;
             let applied = |instance: &str| acks.get(instance).is_some_and(|(acked, _)| *acked >= epoch);
             let writing = |instance: &str| {
-                acks.get(instance).is_some_and(|(acked, state)| *acked >= epoch && state == "writing")
+                acks.get(instance)
+                    .is_some_and(|(acked, applied)| *acked >= epoch && *applied == Applied::Writing)
             };
             let behind = live.iter().filter(|instance| !applied(instance)).cloned().collect();
             let joining = active.iter().filter(|writer| !writing(writer)).cloned().collect();
@@ -540,12 +558,7 @@ pub async fn retire_drained(db: &Database, set: &WriterSet) -> Result<bool, Stor
     db.run_interaction_read_committed("retire_drained_writers", move |txn| {
         let stream = stream.clone();
         Box::pin(async move {
-            txn.query_opt(
-                "SELECT 1 FROM deployment_stream_writers WHERE stream_name = $1 FOR UPDATE",
-                &[&stream],
-            )
-            .await?;
-            let Some(mut set) = load_writer_sets(txn).await?.remove(&stream) else { return Ok(false) };
+            let Some(mut set) = lock_writer_set(txn, &stream).await? else { return Ok(false) };
             if set.epoch != epoch || set.draining.is_empty() {
                 return Ok(false);
             }
@@ -682,6 +695,27 @@ pub async fn join_when_followed(
     record_applied(db, &set.stream, instance, set.epoch, Applied::Writing).await
 }
 
+/// The epoch a single write of `shard` goes by, to [`fence`] it with, when
+/// this writer owns `shard` in it; [`StoreError::Moved`] when it does not.
+/// Without `writers` (a process alone) or a recorded epoch: no epoch.
+pub fn owned_epoch(
+    writers: Option<&DeploymentWriters>,
+    stream: &str,
+    shard: &str,
+) -> Result<Option<i64>, StoreError> {
+    let Some((writers, set)) = writers.and_then(|writers| Some((writers, writers.current(stream)?))) else {
+        return Ok(None);
+    };
+    if set.owner_of(shard) != writers.instance_name {
+        return Err(StoreError::Moved {
+            stream: stream.to_owned(),
+            shard: shard.to_owned(),
+            epoch: set.epoch,
+        });
+    }
+    Ok(Some(set.epoch))
+}
+
 /// Commits the jobs of a writer's group whose shards this writer owns in the
 /// epoch of `stream`'s writers it goes by, through `commit` (which gets them
 /// and that epoch, for its [`fence`]); the others fail with
@@ -780,16 +814,14 @@ mod tests {
     fn a_process_goes_by_the_record_and_else_by_its_settings() {
         let unrecorded = BTreeMap::from([("receipts".to_owned(), vec!["r1".to_owned()])]);
         let writers = DeploymentWriters::new("w2", [set()], unrecorded);
-        assert!(writers.writes("events"));
+        assert_eq!(writers.writers_of("events"), ["w2", "w3"]);
         assert_eq!(writers.writers_of("receipts"), ["r1"]);
         assert_eq!(writers.owner_of("receipts", "!a:b"), "r1");
         assert_eq!(writers.writers_of("account_data"), ["master"]);
         assert!(writers.current("receipts").is_none());
-        let changes = writers.subscribe();
         let next = WriterSet { epoch: 2, ..WriterSet::seeded("events", vec!["w3".to_owned()]) };
         writers.publish(next);
-        assert!(changes.has_changed().unwrap_or(false));
-        assert!(!writers.writes("events"));
+        assert_eq!(writers.owner_of("events", "!a:b"), "w3");
         assert_eq!(writers.current("events").map(|set| set.epoch), Some(2));
     }
 }
