@@ -28,6 +28,10 @@ const POLL: Duration = Duration::from_secs(1);
 /// How long the room list of `/admin/v1/streams` is reused.
 const ROOMS_FRESH_FOR: Duration = Duration::from_secs(5);
 
+/// How much longer than the join's timeout a write waits for its writer to
+/// join: the join's own reads and its record.
+const JOIN_MARGIN: Duration = Duration::from_secs(5);
+
 /// How often a process records that it is alive.
 const ALIVE_EVERY: Duration = Duration::from_secs(2);
 
@@ -35,6 +39,7 @@ const ALIVE_EVERY: Duration = Duration::from_secs(2);
 struct Elastic {
     stream: Arc<dyn Stream>,
     followers: Vec<Arc<dyn Stream>>,
+    counters: ElasticCounters,
 }
 
 impl Elastic {
@@ -50,13 +55,12 @@ impl Elastic {
 /// What `/metrics` shows of elastic writers, per stream.
 #[derive(Debug, Default)]
 pub(crate) struct ElasticCounters {
-    /// Epochs applied here.
+    /// Epochs applied here (each a handover).
     pub(crate) epochs: AtomicU64,
     /// Writes that came back "moved" and were sent again.
     pub(crate) moved_retries: AtomicU64,
-    /// Handovers applied here, and their total and longest durations (µs):
-    /// from the change's commit until this process routed by it.
-    pub(crate) handovers: AtomicU64,
+    /// The handovers' total and longest durations (µs): from the change's
+    /// commit until this process routed by it.
     pub(crate) handover_micros: AtomicU64,
     pub(crate) handover_max_micros: AtomicU64,
 }
@@ -75,7 +79,6 @@ pub(crate) struct ElasticWriters {
     /// since it started).
     acked: Mutex<BTreeMap<&'static str, i64>>,
     join_timeout: Duration,
-    counters: BTreeMap<&'static str, ElasticCounters>,
     /// Whether to poll the recorded epochs (a deployment of several processes).
     polls: bool,
     /// Woken when a change of writers arrives on the `caches` stream.
@@ -117,10 +120,10 @@ impl ElasticWriters {
                     })
                     .cloned()
                     .collect();
-                streams.insert(spec.name, Elastic { stream: Arc::clone(stream), followers });
+                let counters = ElasticCounters::default();
+                streams.insert(spec.name, Elastic { stream: Arc::clone(stream), followers, counters });
             }
         }
-        let counters = streams.keys().map(|name| (*name, ElasticCounters::default())).collect();
         let changed = Arc::new(tokio::sync::Notify::new());
         let woken = Arc::clone(&changed);
         let wake: store_core::Expansion = Arc::new(move |_, _, _| woken.notify_one());
@@ -136,7 +139,6 @@ impl ElasticWriters {
             joining: Mutex::default(),
             acked: Mutex::default(),
             join_timeout,
-            counters,
             rooms: tokio::sync::Mutex::new(None),
             polls,
             changed,
@@ -163,7 +165,7 @@ impl ElasticWriters {
 
     /// The counters of `stream`, if it is elastic.
     pub(crate) fn counters(&self, stream: &str) -> Option<&ElasticCounters> {
-        self.counters.get(stream)
+        self.streams.get(stream).map(|elastic| &elastic.counters)
     }
 
     /// The elastic streams' names.
@@ -196,7 +198,7 @@ impl ElasticWriters {
             }
         }
         let this = Arc::clone(self);
-        if self.streams.values().all(|elastic| !elastic.stream.spec().elastic) || !self.polls {
+        if self.streams.is_empty() || !self.polls {
             // A process alone: no one else changes its writers.
             return tokio::spawn(async {});
         }
@@ -206,9 +208,7 @@ impl ElasticWriters {
                 // Woken by the change's invalidation, or by the clock in
                 // case a gap in replication lost it.
                 let _ = tokio::time::timeout(POLL, this.changed.notified()).await;
-                if let Err(err) = this.refresh().await {
-                    tracing::warn!("failed to apply the deployment's writers: {err}");
-                }
+                this.refresh_or_warn().await;
                 if last_alive.elapsed() >= ALIVE_EVERY {
                     last_alive = Instant::now();
                     if let Err(err) = record_alive(&this.db, &this.instance).await {
@@ -248,13 +248,11 @@ impl ElasticWriters {
             }
             apply_epoch(&self.instance, set, elastic.stream.as_ref(), &elastic.followers).await?;
             self.deployment.publish(set.clone());
-            if let Some(counters) = self.counters.get(name) {
-                counters.epochs.fetch_add(1, Ordering::Relaxed);
-                let took = u64::try_from((now_ms() - set.changed_ts).max(0) * 1000).unwrap_or(0);
-                counters.handovers.fetch_add(1, Ordering::Relaxed);
-                counters.handover_micros.fetch_add(took, Ordering::Relaxed);
-                counters.handover_max_micros.fetch_max(took, Ordering::Relaxed);
-            }
+            let (counters, took) = (&elastic.counters, (now_ms() - set.changed_ts).max(0) * 1000);
+            let took = u64::try_from(took).unwrap_or(0);
+            counters.epochs.fetch_add(1, Ordering::Relaxed);
+            counters.handover_micros.fetch_add(took, Ordering::Relaxed);
+            counters.handover_max_micros.fetch_max(took, Ordering::Relaxed);
             tracing::info!(stream = name, epoch = set.epoch, writers = ?set.writers(), "applied the stream's writers");
             self.take_part(elastic, set, false).await?;
             self.acknowledged(name, set.epoch);
@@ -285,7 +283,10 @@ impl ElasticWriters {
         let joined = if at_start {
             // The seeded epoch's writers are every process's from the start;
             // a writer of a later one joined if it recorded so.
-            set.epoch == 1 || self.recorded_writing(stream, set.epoch).await?
+            set.epoch == 1
+                || writers::applied_by(&self.db, stream, &self.instance)
+                    .await?
+                    .is_some_and(|(epoch, applied)| epoch >= set.epoch && applied == Applied::Writing)
         } else {
             elastic.is_allocating()
         };
@@ -316,30 +317,17 @@ impl ElasticWriters {
         Ok(())
     }
 
-    async fn recorded_writing(&self, stream: &str, epoch: i64) -> Result<bool, store_core::StoreError> {
-        let (stream, instance) = (stream.to_owned(), self.instance.clone());
-        self.db
-            .run_autocommit("read_own_applied_epoch", move |txn| {
-                let (stream, instance) = (stream.clone(), instance.clone());
-                Box::pin(async move {
-                    let row = txn
-                        .query_opt(
-                            "SELECT epoch, state FROM stream_writer_acks WHERE stream_name = $1 AND instance_name = $2",
-                            &[&stream, &instance],
-                        )
-                        .await?;
-                    let Some(row) = row else { return Ok(false) };
-                    Ok(row.get::<i64>(0)? >= epoch && row.get::<String>(1)? == "writing")
-                })
-            })
-            .await
-    }
-
-    /// Waits (up to `timeout`) until this process allocates on `stream`: a
-    /// writer that has just joined takes the writes routed to it meanwhile.
-    pub(crate) async fn wait_writing(&self, stream: &str, timeout: Duration) {
+    /// Waits until this process allocates on `stream` (at most the join's
+    /// timeout and a margin): a writer that is joining takes the writes
+    /// routed to it meanwhile. Returns at once, with no timer, when it
+    /// allocates already: every write a writer makes goes through here.
+    pub(crate) async fn wait_writing(&self, stream: &str) {
         let Some(elastic) = self.streams.get(stream) else { return };
         let Some(generator) = elastic.stream.generator() else { return };
+        if generator.is_allocating() {
+            return;
+        }
+        let timeout = self.join_timeout + JOIN_MARGIN;
         let mut changes = generator.subscribe();
         let wait = async {
             while !generator.is_allocating() {
@@ -353,17 +341,17 @@ impl ElasticWriters {
 
     /// Counts a write that came back "moved" and applies the recorded epochs.
     pub(crate) async fn moved(&self, stream: &str) {
-        if let Some(counters) = self.counters.get(stream) {
+        if let Some(counters) = self.counters(stream) {
             counters.moved_retries.fetch_add(1, Ordering::Relaxed);
         }
-        if let Err(err) = self.refresh().await {
-            tracing::warn!(stream, "failed to apply the deployment's writers after a moved write: {err}");
-        }
+        self.refresh_or_warn().await;
     }
 
-    /// How long a joining writer waits for silent processes.
-    pub(crate) fn join_timeout(&self) -> Duration {
-        self.join_timeout
+    /// Applies the recorded epochs, logging a failure (the loop tries again).
+    pub(crate) async fn refresh_or_warn(&self) {
+        if let Err(err) = self.refresh().await {
+            tracing::warn!("failed to apply the deployment's writers: {err}");
+        }
     }
 
     async fn retire_drained(&self) {

@@ -108,10 +108,10 @@ async fn streams(State(state): State<AppState>) -> Json<Value> {
                 set.states().into_iter().map(|(writer, state)| (writer, json!(state))).collect();
             entry["epoch"] = json!(set.epoch);
             entry["writer_states"] = Value::Object(states);
-            if stream.spec().elastic && rooms.is_some() {
+            if let (true, Some(rooms)) = (stream.spec().elastic, &rooms) {
                 let mut owned: BTreeMap<String, u64> =
                     set.writers().into_iter().map(|writer| (writer, 0)).collect();
-                for room in rooms.iter().flat_map(|rooms| rooms.iter()) {
+                for room in rooms.iter() {
                     *owned.entry(set.owner_of(room).to_owned()).or_default() += 1;
                 }
                 entry["rooms"] = json!(owned);
@@ -169,11 +169,7 @@ async fn set_stream_writers(
             store_core::writers::WritersChangeError::Store(err) => ClientError::from(err),
         })?;
     let elastic = Arc::clone(&state.elastic);
-    tokio::spawn(async move {
-        if let Err(err) = elastic.refresh().await {
-            tracing::warn!("failed to apply the new writers here: {err}");
-        }
-    });
+    tokio::spawn(async move { elastic.refresh_or_warn().await });
     Ok((axum::http::StatusCode::ACCEPTED, Json(json!({"epoch": epoch}))).into_response())
 }
 

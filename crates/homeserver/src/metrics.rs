@@ -83,7 +83,11 @@ fn elastic_writers(state: &AppState, text: &mut Text) {
             "Writes that came back moved and were sent to the new writer.",
             |c| &c.moved_retries,
         ),
-        ("homeserver_stream_writer_handovers_total", "Handovers this process applied.", |c| &c.handovers),
+        (
+            "homeserver_stream_writer_handovers_total",
+            "Handovers this process applied (one per change).",
+            |c| &c.epochs,
+        ),
         (
             "homeserver_stream_writer_handover_micros_total",
             "Time from each change of writers until this process routed by it, summed (µs).",

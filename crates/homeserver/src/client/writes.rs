@@ -130,10 +130,7 @@ async fn write_through<B: Serialize + Clone>(
         let outcome = if writer == state.config.instance_name {
             // A writer that has just joined the stream's writers takes its
             // rooms' writes once every process follows it.
-            state
-                .elastic
-                .wait_writing(route.stream, state.elastic.join_timeout() + READ_YOUR_WRITES_WAIT)
-                .await;
+            state.elastic.wait_writing(route.stream).await;
             here(state, body.clone()).await
         } else {
             forward(state, &writer, route.path, &body).await.inspect(|written: &Written| {
@@ -637,7 +634,7 @@ pub(crate) async fn send_events_endpoint(
 /// newer one), and waits until it allocates if it has just joined.
 async fn require_ownership(state: &AppState, stream: &str, shard: &str) -> Result<(), ClientError> {
     if writer_of(state, stream, shard) != state.config.instance_name {
-        state.elastic.moved(stream).await;
+        state.elastic.refresh_or_warn().await;
     }
     let owner = writer_of(state, stream, shard);
     if owner != state.config.instance_name {
@@ -645,7 +642,7 @@ async fn require_ownership(state: &AppState, stream: &str, shard: &str) -> Resul
             "{shard} is written by `{owner}` in the writers of `{stream}` applied here"
         )));
     }
-    state.elastic.wait_writing(stream, state.elastic.join_timeout() + READ_YOUR_WRITES_WAIT).await;
+    state.elastic.wait_writing(stream).await;
     Ok(())
 }
 
