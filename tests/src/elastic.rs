@@ -160,6 +160,15 @@ pub fn add_drain_and_readd(transport: Transport, events: usize, kill: bool) -> R
     Run { deployment, servers, setup, outcome, changes, stopped_logs }
 }
 
+/// A room `client` creates that `to` gives to `writer` (one of the first 40
+/// it tries: each writer of two gets about half).
+pub fn room_written_by(client: &crate::client::Client, to: &[&str], writer: &str) -> String {
+    std::iter::repeat_with(|| client.create_room())
+        .take(40)
+        .find(|room| store_core::writer_for_shard(room, to).copied() == Some(writer))
+        .unwrap_or_else(|| panic!("none of 40 rooms is {writer}'s among {to:?}"))
+}
+
 /// The rooms whose writer differs between `from` and `to`.
 pub fn moved_rooms<'a>(rooms: &'a [String], from: &[String], to: &[String]) -> Vec<&'a String> {
     rooms

@@ -13,7 +13,7 @@ use serde_json::Value;
 use ::tests::client::encode;
 use ::tests::deployment::{Deployment, Transport, base_urls, eventually};
 use ::tests::elastic::{
-    Run, add_drain_and_readd, set_writers, try_set_writers, wait_settled, writers_status,
+    Run, add_drain_and_readd, room_written_by, set_writers, try_set_writers, wait_settled, writers_status,
 };
 use ::tests::load::{CLIENTS, ROOMS, Setup, rows_of_events};
 
@@ -234,11 +234,7 @@ fn a_moved_room_keeps_its_transactions_and_its_checks() {
     let master = servers[0].base_url.clone();
     let ada = ::tests::client::register(&master, "ada");
     let eve = ::tests::client::register(&master, "eve");
-    let after = ["writer1".to_owned(), "writer2".to_owned()];
-    let room = std::iter::repeat_with(|| ada.create_room())
-        .take(40)
-        .find(|room| store_core::writer_for_shard(room, &after).map(String::as_str) == Some("writer2"))
-        .expect("one room in 40 moves to writer2");
+    let room = room_written_by(&ada, &["writer1", "writer2"], "writer2");
     let first = ada.send(&room, "t1", "before the move");
     let epoch = set_writers(&master, "events", &["writer1", "writer2"]);
     wait_settled(&master, "events", epoch);
@@ -295,11 +291,7 @@ fn a_process_that_cannot_record_a_change_holds_a_new_writer_back_only_until_the_
     assert!(started.elapsed() >= Duration::from_secs(2), "writer2 waited for `stuck` until the timeout");
     assert_eq!(writers_status(&master.base_url, "events")["settled"], false);
     let ada = ::tests::client::register(&master.base_url, "ada");
-    let after = ["writer1".to_owned(), "writer2".to_owned()];
-    let room = std::iter::repeat_with(|| ada.create_room())
-        .take(40)
-        .find(|room| store_core::writer_for_shard(room, &after).map(String::as_str) == Some("writer2"))
-        .expect("one room in 40 is writer2's");
+    let room = room_written_by(&ada, &["writer1", "writer2"], "writer2");
     ada.send(&room, "t1", "on the new writer");
 
     role.as_superuser(&format!("GRANT INSERT, UPDATE ON stream_writer_acks TO {}", role.name()));
